@@ -1,0 +1,36 @@
+"""How a flat tensor of ``numel`` elements splits into ``parts`` contiguous chunks.
+
+Pure integer arithmetic, no torch: the ring, the parameter server and the cost
+model all agree on chunk boundaries through this one function.
+
+When ``numel`` is not divisible by ``parts`` the first ``numel % parts`` chunks
+get one extra element, so chunk sizes differ by at most one::
+
+    numel = 10, parts = 4   ->   sizes 3 3 2 2   starts 0 3 6 8
+
+``numel`` may be 0 or smaller than ``parts``; trailing chunks are then empty.
+"""
+
+from __future__ import annotations
+
+__all__ = ["chunk_bounds", "chunk_sizes"]
+
+
+def chunk_sizes(numel: int, parts: int) -> list[int]:
+    """Sizes (in elements) of ``parts`` chunks covering ``numel`` elements."""
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    base, extra = divmod(numel, parts)
+    return [base + 1 if i < extra else base for i in range(parts)]
+
+
+def chunk_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
+    """``(start, length)`` of each of ``parts`` chunks, in order, covering ``[0, numel)``."""
+    bounds = []
+    start = 0
+    for size in chunk_sizes(numel, parts):
+        bounds.append((start, size))
+        start += size
+    return bounds

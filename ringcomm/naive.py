@@ -1,0 +1,56 @@
+r"""Naive all-reduce: gather everything to rank 0, reduce there, send the result back.
+
+The baseline a student writes first::
+
+          rank1   rank2   rank3
+             \      |      /        1. every rank sends its whole tensor to rank 0
+              v     v     v
+               +---------+
+               |  rank 0 |          2. rank 0 reduces, in rank order
+               +---------+
+              /     |     \         3. rank 0 sends the result to every rank
+             v      v      v
+          rank1   rank2   rank3
+
+Rank 0's link carries (P-1)*M bytes in and (P-1)*M out, in 2(P-1) messages done
+one after another on rank 0's side::
+
+    T_naive ~= 2(P-1) * alpha + 2(P-1) * M * beta
+
+against the ring's 2(P-1)/P * M * beta: the root's link is the bottleneck and
+it grows with P. Reducing in rank order (not arrival order) makes the result
+reproducible; every rank gets rank 0's bytes, so all ranks agree bitwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .buffers import ScratchPool
+from .ops import finalize, reduce_into
+from .transport import Transport
+
+__all__ = ["naive_all_reduce", "ROOT"]
+
+ROOT = 0
+
+
+def naive_all_reduce(
+    flat: torch.Tensor, op: str, transport: Transport, deadline: float, scratch: ScratchPool
+) -> None:
+    """All-reduce ``flat`` in place through rank 0 (which receives into one scratch buffer)."""
+    rank, p = transport.rank, transport.world_size
+    if flat.numel() == 0:
+        return
+    if rank == ROOT:
+        incoming = scratch.get(flat.numel(), like=flat)
+        for peer in range(1, p):  # gather and reduce in rank order
+            transport.wait(transport.irecv(incoming, peer), deadline)
+            reduce_into(flat, incoming, op)
+        finalize(flat, op, p)
+        sends = [transport.isend(flat, peer) for peer in range(1, p)]  # broadcast
+        for pending in sends:
+            transport.wait(pending, deadline)
+    else:
+        transport.wait(transport.isend(flat, ROOT), deadline)
+        transport.wait(transport.irecv(flat, ROOT), deadline)

@@ -1,0 +1,121 @@
+r"""Ring all-reduce: scatter-reduce, then all-gather. The readable version.
+
+P ranks stand in a ring; each talks only to its two neighbours::
+
+            send to right ->
+        +-------+       +-------+
+        | rank0 | ----> | rank1 |
+        +-------+       +-------+
+            ^               |
+            |               v
+        +-------+       +-------+
+        | rank3 | <---- | rank2 |
+        +-------+       +-------+
+
+    left  = (rank - 1) mod P      (we receive from left)
+    right = (rank + 1) mod P      (we send to right)
+
+The flat tensor is cut into P chunks c0..c3 (``chunks.chunk_bounds``; sizes
+differ by at most one element). Phase 1, **scatter-reduce**, P-1 steps: at step
+i rank r sends chunk (r - i) and receives chunk (r - i - 1), which it reduces
+into its own copy. After P-1 steps rank r holds chunk (r + 1) fully reduced.
+Phase 2, **all-gather**, P-1 steps: at step i rank r sends chunk (r + 1 - i)
+(fully reduced) and receives chunk (r - i), which it stores as is.
+
+Who sends which chunk, P = 4 (``c2`` = rank sends its chunk 2 to the right)::
+
+                    scatter-reduce          all-gather
+    step             0    1    2          0    1    2
+    rank 0 sends    c0   c3   c2         c1   c0   c3
+    rank 1 sends    c1   c0   c3         c2   c1   c0
+    rank 2 sends    c2   c1   c0         c3   c2   c1
+    rank 3 sends    c3   c2   c1         c0   c3   c2
+    rank r owns c(r+1) fully reduced after scatter-reduce.
+
+Cost (alpha = latency per message, beta = seconds per byte, M = tensor bytes):
+each rank sends 2(P-1) messages of M/P bytes, so 2(P-1)/P * M bytes in all,
+nearly independent of P, and::
+
+    T_ring ~= 2(P-1) * alpha + 2(P-1)/P * M * beta
+
+Every element is reduced in exactly one place (its owner) and then copied, so
+all ranks end with bitwise identical bytes regardless of float rounding.
+``ring_pipelined.py`` is the faster variant, checked against this one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .buffers import ScratchPool
+from .chunks import chunk_bounds
+from .ops import finalize, reduce_into
+from .transport import Transport
+
+__all__ = ["ring_all_reduce", "scatter_reduce", "all_gather"]
+
+
+def scatter_reduce(
+    chunks: list[torch.Tensor],
+    op: str,
+    transport: Transport,
+    deadline: float,
+    recv_buf: torch.Tensor,
+) -> None:
+    """P-1 steps; afterwards ``chunks[(rank + 1) % P]`` holds the reduction of all ranks.
+
+    ``recv_buf`` holds at least the largest chunk; it is the only scratch used.
+    """
+    rank, p = transport.rank, transport.world_size
+    left, right = (rank - 1) % p, (rank + 1) % p
+    for step in range(p - 1):
+        # At step i, send chunk (rank - i) and receive chunk (rank - i - 1).
+        send_chunk = chunks[(rank - step) % p]
+        recv_chunk = chunks[(rank - step - 1) % p]
+        incoming = recv_buf[: recv_chunk.numel()]
+        pending = []
+        if incoming.numel():  # empty chunks (numel < P) travel as no message at all
+            pending.append(transport.irecv(incoming, left))
+        if send_chunk.numel():
+            pending.append(transport.isend(send_chunk, right))
+        for p_ in pending:
+            transport.wait(p_, deadline)
+        if incoming.numel():
+            reduce_into(recv_chunk, incoming, op)
+
+
+def all_gather(chunks: list[torch.Tensor], transport: Transport, deadline: float) -> None:
+    """P-1 steps that pass each fully reduced chunk once around the ring."""
+    rank, p = transport.rank, transport.world_size
+    left, right = (rank - 1) % p, (rank + 1) % p
+    for step in range(p - 1):
+        # At step i, send chunk (rank + 1 - i) and receive chunk (rank - i) in place.
+        send_chunk = chunks[(rank + 1 - step) % p]
+        recv_chunk = chunks[(rank - step) % p]
+        pending = []
+        if recv_chunk.numel():
+            pending.append(transport.irecv(recv_chunk, left))
+        if send_chunk.numel():
+            pending.append(transport.isend(send_chunk, right))
+        for p_ in pending:
+            transport.wait(p_, deadline)
+
+
+def ring_all_reduce(
+    flat: torch.Tensor, op: str, transport: Transport, deadline: float, scratch: ScratchPool
+) -> None:
+    """All-reduce the contiguous 1-D tensor ``flat`` in place over ``transport``.
+
+    Args:
+        flat: contiguous 1-D tensor, this rank's contribution; holds the result after.
+        op: ``"sum"``, ``"avg"``, ``"max"`` or ``"min"``.
+        transport: the wire.
+        deadline: ``time.monotonic()`` value by which the whole collective must finish.
+        scratch: where the receive buffer (one chunk, ``ceil(numel / P)`` elements) lives.
+    """
+    p = transport.world_size
+    chunks = [flat[start : start + n] for start, n in chunk_bounds(flat.numel(), p)]
+    recv_buf = scratch.get(chunks[0].numel(), like=flat)  # chunk 0 is the largest
+    scatter_reduce(chunks, op, transport, deadline, recv_buf)
+    finalize(chunks[(transport.rank + 1) % p], op, p)  # only the owner divides (avg)
+    all_gather(chunks, transport, deadline)
