@@ -1,0 +1,260 @@
+"""``python -m ringcomm.bench``: time all-reduce algorithms against Gloo, nccl-tests style.
+
+    python -m ringcomm.bench --world-size 4 --sizes 64K,1M,16M,64M --algos gloo,ring,naive
+    python -m ringcomm.bench --world-size 4 --algos gloo,ring,ps,ps:4 --json bench.json
+    python -m ringcomm.bench --world-size 2 --transport zmq --algos gloo,ring,ps
+
+Algorithms: ``gloo`` (built-in ``dist.all_reduce``), any name in ``ringcomm.ALGOS``
+(``ring``, ``ring_simple``, ``naive``, ``ps``), ``ps:K`` for a parameter server
+sharded K ways, and a ``@zmq`` / ``@torch`` suffix to pick the transport of one
+entry (``--transport`` sets the default).
+
+Method: every algorithm is timed in the same world, interleaved (gloo, ring,
+..., gloo, ring, ...) so that a noisy machine slows all of them alike. One
+sample is a block of back-to-back calls after a barrier, divided by the number
+of calls; a rank's sample is the slowest rank's (max over ranks). The table
+shows the median sample. ``#wrong`` counts elements (max over ranks) that
+differ from gloo's result on the same integer-valued input.
+
+Columns (nccl-tests): size in bytes, count in elements, time in microseconds,
+algbw = size / time and busbw = algbw * 2(P-1)/P, both in GB/s (1e9 B/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from .cost import algbw, busbw
+
+__all__ = ["main", "parse_size", "BenchRow"]
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def parse_size(text: str) -> int:
+    """``"64K"`` -> 65536, ``"1M"`` -> 1048576, ``"3G"``, or plain bytes. Powers of 1024."""
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    number = text[:-1] if scale != 1 else text
+    return int(float(number) * scale)
+
+
+@dataclass
+class AlgoSpec:
+    label: str  # as given on the command line
+    algo: str  # "gloo" or a ringcomm.ALGOS name
+    transport: str
+    options: dict
+
+    @staticmethod
+    def parse(text: str, default_transport: str) -> AlgoSpec:
+        name, _, transport = text.partition("@")
+        name, _, shards = name.partition(":")
+        transport = transport or default_transport
+        options = {"ps_shards": int(shards)} if shards else {}
+        if name == "gloo":
+            transport = "torch"
+        label = (
+            text
+            if "@" in text or name == "gloo"
+            else (f"{text}@{transport}" if transport != "torch" else text)
+        )
+        return AlgoSpec(label, name, transport, options)
+
+
+@dataclass
+class BenchRow:
+    size_bytes: int
+    count: int
+    dtype: str
+    algo: str
+    transport: str
+    world_size: int
+    time_us: float
+    algbw_gbs: float
+    busbw_gbs: float
+    wrong: int
+    samples_us: list
+
+
+def _run_once(spec: AlgoSpec, buf: torch.Tensor) -> None:
+    if spec.algo == "gloo":
+        dist.all_reduce(buf)
+    else:
+        import ringcomm
+
+        ringcomm.all_reduce(buf, algo=spec.algo, transport=spec.transport, **spec.options)
+
+
+def _count_wrong(spec: AlgoSpec, count: int, dtype: torch.dtype, rank: int) -> int:
+    """Elements of ``spec``'s result that differ from gloo's on the same integer-valued input."""
+    g = torch.Generator().manual_seed(1234 + rank)
+    x = torch.randint(-8, 9, (count,), generator=g).to(dtype)
+    expected = x.clone()
+    dist.all_reduce(expected)
+    got = x.clone()
+    _run_once(spec, got)
+    tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 0.0
+    wrong = int(((got.double() - expected.double()).abs() > tol).sum())
+    verdict = torch.tensor([wrong], dtype=torch.int64)
+    dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
+    return int(verdict)
+
+
+def _bench_rank(rank: int, world_size: int, cfg: dict) -> list[dict] | None:
+    import ringcomm
+
+    dtype = DTYPES[cfg["dtype"]]
+    specs = [AlgoSpec.parse(a, cfg["transport"]) for a in cfg["algos"]]
+    for transport in sorted({s.transport for s in specs}):
+        ringcomm.init(transport, "cpu")  # collective set-up outside the timed region
+    rows = []
+    for size in cfg["sizes"]:
+        count = max(1, size // torch.tensor([], dtype=dtype).element_size())
+        bufs = {s.label: torch.zeros(count, dtype=dtype) for s in specs}
+        wrong = {s.label: (0 if s.algo == "gloo" else _count_wrong(s, count, dtype, rank)) for s in specs}
+        # Warm up, and pick calls per sample so each sample lasts about cfg["sample_s"].
+        calls = {}
+        for s in specs:
+            for _ in range(cfg["warmup"]):
+                _run_once(s, bufs[s.label])
+            dist.barrier()
+            t0 = time.perf_counter()
+            _run_once(s, bufs[s.label])
+            est = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(est, op=dist.ReduceOp.MAX)
+            calls[s.label] = max(1, min(200, int(cfg["sample_s"] / max(float(est), 1e-6))))
+        samples: dict[str, list[float]] = {s.label: [] for s in specs}
+        for _ in range(cfg["reps"]):
+            for s in specs:  # interleaved: every algorithm once per round
+                n = calls[s.label]
+                dist.barrier()
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    _run_once(s, bufs[s.label])
+                samples[s.label].append((time.perf_counter() - t0) / n)
+        for s in specs:
+            t = torch.tensor(samples[s.label], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a sample lasts as long as its slowest rank
+            per_call = [float(v) for v in t]
+            med = statistics.median(per_call)
+            nbytes = count * torch.tensor([], dtype=dtype).element_size()
+            rows.append(
+                asdict(
+                    BenchRow(
+                        size_bytes=nbytes,
+                        count=count,
+                        dtype=cfg["dtype"],
+                        algo=s.label,
+                        transport=s.transport,
+                        world_size=world_size,
+                        time_us=med * 1e6,
+                        algbw_gbs=algbw(nbytes, med),
+                        busbw_gbs=busbw(world_size, nbytes, med),
+                        wrong=wrong[s.label],
+                        samples_us=[v * 1e6 for v in per_call],
+                    )
+                )
+            )
+        if rank == 0 and cfg["progress"]:
+            _print_rows(rows[-len(specs) :], header=size == cfg["sizes"][0], file=sys.stdout)
+            sys.stdout.flush()
+    return rows if rank == 0 else None
+
+
+def _print_rows(rows: list[dict], header: bool, file=sys.stdout) -> None:
+    if header:
+        print(
+            f"{'#  size(B)':>12} {'count':>10} {'type':>8} {'algo':>14} {'transport':>9} "
+            f"{'time(us)':>10} {'algbw':>7} {'busbw':>7} {'#wrong':>6} {'vs gloo':>7}",
+            file=file,
+        )
+        print(f"{'#':>12} {'':>10} {'':>8} {'':>14} {'':>9} {'':>10} {'(GB/s)':>7} {'(GB/s)':>7}", file=file)
+    gloo = next((r for r in rows if r["algo"] == "gloo"), None)
+    for r in rows:
+        ratio = f"{gloo['time_us'] / r['time_us']:.2f}x" if gloo else "-"
+        print(
+            f"{r['size_bytes']:>12} {r['count']:>10} {r['dtype']:>8} {r['algo']:>14} {r['transport']:>9} "
+            f"{r['time_us']:>10.1f} {r['algbw_gbs']:>7.3f} {r['busbw_gbs']:>7.3f} {r['wrong']:>6} {ratio:>7}",
+            file=file,
+        )
+
+
+def machine_info() -> dict:
+    """What the figures were measured on."""
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m ringcomm.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world-size", type=int, default=4)
+    parser.add_argument(
+        "--sizes", default="64K,1M,16M,64M", help="comma list: 64K,1M,16M (bytes, powers of 1024)"
+    )
+    parser.add_argument(
+        "--algos", default="gloo,ring,naive", help="comma list, e.g. gloo,ring,ring_simple,ps,ps:2,ring@zmq"
+    )
+    parser.add_argument("--transport", default="torch", choices=["torch", "zmq"], help="default transport")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--reps", type=int, default=15, help="samples per algorithm and size (median shown)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--sample-s", type=float, default=0.02, help="target seconds per sample")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds before the whole run is stopped")
+    parser.add_argument("--json", metavar="FILE", help="also write rows and the machine to FILE")
+    args = parser.parse_args(argv)
+
+    sizes = [parse_size(s) for s in args.sizes.split(",") if s]
+    algos = [a for a in args.algos.split(",") if a]
+    cfg = dict(
+        sizes=sizes,
+        algos=algos,
+        transport=args.transport,
+        dtype=args.dtype,
+        reps=args.reps,
+        warmup=args.warmup,
+        sample_s=args.sample_s,
+        progress=True,
+    )
+    print(
+        f"# ringcomm.bench: world_size={args.world_size} dtype={args.dtype} reps={args.reps} "
+        f"(median of per-call time, slowest rank) torch={torch.__version__} cpus={os.cpu_count()}"
+    )
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: we are one rank
+        dist.init_process_group("gloo")
+        torch.set_num_threads(1)
+        rows = _bench_rank(dist.get_rank(), dist.get_world_size(), cfg)
+        dist.destroy_process_group()
+    else:
+        from .world import run_world
+
+        rows = run_world(_bench_rank, args.world_size, (cfg,), timeout=args.timeout)[0]
+    if rows is not None and args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine_info(), "world_size": args.world_size, "rows": rows}, f, indent=1)
+        print(f"# wrote {args.json}")
+    return rows or []
+
+
+if __name__ == "__main__":
+    main()
