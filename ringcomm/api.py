@@ -15,6 +15,7 @@ import torch.distributed as dist
 from .buffers import ScratchPool
 from .naive import naive_all_reduce
 from .ops import check_op_dtype
+from .param_server import ps_all_reduce
 from .ring import ring_all_reduce
 from .ring_pipelined import pipelined_ring_all_reduce
 from .transport import Transport, default_timeout, get_transport, transport_names
@@ -28,6 +29,7 @@ ALGOS: dict[str, Algorithm] = {
     "ring": pipelined_ring_all_reduce,  # the fast ring: pipelined segments (ring_pipelined.py)
     "ring_simple": ring_all_reduce,  # the readable ring of ring.py, step for step
     "naive": naive_all_reduce,
+    "ps": ps_all_reduce,  # parameter server, optionally sharded (param_server.py)
 }
 
 _SCRATCH = ScratchPool()

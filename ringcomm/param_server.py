@@ -1,0 +1,220 @@
+r"""Parameter server all-reduce: push to a server, reduce there, pull the result.
+
+The synchronous central parameter server (as in DistBelief, ps-lite, BytePS).
+One rank, ``ps_rank`` (0 by default), is the server and a worker at once; the
+others are workers. P = 4, ``ps_rank = 0``, one shard (k = 1)::
+
+                        +-------+
+                        | rank1 |
+                        +-------+
+                         |     ^
+                    push |     | pull
+                         v     |
+        +-------+  push  +-------+  push  +-------+
+        | rank3 | -----> | rank0 | <----- | rank2 |
+        |       | <----- |server | -----> |       |
+        +-------+  pull  +-------+  pull  +-------+
+
+1. **push**: every worker sends its whole tensor x_r to the server, which has
+   posted one receive per worker into its own scratch slot, so they arrive
+   in whatever order the wire delivers them.
+2. **aggregate**: the server reduces in **rank order**, its own x at its own
+   position, ``y = (((x0 op x1) op x2) op x3)``, whatever the arrival order, so
+   the result is reproducible; then ``ops.finalize`` (the division of avg).
+3. **pull**: the server sends y to every worker. Every rank ends with the
+   server's bytes: bitwise identical everywhere.
+
+Who sends what, P = 4, k = 1 (M = the tensor, in bytes)::
+
+              push                        pull
+    rank 0    receives x1, x2, x3 (3M)    sends y to 1, 2, 3 (3M)
+    rank 1    sends x1 to 0 (M)           receives y from 0 (M)
+    rank 2    sends x2 to 0 (M)           receives y from 0 (M)
+    rank 3    sends x3 to 0 (M)           receives y from 0 (M)
+
+**Sharding** (``ps_shards = k``, 1 <= k <= P), as BytePS and ps-lite split keys
+over several servers: the flat tensor is cut into k contiguous key ranges with
+``chunks.chunk_bounds(numel, k)``; shard j is served by rank
+``(ps_rank + j) % P``, so each rank serves at most one shard. Each shard runs
+steps 1-3 on its own, all shards at once. With k = 2 above, rank 0 serves
+s0 = the first half and rank 1 serves s1 = the second half: rank 0 receives s0
+from ranks 1, 2, 3 and pushes its own s1 to rank 1; rank 1 does the mirror
+image; ranks 2 and 3 push s0 to rank 0 and s1 to rank 1, then pull both back.
+
+Cost (alpha = latency per message, beta = seconds per byte, M = tensor bytes,
+shards of M/k bytes). What each rank sends, and receives (the same amount)::
+
+                           messages sent   bytes sent = bytes received
+    server of a shard      P-1 + k-1       (P-1)*M/k  +  (k-1)*M/k  = (P+k-2)/k * M
+                           (pull to every other rank, push to the other servers)
+    pure worker (k < P)    k               M            (one push per shard)
+    k = 1: server          P-1             (P-1)*M;   workers: 1 message, M
+    k = P: every rank      2(P-1)          2(P-1)/P * M
+    ring, every rank       2(P-1)          2(P-1)/P * M
+
+P = 4: k = 1, the server moves 3M each way, workers M; k = 2, each server 2M,
+workers M; k = 4, every rank 1.5M, as in the ring. Sharding spreads the
+server's (P-1)*M over k links: each server's link carries (P-1)*M/k each way
+plus its own (k-1)/k*M of pushes and pulls. Push and pull are two rounds whose
+messages all fly at once, so with full-duplex links the busiest link sets the
+time::
+
+    T_ps(k) ~= 2 * alpha + 2 * max((P-1)/k, w) * M * beta,
+               w = 1 if k < P (a pure worker pushes all of M), (P-1)/P if k = P
+
+    k = 1:  T_ps ~= 2 * alpha + 2(P-1) * M * beta
+    k = P:  T_ps ~= 2 * alpha + 2(P-1)/P * M * beta   (the ring's bytes)
+    ring:   T_ring ~= 2(P-1) * alpha + 2(P-1)/P * M * beta
+
+The central server's term grows with P where the ring's stays near 2M; that is
+why rings replaced central servers for dense gradients. The single 2 * alpha
+assumes the server's P-1 messages overlap; where a server pays alpha per
+message one after another, its latency term is 2(P-1) * alpha as in
+``naive.py``. Server memory: P-1 receive slots of one shard, (P-1)*M/k bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .buffers import ScratchPool
+from .chunks import chunk_bounds
+from .ops import finalize, reduce_into
+from .transport import Pending, Transport
+
+__all__ = ["ps_all_reduce", "push", "aggregate", "pull", "shard_server", "check_ps_options"]
+
+# Pushes (worker -> server) and pulls (server -> worker) use different tags: a
+# rank that is a server and a worker receives both kinds from the same peer.
+_TAG_PUSH = 0
+_TAG_PULL = 1
+
+
+def check_ps_options(ps_rank: object, ps_shards: object, world_size: int) -> None:
+    """Raise ``ValueError`` unless ``0 <= ps_rank < P`` and ``1 <= ps_shards <= P``."""
+    p = world_size
+    if isinstance(ps_rank, bool) or not isinstance(ps_rank, int) or not 0 <= ps_rank < p:
+        raise ValueError(
+            f"ps_rank={ps_rank!r} is not a rank of this world of P={p}; "
+            f"pass an integer 0 <= ps_rank <= {p - 1}"
+        )
+    if isinstance(ps_shards, bool) or not isinstance(ps_shards, int) or not 1 <= ps_shards <= p:
+        raise ValueError(
+            f"ps_shards={ps_shards!r} is out of range for a world of P={p}; "
+            f"pass an integer 1 <= ps_shards <= {p} (at most one shard per server rank)"
+        )
+
+
+def shard_server(shard: int, ps_rank: int, world_size: int) -> int:
+    """The rank that serves shard ``shard``: ``(ps_rank + shard) % P``."""
+    return (ps_rank + shard) % world_size
+
+
+def push(shards: list[torch.Tensor], servers: list[int], transport: Transport) -> list[Pending]:
+    """Start sending this rank's slice of every shard it does not serve to that shard's server."""
+    rank = transport.rank
+    return [
+        transport.isend(shard, server, _TAG_PUSH)
+        for shard, server in zip(shards, servers)
+        if server != rank and shard.numel()  # empty shards (numel < k) send no message
+    ]
+
+
+def aggregate(
+    own: torch.Tensor,
+    slots: list[torch.Tensor | None],
+    received: list[Pending | None],
+    op: str,
+    transport: Transport,
+    deadline: float,
+) -> None:
+    """Reduce every rank's contribution to the served shard into ``own``, in rank order.
+
+    ``slots[r]`` holds rank r's push once ``received[r]`` completes; this rank's
+    entries are None (its contribution is ``own``). The fold is
+    ``((x0 op x1) op x2) ...`` whatever order the pushes arrived in.
+    """
+    rank, p = transport.rank, transport.world_size
+    contributions = [own if r == rank else slots[r] for r in range(p)]
+    acc = contributions[0]  # rank 0's tensor starts the fold
+    if received[0] is not None:
+        transport.wait(received[0], deadline)
+    for r in range(1, p):
+        # Step r folds in rank r's contribution: acc <- acc op x_r.
+        pending = received[r]
+        if pending is not None:
+            transport.wait(pending, deadline)
+        reduce_into(acc, contributions[r], op)
+    if acc is not own:
+        # The fold ran in rank 0's slot (max/min are not bitwise commutative on
+        # signed zeros, so own <- own op acc would not be the same fold).
+        own.copy_(acc)
+    finalize(own, op, p)
+
+
+def pull(own: torch.Tensor, transport: Transport) -> list[Pending]:
+    """Start sending the reduced shard ``own`` from its server to every other rank."""
+    rank, p = transport.rank, transport.world_size
+    return [transport.isend(own, peer, _TAG_PULL) for peer in range(p) if peer != rank]
+
+
+def ps_all_reduce(
+    flat: torch.Tensor,
+    op: str,
+    transport: Transport,
+    deadline: float,
+    scratch: ScratchPool,
+    *,
+    ps_rank: int = 0,
+    ps_shards: int = 1,
+) -> None:
+    """All-reduce the contiguous 1-D tensor ``flat`` in place through a parameter server.
+
+    Args:
+        flat: contiguous 1-D tensor, this rank's contribution; holds the result after.
+        op: ``"sum"``, ``"avg"``, ``"max"`` or ``"min"``.
+        transport: the wire.
+        deadline: ``time.monotonic()`` value by which the whole collective must finish.
+        scratch: where a server's P-1 receive slots (one shard each, slots 0..P-2) live.
+        ps_rank: the server rank (of shard 0 when sharded), 0 <= ps_rank < P.
+        ps_shards: k, the number of key ranges and server ranks, 1 <= k <= P.
+
+    Raises:
+        ValueError: ``ps_rank`` or ``ps_shards`` out of range, before any message
+            is posted; ``flat`` is untouched.
+
+    Example::
+
+        >>> ringcomm.all_reduce(grad, op="avg", algo="ps", ps_shards=2)
+    """
+    rank, p = transport.rank, transport.world_size
+    check_ps_options(ps_rank, ps_shards, p)
+    if flat.numel() == 0:
+        return
+    shards = [flat[start : start + n] for start, n in chunk_bounds(flat.numel(), ps_shards)]
+    servers = [shard_server(j, ps_rank, p) for j in range(ps_shards)]
+    served = (rank - ps_rank) % p  # the shard this rank serves, if < k
+    own = shards[served] if served < ps_shards and shards[served].numel() else None
+
+    # Post every receive first: the server's P-1 pushes (each into its own slot,
+    # so arrivals overlap) and this rank's pulls (straight into its shards).
+    slots: list[torch.Tensor | None] = [None] * p
+    received: list[Pending | None] = [None] * p
+    if own is not None:
+        for peer in range(p):
+            if peer != rank:
+                slots[peer] = scratch.get(own.numel(), like=flat, slot=peer - (peer > rank))
+                received[peer] = transport.irecv(slots[peer], peer, _TAG_PUSH)
+    # A pull lands in the very slice this rank pushes: safe, because the server
+    # sends the result only after it has received this rank's whole push.
+    pulled = [
+        transport.irecv(shard, server, _TAG_PULL)
+        for shard, server in zip(shards, servers)
+        if server != rank and shard.numel()
+    ]
+    sent = push(shards, servers, transport)
+    if own is not None:
+        aggregate(own, slots, received, op, transport, deadline)
+        sent += pull(own, transport)
+    for pending in pulled + sent:
+        transport.wait(pending, deadline)
