@@ -1,0 +1,310 @@
+r"""Fitting measured numbers to models: alpha-beta per algorithm, Amdahl per training run.
+
+Alpha-beta (see ``ringcomm/cost.py``). A benchmark row gives the median seconds
+``t`` of one all-reduce of ``M`` bytes over ``P`` ranks. Each algorithm puts a
+known number of messages and bytes on its critical path:
+
+==============  ==================  ===============================
+algorithm       messages            bytes (busiest rank)
+==============  ==================  ===============================
+ring, gloo      2(P-1)              2(P-1)/P * M
+naive           2(P-1)              2(P-1) * M   (root: in, then out)
+ps  (k=1)       2(P-1)              2(P-1) * M   (server: in, then out)
+ps:k (sharded)  2(P-1)              2(P-1) * M / k
+==============  ==================  ===============================
+
+so ``t ~= messages * alpha + bytes * beta`` is linear in (alpha, beta) and one
+least-squares fit per algorithm and transport gives the latency alpha (seconds)
+and the inverse bandwidth beta (seconds per byte). Gloo is fitted as a ring:
+its CPU all-reduce is ring-based for the sizes we measure, and treating it so
+puts its alpha and beta on the same footing as ours.
+
+The counts are read off the model functions themselves, which are linear in
+alpha and beta: ``messages = model(P, M, 1, 0)`` and ``bytes = model(P, M, 0, 1)``.
+So the fit always agrees with ``cost.py`` (and with ``cost.ps_time`` once the
+parameter server's author adds it; until then a local fallback with the table's
+counts stands in).
+
+Amdahl. A run whose parallel fraction is ``f`` has speedup
+``S(P) = 1 / ((1 - f) + f / P)``; ``1/S - 1 = f (1/P - 1)`` is linear in ``f``
+through the origin, so least squares gives ``f = sum(x y) / sum(x^2)`` with
+``x = 1/P - 1``, ``y = 1/S - 1``. A measured slowdown (S < 1) gives ``f < 0``:
+Amdahl's law cannot describe it (the ranks contend for the cores), and we say
+so rather than clamp it away.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ringcomm import cost
+
+__all__ = [
+    "AlgoLabel",
+    "AlphaBetaFit",
+    "AmdahlFit",
+    "parse_label",
+    "model_for",
+    "comm_counts",
+    "predict_time",
+    "fit_rows",
+    "fit_algo",
+    "amdahl_speedup",
+    "fit_amdahl",
+    "karp_flatt",
+]
+
+TimeModel = Callable[[int, float, float, float], float]
+
+
+def _ps_time_fallback(p: int, nbytes: float, alpha: float, beta: float, shards: int = 1) -> float:
+    """Seconds for a parameter-server all-reduce when ``cost.ps_time`` is not there yet.
+
+    Every worker pushes its ``M / k`` bytes to each of ``k`` server shards, which
+    reduce and send the result back: a shard's link carries ``2(P-1) * M / k``
+    bytes in ``2(P-1)`` messages.
+    """
+    if p <= 1:
+        return 0.0
+    return 2 * (p - 1) * alpha + 2 * (p - 1) * nbytes / max(1, shards) * beta
+
+
+def _ps_time(p: int, nbytes: float, alpha: float, beta: float, shards: int = 1) -> float:
+    ps_time = getattr(cost, "ps_time", None)  # added by the parameter-server work; guard until then
+    if ps_time is None:
+        return _ps_time_fallback(p, nbytes, alpha, beta, shards)
+    return float(ps_time(p, nbytes, alpha, beta, shards=shards))
+
+
+@dataclass(frozen=True)
+class AlgoLabel:
+    """A benchmark label split into parts: ``"ps:2@zmq"`` -> ``AlgoLabel("ps", 2, "zmq")``."""
+
+    name: str
+    shards: int
+    transport: str
+
+    @property
+    def family(self) -> str:
+        """``"ring"`` for ring, ring_simple and gloo; else the algorithm's name."""
+        return "ring" if self.name in ("ring", "ring_simple", "gloo") else self.name
+
+
+def parse_label(label: str, transport: str | None = None) -> AlgoLabel:
+    """Parse a bench label (``ring``, ``ps:2``, ``ring@zmq``, ``gloo``) into its parts.
+
+    Args:
+        label: the ``algo`` field of a bench row.
+        transport: the row's ``transport`` field; used when the label has no ``@`` suffix.
+    """
+    name, _, suffix = label.partition("@")
+    name, _, shards = name.partition(":")
+    return AlgoLabel(name, int(shards) if shards else 1, suffix or transport or "torch")
+
+
+def model_for(label: str) -> TimeModel:
+    """The alpha-beta time model ``f(P, M, alpha, beta) -> seconds`` for a bench label."""
+    parsed = parse_label(label)
+    if parsed.name in ("ring", "ring_simple", "gloo"):
+        return cost.ring_time
+    if parsed.name == "naive":
+        return cost.naive_time
+    if parsed.name == "ps":
+        shards = parsed.shards
+        return lambda p, m, a, b: _ps_time(p, m, a, b, shards=shards)
+    raise ValueError(f"no cost model for algorithm {label!r}; known: gloo, ring, ring_simple, naive, ps[:k]")
+
+
+def comm_counts(label: str, p: int, nbytes: float) -> tuple[float, float]:
+    """Messages and bytes on the critical path of one all-reduce of ``nbytes`` over ``p`` ranks."""
+    model = model_for(label)
+    return float(model(p, nbytes, 1.0, 0.0)), float(model(p, nbytes, 0.0, 1.0))
+
+
+def predict_time(label: str, p: int, nbytes: float, alpha: float, beta: float) -> float:
+    """Model seconds for ``label`` (alpha in seconds, beta in seconds per byte)."""
+    return float(model_for(label)(p, nbytes, alpha, beta))
+
+
+@dataclass
+class AlphaBetaFit:
+    """One algorithm's fitted latency and inverse bandwidth, and how well the line fits.
+
+    Attributes:
+        algo: bench label (``ring``, ``ps:2``, ``ring@zmq``).
+        transport: ``torch`` or ``zmq``.
+        alpha_s: seconds per message.
+        beta_s_per_byte: seconds per byte.
+        points: bench rows used (world size > 1).
+        median_rel_err, max_rel_err: ``|model - measured| / measured`` over those rows.
+        constrained: True when the free fit gave a negative coefficient and it was pinned to 0.
+    """
+
+    algo: str
+    transport: str
+    alpha_s: float
+    beta_s_per_byte: float
+    points: int
+    median_rel_err: float
+    max_rel_err: float
+    constrained: bool = False
+
+    @property
+    def bandwidth_gbs(self) -> float:
+        """1 / beta in GB/s (1e9 bytes per second); inf when beta is 0."""
+        return 1.0 / self.beta_s_per_byte / 1e9 if self.beta_s_per_byte > 0 else math.inf
+
+    def predict(self, p: int, nbytes: float) -> float:
+        """Model seconds for one all-reduce of ``nbytes`` over ``p`` ranks."""
+        return predict_time(self.algo, p, nbytes, self.alpha_s, self.beta_s_per_byte)
+
+    def as_dict(self) -> dict:
+        """JSON-friendly form, with the bandwidth added."""
+        return {**asdict(self), "bandwidth_gbs": self.bandwidth_gbs}
+
+
+def _one_coefficient(x: np.ndarray, t: np.ndarray) -> float:
+    """Relative least squares for ``t ~= c * x`` (minimises sum((c x / t - 1)^2))."""
+    r = x / t
+    denom = float(r @ r)
+    return float(r.sum() / denom) if denom > 0 else 0.0
+
+
+def fit_algo(
+    label: str, world_sizes: Sequence[int], nbytes: Sequence[float], seconds: Sequence[float]
+) -> AlphaBetaFit | None:
+    """Fit alpha and beta for one algorithm from its measurements.
+
+    Args:
+        label: bench label; picks the model and so the message and byte counts.
+        world_sizes: P of each measurement. Rows with P <= 1 carry no communication and are skipped.
+        nbytes: all-reduced tensor bytes M of each measurement.
+        seconds: measured seconds per all-reduce.
+
+    Returns:
+        The fit, or None when fewer than two usable points are left. Uses
+        ``cost.fit_alpha_beta`` (relative least squares). If a coefficient comes out
+        negative (noise at a few points), it is pinned at 0 and the other refitted,
+        which is the non-negative least-squares answer for two unknowns.
+    """
+    keep = [(p, m, s) for p, m, s in zip(world_sizes, nbytes, seconds) if p > 1 and s > 0]
+    if len(keep) < 2:
+        return None
+    counts = [comm_counts(label, p, m) for p, m, _ in keep]
+    msgs = np.array([c[0] for c in counts])
+    byts = np.array([c[1] for c in counts])
+    t = np.array([s for *_, s in keep], dtype=float)
+    if np.linalg.matrix_rank(np.stack([msgs / t, byts / t], axis=1)) < 2:
+        # e.g. one size at one world size repeated: alpha and beta cannot be told apart
+        return None
+    alpha, beta = cost.fit_alpha_beta(msgs, byts, t)
+    constrained = False
+    if alpha < 0 or beta < 0:
+        constrained = True
+        alpha_only = (max(0.0, _one_coefficient(msgs, t)), 0.0)
+        beta_only = (0.0, max(0.0, _one_coefficient(byts, t)))
+
+        def loss(ab: tuple[float, float]) -> float:
+            return float((((msgs * ab[0] + byts * ab[1]) / t - 1) ** 2).sum())
+
+        alpha, beta = min(alpha_only, beta_only, key=loss)
+    pred = msgs * alpha + byts * beta
+    rel = np.abs(pred - t) / t
+    return AlphaBetaFit(
+        algo=label,
+        transport=parse_label(label).transport,
+        alpha_s=float(alpha),
+        beta_s_per_byte=float(beta),
+        points=len(keep),
+        median_rel_err=float(np.median(rel)),
+        max_rel_err=float(rel.max()),
+        constrained=constrained,
+    )
+
+
+def fit_rows(rows: Iterable[dict]) -> dict[str, AlphaBetaFit]:
+    """Fit every algorithm found in bench rows (``ringcomm.bench --json`` ``rows``).
+
+    Rows are grouped by their ``algo`` label (which carries the transport, e.g.
+    ``ring@zmq``), pooling world sizes and sizes. Labels with too few points or
+    no model are left out.
+
+    Returns:
+        label -> fit.
+    """
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[row["algo"]].append(row)
+    fits = {}
+    for label, group in sorted(groups.items()):
+        try:
+            model_for(label)
+        except ValueError:
+            continue
+        fit = fit_algo(
+            label,
+            [int(r["world_size"]) for r in group],
+            [float(r["size_bytes"]) for r in group],
+            [float(r["time_us"]) * 1e-6 for r in group],
+        )
+        if fit is not None:
+            fits[label] = fit
+    return fits
+
+
+def amdahl_speedup(p: float, f: float) -> float:
+    """Amdahl's speedup on ``p`` workers for parallel fraction ``f``: 1 / ((1 - f) + f / p)."""
+    return 1.0 / ((1.0 - f) + f / p)
+
+
+@dataclass
+class AmdahlFit:
+    """Parallel fraction fitted to measured speedups.
+
+    Attributes:
+        f: parallel fraction (1 = perfectly parallel; < 0 means slower than one worker).
+        rmse: root-mean-square error of the fitted speedup against the measured one.
+        points: measurements with P > 1 that were used.
+    """
+
+    f: float
+    rmse: float
+    points: int
+
+    @property
+    def max_speedup(self) -> float:
+        """The asymptotic speedup 1 / (1 - f) (inf when f >= 1)."""
+        return math.inf if self.f >= 1 else 1.0 / (1.0 - self.f)
+
+
+def fit_amdahl(world_sizes: Sequence[float], speedups: Sequence[float]) -> AmdahlFit | None:
+    """Least squares on ``1/S = (1 - f) + f / P`` for ``f``.
+
+    Args:
+        world_sizes: P of each measurement (P = 1 points carry no information and are ignored).
+        speedups: measured S(P) = throughput(P) / throughput(1).
+
+    Returns:
+        The fit, or None without a usable point with P > 1.
+    """
+    pts = [(float(p), float(s)) for p, s in zip(world_sizes, speedups) if p > 1 and s > 0]
+    if not pts:
+        return None
+    x = np.array([1.0 / p - 1.0 for p, _ in pts])
+    y = np.array([1.0 / s - 1.0 for _, s in pts])
+    f = float((x @ y) / (x @ x))
+    model = np.array([amdahl_speedup(p, f) if (1 - f) + f / p > 0 else math.inf for p, _ in pts])
+    rmse = float(np.sqrt(np.mean((model - np.array([s for _, s in pts])) ** 2)))
+    return AmdahlFit(f=f, rmse=rmse, points=len(pts))
+
+
+def karp_flatt(p: float, speedup: float) -> float:
+    """Karp-Flatt experimentally determined serial fraction e = (1/S - 1/P) / (1 - 1/P); nan at P=1."""
+    if p <= 1 or speedup <= 0:
+        return math.nan
+    return (1.0 / speedup - 1.0 / p) / (1.0 - 1.0 / p)

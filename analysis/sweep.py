@@ -1,0 +1,507 @@
+"""``python -m analysis.sweep``: run the training and benchmark experiments into one results folder.
+
+    python -m analysis.sweep --quick --dry-run          # print the plan, run nothing
+    python -m analysis.sweep --quick --out results/quick # a few minutes on a 2-core CPU
+    python -m analysis.sweep --full --out results/full   # real hardware; an hour or more
+    python -m analysis.report results/quick              # then: tables, figures, REPORT.md
+
+What runs (each a subprocess with its own timeout; a run that fails or times
+out is recorded in ``sweep.json`` and the sweep goes on):
+
+``train``       ``launch.py`` for each algorithm (ddp; ring and ps over the torch
+                and zmq transports) at each world size, fixed model, data and
+                steps -> ``train/<name>/metrics.json``. Speedup and efficiency
+                come from these. At P = 1 the transport carries nothing, so only
+                the torch transport runs there (ring at P = 1 is a valid no-op).
+``bench``       ``python -m ringcomm.bench`` over sizes x world sizes x algorithms
+                -> ``bench/<name>.json``. One world per transport and group of
+                algorithms, each with gloo as the in-world reference, so one
+                algorithm that is broken or missing loses only its own group.
+``batch``       time per epoch against per-worker batch size (32 ... 2048).
+``largebatch``  a small-batch reference and a large batch with and without linear
+                learning-rate scaling plus warmup; accuracies are compared.
+``trace``       one short run with ``--trace trace.json`` for the timeline figure.
+
+``sweep.json`` records the preset, the machine, the environment and, for
+every run, the exact command, its wall time, return code and status.
+Child output goes to ``logs/<name>.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+__all__ = ["Preset", "PRESETS", "Run", "build_plan", "run_plan", "main", "REPO_ROOT"]
+
+#: The repository root: launch.py lives here and every command runs here.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+KINDS = ("train", "bench", "batch", "largebatch", "trace")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything a sweep varies. Sizes are ``ringcomm.bench`` size strings (powers of 1024)."""
+
+    # training: algorithm x transport x world size, everything else fixed
+    train_algos: tuple[tuple[str, str], ...]
+    train_world_sizes: tuple[int, ...]
+    model: str
+    dataset: str
+    batch_size: int  # per worker
+    epochs: int
+    max_steps: int | None  # None: full epochs
+    lr: float
+    seed: int
+    train_timeout_s: float
+    # collective benchmark
+    bench_world_sizes: tuple[int, ...]
+    bench_sizes: tuple[str, ...]
+    bench_groups: tuple[tuple[str, tuple[str, ...]], ...]  # (transport, algos); gloo is added to each
+    bench_reps: int
+    bench_sample_s: float
+    bench_timeout_s: float
+    # batch-size sweep (per-worker batch sizes) at one world size
+    batch_sizes: tuple[int, ...]
+    batch_world_size: int
+    batch_max_steps: int | None
+    # large batch: reference batch, large batch, with/without --scale-lr + warmup
+    large_world_size: int
+    large_small_batch: int
+    large_batch: int
+    large_epochs: int
+    large_warmup_epochs: int
+    large_max_steps: int | None
+    env: dict = field(default_factory=dict)
+
+
+_TRAIN_ALGOS = (("ddp", "torch"), ("ring", "torch"), ("ring", "zmq"), ("ps", "torch"), ("ps", "zmq"))
+
+PRESETS: dict[str, Preset] = {
+    # A few minutes on 2 shared CPU cores: few steps, few sizes; ranks oversubscribe at P=4.
+    "quick": Preset(
+        train_algos=_TRAIN_ALGOS,
+        train_world_sizes=(1, 2, 4),
+        model="simplecnn",
+        dataset="synthetic",
+        batch_size=32,
+        epochs=1,
+        max_steps=20,
+        lr=0.05,
+        seed=0,
+        train_timeout_s=240,
+        bench_world_sizes=(2, 4),
+        bench_sizes=("64K", "1M", "4M"),
+        bench_groups=(("torch", ("ring", "naive")), ("torch", ("ps", "ps:2")), ("zmq", ("ring", "ps"))),
+        bench_reps=5,
+        bench_sample_s=0.01,
+        bench_timeout_s=300,
+        batch_sizes=(32, 256, 2048),
+        batch_world_size=2,
+        batch_max_steps=4,
+        large_world_size=2,
+        large_small_batch=32,
+        large_batch=512,
+        large_epochs=2,
+        large_warmup_epochs=1,
+        large_max_steps=10,
+        env={"OMP_NUM_THREADS": "1"},
+    ),
+    # Real hardware: more sizes, world sizes up to 8, full epochs.
+    "full": Preset(
+        train_algos=(*_TRAIN_ALGOS, ("naive", "torch")),
+        train_world_sizes=(1, 2, 4, 8),
+        model="simplecnn",
+        dataset="synthetic",
+        batch_size=64,
+        epochs=5,
+        max_steps=None,
+        lr=0.05,
+        seed=0,
+        train_timeout_s=3600,
+        bench_world_sizes=(2, 4, 8),
+        bench_sizes=("4K", "64K", "256K", "1M", "4M", "16M", "64M"),
+        bench_groups=(
+            ("torch", ("ring", "ring_simple", "naive")),
+            ("torch", ("ps", "ps:2", "ps:4")),
+            ("zmq", ("ring", "ps", "ps:2")),
+        ),
+        bench_reps=15,
+        bench_sample_s=0.05,
+        bench_timeout_s=1800,
+        batch_sizes=(32, 64, 128, 256, 512, 1024, 2048),
+        batch_world_size=4,
+        batch_max_steps=None,
+        large_world_size=4,
+        large_small_batch=32,
+        large_batch=1024,
+        large_epochs=10,
+        large_warmup_epochs=2,
+        large_max_steps=None,
+        env={"OMP_NUM_THREADS": "1"},
+    ),
+}
+
+
+@dataclass
+class Run:
+    """One command of the plan.
+
+    Attributes:
+        name: unique, file-name safe; names the output and the log.
+        kind: one of ``train``, ``bench``, ``batch``, ``largebatch``, ``trace``.
+        argv: the command, ready for ``subprocess.run`` (run in ``REPO_ROOT``).
+        output: the file the command is expected to write (relative to the results folder).
+        timeout_s: seconds before the run is stopped and recorded as timed out.
+        meta: what the run varies (algo, transport, world size, batch, ...), for the report.
+    """
+
+    name: str
+    kind: str
+    argv: list[str]
+    output: str
+    timeout_s: float
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def command(self) -> str:
+        """The command as one shell-quoted line."""
+        return shlex.join(self.argv)
+
+
+def _launch_argv(
+    python: str,
+    out_dir: Path,
+    *,
+    algo: str,
+    transport: str,
+    world_size: int,
+    preset: Preset,
+    batch_size: int,
+    epochs: int,
+    max_steps: int | None,
+    lr: float,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    argv = [
+        python,
+        "launch.py",
+        "--algo",
+        algo,
+        "--transport",
+        transport,
+        "--world-size",
+        str(world_size),
+        "--model",
+        preset.model,
+        "--dataset",
+        preset.dataset,
+        "--batch-size",
+        str(batch_size),
+        "--epochs",
+        str(epochs),
+        "--lr",
+        f"{lr:g}",
+        "--seed",
+        str(preset.seed),
+        "--out",
+        str(out_dir),
+    ]
+    if max_steps is not None:
+        argv += ["--max-steps", str(max_steps)]
+    return argv + list(extra)
+
+
+def build_plan(preset: str | Preset, out: str | Path = "results", python: str | None = None) -> list[Run]:
+    """The list of commands a sweep runs, in order, without running anything.
+
+    Args:
+        preset: ``"quick"``, ``"full"`` or a ``Preset``.
+        out: the results folder; outputs are placed under it.
+        python: interpreter for the children (default: this one).
+
+    Returns:
+        Runs in execution order: benchmark first (cheap, and the fits need it),
+        then training, batch-size sweep, large batch, trace.
+    """
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    py = python or sys.executable
+    out = Path(out)
+    runs: list[Run] = []
+
+    for ws in p.bench_world_sizes:
+        for i, (transport, algos) in enumerate(p.bench_groups):
+            name = f"bench_p{ws}_{transport}_{i}"
+            output = f"bench/{name}.json"
+            argv = [
+                py,
+                "-m",
+                "ringcomm.bench",
+                "--world-size",
+                str(ws),
+                "--sizes",
+                ",".join(p.bench_sizes),
+                "--algos",
+                ",".join(("gloo", *algos)),
+                "--transport",
+                transport,
+                "--reps",
+                str(p.bench_reps),
+                "--sample-s",
+                f"{p.bench_sample_s:g}",
+                "--timeout",
+                f"{p.bench_timeout_s:g}",
+                "--json",
+                str(out / output),
+            ]
+            meta = {"world_size": ws, "transport": transport, "algos": list(algos)}
+            runs.append(Run(name, "bench", argv, output, p.bench_timeout_s + 30, meta))
+
+    for ws in p.train_world_sizes:
+        for algo, transport in p.train_algos:
+            if ws == 1 and transport != "torch":
+                continue  # nothing travels at P=1: the zmq run would repeat the torch one
+            name = f"train_{algo}_{transport}_p{ws}"
+            argv = _launch_argv(
+                py,
+                out / "train" / name,
+                algo=algo,
+                transport=transport,
+                world_size=ws,
+                preset=p,
+                batch_size=p.batch_size,
+                epochs=p.epochs,
+                max_steps=p.max_steps,
+                lr=p.lr,
+            )
+            meta = {"algo": algo, "transport": transport, "world_size": ws, "batch_size": p.batch_size}
+            runs.append(Run(name, "train", argv, f"train/{name}/metrics.json", p.train_timeout_s, meta))
+
+    for bs in p.batch_sizes:
+        name = f"batch_b{bs}_p{p.batch_world_size}"
+        argv = _launch_argv(
+            py,
+            out / "batch" / name,
+            algo="ring",
+            transport="torch",
+            world_size=p.batch_world_size,
+            preset=p,
+            batch_size=bs,
+            epochs=1,
+            max_steps=p.batch_max_steps,
+            lr=p.lr,
+        )
+        meta = {"algo": "ring", "transport": "torch", "world_size": p.batch_world_size, "batch_size": bs}
+        runs.append(Run(name, "batch", argv, f"batch/{name}/metrics.json", p.train_timeout_s, meta))
+
+    ws = p.large_world_size
+    variants = (
+        ("small", p.large_small_batch, ()),
+        ("large", p.large_batch, ()),
+        ("large_scaled", p.large_batch, ("--scale-lr", "--warmup-epochs", str(p.large_warmup_epochs))),
+    )
+    for tag, bs, extra in variants:
+        name = f"largebatch_{tag}_b{bs}_p{ws}"
+        argv = _launch_argv(
+            py,
+            out / "largebatch" / name,
+            algo="ring",
+            transport="torch",
+            world_size=ws,
+            preset=p,
+            batch_size=bs,
+            epochs=p.large_epochs,
+            max_steps=p.large_max_steps,
+            lr=p.lr,
+            extra=extra,
+        )
+        meta = {
+            "variant": tag,
+            "algo": "ring",
+            "transport": "torch",
+            "world_size": ws,
+            "batch_size": bs,
+            "scale_lr": bool(extra),
+            "warmup_epochs": p.large_warmup_epochs if extra else 0,
+            "base_lr": p.lr,
+        }
+        runs.append(Run(name, "largebatch", argv, f"largebatch/{name}/metrics.json", p.train_timeout_s, meta))
+
+    name = "trace_ring_torch_p2"
+    argv = _launch_argv(
+        py,
+        out / "trace_run",
+        algo="ring",
+        transport="torch",
+        world_size=2,
+        preset=p,
+        batch_size=p.batch_size,
+        epochs=1,
+        max_steps=5,
+        lr=p.lr,
+        extra=("--trace", str(out / "trace.json")),
+    )
+    runs.append(Run(name, "trace", argv, "trace.json", p.train_timeout_s, {"world_size": 2}))
+    return runs
+
+
+def _machine() -> dict:
+    # platform.platform() and .processor() may run `uname -p` in a subprocess; these do not.
+    info = {
+        "cpus": os.cpu_count(),
+        "platform": f"{platform.system()}-{platform.release()}-{platform.machine()}",
+        "processor": platform.machine(),
+        "python": platform.python_version(),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:  # the report still works without it
+        pass
+    return info
+
+
+def _tail(path: Path, chars: int = 1500) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+def run_plan(
+    runs: list[Run], out: str | Path, preset_name: str, env: dict | None = None, resume: bool = False
+) -> dict:
+    """Run ``runs`` one after another, recording each in ``out/sweep.json`` as it finishes.
+
+    Args:
+        runs: from ``build_plan``.
+        out: results folder (created).
+        preset_name: recorded in the manifest.
+        env: extra environment variables for the children (e.g. ``OMP_NUM_THREADS=1``).
+        resume: skip runs whose output file already exists (status ``"kept"``).
+
+    Returns:
+        The manifest written to ``sweep.json``.
+    """
+    out = Path(out)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    child_env = {**os.environ, **(env or {})}
+    manifest = {
+        "preset": preset_name,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "finished": None,
+        "machine": _machine(),
+        "env": dict(env or {}),
+        "cwd": str(REPO_ROOT),
+        "runs": [],
+    }
+    t_sweep = time.monotonic()
+
+    def save() -> None:
+        (out / "sweep.json").write_text(json.dumps(manifest, indent=1))
+
+    for i, run in enumerate(runs, 1):
+        record = {**asdict(run), "command": run.command, "status": None, "rc": None, "seconds": None}
+        target = out / run.output
+        print(f"[{i}/{len(runs)}] {run.name}: ", end="", flush=True)
+        if resume and target.exists():
+            record["status"] = "kept"
+            print("kept (output exists)")
+            manifest["runs"].append(record)
+            save()
+            continue
+        if "launch.py" in run.argv and not (REPO_ROOT / "launch.py").exists():
+            record.update(status="failed", error="launch.py not found in the repository root")
+            print("failed: launch.py not found")
+            manifest["runs"].append(record)
+            save()
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        log = out / "logs" / f"{run.name}.log"
+        t0 = time.monotonic()
+        try:
+            with open(log, "w") as f:
+                f.write(f"$ {run.command}\n")
+                f.flush()
+                proc = subprocess.run(
+                    run.argv,
+                    cwd=REPO_ROOT,
+                    env=child_env,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    timeout=run.timeout_s,
+                )
+            rc = proc.returncode
+            status = "ok" if rc == 0 and target.exists() else "failed"
+            error = (
+                None if status == "ok" else (f"rc={rc}" + ("" if target.exists() else f"; no {run.output}"))
+            )
+        except subprocess.TimeoutExpired:
+            rc, status, error = None, "timeout", f"stopped after {run.timeout_s:g} s"
+        except OSError as exc:
+            rc, status, error = None, "failed", f"could not start: {exc}"
+        seconds = time.monotonic() - t0
+        record.update(
+            status=status, rc=rc, seconds=round(seconds, 2), error=error, log=f"logs/{run.name}.log"
+        )
+        if status != "ok":
+            record["log_tail"] = _tail(log)
+        print(f"{status} ({seconds:.1f} s){'' if status == 'ok' else ': ' + str(error)}", flush=True)
+        manifest["runs"].append(record)
+        save()
+
+    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    manifest["seconds"] = round(time.monotonic() - t_sweep, 2)
+    save()
+    failed = [r["name"] for r in manifest["runs"] if r["status"] not in ("ok", "kept")]
+    print(f"# sweep done in {manifest['seconds']:.0f} s: {len(runs) - len(failed)} ok, {len(failed)} not ok")
+    if failed:
+        print("# not ok: " + ", ".join(failed))
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns 0 (failed runs are recorded, not fatal)."""
+    parser = argparse.ArgumentParser(prog="python -m analysis.sweep", description=__doc__.split("\n\n")[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--quick", action="store_const", const="quick", dest="preset", help="a few minutes (default)"
+    )
+    group.add_argument("--full", action="store_const", const="full", dest="preset", help="real hardware")
+    parser.add_argument("--out", default=None, help="results folder (default results/<preset>)")
+    parser.add_argument(
+        "--only", default=",".join(KINDS), help=f"comma list of kinds to run: {','.join(KINDS)}"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    parser.add_argument("--resume", action="store_true", help="skip runs whose output already exists")
+    parser.add_argument("--python", default=sys.executable, help="interpreter for the children")
+    args = parser.parse_args(argv)
+    preset_name = args.preset or "quick"
+    out = Path(args.out or f"results/{preset_name}")
+    kinds = {k for k in args.only.split(",") if k}
+    unknown = kinds - set(KINDS)
+    if unknown:
+        parser.error(f"unknown kinds {sorted(unknown)}; choose from {','.join(KINDS)}")
+    runs = [r for r in build_plan(preset_name, out.resolve(), args.python) if r.kind in kinds]
+    if args.dry_run:
+        print(f"# {len(runs)} runs, preset {preset_name}, env {PRESETS[preset_name].env}, cwd {REPO_ROOT}")
+        for r in runs:
+            print(f"[{r.kind}] timeout {r.timeout_s:g}s  {r.command}")
+        return 0
+    run_plan(runs, out, preset_name, env=PRESETS[preset_name].env, resume=args.resume)
+    print(f"# next: python -m analysis.report {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

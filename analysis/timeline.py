@@ -1,0 +1,135 @@
+"""Render a Chrome trace (``launch.py --trace FILE``) as a Gantt chart, one row per rank.
+
+The trace is the Chrome/Perfetto JSON format: either a list of events or an
+object with ``"traceEvents"``. We read complete events (``ph: "X"``, with
+``ts`` and ``dur`` in microseconds) and begin/end pairs (``ph: "B"`` then
+``"E"`` on the same pid and tid, matched as a stack). ``pid`` is the rank;
+``tid`` separates streams within a rank (e.g. compute and a comm thread), so
+each (rank, tid) gets its own lane. Bars are coloured by ``cat`` (else
+``name``), so compute, all-reduce and optimiser steps read at a glance.
+
+    >>> from analysis.timeline import render_trace
+    >>> render_trace("results/quick/trace.json", "results/quick/figures/timeline.png")
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+__all__ = ["Span", "load_events", "trace_spans", "render_trace"]
+
+#: (pid, tid, name, category, start_us, duration_us)
+Span = tuple[int, int, str, str, float, float]
+
+
+def load_events(trace: str | Path | Mapping | Sequence[Mapping]) -> list[dict]:
+    """Events from a trace file path, a ``{"traceEvents": [...]}`` object or a list of events."""
+    if isinstance(trace, (str, Path)):
+        trace = json.loads(Path(trace).read_text())
+    if isinstance(trace, Mapping):
+        trace = trace.get("traceEvents", [])
+    return [dict(e) for e in trace if isinstance(e, Mapping)]
+
+
+def _int(v: object) -> int:
+    try:
+        return int(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return hash(v) % 10_000
+
+
+def trace_spans(events: Sequence[Mapping]) -> list[Span]:
+    """Complete spans from ``X`` events and matched ``B``/``E`` pairs (unmatched ones are dropped).
+
+    Returns:
+        ``(pid, tid, name, cat, start_us, dur_us)`` sorted by pid, tid and start.
+    """
+    spans: list[Span] = []
+    open_: dict[tuple[int, int], list[Mapping]] = defaultdict(list)
+    for e in sorted(events, key=lambda e: float(e.get("ts", 0.0))):
+        ph = e.get("ph")
+        key = (_int(e.get("pid", 0)), _int(e.get("tid", 0)))
+        name = str(e.get("name", "?"))
+        cat = str(e.get("cat") or name)
+        if ph == "X":
+            spans.append((*key, name, cat, float(e.get("ts", 0.0)), float(e.get("dur", 0.0))))
+        elif ph == "B":
+            open_[key].append(e)
+        elif ph == "E" and open_[key]:
+            b = open_[key].pop()
+            start = float(b.get("ts", 0.0))
+            bname = str(b.get("name", name))
+            spans.append((*key, bname, str(b.get("cat") or bname), start, float(e.get("ts", start)) - start))
+    return sorted(spans, key=lambda s: (s[0], s[1], s[4]))
+
+
+def render_trace(
+    trace: str | Path | Mapping | Sequence[Mapping],
+    path: str | Path,
+    title: str = "Timeline per rank",
+    max_lanes: int = 32,
+    notes: list[str] | None = None,
+) -> Path | None:
+    """Draw a Gantt chart (``broken_barh``), a lane per (rank, thread), time in ms from the first event.
+
+    Args:
+        trace: a trace file path, a loaded trace object or a list of events.
+        path: PNG to write.
+        title: figure title.
+        max_lanes: lanes beyond this many are left out (noted in the title).
+        notes: where to record why nothing was drawn.
+
+    Returns:
+        ``path``, or None (with a note) when the trace is missing, unreadable or has no spans.
+    """
+    try:
+        spans = trace_spans(load_events(trace))
+    except (OSError, ValueError) as exc:
+        if notes is not None:
+            notes.append(f"{Path(path).name}: skipped, trace unreadable ({exc})")
+        return None
+    if not spans:
+        if notes is not None:
+            notes.append(f"{Path(path).name}: skipped, trace has no complete spans")
+        return None
+    t0 = min(s[4] for s in spans)
+    lanes = sorted({(s[0], s[1]) for s in spans})
+    dropped = len(lanes) - max_lanes
+    lanes = lanes[:max_lanes]
+    lane_of = {lane: i for i, lane in enumerate(lanes)}
+    cats = sorted({s[3] for s in spans})
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {c: cycle[i % len(cycle)] for i, c in enumerate(cats)}
+    per_lane_cat: dict[tuple[int, str], list[tuple[float, float]]] = defaultdict(list)
+    for pid, tid, _name, cat, start, dur in spans:
+        if (pid, tid) in lane_of:
+            per_lane_cat[(lane_of[(pid, tid)], cat)].append(((start - t0) / 1e3, max(dur, 0.0) / 1e3))
+    fig, ax = plt.subplots(figsize=(10, 1.0 + 0.45 * len(lanes)))
+    for (lane, cat), bars in per_lane_cat.items():
+        ax.broken_barh(bars, (lane - 0.4, 0.8), facecolors=colour[cat], edgecolor="none")
+    ax.set_yticks(range(len(lanes)), [f"rank {pid}" + (f" / {tid}" if tid else "") for pid, tid in lanes])
+    ax.invert_yaxis()
+    ax.set_xlabel("time since first event (ms)")
+    ax.set_title(title + (f" ({dropped} lanes not shown)" if dropped > 0 else ""), fontsize=9)
+    ax.legend(
+        handles=[plt.Rectangle((0, 0), 1, 1, color=colour[c]) for c in cats],
+        labels=cats,
+        fontsize=7,
+        loc="upper right",
+        ncol=min(4, len(cats)),
+    )
+    ax.grid(True, axis="x", alpha=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,584 @@
+"""Specification of ``analysis``: the fits recover what they are fed, the sweep plans what it should,
+and the report and every figure are built from a small fixture of result files.
+
+No process is spawned: the sweep's runner is tested with ``subprocess.run`` replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis import fit, plots, report, sweep, timeline
+from ringcomm import cost
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+KB = 1 << 10
+MB = 1 << 20
+
+# Link parameters the fixture's timings are generated from (seconds, seconds per byte).
+LINKS = {
+    "gloo": (30e-6, 0.8e-9),
+    "ring": (50e-6, 1.0e-9),
+    "naive": (50e-6, 1.0e-9),
+    "ps": (50e-6, 1.0e-9),
+    "ps:2": (50e-6, 1.0e-9),
+    "ring@zmq": (120e-6, 2.0e-9),
+    "ps@zmq": (120e-6, 2.0e-9),
+}
+
+
+def assert_png(path: Path | None) -> None:
+    assert path is not None and path.exists(), path
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    assert len(data) > 5_000, f"{path} is suspiciously small ({len(data)} bytes)"
+
+
+# --------------------------------------------------------------------------- alpha-beta fit
+
+
+@pytest.mark.parametrize("label", ["ring", "gloo", "naive", "ps", "ps:2", "ring@zmq"])
+def test_fit_recovers_alpha_beta_exactly_from_model_timings(label: str) -> None:
+    alpha, beta = 42e-6, 0.7e-9
+    ps_, ms, ts = [], [], []
+    for p in (2, 4, 8):
+        for m in (4 * KB, 64 * KB, MB, 16 * MB):
+            ps_.append(p)
+            ms.append(m)
+            ts.append(fit.predict_time(label, p, m, alpha, beta))
+    f = fit.fit_algo(label, ps_, ms, ts)
+    assert f is not None
+    # Noise-free data on the model: only floating point separates the fit from the truth.
+    assert f.alpha_s == pytest.approx(alpha, rel=1e-9)
+    assert f.beta_s_per_byte == pytest.approx(beta, rel=1e-9)
+    assert f.max_rel_err < 1e-9
+    assert f.bandwidth_gbs == pytest.approx(1 / beta / 1e9)
+    assert not f.constrained
+
+
+def test_fit_recovers_alpha_beta_under_noise() -> None:
+    # 2% multiplicative noise, 3 world sizes x 8 sizes x 4 repeats = 96 points. Each coefficient is
+    # pinned by the third or so of points its term dominates (alpha: <= 64K, beta: >= 4M), so its
+    # standard error is about 2% / sqrt(30) ~ 0.4%; 3% is over 6 standard errors.
+    rng = np.random.default_rng(0)
+    alpha, beta = 80e-6, 1.5e-9
+    ps_, ms, ts = [], [], []
+    for p in (2, 4, 8):
+        for m in [4 * KB * 4**i for i in range(8)]:
+            for _ in range(4):
+                ps_.append(p)
+                ms.append(m)
+                ts.append(cost.ring_time(p, m, alpha, beta) * (1 + 0.02 * rng.standard_normal()))
+    f = fit.fit_algo("ring", ps_, ms, ts)
+    assert f is not None
+    assert f.alpha_s == pytest.approx(alpha, rel=0.03)
+    assert f.beta_s_per_byte == pytest.approx(beta, rel=0.03)
+    # The residuals are the noise: median |N(0, 2%)| is 0.67 * 2% = 1.35%.
+    assert 0.005 < f.median_rel_err < 0.03
+
+
+def test_fit_pins_a_negative_coefficient_to_zero() -> None:
+    # Pure bandwidth with noise that makes the free fit's alpha negative: alpha is pinned at 0.
+    ms = [MB, 2 * MB, 4 * MB, 8 * MB]
+    ts = [cost.ring_time(2, m, 0.0, 1e-9) * k for m, k in zip(ms, (0.95, 1.0, 1.01, 1.015))]
+    free_alpha, _ = cost.fit_alpha_beta([2] * 4, [m for m in ms], ts)
+    assert free_alpha < 0
+    f = fit.fit_algo("ring", [2] * 4, ms, ts)
+    assert f is not None and f.constrained
+    assert f.alpha_s == 0.0
+    assert f.beta_s_per_byte == pytest.approx(1e-9, rel=0.03)
+
+
+def test_fit_needs_two_distinguishable_points() -> None:
+    assert fit.fit_algo("ring", [2], [MB], [1e-3]) is None
+    assert fit.fit_algo("ring", [1, 1, 1], [KB, MB, 4 * MB], [1e-3, 2e-3, 3e-3]) is None  # P=1: no comm
+    assert fit.fit_algo("ring", [2, 2], [MB, MB], [1e-3, 1.1e-3]) is None  # alpha and beta confounded
+
+
+def test_comm_counts_follow_the_cost_model() -> None:
+    p, m = 4, 1000.0
+    assert fit.comm_counts("ring", p, m) == (6.0, pytest.approx(cost.ring_bytes_per_rank(p, m)))
+    assert fit.comm_counts("gloo", p, m) == fit.comm_counts("ring", p, m)
+    assert fit.comm_counts("naive", p, m) == (6.0, pytest.approx(2 * cost.naive_bytes_root(p, m)))
+    # k = 1 parameter server loads the server's link like naive's root; sharding divides the bytes by k.
+    assert fit.comm_counts("ps", p, m)[1] == pytest.approx(2 * (p - 1) * m)
+    assert fit.comm_counts("ps:2@zmq", p, m)[1] == pytest.approx(fit.comm_counts("ps", p, m)[1] / 2)
+    assert fit.comm_counts("ring", 1, m) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="no cost model"):
+        fit.model_for("allgather")
+
+
+def test_parse_label() -> None:
+    assert fit.parse_label("ps:2@zmq") == fit.AlgoLabel("ps", 2, "zmq")
+    assert fit.parse_label("ring", "torch") == fit.AlgoLabel("ring", 1, "torch")
+    assert fit.parse_label("gloo").family == "ring"
+
+
+def test_fit_rows_groups_by_label_and_skips_world_size_one() -> None:
+    rows = []
+    for label, (a, b) in LINKS.items():
+        for p in (1, 2, 4):
+            for m in (64 * KB, MB, 4 * MB):
+                t = fit.predict_time(label, p, m, a, b) if p > 1 else 5e-6
+                rows.append({"algo": label, "world_size": p, "size_bytes": m, "time_us": t * 1e6})
+    rows.append({"algo": "mystery", "world_size": 2, "size_bytes": MB, "time_us": 1.0})
+    fits = fit.fit_rows(rows)
+    assert set(fits) == set(LINKS)
+    for label, (a, b) in LINKS.items():
+        assert fits[label].alpha_s == pytest.approx(a, rel=1e-6)
+        assert fits[label].beta_s_per_byte == pytest.approx(b, rel=1e-6)
+        assert fits[label].points == 6
+    assert fits["ring@zmq"].transport == "zmq"
+
+
+# --------------------------------------------------------------------------- Amdahl
+
+
+def test_amdahl_fit_recovers_f_exactly_and_with_noise() -> None:
+    ps_ = [1, 2, 4, 8, 16]
+    exact = fit.fit_amdahl(ps_, [fit.amdahl_speedup(p, 0.9) for p in ps_])
+    assert exact is not None and exact.f == pytest.approx(0.9, abs=1e-12)
+    assert exact.rmse < 1e-9 and exact.points == 4 and exact.max_speedup == pytest.approx(10.0)
+    # 1% noise on S moves 1/S - 1 by about 1% of 1/S, i.e. well under 0.01 in f for these P.
+    rng = np.random.default_rng(1)
+    noisy = fit.fit_amdahl(
+        ps_, [fit.amdahl_speedup(p, 0.9) * (1 + 0.01 * rng.standard_normal()) for p in ps_]
+    )
+    assert noisy is not None and noisy.f == pytest.approx(0.9, abs=0.02)
+
+
+def test_amdahl_fit_reports_slowdown_as_negative_f() -> None:
+    a = fit.fit_amdahl([1, 2, 4], [1.0, 0.8, 0.6])
+    assert a is not None and a.f < 0
+    assert fit.fit_amdahl([1], [1.0]) is None
+
+
+def test_karp_flatt_is_the_serial_fraction_under_amdahl() -> None:
+    for p in (2, 4, 8):
+        assert fit.karp_flatt(p, fit.amdahl_speedup(p, 0.75)) == pytest.approx(0.25)
+    assert math.isnan(fit.karp_flatt(1, 1.0))
+
+
+# --------------------------------------------------------------------------- sweep plan
+
+
+def test_quick_plan_covers_the_grid(tmp_path: Path) -> None:
+    runs = sweep.build_plan("quick", tmp_path, python="python")
+    names = [r.name for r in runs]
+    assert len(names) == len(set(names)), "run names must be unique (they name files)"
+    train = [r for r in runs if r.kind == "train"]
+    # P=1: ddp, ring, ps on torch (zmq carries nothing at P=1); P=2 and 4: all 5 algo/transport pairs.
+    assert len(train) == 3 + 5 + 5
+    assert {(r.meta["algo"], r.meta["transport"]) for r in train if r.meta["world_size"] == 1} == {
+        ("ddp", "torch"),
+        ("ring", "torch"),
+        ("ps", "torch"),
+    }
+    for r in train:
+        assert r.argv[:2] == ["python", "launch.py"]
+        cmd = r.command
+        assert f"--world-size {r.meta['world_size']}" in cmd
+        assert "--model simplecnn --dataset synthetic" in cmd
+        assert "--max-steps 20" in cmd and "--seed 0" in cmd
+        assert f"--out {tmp_path / 'train' / r.name}" in cmd
+        assert r.output == f"train/{r.name}/metrics.json"
+    bench = [r for r in runs if r.kind == "bench"]
+    assert {r.meta["world_size"] for r in bench} == {2, 4}
+    for r in bench:
+        assert r.argv[1:3] == ["-m", "ringcomm.bench"]
+        assert "--sizes 64K,1M,4M" in r.command
+        assert r.argv[r.argv.index("--algos") + 1].startswith("gloo,")  # the in-world reference
+        assert r.argv[r.argv.index("--json") + 1] == str(tmp_path / r.output)
+    assert any("ring@zmq" in r.command or ("--transport zmq" in r.command) for r in bench)
+    batch = [r for r in runs if r.kind == "batch"]
+    assert [r.meta["batch_size"] for r in batch] == [32, 256, 2048]
+    large = [r for r in runs if r.kind == "largebatch"]
+    assert [r.meta["variant"] for r in large] == ["small", "large", "large_scaled"]
+    assert "--scale-lr --warmup-epochs 1" in large[2].command and "--scale-lr" not in large[1].command
+    trace = [r for r in runs if r.kind == "trace"]
+    assert len(trace) == 1 and f"--trace {tmp_path / 'trace.json'}" in trace[0].command
+
+
+def test_full_plan_is_bigger_and_runs_full_epochs(tmp_path: Path) -> None:
+    quick = sweep.build_plan("quick", tmp_path)
+    full = sweep.build_plan("full", tmp_path)
+    assert len(full) > len(quick)
+    assert all("--max-steps" not in r.argv for r in full if r.kind in ("train", "batch"))
+    assert [r.meta["batch_size"] for r in full if r.kind == "batch"] == [32, 64, 128, 256, 512, 1024, 2048]
+    assert {r.meta["world_size"] for r in full if r.kind == "train"} == {1, 2, 4, 8}
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("dry run must not start processes")
+
+    monkeypatch.setattr(subprocess, "run", boom)
+    assert sweep.main(["--quick", "--dry-run", "--out", str(tmp_path), "--only", "train,bench"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[train]") == 13 and out.count("[bench]") == 6
+    assert "launch.py --algo ring --transport zmq --world-size 4" in out
+    assert not (tmp_path / "sweep.json").exists()
+
+
+def test_run_plan_records_successes_failures_and_timeouts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = [
+        sweep.Run("good", "bench", ["python", "-m", "ringcomm.bench"], "bench/good.json", 5),
+        sweep.Run("bad", "bench", ["python", "-m", "ringcomm.bench"], "bench/bad.json", 5),
+        sweep.Run("slow", "bench", ["python", "-m", "ringcomm.bench"], "bench/slow.json", 5),
+    ]
+
+    def fake_run(argv: list[str], **kw: object) -> subprocess.CompletedProcess:
+        name = kw["stdout"].name  # type: ignore[union-attr]
+        if name.endswith("good.log"):
+            (tmp_path / "bench" / "good.json").write_text("{}")
+            return subprocess.CompletedProcess(argv, 0)
+        if name.endswith("bad.log"):
+            kw["stdout"].write("Traceback: something broke\n")  # type: ignore[union-attr]
+            return subprocess.CompletedProcess(argv, 1)
+        raise subprocess.TimeoutExpired(argv, 5)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    manifest = sweep.run_plan(runs, tmp_path, "quick", env={"OMP_NUM_THREADS": "1"})
+    status = {r["name"]: r["status"] for r in manifest["runs"]}
+    assert status == {"good": "ok", "bad": "failed", "slow": "timeout"}
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved["finished"] and saved["env"] == {"OMP_NUM_THREADS": "1"}
+    bad = next(r for r in saved["runs"] if r["name"] == "bad")
+    assert bad["rc"] == 1 and "something broke" in bad["log_tail"]
+    assert saved["runs"][0]["command"] == "python -m ringcomm.bench"
+    # --resume keeps what exists
+    again = sweep.run_plan(runs[:1], tmp_path, "quick", resume=True)
+    assert again["runs"][0]["status"] == "kept"
+
+
+# --------------------------------------------------------------------------- report fixture
+
+
+def _bench_file(root: Path, name: str, p: int, labels: list[str]) -> None:
+    rows = []
+    for m in (64 * KB, MB, 4 * MB):
+        for label in ["gloo", *labels]:
+            a, b = LINKS[label]
+            t = fit.predict_time(label, p, m, a, b)
+            rows.append(
+                {
+                    "size_bytes": m,
+                    "count": m // 4,
+                    "dtype": "float32",
+                    "algo": label,
+                    "transport": fit.parse_label(label).transport if label != "gloo" else "torch",
+                    "world_size": p,
+                    "time_us": t * 1e6,
+                    "algbw_gbs": cost.algbw(m, t),
+                    "busbw_gbs": cost.busbw(p, m, t),
+                    "wrong": 0,
+                    "samples_us": [t * 1e6] * 3,
+                }
+            )
+    machine = {
+        "cpus": 2,
+        "platform": "Linux-test",
+        "processor": "x86_64",
+        "python": "3.11",
+        "torch": "2.x-test",
+    }
+    path = root / "bench" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine, "world_size": p, "rows": rows}))
+
+
+def _metrics(
+    algo: str, transport: str, p: int, thr: float, acc: float, batch: int = 32, **extra: object
+) -> dict:
+    steps = 20
+    step_time = batch * p / thr
+    comm = 0.0 if p == 1 else 0.004 * (p - 1)
+    m = {
+        "algo": algo,
+        "transport": transport,
+        "world_size": p,
+        "model": "simplecnn",
+        "dataset": "synthetic",
+        "steps": steps,
+        "global_batch_size": batch * p,
+        "train_time_s": step_time * steps,
+        "throughput_img_s": thr,
+        "comm_time_s": comm * steps,
+        "final_train_loss": 0.4321,
+        "final_test_accuracy": acc,
+        "history": [
+            {"epoch": 1, "loss": 1.2, "train_acc": 0.55, "test_acc": acc - 0.1, "epoch_time_s": 2.0},
+            {"epoch": 2, "loss": 0.4321, "train_acc": 0.8, "test_acc": acc, "epoch_time_s": 1.9},
+        ],
+        "per_class_accuracy": [0.9, 0.8, 0.7, 0.95, 0.6, 0.85, 0.75, 0.65, 0.9, 0.8],
+        "confusion_matrix": [[50 if i == j else (i + j) % 3 for j in range(10)] for i in range(10)],
+        "steps_log": [
+            {"step": s, "comm_time_s": comm, "bytes": 0 if p == 1 else 250_000, "step_time_s": step_time}
+            for s in range(steps)
+        ],
+    }
+    m.update(extra)
+    return m
+
+
+THROUGHPUT = {("ddp", "torch"): (100.0, 170.0, 260.0), ("ring", "torch"): (100.0, 180.0, 300.0)}
+THROUGHPUT[("ring", "zmq")] = (100.0, 150.0, 200.0)
+THROUGHPUT[("ps", "torch")] = (100.0, 140.0, 160.0)
+
+
+def make_results(root: Path) -> Path:
+    """A results folder as analysis.sweep would leave it, with plausible, hand-checkable numbers."""
+    manifest_runs = []
+    for p in (2, 4):
+        _bench_file(root, f"bench_p{p}_torch_0", p, ["ring", "naive"])
+        _bench_file(root, f"bench_p{p}_torch_1", p, ["ps", "ps:2"])
+        _bench_file(root, f"bench_p{p}_zmq_2", p, ["ring@zmq", "ps@zmq"])
+        for i, t in enumerate(("torch", "torch", "zmq")):
+            manifest_runs.append(
+                {
+                    "name": f"bench_p{p}_{t}_{i}",
+                    "kind": "bench",
+                    "output": f"bench/bench_p{p}_{t}_{i}.json",
+                    "command": f"python -m ringcomm.bench --world-size {p}",
+                    "status": "ok",
+                    "seconds": 12.5,
+                    "meta": {},
+                }
+            )
+
+    def put(kind: str, name: str, m: dict, meta: dict) -> None:
+        path = root / kind / name / "metrics.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(m))
+        manifest_runs.append(
+            {
+                "name": name,
+                "kind": kind,
+                "output": f"{kind}/{name}/metrics.json",
+                "command": f"python launch.py --out {kind}/{name}",
+                "status": "ok",
+                "seconds": 30.0,
+                "meta": meta,
+            }
+        )
+
+    for (algo, transport), thr in THROUGHPUT.items():
+        for p, t in zip((1, 2, 4), thr):
+            if p == 1 and transport == "zmq":
+                continue
+            put(
+                "train",
+                f"train_{algo}_{transport}_p{p}",
+                _metrics(algo, transport, p, t, 0.8765),
+                {"algo": algo, "transport": transport, "world_size": p, "batch_size": 32},
+            )
+    for bs, thr in ((32, 150.0), (256, 400.0), (2048, 640.0)):
+        put(
+            "batch",
+            f"batch_b{bs}_p2",
+            _metrics("ring", "torch", 2, thr, 0.5, batch=bs, train_size=12800),
+            {"batch_size": bs, "world_size": 2},
+        )
+    for variant, bs, acc, extra in (
+        ("small", 32, 0.9123, {}),
+        ("large", 512, 0.6234, {}),
+        ("large_scaled", 512, 0.8845, {"scale_lr": True, "warmup_epochs": 1}),
+    ):
+        put(
+            "largebatch",
+            f"largebatch_{variant}_b{bs}_p2",
+            _metrics("ring", "torch", 2, 300.0, acc, batch=bs),
+            {
+                "variant": variant,
+                "batch_size": bs,
+                "world_size": 2,
+                "base_lr": 0.05,
+                "scale_lr": bool(extra),
+                **extra,
+            },
+        )
+    manifest_runs.append(
+        {
+            "name": "train_ps_zmq_p4",
+            "kind": "train",
+            "output": "train/train_ps_zmq_p4/metrics.json",
+            "command": "python launch.py --algo ps --transport zmq --world-size 4",
+            "status": "timeout",
+            "error": "stopped after 240 s",
+            "seconds": 240.0,
+            "log": "logs/train_ps_zmq_p4.log",
+            "meta": {},
+        }
+    )
+    manifest = {
+        "preset": "quick",
+        "started": "2026-11-21T22:30:00",
+        "finished": "2026-11-21T22:34:00",
+        "seconds": 240.0,
+        "machine": {
+            "cpus": 2,
+            "platform": "Linux-test",
+            "processor": "x86_64",
+            "python": "3.11",
+            "torch": "2.x-test",
+        },
+        "env": {"OMP_NUM_THREADS": "1"},
+        "cwd": "/repo",
+        "runs": manifest_runs,
+    }
+    (root / "sweep.json").write_text(json.dumps(manifest))
+    events = []
+    for rank in (0, 1):
+        t = 0.0
+        for _step in range(3):
+            events.append(
+                {
+                    "ph": "X",
+                    "name": "forward_backward",
+                    "cat": "compute",
+                    "ts": t,
+                    "dur": 8000,
+                    "pid": rank,
+                    "tid": 0,
+                }
+            )
+            events.append(
+                {"ph": "B", "name": "all_reduce", "cat": "comm", "ts": t + 8000, "pid": rank, "tid": 0}
+            )
+            events.append({"ph": "E", "ts": t + 11000 + 500 * rank, "pid": rank, "tid": 0})
+            t += 12000
+    (root / "trace.json").write_text(json.dumps({"traceEvents": events}))
+    return root
+
+
+def test_report_builds_every_figure_and_carries_the_numbers(tmp_path: Path) -> None:
+    root = make_results(tmp_path / "results")
+    path = report.build_report(root)
+    text = path.read_text()
+    figures = sorted((root / "figures").glob("*.png"))
+    assert [f.name for f in figures] == sorted(
+        [
+            "busbw_vs_size.png",
+            "time_vs_world_size.png",
+            "speedup_efficiency.png",
+            "comm_vs_compute.png",
+            "bandwidth_utilisation.png",
+            "training_curves.png",
+            "per_class_accuracy.png",
+            "confusion_matrix.png",
+            "batch_size_sweep.png",
+            "large_batch.png",
+            "timeline.png",
+        ]
+    )
+    for f in figures:
+        assert_png(f)
+        assert f"](figures/{f.name})" in text, f"{f.name} not linked from REPORT.md"
+
+    # Honest framing and machine.
+    assert "measurements on this machine (2-core CPU" in text and "not projections" in text
+    assert "CPU cores: **2**" in text and "torch 2.x-test" in text and "OMP_NUM_THREADS=1" in text
+    # Bench table: ring at P=4, 4M: 2*3*50us + 1.5*4M*1ns = 300 + 6291.456 us; gloo is faster.
+    t_ring = cost.ring_time(4, 4 * MB, *LINKS["ring"]) * 1e6
+    t_gloo = cost.ring_time(4, 4 * MB, *LINKS["gloo"]) * 1e6
+    assert f"{t_ring:.1f}" == "6591.5" and "| 4 | 4M (4194304) | ring | torch | 6591.5 |" in text
+    assert f"| {t_gloo / t_ring:.2f}x |" in text and "| 1.00x |" in text
+    # Fits recover the generating links: ring 50 us and 1 ns/B -> 1.000 GB/s; zmq 120 us, 0.500 GB/s.
+    assert "| ring | torch | 50.0 | 1.0000 | 1.000 | 6 | 0.0% | 0.0% |" in text
+    assert "| ring@zmq | zmq | 120.0 | 2.0000 | 0.500 | 6 |" in text
+    assert "| gloo | torch | 30.0 | 0.8000 | 1.250 | 18 |" in text
+    # ps vs ring, model and measurement agree when the data is the model: P=4, 4M, ps k=1.
+    r_ps = fit.predict_time("ps", 4, 4 * MB, *LINKS["ps"]) / cost.ring_time(4, 4 * MB, *LINKS["ring"])
+    assert f"| ps | 4 | 4M | {r_ps:.2f} | {r_ps:.2f} |" in text
+    # Training: ring at P=4 runs 300 img/s vs 100 at P=1: speedup 3.00, efficiency 0.75.
+    assert "| ring | 4 | 128 | 20 | 300.0 | 3.00 | 0.75 |" in text
+    assert "| ring@zmq | 2 | 64 | 20 | 150.0 | 1.50 | 0.75 |" in text  # baseline: ring at P=1
+    assert "0.8765" in text
+    # Amdahl f for ring from S(2)=1.8, S(4)=3.0 (least squares by hand):
+    x = np.array([-0.5, -0.75])
+    y = np.array([1 / 1.8 - 1, 1 / 3.0 - 1])
+    assert f"| ring | {float(x @ y / (x @ x)):.3f} |" in text
+    # Comm share: 4 ms x (P-1) of the step; bandwidth: 250000 B in 12 ms at P=4.
+    assert f"{cost.busbw(4, 250_000, 0.012):.3f}" in text
+    # Batch sweep: 12800 images / 640 img/s = 20.00 s per epoch.
+    assert "| 2048 | 4096 | 20 | 1.95 | 20.00 | 640.0 |" in text
+    # Large batch accuracies and the scaled run flagged.
+    assert (
+        "0.9123" in text
+        and "0.6234" in text
+        and "| large batch, scaled LR + warmup (b=512/worker) | 1024 |" in text
+    )
+    # Commands and the failure.
+    assert "python launch.py --algo ps --transport zmq --world-size 4" in text
+    assert "`train_ps_zmq_p4`: timeout: stopped after 240 s" in text
+    summary = json.loads((root / "analysis.json").read_text())
+    assert summary["fits"]["ring"]["alpha_s"] == pytest.approx(50e-6)
+
+
+def test_report_cli_on_sparse_results_skips_gracefully(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "sparse"
+    _bench_file(root, "only", 2, ["ring"])  # one world, no training, no trace, no sweep.json
+    assert report.main([str(root)]) == 0
+    text = (root / "REPORT.md").read_text()
+    assert "## Notes" in text and "timeline.png: skipped" in text
+    assert "_No training runs" in text and "not recorded" in text
+    assert_png(root / "figures" / "busbw_vs_size.png")
+    assert not (root / "figures" / "speedup_efficiency.png").exists()
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "missing")])
+
+
+def test_plots_skip_missing_data_with_a_note(tmp_path: Path) -> None:
+    notes: list[str] = []
+    calls = [
+        plots.plot_busbw([], {}, tmp_path / "a.png", notes),
+        plots.plot_time_vs_world([], {}, tmp_path / "b.png", notes=notes),
+        plots.plot_speedup([], {}, tmp_path / "c.png", notes),
+        plots.plot_comm_compute([], tmp_path / "d.png", notes),
+        plots.plot_bandwidth_utilisation([], tmp_path / "e.png", notes),
+        plots.plot_training_curves([("x", [])], tmp_path / "f.png", notes),
+        plots.plot_per_class(None, tmp_path / "g.png", notes=notes),
+        plots.plot_confusion(None, tmp_path / "h.png", notes=notes),
+        plots.plot_batch_sweep([], tmp_path / "i.png", notes),
+        plots.plot_large_batch([], tmp_path / "j.png", notes),
+        timeline.render_trace([], tmp_path / "k.png", notes=notes),
+    ]
+    assert calls == [None] * len(calls)
+    assert len(notes) == len(calls) and not list(tmp_path.glob("*.png"))
+
+
+def test_timeline_pairs_begin_end_and_draws_a_lane_per_rank(tmp_path: Path) -> None:
+    events = [
+        {"ph": "B", "name": "all_reduce", "cat": "comm", "ts": 100, "pid": 1, "tid": 0},
+        {"ph": "X", "name": "fwd", "cat": "compute", "ts": 0, "dur": 100, "pid": 0, "tid": 0},
+        {"ph": "E", "ts": 250, "pid": 1, "tid": 0},
+        {"ph": "E", "ts": 300, "pid": 0, "tid": 0},  # unmatched: dropped
+        {"ph": "M", "name": "process_name", "pid": 0},  # metadata: ignored
+    ]
+    spans = timeline.trace_spans(events)
+    assert spans == [(0, 0, "fwd", "compute", 0.0, 100.0), (1, 0, "all_reduce", "comm", 100.0, 150.0)]
+    assert_png(timeline.render_trace({"traceEvents": events}, tmp_path / "t.png"))
+    notes: list[str] = []
+    (tmp_path / "bad.json").write_text("not json")
+    assert timeline.render_trace(tmp_path / "bad.json", tmp_path / "u.png", notes=notes) is None
+    assert "unreadable" in notes[0]
+
+
+def test_human_bytes() -> None:
+    assert [plots.human_bytes(n) for n in (512, 64 * KB, MB, 1536 * KB, 1 << 30)] == [
+        "512",
+        "64K",
+        "1M",
+        "1.5M",
+        "1G",
+    ]
