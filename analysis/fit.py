@@ -2,16 +2,16 @@ r"""Fitting measured numbers to models: alpha-beta per algorithm, Amdahl per tra
 
 Alpha-beta (see ``ringcomm/cost.py``). A benchmark row gives the median seconds
 ``t`` of one all-reduce of ``M`` bytes over ``P`` ranks. Each algorithm puts a
-known number of messages and bytes on its critical path:
+known number of messages and bytes on its critical path (as ``cost.py`` models it):
 
-==============  ==================  ===============================
-algorithm       messages            bytes (busiest rank)
-==============  ==================  ===============================
+==============  ==================  ==========================================
+algorithm       messages            bytes (busiest link)
+==============  ==================  ==========================================
 ring, gloo      2(P-1)              2(P-1)/P * M
 naive           2(P-1)              2(P-1) * M   (root: in, then out)
-ps  (k=1)       2(P-1)              2(P-1) * M   (server: in, then out)
-ps:k (sharded)  2(P-1)              2(P-1) * M / k
-==============  ==================  ===============================
+ps  (k=1)       2 (push, pull)      2(P-1) * M   (the server: in, then out)
+ps:k (sharded)  2 (push, pull)      2 max((P-1)/k, w) * M, w = 1 if k < P else (P-1)/P
+==============  ==================  ==========================================
 
 so ``t ~= messages * alpha + bytes * beta`` is linear in (alpha, beta) and one
 least-squares fit per algorithm and transport gives the latency alpha (seconds)
@@ -21,9 +21,8 @@ puts its alpha and beta on the same footing as ours.
 
 The counts are read off the model functions themselves, which are linear in
 alpha and beta: ``messages = model(P, M, 1, 0)`` and ``bytes = model(P, M, 0, 1)``.
-So the fit always agrees with ``cost.py`` (and with ``cost.ps_time`` once the
-parameter server's author adds it; until then a local fallback with the table's
-counts stands in).
+So the fit cannot drift from ``cost.py`` (``ring_time``, ``naive_time``,
+``ps_time``): change a formula there and the fit follows.
 
 Amdahl. A run whose parallel fraction is ``f`` has speedup
 ``S(P) = 1 / ((1 - f) + f / P)``; ``1/S - 1 = f (1/P - 1)`` is linear in ``f``
@@ -62,22 +61,10 @@ __all__ = [
 TimeModel = Callable[[int, float, float, float], float]
 
 
-def _ps_time_fallback(p: int, nbytes: float, alpha: float, beta: float, shards: int = 1) -> float:
-    """Seconds for a parameter-server all-reduce when ``cost.ps_time`` is not there yet.
-
-    Every worker pushes its ``M / k`` bytes to each of ``k`` server shards, which
-    reduce and send the result back: a shard's link carries ``2(P-1) * M / k``
-    bytes in ``2(P-1)`` messages.
-    """
-    if p <= 1:
-        return 0.0
-    return 2 * (p - 1) * alpha + 2 * (p - 1) * nbytes / max(1, shards) * beta
-
-
 def _ps_time(p: int, nbytes: float, alpha: float, beta: float, shards: int = 1) -> float:
-    ps_time = getattr(cost, "ps_time", None)  # added by the parameter-server work; guard until then
+    ps_time = getattr(cost, "ps_time", None)  # guard: older checkouts of cost.py lack it
     if ps_time is None:
-        return _ps_time_fallback(p, nbytes, alpha, beta, shards)
+        raise ValueError("ringcomm.cost has no ps_time; cannot model the parameter server")
     return float(ps_time(p, nbytes, alpha, beta, shards=shards))
 
 
@@ -160,8 +147,12 @@ class AlphaBetaFit:
         return 1.0 / self.beta_s_per_byte / 1e9 if self.beta_s_per_byte > 0 else math.inf
 
     def predict(self, p: int, nbytes: float) -> float:
-        """Model seconds for one all-reduce of ``nbytes`` over ``p`` ranks."""
-        return predict_time(self.algo, p, nbytes, self.alpha_s, self.beta_s_per_byte)
+        """Model seconds for one all-reduce of ``nbytes`` over ``p`` ranks; nan where the model
+        does not apply (e.g. ``ps:4`` at P = 2)."""
+        try:
+            return predict_time(self.algo, p, nbytes, self.alpha_s, self.beta_s_per_byte)
+        except ValueError:
+            return math.nan
 
     def as_dict(self) -> dict:
         """JSON-friendly form, with the bandwidth added."""
@@ -192,10 +183,17 @@ def fit_algo(
         negative (noise at a few points), it is pinned at 0 and the other refitted,
         which is the non-negative least-squares answer for two unknowns.
     """
-    keep = [(p, m, s) for p, m, s in zip(world_sizes, nbytes, seconds) if p > 1 and s > 0]
+    keep, counts = [], []
+    for p, m, s in zip(world_sizes, nbytes, seconds):
+        if p <= 1 or s <= 0:
+            continue
+        try:
+            counts.append(comm_counts(label, p, m))
+        except ValueError:  # the model rejects this point (more shards than ranks)
+            continue
+        keep.append((p, m, s))
     if len(keep) < 2:
         return None
-    counts = [comm_counts(label, p, m) for p, m, _ in keep]
     msgs = np.array([c[0] for c in counts])
     byts = np.array([c[1] for c in counts])
     t = np.array([s for *_, s in keep], dtype=float)

@@ -325,8 +325,9 @@ def _fit_section(fits: Mapping[str, AlphaBetaFit]) -> str:
             rows,
         )
         + "\n\n_Fitted on t ≈ messages·α + bytes·β with each algorithm's critical-path counts "
-        "(ring and gloo: 2(P−1) messages, 2(P−1)/P·M bytes; naive and ps: 2(P−1)·M at the root; "
-        "ps:k: divided by k). Relative least squares; 'pinned' means a negative coefficient was set to 0._"
+        "as ringcomm/cost.py models them (ring and gloo: 2(P−1) messages, 2(P−1)/P·M bytes; naive: 2(P−1) "
+        "messages, 2(P−1)·M bytes at the root; ps with k shards: 2 rounds, 2·max((P−1)/k, w)·M bytes on the "
+        "busiest link). Relative least squares; 'pinned' means a negative coefficient was set to 0._"
     )
 
 
@@ -347,9 +348,12 @@ def _ps_ring_section(rows: list[dict], fits: Mapping[str, AlphaBetaFit]) -> tupl
         measured = statistics.median(times) / statistics.median(ring_times)
         predicted = None
         if fit is not None:
-            t_ring = predict_time(ring_label, p, size, fit.alpha_s, fit.beta_s_per_byte)
-            t_ps = predict_time(label, p, size, fit.alpha_s, fit.beta_s_per_byte)
-            predicted = t_ps / t_ring if t_ring > 0 else None
+            t_ring = fit.predict(p, size)
+            try:
+                t_ps = predict_time(label, p, size, fit.alpha_s, fit.beta_s_per_byte)
+            except ValueError:  # e.g. more shards than ranks
+                t_ps = math.nan
+            predicted = t_ps / t_ring if t_ring > 0 and not math.isnan(t_ps) else None
         table.append(
             {"algo": label, "world_size": p, "size_bytes": size, "measured": measured, "predicted": predicted}
         )

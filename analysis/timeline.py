@@ -118,13 +118,15 @@ def render_trace(
     ax.set_yticks(range(len(lanes)), [f"rank {pid}" + (f" / {tid}" if tid else "") for pid, tid in lanes])
     ax.invert_yaxis()
     ax.set_xlabel("time since first event (ms)")
-    ax.set_title(title + (f" ({dropped} lanes not shown)" if dropped > 0 else ""), fontsize=9)
+    ax.set_title(title + (f" ({dropped} lanes not shown)" if dropped > 0 else ""), fontsize=9, loc="left")
     ax.legend(
         handles=[plt.Rectangle((0, 0), 1, 1, color=colour[c]) for c in cats],
         labels=cats,
         fontsize=7,
-        loc="upper right",
-        ncol=min(4, len(cats)),
+        loc="lower right",
+        bbox_to_anchor=(1.0, 1.0),  # above the axes, clear of the bars
+        ncol=min(6, len(cats)),
+        frameon=False,
     )
     ax.grid(True, axis="x", alpha=0.3)
     path = Path(path)

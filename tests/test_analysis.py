@@ -95,6 +95,16 @@ def test_fit_pins_a_negative_coefficient_to_zero() -> None:
     assert f.beta_s_per_byte == pytest.approx(1e-9, rel=0.03)
 
 
+def test_fit_skips_points_the_model_rejects() -> None:
+    # ps:4 cannot run at P=2; those rows are left out rather than failing the whole fit.
+    ps_ = [2, 2, 4, 4, 4]
+    ms = [KB, MB, KB, MB, 4 * MB]
+    ts = [1e-3, 2e-3] + [fit.predict_time("ps:4", 4, m, 30e-6, 1e-9) for m in ms[2:]]
+    f = fit.fit_algo("ps:4", ps_, ms, ts)
+    assert f is not None and f.points == 3 and f.alpha_s == pytest.approx(30e-6)
+    assert math.isnan(f.predict(2, MB))
+
+
 def test_fit_needs_two_distinguishable_points() -> None:
     assert fit.fit_algo("ring", [2], [MB], [1e-3]) is None
     assert fit.fit_algo("ring", [1, 1, 1], [KB, MB, 4 * MB], [1e-3, 2e-3, 3e-3]) is None  # P=1: no comm
@@ -106,9 +116,13 @@ def test_comm_counts_follow_the_cost_model() -> None:
     assert fit.comm_counts("ring", p, m) == (6.0, pytest.approx(cost.ring_bytes_per_rank(p, m)))
     assert fit.comm_counts("gloo", p, m) == fit.comm_counts("ring", p, m)
     assert fit.comm_counts("naive", p, m) == (6.0, pytest.approx(2 * cost.naive_bytes_root(p, m)))
-    # k = 1 parameter server loads the server's link like naive's root; sharding divides the bytes by k.
-    assert fit.comm_counts("ps", p, m)[1] == pytest.approx(2 * (p - 1) * m)
+    # The parameter server: two rounds (push, pull); k = 1 loads the server's link like naive's root,
+    # k shards divide it (down to the idle worker's M), and k = P moves the ring's bytes.
+    assert fit.comm_counts("ps", p, m) == (2.0, pytest.approx(2 * (p - 1) * m))
     assert fit.comm_counts("ps:2@zmq", p, m)[1] == pytest.approx(fit.comm_counts("ps", p, m)[1] / 2)
+    assert fit.comm_counts(f"ps:{p}", p, m)[1] == pytest.approx(cost.ring_bytes_per_rank(p, m))
+    with pytest.raises(ValueError):
+        fit.comm_counts("ps:4", 2, m)  # more shards than ranks
     assert fit.comm_counts("ring", 1, m) == (0.0, 0.0)
     with pytest.raises(ValueError, match="no cost model"):
         fit.model_for("allgather")
