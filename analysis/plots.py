@@ -251,7 +251,9 @@ def plot_comm_compute(entries: Sequence[Mapping], path: Path | str, notes: Notes
             ax.text(xi, s, f"{c / s:.0%}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=7)
     ax.set_ylabel("ms per step (mean)")
-    ax.set_title("Compute vs communication per training step (share of step on top)", fontsize=9)
+    ax.set_title(
+        "Compute vs communication per training step (comm share on top; comm may overlap compute)", fontsize=9
+    )
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, path)
@@ -273,14 +275,14 @@ def plot_bandwidth_utilisation(
     train = [e["train_busbw_gbs"] for e in entries]
     bench = [e.get("bench_busbw_gbs") or 0.0 for e in entries]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(entries) + 2), 4.4))
-    ax.bar(x - 0.2, train, 0.4, label="in training: bytes / comm time -> busbw", color="#55a868")
+    ax.bar(x - 0.2, train, 0.4, label="in training: bytes sent / comm time", color="#55a868")
     ax.bar(x + 0.2, bench, 0.4, label="benchmark busbw (same algo, P, nearest size)", color="#8172b2")
     for xi, t, b in zip(x, train, bench):
         if b:
             ax.text(xi, max(t, b), f"{t / b:.0%}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, [e["label"] for e in entries], rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("busbw (GB/s)")
-    ax.set_title("Bandwidth utilisation: training vs benchmark (ratio on top)", fontsize=9)
+    ax.set_ylabel("GB/s")
+    ax.set_title("Bandwidth utilisation: training vs benchmark busbw (ratio on top)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, path)

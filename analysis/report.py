@@ -33,8 +33,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ringcomm.cost import busbw
-
 from . import plots
 from .fit import (
     AlphaBetaFit,
@@ -156,7 +154,8 @@ def step_stats(m: Mapping, skip_first: bool = True) -> dict:
     ``comm_time_s`` and ``train_time_s`` over ``steps``.
 
     Returns:
-        ``{"step_time_s", "comm_time_s", "bytes", "source"}``; values may be None.
+        ``{"step_time_s", "comm_time_s", "bytes", "buckets", "source"}`` (bytes: sent by the
+        rank); values may be None.
     """
     log = _get(m, "steps_log") or []
     log = [s for s in log if isinstance(s, Mapping)]
@@ -172,6 +171,7 @@ def step_stats(m: Mapping, skip_first: bool = True) -> dict:
             "step_time_s": mean("step_time_s"),
             "comm_time_s": mean("comm_time_s"),
             "bytes": mean("bytes"),
+            "buckets": mean("buckets"),
             "source": "steps_log",
         }
     steps = m.get("steps")
@@ -181,9 +181,10 @@ def step_stats(m: Mapping, skip_first: bool = True) -> dict:
             "step_time_s": float(train) / int(steps),
             "comm_time_s": float(comm) / int(steps) if comm is not None else None,
             "bytes": None,
+            "buckets": None,
             "source": "totals",
         }
-    return {"step_time_s": None, "comm_time_s": None, "bytes": None, "source": None}
+    return {"step_time_s": None, "comm_time_s": None, "bytes": None, "buckets": None, "source": None}
 
 
 def training_table(runs: Sequence[Mapping]) -> list[dict]:
@@ -421,7 +422,15 @@ def _training_section(table: list[dict], amdahl: Mapping[str, AmdahlFit]) -> str
 
 
 def _comm_entries(runs: Sequence[Mapping], bench_rows: Sequence[Mapping]) -> tuple[list[dict], list[dict]]:
-    """Per-run comm vs compute and bandwidth utilisation entries for the plots and tables."""
+    """Per-run comm vs compute and bandwidth utilisation entries for the plots and tables.
+
+    ``bytes`` in a steps_log record is what this rank *sent* in the step (the transport's
+    counter, ``trainer/hooks.py``), summed over DDP's buckets. For the ring that is
+    2(P-1)/P * M, so bytes / comm_time is the ring's busbw directly, and we compare it with
+    the benchmark's busbw for the same algorithm and P. The benchmark size compared with is
+    the nearest to one bucket's tensor: M_bucket ~= bytes / buckets / (sent per byte of tensor:
+    2(P-1)/P for ring and gloo, 1 for a parameter-server worker or a naive non-root).
+    """
     comm, util = [], []
     for m in runs:
         if m.get("_kind", "train") != "train":
@@ -432,17 +441,21 @@ def _comm_entries(runs: Sequence[Mapping], bench_rows: Sequence[Mapping]) -> tup
         if st["step_time_s"]:
             comm.append({"label": label, **st})
         if p > 1 and st["bytes"] and st["comm_time_s"]:
-            train_bw = busbw(p, st["bytes"], st["comm_time_s"])
+            train_bw = st["bytes"] / st["comm_time_s"] / 1e9
             bench_label = "gloo" if m.get("algo") == "ddp" else _series(m)
+            ring_like = parse_label(bench_label).family == "ring"
+            sent_per_byte = 2 * (p - 1) / p if ring_like else 1.0
+            bucket_bytes = st["bytes"] / max(1.0, st.get("buckets") or 1.0) / sent_per_byte
             cands = [r for r in bench_rows if r["algo"] == bench_label and int(r["world_size"]) == p]
             bench_bw, bench_size = None, None
             if cands:
-                near = min(cands, key=lambda r: abs(math.log(r["size_bytes"] / st["bytes"])))
+                near = min(cands, key=lambda r: abs(math.log(r["size_bytes"] / bucket_bytes)))
                 bench_bw, bench_size = near["busbw_gbs"], near["size_bytes"]
             util.append(
                 {
                     "label": label,
                     "bytes": st["bytes"],
+                    "bucket_tensor_bytes": bucket_bytes,
                     "train_busbw_gbs": train_bw,
                     "bench_busbw_gbs": bench_bw,
                     "bench_size_bytes": bench_size,
@@ -466,7 +479,12 @@ def _comm_section(comm: list[dict], util: list[dict]) -> str:
         ]
         for c in comm
     ]
-    text = _table(["run", "step (ms)", "comm (ms)", "comm share", "bytes/step", "from"], rows)
+    text = _table(["run", "step (ms)", "comm (ms)", "comm share", "bytes sent/step", "from"], rows)
+    text += (
+        "\n\n_Comm time is time inside all-reduce, summed over DDP's buckets. The hook runs on its own "
+        "thread while backward continues, so comm and compute can overlap: the comm share is an upper "
+        "bound on the communication the step waited for, and compute = step − comm a lower bound._"
+    )
     if util:
         urows = [
             [
@@ -480,13 +498,13 @@ def _comm_section(comm: list[dict], util: list[dict]) -> str:
             for u in util
         ]
         text += (
-            "\n\nBandwidth utilisation: bytes per step over comm time per step, as busbw "
-            "(× 2(P−1)/P), against the benchmark's busbw for the same algorithm and P at the nearest size "
-            "(ddp is compared with gloo):\n\n"
+            "\n\nBandwidth utilisation: bytes this rank sent per step over its comm time per step "
+            "(for the ring that is busbw), against the benchmark's busbw for the same algorithm and P at the "
+            "size nearest one DDP bucket (ddp is compared with gloo):\n\n"
             + _table(
                 [
                     "run",
-                    "training busbw (GB/s)",
+                    "training bytes/comm (GB/s)",
                     "bench algo",
                     "bench size",
                     "bench busbw (GB/s)",

@@ -237,7 +237,7 @@ def test_dry_run_prints_the_plan_and_runs_nothing(
     monkeypatch.setattr(subprocess, "run", boom)
     assert sweep.main(["--quick", "--dry-run", "--out", str(tmp_path), "--only", "train,bench"]) == 0
     out = capsys.readouterr().out
-    assert out.count("[train]") == 13 and out.count("[bench]") == 6
+    assert out.count("[train]") == 13 and out.count("[bench]") == 4
     assert "launch.py --algo ring --transport zmq --world-size 4" in out
     assert not (tmp_path / "sweep.json").exists()
 
@@ -522,8 +522,10 @@ def test_report_builds_every_figure_and_carries_the_numbers(tmp_path: Path) -> N
     x = np.array([-0.5, -0.75])
     y = np.array([1 / 1.8 - 1, 1 / 3.0 - 1])
     assert f"| ring | {float(x @ y / (x @ x)):.3f} |" in text
-    # Comm share: 4 ms x (P-1) of the step; bandwidth: 250000 B in 12 ms at P=4.
-    assert f"{cost.busbw(4, 250_000, 0.012):.3f}" in text
+    # Utilisation: 250000 B sent in 12 ms at P=4 is 0.021 GB/s; one bucket's tensor is
+    # 250000 / 1.5 B, nearest bench size 64K, where ring's busbw is in the bench table.
+    ring_64k = cost.busbw(4, 64 * KB, cost.ring_time(4, 64 * KB, *LINKS["ring"]))
+    assert f"| ring P=4 | 0.021 | ring | 64K | {ring_64k:.3f} | {0.250 / 12 / ring_64k:.0%} |" in text
     # Batch sweep: 12800 images / 640 img/s = 20.00 s per epoch.
     assert "| 2048 | 4096 | 20 | 1.95 | 20.00 | 640.0 |" in text
     # Large batch accuracies and the scaled run flagged.
