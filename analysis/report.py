@@ -306,7 +306,16 @@ def _fit_section(fits: Mapping[str, AlphaBetaFit]) -> str:
             f.points,
             f"{f.median_rel_err:.1%}",
             f"{f.max_rel_err:.1%}",
-            "yes" if f.constrained else "",
+            "; ".join(
+                n
+                for n in (
+                    "pinned: a coefficient was negative, set to 0" if f.constrained else "",
+                    "exact by construction: 2 points, 2 unknowns"
+                    if f.points <= 2 and not f.constrained
+                    else "",
+                )
+                if n
+            ),
         ]
         for label, f in sorted(fits.items())
     ]
@@ -321,14 +330,14 @@ def _fit_section(fits: Mapping[str, AlphaBetaFit]) -> str:
                 "points",
                 "median rel err",
                 "max rel err",
-                "pinned",
+                "note",
             ],
             rows,
         )
         + "\n\n_Fitted on t ≈ messages·α + bytes·β with each algorithm's critical-path counts "
         "as ringcomm/cost.py models them (ring and gloo: 2(P−1) messages, 2(P−1)/P·M bytes; naive: 2(P−1) "
         "messages, 2(P−1)·M bytes at the root; ps with k shards: 2 rounds, 2·max((P−1)/k, w)·M bytes on the "
-        "busiest link). Relative least squares; 'pinned' means a negative coefficient was set to 0._"
+        "busiest link). Relative least squares. The error columns are the fit's residuals on its own points; with few points they flatter it._"
     )
 
 
