@@ -202,17 +202,17 @@ def training_table(runs: Sequence[Mapping]) -> list[dict]:
             base.setdefault(_series(m), float(_get(m, "throughput_img_s")))
             base.setdefault("algo:" + str(m.get("algo")), float(_get(m, "throughput_img_s")))
 
-    def baseline(m: Mapping) -> float | None:
+    def baseline(m: Mapping) -> tuple[str | None, float | None]:
         for key in (_series(m), "algo:" + str(m.get("algo")), "ddp", "algo:ddp"):
             if key in base:
-                return base[key]
-        return next(iter(base.values()), None)
+                return key, base[key]
+        return next(iter(base.items()), (None, None))
 
     rows = []
     for m in train:
         p = int(m.get("world_size", 0) or 0)
         thr = _get(m, "throughput_img_s")
-        b = baseline(m)
+        base_key, b = baseline(m)
         s = float(thr) / b if thr and b else math.nan
         train_t, comm_t = _get(m, "train_time_s"), _get(m, "comm_time_s")
         rows.append(
@@ -231,6 +231,7 @@ def training_table(runs: Sequence[Mapping]) -> list[dict]:
                 "final_train_loss": _get(m, "final_train_loss"),
                 "final_test_accuracy": _get(m, "final_test_accuracy"),
                 "name": m.get("_name"),
+                "baseline": (base_key or "").removeprefix("algo:") or None,
             }
         )
     return sorted(rows, key=lambda r: (r["series"], r["world_size"]))
@@ -394,6 +395,7 @@ def _training_section(table: list[dict], amdahl: Mapping[str, AmdahlFit]) -> str
             _fmt(t["comm_share"], ".1%"),
             _fmt(t["final_train_loss"], ".4f"),
             _fmt(t["final_test_accuracy"], ".4f"),
+            _fmt(t["baseline"]),
         ]
         for t in table
     ]
@@ -409,6 +411,7 @@ def _training_section(table: list[dict], amdahl: Mapping[str, AmdahlFit]) -> str
             "comm share",
             "final loss",
             "test acc",
+            "P=1 baseline",
         ],
         rows,
     )
