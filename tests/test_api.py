@@ -1,0 +1,123 @@
+"""ringcomm.all_reduce's contract: bad input refused before any communication, timeouts named."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import ringcomm
+from ringcomm.chunks import chunk_bounds, chunk_sizes
+from ringcomm.world import run_world
+
+
+@pytest.mark.parametrize("numel", [0, 1, 3, 4, 5, 10, 1000, 2**20 + 3])
+@pytest.mark.parametrize("parts", [1, 2, 3, 4, 5, 7])
+def test_chunks_cover_the_tensor_with_sizes_differing_by_at_most_one(numel: int, parts: int) -> None:
+    bounds = chunk_bounds(numel, parts)
+    assert len(bounds) == parts
+    assert [s for s, _ in bounds] == [sum(chunk_sizes(numel, parts)[:i]) for i in range(parts)]
+    assert sum(n for _, n in bounds) == numel
+    sizes = [n for _, n in bounds]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+BAD_CALLS = [
+    (dict(op="prod"), "unknown op 'prod'"),
+    (dict(algo="tree"), "unknown algo 'tree'"),
+    (dict(transport="mpi"), "unknown transport 'mpi'"),
+    (dict(timeout=0), "timeout must be a positive"),
+    (dict(timeout=-1.0), "timeout must be a positive"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD_CALLS)
+def test_bad_arguments_raise_value_error_naming_the_argument(kwargs: dict, message: str) -> None:
+    x = torch.arange(6.0)
+    with pytest.raises(ValueError, match=message):
+        ringcomm.all_reduce(x, **kwargs)
+    assert torch.equal(x, torch.arange(6.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.complex64, torch.uint8, torch.int8])
+def test_unsupported_dtype_is_named(dtype: torch.dtype) -> None:
+    x = torch.zeros(4, dtype=dtype)
+    with pytest.raises(ValueError, match=f"unsupported tensor dtype {dtype}"):
+        ringcomm.all_reduce(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_avg_on_integers_is_refused(dtype: torch.dtype) -> None:
+    with pytest.raises(ValueError, match="op='avg' on an integer tensor"):
+        ringcomm.all_reduce(torch.ones(3, dtype=dtype), "avg")
+
+
+def test_not_a_tensor() -> None:
+    with pytest.raises(ValueError, match="expects a torch.Tensor, got list"):
+        ringcomm.all_reduce([1.0, 2.0])
+
+
+def test_without_process_group_says_what_to_call() -> None:
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ringcomm.all_reduce(torch.ones(3))
+
+
+def _bad_input_in_a_world_rank(rank: int, p: int) -> list[str]:
+    """Every bad call is refused on every rank with the tensor untouched; the world still works after."""
+    failures = []
+    bad = [
+        (torch.ones(5, dtype=torch.int64), dict(op="avg")),
+        (torch.zeros(5, dtype=torch.bool), {}),
+        (torch.ones(5), dict(op="prod")),
+        (torch.ones(5), dict(algo="nope")),
+        (torch.empty(5, device="meta"), {}),
+        (torch.ones(5), dict(transport="carrier-pigeon")),
+    ]
+    for tensor, kwargs in bad:
+        before = tensor.clone() if tensor.device.type != "meta" else None
+        try:
+            ringcomm.all_reduce(tensor, **kwargs)
+            failures.append(f"rank {rank}: {kwargs} {tensor.dtype} {tensor.device} accepted")
+        except ValueError:
+            pass
+        if before is not None and not torch.equal(tensor, before):
+            failures.append(f"rank {rank}: {kwargs} modified the tensor")
+    x = torch.full((7,), float(rank))
+    ringcomm.all_reduce(x)  # nothing was half-sent: the next collective matches up
+    if not torch.equal(x, torch.full((7,), float(sum(range(p))))):
+        failures.append(f"rank {rank}: all_reduce after refused calls gave {x.tolist()}")
+    return failures
+
+
+def test_bad_input_in_a_world_is_refused_and_loses_nothing() -> None:
+    failures = run_world(_bad_input_in_a_world_rank, 2, timeout=120)
+    assert not [f for r in failures for f in r]
+
+
+def _silent_peer_rank(rank: int, p: int, algo: str) -> dict:
+    import torch.distributed as dist
+
+    ringcomm.init("torch")
+    result = {}
+    if rank == 0:
+        t0 = time.monotonic()
+        try:
+            ringcomm.all_reduce(torch.ones(1000), algo=algo, timeout=1.5)
+            result["error"] = None
+        except ringcomm.CommTimeoutError as exc:
+            result["error"] = str(exc)
+            result["peer"] = exc.peer
+        result["elapsed"] = time.monotonic() - t0
+    # rank 1 never calls all_reduce; both meet again on the default group to finish
+    dist.barrier()
+    return result
+
+
+@pytest.mark.parametrize("algo", ["ring", "ring_simple", "naive"])
+def test_a_silent_peer_makes_the_waiting_rank_raise_within_the_timeout(algo: str) -> None:
+    result = run_world(_silent_peer_rank, 2, (algo,), timeout=60)[0]
+    assert result["error"] is not None, "all_reduce returned although the peer never called it"
+    assert "rank 0" in result["error"] and "peer rank 1" in result["error"] and "1.5" in result["error"]
+    assert result["peer"] == 1
+    assert 1.4 <= result["elapsed"] < 1.5 + 3.0
