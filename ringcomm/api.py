@@ -6,12 +6,14 @@ byte moves, and raised as ``ValueError`` with the tensor untouched.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
+from . import trace
 from .buffers import ScratchPool
 from .naive import naive_all_reduce
 from .ops import check_op_dtype
@@ -58,7 +60,20 @@ def _check_device(tensor: torch.Tensor, transport: str) -> str:
     return device_type
 
 
-def _validate(tensor: torch.Tensor, op: str, algo: str, transport: str, timeout: float | None) -> None:
+def _check_options(algo: str, options: dict) -> None:
+    """ValueError for an option the algorithm does not take (a typo must not pass silently)."""
+    params = inspect.signature(ALGOS[algo]).parameters
+    known = [name for name, prm in params.items() if prm.kind is inspect.Parameter.KEYWORD_ONLY]
+    for name in options:
+        if name not in known:
+            raise ValueError(
+                f"algo={algo!r} takes no option {name!r}; its options are: {', '.join(known) or 'none'}"
+            )
+
+
+def _validate(
+    tensor: torch.Tensor, op: str, algo: str, transport: str, timeout: float | None, options: dict
+) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"all_reduce expects a torch.Tensor, got {type(tensor).__name__}")
     if algo not in ALGOS:
@@ -66,6 +81,7 @@ def _validate(tensor: torch.Tensor, op: str, algo: str, transport: str, timeout:
     if transport not in transport_names() and transport != "zmq":
         raise ValueError(f"unknown transport {transport!r}; expected 'torch' or 'zmq'")
     check_op_dtype(op, tensor.dtype)
+    _check_options(algo, options)
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if not dist.is_initialized():
@@ -119,17 +135,23 @@ def all_reduce(
         >>> grad = torch.ones(1000) * dist.get_rank()
         >>> ringcomm.all_reduce(grad, op="avg")
     """
-    _validate(tensor, op, algo, transport, timeout)
+    _validate(tensor, op, algo, transport, timeout, options)
     device_type = _check_device(tensor, transport)
     fn = ALGOS[algo]
     comm = get_transport(transport, device_type)
-    if comm.world_size == 1:
-        return tensor
+    # World size 1 runs through the algorithm too: no messages, but its option checks apply.
     deadline = time.monotonic() + (timeout if timeout is not None else default_timeout())
-    if tensor.is_contiguous():
-        fn(tensor.view(-1), op, comm, deadline, _SCRATCH, **options)
+    work = tensor if tensor.is_contiguous() else tensor.contiguous()
+    flat = work.view(-1)
+    tracer = trace.get()
+    if tracer is None:
+        fn(flat, op, comm, deadline, _SCRATCH, **options)
     else:
-        work = tensor.contiguous()
-        fn(work.view(-1), op, comm, deadline, _SCRATCH, **options)
+        nbytes = flat.numel() * flat.element_size()
+        with tracer.span(
+            f"all_reduce {algo} {nbytes} B", "all_reduce", "collective", algo=algo, bytes=nbytes
+        ):
+            fn(flat, op, trace.TracedTransport(comm, tracer, flat, algo), deadline, _SCRATCH, **options)
+    if work is not tensor:
         tensor.copy_(work)
     return tensor

@@ -121,3 +121,42 @@ def test_a_silent_peer_makes_the_waiting_rank_raise_within_the_timeout(algo: str
     assert "rank 0" in result["error"] and "peer rank 1" in result["error"] and "1.5" in result["error"]
     assert result["peer"] == 1
     assert 1.4 <= result["elapsed"] < 1.5 + 3.0
+
+
+def test_an_option_the_algorithm_does_not_take_is_refused() -> None:
+    x = torch.ones(3)
+    with pytest.raises(ValueError, match="algo='ring' takes no option 'ps_shards'"):
+        ringcomm.all_reduce(x, algo="ring", ps_shards=2)
+    with pytest.raises(ValueError, match="takes no option 'ps_shard'"):
+        ringcomm.all_reduce(x, algo="ps", ps_shard=2)
+
+
+def _traced_rank(rank: int, p: int, path: str) -> list[dict]:
+    from ringcomm import trace
+
+    trace.enable(rank)
+    ringcomm.all_reduce(torch.ones(4 * p), algo="ring_simple")
+    trace.get().dump(f"{path}.{rank}")
+    trace.disable()
+    return trace.Tracer(rank).events  # empty: a fresh tracer holds nothing
+
+
+def test_trace_records_each_ring_message_with_peer_and_chunk(tmp_path) -> None:
+    import json
+
+    from ringcomm import trace
+
+    p = 3
+    run_world(_traced_rank, p, (str(tmp_path / "t"),), timeout=120)
+    merged = trace.merge([str(tmp_path / f"t.{r}") for r in range(p)], str(tmp_path / "trace.json"))
+    events = [e for e in json.load(open(merged))["traceEvents"] if e["ph"] == "X"]
+    for rank in range(p):
+        mine = [e for e in events if e["pid"] == rank]
+        sends = [e for e in mine if e["cat"] == "ring_simple.send"]
+        recvs = [e for e in mine if e["cat"] == "ring_simple.recv"]
+        assert len(sends) == len(recvs) == 2 * (p - 1)
+        assert {e["args"]["peer"] for e in sends} == {(rank + 1) % p}
+        # scatter-reduce step i sends chunk (rank - i), all-gather step i sends chunk (rank + 1 - i)
+        expected = [(rank - i) % p for i in range(p - 1)] + [(rank + 1 - i) % p for i in range(p - 1)]
+        assert [e["args"]["chunk"] for e in sends] == expected
+        assert sum(e["cat"] == "all_reduce" for e in mine) == 1

@@ -120,9 +120,9 @@ def check_close(result: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor, p:
     return f"{int(bad.sum())} of {result.numel()} elements wrong, {where}"
 
 
-def digest(tensor: torch.Tensor) -> str:
+def digest(tensor: torch.Tensor) -> bytes:
     """A hash of the tensor's raw bytes, to compare results across ranks bitwise."""
-    return hashlib.sha1(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha1(tensor.contiguous().view(torch.uint8).numpy().tobytes()).digest()
 
 
 # --- the rank functions (module level: run_world spawns them) ---------------------------
@@ -130,7 +130,7 @@ def digest(tensor: torch.Tensor) -> str:
 
 def _rank_grid(rank: int, p: int) -> list[str]:
     failures: list[str] = []
-    digests: list[tuple[str, str]] = []
+    digests: list[tuple[str, bytes]] = []
     for case, (numel, dtype, op) in enumerate(grid_cases(p)):
         mine = make_input(case, rank, numel, dtype)
         ref, scale = reference(case, p, numel, dtype, op)
@@ -147,11 +147,13 @@ def _rank_grid(rank: int, p: int) -> list[str]:
             if wrong:
                 failures.append(f"rank {rank} {name}: {wrong}")
             digests.append((name, digest(tensor)))
-    # Bitwise agreement: every rank's bytes equal rank 0's, case by case.
-    everyone: list[list[tuple[str, str]] | None] = [None] * p
-    dist.all_gather_object(everyone, digests)
-    for (name, theirs), (_, ours) in zip(everyone[0], digests):
-        if theirs != ours:
+    # Bitwise agreement: every rank's bytes equal rank 0's, case by case. The digests
+    # travel as a uint8 tensor (no pickled objects over the network, not even in tests).
+    mine = torch.tensor([list(d) for _, d in digests], dtype=torch.uint8)
+    everyone = [torch.empty_like(mine) for _ in range(p)]
+    dist.all_gather(everyone, mine)
+    for (name, _), theirs, ours in zip(digests, everyone[0], mine):
+        if not torch.equal(theirs, ours):
             failures.append(f"rank {rank} {name}: bytes differ from rank 0's")
     return failures
 
