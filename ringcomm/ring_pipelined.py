@@ -128,7 +128,7 @@ def pipelined_ring_all_reduce(
     """
     p = transport.world_size
     chunks = [flat[s : s + n] for s, n in chunk_bounds(flat.numel(), p)]
-    if flat.numel() == 0:
+    if flat.numel() == 0 or p == 1:  # nothing to exchange
         return
     seg_elems = max(1, min(chunks[0].numel(), segment_bytes // flat.element_size()))
     slot_count = max(1, window)
