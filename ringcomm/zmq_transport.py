@@ -1,0 +1,628 @@
+r"""ZmqTransport: the Transport protocol over ZeroMQ, one msgpack header frame + one raw frame.
+
+The algorithms (ring, ring_simple, naive, ps) run over it unchanged: it offers
+the same ``isend`` / ``irecv`` / ``wait`` as ``TorchTransport``, for CPU tensors.
+
+**One message** is one ZeroMQ multipart message of two frames. The receiving
+ROUTER socket prepends a third, the routing id the sender's socket announced,
+which is how the receiver knows (and checks) who sent it::
+
+    as sent by the DEALER of rank 2 to rank 3:
+      +---------------------------------------------------------------+
+      | frame 1: header, a msgpack map (~70 bytes, at most 256)       |
+      |   {"v": 1, "src": 2, "dst": 3, "tag": 0, "seq": 17,           |
+      |    "dtype": "float32", "shape": [262144], "nbytes": 1048576}  |
+      +---------------------------------------------------------------+
+      | frame 2: body, the tensor's raw bytes (nbytes, native order)  |
+      |   zero-copy from the tensor's memory when >= 512 KiB          |
+      +---------------------------------------------------------------+
+    as read by the ROUTER of rank 3:
+      [ b"rank:2" | header | body ]     routing id first, added by ZeroMQ
+
+``seq`` counts messages per (source, destination, tag) from 0: the receiver
+expects exactly the next one, so a lost, duplicated or replayed message is
+caught, not silently reduced twice.
+
+**Topology.** Each rank binds one ROUTER, its inbox, once. To send to peer j it
+uses a DEALER connected to j's ROUTER, made on the first send to j (a ring
+makes one, the root of ``naive`` makes P-1). The DEALER's routing id is
+``b"rank:<r>"``::
+
+        rank 0                         rank 1
+      +--------------+              +--------------+
+      | DEALER rank:0| -----------> | ROUTER inbox | bound to ipc://<tmpdir>/rank1
+      | ROUTER inbox | <----------- | DEALER rank:1|   (or tcp://127.0.0.1:<port>, or
+      +--------------+              +--------------+    tcp://$RINGCOMM_ZMQ_HOST:<port>)
+      +--------------+              +--------------+
+
+**Progress without threads of our own.** ``wait`` drives everything: it reads
+whole messages from the ROUTER (``zmq.Poller`` semantics through
+``Socket.poll`` with the deadline), validates each, and matches it first in,
+first out with the receives posted for its (peer, tag). A message whose receive
+is not posted yet is kept, zero-copy, in an arrival queue for that (peer, tag),
+and the ``irecv`` that comes later takes it at once. Reading only when a receive
+is posted would not work: the pipelined ring keeps several receives per peer in
+flight on two tags, and a tag-1 message at the head of the socket would block
+the tag-0 receive behind it. ZeroMQ's own I/O thread keeps reading the network
+into the socket's queue (no high-water mark) whether or not Python is in
+``wait``, so a sender never waits on the receiver's Python code.
+
+**Copies.** Sends of 512 KiB or more go zero-copy (``copy=False``) and complete
+when ZeroMQ releases the buffer, seen through pyzmq's ``MessageTracker``; the
+``_SendOp`` keeps the tensor alive until then. (pyzmq signals that release from
+its own process-wide daemon thread, "pyzmq garbage collector", started at the
+first zero-copy send; it is pyzmq's, not ours, and outlives ``close``.) Smaller
+sends are copied into the message and complete at once: below about 512 KiB a
+memcpy costs less than the two thread wake-ups a tracked send waits for. The body is received as a zero-copy ``zmq.Frame``, its length checked
+against the validated header and the posted tensor, and only then copied into
+the tensor: one copy, the same count as ``Socket.recv_into`` (libzmq copies out
+of its message there too), but ``recv_into`` would write a too-long or
+too-short body into the tensor before we could see its length.
+
+**Validation.** Nothing is ever unpickled. A header is decoded with msgpack
+(``raw=False``, ``strict_map_key=True``, no ext types, small limits) and must be
+a map with exactly the expected keys and types. A wrong version, unknown
+sender, ``src`` differing from the routing id, ``dst`` not this rank, an
+unexpected ``seq``, a dtype outside ``DTYPES``, a shape/nbytes/body length that
+disagree, a missing or extra frame, or a dtype/element count that differs from
+the posted tensor raises ``FrameError`` naming the peer and the field. The
+message is dropped, the destination tensor is not written, and the transport
+goes on serving well-formed messages.
+
+**Rendezvous** (collective: every rank makes the transport, in the same order)
+goes through the store of the default process group: each rank publishes its
+hostname, then binds and publishes its endpoint under a key prefix unique to
+this generation of transports. Where it binds:
+
+- ``RINGCOMM_ZMQ_HOST`` (or ``host=``) set: TCP on that address, for multi-host runs;
+- all hostnames equal: ``ipc://`` (a Unix socket in a private temporary
+  directory, removed by ``close``), or ``tcp://127.0.0.1`` on a kernel-chosen port
+  if ``RINGCOMM_ZMQ_IPC=0`` (or ``ipc=False``). IPC is the default because it
+  took less CPU per byte than loopback TCP here (no TCP stack, no ACKs), which is
+  what counts when ranks share cores;
+- otherwise: TCP on the local address that routes to ``MASTER_ADDR``.
+
+Ports are always chosen by the kernel (``bind_to_random_port``), never fixed.
+
+Example::
+
+    >>> dist.init_process_group("gloo")
+    >>> ringcomm.all_reduce(t, algo="ring", transport="zmq")  # makes a ZmqTransport on first use
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
+import zmq
+
+from .errors import CommError, CommTimeoutError, PeerError
+from .transport import Pending, TransportStats, register_transport
+
+__all__ = [
+    "DTYPES",
+    "FORMAT_VERSION",
+    "FrameError",
+    "Header",
+    "ZmqTransport",
+    "decode_header",
+    "encode_header",
+]
+
+#: Version of the header format; a receiver rejects any other.
+FORMAT_VERSION = 1
+
+#: The dtypes that may travel, by the name the header carries.
+DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+#: Largest header frame accepted, in bytes (a real one is about 70).
+MAX_HEADER_BYTES = 256
+#: Most dimensions a shape may have.
+MAX_NDIM = 16
+#: Tags and sequence numbers live in [0, 2**63).
+_MAX_INT = 2**63 - 1
+#: Sends of at least this many bytes go zero-copy; smaller ones are copied.
+ZERO_COPY_MIN_BYTES = 512 * 1024
+#: Kernel socket buffer asked for on every socket, in bytes (Linux caps it at
+#: net.core.wmem_max / rmem_max). The default 208 KiB of a Unix socket costs a
+#: wake-up of both I/O threads every 208 KiB; 4 MiB lets a 1 MiB segment pass in one.
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+
+_KEYS = frozenset({"v", "src", "dst", "tag", "seq", "dtype", "shape", "nbytes"})
+_IDENTITY = re.compile(rb"rank:(0|[1-9][0-9]{0,8})")
+
+
+class FrameError(CommError):
+    """A message broke the wire format; it was dropped and no tensor was written.
+
+    Attributes:
+        rank: this process's rank.
+        peer: the sending rank, or the raw routing id (bytes) when it named no known rank.
+        field: the header field, or ``"identity"``, ``"header"``, ``"frames"``, ``"body"``.
+        detail: what was wrong.
+    """
+
+    def __init__(self, rank: int, peer: int | bytes, field: str, detail: str) -> None:
+        self.rank, self.peer, self.field, self.detail = rank, peer, field, detail
+        who = f"peer rank {peer}" if isinstance(peer, int) else f"unknown peer {peer[:32]!r}"
+        super().__init__(
+            f"rank {rank}: rejected a message from {who}: field {field!r}: {detail} "
+            "(message dropped, destination tensor untouched)"
+        )
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated header. ``nbytes`` equals ``prod(shape) * dtype itemsize``."""
+
+    src: int
+    dst: int
+    tag: int
+    seq: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def encode_header(header: Header) -> bytes:
+    """The msgpack bytes of ``header`` (frame 1 of a message)."""
+    return msgpack.packb(
+        {
+            "v": FORMAT_VERSION,
+            "src": header.src,
+            "dst": header.dst,
+            "tag": header.tag,
+            "seq": header.seq,
+            "dtype": _DTYPE_NAMES[header.dtype],
+            "shape": list(header.shape),
+            "nbytes": header.nbytes,
+        },
+        use_bin_type=True,
+    )
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def decode_header(data: bytes, *, rank: int, world_size: int, peer: int) -> Header:
+    """Decode and validate frame 1 of a message that ``peer``'s socket delivered to ``rank``.
+
+    Checks everything that does not depend on the posted receive: the format,
+    the version, that ``src`` is ``peer`` and ``dst`` is ``rank``, ranges, the
+    dtype allowlist, and that ``nbytes`` is what dtype and shape imply.
+
+    Raises:
+        FrameError: naming ``peer`` and the offending field; never anything else.
+    """
+
+    def fail(field: str, detail: str) -> FrameError:
+        return FrameError(rank, peer, field, detail)
+
+    if len(data) > MAX_HEADER_BYTES:
+        raise fail("header", f"{len(data)} bytes, more than the {MAX_HEADER_BYTES} allowed")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=64,
+            max_bin_len=0,
+            max_array_len=64,
+            max_map_len=32,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # untrusted bytes: any decoder complaint is a bad frame
+        raise fail("header", f"not a msgpack document ({type(exc).__name__}: {_show(str(exc))})") from None
+    if not isinstance(obj, dict):
+        raise fail("header", f"a msgpack {type(obj).__name__}, expected a map")
+    if obj.keys() != _KEYS:
+        missing, extra = sorted(_KEYS - obj.keys()), sorted(map(str, obj.keys() - _KEYS))
+        raise fail("header", f"keys missing {missing}, unexpected {[_show(k) for k in extra]}")
+
+    def integer(field: str, low: int, high: int) -> int:
+        value = obj[field]
+        if type(value) is not int:  # bool is an int subclass: refuse it too
+            raise fail(field, f"expected an integer, got {_show(value)}")
+        if not low <= value <= high:
+            raise fail(field, f"{value} is outside [{low}, {high}]")
+        return value
+
+    version = obj["v"]
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise fail("v", f"format version {_show(version)}, this rank speaks {FORMAT_VERSION}")
+    src = integer("src", 0, world_size - 1)
+    if src != peer:
+        raise fail("src", f"header says src rank {src} but the socket identity is rank {peer}")
+    dst = integer("dst", 0, world_size - 1)
+    if dst != rank:
+        raise fail("dst", f"addressed to rank {dst}, delivered to rank {rank}")
+    tag = integer("tag", 0, _MAX_INT)
+    seq = integer("seq", 0, _MAX_INT)
+    name = obj["dtype"]
+    if not isinstance(name, str) or name not in DTYPES:
+        raise fail("dtype", f"{_show(name)} is not one of {', '.join(DTYPES)}")
+    dtype = DTYPES[name]
+    shape = obj["shape"]
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+        raise fail("shape", f"expected a list of at most {MAX_NDIM} sizes, got {_show(shape)}")
+    if not all(type(d) is int and 0 <= d <= _MAX_INT for d in shape):
+        raise fail("shape", f"sizes must be integers >= 0, got {_show(shape)}")
+    nbytes = integer("nbytes", 0, _MAX_INT)
+    implied = math.prod(shape) * dtype.itemsize
+    if nbytes != implied:
+        raise fail("nbytes", f"{nbytes} bytes announced, but {name} of shape {_show(shape)} is {implied}")
+    return Header(src, dst, tag, seq, dtype, tuple(shape), nbytes)
+
+
+class _SendOp:
+    """A posted send: the tracker (None once complete) and the tensor it keeps alive."""
+
+    __slots__ = ("tensor", "tracker")
+
+    def __init__(self, tensor: torch.Tensor, tracker: zmq.MessageTracker | None) -> None:
+        self.tensor = tensor
+        self.tracker = tracker
+
+
+class _RecvOp:
+    """A posted receive; ``done`` once filled, or failed with ``error``."""
+
+    __slots__ = ("tensor", "peer", "tag", "done", "error")
+
+    def __init__(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
+        self.tensor = tensor
+        self.peer = peer
+        self.tag = tag
+        self.done = False
+        self.error: FrameError | None = None
+
+
+def _env_flag(name: str) -> bool | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={value!r}: expected 1 or 0")
+
+
+def _address_towards(target: str) -> str:
+    """The local IPv4 address the kernel would use to reach ``target`` (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((socket.gethostbyname(target), 9))
+        return probe.getsockname()[0]
+
+
+class ZmqTransport:
+    """Point-to-point over ZeroMQ: ROUTER inbox per rank, DEALER per peer, progress in ``wait``.
+
+    Making one is collective over the default process group (it rendezvous
+    through the group's store). Use one thread at a time: ZeroMQ sockets are
+    not thread-safe, and ``wait`` is where all progress happens.
+
+    Args:
+        device_type: must be ``"cpu"``; ZeroMQ sends host memory.
+        host: address to bind and advertise (multi-host runs); default
+            ``RINGCOMM_ZMQ_HOST``, else 127.0.0.1 when all ranks share a host.
+        ipc: bind ``ipc://`` rather than TCP when all ranks share a host; default
+            ``RINGCOMM_ZMQ_IPC`` (``1``/``0``), else True.
+    """
+
+    def __init__(self, device_type: str = "cpu", *, host: str | None = None, ipc: bool | None = None) -> None:
+        if device_type != "cpu":
+            raise ValueError(
+                f"ZmqTransport sends host memory; device_type must be 'cpu', got {device_type!r}"
+            )
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("call torch.distributed.init_process_group before making a ZmqTransport")
+        self._open(dist.get_rank(), dist.get_world_size())
+        try:
+            self._rendezvous(dist.distributed_c10d._get_default_store(), host, ipc)
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def standalone(cls, rank: int, world_size: int, *, bind: str = "tcp://127.0.0.1") -> ZmqTransport:
+        """A transport that binds now and needs no torch.distributed; give peers with ``set_peers``.
+
+        For tests and custom launchers. ``bind`` is ``tcp://<address>`` (a
+        kernel-chosen port is added) or ``ipc://`` (a private temporary path).
+        ``self.endpoint`` is the address peers connect to.
+        """
+        self = cls.__new__(cls)
+        self._open(rank, world_size)
+        try:
+            self._bind(bind)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    # --- setup ---
+
+    def _open(self, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of size {world_size}")
+        self.device_type = "cpu"
+        self.rank = rank
+        self.world_size = world_size
+        self.stats = TransportStats()
+        self.endpoint = ""
+        self.zero_copy_min_bytes = ZERO_COPY_MIN_BYTES
+        self._endpoints: dict[int, str] = {}
+        self._dealers: dict[int, zmq.Socket] = {}
+        self._send_seq: dict[tuple[int, int], int] = {}
+        self._recv_seq: dict[tuple[int, int], int] = {}
+        self._posted: dict[tuple[int, int], deque[_RecvOp]] = {}
+        self._arrived: dict[tuple[int, int], deque[tuple[Header, zmq.Frame]]] = {}
+        self._ipc_dir: str | None = None
+        self._closed = False
+        self._context = zmq.Context(io_threads=1)
+        self._inbox = self._context.socket(zmq.ROUTER)
+        self._inbox.linger = 0
+        self._inbox.rcvhwm = 0  # no limit: the I/O thread always drains the network
+        self._inbox.rcvbuf = SOCKET_BUFFER_BYTES
+
+    def _bind(self, base: str) -> None:
+        if base.startswith("ipc://"):
+            self._ipc_dir = tempfile.mkdtemp(prefix="ringcomm-zmq-")
+            self.endpoint = f"ipc://{self._ipc_dir}/rank{self.rank}"
+            self._inbox.bind(self.endpoint)
+        elif base.startswith("tcp://"):
+            address = socket.gethostbyname(base[len("tcp://") :])
+            port = self._inbox.bind_to_random_port(f"tcp://{address}")
+            self.endpoint = f"tcp://{address}:{port}"
+        else:
+            raise ValueError(f"bind must be 'tcp://<address>' or 'ipc://', got {base!r}")
+
+    def _rendezvous(self, store: Any, host: str | None, ipc: bool | None) -> None:
+        # Every generation of transports adds world_size to the counter before any
+        # rank can finish it (each waits for all endpoints), so this prefix is
+        # fresh even when a re-initialised group reuses the same store.
+        joined = int(store.add("ringcomm/zmq/joined", 1))
+        prefix = f"ringcomm/zmq/{(joined - 1) // self.world_size}"
+        store.set(f"{prefix}/host/{self.rank}", socket.gethostname())
+        hosts = {store.get(f"{prefix}/host/{r}").decode() for r in range(self.world_size)}
+        host = host or os.environ.get("RINGCOMM_ZMQ_HOST") or None
+        if ipc is None:
+            ipc = _env_flag("RINGCOMM_ZMQ_IPC")
+        if host is not None:
+            self._bind(f"tcp://{host}")
+        elif len(hosts) == 1:
+            self._bind("tcp://127.0.0.1" if ipc is False else "ipc://")
+        else:
+            self._bind(f"tcp://{_address_towards(os.environ.get('MASTER_ADDR', socket.gethostname()))}")
+        store.set(f"{prefix}/endpoint/{self.rank}", self.endpoint)
+        self.set_peers(
+            {
+                r: store.get(f"{prefix}/endpoint/{r}").decode()
+                for r in range(self.world_size)
+                if r != self.rank
+            }
+        )
+
+    def set_peers(self, endpoints: Mapping[int, str]) -> None:
+        """Record where each peer's inbox is (``{rank: endpoint}``); DEALERs connect on first send."""
+        for peer, endpoint in endpoints.items():
+            self._check_peer(peer)
+            self._endpoints[peer] = endpoint
+
+    def _check_peer(self, peer: int) -> None:
+        if type(peer) is not int or not 0 <= peer < self.world_size or peer == self.rank:
+            raise ValueError(
+                f"rank {self.rank}: peer {peer!r} is not another rank of a world of {self.world_size}"
+            )
+
+    def _dealer(self, peer: int) -> zmq.Socket:
+        sock = self._dealers.get(peer)
+        if sock is None:
+            endpoint = self._endpoints.get(peer)
+            if endpoint is None:
+                raise PeerError(self.rank, peer, "send", "no endpoint known for this peer")
+            sock = self._context.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.sndhwm = 0  # no limit: isend never blocks; memory is the tensors themselves
+            sock.routing_id = b"rank:%d" % self.rank
+            sock.sndbuf = SOCKET_BUFFER_BYTES
+            sock.connect(endpoint)
+            self._dealers[peer] = sock
+        return sock
+
+    # --- the Transport protocol ---
+
+    def _check_tensor(self, tensor: torch.Tensor, op: str) -> None:
+        if tensor.device.type != "cpu":
+            raise ValueError(
+                f"rank {self.rank}: ZmqTransport.{op} needs a CPU tensor, got one on {tensor.device}"
+            )
+        if not tensor.is_contiguous():
+            raise ValueError(f"rank {self.rank}: ZmqTransport.{op} needs a contiguous tensor")
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise ValueError(
+                f"rank {self.rank}: dtype {tensor.dtype} cannot travel; allowed: {', '.join(DTYPES)}"
+            )
+
+    def isend(self, tensor: torch.Tensor, peer: int, tag: int = 0) -> Pending:
+        """Queue ``tensor`` for ``peer``; never blocks. The tensor must not change until waited."""
+        self._check_peer(peer)
+        self._check_tensor(tensor, "isend")
+        nbytes = tensor.numel() * tensor.element_size()
+        key = (peer, tag)
+        seq = self._send_seq.get(key, 0)
+        header = encode_header(Header(self.rank, peer, tag, seq, tensor.dtype, tuple(tensor.shape), nbytes))
+        body: Any = tensor.detach().reshape(-1).view(torch.uint8).numpy() if nbytes else b""
+        zero_copy = nbytes >= self.zero_copy_min_bytes
+        sock = self._dealer(peer)
+        try:
+            sock.send(header, zmq.SNDMORE | zmq.NOBLOCK)
+            tracker = sock.send(body, copy=not zero_copy, track=zero_copy)
+        except zmq.ZMQError as exc:
+            raise PeerError(self.rank, peer, "send", f"ZeroMQ refused the message: {exc}") from exc
+        self._send_seq[key] = seq + 1
+        self.stats.count_send(peer, nbytes)
+        return Pending("send", peer, _SendOp(tensor, tracker if zero_copy else None))
+
+    def irecv(self, tensor: torch.Tensor, peer: int, tag: int = 0) -> Pending:
+        """Post a receive of the next message from ``peer`` on ``tag`` into ``tensor``."""
+        self._check_peer(peer)
+        self._check_tensor(tensor, "irecv")
+        op = _RecvOp(tensor, peer, tag)
+        key = (peer, tag)
+        arrived = self._arrived.get(key)
+        if arrived:  # it came before we asked: take it now
+            header, body = arrived.popleft()
+            self._deliver(op, header, body)
+        else:
+            self._posted.setdefault(key, deque()).append(op)
+        self.stats.count_recv(peer, tensor.numel() * tensor.element_size())
+        return Pending("recv", peer, op)
+
+    def wait(self, pending: Pending, deadline: float) -> None:
+        """Drive progress until ``pending`` completes; CommTimeoutError at ``deadline``.
+
+        Raises:
+            CommTimeoutError: ``deadline`` (a ``time.monotonic()`` value) passed first.
+            FrameError: a malformed message arrived meanwhile (from any peer), or the
+                message for this receive did not fit its tensor.
+        """
+        timeout = max(deadline - time.monotonic(), 0.0)
+        op = pending.handle
+        if isinstance(op, _SendOp):
+            if op.tracker is not None:
+                try:
+                    op.tracker.wait(max(timeout, 1e-3))
+                except zmq.NotDone:
+                    raise CommTimeoutError(
+                        self.rank, pending.peer, "send", timeout, "ZeroMQ still holds the message"
+                    ) from None
+                op.tracker = None
+            return
+        while not op.done:
+            if self._read_one():
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CommTimeoutError(
+                    self.rank, op.peer, "recv", timeout, f"no message with tag {op.tag} arrived"
+                )
+            self._inbox.poll(timeout=max(1, math.ceil(left * 1000)), flags=zmq.POLLIN)
+        if op.error is not None:
+            raise op.error
+
+    # --- progress: read, validate, match ---
+
+    def _read_one(self) -> bool:
+        """Read and handle one whole message if one is waiting; False if none is."""
+        try:
+            frames = self._inbox.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        identity = frames[0].bytes
+        match = _IDENTITY.fullmatch(identity)
+        peer = int(match.group(1)) if match else -1
+        if not 0 <= peer < self.world_size or peer == self.rank:
+            raise FrameError(self.rank, identity, "identity", "routing id names no other rank of this world")
+        if len(frames) != 3:
+            raise FrameError(
+                self.rank, peer, "frames", f"{len(frames) - 1} frames, expected 2 (header, body)"
+            )
+        header = decode_header(frames[1].bytes, rank=self.rank, world_size=self.world_size, peer=peer)
+        key = (peer, header.tag)
+        expected = self._recv_seq.get(key, 0)
+        if header.seq != expected:
+            raise FrameError(
+                self.rank,
+                peer,
+                "seq",
+                f"sequence number {header.seq} on tag {header.tag}, expected {expected} "
+                "(message lost, duplicated or replayed)",
+            )
+        body = frames[2]
+        if len(body) != header.nbytes:
+            raise FrameError(
+                self.rank, peer, "body", f"{len(body)} bytes, the header announced {header.nbytes}"
+            )
+        self._recv_seq[key] = expected + 1
+        posted = self._posted.get(key)
+        if posted:
+            self._deliver(posted.popleft(), header, body)
+        else:
+            self._arrived.setdefault(key, deque()).append((header, body))
+        return True
+
+    def _deliver(self, op: _RecvOp, header: Header, body: zmq.Frame) -> None:
+        """Copy a validated message into ``op.tensor``, or fail ``op`` if it does not fit."""
+        tensor = op.tensor
+        if header.dtype != tensor.dtype:
+            op.error = FrameError(
+                self.rank,
+                op.peer,
+                "dtype",
+                f"message carries {_DTYPE_NAMES[header.dtype]}, receive expects {tensor.dtype}",
+            )
+        elif math.prod(header.shape) != tensor.numel():
+            op.error = FrameError(
+                self.rank,
+                op.peer,
+                "shape",
+                f"message shape {list(header.shape)} has {math.prod(header.shape)} elements, "
+                f"receive expects {tensor.numel()} (shape {list(tensor.shape)})",
+            )
+        elif header.nbytes:
+            memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())[:] = body.buffer
+        op.done = True
+
+    # --- teardown ---
+
+    def close(self) -> None:
+        """Close every socket at once (linger 0), terminate the context, remove any ipc files."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        for sock in self._dealers.values():
+            sock.close(linger=0)
+        self._inbox.close(linger=0)
+        self._context.term()
+        self._dealers.clear()
+        self._posted.clear()
+        self._arrived.clear()
+        if self._ipc_dir is not None:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+    def __enter__(self) -> ZmqTransport:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+register_transport("zmq", ZmqTransport)
