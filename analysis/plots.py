@@ -332,9 +332,13 @@ def plot_training_curves(
 
 
 def plot_per_class(
-    per_class: Sequence[float] | None, path: Path | str, title: str = "", notes: Notes = None
+    per_class: Sequence[float] | None,
+    path: Path | str,
+    title: str = "",
+    notes: Notes = None,
+    classes: Sequence[str] | None = None,
 ) -> Path | None:
-    """Bar chart of test accuracy per class (fractions in [0, 1] or percentages)."""
+    """Bar chart of test accuracy per class (fractions in [0, 1] or percentages), named by ``classes``."""
     if not per_class:
         _skip(notes, path, "no per_class_accuracy")
         return None
@@ -342,7 +346,8 @@ def plot_per_class(
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     ax.bar(np.arange(len(values)), values, color="#4c72b0")
     ax.axhline(float(np.mean(values)), ls="--", color="grey", lw=1, label=f"mean {np.mean(values):.3g}")
-    ax.set_xticks(np.arange(len(values)))
+    names = list(classes) if classes and len(classes) == len(values) else [str(i) for i in range(len(values))]
+    ax.set_xticks(np.arange(len(values)), names, rotation=30 if max(map(len, names)) > 3 else 0, fontsize=7)
     ax.set_xlabel("class")
     ax.set_ylabel("test accuracy")
     ax.set_title(f"Per-class test accuracy {title}".strip(), fontsize=9)

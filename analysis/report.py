@@ -45,18 +45,36 @@ from .fit import (
 )
 from .timeline import render_trace
 
-__all__ = ["Results", "load_results", "training_table", "step_stats", "build_report", "main"]
+__all__ = [
+    "KNOWN_TRAIN_SIZES",
+    "Results",
+    "load_results",
+    "normalise_metrics",
+    "training_table",
+    "step_stats",
+    "build_report",
+    "main",
+]
 
 #: metrics.json may name a field differently than the contract; first match wins.
 _ALIASES = {
-    "steps_log": ("steps_log", "step_log", "steps", "comm_log"),
+    "steps_log": ("steps_log", "step_records", "step_log", "comm_log"),
     "train_time_s": ("train_time_s", "train_seconds", "wall_time_s"),
     "throughput_img_s": ("throughput_img_s", "throughput", "images_per_s"),
     "comm_time_s": ("comm_time_s", "comm_seconds"),
     "final_test_accuracy": ("final_test_accuracy", "test_accuracy", "final_test_acc"),
     "final_train_loss": ("final_train_loss", "train_loss", "final_loss"),
     "train_size": ("train_size", "num_train", "train_samples", "dataset_size"),
+    "batch_size": ("batch_size", "batch_size_per_worker"),
 }
+_HISTORY_ALIASES = {
+    "loss": ("loss", "train_loss"),
+    "train_acc": ("train_acc", "train_accuracy"),
+    "test_acc": ("test_acc", "test_accuracy"),
+}
+#: Training-set sizes (images) of the datasets trainer/data.py knows, used to turn throughput
+#: into time per epoch when a run is capped by --max-steps and metrics.json does not say.
+KNOWN_TRAIN_SIZES = {"synthetic": 10_000, "cifar10": 50_000, "fashion-mnist": 60_000}
 
 
 def _get(m: Mapping, key: str, default: object = None) -> object:
@@ -65,6 +83,42 @@ def _get(m: Mapping, key: str, default: object = None) -> object:
         if v is not None and not (key == "steps_log" and not isinstance(v, list)):
             return v
     return default
+
+
+def normalise_metrics(m: Mapping) -> dict:
+    """A launch.py ``metrics.json`` in the contract's key names, whatever names it used.
+
+    Adds (never removes): ``steps_log`` (from ``step_records``), ``history`` entries with
+    ``loss``/``train_acc``/``test_acc`` (from ``train_loss``/``train_accuracy``/``test_accuracy``),
+    ``per_class_accuracy`` as a list in class order (from a ``{class: accuracy}`` dict; the
+    names go to ``classes``), ``batch_size`` per worker, ``scale_lr``/``warmup_epochs``/``lr``
+    from ``config`` when only it has them, and ``train_size`` for known datasets.
+    """
+    out = dict(m)
+    for key in ("steps_log", "train_time_s", "throughput_img_s", "comm_time_s", "batch_size"):
+        v = _get(m, key)
+        if v is not None:
+            out[key] = v
+    hist = []
+    for h in m.get("history") or []:
+        h = dict(h)
+        for key, names in _HISTORY_ALIASES.items():
+            if h.get(key) is None:
+                h[key] = next((h[n] for n in names if h.get(n) is not None), None)
+        hist.append(h)
+    out["history"] = hist
+    pca = m.get("per_class_accuracy")
+    if isinstance(pca, Mapping):
+        out["classes"] = list(m.get("classes") or pca.keys())
+        out["per_class_accuracy"] = [float(pca[c]) for c in out["classes"] if c in pca]
+    cfg = m.get("config") if isinstance(m.get("config"), Mapping) else {}
+    for key in ("scale_lr", "warmup_epochs", "lr", "max_steps"):
+        if out.get(key) is None and cfg.get(key) is not None:
+            out[key] = cfg[key]
+    if _get(m, "train_size") is None and str(m.get("dataset")) in KNOWN_TRAIN_SIZES:
+        out["train_size"] = KNOWN_TRAIN_SIZES[str(m.get("dataset"))]
+        out["train_size_assumed"] = True
+    return out
 
 
 @dataclass
@@ -118,7 +172,7 @@ def load_results(root: str | Path) -> Results:
             kind = run.get("kind") or (top if top in ("train", "batch", "largebatch") else "train")
             res.runs.append(
                 {
-                    **data,
+                    **normalise_metrics(data),
                     "_name": run.get("name") or path.parent.name,
                     "_kind": kind,
                     "_meta": run.get("meta", {}),
@@ -537,7 +591,9 @@ def _batch_entries(runs: Sequence[Mapping]) -> list[dict]:
         measured = statistics.fmean([h["epoch_time_s"] for h in hist if h.get("epoch_time_s")] or [math.nan])
         thr = _get(m, "throughput_img_s")
         size = _get(m, "train_size")
-        extrapolated = float(size) / float(thr) if size and thr else None
+        # A run that finished its epoch(s) was timed for real; a capped one is extrapolated.
+        capped = any(h.get("complete") is False for h in hist)
+        extrapolated = float(size) / float(thr) if size and thr and (capped or not hist) else None
         out.append(
             {
                 "batch_size": _per_worker_batch(m),
@@ -580,7 +636,7 @@ def _large_entries(runs: Sequence[Mapping]) -> list[dict]:
                 "variant": variant,
                 "batch_size": bs,
                 "global_batch_size": m.get("global_batch_size"),
-                "lr": meta.get("base_lr", m.get("lr")),
+                "lr": m.get("peak_lr") or meta.get("lr") or m.get("lr"),
                 "scale_lr": scaled,
                 "warmup_epochs": meta.get("warmup_epochs", m.get("warmup_epochs", 0)),
                 "test_acc": _get(m, "final_test_accuracy"),
@@ -696,7 +752,11 @@ def build_report(root: str | Path) -> Path:
         "util": plots.plot_bandwidth_utilisation(util, figs / "bandwidth_utilisation.png", notes),
         "curves": plots.plot_training_curves(curves, figs / "training_curves.png", notes),
         "per_class": plots.plot_per_class(
-            ref.get("per_class_accuracy") if ref else None, figs / "per_class_accuracy.png", ref_title, notes
+            ref.get("per_class_accuracy") if ref else None,
+            figs / "per_class_accuracy.png",
+            ref_title,
+            notes,
+            classes=ref.get("classes") if ref else None,
         ),
         "confusion": plots.plot_confusion(
             ref.get("confusion_matrix") if ref else None, figs / "confusion_matrix.png", ref_title, notes
@@ -799,8 +859,10 @@ def _batch_section(batch: list[dict]) -> str:
             ],
             rows,
         )
-        + "\n\n_Time per epoch is the dataset size over throughput when metrics.json gives the dataset size "
-        "(runs capped by --max-steps do not finish an epoch), else the measured epoch time._"
+        + "\n\n_Runs capped by --max-steps (history says the epoch is not complete) are extrapolated: "
+        "time per epoch = training-set size / throughput, the size taken from metrics.json or, for the "
+        "datasets trainer/data.py knows, its default (synthetic 10,000, CIFAR-10 50,000, Fashion-MNIST "
+        "60,000 images). Runs that finished their epoch show the measured time._"
     )
 
 
@@ -820,7 +882,8 @@ def _large_section(large: list[dict]) -> str:
         for e in large
     ]
     return _table(
-        ["run", "global batch", "base lr", "scale LR", "warmup epochs", "final loss", "test acc"], rows
+        ["run", "global batch", "peak lr", "linear LR scaling", "warmup epochs", "final loss", "test acc"],
+        rows,
     )
 
 

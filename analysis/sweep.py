@@ -19,7 +19,8 @@ out is recorded in ``sweep.json`` and the sweep goes on):
                 algorithm that is broken or missing loses only its own group.
 ``batch``       time per epoch against per-worker batch size (32 ... 2048).
 ``largebatch``  a small-batch reference and a large batch with and without linear
-                learning-rate scaling plus warmup; accuracies are compared.
+                learning-rate scaling (LR x large/small batch) plus warmup; accuracies
+                are compared.
 ``trace``       one short run with ``--trace trace.json`` for the timeline figure.
 
 ``sweep.json`` records the preset, the machine, the environment and, for
@@ -59,7 +60,7 @@ class Preset:
     dataset: str
     batch_size: int  # per worker
     epochs: int
-    max_steps: int | None  # None: full epochs
+    max_steps: int | None  # None: full epochs (passed as --max-steps 0)
     lr: float
     seed: int
     train_timeout_s: float
@@ -79,7 +80,7 @@ class Preset:
     large_small_batch: int
     large_batch: int
     large_epochs: int
-    large_warmup_epochs: int
+    large_warmup_epochs: float
     large_max_steps: int | None
     env: dict = field(default_factory=dict)
 
@@ -216,8 +217,7 @@ def _launch_argv(
         "--out",
         str(out_dir),
     ]
-    if max_steps is not None:
-        argv += ["--max-steps", str(max_steps)]
+    argv += ["--max-steps", str(max_steps or 0)]  # launch.py: 0 = no cap (its default caps at 150)
     return argv + list(extra)
 
 
@@ -303,13 +303,18 @@ def build_plan(preset: str | Preset, out: str | Path = "results", python: str | 
         meta = {"algo": "ring", "transport": "torch", "world_size": p.batch_world_size, "batch_size": bs}
         runs.append(Run(name, "batch", argv, f"batch/{name}/metrics.json", p.train_timeout_s, meta))
 
+    # Linear scaling rule (Goyal et al. 2017): k times the batch, k times the learning rate, with
+    # a warmup. k is taken against the small-batch reference at the same P, so the LR is passed
+    # explicitly: launch.py's --scale-lr multiplies by the world size, i.e. scales against one
+    # worker at the same per-worker batch, which is not the comparison made here.
     ws = p.large_world_size
+    k = p.large_batch / p.large_small_batch
     variants = (
-        ("small", p.large_small_batch, ()),
-        ("large", p.large_batch, ()),
-        ("large_scaled", p.large_batch, ("--scale-lr", "--warmup-epochs", str(p.large_warmup_epochs))),
+        ("small", p.large_small_batch, p.lr, ()),
+        ("large", p.large_batch, p.lr, ()),
+        ("large_scaled", p.large_batch, p.lr * k, ("--warmup-epochs", f"{p.large_warmup_epochs:g}")),
     )
-    for tag, bs, extra in variants:
+    for tag, bs, lr, extra in variants:
         name = f"largebatch_{tag}_b{bs}_p{ws}"
         argv = _launch_argv(
             py,
@@ -321,7 +326,7 @@ def build_plan(preset: str | Preset, out: str | Path = "results", python: str | 
             batch_size=bs,
             epochs=p.large_epochs,
             max_steps=p.large_max_steps,
-            lr=p.lr,
+            lr=lr,
             extra=extra,
         )
         meta = {
@@ -331,7 +336,9 @@ def build_plan(preset: str | Preset, out: str | Path = "results", python: str | 
             "world_size": ws,
             "batch_size": bs,
             "scale_lr": bool(extra),
+            "lr_factor": k if extra else 1.0,
             "warmup_epochs": p.large_warmup_epochs if extra else 0,
+            "lr": lr,
             "base_lr": p.lr,
         }
         runs.append(Run(name, "largebatch", argv, f"largebatch/{name}/metrics.json", p.train_timeout_s, meta))

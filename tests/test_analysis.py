@@ -214,7 +214,9 @@ def test_quick_plan_covers_the_grid(tmp_path: Path) -> None:
     assert [r.meta["batch_size"] for r in batch] == [32, 256, 2048]
     large = [r for r in runs if r.kind == "largebatch"]
     assert [r.meta["variant"] for r in large] == ["small", "large", "large_scaled"]
-    assert "--scale-lr --warmup-epochs 1" in large[2].command and "--scale-lr" not in large[1].command
+    # Linear scaling against the small-batch reference: 512/32 = 16 times the LR, with warmup.
+    assert "--lr 0.8 " in large[2].command and "--warmup-epochs 1" in large[2].command
+    assert "--lr 0.05 " in large[1].command and "--warmup-epochs" not in large[1].command
     trace = [r for r in runs if r.kind == "trace"]
     assert len(trace) == 1 and f"--trace {tmp_path / 'trace.json'}" in trace[0].command
 
@@ -223,7 +225,8 @@ def test_full_plan_is_bigger_and_runs_full_epochs(tmp_path: Path) -> None:
     quick = sweep.build_plan("quick", tmp_path)
     full = sweep.build_plan("full", tmp_path)
     assert len(full) > len(quick)
-    assert all("--max-steps" not in r.argv for r in full if r.kind in ("train", "batch"))
+    # launch.py caps at 150 steps unless told --max-steps 0 (no cap).
+    assert all("--max-steps 0 " in r.command + " " for r in full if r.kind in ("train", "batch"))
     assert [r.meta["batch_size"] for r in full if r.kind == "batch"] == [32, 64, 128, 256, 512, 1024, 2048]
     assert {r.meta["world_size"] for r in full if r.kind == "train"} == {1, 2, 4, 8}
 
@@ -311,6 +314,34 @@ def _bench_file(root: Path, name: str, p: int, labels: list[str]) -> None:
     path.write_text(json.dumps({"machine": machine, "world_size": p, "rows": rows}))
 
 
+def _launch_style(m: dict, capped: bool = False) -> dict:
+    """The same run as launch.py (trainer/loop.py) writes it: other key names, classes as a dict."""
+    m = dict(m)
+    m["step_records"] = m.pop("steps_log")
+    m["batch_size_per_worker"] = m["global_batch_size"] // m["world_size"]
+    m["history"] = [
+        {
+            "epoch": h["epoch"] - 1,
+            "step": 10 * h["epoch"],
+            "complete": not capped,
+            "train_loss": h["loss"],
+            "train_accuracy": h["train_acc"],
+            "test_loss": 1.0,
+            "test_accuracy": h["test_acc"],
+            "epoch_time_s": h["epoch_time_s"],
+        }
+        for h in m["history"]
+    ]
+    m["classes"] = [f"c{i}" for i in range(10)]
+    m["per_class_accuracy"] = dict(zip(m["classes"], m["per_class_accuracy"]))
+    if m["algo"] == "ddp":  # built-in all-reduce: no hook, so no comm time or bytes
+        m["transport"] = None
+        for r in m["step_records"]:
+            del r["comm_time_s"], r["bytes"]
+        m["comm_time_s"] = None
+    return m
+
+
 def _metrics(
     algo: str, transport: str, p: int, thr: float, acc: float, batch: int = 32, **extra: object
 ) -> dict:
@@ -390,36 +421,36 @@ def make_results(root: Path) -> Path:
         for p, t in zip((1, 2, 4), thr):
             if p == 1 and transport == "zmq":
                 continue
+            m = _metrics(algo, transport, p, t, 0.8765)
+            if algo in ("ddp", "ring") and transport == "torch":  # half the fixture as launch.py writes it
+                m = _launch_style(m)
             put(
                 "train",
                 f"train_{algo}_{transport}_p{p}",
-                _metrics(algo, transport, p, t, 0.8765),
-                {"algo": algo, "transport": transport, "world_size": p, "batch_size": 32},
+                m,
+                {"algo": algo, "transport": transport, "world_size": p},
             )
     for bs, thr in ((32, 150.0), (256, 400.0), (2048, 640.0)):
-        put(
-            "batch",
-            f"batch_b{bs}_p2",
-            _metrics("ring", "torch", 2, thr, 0.5, batch=bs, train_size=12800),
-            {"batch_size": bs, "world_size": 2},
-        )
-    for variant, bs, acc, extra in (
-        ("small", 32, 0.9123, {}),
-        ("large", 512, 0.6234, {}),
-        ("large_scaled", 512, 0.8845, {"scale_lr": True, "warmup_epochs": 1}),
+        m = _launch_style(_metrics("ring", "torch", 2, thr, 0.5, batch=bs), capped=True)
+        put("batch", f"batch_b{bs}_p2", m, {"world_size": 2})
+    for variant, bs, acc, lr, extra in (
+        ("small", 32, 0.9123, 0.05, {}),
+        ("large", 512, 0.6234, 0.05, {}),
+        ("large_scaled", 512, 0.8845, 0.8, {"scale_lr": True, "warmup_epochs": 1}),
     ):
+        meta = {
+            "variant": variant,
+            "batch_size": bs,
+            "world_size": 2,
+            "lr": lr,
+            "scale_lr": bool(extra),
+            **extra,
+        }
         put(
             "largebatch",
             f"largebatch_{variant}_b{bs}_p2",
-            _metrics("ring", "torch", 2, 300.0, acc, batch=bs),
-            {
-                "variant": variant,
-                "batch_size": bs,
-                "world_size": 2,
-                "base_lr": 0.05,
-                "scale_lr": bool(extra),
-                **extra,
-            },
+            _metrics("ring", "torch", 2, 300.0, acc, batch=bs, peak_lr=lr),
+            meta,
         )
     manifest_runs.append(
         {
@@ -527,19 +558,28 @@ def test_report_builds_every_figure_and_carries_the_numbers(tmp_path: Path) -> N
     # 250000 / 1.5 B, nearest bench size 64K, where ring's busbw is in the bench table.
     ring_64k = cost.busbw(4, 64 * KB, cost.ring_time(4, 64 * KB, *LINKS["ring"]))
     assert f"| ring P=4 | 0.021 | ring | 64K | {ring_64k:.3f} | {0.250 / 12 / ring_64k:.0%} |" in text
-    # Batch sweep: 12800 images / 640 img/s = 20.00 s per epoch.
-    assert "| 2048 | 4096 | 20 | 1.95 | 20.00 | 640.0 |" in text
+    # Batch sweep, capped runs: synthetic's 10,000 images / 640 img/s = 15.62 s per epoch.
+    assert "| 2048 | 4096 | 20 | 1.95 | 15.62 | 640.0 |" in text
     # Large batch accuracies and the scaled run flagged.
+    assert "0.9123" in text and "0.6234" in text
     assert (
-        "0.9123" in text
-        and "0.6234" in text
-        and "| large batch, scaled LR + warmup (b=512/worker) | 1024 |" in text
+        "| large batch, scaled LR + warmup (b=512/worker) | 1024 | 0.8 | yes | 1 | 0.4321 | 0.8845 |" in text
     )
     # Commands and the failure.
     assert "python launch.py --algo ps --transport zmq --world-size 4" in text
     assert "`train_ps_zmq_p4`: timeout: stopped after 240 s" in text
     summary = json.loads((root / "analysis.json").read_text())
     assert summary["fits"]["ring"]["alpha_s"] == pytest.approx(50e-6)
+
+
+def test_normalise_metrics_maps_launch_keys_to_the_contract() -> None:
+    m = report.normalise_metrics(_launch_style(_metrics("ring", "torch", 2, 150.0, 0.7), capped=True))
+    assert len(m["steps_log"]) == 20 and m["batch_size"] == 32
+    assert m["history"][-1]["test_acc"] == 0.7 and m["history"][-1]["loss"] == 0.4321
+    assert m["per_class_accuracy"][3] == 0.95 and m["classes"][3] == "c3"
+    assert m["train_size"] == 10_000 and m["train_size_assumed"]  # synthetic: trainer/data.py's default
+    ddp = report.normalise_metrics(_launch_style(_metrics("ddp", "torch", 2, 150.0, 0.7)))
+    assert report.step_stats(ddp)["comm_time_s"] is None and report.step_stats(ddp)["step_time_s"] > 0
 
 
 def test_report_cli_on_sparse_results_skips_gracefully(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
