@@ -15,9 +15,10 @@ import torch.distributed as dist
 
 from . import trace
 from .buffers import ScratchPool
+from .fingerprint import check_enabled, check_same_call
 from .naive import naive_all_reduce
 from .ops import check_op_dtype
-from .param_server import ps_all_reduce
+from .param_server import check_ps_options, ps_all_reduce
 from .ring import ring_all_reduce
 from .ring_pipelined import pipelined_ring_all_reduce
 from .transport import Transport, default_timeout, get_transport, transport_names
@@ -32,6 +33,11 @@ ALGOS: dict[str, Algorithm] = {
     "ring_simple": ring_all_reduce,  # the readable ring of ring.py, step for step
     "naive": naive_all_reduce,
     "ps": ps_all_reduce,  # parameter server, optionally sharded (param_server.py)
+}
+
+#: name -> function(world_size, **options) raising ValueError, run before any communication
+OPTION_CHECKS: dict[str, Callable[..., None]] = {
+    "ps": lambda world_size, ps_rank=0, ps_shards=1: check_ps_options(ps_rank, ps_shards, world_size),
 }
 
 _SCRATCH = ScratchPool()
@@ -107,6 +113,7 @@ def all_reduce(
     algo: str = "ring",
     transport: str = "torch",
     timeout: float | None = None,
+    check: bool | None = None,
     **options: object,
 ) -> torch.Tensor:
     """Reduce ``tensor`` across all ranks, in place, and return it.
@@ -120,6 +127,9 @@ def all_reduce(
         transport: ``"torch"`` (Gloo for CPU, NCCL for CUDA) or ``"zmq"``.
         timeout: seconds the whole collective may take before ``CommTimeoutError``;
             None means RINGCOMM_TIMEOUT or 300 s.
+        check: first verify that every rank passed the same numel, dtype, op, algo
+            and options (``MismatchError`` on every rank otherwise); costs P-1 tiny
+            messages. None means RINGCOMM_CHECK (default on).
         **options: algorithm options, e.g. ``ps_rank``, ``ps_shards`` for ``algo="ps"``.
 
     Returns:
@@ -127,6 +137,7 @@ def all_reduce(
 
     Raises:
         ValueError: bad arguments, found before any communication; tensor untouched.
+        MismatchError: ranks passed different calls (with the check on); tensor untouched.
         CommTimeoutError, PeerError: a peer did not answer in time or failed.
 
     Example::
@@ -139,11 +150,15 @@ def all_reduce(
     device_type = _check_device(tensor, transport)
     fn = ALGOS[algo]
     comm = get_transport(transport, device_type)
+    if algo in OPTION_CHECKS:
+        OPTION_CHECKS[algo](comm.world_size, **options)
     # World size 1 runs through the algorithm too: no messages, but its option checks apply.
     deadline = time.monotonic() + (timeout if timeout is not None else default_timeout())
     work = tensor if tensor.is_contiguous() else tensor.contiguous()
     flat = work.view(-1)
     tracer = trace.get()
+    if check_enabled(check):
+        check_same_call(flat, op, algo, options, comm, deadline, _SCRATCH)
     if tracer is None:
         fn(flat, op, comm, deadline, _SCRATCH, **options)
     else:

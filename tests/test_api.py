@@ -160,3 +160,40 @@ def test_trace_records_each_ring_message_with_peer_and_chunk(tmp_path) -> None:
         expected = [(rank - i) % p for i in range(p - 1)] + [(rank + 1 - i) % p for i in range(p - 1)]
         assert [e["args"]["chunk"] for e in sends] == expected
         assert sum(e["cat"] == "all_reduce" for e in mine) == 1
+
+
+def _mismatch_rank(rank: int, p: int, transport: str) -> dict:
+    ringcomm.init(transport)
+    # rank 1 passes more elements, the last rank another dtype: Gloo alone would abort the process
+    x = torch.ones(100 + 8 * (rank == 1), dtype=torch.float64 if rank == p - 1 else torch.float32)
+    before = x.clone()
+    result = {}
+    try:
+        ringcomm.all_reduce(x, transport=transport, timeout=30)
+        result["error"] = None
+    except ringcomm.MismatchError as exc:
+        result["error"] = str(exc)
+    result["untouched"] = torch.equal(x, before)
+    y = torch.ones(10)
+    ringcomm.all_reduce(y, "avg", algo="ps", transport=transport, timeout=30, check=True)  # still usable
+    result["after"] = y.tolist()
+    z = torch.ones(10)
+    try:  # other options on one rank
+        ringcomm.all_reduce(z, algo="ps", ps_shards=1 + (rank == 0), transport=transport, timeout=30)
+        result["options_error"] = None
+    except ringcomm.MismatchError as exc:
+        result["options_error"] = str(exc)
+    return result
+
+
+@pytest.mark.parametrize("transport", ["torch"])
+def test_ranks_calling_with_different_numel_or_dtype_all_raise_a_clear_mismatch(transport: str) -> None:
+    p = 3
+    for rank, result in enumerate(run_world(_mismatch_rank, p, (transport,), timeout=120)):
+        error = result["error"]
+        assert error is not None and f"rank {rank}:" in error
+        assert "numel differs: ranks [0, 2] 100; ranks [1] 108" in error
+        assert "dtype differs: ranks [0, 1] float32; ranks [2] float64" in error
+        assert result["untouched"]
+        assert result["after"] == [1.0] * 10
+        assert "options differs" in result["options_error"]
