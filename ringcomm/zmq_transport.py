@@ -36,8 +36,8 @@ makes one, the root of ``naive`` makes P-1). The DEALER's routing id is
       +--------------+              +--------------+
 
 **Progress without threads of our own.** ``wait`` drives everything: it reads
-whole messages from the ROUTER (``zmq.Poller`` semantics through
-``Socket.poll`` with the deadline), validates each, and matches it first in,
+whole messages from the ROUTER (a blocking read bounded by the time left to the
+deadline, ``ZMQ_RCVTIMEO``), validates each, and matches it first in,
 first out with the receives posted for its (peer, tag). A message whose receive
 is not posted yet is kept, zero-copy, in an arrival queue for that (peer, tag),
 and the ``irecv`` that comes later takes it at once. Reading only when a receive
@@ -391,6 +391,7 @@ class ZmqTransport:
         self._inbox.linger = 0
         self._inbox.rcvhwm = 0  # no limit: the I/O thread always drains the network
         self._inbox.rcvbuf = SOCKET_BUFFER_BYTES
+        self._rcvtimeo_ms = -1  # the inbox's ZMQ_RCVTIMEO now: -1 blocks forever
 
     def _bind(self, base: str) -> None:
         if base.startswith("ipc://"):
@@ -527,23 +528,24 @@ class ZmqTransport:
                 op.tracker = None
             return
         while not op.done:
-            if self._read_one():
-                continue
             left = deadline - time.monotonic()
-            if left <= 0:
+            # A blocking read bounded by the time left (ZMQ_RCVTIMEO): one system call
+            # when a message is there, and no busy loop when none is.
+            if not self._read_one(max(1, math.ceil(left * 1000)) if left > 0 else 0):
                 raise CommTimeoutError(
                     self.rank, op.peer, "recv", timeout, f"no message with tag {op.tag} arrived"
                 )
-            self._inbox.poll(timeout=max(1, math.ceil(left * 1000)), flags=zmq.POLLIN)
         if op.error is not None:
             raise op.error
 
     # --- progress: read, validate, match ---
 
-    def _read_one(self) -> bool:
-        """Read and handle one whole message if one is waiting; False if none is."""
+    def _read_one(self, timeout_ms: int) -> bool:
+        """Read and handle one whole message, waiting up to ``timeout_ms`` (ms); False if none came."""
+        if timeout_ms != self._rcvtimeo_ms:
+            self._inbox.rcvtimeo = self._rcvtimeo_ms = timeout_ms
         try:
-            frames = self._inbox.recv_multipart(zmq.NOBLOCK, copy=False)
+            frames = self._inbox.recv_multipart(copy=False)
         except zmq.Again:
             return False
         identity = frames[0].bytes

@@ -8,6 +8,7 @@ made with ``ZmqTransport.standalone`` and a raw pyzmq DEALER that plays its peer
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import socket
@@ -62,7 +63,9 @@ def _grid_rank(rank: int, p: int) -> list[str]:
     # how data moves: the ring sends 2(P-1) messages, all to the right neighbour
     x = torch.ones(10 * p)
     transport.stats.reset()
-    ringcomm.all_reduce(x, algo="ring", transport="zmq", timeout=60)
+    # count the algorithm's messages alone, without the same-call check where the API has one
+    no_check = {"check": False} if "check" in inspect.signature(ringcomm.all_reduce).parameters else {}
+    ringcomm.all_reduce(x, algo="ring", transport="zmq", timeout=60, **no_check)
     s = transport.stats
     if p > 1 and (s.sent_msgs, s.recv_msgs, s.sends_to) != (
         2 * (p - 1),
