@@ -5,8 +5,11 @@ the difference is *when* things happen. ``ring.py`` finishes a whole step (send
 chunk, receive chunk, reduce it) before starting the next, so the wire idles
 while a rank reduces, and the CPU idles while bytes travel.
 
-Here each chunk is cut into segments of at most ``segment_bytes`` (1 MiB by
-default, as Gloo's own chunked ring keeps about two 1 MiB segments in flight).
+Here each chunk is cut into segments of at most ``segment_bytes`` (4 MiB by
+default; Gloo's own chunked ring keeps about two 1 MiB segments in flight, but
+on a 2-core machine running 4 ranks each message costs ~0.2 ms of scheduling,
+and 4 MiB measured best: 35.6 ms against 39.0 ms for 1 MiB and 57.9 ms for
+256 KiB at 16 MiB, 4 ranks).
 Rank r's k-th message of a phase is segment s of step i (k = i*S + s), and a
 segment can be forwarded as soon as it is reduced, without waiting for the
 rest of its chunk::
@@ -36,8 +39,8 @@ from .transport import Pending, Transport
 
 __all__ = ["pipelined_ring_all_reduce", "DEFAULT_SEGMENT_BYTES", "DEFAULT_WINDOW"]
 
-DEFAULT_SEGMENT_BYTES = 1 << 20
-DEFAULT_WINDOW = 4
+DEFAULT_SEGMENT_BYTES = 4 << 20
+DEFAULT_WINDOW = 2
 
 _TAG_SCATTER_REDUCE = 0
 _TAG_ALL_GATHER = 1
