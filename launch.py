@@ -53,6 +53,7 @@ import ast
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,8 @@ from trainer.models import MODELS
 # Defaults chosen so that `python launch.py --algo ring --world-size 4` is a few minutes on 2 CPU cores.
 DEFAULT_MAX_STEPS = 150
 DEFAULT_EVAL_BATCHES = 10
+#: seconds a failing spawned worker waits before reporting (see _spawned_rank)
+PEER_FAILURE_GRACE_S = 2.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -101,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument(
         "--download", action="store_true", help="CIFAR-10: download into --data-dir (needs network)"
+    )
+    g.add_argument(
+        "--synthetic-size",
+        type=int,
+        default=10_000,
+        help="training images of --dataset synthetic (test: 1/5)",
     )
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per rank")
     g = p.add_argument_group("optimisation")
@@ -171,6 +180,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
         dataset=args.dataset,
         data_dir=args.data_dir,
         download=args.download,
+        synthetic_size=args.synthetic_size,
         batch_size=args.batch_size,
         lr=args.lr,
         scale_lr=args.scale_lr,
@@ -229,7 +239,14 @@ def summary(metrics: dict[str, Any]) -> str:
 def _spawned_rank(rank: int, world_size: int, cfg: TrainConfig, kind: str) -> dict[str, Any] | None:
     """What each spawned process runs (``run_world`` has initialised the process group)."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    metrics = train(cfg, rank, world_size, _device_for(kind, rank))
+    try:
+        metrics = train(cfg, rank, world_size, _device_for(kind, rank))
+    except Exception:
+        # When a worker dies, its peers fail a moment later ("connection reset by peer"). Wait
+        # before reporting, so that run_world sees the dead worker's exit first and names the
+        # rank that caused the failure rather than one of its victims.
+        time.sleep(PEER_FAILURE_GRACE_S)
+        raise
     if metrics is not None:
         print(summary(metrics), flush=True)
     return None  # rank 0 wrote metrics.json; nothing large goes back through the queue

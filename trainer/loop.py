@@ -73,6 +73,7 @@ class TrainConfig:
     dataset: str = "auto"
     data_dir: str | None = None
     download: bool = False  # CIFAR-10 only, when online
+    synthetic_size: int = 10_000  # training images of --dataset synthetic (test: a fifth)
     batch_size: int = 32  # per worker
     lr: float = 0.05
     momentum: float = 0.9
@@ -195,7 +196,9 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
         if rank == 0:
             load_dataset(name, root, download=True)
         dist.barrier()
-    data = load_dataset(name, root, reason=reason)
+    data = load_dataset(
+        name, root, reason=reason, synthetic_size=(cfg.synthetic_size, cfg.synthetic_size // 5)
+    )
     num_classes = len(data.classes)
     train_sampler = DistributedSampler(data.train, world_size, rank, shuffle=True, seed=cfg.seed)
     steps_per_epoch = len(train_sampler) // cfg.batch_size
@@ -207,6 +210,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
         Subset(data.test, range(rank, len(data.test), world_size)),  # disjoint shards, no padding
         batch_size=cfg.eval_batch_size,
         num_workers=cfg.workers,
+        generator=torch.Generator().manual_seed(cfg.seed),  # see loader_seeds below
     )
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
@@ -275,6 +279,14 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
     )
 
     global_batch = cfg.batch_size * world_size
+    # Every DataLoader iterator draws a seed for its workers; from a generator of its own, not
+    # from the global RNG, so that the augmentation stream (the global RNG with num_workers=0,
+    # checkpointed) is the same whether or not a run was interrupted and resumed.
+    loader_seeds = torch.Generator().manual_seed(cfg.seed + rank)
+    # For tests of the launcher: RINGCOMM_TEST_DIE="RANK:STEP" makes that rank exit abruptly after
+    # that step, as a crashed or killed worker would, leaving its peers blocked in communication.
+    die_rank, _, die_step = os.environ.get("RINGCOMM_TEST_DIE", "-1:-1").partition(":")
+    die_at = int(die_step) if int(die_rank) == rank else -1
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     try:
         while epoch < cfg.epochs and step < total_steps:
@@ -286,6 +298,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
                 drop_last=True,
                 num_workers=cfg.workers,
                 pin_memory=device.type == "cuda",
+                generator=loader_seeds,
             )
             batch_in_epoch = skip_batches
             skip_batches = 0
@@ -326,6 +339,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
                         f"lr {scheduler.get_last_lr()[0]:.4g}"
                     )
                     window_start, window_comm, window_steps = now, 0.0, 0
+                if step == die_at:
+                    os._exit(17)
                 if step >= total_steps:
                     break
             epoch_time = time.perf_counter() - epoch_start
