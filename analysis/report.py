@@ -477,7 +477,13 @@ def _training_section(table: list[dict], amdahl: Mapping[str, AmdahlFit]) -> str
                 _fmt(a.max_speedup, ".2f"),
                 _fmt(a.rmse, ".3f"),
                 a.points,
-                "" if a.f >= 0 else "slower than P=1: contention, Amdahl does not apply",
+                (
+                    "slower than P=1: contention, Amdahl does not apply"
+                    if a.f < 0
+                    else "superlinear (S > P): distrust the P=1 baseline (load, warm-up), not the fit"
+                    if a.f > 1
+                    else ""
+                ),
             ]
             for s, a in sorted(amdahl.items())
         ]

@@ -173,6 +173,29 @@ def test_amdahl_fit_reports_slowdown_as_negative_f() -> None:
     assert fit.fit_amdahl([1], [1.0]) is None
 
 
+def test_amdahl_superlinear_is_flagged_in_the_report() -> None:
+    a = fit.fit_amdahl([1, 2], [1.0, 4.4])  # as measured once on the shared 2-core machine
+    assert a is not None and a.f > 1
+    text = report._training_section([], {})  # no runs: says so
+    assert "No training runs" in text
+    rows = [{"series": "ring", "world_size": 2, "speedup": 4.4}]
+    table = [
+        {
+            **r,
+            "global_batch_size": 64,
+            "steps": 20,
+            "throughput_img_s": 166.7,
+            "efficiency": 2.2,
+            "comm_share": 0.19,
+            "final_train_loss": 3.96,
+            "final_test_accuracy": 0.4665,
+            "baseline": "ring",
+        }
+        for r in rows
+    ]
+    assert "superlinear" in report._training_section(table, {"ring": a})
+
+
 def test_karp_flatt_is_the_serial_fraction_under_amdahl() -> None:
     for p in (2, 4, 8):
         assert fit.karp_flatt(p, fit.amdahl_speedup(p, 0.75)) == pytest.approx(0.25)
