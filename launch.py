@@ -53,7 +53,6 @@ import ast
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +68,6 @@ from trainer.models import MODELS
 # Defaults chosen so that `python launch.py --algo ring --world-size 4` is a few minutes on 2 CPU cores.
 DEFAULT_MAX_STEPS = 150
 DEFAULT_EVAL_BATCHES = 10
-#: seconds a failing spawned worker waits before reporting (see _spawned_rank)
-PEER_FAILURE_GRACE_S = 2.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -141,8 +138,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--time-limit", type=float, default=None, help="seconds before the spawned world is stopped"
     )
-    # --trace FILE (a Chrome trace of compute and comm) is a later issue. It will plug into
-    # RingcommState.on_bucket (per-bucket start/end on the comm thread) and the step records.
+    g.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="write a Chrome trace (chrome://tracing, ui.perfetto.dev): per rank forward, backward, "
+        "each bucket's all-reduce and each ring message, for the first --trace-steps steps",
+    )
+    g.add_argument("--trace-steps", type=int, default=20, help="steps to trace (with --trace)")
     args = p.parse_args(argv)
     if args.world_size < 1:
         p.error("--world-size must be at least 1")
@@ -195,6 +197,8 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
         out=out,
         resume=resume,
         log_every=args.log_every,
+        trace=args.trace,
+        trace_steps=args.trace_steps,
     )
 
 
@@ -239,14 +243,7 @@ def summary(metrics: dict[str, Any]) -> str:
 def _spawned_rank(rank: int, world_size: int, cfg: TrainConfig, kind: str) -> dict[str, Any] | None:
     """What each spawned process runs (``run_world`` has initialised the process group)."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    try:
-        metrics = train(cfg, rank, world_size, _device_for(kind, rank))
-    except Exception:
-        # When a worker dies, its peers fail a moment later ("connection reset by peer"). Wait
-        # before reporting, so that run_world sees the dead worker's exit first and names the
-        # rank that caused the failure rather than one of its victims.
-        time.sleep(PEER_FAILURE_GRACE_S)
-        raise
+    metrics = train(cfg, rank, world_size, _device_for(kind, rank))
     if metrics is not None:
         print(summary(metrics), flush=True)
     return None  # rank 0 wrote metrics.json; nothing large goes back through the queue

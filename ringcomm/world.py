@@ -148,7 +148,7 @@ def run_world(
             if status == "ok":
                 values[rank] = value
             else:
-                failure = WorldError(f"rank {rank} failed: {value}", rank)
+                failure = _first_cause(procs, rank, value, reported=set(values) | {rank})
     finally:
         _stop(procs, grace=5.0 if failure is None else 1.0)
         results.close()
@@ -156,6 +156,26 @@ def run_world(
     if failure is not None:
         raise failure
     return [values[r] for r in range(world_size)]
+
+
+def _first_cause(procs: list[Any], rank: int, report: str, reported: set[int]) -> WorldError:
+    """The error to raise when ``rank`` reported a failure.
+
+    When a worker dies, its peers fail a moment later ("connection closed by
+    peer") and may report before the dead one's exit is noticed. So look for
+    a rank that exited without reporting, for a short while, and blame it first.
+    """
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        for other, proc in enumerate(procs):
+            if other not in reported and proc.exitcode not in (None, 0):
+                return WorldError(
+                    f"rank {other} died with exit code {proc.exitcode} "
+                    f"(then rank {rank} failed: {report.splitlines()[0]})",
+                    other,
+                )
+        time.sleep(0.05)
+    return WorldError(f"rank {rank} failed: {report}", rank)
 
 
 def _stop(procs: list[Any], grace: float) -> None:

@@ -41,19 +41,18 @@ Metrics. The state sums, per step, the seconds the thread spent in
 import queue
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 import ringcomm
+from ringcomm import trace
 from ringcomm.api import ALGOS
 
 __all__ = ["RingcommState", "ringcomm_hook"]
 
 #: signature of the tracing callback: (start, end) as time.perf_counter() values, bytes sent
-BucketCallback = Callable[[float, float, int], None]
 
 
 class RingcommState:
@@ -99,7 +98,6 @@ class RingcommState:
         "_recv_bytes",
         "_buckets",
         "step_log",
-        "on_bucket",
     )
 
     def __init__(
@@ -133,7 +131,6 @@ class RingcommState:
         self._recv_bytes = 0
         self._buckets = 0
         self.step_log: list[dict[str, float | int]] = []
-        self.on_bucket: BucketCallback | None = None  # for the Chrome trace (launch.py --trace, later)
 
         self._thread = threading.Thread(target=self._run, name=f"ringcomm-{algo}-hook", daemon=True)
         self._thread.start()
@@ -147,7 +144,7 @@ class RingcommState:
             item = self._queue.get()
             if item is None:
                 return
-            buffer, fut, ready = item
+            buffer, fut, ready, index = item
             if self._error is not None:  # an earlier bucket failed: do not talk to the peers again
                 fut.set_exception(self._failed_before())
                 continue
@@ -155,6 +152,8 @@ class RingcommState:
                 if ready is not None:  # CUDA: the gradients are computed on the autograd thread's stream
                     torch.cuda.current_stream(buffer.device).wait_event(ready)
                 sent0, recv0 = stats.sent_bytes, stats.recv_bytes
+                tracer = trace.get()
+                start_ns = time.monotonic_ns()
                 start = time.perf_counter()
                 ringcomm.all_reduce(
                     buffer,
@@ -171,8 +170,16 @@ class RingcommState:
                     self._bytes += sent
                     self._recv_bytes += stats.recv_bytes - recv0
                     self._buckets += 1
-                if self.on_bucket is not None:
-                    self.on_bucket(start, end, sent)
+                if tracer is not None:  # launch.py --trace: one span per bucket on this thread
+                    tracer.add(
+                        f"bucket {index}",
+                        "bucket",
+                        start_ns,
+                        time.monotonic_ns(),
+                        "comm thread",
+                        bytes=buffer.numel() * buffer.element_size(),
+                        sent=sent,
+                    )
             except BaseException as exc:  # everything must reach the training loop
                 self._error = exc
                 fut.set_exception(exc)
@@ -251,5 +258,5 @@ def ringcomm_hook(state: RingcommState, bucket: dist.GradBucket) -> torch.future
     if buffer.is_cuda:
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(buffer.device))
-    state._queue.put((buffer, fut, ready))
+    state._queue.put((buffer, fut, ready, bucket.index()))
     return fut

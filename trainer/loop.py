@@ -50,6 +50,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
+from ringcomm import trace
+
 from .data import load_dataset, resolve_dataset
 from .hooks import RingcommState, ringcomm_hook
 from .models import build_model, count_parameters
@@ -90,6 +92,8 @@ class TrainConfig:
     out: str = "runs/latest"
     resume: str | None = None  # a checkpoint path
     log_every: int = 20
+    trace: str | None = None  # Chrome trace file (launch.py --trace); None: off
+    trace_steps: int = 20  # steps traced from the start of the run
 
 
 def lr_factor(
@@ -279,6 +283,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
     )
 
     global_batch = cfg.batch_size * world_size
+    start_step = step
+    tracer = trace.enable(rank) if cfg.trace else None  # off: every trace.span is a no-op
     # Every DataLoader iterator draws a seed for its workers; from a generator of its own, not
     # from the global RNG, so that the augmentation stream (the global RNG with num_workers=0,
     # checkpointed) is the same whether or not a run was interrupted and resumed.
@@ -311,13 +317,19 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
             window_comm, window_steps = 0.0, 0
             for x, y in loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                logits = ddp(x)
-                loss = nn.functional.cross_entropy(logits, y)
+                # trace.span does nothing unless --trace is on (and only for the first --trace-steps)
+                with trace.span("forward", "compute", step=step):
+                    logits = ddp(x)
+                    loss = nn.functional.cross_entropy(logits, y)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # DDP has waited for every bucket's future when this returns
-                optimizer.step()
+                with trace.span("backward", "compute", step=step):
+                    loss.backward()  # DDP has waited for every bucket's future when this returns
+                with trace.span("optimizer", "compute", step=step):
+                    optimizer.step()
                 scheduler.step()
                 step += 1
+                if tracer is not None and step == start_step + cfg.trace_steps:
+                    trace.disable()
                 batch_in_epoch += 1
                 seen += y.numel()
                 loss_sum += loss.detach() * y.numel()
@@ -394,6 +406,19 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
     finally:
         if state is not None:
             state.close()
+        trace.disable()
+
+    if tracer is not None:  # each rank writes its events; rank 0 joins them into cfg.trace
+        part = f"{cfg.trace}.rank{rank}"
+        tracer.dump(part)
+        dist.barrier()
+        if rank == 0:
+            parts = [f"{cfg.trace}.rank{r}" for r in range(world_size)]
+            trace.merge([p for p in parts if os.path.exists(p)], cfg.trace)  # other hosts' stay there
+            for p in parts:
+                if os.path.exists(p):
+                    os.remove(p)
+            say(f"trace: {cfg.trace} ({len(tracer.events)} events on rank 0; open in ui.perfetto.dev)")
 
     if rank != 0:
         return None

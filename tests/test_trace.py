@@ -1,0 +1,41 @@
+"""launch.py --trace: a Chrome trace with, per rank, compute spans, bucket spans and every ring message."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_short_traced_run_yields_the_expected_events_per_rank(tmp_path: Path) -> None:
+    p, steps = 2, 3
+    trace_file = tmp_path / "trace.json"
+    cmd = [sys.executable, "launch.py", "--algo", "ring", "--world-size", str(p), "--dataset", "synthetic",
+           "--synthetic-size", "640", "--max-steps", "5", "--eval-batches", "1", "--out", str(tmp_path),
+           "--trace", str(trace_file), "--trace-steps", str(steps)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = json.loads(trace_file.read_text())["traceEvents"]
+    assert not list(tmp_path.glob("trace.json.rank*")), "per-rank parts were not cleaned up"
+    spans = [e for e in events if e["ph"] == "X"]
+    assert all(e["dur"] >= 0 and e["ts"] > 0 for e in spans)
+    for rank in range(p):
+        mine = Counter((e["cat"], e["name"]) for e in spans if e["pid"] == rank)
+        for phase in ("forward", "backward", "optimizer"):
+            assert mine[("compute", phase)] == steps, (rank, phase, mine)
+        buckets = sum(n for (cat, _), n in mine.items() if cat == "bucket")
+        collectives = sum(n for (cat, _), n in mine.items() if cat == "all_reduce")
+        assert buckets == collectives >= steps  # one all_reduce per bucket, at least one bucket per step
+        sends = [e for e in spans if e["pid"] == rank and e["cat"] == "ring.send"]
+        # 2(P-1) ring messages per bucket (segments of 4 MiB: simplecnn's buckets are smaller),
+        # plus the same-call check's P-1 (tagged 7)
+        ring_sends = [e for e in sends if e["args"]["tag"] != 7]
+        assert len(ring_sends) == 2 * (p - 1) * buckets
+        assert {e["args"]["peer"] for e in ring_sends} == {(rank + 1) % p}
+    # ranks line up on one clock: every rank's first forward starts within a second of the others
+    firsts = [min(e["ts"] for e in spans if e["pid"] == r and e["name"] == "forward") for r in range(p)]
+    assert max(firsts) - min(firsts) < 1e6
