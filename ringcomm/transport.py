@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import CommTimeoutError, PeerError
+from .liveness import Liveness, for_world
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -145,6 +146,9 @@ class TorchTransport:
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
         self.stats = TransportStats()
+        # Heartbeats (liveness.py): they cannot wake a Gloo wait, but they say in a
+        # timeout's message whether the peer was alive, and warn while a wait is stuck.
+        self.liveness: Liveness | None = for_world()
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int = 0) -> Pending:
         work = dist.isend(tensor, dst=peer, group=self.group, tag=tag)
@@ -158,6 +162,9 @@ class TorchTransport:
 
     def wait(self, pending: Pending, deadline: float) -> None:
         timeout = remaining(deadline)
+        live = self.liveness
+        if live is not None:
+            live.awaiting = pending.peer  # the heartbeat thread watches it while we block
         try:
             # Gloo's Work.wait(timeout) raises when the timeout expires; NCCL's
             # is asynchronous on the host, and its group timeout is the backstop.
@@ -165,8 +172,14 @@ class TorchTransport:
         except RuntimeError as exc:  # DistBackendError subclasses RuntimeError
             text = str(exc)
             if "imed out" in text or "imeout" in text:
-                raise CommTimeoutError(self.rank, pending.peer, pending.op, timeout) from exc
+                detail = live.describe(pending.peer) if live is not None else ""
+                raise CommTimeoutError(self.rank, pending.peer, pending.op, timeout, detail) from exc
+            if live is not None:
+                live.mark_failed()  # peers waiting on this rank learn it at their next check
             raise PeerError(self.rank, pending.peer, pending.op, text.splitlines()[0]) from exc
+        finally:
+            if live is not None:
+                live.awaiting = None
 
     def close(self) -> None:
         """Destroy this transport's process group."""

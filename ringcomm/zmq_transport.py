@@ -109,6 +109,7 @@ import torch
 import zmq
 
 from .errors import CommError, CommTimeoutError, PeerError
+from .liveness import Liveness, for_world
 from .transport import Pending, TransportStats, register_transport
 
 __all__ = [
@@ -349,6 +350,7 @@ class ZmqTransport:
         except BaseException:
             self.close()
             raise
+        self.liveness = for_world()
 
     @classmethod
     def standalone(cls, rank: int, world_size: int, *, bind: str = "tcp://127.0.0.1") -> ZmqTransport:
@@ -392,6 +394,7 @@ class ZmqTransport:
         self._inbox.rcvhwm = 0  # no limit: the I/O thread always drains the network
         self._inbox.rcvbuf = SOCKET_BUFFER_BYTES
         self._rcvtimeo_ms = -1  # the inbox's ZMQ_RCVTIMEO now: -1 blocks forever
+        self.liveness: Liveness | None = None  # set when joined through the store
 
     def _bind(self, base: str) -> None:
         if base.startswith("ipc://"):
@@ -517,24 +520,35 @@ class ZmqTransport:
         """
         timeout = max(deadline - time.monotonic(), 0.0)
         op = pending.handle
+        live = self.liveness
+        # Wait in slices of one heartbeat interval, and between slices ask whether the
+        # peer still heartbeats (liveness.py): a dead or frozen peer fails this wait in
+        # RINGCOMM_LIVENESS_S, not at the timeout. Without liveness: one slice.
+        slice_s = live.interval_s if live is not None else math.inf
         if isinstance(op, _SendOp):
-            if op.tracker is not None:
+            while op.tracker is not None:
+                left = deadline - time.monotonic()
                 try:
-                    op.tracker.wait(max(timeout, 1e-3))
+                    op.tracker.wait(max(min(left, slice_s), 1e-3))
+                    op.tracker = None
                 except zmq.NotDone:
-                    raise CommTimeoutError(
-                        self.rank, pending.peer, "send", timeout, "ZeroMQ still holds the message"
-                    ) from None
-                op.tracker = None
+                    if left <= slice_s:
+                        raise CommTimeoutError(
+                            self.rank, pending.peer, "send", timeout, "ZeroMQ still holds the message"
+                        ) from None
+                    live.check(pending.peer, "send")  # type: ignore[union-attr]
             return
         while not op.done:
             left = deadline - time.monotonic()
             # A blocking read bounded by the time left (ZMQ_RCVTIMEO): one system call
             # when a message is there, and no busy loop when none is.
-            if not self._read_one(max(1, math.ceil(left * 1000)) if left > 0 else 0):
-                raise CommTimeoutError(
-                    self.rank, op.peer, "recv", timeout, f"no message with tag {op.tag} arrived"
-                )
+            wait_s = min(left, slice_s)
+            if not self._read_one(max(1, math.ceil(wait_s * 1000)) if wait_s > 0 else 0):
+                if wait_s >= left:
+                    raise CommTimeoutError(
+                        self.rank, op.peer, "recv", timeout, f"no message with tag {op.tag} arrived"
+                    )
+                live.check(op.peer, "recv")  # type: ignore[union-attr]
         if op.error is not None:
             raise op.error
 
