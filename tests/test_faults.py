@@ -1,0 +1,233 @@
+"""A peer dies or freezes in the middle of an all_reduce: every survivor raises, in time, naming it.
+
+The grid: fault {exit, kill, stop} x algo {ring, ps, naive} x transport
+{torch, zmq}, on 3 ranks. Rank 1 is the victim, so rank 0 (which sends to it in
+the ring, and is the server of ps and the root of naive) and rank 2 (which
+receives from it) survive. The victim completes one all_reduce, then, in the
+second, passes the same-call check and faults at its first message of the
+algorithm, as the survivors wait on it:
+
+    exit   os._exit(3)                      (a crash: sockets closed by the kernel)
+    kill   SIGKILL to itself                (kill -9)
+    stop   SIGSTOP to itself                (frozen: sockets stay open, nothing moves)
+    slow   sleeps 2 liveness periods, then goes on (alive: its heartbeat never stops)
+
+Each survivor must raise ``CommError`` (not return, not hang) within the
+timeout plus slack, naming a peer and the operation; for "slow" every rank must
+finish with the right sum. Each test records what the survivors did and how
+long after the fault; with RINGCOMM_RELIABILITY_OUT=path.jsonl set it appends
+one JSON line per case there, and ``python -m analysis.reliability path.jsonl``
+renders the table of docs/reliability.md.
+
+Settings: timeout 6 s, heartbeat every 0.5 s, liveness limit 2 s, so each case
+takes a few seconds beyond spawning. ZeroMQ binds TCP on 127.0.0.1 here
+(RINGCOMM_ZMQ_IPC=0): a killed victim cannot remove an ipc socket file.
+Every process is SIGKILLed and joined at the end of its case (SIGKILL also ends
+a stopped process).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import queue
+import signal
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import torch
+
+P = 3
+VICTIM = 1
+TIMEOUT_S = 6.0
+SLACK_S = 4.0  # spawn jitter on a shared 2-core machine, a heartbeat slice, a cascade hop
+NUMEL = 30_000
+ENV = {
+    "RINGCOMM_HEARTBEAT_S": "0.5",
+    "RINGCOMM_LIVENESS_S": "2",
+    "RINGCOMM_ZMQ_IPC": "0",
+    "OMP_NUM_THREADS": "1",
+}
+FAULTS = ("exit", "kill", "stop")
+
+
+def _fault(kind: str, store: Any) -> None:
+    """Do to this process what ``kind`` says, noting the wall-clock time first."""
+    store.set("fault_t", repr(time.time()))
+    if kind == "exit":
+        os._exit(3)
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    if kind == "slow":
+        time.sleep(2 * float(ENV["RINGCOMM_LIVENESS_S"]))
+
+
+def _arm(comm: Any, kind: str, store: Any) -> None:
+    """Make the victim's transport fault at its first message after the same-call check."""
+    ops = {"n": 0}
+    check_ops = 2 * (P - 1)  # fingerprint.py: one receive and one send per peer
+
+    def wrap(method: Any) -> Any:
+        def faulty(*args: Any, **kwargs: Any) -> Any:
+            ops["n"] += 1
+            if ops["n"] == check_ops + 1:
+                _fault(kind, store)
+            return method(*args, **kwargs)
+
+        return faulty
+
+    comm.isend, comm.irecv = wrap(comm.isend), wrap(comm.irecv)
+
+
+def _rank(rank: int, port: int, kind: str, algo: str, transport: str, results: Any) -> None:
+    """One process of a faulty world: report (rank, outcome) on ``results``, then leave at once."""
+    os.environ.update(ENV)
+    import torch.distributed as dist
+
+    import ringcomm
+    from ringcomm.errors import CommError
+
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, P, is_master=False, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=P)
+    comm = ringcomm.init(transport)
+    x = torch.ones(NUMEL)
+    ringcomm.all_reduce(x, algo=algo, transport=transport, timeout=60)  # connections are up
+    if rank == VICTIM:
+        _arm(comm, kind, store)
+    x = torch.full((NUMEL,), float(rank))
+    report: dict[str, Any] = {"rank": rank}
+    try:
+        ringcomm.all_reduce(x, algo=algo, transport=transport, timeout=TIMEOUT_S)
+        report.update(outcome="returned", ok=bool((x == P * (P - 1) / 2).all()))
+    except CommError as exc:
+        report.update(outcome=type(exc).__name__, message=str(exc), peer=getattr(exc, "peer", None))
+    except Exception as exc:  # the test fails on these: every failure must be a CommError
+        report.update(outcome=type(exc).__name__, message=str(exc)[:300], peer=None)
+    report["after_fault_s"] = time.time() - float(store.get("fault_t"))
+    results.put(report)
+    results.close()
+    results.join_thread()
+    if transport == "zmq":
+        comm.close()
+    os._exit(0)  # as a failed worker would; no teardown that waits on the dead
+
+
+def _state(pid: int) -> str:
+    """The process state letter from /proc (R, S, T for stopped, Z, ...) or '-' if gone."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "-"
+
+
+def _context() -> Any:
+    """A forkserver that has imported torch once: each world starts in about a second, not ten."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "ringcomm", "ringcomm.zmq_transport"])
+    return ctx
+
+
+def run_faulty_world(kind: str, algo: str, transport: str) -> dict[str, Any]:
+    """Run one case; return the survivors' reports and what became of the victim."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, P + 1, is_master=True, wait_for_workers=False)
+    ctx = _context()
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_rank, args=(r, store.port, kind, algo, transport, results)) for r in range(P)
+    ]
+    for proc in procs:
+        proc.start()
+    expected = P if kind == "slow" else P - 1
+    reports: dict[int, dict[str, Any]] = {}
+    deadline = time.monotonic() + 60 + TIMEOUT_S + SLACK_S
+    victim_state = "-"
+    try:
+        while len(reports) < expected and time.monotonic() < deadline:
+            try:
+                report = results.get(timeout=0.5)
+                reports[report["rank"]] = report
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for r, p in enumerate(procs) if r != VICTIM):
+                    break  # a survivor crashed without reporting
+        victim_state = _state(procs[VICTIM].pid)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGKILL)  # ends stopped processes too
+        for proc in procs:
+            proc.join(timeout=10)
+        results.close()
+        del store
+    return {
+        "reports": reports,
+        "victim_exitcode": procs[VICTIM].exitcode,
+        "victim_state": victim_state,
+        "orphans": [p.pid for p in procs if p.is_alive()],
+    }
+
+
+def _record(kind: str, algo: str, transport: str, run: dict[str, Any], wall_s: float) -> None:
+    path = os.environ.get("RINGCOMM_RELIABILITY_OUT")
+    if not path:
+        return
+    row = {
+        "fault": kind,
+        "algo": algo,
+        "transport": transport,
+        "world_size": P,
+        "victim": VICTIM,
+        "timeout_s": TIMEOUT_S,
+        "liveness_s": float(ENV["RINGCOMM_LIVENESS_S"]),
+        "heartbeat_s": float(ENV["RINGCOMM_HEARTBEAT_S"]),
+        "survivors": [run["reports"][r] for r in sorted(run["reports"])],
+        "world_wall_s": wall_s,
+    }
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+CASES = [(k, a, t) for t in ("torch", "zmq") for a in ("ring", "ps", "naive") for k in FAULTS]
+
+
+@pytest.mark.parametrize(("kind", "algo", "transport"), CASES)
+def test_every_survivor_raises_in_time_naming_the_peer(kind: str, algo: str, transport: str) -> None:
+    start = time.monotonic()
+    run = run_faulty_world(kind, algo, transport)
+    _record(kind, algo, transport, run, time.monotonic() - start)
+    assert run["orphans"] == []
+    reports = run["reports"]
+    assert sorted(reports) == [r for r in range(P) if r != VICTIM], f"survivors did not report: {run}"
+    for r, report in reports.items():
+        assert report["outcome"] in ("PeerError", "CommTimeoutError"), report
+        assert f"rank {r}:" in report["message"] and "peer rank" in report["message"], report
+        assert "recv" in report["message"] or "send" in report["message"], report
+        assert report["after_fault_s"] < TIMEOUT_S + SLACK_S, report
+    # at least one survivor names the victim itself (the others may name a survivor that gave up)
+    assert any(rep["peer"] == VICTIM for rep in reports.values()), reports
+    if kind == "stop":
+        assert run["victim_state"] == "T", "the victim was not stopped while the survivors raised"
+    else:
+        assert run["victim_exitcode"] == (3 if kind == "exit" else -signal.SIGKILL)
+    if transport == "zmq" or kind != "stop":
+        # caught by liveness or by a closed connection, not by the 6 s backstop
+        assert max(rep["after_fault_s"] for rep in reports.values()) < TIMEOUT_S, reports
+
+
+@pytest.mark.parametrize("transport", ["torch", "zmq"])
+def test_a_slow_but_alive_peer_is_waited_for(transport: str) -> None:
+    """A peer that stalls for 2 liveness periods, heartbeating, is not declared dead."""
+    start = time.monotonic()
+    run = run_faulty_world("slow", "ring", transport)
+    _record("slow", "ring", transport, run, time.monotonic() - start)
+    assert run["orphans"] == []
+    assert sorted(run["reports"]) == list(range(P)), run
+    for report in run["reports"].values():
+        assert report["outcome"] == "returned" and report["ok"], report
