@@ -24,6 +24,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from .plots import _save  # noqa: E402
+
 __all__ = ["Span", "load_events", "trace_spans", "render_trace"]
 
 #: (pid, tid, name, category, start_us, duration_us)
@@ -129,9 +131,4 @@ def render_trace(
         frameon=False,
     )
     ax.grid(True, axis="x", alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
