@@ -1,0 +1,174 @@
+"""Crash and resume: kill -9 a worker mid-epoch, then ``launch.py --resume`` finishes the run.
+
+One test, three runs of the same tiny configuration (2 ranks, ring, synthetic
+data, 2 epochs of 64 steps, constant learning rate, seed 0):
+
+1. uninterrupted, for reference;
+2. interrupted: once the checkpoint of epoch 0 exists, SIGKILL one worker
+   mid-epoch 1. The launcher must exit 1 within seconds, name the dead rank,
+   and leave no process behind. Meanwhile the test loads ``checkpoint.pt``
+   every time it changes: a reader never sees a half-written file;
+3. ``--resume``: it must start at the epoch-0 checkpoint (step 64, not 0) and
+   end where the uninterrupted run ended.
+
+Tolerance: the checkpoint holds the model, optimizer, scheduler, every rank's
+RNG state and the position in the epoch, and the ring sums in a fixed order,
+so the resumed run replays the very steps of the reference run. We therefore
+expect equal numbers and allow only float noise: final train loss within
+1e-4 relative, test accuracy within one test image (1/409).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH = 2048 // 2 // 16  # synthetic train split / ranks / batch
+ARGS = [
+    "launch.py",
+    "--world-size",
+    "2",
+    "--algo",
+    "ring",
+    "--dataset",
+    "synthetic",
+    "--synthetic-size",
+    "2048",
+    "--batch-size",
+    "16",
+    "--epochs",
+    "2",
+    "--max-steps",
+    "0",
+    "--schedule",
+    "constant",
+    "--eval-batches",
+    "0",
+    "--eval-batch-size",
+    "256",
+    "--log-every",
+    "4",
+    "--seed",
+    "0",
+]
+
+
+def _env(marker: str) -> dict[str, str]:
+    return {**os.environ, "RINGCOMM_TEST_MARKER": marker, "OMP_NUM_THREADS": "1"}
+
+
+def _processes_with(marker: str) -> list[int]:
+    """PIDs of live processes whose environment holds ``marker`` (this one excluded)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The spawned worker processes of ``pid`` (children running multiprocessing's spawn_main)."""
+    workers = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and b"spawn_main" in cmdline:
+            workers.append(int(entry.name))
+    return sorted(workers)
+
+
+def _run(out: Path, *extra: str, marker: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *ARGS, "--out", str(out), *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=_env(marker),
+    )
+
+
+def _final(out: Path) -> dict[str, Any]:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex
+    reference = _run(tmp_path / "ref", marker=marker)
+    assert reference.returncode == 0, reference.stderr
+    ref = _final(tmp_path / "ref")
+
+    out = tmp_path / "crash"
+    ckpt = out / "checkpoint.pt"
+    launcher = subprocess.Popen(
+        [sys.executable, *ARGS, "--out", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(marker),
+    )
+    loads, last_mtime = 0, 0
+    try:
+        deadline = time.monotonic() + 180
+        seen_at: float | None = None
+        # Until 1 s after the epoch-0 checkpoint appears (then we are mid-epoch 1), load
+        # every version of it we can see: a half-written file would fail to load.
+        while seen_at is None or time.monotonic() - seen_at < 1.0:
+            assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            if ckpt.exists() and ckpt.stat().st_mtime_ns != last_mtime:
+                last_mtime = ckpt.stat().st_mtime_ns
+                state = torch.load(ckpt, weights_only=False)
+                assert (state["step"], state["batch_in_epoch"]) == (STEPS_PER_EPOCH, 0)
+                loads += 1
+                seen_at = seen_at or time.monotonic()
+            time.sleep(0.02)
+        victims = _workers_of(launcher.pid)
+        assert len(victims) == 2, victims
+        killed_at = time.monotonic()
+        os.kill(victims[-1], signal.SIGKILL)  # the last started: rank 1
+        stdout, stderr = launcher.communicate(timeout=60)
+        stopped_s = time.monotonic() - killed_at
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+    assert launcher.returncode == 1, stderr
+    assert "died with exit code -9" in stderr and "stopped the other workers" in stderr, stderr
+    assert stopped_s < 15, f"the launcher took {stopped_s:.1f} s to stop the world"
+    time.sleep(0.5)
+    assert _processes_with(marker) == [], "orphaned worker processes"
+    steps_done = [
+        int(line.split()[1].split("/")[0]) for line in stdout.splitlines() if line.startswith("step ")
+    ]
+    assert STEPS_PER_EPOCH < max(steps_done) < 2 * STEPS_PER_EPOCH, "the kill was not in epoch 1"
+    assert loads >= 1
+    torch.load(ckpt, weights_only=False)  # still whole after the kill
+
+    resumed = _run(out, "--resume", marker=marker)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resume: {ckpt} at step {STEPS_PER_EPOCH}, epoch 1, batch 0" in resumed.stdout
+    got = _final(out)
+    assert got["steps"] == ref["steps"] == 2 * STEPS_PER_EPOCH
+    assert abs(got["final_train_loss"] - ref["final_train_loss"]) <= 1e-4 * abs(ref["final_train_loss"])
+    assert abs(got["final_test_accuracy"] - ref["final_test_accuracy"]) <= 1 / 409 + 1e-9
+    assert _processes_with(marker) == []
