@@ -47,6 +47,11 @@ the tag-0 receive behind it. ZeroMQ's own I/O thread keeps reading the network
 into the socket's queue (no high-water mark) whether or not Python is in
 ``wait``, so a sender never waits on the receiver's Python code.
 
+**A dead peer.** ZeroMQ never reports one: a DEALER reconnects quietly. So
+``wait`` reads in slices of one heartbeat interval and, between slices, asks
+``liveness.py`` whether the awaited peer still heartbeats through the store;
+one silent for ``RINGCOMM_LIVENESS_S`` fails the wait with ``PeerError``.
+
 **Copies.** Sends of 512 KiB or more go zero-copy (``copy=False``) and complete
 when ZeroMQ releases the buffer, seen through pyzmq's ``MessageTracker``; the
 ``_SendOp`` keeps the tensor alive until then. (pyzmq signals that release from

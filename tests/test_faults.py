@@ -231,3 +231,70 @@ def test_a_slow_but_alive_peer_is_waited_for(transport: str) -> None:
     assert sorted(run["reports"]) == list(range(P)), run
     for report in run["reports"].values():
         assert report["outcome"] == "returned" and report["ok"], report
+
+
+# --- liveness.py on its own: two Liveness objects on one in-process store, no processes ---
+
+
+def _pair(stale_s: float = 0.3) -> tuple[Any, Any]:
+    import torch.distributed as dist
+
+    from ringcomm.liveness import Liveness
+
+    store = dist.HashStore()
+    return (
+        Liveness(store, 0, 2, interval_s=0.05, stale_s=stale_s),
+        Liveness(store, 1, 2, interval_s=0.05, stale_s=stale_s),
+    )
+
+
+def test_liveness_tells_a_silent_peer_from_a_beating_one() -> None:
+    from ringcomm.errors import PeerError
+
+    me, peer = _pair()
+    try:
+        end = time.monotonic() + 0.6  # two liveness periods of a beating peer: no error
+        while time.monotonic() < end:
+            me.check(1, "recv")
+            time.sleep(0.05)
+        peer.stop()  # frozen or dead: its counter stops
+        with pytest.raises(
+            PeerError, match=r"peer rank 1 stopped heartbeating 0\.\d s ago \(dead or frozen\)"
+        ):
+            end = time.monotonic() + 2
+            while time.monotonic() < end:
+                me.check(1, "recv")
+                time.sleep(0.05)
+        assert peer.silence(0) == float("inf")  # rank 0 gave up on rank 1, and said so
+    finally:
+        me.stop()
+        peer.stop()
+
+
+def test_liveness_passes_on_a_peers_failure_at_the_next_look() -> None:
+    from ringcomm.errors import PeerError
+
+    me, peer = _pair(stale_s=60)
+    try:
+        me.check(1, "recv")
+        peer.mark_failed()
+        with pytest.raises(PeerError, match="gave up after a failure of its own"):
+            me.check(1, "recv")
+        assert "had given up" in me.describe(1)
+    finally:
+        me.stop()
+        peer.stop()
+
+
+@pytest.mark.parametrize("value", ["-1", "soon"])
+def test_liveness_settings_are_validated(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    from ringcomm.liveness import heartbeat_s, liveness_s
+
+    monkeypatch.setenv("RINGCOMM_HEARTBEAT_S", value)
+    monkeypatch.setenv("RINGCOMM_LIVENESS_S", value)
+    with pytest.raises(ValueError, match="RINGCOMM_HEARTBEAT_S"):
+        heartbeat_s()
+    with pytest.raises(ValueError, match="RINGCOMM_LIVENESS_S"):
+        liveness_s()
+    monkeypatch.setenv("RINGCOMM_LIVENESS_S", "0")
+    assert liveness_s() == 0.0  # off
