@@ -17,7 +17,7 @@ timeout plus slack, naming a peer and the operation; for "slow" every rank must
 finish with the right sum. Each test records what the survivors did and how
 long after the fault; with RINGCOMM_RELIABILITY_OUT=path.jsonl set it appends
 one JSON line per case there, and ``python -m analysis.reliability path.jsonl``
-renders the table of docs/reliability.md.
+renders the table in the README's reliability section.
 
 Settings: timeout 6 s, heartbeat every 0.5 s, liveness limit 2 s, so each case
 takes a few seconds beyond spawning. ZeroMQ binds TCP on 127.0.0.1 here
