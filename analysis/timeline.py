@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 
 from .plots import _save  # noqa: E402
 
-__all__ = ["Span", "load_events", "trace_spans", "render_trace"]
+__all__ = ["Span", "load_events", "thread_names", "trace_spans", "render_trace"]
 
 #: (pid, tid, name, category, start_us, duration_us)
 Span = tuple[int, int, str, str, float, float]
@@ -46,6 +46,15 @@ def _int(v: object) -> int:
         return int(v)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return hash(v) % 10_000
+
+
+def thread_names(events: Sequence[Mapping]) -> dict[tuple[int, int], str]:
+    """Lane names from ``thread_name`` metadata events: (pid, tid) -> name."""
+    return {
+        (_int(e.get("pid", 0)), _int(e.get("tid", 0))): str(e.get("args", {}).get("name", ""))
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "thread_name"
+    }
 
 
 def trace_spans(events: Sequence[Mapping]) -> list[Span]:
@@ -93,7 +102,8 @@ def render_trace(
         ``path``, or None (with a note) when the trace is missing, unreadable or has no spans.
     """
     try:
-        spans = trace_spans(load_events(trace))
+        events = load_events(trace)
+        spans = trace_spans(events)
     except (OSError, ValueError) as exc:
         if notes is not None:
             notes.append(f"{Path(path).name}: skipped, trace unreadable ({exc})")
@@ -117,7 +127,9 @@ def render_trace(
     fig, ax = plt.subplots(figsize=(10, 1.0 + 0.45 * len(lanes)))
     for (lane, cat), bars in per_lane_cat.items():
         ax.broken_barh(bars, (lane - 0.4, 0.8), facecolors=colour[cat], edgecolor="none")
-    ax.set_yticks(range(len(lanes)), [f"rank {pid}" + (f" / {tid}" if tid else "") for pid, tid in lanes])
+    names = thread_names(events)
+    labels = [f"rank {pid} / {names.get((pid, tid), tid)}" for pid, tid in lanes]
+    ax.set_yticks(range(len(lanes)), labels)
     ax.invert_yaxis()
     ax.set_xlabel("time since first event (ms)")
     ax.set_title(title + (f" ({dropped} lanes not shown)" if dropped > 0 else ""), fontsize=9, loc="left")

@@ -37,6 +37,7 @@ class Tracer:
     def __init__(self, rank: int) -> None:
         self.rank = rank
         self.events: list[dict[str, Any]] = []
+        self._threads: dict[str, int] = {}  # lane name -> the numeric tid Chrome traces expect
         self._lock = threading.Lock()
 
     def add(self, name: str, cat: str, start_ns: int, end_ns: int, tid: str, **args: Any) -> None:
@@ -47,10 +48,10 @@ class Tracer:
             "ts": start_ns / 1e3,
             "dur": max(end_ns - start_ns, 0) / 1e3,
             "pid": self.rank,
-            "tid": tid,
             "args": args,
         }
         with self._lock:
+            event["tid"] = self._threads.setdefault(tid, len(self._threads))
             self.events.append(event)
 
     @contextmanager
@@ -63,6 +64,10 @@ class Tracer:
 
     def dump(self, path: str) -> None:
         meta = [{"name": "process_name", "ph": "M", "pid": self.rank, "args": {"name": f"rank {self.rank}"}}]
+        meta += [
+            {"name": "thread_name", "ph": "M", "pid": self.rank, "tid": tid, "args": {"name": lane}}
+            for lane, tid in self._threads.items()
+        ]
         with open(path, "w") as f:
             json.dump({"traceEvents": meta + self.events, "displayTimeUnit": "ms"}, f)
 
