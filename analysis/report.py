@@ -169,7 +169,7 @@ def load_results(root: str | Path) -> Results:
         elif path.name == "metrics.json" and isinstance(data, dict):
             run = by_output.get(rel, {})
             top = rel.split("/")[0]
-            kind = run.get("kind") or (top if top in ("train", "batch", "largebatch") else "train")
+            kind = run.get("kind") or top  # a folder of its own (trace_run, ...) is not a training run
             res.runs.append(
                 {
                     **normalise_metrics(data),
