@@ -97,6 +97,7 @@ Example::
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import re
@@ -404,6 +405,9 @@ class ZmqTransport:
     def _bind(self, base: str) -> None:
         if base.startswith("ipc://"):
             self._ipc_dir = tempfile.mkdtemp(prefix="ringcomm-zmq-")
+            # Transports cached by get_transport are rarely closed by hand: remove the folder
+            # at interpreter exit too (a killed process still leaves it; /tmp is cleaned by the OS).
+            atexit.register(shutil.rmtree, self._ipc_dir, True)
             self.endpoint = f"ipc://{self._ipc_dir}/rank{self.rank}"
             self._inbox.bind(self.endpoint)
         elif base.startswith("tcp://"):
