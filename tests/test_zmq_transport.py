@@ -41,8 +41,21 @@ WORLD_TIMEOUT_S = 240
 
 
 def _threads() -> tuple[int, int]:
-    """(Python threads, native threads of this process): libzmq's I/O and reaper threads count in the second."""
-    return threading.active_count(), len(os.listdir("/proc/self/task"))
+    """(Python threads, libzmq's native threads): what a ZmqTransport could leak.
+
+    libzmq names its I/O and reaper threads ``ZMQbg/...``; other native threads of the
+    process (torch's, the store client's) come and go with other tests and are not ours.
+    The liveness heartbeat is one daemon thread per process, shared by all transports.
+    """
+    python = [t for t in threading.enumerate() if t.name != "ringcomm-heartbeat"]
+    zmq_native = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                zmq_native += f.read().startswith("ZMQbg")
+        except FileNotFoundError:  # the thread ended while we looked
+            pass
+    return len(python), zmq_native
 
 
 def _algos() -> list[str]:
