@@ -48,7 +48,7 @@ from typing import Any
 
 from .errors import PeerError
 
-__all__ = ["Liveness", "for_world", "heartbeat_s", "liveness_s"]
+__all__ = ["Liveness", "env_seconds", "for_world", "heartbeat_s", "liveness_s"]
 
 #: Seconds between two heartbeats of a process (override: RINGCOMM_HEARTBEAT_S).
 DEFAULT_HEARTBEAT_S = 1.0
@@ -58,7 +58,8 @@ DEFAULT_LIVENESS_S = 10.0
 _FAILED = -(10**15)  # added to a counter to mark "this rank gave up"; any beat count stays negative
 
 
-def _seconds(name: str, default: float, allow_zero: bool) -> float:
+def env_seconds(name: str, default: float, allow_zero: bool = False) -> float:
+    """Seconds from environment variable ``name`` (``default`` when unset); ValueError names it."""
     value = os.environ.get(name)
     if value is None:
         return default
@@ -73,12 +74,12 @@ def _seconds(name: str, default: float, allow_zero: bool) -> float:
 
 def heartbeat_s() -> float:
     """Seconds between heartbeats: RINGCOMM_HEARTBEAT_S or 1 s."""
-    return _seconds("RINGCOMM_HEARTBEAT_S", DEFAULT_HEARTBEAT_S, allow_zero=False)
+    return env_seconds("RINGCOMM_HEARTBEAT_S", DEFAULT_HEARTBEAT_S, allow_zero=False)
 
 
 def liveness_s() -> float:
     """Seconds of peer silence that count as dead: RINGCOMM_LIVENESS_S or 10 s (0: liveness off)."""
-    return _seconds("RINGCOMM_LIVENESS_S", DEFAULT_LIVENESS_S, allow_zero=True)
+    return env_seconds("RINGCOMM_LIVENESS_S", DEFAULT_LIVENESS_S, allow_zero=True)
 
 
 class Liveness:

@@ -20,7 +20,6 @@ the default group. CPU tensors go over Gloo, CUDA tensors over NCCL.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import CommTimeoutError, PeerError
-from .liveness import Liveness, for_world
+from .liveness import Liveness, env_seconds, for_world
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -51,16 +50,7 @@ DEFAULT_TIMEOUT_S = 300.0
 
 def default_timeout() -> float:
     """The timeout used when none is given: RINGCOMM_TIMEOUT (seconds) or 300 s."""
-    value = os.environ.get("RINGCOMM_TIMEOUT")
-    if value is None:
-        return DEFAULT_TIMEOUT_S
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ValueError(f"RINGCOMM_TIMEOUT={value!r} is not a number of seconds") from None
-    if seconds <= 0:
-        raise ValueError(f"RINGCOMM_TIMEOUT must be > 0 seconds, got {value!r}")
-    return seconds
+    return env_seconds("RINGCOMM_TIMEOUT", DEFAULT_TIMEOUT_S)
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Models (parameter counts, shapes), datasets (CIFAR-10 on-disk format, Debian's Fashion-MNIST,
-synthetic), ``--dataset auto`` and the learning-rate schedule. No processes are spawned here.
+synthetic), ``--dataset auto`` and the learning-rate schedule. No processes are started here.
 """
 
 from __future__ import annotations

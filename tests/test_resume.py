@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from test_launch import _processes_with  # the /proc scan for leftover workers
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 2048 // 2 // 16  # synthetic train split / ranks / batch
@@ -65,19 +66,6 @@ ARGS = [
 
 def _env(marker: str) -> dict[str, str]:
     return {**os.environ, "RINGCOMM_TEST_MARKER": marker, "OMP_NUM_THREADS": "1"}
-
-
-def _processes_with(marker: str) -> list[int]:
-    """PIDs of live processes whose environment holds ``marker`` (this one excluded)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker.encode() in (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def _workers_of(pid: int) -> list[int]:
