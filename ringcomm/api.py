@@ -6,6 +6,7 @@ byte moves, and raised as ``ValueError`` with the tensor untouched.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from collections.abc import Callable
@@ -66,10 +67,16 @@ def _check_device(tensor: torch.Tensor, transport: str) -> str:
     return device_type
 
 
+@functools.cache
+def _option_names(algo: str) -> tuple[str, ...]:
+    """The keyword-only options the algorithm's function takes (read once per algorithm)."""
+    params = inspect.signature(ALGOS[algo]).parameters
+    return tuple(name for name, prm in params.items() if prm.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
 def _check_options(algo: str, options: dict) -> None:
     """ValueError for an option the algorithm does not take (a typo must not pass silently)."""
-    params = inspect.signature(ALGOS[algo]).parameters
-    known = [name for name, prm in params.items() if prm.kind is inspect.Parameter.KEYWORD_ONLY]
+    known = _option_names(algo)
     for name in options:
         if name not in known:
             raise ValueError(
@@ -128,8 +135,8 @@ def all_reduce(
         timeout: seconds the whole collective may take before ``CommTimeoutError``;
             None means RINGCOMM_TIMEOUT or 300 s.
         check: first verify that every rank passed the same numel, dtype, op, algo
-            and options (``MismatchError`` on every rank otherwise); costs P-1 tiny
-            messages. None means RINGCOMM_CHECK (default on).
+            and options (``MismatchError`` on every rank otherwise); costs one round
+            of 40-byte messages. None means RINGCOMM_CHECK (default on).
         **options: algorithm options, e.g. ``ps_rank``, ``ps_shards`` for ``algo="ps"``.
 
     Returns:
