@@ -70,21 +70,23 @@ def pipelined_scatter_reduce(
     left, right = (rank - 1) % p, (rank + 1) % p
     # Step i sends chunk (rank - i) and receives chunk (rank - i - 1), as in ring.py.
     sends = _step_messages(chunks, rank, p, seg_elems, 0)
-    recvs = [seg for step in _step_messages(chunks, rank, p, seg_elems, -1) for seg in step]
-    steps_of_recv = [i for i in range(p - 1) for _ in _segments(chunks[(rank - i - 1) % p], seg_elems)]
+    # (step, segment) of every receive, in arrival order: step-major, then segment
+    recvs = [
+        (i, seg) for i, step in enumerate(_step_messages(chunks, rank, p, seg_elems, -1)) for seg in step
+    ]
     window = len(slots)
 
     def post_recv(k: int) -> Pending:
-        return transport.irecv(slots[k % window][: recvs[k].numel()], left, _TAG_SCATTER_REDUCE)
+        return transport.irecv(slots[k % window][: recvs[k][1].numel()], left, _TAG_SCATTER_REDUCE)
 
     posted = [post_recv(k) for k in range(min(window, len(recvs)))]
     sent = [transport.isend(seg, right, _TAG_SCATTER_REDUCE) for seg in sends[0]]
-    for k, target in enumerate(recvs):
+    for k, (step, target) in enumerate(recvs):
         transport.wait(posted[k], deadline)
         reduce_into(target, slots[k % window][: target.numel()], op)
         if k + window < len(recvs):  # slot k % window is free again
             posted.append(post_recv(k + window))
-        if steps_of_recv[k] < p - 2:  # reduced at step i, forwarded at step i + 1
+        if step < p - 2:  # reduced at step i, forwarded at step i + 1
             sent.append(transport.isend(target, right, _TAG_SCATTER_REDUCE))
     for pending in sent:
         transport.wait(pending, deadline)
