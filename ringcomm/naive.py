@@ -13,12 +13,9 @@ The baseline a student writes first::
           rank1   rank2   rank3
 
 Rank 0's link carries (P-1)*M bytes in and (P-1)*M out, in 2(P-1) messages done
-one after another on rank 0's side::
-
-    T_naive ~= 2(P-1) * alpha + 2(P-1) * M * beta
-
-against the ring's 2(P-1)/P * M * beta: the root's link is the bottleneck and
-it grows with P. Reducing in rank order (not arrival order) makes the result
+one after another on rank 0's side, against the ring's 2(P-1)/P * M: the root's
+link is the bottleneck and it grows with P (the time model is
+``cost.naive_time``, in ``cost.py`` with the others). Reducing in rank order (not arrival order) makes the result
 reproducible; every rank gets rank 0's bytes, so all ranks agree bitwise.
 """
 
@@ -28,7 +25,8 @@ import torch
 
 from .buffers import ScratchPool
 from .ops import finalize, reduce_into
-from .transport import Transport
+from .tags import Tag
+from .transport import Transport, exchange, recv, send
 
 __all__ = ["naive_all_reduce", "ROOT"]
 
@@ -45,12 +43,11 @@ def naive_all_reduce(
     if rank == ROOT:
         incoming = scratch.get(flat.numel(), like=flat)
         for peer in range(1, p):  # gather and reduce in rank order
-            transport.wait(transport.irecv(incoming, peer), deadline)
+            exchange(transport, [recv(incoming, peer, Tag.NAIVE)], deadline)
             reduce_into(flat, incoming, op)
         finalize(flat, op, p)
-        sends = [transport.isend(flat, peer) for peer in range(1, p)]  # broadcast
-        for pending in sends:
-            transport.wait(pending, deadline)
+        exchange(transport, [send(flat, peer, Tag.NAIVE) for peer in range(1, p)], deadline)  # broadcast
     else:
-        transport.wait(transport.isend(flat, ROOT), deadline)
-        transport.wait(transport.irecv(flat, ROOT), deadline)
+        # The send must finish before the result lands in the same tensor.
+        exchange(transport, [send(flat, ROOT, Tag.NAIVE)], deadline)
+        exchange(transport, [recv(flat, ROOT, Tag.NAIVE)], deadline)

@@ -41,36 +41,30 @@ s0 = the first half and rank 1 serves s1 = the second half: rank 0 receives s0
 from ranks 1, 2, 3 and pushes its own s1 to rank 1; rank 1 does the mirror
 image; ranks 2 and 3 push s0 to rank 0 and s1 to rank 1, then pull both back.
 
-Cost (alpha = latency per message, beta = seconds per byte, M = tensor bytes,
-shards of M/k bytes). What each rank sends, and receives (the same amount)::
+Bytes each rank sends (and receives, the same), shards of M/k bytes::
 
                            messages sent   bytes sent = bytes received
     server of a shard      P-1 + k-1       (P-1)*M/k  +  (k-1)*M/k  = (P+k-2)/k * M
                            (pull to every other rank, push to the other servers)
     pure worker (k < P)    k               M            (one push per shard)
     k = 1: server          P-1             (P-1)*M;   workers: 1 message, M
-    k = P: every rank      2(P-1)          2(P-1)/P * M
-    ring, every rank       2(P-1)          2(P-1)/P * M
+    k = P: every rank      2(P-1)          2(P-1)/P * M, as in the ring
 
-P = 4: k = 1, the server moves 3M each way, workers M; k = 2, each server 2M,
-workers M; k = 4, every rank 1.5M, as in the ring. Sharding spreads the
-server's (P-1)*M over k links: each server's link carries (P-1)*M/k each way
-plus its own (k-1)/k*M of pushes and pulls. Push and pull are two rounds whose
-messages all fly at once, so with full-duplex links the busiest link sets the
-time::
+Sharding spreads the server's (P-1)*M over k links. Push and pull are two
+rounds whose messages all fly at once, so the busiest link sets the time: the
+central server's term grows with P where the ring's stays near 2M; that is why
+rings replaced central servers for dense gradients. The time model is
+``cost.ps_time`` (``cost.py`` holds every algorithm's formula). Server memory:
+P-1 receive slots of one shard, (P-1)*M/k bytes.
 
-    T_ps(k) ~= 2 * alpha + 2 * max((P-1)/k, w) * M * beta,
-               w = 1 if k < P (a pure worker pushes all of M), (P-1)/P if k = P
-
-    k = 1:  T_ps ~= 2 * alpha + 2(P-1) * M * beta
-    k = P:  T_ps ~= 2 * alpha + 2(P-1)/P * M * beta   (the ring's bytes)
-    ring:   T_ring ~= 2(P-1) * alpha + 2(P-1)/P * M * beta
-
-The central server's term grows with P where the ring's stays near 2M; that is
-why rings replaced central servers for dense gradients. The single 2 * alpha
-assumes the server's P-1 messages overlap; where a server pays alpha per
-message one after another, its latency term is 2(P-1) * alpha as in
-``naive.py``. Server memory: P-1 receive slots of one shard, (P-1)*M/k bytes.
+**Two posts, in this order, on every rank** (``transport.py``: a step's sends
+and receives go out together). Round 1, push: a server's receives of its shard
+and every rank's pushes. Round 2, pull: a server's sends of the result and
+every rank's receives of the shards it does not serve. A server posts round 2
+only after aggregating, so a server that also waits for another server's pull
+must not put that receive in round 1: on NCCL, which runs one group after the
+other, two servers would each wait for the other's round 2 behind their own
+unfinished round 1.
 """
 
 from __future__ import annotations
@@ -80,14 +74,10 @@ import torch
 from .buffers import ScratchPool
 from .chunks import chunk_bounds
 from .ops import finalize, reduce_into
-from .transport import Pending, Transport
+from .tags import Tag
+from .transport import Message, Pending, Transport, recv, send
 
 __all__ = ["ps_all_reduce", "push", "aggregate", "pull", "shard_server", "check_ps_options"]
-
-# Pushes (worker -> server) and pulls (server -> worker) use different tags: a
-# rank that is a server and a worker receives both kinds from the same peer.
-_TAG_PUSH = 0
-_TAG_PULL = 1
 
 
 def check_ps_options(ps_rank: object, ps_shards: object, world_size: int) -> None:
@@ -110,11 +100,11 @@ def shard_server(shard: int, ps_rank: int, world_size: int) -> int:
     return (ps_rank + shard) % world_size
 
 
-def push(shards: list[torch.Tensor], servers: list[int], transport: Transport) -> list[Pending]:
-    """Start sending this rank's slice of every shard it does not serve to that shard's server."""
+def push(shards: list[torch.Tensor], servers: list[int], transport: Transport) -> list[Message]:
+    """This rank's slice of every shard it does not serve, each to that shard's server."""
     rank = transport.rank
     return [
-        transport.isend(shard, server, _TAG_PUSH)
+        send(shard, server, Tag.PS_PUSH)
         for shard, server in zip(shards, servers)
         if server != rank and shard.numel()  # empty shards (numel < k) send no message
     ]
@@ -152,10 +142,10 @@ def aggregate(
     finalize(own, op, p)
 
 
-def pull(own: torch.Tensor, transport: Transport) -> list[Pending]:
-    """Start sending the reduced shard ``own`` from its server to every other rank."""
+def pull(own: torch.Tensor, transport: Transport) -> list[Message]:
+    """The reduced shard ``own``, from its server to every other rank."""
     rank, p = transport.rank, transport.world_size
-    return [transport.isend(own, peer, _TAG_PULL) for peer in range(p) if peer != rank]
+    return [send(own, peer, Tag.PS_PULL) for peer in range(p) if peer != rank]
 
 
 def ps_all_reduce(
@@ -175,7 +165,7 @@ def ps_all_reduce(
         op: ``"sum"``, ``"avg"``, ``"max"`` or ``"min"``.
         transport: the wire.
         deadline: ``time.monotonic()`` value by which the whole collective must finish.
-        scratch: where a server's P-1 receive slots (one shard each, slots 0..P-2) live.
+        scratch: where a server's P-1 receive slots (one shard each, one buffer) live.
         ps_rank: the server rank (of shard 0 when sharded), 0 <= ps_rank < P.
         ps_shards: k, the number of key ranges and server ranks, 1 <= k <= P.
 
@@ -196,25 +186,31 @@ def ps_all_reduce(
     served = (rank - ps_rank) % p  # the shard this rank serves, if < k
     own = shards[served] if served < ps_shards and shards[served].numel() else None
 
-    # Post every receive first: the server's P-1 pushes (each into its own slot,
-    # so arrivals overlap) and this rank's pulls (straight into its shards).
+    # Round 1, push: a server receives each peer's slice of its shard into a slot of
+    # its own (so arrivals overlap), and every rank pushes the slices it does not serve.
     slots: list[torch.Tensor | None] = [None] * p
-    received: list[Pending | None] = [None] * p
+    arrivals: list[Message] = []
     if own is not None:
-        for peer in range(p):
-            if peer != rank:
-                slots[peer] = scratch.get(own.numel(), like=flat, slot=peer - (peer > rank))
-                received[peer] = transport.irecv(slots[peer], peer, _TAG_PUSH)
-    # A pull lands in the very slice this rank pushes: safe, because the server
-    # sends the result only after it has received this rank's whole push.
-    pulled = [
-        transport.irecv(shard, server, _TAG_PULL)
+        pool = scratch.get((p - 1) * own.numel(), like=flat)
+        for i, peer in enumerate(q for q in range(p) if q != rank):
+            slots[peer] = pool[i * own.numel() : (i + 1) * own.numel()]
+            arrivals.append(recv(slots[peer], peer, Tag.PS_PUSH))  # type: ignore[arg-type]
+    posted = transport.post(arrivals + push(shards, servers, transport))
+    received: list[Pending | None] = [None] * p
+    for message, pending in zip(arrivals, posted):
+        received[message.peer] = pending
+    sent = posted[len(arrivals) :]
+    if own is not None:
+        aggregate(own, slots, received, op, transport, deadline)
+
+    # Round 2, pull: a server sends its result to everyone; every rank receives the
+    # other shards. A pull lands in the very slice this rank pushed: safe, because the
+    # server sends the result only after it has received this rank's whole push.
+    pulls = [
+        recv(shard, server, Tag.PS_PULL)
         for shard, server in zip(shards, servers)
         if server != rank and shard.numel()
     ]
-    sent = push(shards, servers, transport)
-    if own is not None:
-        aggregate(own, slots, received, op, transport, deadline)
-        sent += pull(own, transport)
-    for pending in pulled + sent:
+    sent += transport.post(pulls + (pull(own, transport) if own is not None else []))
+    for pending in sent:
         transport.wait(pending, deadline)

@@ -32,11 +32,8 @@ Who sends which chunk, P = 4 (``c2`` = rank sends its chunk 2 to the right)::
     rank 3 sends    c3   c2   c1         c0   c3   c2
     rank r owns c(r+1) fully reduced after scatter-reduce.
 
-Cost (alpha = latency per message, beta = seconds per byte, M = tensor bytes):
-each rank sends 2(P-1) messages of M/P bytes, so 2(P-1)/P * M bytes in all,
-nearly independent of P, and::
-
-    T_ring ~= 2(P-1) * alpha + 2(P-1)/P * M * beta
+Cost: 2(P-1) messages of about M/P bytes per rank, so 2(P-1)/P * M bytes in
+all, nearly independent of P (the time model is ``cost.ring_time``, in ``cost.py`` with the others).
 
 Every element is reduced in exactly one place (its owner) and then copied, so
 all ranks end with bitwise identical bytes regardless of float rounding.
@@ -50,7 +47,8 @@ import torch
 from .buffers import ScratchPool
 from .chunks import chunk_bounds
 from .ops import finalize, reduce_into
-from .transport import Transport
+from .tags import Tag
+from .transport import Transport, exchange, recv, send
 
 __all__ = ["ring_all_reduce", "scatter_reduce", "all_gather"]
 
@@ -73,15 +71,9 @@ def scatter_reduce(
         send_chunk = chunks[(rank - step) % p]
         recv_chunk = chunks[(rank - step - 1) % p]
         incoming = recv_buf[: recv_chunk.numel()]
-        pending = []
-        if incoming.numel():  # empty chunks (numel < P) travel as no message at all
-            pending.append(transport.irecv(incoming, left))
-        if send_chunk.numel():
-            pending.append(transport.isend(send_chunk, right))
-        for p_ in pending:
-            transport.wait(p_, deadline)
-        if incoming.numel():
-            reduce_into(recv_chunk, incoming, op)
+        # One post: the send and the receive travel together (empty chunks: no message at all).
+        exchange(transport, [recv(incoming, left, Tag.RING), send(send_chunk, right, Tag.RING)], deadline)
+        reduce_into(recv_chunk, incoming, op)
 
 
 def all_gather(chunks: list[torch.Tensor], transport: Transport, deadline: float) -> None:
@@ -92,13 +84,7 @@ def all_gather(chunks: list[torch.Tensor], transport: Transport, deadline: float
         # At step i, send chunk (rank + 1 - i) and receive chunk (rank - i) in place.
         send_chunk = chunks[(rank + 1 - step) % p]
         recv_chunk = chunks[(rank - step) % p]
-        pending = []
-        if recv_chunk.numel():
-            pending.append(transport.irecv(recv_chunk, left))
-        if send_chunk.numel():
-            pending.append(transport.isend(send_chunk, right))
-        for p_ in pending:
-            transport.wait(p_, deadline)
+        exchange(transport, [recv(recv_chunk, left, Tag.RING), send(send_chunk, right, Tag.RING)], deadline)
 
 
 def ring_all_reduce(

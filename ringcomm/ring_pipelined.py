@@ -9,52 +9,106 @@ Here each chunk is cut into segments of at most ``segment_bytes`` (4 MiB by
 default; Gloo's own chunked ring keeps about two 1 MiB segments in flight, but
 on a 2-core machine running 4 ranks each message costs ~0.2 ms of scheduling,
 and 4 MiB measured best: 35.6 ms against 39.0 ms for 1 MiB and 57.9 ms for
-256 KiB at 16 MiB, 4 ranks).
-Rank r's k-th message of a phase is segment s of step i (k = i*S + s), and a
-segment can be forwarded as soon as it is reduced, without waiting for the
-rest of its chunk::
+256 KiB at 16 MiB, 4 ranks). A segment is forwarded as soon as it is reduced,
+without waiting for the rest of its chunk.
 
-    scatter-reduce, one rank, S = 3 segments per chunk:
-      recv  [s0 s1 s2 | s0 s1 s2 | ...]   receives posted ``window`` ahead
-      reduce    s0 s1 s2 | s0 s1 s2        into this rank's copy of the chunk
-      send        s0 s1 s2 | s0 s1 s2      right away, to the right neighbour
+**Message k.** In each phase a rank receives a sequence of segments from its
+left (step-major: every segment of step 0, then of step 1, ...) and sends a
+sequence to its right; its k-th send is its right neighbour's k-th receive.
+So rank r posts **receive k and send k together** (one ``post``; NCCL needs
+it, see ``transport.py``), ``window`` messages ahead of the one it waits on::
 
-Python round trips per message: one ``irecv``, one ``isend`` and one ``wait`` on
-the receive; the sends are waited once at the end of each phase. Scratch: a
-window of ``window`` receive slots of one segment each, taken from the pool.
+    scatter-reduce, one rank, S = 3 segments per chunk, window 2:
+      post   {r0,s0} {r1,s1} | {r2,s2} {r3,s3} ...     receive k + send k, 2 ahead
+      reduce          r0  r1 |  r2  r3                  into this rank's copy of the chunk
+      send k >= S forwards receive k - S, reduced S messages earlier
 
-Cost model: as ``ring.py``, 2(P-1)/P * M bytes per rank; the number of messages
-becomes 2(P-1) * S with S = ceil(chunk_bytes / segment_bytes), and transfer
-overlaps reduction.
+Send k of step i >= 1 forwards segment s of the chunk received at step i - 1,
+which was receive k - S_own (S_own = the segments of this rank's own chunk), so
+it is ready when group k is posted as long as ``window <= S_own``; a rank
+whose own chunk is short uses a smaller window. Receive slots (scatter-reduce)
+are reused every ``window`` messages. Tensors smaller than P elements (some
+chunks empty) go through ``ring.py`` instead: no pipeline to fill.
+
+Python round trips per message: one ``post`` of two, one ``wait`` on the
+receive; sends are waited once at the end of each phase. Scratch: ``window``
+receive slots of one segment each.
+
+Cost model: as ``ring.py`` (``cost.ring_time``), 2(P-1)/P * M bytes per rank;
+the number of messages becomes 2(P-1) * S with S = ceil(chunk_bytes /
+segment_bytes), and transfer overlaps reduction.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from .buffers import ScratchPool
 from .chunks import chunk_bounds
 from .ops import finalize, reduce_into
-from .transport import Pending, Transport
+from .ring import ring_all_reduce
+from .tags import Tag
+from .transport import Message, Pending, Transport, recv, send
 
 __all__ = ["pipelined_ring_all_reduce", "DEFAULT_SEGMENT_BYTES", "DEFAULT_WINDOW"]
 
 DEFAULT_SEGMENT_BYTES = 4 << 20
 DEFAULT_WINDOW = 2
 
-_TAG_SCATTER_REDUCE = 0
-_TAG_ALL_GATHER = 1
-
 
 def _segments(chunk: torch.Tensor, seg_elems: int) -> list[torch.Tensor]:
     return [chunk[i : i + seg_elems] for i in range(0, chunk.numel(), seg_elems)]
 
 
-def _step_messages(
-    chunks: list[torch.Tensor], rank: int, p: int, seg_elems: int, offset: int
-) -> list[list[torch.Tensor]]:
-    """Segments handled at each of the P-1 steps: step i touches chunk (rank - i + offset)."""
-    return [_segments(chunks[(rank - i + offset) % p], seg_elems) for i in range(p - 1)]
+def _steps(chunks: list[torch.Tensor], first: int, p: int, seg_elems: int) -> list[torch.Tensor]:
+    """The segments of steps 0..P-2, step-major, where step i touches chunk (first - i)."""
+    return [seg for i in range(p - 1) for seg in _segments(chunks[(first - i) % p], seg_elems)]
+
+
+def _pipeline(
+    transport: Transport,
+    deadline: float,
+    tag: Tag,
+    incoming: list[torch.Tensor],
+    outgoing: list[torch.Tensor],
+    window: int,
+    arrived: Callable[[int], None],
+) -> None:
+    """Post {receive k, send k} ``window`` messages ahead; call ``arrived(k)`` as receive k lands.
+
+    ``outgoing[k]`` must be ready once ``arrived(k - window)`` has returned.
+    """
+    rank, p = transport.rank, transport.world_size
+    left, right = (rank - 1) % p, (rank + 1) % p
+    total = max(len(incoming), len(outgoing))
+    receives: list[Pending | None] = [None] * len(incoming)
+    sends: list[Pending] = []
+
+    def post(k: int) -> None:
+        messages: list[Message] = []
+        if k < len(incoming):
+            messages.append(recv(incoming[k], left, tag))
+        if k < len(outgoing):
+            messages.append(send(outgoing[k], right, tag))
+        posted = transport.post(messages)
+        if k < len(incoming):
+            receives[k] = posted[0]
+        if k < len(outgoing):
+            sends.append(posted[-1])
+
+    for k in range(min(window, total)):
+        post(k)
+    for k in range(len(incoming)):
+        transport.wait(receives[k], deadline)  # type: ignore[arg-type]  (posted above)
+        arrived(k)
+        if k + window < total:
+            post(k + window)
+    for k in range(len(incoming) + window, total):  # sends left over when a rank sends more than it receives
+        post(k)
+    for pending in sends:
+        transport.wait(pending, deadline)
 
 
 def pipelined_scatter_reduce(
@@ -67,52 +121,28 @@ def pipelined_scatter_reduce(
 ) -> None:
     """As ``ring.scatter_reduce``, with segments forwarded as soon as they are reduced."""
     rank, p = transport.rank, transport.world_size
-    left, right = (rank - 1) % p, (rank + 1) % p
     # Step i sends chunk (rank - i) and receives chunk (rank - i - 1), as in ring.py.
-    sends = _step_messages(chunks, rank, p, seg_elems, 0)
-    # (step, segment) of every receive, in arrival order: step-major, then segment
-    recvs = [
-        (i, seg) for i, step in enumerate(_step_messages(chunks, rank, p, seg_elems, -1)) for seg in step
-    ]
-    window = len(slots)
+    outgoing = _steps(chunks, rank, p, seg_elems)
+    targets = _steps(chunks, rank - 1, p, seg_elems)
+    window = min(len(slots), len(_segments(chunks[rank], seg_elems)))
+    incoming = [slots[k % window][: t.numel()] for k, t in enumerate(targets)]
 
-    def post_recv(k: int) -> Pending:
-        return transport.irecv(slots[k % window][: recvs[k][1].numel()], left, _TAG_SCATTER_REDUCE)
+    def arrived(k: int) -> None:
+        reduce_into(targets[k], incoming[k], op)  # frees slot k % window for receive k + window
 
-    posted = [post_recv(k) for k in range(min(window, len(recvs)))]
-    sent = [transport.isend(seg, right, _TAG_SCATTER_REDUCE) for seg in sends[0]]
-    for k, (step, target) in enumerate(recvs):
-        transport.wait(posted[k], deadline)
-        reduce_into(target, slots[k % window][: target.numel()], op)
-        if k + window < len(recvs):  # slot k % window is free again
-            posted.append(post_recv(k + window))
-        if step < p - 2:  # reduced at step i, forwarded at step i + 1
-            sent.append(transport.isend(target, right, _TAG_SCATTER_REDUCE))
-    for pending in sent:
-        transport.wait(pending, deadline)
+    _pipeline(transport, deadline, Tag.SCATTER_REDUCE, incoming, outgoing, window, arrived)
 
 
 def pipelined_all_gather(
-    chunks: list[torch.Tensor], transport: Transport, deadline: float, seg_elems: int
+    chunks: list[torch.Tensor], transport: Transport, deadline: float, seg_elems: int, window: int
 ) -> None:
     """As ``ring.all_gather``: segments land in place and are forwarded on arrival."""
     rank, p = transport.rank, transport.world_size
-    left, right = (rank - 1) % p, (rank + 1) % p
-    # Step i sends chunk (rank + 1 - i) and receives chunk (rank - i), as in ring.py.
-    first_sends = _segments(chunks[(rank + 1) % p], seg_elems)
-    recv_steps = _step_messages(chunks, rank, p, seg_elems, 0)
-    posted = [
-        (i, transport.irecv(seg, left, _TAG_ALL_GATHER), seg)
-        for i, step in enumerate(recv_steps)
-        for seg in step
-    ]
-    sent = [transport.isend(seg, right, _TAG_ALL_GATHER) for seg in first_sends]
-    for step, pending, seg in posted:
-        transport.wait(pending, deadline)
-        if step < p - 2:
-            sent.append(transport.isend(seg, right, _TAG_ALL_GATHER))
-    for pending in sent:
-        transport.wait(pending, deadline)
+    # Step i sends chunk (rank + 1 - i) and receives chunk (rank - i) in place, as in ring.py.
+    outgoing = _steps(chunks, rank + 1, p, seg_elems)
+    incoming = _steps(chunks, rank, p, seg_elems)
+    window = min(window, len(_segments(chunks[(rank + 1) % p], seg_elems)))
+    _pipeline(transport, deadline, Tag.ALL_GATHER, incoming, outgoing, window, lambda k: None)
 
 
 def pipelined_ring_all_reduce(
@@ -129,16 +159,17 @@ def pipelined_ring_all_reduce(
 
     Args:
         segment_bytes: largest message, in bytes.
-        window: receive slots (segments in flight toward this rank) in scatter-reduce.
+        window: messages posted ahead of the one being waited on (receive slots in scatter-reduce).
     """
     p = transport.world_size
-    chunks = [flat[s : s + n] for s, n in chunk_bounds(flat.numel(), p)]
-    if flat.numel() == 0 or p == 1:  # nothing to exchange
+    if flat.numel() < p:  # some chunks are empty: nothing to pipeline (and p == 1: nothing to do)
+        ring_all_reduce(flat, op, transport, deadline, scratch)
         return
+    chunks = [flat[s : s + n] for s, n in chunk_bounds(flat.numel(), p)]
     seg_elems = max(1, min(chunks[0].numel(), segment_bytes // flat.element_size()))
     slot_count = max(1, window)
     pool = scratch.get(seg_elems * slot_count, like=flat)
     slots = [pool[i * seg_elems : (i + 1) * seg_elems] for i in range(slot_count)]
     pipelined_scatter_reduce(chunks, op, transport, deadline, slots, seg_elems)
     finalize(chunks[(transport.rank + 1) % p], op, p)
-    pipelined_all_gather(chunks, transport, deadline, seg_elems)
+    pipelined_all_gather(chunks, transport, deadline, seg_elems, slot_count)

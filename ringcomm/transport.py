@@ -1,56 +1,55 @@
-"""The Transport protocol that the algorithms see, and TorchTransport on torch.distributed.
+"""The Transport protocol that the algorithms see, and the registry of transports.
 
-Algorithms (ring, parameter server, naive) never call torch.distributed
-directly. They see a ``Transport``: a rank, a world size, a nonblocking send, a
-nonblocking receive into a given tensor, and a wait with a timeout. Any
-transport that offers these four things (ZeroMQ, see ``zmq_transport.py``) runs
-every algorithm unchanged::
+Algorithms (ring, parameter server, naive) never call torch.distributed or
+ZeroMQ directly. They see a ``Transport``: a rank, a world size, a way to
+**post** a group of sends and receives, and a **wait** with a deadline::
 
-    algorithm  --isend/irecv/wait-->  Transport  -->  Gloo | NCCL | ZeroMQ
+    algorithm  --post/wait-->  Transport  -->  Gloo | NCCL | ZeroMQ | ...
 
-Ordering contract: messages from one rank to another with the same tag are
-received in the order they were sent. Algorithms post a receive before or
-together with the matching send, never a blocking send then a receive (that
-deadlocks on Gloo once two neighbours both send first).
+``post`` issues its messages *together*. That is the one rule that keeps every
+algorithm deadlock-free on every transport: NCCL runs a pair's operations in
+the order they were issued, one group at a time, so a receive issued on its own
+before a send would block that send until the peer's send arrives, and two
+neighbours doing the same wait for each other forever. Whatever a rank sends
+and receives in one step of an algorithm goes into one ``post``; a transport
+that needs it (NCCL) issues them as one group (``batch_isend_irecv``), the
+others post the receives first, then the sends. ``tests/nccl_order.py``
+emulates NCCL's ordering and runs every algorithm through it.
 
-``TorchTransport`` runs on its **own** process group, made with
-``dist.new_group``, so ring traffic never interleaves with DDP's collectives on
-the default group. CPU tensors go over Gloo, CUDA tensors over NCCL.
+Ordering contract: messages from one rank to another are received in the order
+they were sent; a receive names the tensor the message lands in (exact size).
+Tags (``tags.py``) separate kinds of messages where a transport supports them;
+correctness never depends on them (NCCL ignores them).
+
+Each transport module registers itself (``register_transport``) with the device
+types it serves, so ``all_reduce`` knows which names exist and which tensors
+each can carry without naming any transport itself.
 """
 
 from __future__ import annotations
 
-import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-import torch.distributed as dist
-
-from .errors import CommTimeoutError, PeerError
-from .liveness import Liveness, env_seconds, for_world
 
 __all__ = [
-    "DEFAULT_TIMEOUT_S",
+    "Message",
     "Pending",
+    "PointToPoint",
     "Transport",
+    "TransportKind",
     "TransportStats",
-    "TorchTransport",
-    "default_timeout",
-    "get_transport",
+    "exchange",
+    "recv",
     "register_transport",
+    "remaining",
+    "send",
+    "transport_kind",
+    "transport_names",
 ]
-
-#: Default for ``all_reduce(timeout=None)``: seconds one whole collective may take.
-#: Override per call with ``timeout=`` or for the process with RINGCOMM_TIMEOUT.
-DEFAULT_TIMEOUT_S = 300.0
-
-
-def default_timeout() -> float:
-    """The timeout used when none is given: RINGCOMM_TIMEOUT (seconds) or 300 s."""
-    return env_seconds("RINGCOMM_TIMEOUT", DEFAULT_TIMEOUT_S)
 
 
 @dataclass
@@ -80,6 +79,26 @@ class TransportStats:
         self.recvs_from[peer] = self.recvs_from.get(peer, 0) + 1
 
 
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One send or receive of a ``post``: ``tensor`` (contiguous) to or from ``peer``, under ``tag``."""
+
+    kind: str  # "send" or "recv"
+    tensor: torch.Tensor
+    peer: int
+    tag: int = 0
+
+
+def send(tensor: torch.Tensor, peer: int, tag: int = 0) -> Message:
+    """A message sending ``tensor`` to ``peer`` (it must not change until waited)."""
+    return Message("send", tensor, peer, tag)
+
+
+def recv(tensor: torch.Tensor, peer: int, tag: int = 0) -> Message:
+    """A message receiving from ``peer`` into ``tensor`` (exact size expected)."""
+    return Message("recv", tensor, peer, tag)
+
+
 @dataclass
 class Pending:
     """A posted send or receive. Opaque to algorithms: pass it to ``Transport.wait``."""
@@ -95,13 +114,11 @@ class Transport(Protocol):
 
     rank: int
     world_size: int
+    device_type: str
     stats: TransportStats
 
-    def isend(self, tensor: torch.Tensor, peer: int, tag: int = 0) -> Pending:
-        """Start sending ``tensor`` (contiguous) to ``peer``; the tensor must not change until waited."""
-
-    def irecv(self, tensor: torch.Tensor, peer: int, tag: int = 0) -> Pending:
-        """Start receiving from ``peer`` into ``tensor`` (contiguous, exact size expected)."""
+    def post(self, messages: Sequence[Message]) -> list[Pending]:
+        """Issue ``messages`` together; one ``Pending`` each, in the same order."""
 
     def wait(self, pending: Pending, deadline: float) -> None:
         """Block until ``pending`` completes; raise CommTimeoutError at ``deadline``.
@@ -109,105 +126,110 @@ class Transport(Protocol):
         ``deadline`` is a ``time.monotonic()`` value: the whole collective shares one.
         """
 
+    def close(self) -> None:
+        """Release sockets, groups, segments; idempotent."""
+
+
+class PointToPoint:
+    """``post`` for transports whose sends and receives are independent (Gloo, ZeroMQ).
+
+    Receives go first, so a peer's send finds its receive posted; nothing waits
+    here. A subclass provides ``isend`` and ``irecv``.
+    """
+
+    def isend(self, tensor: torch.Tensor, peer: int, tag: int = 0) -> Pending:
+        raise NotImplementedError
+
+    def irecv(self, tensor: torch.Tensor, peer: int, tag: int = 0) -> Pending:
+        raise NotImplementedError
+
+    def post(self, messages: Sequence[Message]) -> list[Pending]:
+        pending: list[Pending | None] = [None] * len(messages)
+        for i, m in enumerate(messages):
+            if m.kind == "recv":
+                pending[i] = self.irecv(m.tensor, m.peer, m.tag)
+        for i, m in enumerate(messages):
+            if m.kind == "send":
+                pending[i] = self.isend(m.tensor, m.peer, m.tag)
+        return pending  # type: ignore[return-value]  (every slot was filled)
+
 
 def remaining(deadline: float) -> float:
     """Seconds left until ``deadline`` (a time.monotonic() value), at least 1 ms."""
     return max(deadline - time.monotonic(), 1e-3)
 
 
-class TorchTransport:
-    """Point-to-point over torch.distributed on a process group of its own.
+# --- the registry: which transports exist, and which tensors each can carry ---
 
-    Args:
-        device_type: ``"cpu"`` (Gloo) or ``"cuda"`` (NCCL).
-        timeout_s: the group's own timeout, the backstop under every wait.
+
+@dataclass(frozen=True)
+class TransportKind:
+    """A registered transport.
+
+    Attributes:
+        name: what ``all_reduce(transport=...)`` takes.
+        factory: ``factory(device_type, setup) -> Transport``; collective (every rank, same
+            order). ``setup`` (``session.SetupContext``) carries the store, rank, world size,
+            liveness and a store-key prefix unique to this setup.
+        devices: device types (``tensor.device.type``) it can carry.
+        check_device: extra rule for a device it lists, raising ValueError (e.g. the backend
+            the default process group was initialised with); None when there is none.
+        summary: one line for error messages and ``--help``.
     """
 
-    def __init__(self, device_type: str = "cpu", timeout_s: float | None = None) -> None:
-        if not dist.is_initialized():
-            raise RuntimeError("call torch.distributed.init_process_group before using ringcomm")
-        backend = {"cpu": "gloo", "cuda": "nccl"}[device_type]
-        self.device_type = device_type
-        self.backend = backend
-        # new_group is collective: every rank of the default group makes it, in the same order.
-        self.group = dist.new_group(
-            backend=backend, timeout=timedelta(seconds=timeout_s or default_timeout())
-        )
-        self.rank = dist.get_rank(self.group)
-        self.world_size = dist.get_world_size(self.group)
-        self.stats = TransportStats()
-        # Heartbeats (liveness.py): they cannot wake a Gloo wait, but they say in a
-        # timeout's message whether the peer was alive, and warn while a wait is stuck.
-        self.liveness: Liveness | None = for_world()
+    name: str
+    factory: Callable[[str, Any], Transport]
+    devices: tuple[str, ...]
+    check_device: Callable[[torch.device], None] | None = None
+    summary: str = ""
 
-    def isend(self, tensor: torch.Tensor, peer: int, tag: int = 0) -> Pending:
-        work = dist.isend(tensor, dst=peer, group=self.group, tag=tag)
-        self.stats.count_send(peer, tensor.numel() * tensor.element_size())
-        return Pending("send", peer, work)
-
-    def irecv(self, tensor: torch.Tensor, peer: int, tag: int = 0) -> Pending:
-        work = dist.irecv(tensor, src=peer, group=self.group, tag=tag)
-        self.stats.count_recv(peer, tensor.numel() * tensor.element_size())
-        return Pending("recv", peer, work)
-
-    def wait(self, pending: Pending, deadline: float) -> None:
-        timeout = remaining(deadline)
-        live = self.liveness
-        if live is not None:
-            live.awaiting = pending.peer  # the heartbeat thread watches it while we block
-        try:
-            # Gloo's Work.wait(timeout) raises when the timeout expires; NCCL's
-            # is asynchronous on the host, and its group timeout is the backstop.
-            pending.handle.wait(timedelta(seconds=timeout))
-        except RuntimeError as exc:  # DistBackendError subclasses RuntimeError
-            text = str(exc)
-            if "imed out" in text or "imeout" in text:
-                detail = live.describe(pending.peer) if live is not None else ""
-                raise CommTimeoutError(self.rank, pending.peer, pending.op, timeout, detail) from exc
-            if live is not None:
-                live.mark_failed()  # peers waiting on this rank learn it at their next check
-            raise PeerError(self.rank, pending.peer, pending.op, text.splitlines()[0]) from exc
-        finally:
-            if live is not None:
-                live.awaiting = None
-
-    def close(self) -> None:
-        """Destroy this transport's process group."""
-        if dist.is_initialized():
-            dist.destroy_process_group(self.group)
+    def validate_device(self, device: torch.device) -> None:
+        """ValueError unless this transport can carry tensors on ``device``."""
+        if device.type not in self.devices:
+            others = [k.name for k in _KINDS.values() if device.type in k.devices]
+            hint = f"; transports for {device.type}: {', '.join(others)}" if others else ""
+            raise ValueError(
+                f"transport={self.name!r} carries tensors on {', '.join(self.devices)}; "
+                f"the tensor is on {device}{hint}"
+            )
+        if self.check_device is not None:
+            self.check_device(device)
 
 
-# --- the registry: one transport per (kind, device type) per default process group ---
-
-_FACTORIES: dict[str, Any] = {"torch": TorchTransport}
-_CACHE: dict[tuple[str, str], tuple[Any, Transport]] = {}
-_LOCK = threading.Lock()
+_KINDS: dict[str, TransportKind] = {}
 
 
-def register_transport(name: str, factory: Any) -> None:
-    """Make ``all_reduce(transport=name)`` build transports with ``factory(device_type)``."""
-    _FACTORIES[name] = factory
+def register_transport(
+    name: str,
+    factory: Callable[[str, Any], Transport],
+    *,
+    devices: Sequence[str],
+    check_device: Callable[[torch.device], None] | None = None,
+    summary: str = "",
+) -> None:
+    """Make ``all_reduce(transport=name)`` build transports with ``factory(device_type, setup)``."""
+    _KINDS[name] = TransportKind(name, factory, tuple(devices), check_device, summary)
 
 
 def transport_names() -> tuple[str, ...]:
-    return tuple(_FACTORIES)
+    """The registered transport names, in registration order."""
+    return tuple(_KINDS)
 
 
-def get_transport(name: str, device_type: str) -> Transport:
-    """The transport ``name`` for tensors on ``device_type``, made on first use.
+def transport_kind(name: object) -> TransportKind:
+    """The registered transport ``name``; ValueError naming the known ones otherwise."""
+    kind = _KINDS.get(name) if isinstance(name, str) else None
+    if kind is None:
+        raise ValueError(f"unknown transport {name!r}; expected one of {', '.join(map(repr, _KINDS))}")
+    return kind
 
-    Making one is collective (every rank must ask for it in the same order):
-    ``ringcomm.init()`` does it up front; otherwise the first ``all_reduce`` does.
-    A new ``init_process_group`` (after a destroy) gets fresh transports.
+
+def exchange(transport: Transport, messages: Sequence[Message], deadline: float) -> None:
+    """Post ``messages`` together and wait for all of them: one step of an algorithm.
+
+    Messages of zero elements are left out (both ends agree they are empty, so
+    neither posts them); a step with none does nothing.
     """
-    world = dist.group.WORLD
-    key = (name, device_type)
-    with _LOCK:
-        cached = _CACHE.get(key)
-        if cached is not None and cached[0] is world:
-            return cached[1]
-        if name not in _FACTORIES and name == "zmq":
-            from . import zmq_transport  # noqa: F401  (registers itself)
-        transport = _FACTORIES[name](device_type)
-        _CACHE[key] = (world, transport)
-        return transport
+    pending = transport.post([m for m in messages if m.tensor.numel()])
+    for p in pending:
+        transport.wait(p, deadline)
