@@ -3,27 +3,43 @@
     >>> import torch, torch.distributed as dist, ringcomm
     >>> dist.init_process_group("gloo")          # or torchrun / launch.py
     >>> t = torch.full((1000,), float(dist.get_rank()))
-    >>> ringcomm.all_reduce(t, op="sum", algo="ring")   # in place; returns t
+    >>> ringcomm.all_reduce(t, op="sum", algo="ring")        # in place; returns t
+    >>> fut = ringcomm.all_reduce_async(t, algo="ps")       # on ringcomm's comm thread
+    >>> fut.wait()
 
-See ring.py (the diagram and cost model), param_server.py, naive.py, transport.py.
+Where things are: ring.py (the diagram), ring_pipelined.py, param_server.py,
+naive.py (the algorithms, registered in algorithms.py); transport.py (the
+protocol every transport offers; torch_transport.py, zmq_transport.py);
+cost.py (the cost model); session.py, comm_queue.py, fingerprint.py,
+liveness.py (what runs around a collective).
 """
 
-from .api import ALGOS, all_reduce, init
-from .errors import CommError, CommTimeoutError, MismatchError, PeerError
-from .transport import DEFAULT_TIMEOUT_S, TorchTransport, Transport, get_transport
+# The transport modules register themselves with the registry in transport.py on import.
+from . import torch_transport, zmq_transport  # noqa: F401  (imported for registration)
+from .algorithms import ALGOS
+from .api import all_reduce, all_reduce_async, comm_stats, init
+from .comm_queue import CommStats
+from .errors import CommError, CommTimeoutError, FrameError, MismatchError, PeerError
+from .session import shutdown
+from .settings import DEFAULT_TIMEOUT_S
+from .transport import Transport, transport_names
 
 __all__ = [
     "ALGOS",
     "DEFAULT_TIMEOUT_S",
     "CommError",
+    "CommStats",
     "CommTimeoutError",
+    "FrameError",
     "MismatchError",
     "PeerError",
     "Transport",
-    "TorchTransport",
     "all_reduce",
-    "get_transport",
+    "all_reduce_async",
+    "comm_stats",
     "init",
+    "shutdown",
+    "transport_names",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"

@@ -1,115 +1,188 @@
-"""``ringcomm.all_reduce``: validate, pick an algorithm and a transport, run it in place.
+"""``ringcomm.all_reduce`` and ``all_reduce_async``: validate, queue, check, run the algorithm in place.
 
-Everything that can be wrong with the arguments is found here, before a single
-byte moves, and raised as ``ValueError`` with the tensor untouched.
+Everything that can be wrong with the arguments is found here, before a
+single byte moves, and raised as ``ValueError`` with the tensor untouched. The
+call then takes its turn in the process's comm queue (``comm_queue.py``) and,
+when it runs::
+
+    n = the call's number in this world            (the same on every rank: queue order)
+    same-call check through the store              (fingerprint.py; MismatchError on every rank)
+    the transport, set up on first use             (session.py; collective)
+    the algorithm, in place on a flat view         (algorithms.py)
+
+A call refused on one rank (a ``ValueError`` there) still takes its number: it
+publishes the refusal in the check's slot, so with the check on the other ranks
+raise ``MismatchError`` at once instead of waiting for it.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from . import session as sessions
 from . import trace
-from .buffers import ScratchPool
-from .fingerprint import check_enabled, check_same_call
-from .naive import naive_all_reduce
+from .algorithms import ALGOS, AlgorithmSpec
+from .comm_queue import CommStats
+from .errors import CommError, MismatchError
+from .fingerprint import check_same_call, fingerprint, refuse
 from .ops import check_op_dtype
-from .param_server import check_ps_options, ps_all_reduce
-from .ring import ring_all_reduce
-from .ring_pipelined import pipelined_ring_all_reduce
-from .transport import Transport, default_timeout, get_transport, transport_names
+from .settings import check_default, default_timeout
+from .transport import Transport, TransportKind, transport_kind
 
-__all__ = ["all_reduce", "init", "ALGOS"]
-
-Algorithm = Callable[..., None]
-
-#: name -> function(flat, op, transport, deadline, scratch, **options)
-ALGOS: dict[str, Algorithm] = {
-    "ring": pipelined_ring_all_reduce,  # the fast ring: pipelined segments (ring_pipelined.py)
-    "ring_simple": ring_all_reduce,  # the readable ring of ring.py, step for step
-    "naive": naive_all_reduce,
-    "ps": ps_all_reduce,  # parameter server, optionally sharded (param_server.py)
-}
-
-#: name -> function(world_size, **options) raising ValueError, run before any communication
-OPTION_CHECKS: dict[str, Callable[..., None]] = {
-    "ps": lambda world_size, ps_rank=0, ps_shards=1: check_ps_options(ps_rank, ps_shards, world_size),
-}
-
-_SCRATCH = ScratchPool()
+__all__ = ["all_reduce", "all_reduce_async", "init", "comm_stats", "validate", "ALGOS"]
 
 
-def _check_device(tensor: torch.Tensor, transport: str) -> str:
-    """The device type to communicate on; ValueError if the backend cannot serve it."""
-    device_type = tensor.device.type
-    if device_type not in ("cpu", "cuda"):
-        raise ValueError(f"tensor is on device {tensor.device}; ringcomm handles cpu and cuda tensors")
-    if transport == "zmq" and device_type != "cpu":
-        raise ValueError(
-            f"transport='zmq' sends host memory; tensor is on {tensor.device}. "
-            "Move it to the CPU or use transport='torch' (NCCL)"
-        )
-    if transport == "torch":
-        backend = str(dist.get_backend())
-        needed = {"cpu": "gloo", "cuda": "nccl"}[device_type]
-        if needed not in backend:
-            raise ValueError(
-                f"tensor on {tensor.device} needs the {needed} backend, but the process group was "
-                f"initialised with backend {backend!r}; move the tensor to "
-                f"{'the GPU' if device_type == 'cpu' else 'the CPU'} or init with backend "
-                f"'{needed}' (or 'cpu:gloo,cuda:nccl')"
-            )
-    return device_type
+@dataclass
+class _Call:
+    """One validated all_reduce, ready to run."""
+
+    tensor: torch.Tensor
+    op: str
+    spec: AlgorithmSpec
+    kind: TransportKind
+    options: dict[str, Any]
+    timeout: float
+    check: bool
+
+    @property
+    def what(self) -> str:
+        t = self.tensor
+        return f"all_reduce({t.numel()} x {str(t.dtype).removeprefix('torch.')}, {self.spec.name} over {self.kind.name})"
 
 
-@functools.cache
-def _option_names(algo: str) -> tuple[str, ...]:
-    """The keyword-only options the algorithm's function takes (read once per algorithm)."""
-    params = inspect.signature(ALGOS[algo]).parameters
-    return tuple(name for name, prm in params.items() if prm.kind is inspect.Parameter.KEYWORD_ONLY)
+def validate(
+    algo: str, transport: str, device: torch.device | str, options: Mapping[str, Any], world_size: int | None
+) -> tuple[AlgorithmSpec, TransportKind, dict[str, Any]]:
+    """Check ``algo``, ``transport``, ``device`` and the options; return them resolved.
+
+    ``world_size`` None skips the checks that need it (option values' ranges).
+
+    Raises:
+        ValueError: naming the argument that is wrong and what would be right.
+    """
+    spec = ALGOS.get(algo) if isinstance(algo, str) else None
+    if spec is None:
+        raise ValueError(f"unknown algo {algo!r}; expected one of {', '.join(ALGOS)}")
+    kind = transport_kind(transport)
+    kind.validate_device(torch.device(device))
+    return spec, kind, spec.options(options, world_size)
 
 
-def _check_options(algo: str, options: dict) -> None:
-    """ValueError for an option the algorithm does not take (a typo must not pass silently)."""
-    known = _option_names(algo)
-    for name in options:
-        if name not in known:
-            raise ValueError(
-                f"algo={algo!r} takes no option {name!r}; its options are: {', '.join(known) or 'none'}"
-            )
-
-
-def _validate(
-    tensor: torch.Tensor, op: str, algo: str, transport: str, timeout: float | None, options: dict
-) -> None:
+def _prepare(
+    tensor: Any, op: str, algo: str, transport: str, timeout: float | None, check: bool | None, options: dict
+) -> _Call:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"all_reduce expects a torch.Tensor, got {type(tensor).__name__}")
-    if algo not in ALGOS:
-        raise ValueError(f"unknown algo {algo!r}; expected one of {', '.join(ALGOS)}")
-    if transport not in transport_names() and transport != "zmq":
-        raise ValueError(f"unknown transport {transport!r}; expected 'torch' or 'zmq'")
     check_op_dtype(op, tensor.dtype)
-    _check_options(algo, options)
-    if timeout is not None and not timeout > 0:
+    if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    if not dist.is_initialized():
-        raise RuntimeError(
-            "ringcomm.all_reduce needs torch.distributed.init_process_group to have been called"
-        )
+    world_size = dist.get_world_size() if dist.is_initialized() else None
+    spec, kind, complete = validate(algo, transport, tensor.device, options, world_size)
+    if world_size is None:
+        raise RuntimeError("ringcomm.all_reduce needs torch.distributed.init_process_group to have been called")
+    return _Call(
+        tensor, op, spec, kind, complete, timeout if timeout is not None else default_timeout(),
+        check_default() if check is None else bool(check),
+    )
 
 
-def init(transport: str = "torch", device: str | torch.device = "cpu") -> Transport:
-    """Make the transport now (collective: call on every rank), instead of at first use.
+def _refuse(session: sessions.Session, reason: str, check: bool | None) -> None:
+    """Take this call's number in queue order; publish the refusal if the check is on."""
+    try:
+        publish = check_default() if check is None else bool(check)
+    except ValueError:
+        publish = True
 
-    Useful before handing all_reduce to another thread, e.g. a DDP comm hook.
+    def refusal() -> None:
+        if session.failed is not None:
+            return  # the peers raise anyway: they are past the failed call
+        n = session.begin_call()
+        if publish and session.world_size > 1:
+            refuse(session, n, reason)
+
+    session.queue.submit(refusal, "a refused all_reduce", torch.futures.Future())
+
+
+def _admit(
+    tensor: Any, op: str, algo: str, transport: str, timeout: float | None, check: bool | None, options: dict
+) -> tuple[sessions.Session, _Call]:
+    """Validate (``ValueError``, with the refusal published to the peers) and find the session."""
+    try:
+        call = _prepare(tensor, op, algo, transport, timeout, check, options)
+    except ValueError as exc:
+        if dist.is_initialized():
+            _refuse(sessions.current(), f"{type(exc).__name__}: {exc}", check)
+        raise
+    return sessions.current(), call
+
+
+def _execute(session: sessions.Session, call: _Call) -> torch.Tensor:
+    """Run ``call`` now (in its turn): check, transport, algorithm; account for it."""
+    n = session.begin_call()
+    start = time.perf_counter()
+    deadline = time.monotonic() + call.timeout
+    tensor = call.tensor
+    work = tensor if tensor.is_contiguous() else tensor.contiguous()
+    flat = work.view(-1)
+    comm: Transport | None = None
+    sent0 = recv0 = 0
+    try:
+        if call.check and session.world_size > 1:
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            mine = fingerprint(
+                flat.numel(), dtype, call.op, call.spec.name, call.kind.name, tensor.device.type, call.options
+            )
+            check_same_call(session, n, mine, deadline)
+        comm = session.transport(call.kind, tensor.device.type, deadline)
+        sent0, recv0 = comm.stats.sent_bytes, comm.stats.recv_bytes
+        tracer = trace.get()
+        if tracer is None:
+            call.spec.run(flat, call.op, comm, deadline, session.scratch, **call.options)
+        else:
+            nbytes = flat.numel() * flat.element_size()
+            parts = call.spec.cut(flat.numel(), comm.world_size, call.options)
+            lane = threading.current_thread().name
+            with tracer.span(f"all_reduce {call.spec.name} {nbytes} B", "all_reduce", lane, algo=call.spec.name, bytes=nbytes):
+                traced = trace.TracedTransport(comm, tracer, flat, call.spec.name, parts)
+                call.spec.run(flat, call.op, traced, deadline, session.scratch, **call.options)
+    except CommError as exc:
+        if not isinstance(exc, MismatchError):  # the ranks are out of step now (session.py)
+            session.failed = session.failed or exc
+            if session.liveness is not None:
+                session.liveness.give_up(n)  # peers waiting on this rank in this call learn at once
+        raise
+    finally:
+        sent = comm.stats.sent_bytes - sent0 if comm is not None else 0
+        got = comm.stats.recv_bytes - recv0 if comm is not None else 0
+        session.queue.record(time.perf_counter() - start, sent, got)
+    if work is not tensor:
+        tensor.copy_(work)
+    return tensor
+
+
+def init(transport: str = "torch", device: str | torch.device = "cpu", timeout: float | None = None) -> Transport:
+    """Set up the transport now (collective: call on every rank), instead of at first use.
+
+    Useful before handing collectives to another thread (a DDP comm hook): the
+    set-up then happens here, in this thread, in a known order.
+
+    Raises:
+        ValueError: unknown transport, or a device it cannot carry.
+        MismatchError: ranks asked for different transports.
     """
-    device_type = torch.device(device).type
-    return get_transport(transport, device_type)
+    kind = transport_kind(transport)
+    dev = torch.device(device)
+    kind.validate_device(dev)
+    session = sessions.current()
+    deadline = time.monotonic() + (timeout if timeout is not None else default_timeout())
+    return session.queue.run(lambda: session.transport(kind, dev.type, deadline), f"setting up {transport}")
 
 
 @torch.no_grad()
@@ -121,7 +194,7 @@ def all_reduce(
     transport: str = "torch",
     timeout: float | None = None,
     check: bool | None = None,
-    **options: object,
+    **options: Any,
 ) -> torch.Tensor:
     """Reduce ``tensor`` across all ranks, in place, and return it.
 
@@ -130,13 +203,14 @@ def all_reduce(
             A non-contiguous tensor is reduced through a contiguous copy.
         op: ``"sum"``, ``"avg"`` (floating dtypes only), ``"max"`` or ``"min"``.
         algo: ``"ring"`` (pipelined ring), ``"ring_simple"`` (the readable ring),
-            ``"ps"`` (parameter server) or ``"naive"`` (gather to rank 0).
-        transport: ``"torch"`` (Gloo for CPU, NCCL for CUDA) or ``"zmq"``.
+            ``"ps"`` (parameter server) or ``"naive"`` (gather to rank 0); see ``ALGOS``.
+        transport: ``"torch"`` (Gloo for CPU, NCCL for CUDA) or ``"zmq"``; see
+            ``transport.transport_names()``.
         timeout: seconds the whole collective may take before ``CommTimeoutError``;
             None means RINGCOMM_TIMEOUT or 300 s.
-        check: first verify that every rank passed the same numel, dtype, op, algo
-            and options (``MismatchError`` on every rank otherwise); costs one round
-            of 40-byte messages. None means RINGCOMM_CHECK (default on).
+        check: first verify that every rank passed the same numel, dtype, op, algo,
+            transport and options (``MismatchError`` on every rank otherwise); one round
+            through the store. None means RINGCOMM_CHECK (default on).
         **options: algorithm options, e.g. ``ps_rank``, ``ps_shards`` for ``algo="ps"``.
 
     Returns:
@@ -144,8 +218,12 @@ def all_reduce(
 
     Raises:
         ValueError: bad arguments, found before any communication; tensor untouched.
-        MismatchError: ranks passed different calls (with the check on); tensor untouched.
+        MismatchError: ranks passed different calls, or one refused it (with the check
+            on); tensor untouched.
         CommTimeoutError, PeerError: a peer did not answer in time or failed.
+
+    Calls from several threads of one process run one at a time, in the order they
+    reach the comm queue (``comm_queue.py``).
 
     Example::
 
@@ -153,27 +231,55 @@ def all_reduce(
         >>> grad = torch.ones(1000) * dist.get_rank()
         >>> ringcomm.all_reduce(grad, op="avg")
     """
-    _validate(tensor, op, algo, transport, timeout, options)
-    device_type = _check_device(tensor, transport)
-    fn = ALGOS[algo]
-    comm = get_transport(transport, device_type)
-    if algo in OPTION_CHECKS:
-        OPTION_CHECKS[algo](comm.world_size, **options)
-    # World size 1 runs through the algorithm too: no messages, but its option checks apply.
-    deadline = time.monotonic() + (timeout if timeout is not None else default_timeout())
-    work = tensor if tensor.is_contiguous() else tensor.contiguous()
-    flat = work.view(-1)
-    tracer = trace.get()
-    if check_enabled(check):
-        check_same_call(flat, op, algo, options, comm, deadline, _SCRATCH)
-    if tracer is None:
-        fn(flat, op, comm, deadline, _SCRATCH, **options)
+    session, call = _admit(tensor, op, algo, transport, timeout, check, options)
+    return session.queue.run(lambda: _execute(session, call), call.what)
+
+
+def all_reduce_async(
+    tensor: torch.Tensor,
+    op: str = "sum",
+    *,
+    algo: str = "ring",
+    transport: str = "torch",
+    timeout: float | None = None,
+    check: bool | None = None,
+    **options: Any,
+) -> torch.futures.Future[torch.Tensor]:
+    """``all_reduce`` on the comm thread: returns at once with a future of ``tensor``.
+
+    Same arguments, same in-place result. Bad arguments raise ``ValueError`` here,
+    at once; failures in flight (``CommError``) are set on the future. Collectives
+    run in the order they were issued (a FIFO shared with ``all_reduce``), so
+    issuing them in the same order on every rank is enough. ``tensor`` must not be
+    changed until the future completes. For a CUDA tensor the comm thread first
+    waits for the work queued on the caller's current stream.
+
+    Example::
+
+        >>> fut = ringcomm.all_reduce_async(grad, op="avg")
+        >>> ...                                # compute on
+        >>> grad = fut.wait()
+    """
+    session, call = _admit(tensor, op, algo, transport, timeout, check, options)
+    if tensor.is_cuda:
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(tensor.device))
+        future: torch.futures.Future = torch.futures.Future(devices=[tensor.device])
+
+        def run() -> torch.Tensor:
+            torch.cuda.current_stream(tensor.device).wait_event(ready)
+            with torch.no_grad():
+                return _execute(session, call)
     else:
-        nbytes = flat.numel() * flat.element_size()
-        with tracer.span(
-            f"all_reduce {algo} {nbytes} B", "all_reduce", "collective", algo=algo, bytes=nbytes
-        ):
-            fn(flat, op, trace.TracedTransport(comm, tracer, flat, algo), deadline, _SCRATCH, **options)
-    if work is not tensor:
-        tensor.copy_(work)
-    return tensor
+        future = torch.futures.Future()
+
+        def run() -> torch.Tensor:
+            with torch.no_grad():
+                return _execute(session, call)
+
+    return session.queue.submit(run, call.what, future)
+
+
+def comm_stats() -> CommStats:
+    """Cumulative statistics of this process's collectives in the current world (diff two for a step)."""
+    return sessions.current().queue.stats()

@@ -1,8 +1,12 @@
-"""The errors ringcomm raises. Each names who (rank, peer), what and how long."""
+"""The errors ringcomm raises. Each names who (rank, peer), what and how long.
+
+Bad arguments are ``ValueError`` (raised before anything is sent, tensor
+untouched); everything that goes wrong between ranks is a ``CommError``.
+"""
 
 from __future__ import annotations
 
-__all__ = ["CommError", "CommTimeoutError", "PeerError", "MismatchError"]
+__all__ = ["CommError", "CommTimeoutError", "PeerError", "MismatchError", "FrameError"]
 
 
 class CommError(RuntimeError):
@@ -31,7 +35,7 @@ class CommTimeoutError(CommError, TimeoutError):
 
 
 class PeerError(CommError):
-    """A peer closed its connection or the transport failed while talking to it."""
+    """A peer closed its connection, stopped heartbeating, gave up, or the transport failed talking to it."""
 
     def __init__(self, rank: int, peer: int, op: str, detail: str) -> None:
         self.rank, self.peer, self.op = rank, peer, op
@@ -39,4 +43,24 @@ class PeerError(CommError):
 
 
 class MismatchError(CommError, ValueError):
-    """Ranks called the same collective with different arguments (numel, dtype, op, algo)."""
+    """Ranks called the same collective differently (numel, dtype, op, algo, transport, options),
+    or a rank refused the call; raised on every rank, before any data moved."""
+
+
+class FrameError(CommError):
+    """A message broke the wire format (``wire.py``); it was dropped and no tensor was written.
+
+    Attributes:
+        rank: this process's rank.
+        peer: the sending rank, or the raw routing id (bytes) when it named no known rank.
+        field: the header field, or ``"identity"``, ``"header"``, ``"frames"``, ``"body"``.
+        detail: what was wrong.
+    """
+
+    def __init__(self, rank: int, peer: int | bytes, field: str, detail: str) -> None:
+        self.rank, self.peer, self.field, self.detail = rank, peer, field, detail
+        who = f"peer rank {peer}" if isinstance(peer, int) else f"unknown peer {peer[:32]!r}"
+        super().__init__(
+            f"rank {rank}: rejected a message from {who}: field {field!r}: {detail} "
+            "(message dropped, destination tensor untouched)"
+        )

@@ -1,111 +1,95 @@
-"""The mismatch check: do all ranks call the same all_reduce?
+"""The same-call check: do all ranks call the same all_reduce?
 
-Before any data moves, every rank sends a five-number fingerprint of its call
-(numel, dtype, op, algo, options; 40 bytes) to every other rank, all at once,
-so every rank sees every rank's fingerprint after one round::
+Before any data moves, every rank publishes a fingerprint of its call in the
+store of the default process group, and reads everyone's::
 
-    rank r: send row r to each peer, receive row q from each peer q   (one round)
+    rank r, call n:   store["<world>/call/<n>/<r>"] = [numel, dtype, op, algo, transport, device, options]
+                      wait until all P keys of call n exist, read them        (one round)
 
-One round rather than a ring all-gather's P-1 steps, because on a loaded
-machine a round costs a scheduler wake-up (about a millisecond on the 2-core
-machine we measure on), not bandwidth.
-
-If any row differs, every rank raises ``MismatchError`` naming the ranks and
-the field, and the tensor is untouched. Without the check a size mismatch is
-not a clean error: Gloo aborts the whole process (SIGABRT) when a message
-arrives larger than the buffer posted for it, and a dtype mismatch silently
+If any differs, every rank raises ``MismatchError`` naming the ranks and the
+field, and the tensor is untouched. Without the check a size mismatch is not a
+clean error: Gloo aborts the whole process (SIGABRT) when a message arrives
+larger than the buffer posted for it, and a dtype mismatch silently
 reinterprets bytes.
 
-Cost: one latency-bound round of 2(P-1) tiny messages, about alpha; see the
-README for figures.
-It is on by default; ``check=False`` or RINGCOMM_CHECK=0 turns it off.
+**Why the store, not the transport.** Ranks that pass different transports
+would each wait for the other's fingerprint on its own transport and hang; the
+store is common to all of them. A rank whose call is refused (a ``ValueError``
+on that rank only) publishes its refusal in its slot instead, so the others
+raise at once rather than wait for a fingerprint that never comes. And a wait
+in the store can be cut into slices that look at the missing ranks'
+heartbeats (``session.gather``), which a Gloo receive cannot.
+
+Options are compared after the algorithm's defaults are filled in
+(``algorithms.AlgorithmSpec.options``): ``ps_rank=0`` and no ``ps_rank`` are the
+same call.
+
+Keys are deleted two calls later by the rank that wrote them: a rank starts
+call n only after reading every key of call n-1, which every rank wrote only
+after finishing call n-2, so by then nobody reads call n-2's keys.
+
+Cost: three store round trips per call (write, wait, read) plus one to delete;
+see the README's measurements. ``check=False`` or ``RINGCOMM_CHECK=0`` turns it
+off for a call or a process (then every rank must turn it off alike).
 """
 
 from __future__ import annotations
 
-import os
-import zlib
+import json
 
-import torch
-
-from .buffers import ScratchPool
 from .errors import MismatchError
-from .ops import OPS, SUPPORTED_DTYPES
-from .transport import Transport
+from .session import Session
 
-__all__ = ["check_enabled", "check_same_call", "FIELDS"]
+__all__ = ["FIELDS", "fingerprint", "check_same_call", "refuse"]
 
-FIELDS = ("numel", "dtype", "op", "algo", "options")
-_TAG = 7  # distinct from the algorithms' tags
-_SLOT = 31  # scratch slot for the fingerprint table
+FIELDS = ("numel", "dtype", "op", "algo", "transport", "device", "options")
 
 
-def check_enabled(check: bool | None) -> bool:
-    """``check`` if given, else RINGCOMM_CHECK (default on; "0", "off", "false" turn it off)."""
-    if check is not None:
-        return bool(check)
-    return os.environ.get("RINGCOMM_CHECK", "1").strip().lower() not in ("0", "off", "false", "no")
+def fingerprint(
+    numel: int, dtype: str, op: str, algo: str, transport: str, device: str, options: dict
+) -> list[object]:
+    """The values the check compares, in ``FIELDS`` order (options as ``name=repr`` text, sorted)."""
+    opts = ", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
+    return [numel, dtype, op, algo, transport, device, opts]
 
 
-def _code(text: str) -> int:
-    return zlib.crc32(text.encode())  # stable across processes, unlike hash()
+def _slot(session: Session, call: int) -> str:
+    return session.key("call", call)
 
 
-def _describe(field: str, value: int, algo_names: dict[int, str]) -> str:
-    if field == "dtype":
-        return str(SUPPORTED_DTYPES[value]).replace("torch.", "")
-    if field == "op":
-        return OPS[value]
-    if field == "algo":
-        return algo_names.get(value, str(value))
-    if field == "options":
-        return f"options#{value:08x}"
-    return str(value)
-
-
-def check_same_call(
-    flat: torch.Tensor,
-    op: str,
-    algo: str,
-    options: dict,
-    transport: Transport,
-    deadline: float,
-    scratch: ScratchPool,
-) -> None:
-    """Raise ``MismatchError`` on every rank unless all ranks passed the same call."""
-    rank, p = transport.rank, transport.world_size
-    if p == 1:
-        return
-    table = scratch.get(
-        p * len(FIELDS), like=torch.empty(0, dtype=torch.int64, device=flat.device), slot=_SLOT
-    )
-    table = table.view(p, len(FIELDS))
-    mine = [
-        flat.numel(),
-        SUPPORTED_DTYPES.index(flat.dtype),
-        OPS.index(op),
-        _code(algo),
-        _code(repr(sorted(options.items()))),
-    ]
-    table[rank] = torch.tensor(mine, dtype=torch.int64)
-    peers = [q for q in range(p) if q != rank]
-    pending = [transport.irecv(table[q], q, _TAG) for q in peers]
-    pending += [transport.isend(table[rank], q, _TAG) for q in peers]
-    for request in pending:
-        transport.wait(request, deadline)
-    rows = table.cpu().tolist()
+def check_same_call(session: Session, call: int, mine: list[object], deadline: float) -> None:
+    """Raise ``MismatchError`` on every rank unless every rank's fingerprint of ``call`` equals ``mine``."""
+    rank = session.rank
+    values = session.gather(_slot(session, call), json.dumps(mine), deadline, "same-call check")
+    if call >= 2:
+        session.forget(_slot(session, call - 2))
+    rows = [json.loads(v) for v in values]
+    refused = [(r, row["refused"]) for r, row in enumerate(rows) if isinstance(row, dict)]
+    if refused:
+        said = "; ".join(f"rank {r}: {reason}" for r, reason in refused)
+        raise MismatchError(
+            f"rank {rank}: ranks {[r for r, _ in refused]} refused this all_reduce ({said}); "
+            "nothing was reduced, the tensor is untouched"
+        )
     if all(row == rows[0] for row in rows):
         return
-    algo_names = {_code(algo): algo}
     problems = []
     for i, field in enumerate(FIELDS):
-        values = {}
+        by_value: dict[str, list[int]] = {}
         for r, row in enumerate(rows):
-            values.setdefault(row[i], []).append(r)
-        if len(values) > 1:
-            parts = [f"ranks {ranks} {_describe(field, v, algo_names)}" for v, ranks in values.items()]
+            value = row[i] if isinstance(row, list) and len(row) == len(FIELDS) else "?"
+            by_value.setdefault(str(value), []).append(r)
+        if len(by_value) > 1:
+            parts = [f"ranks {ranks} {value or '(none)'}" for value, ranks in by_value.items()]
             problems.append(f"{field} differs: " + "; ".join(parts))
     raise MismatchError(
         f"rank {rank}: ranks called all_reduce differently ({', '.join(problems)}); "
         "nothing was reduced, the tensor is untouched"
     )
+
+
+def refuse(session: Session, call: int, reason: str) -> None:
+    """Publish that this rank refused ``call`` (bad arguments), so the others raise instead of waiting."""
+    session.store.set(f"{_slot(session, call)}/{session.rank}", json.dumps({"refused": reason}))
+    if call >= 2:
+        session.forget(_slot(session, call - 2))

@@ -5,8 +5,8 @@ model's backward pass). So, as PyTorch's watchdog and Horovod's stall inspector
 do, every process runs one daemon thread that bumps a counter in the store of
 the default process group every ``RINGCOMM_HEARTBEAT_S`` seconds (default 1)::
 
-    rank r's thread, every 1 s:        store.add("ringcomm/liveness/<gen>/r", 1)
-    a rank waiting on peer p:          store.add("ringcomm/liveness/<gen>/p", 0)  (a read)
+    rank r's thread, every 1 s:        store.add("<world>/liveness/r", 1)
+    a rank waiting on peer p:          store.add("<world>/liveness/p", 0)  (a read)
 
 A waiting rank that sees peer p's counter unchanged for ``RINGCOMM_LIVENESS_S``
 seconds (default 10) gives up on it with ``PeerError`` ("stopped heartbeating
@@ -15,9 +15,17 @@ thread still beats keeps the caller waiting, up to the timeout: the timeout is
 the backstop. Silence is measured on the reader's own monotonic clock (it times
 how long the counter has not moved), so clocks of different hosts never meet.
 
-A rank that learns a peer failed (``PeerError``) marks itself failed too: it
-drives its counter negative and stores why, so ranks waiting on *it* learn at
-their next check, instead of one liveness period later.
+**Giving up on a call.** A rank whose collective fails (a peer died, a timeout)
+stores the number of that call under its ``gave-up`` key, so ranks waiting on
+*it* in the same call learn at their next check, instead of one liveness
+period later. The notice is about that call only: the rank keeps heartbeating,
+and its next calls are judged afresh.
+
+**A heartbeat that fails** (the store briefly unreachable) is retried at the
+next interval, with one warning on stderr; if it keeps failing for the
+liveness limit, the thread says loudly that peers will now take this rank for
+dead, records why (``error``), and stops; this rank's own waits then raise
+that error instead of waiting on peers that have given up on it.
 
 Where it is used:
 
@@ -29,6 +37,11 @@ Where it is used:
   unblock it). A killed peer closes its sockets and Gloo fails at once; a frozen
   peer is caught by the timeout, whose error then says whether the peer was
   still heartbeating (slow, or not in the same call) or not (dead or frozen).
+- The same-call check and a transport's set-up wait in the store
+  (``session.gather``) for every rank's key, in one blocking wait. Meanwhile the
+  heartbeat thread looks at the ranks whose key is still missing, and writes a
+  "dead" note into the slot of one that stopped heartbeating or gave up; that
+  ends the wait at once, and the waiting rank raises ``PeerError`` naming it.
 
 Limits: the counters live in the store, so the store must outlive the peer
 (``run_world`` and torchrun's agent host it outside the workers; with
@@ -40,46 +53,21 @@ fall back to the timeout). A thread that cannot get the GIL for
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
 from typing import Any
 
-from .errors import PeerError
+from .errors import CommError, PeerError
 
-__all__ = ["Liveness", "env_seconds", "for_world", "heartbeat_s", "liveness_s"]
+__all__ = ["DEAD_NOTE", "Liveness"]
 
-#: Seconds between two heartbeats of a process (override: RINGCOMM_HEARTBEAT_S).
-DEFAULT_HEARTBEAT_S = 1.0
-#: Seconds of silence after which a peer is declared dead or frozen (override: RINGCOMM_LIVENESS_S).
-DEFAULT_LIVENESS_S = 10.0
-
-_FAILED = -(10**15)  # added to a counter to mark "this rank gave up"; any beat count stays negative
+#: What the heartbeat thread writes into a dead rank's missing store key (followed by why).
+DEAD_NOTE = "!dead: "
 
 
-def env_seconds(name: str, default: float, allow_zero: bool = False) -> float:
-    """Seconds from environment variable ``name`` (``default`` when unset); ValueError names it."""
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ValueError(f"{name}={value!r} is not a number of seconds") from None
-    if seconds < 0 or (seconds == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} seconds, got {value!r}")
-    return seconds
-
-
-def heartbeat_s() -> float:
-    """Seconds between heartbeats: RINGCOMM_HEARTBEAT_S or 1 s."""
-    return env_seconds("RINGCOMM_HEARTBEAT_S", DEFAULT_HEARTBEAT_S, allow_zero=False)
-
-
-def liveness_s() -> float:
-    """Seconds of peer silence that count as dead: RINGCOMM_LIVENESS_S or 10 s (0: liveness off)."""
-    return env_seconds("RINGCOMM_LIVENESS_S", DEFAULT_LIVENESS_S, allow_zero=True)
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 class Liveness:
@@ -87,139 +75,157 @@ class Liveness:
 
     Args:
         store: a torch.distributed store shared by all ranks (thread-safe).
+        prefix: the store keys' prefix, unique to this world (``session.py``).
         rank, world_size: this process's place in the world.
         interval_s: seconds between heartbeats.
         stale_s: seconds without a heartbeat after which a peer is dead.
     """
 
-    def __init__(self, store: Any, rank: int, world_size: int, interval_s: float, stale_s: float) -> None:
+    def __init__(
+        self, store: Any, prefix: str, rank: int, world_size: int, interval_s: float, stale_s: float
+    ) -> None:
         self.rank, self.world_size = rank, world_size
         self.interval_s, self.stale_s = interval_s, stale_s
         self._store = store
-        # Every rank adds 1 once per generation of process group, so a re-initialised
-        # group that reuses the store gets fresh keys (as ZmqTransport's rendezvous does).
-        joined = int(store.add("ringcomm/liveness/joined", 1))
-        self._prefix = f"ringcomm/liveness/{(joined - 1) // world_size}"
+        self._prefix = f"{prefix}/liveness"
         self._seen: dict[int, tuple[int, float]] = {}  # peer -> (counter, monotonic time it changed)
         #: The peer a blocking wait is on now (set by TorchTransport.wait): the thread watches it.
         self.awaiting: int | None = None
+        #: (rank, store key) a blocking store wait needs (set by session.gather): the thread marks
+        #: a dead rank's missing key, which ends the wait.
+        self.slots: list[tuple[int, str]] | None = None
+        #: The number of the collective this rank is in (set by the API): gave-up notices name it.
+        self.call = -1
+        #: Why the heartbeat stopped for good (None while it beats).
+        self.error: str | None = None
         self._warned: set[int] = set()
         self._stop = threading.Event()
-        self._beat()  # one beat now: peers that look before our first interval see us
+        self._store.add(self._key(rank), 1)  # one beat now: peers that look before our first interval see us
         self._thread = threading.Thread(target=self._run, name="ringcomm-heartbeat", daemon=True)
         self._thread.start()
 
     def _key(self, rank: int) -> str:
         return f"{self._prefix}/{rank}"
 
-    def _beat(self) -> bool:
-        try:
-            self._store.add(self._key(self.rank), 1)
-            return True
-        except Exception:  # the store is gone: the world is ending, nobody to tell
-            return False
-
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s) and self._beat():
+        failing_since: float | None = None
+        failures = 0
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._store.add(self._key(self.rank), 1)
+            except Exception as exc:  # the store is a network service: anything can come back
+                now = time.monotonic()
+                failures += 1
+                if failing_since is None:
+                    failing_since = now
+                    _say(f"ringcomm: rank {self.rank}: heartbeat failed ({type(exc).__name__}: {exc}); retrying")
+                if now - failing_since >= self.stale_s:
+                    self.error = (
+                        f"rank {self.rank}'s heartbeat has failed for {now - failing_since:.1f} s "
+                        f"({failures} tries; last: {type(exc).__name__}: {exc}); peers now take this rank "
+                        "for dead or frozen"
+                    )
+                    _say(f"ringcomm: {self.error}; heartbeat thread stopped")
+                    return
+                continue
+            if failing_since is not None:
+                _say(f"ringcomm: rank {self.rank}: heartbeat recovered after {failures} failed tries")
+                failing_since, failures = None, 0
             peer = self.awaiting
             if peer is not None:
                 self._watch(peer)
+            if self.slots:
+                self._watch_slots(self.slots)
 
     def _watch(self, peer: int) -> None:
         """Follow the peer a blocking wait is stuck on; warn once if it goes silent (a stall report)."""
         silent = self.silence(peer)
         if silent is not None and silent >= self.stale_s and peer not in self._warned:
             self._warned.add(peer)
-            print(
+            _say(
                 f"ringcomm: rank {self.rank}: waiting on rank {peer}, which stopped heartbeating "
-                f"{silent:.1f} s ago (dead or frozen); this wait fails at its timeout",
-                file=sys.stderr,
-                flush=True,
+                f"{silent:.1f} s ago (dead or frozen); this wait fails at its timeout"
             )
+
+    def _watch_slots(self, slots: list[tuple[int, str]]) -> None:
+        """Write a "dead" note into the missing store key of each rank that is dead or gave up."""
+        for rank, key in slots:
+            try:
+                if rank == self.rank or self._store.check([key]):
+                    continue
+                reason = self.dead_reason(rank)
+                if reason is not None:  # compare_set with "": only if the rank has not written it meanwhile
+                    self._store.compare_set(key, "", f"{DEAD_NOTE}{reason}")
+            except Exception:
+                return  # the store is gone: the wait ends at its deadline
 
     def silence(self, peer: int) -> float | None:
         """Seconds since this rank last saw ``peer``'s counter move; None if the store is unreachable.
 
         The first look at a peer starts its clock: a peer is never judged on less
-        than ``stale_s`` of watching. ``float("inf")`` means the peer marked itself failed.
+        than ``stale_s`` of watching.
         """
         now = time.monotonic()
         try:
             count = int(self._store.add(self._key(peer), 0))
         except Exception:
             return None
-        if count < 0:
-            return float("inf")
         last = self._seen.get(peer)
         if last is None or last[0] != count:
             self._seen[peer] = (count, now)
             return 0.0
         return now - last[1]
 
-    def check(self, peer: int, op: str) -> None:
-        """Raise ``PeerError`` if ``peer`` has been silent for ``stale_s`` seconds or gave up."""
+    def gave_up(self, peer: int) -> bool:
+        """Whether ``peer`` gave up on the call this rank is in."""
+        key = f"{self._prefix}/gave-up/{peer}"
+        try:
+            if not self._store.check([key]):
+                return False
+            return int(self._store.get(key)) == self.call
+        except Exception:
+            return False
+
+    def dead_reason(self, peer: int) -> str | None:
+        """Why ``peer`` counts as gone for this call (it gave up, or it is silent), or None."""
+        if self.gave_up(peer):
+            return "it gave up on this call after a failure of its own (see that rank's error)"
         silent = self.silence(peer)
         if silent is None or silent < self.stale_s:
-            return
-        if silent == float("inf"):
-            detail = "it gave up after a failure of its own (see that rank's error)"
-        else:
-            detail = (
-                f"peer rank {peer} stopped heartbeating {silent:.1f} s ago (dead or frozen); "
-                f"liveness limit {self.stale_s:g} s (RINGCOMM_LIVENESS_S)"
-            )
-        self.mark_failed()
-        raise PeerError(self.rank, peer, op, detail)
+            return None
+        return (
+            f"peer rank {peer} stopped heartbeating {silent:.1f} s ago (dead or frozen); "
+            f"liveness limit {self.stale_s:g} s (RINGCOMM_LIVENESS_S)"
+        )
+
+    def check(self, peer: int, op: str) -> None:
+        """Raise if ``peer`` gave up on this call or has been silent for ``stale_s``; or if this rank's
+        own heartbeat has stopped (its peers have then given up on it)."""
+        if self.error is not None:
+            raise CommError(f"rank {self.rank}: {op} with peer rank {peer}: {self.error}")
+        reason = self.dead_reason(peer)
+        if reason is not None:
+            raise PeerError(self.rank, peer, op, reason)
 
     def describe(self, peer: int) -> str:
         """A phrase for a timeout's message: was ``peer`` still heartbeating?"""
+        if self.gave_up(peer):
+            return "it had given up on this call after a failure of its own"
         silent = self.silence(peer)
         if silent is None:
             return "its heartbeat could not be read (store unreachable)"
-        if silent == float("inf"):
-            return "it had given up after a failure of its own"
         if silent < self.stale_s:
             return "it was still heartbeating (alive: slow, or not in the same all_reduce)"
         return f"it stopped heartbeating {silent:.1f} s ago (dead or frozen)"
 
-    def mark_failed(self) -> None:
-        """Tell the peers this rank gave up: its counter goes negative (read at their next check)."""
-        if self._stop.is_set():
-            return
-        self._stop.set()
+    def give_up(self, call: int) -> None:
+        """Tell the peers this rank gave up on call ``call`` (read at their next check)."""
         try:
-            self._store.add(self._key(self.rank), _FAILED)
+            self._store.set(f"{self._prefix}/gave-up/{self.rank}", str(call))
         except Exception:
-            pass
+            pass  # the store is gone: peers fall back to the heartbeat and the timeout
 
     def stop(self) -> None:
         """Stop heartbeating (peers will see this rank go silent)."""
         self._stop.set()
-
-
-_CURRENT: tuple[Any, Liveness | None] | None = None
-_LOCK = threading.Lock()
-
-
-def for_world() -> Liveness | None:
-    """The liveness of the current default process group, started on first call; None if off.
-
-    Collective on first call per process group (every rank must make its first
-    transport, which calls this, in the same order).
-    """
-    global _CURRENT
-    import torch.distributed as dist
-
-    world = dist.group.WORLD
-    with _LOCK:
-        if _CURRENT is not None and _CURRENT[0] is world:
-            return _CURRENT[1]
-        if _CURRENT is not None and _CURRENT[1] is not None:
-            _CURRENT[1].stop()  # a previous group's thread
-        stale = liveness_s()
-        live = None
-        if stale > 0:
-            store = dist.distributed_c10d._get_default_store()
-            live = Liveness(store, dist.get_rank(), dist.get_world_size(), heartbeat_s(), stale)
-        _CURRENT = (world, live)
-        return live
+        self._thread.join(timeout=2 * self.interval_s + 1.0)

@@ -25,8 +25,7 @@ from typing import Any
 
 import torch
 
-from .chunks import chunk_bounds
-from .transport import Pending, Transport
+from .transport import Message, Pending, Transport
 
 __all__ = ["Tracer", "TracedTransport", "enable", "disable", "get", "span", "merge"]
 
@@ -63,13 +62,17 @@ class Tracer:
             self.add(name, cat, start, time.monotonic_ns(), tid, **args)
 
     def dump(self, path: str) -> None:
+        """Write this rank's events (a copy taken under the lock: other threads may still add)."""
+        with self._lock:
+            events = list(self.events)
+            lanes = dict(self._threads)
         meta = [{"name": "process_name", "ph": "M", "pid": self.rank, "args": {"name": f"rank {self.rank}"}}]
         meta += [
             {"name": "thread_name", "ph": "M", "pid": self.rank, "tid": tid, "args": {"name": lane}}
-            for lane, tid in self._threads.items()
+            for lane, tid in lanes.items()
         ]
         with open(path, "w") as f:
-            json.dump({"traceEvents": meta + self.events, "displayTimeUnit": "ms"}, f)
+            json.dump({"traceEvents": meta + events, "displayTimeUnit": "ms"}, f)
 
 
 _TRACER: Tracer | None = None
@@ -104,47 +107,58 @@ def span(name: str, cat: str, tid: str = "main", **args: Any) -> Iterator[None]:
 
 
 class TracedTransport:
-    """Wraps a transport for one collective, recording each message as an event."""
+    """Wraps a transport for one collective, recording each message as an event.
 
-    def __init__(self, inner: Transport, tracer: Tracer, flat: torch.Tensor, algo: str) -> None:
+    ``parts`` (``AlgorithmSpec.cut``) says how the algorithm cuts the flat tensor:
+    the ring's P chunks ``c0..``, the parameter server's k shards ``s0..``, or
+    ``all``; a message is labelled with the part it reads or writes (a receive into
+    scratch memory has no label).
+    """
+
+    def __init__(
+        self, inner: Transport, tracer: Tracer, flat: torch.Tensor, algo: str, parts: Sequence[tuple[str, int, int]]
+    ) -> None:
         self.inner, self.tracer, self.algo = inner, tracer, algo
         self.rank, self.world_size, self.stats = inner.rank, inner.world_size, inner.stats
+        self.device_type = inner.device_type
         self._base = flat.data_ptr()
         self._elsize = flat.element_size()
         self._numel = flat.numel()
-        self._starts = [s for s, _ in chunk_bounds(flat.numel(), inner.world_size)]
+        self._parts = [p for p in parts if p[2] > 0]
+        self._starts = [start for _, start, _ in self._parts]
         self._posted: dict[int, tuple[int, str, dict]] = {}
         self._msg = 0
 
-    def _chunk(self, tensor: torch.Tensor) -> int | None:
+    def _part(self, tensor: torch.Tensor) -> int | None:
         offset = (tensor.data_ptr() - self._base) // self._elsize
-        if 0 <= offset < self._numel:
+        if 0 <= offset < self._numel and self._parts:
             return bisect.bisect_right(self._starts, offset) - 1
         return None  # a scratch buffer (e.g. the scatter-reduce receive slot)
 
-    def _post(self, pending: Pending, tensor: torch.Tensor, peer: int, tag: int) -> Pending:
-        arrow = "->" if pending.op == "send" else "<-"
-        args = {"peer": peer, "bytes": tensor.numel() * tensor.element_size(), "tag": tag, "msg": self._msg}
-        chunk = self._chunk(tensor)
-        if chunk is not None:
-            args["chunk"] = chunk
-        name = f"{pending.op} {arrow} r{peer}" + (f" c{chunk}" if chunk is not None else "")
-        self._posted[id(pending)] = (time.monotonic_ns(), name, args)
-        self._msg += 1
-        return pending
-
-    def isend(self, tensor: torch.Tensor, peer: int, tag: int = 0) -> Pending:
-        return self._post(self.inner.isend(tensor, peer, tag), tensor, peer, tag)
-
-    def irecv(self, tensor: torch.Tensor, peer: int, tag: int = 0) -> Pending:
-        return self._post(self.inner.irecv(tensor, peer, tag), tensor, peer, tag)
+    def post(self, messages: Sequence[Message]) -> list[Pending]:
+        posted = self.inner.post(messages)
+        now = time.monotonic_ns()
+        for m, pending in zip(messages, posted):
+            arrow = "->" if m.kind == "send" else "<-"
+            args: dict[str, Any] = {
+                "peer": m.peer, "bytes": m.tensor.numel() * m.tensor.element_size(), "tag": int(m.tag), "msg": self._msg
+            }
+            part = self._part(m.tensor)
+            label = ""
+            if part is not None:
+                args["part"] = label = self._parts[part][0]
+                args["chunk"] = part
+            self._posted[id(pending)] = (now, f"{m.kind} {arrow} r{m.peer}" + (f" {label}" if label else ""), args)
+            self._msg += 1
+        return posted
 
     def wait(self, pending: Pending, deadline: float) -> None:
         self.inner.wait(pending, deadline)
         start, name, args = self._posted.pop(id(pending))
-        self.tracer.add(
-            name, f"{self.algo}.{pending.op}", start, time.monotonic_ns(), f"{pending.op}s", **args
-        )
+        self.tracer.add(name, f"{self.algo}.{pending.op}", start, time.monotonic_ns(), f"{pending.op}s", **args)
+
+    def close(self) -> None:
+        """Nothing: the wrapper lives for one collective and owns nothing; the session closes ``inner``."""
 
 
 def merge(paths: Sequence[str], out: str) -> str:

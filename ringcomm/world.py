@@ -69,22 +69,36 @@ def _child(
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # P processes share the machine's cores
+    ok = False
     try:
         store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timedelta(seconds=60))
         dist.init_process_group(
             backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
         )
         value = fn(rank, world_size, *args)
+        ok = True
         results.put((rank, "ok", value))
     except BaseException as exc:  # report everything, including KeyboardInterrupt
         results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         raise SystemExit(1) from None
     finally:
         if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:
-                pass
+            _teardown(dist, ok)
+
+
+def _teardown(dist: Any, ok: bool) -> None:
+    """Stop ringcomm's comm thread, then destroy the group (never under a thread still inside it)."""
+    import ringcomm
+
+    try:
+        ringcomm.shutdown(timeout=10.0 if ok else 1.0)
+    except ringcomm.CommError as exc:
+        print(f"ringcomm.world: {exc}; leaving the process group to the process's exit", flush=True)
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        pass
 
 
 def run_world(

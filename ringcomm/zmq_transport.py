@@ -64,20 +64,19 @@ the tensor: one copy, the same count as ``Socket.recv_into`` (libzmq copies out
 of its message there too), but ``recv_into`` would write a too-long or
 too-short body into the tensor before we could see its length.
 
-**Validation.** Nothing is ever unpickled. A header is decoded with msgpack
-(``raw=False``, ``strict_map_key=True``, no ext types, small limits) and must be
-a map with exactly the expected keys and types. A wrong version, unknown
-sender, ``src`` differing from the routing id, ``dst`` not this rank, an
-unexpected ``seq``, a dtype outside ``DTYPES``, a shape/nbytes/body length that
-disagree, a missing or extra frame, or a dtype/element count that differs from
-the posted tensor raises ``FrameError`` naming the peer and the field. The
-message is dropped, the destination tensor is not written, and the transport
-goes on serving well-formed messages.
+**Validation.** Nothing is ever unpickled. The header codec lives in
+``wire.py``; on top of it this transport checks the routing id names another
+rank of the world, the frame count, the expected ``seq``, the body length, and
+that dtype and element count match the posted tensor. Any failure raises
+``FrameError`` naming the peer and the field. The message is dropped, the
+destination tensor is not written, and the transport goes on serving
+well-formed messages.
 
-**Rendezvous** (collective: every rank makes the transport, in the same order)
-goes through the store of the default process group: each rank publishes its
-hostname, then binds and publishes its endpoint under a key prefix unique to
-this generation of transports. Where it binds:
+**Rendezvous** (collective: every rank makes the transport, in the same order,
+after ``session.py`` has checked that all ranks asked for it) goes through the
+store of the default process group: each rank publishes its hostname, then
+binds and publishes its endpoint under the key prefix of this set-up. Where it
+binds:
 
 - ``RINGCOMM_ZMQ_HOST`` (or ``host=``) set: TCP on that address, for multi-host runs;
 - all hostnames equal: ``ipc://`` (a Unix socket in a private temporary
@@ -107,48 +106,19 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import torch
 import zmq
 
-from .errors import CommError, CommTimeoutError, PeerError
-from .liveness import Liveness, for_world
-from .transport import Pending, TransportStats, register_transport
+from .errors import CommTimeoutError, FrameError, PeerError
+from .liveness import Liveness
+from .settings import env_bool
+from .transport import Pending, PointToPoint, TransportStats, register_transport
+from .wire import DTYPE_NAMES, DTYPES, Header, decode_header, encode_header
 
-__all__ = [
-    "DTYPES",
-    "FORMAT_VERSION",
-    "FrameError",
-    "Header",
-    "ZmqTransport",
-    "decode_header",
-    "encode_header",
-]
+__all__ = ["ZmqTransport", "ZERO_COPY_MIN_BYTES", "SOCKET_BUFFER_BYTES"]
 
-#: Version of the header format; a receiver rejects any other.
-FORMAT_VERSION = 1
-
-#: The dtypes that may travel, by the name the header carries.
-DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "uint8": torch.uint8,
-}
-_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-
-#: Largest header frame accepted, in bytes (a real one is about 70).
-MAX_HEADER_BYTES = 256
-#: Most dimensions a shape may have.
-MAX_NDIM = 16
-#: Tags and sequence numbers live in [0, 2**63).
-_MAX_INT = 2**63 - 1
 #: Sends of at least this many bytes go zero-copy; smaller ones are copied.
 ZERO_COPY_MIN_BYTES = 512 * 1024
 #: Kernel socket buffer asked for on every socket, in bytes (Linux caps it at
@@ -156,133 +126,7 @@ ZERO_COPY_MIN_BYTES = 512 * 1024
 #: wake-up of both I/O threads every 208 KiB; 4 MiB lets a 1 MiB segment pass in one.
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
-_KEYS = frozenset({"v", "src", "dst", "tag", "seq", "dtype", "shape", "nbytes"})
 _IDENTITY = re.compile(rb"rank:(0|[1-9][0-9]{0,8})")
-
-
-class FrameError(CommError):
-    """A message broke the wire format; it was dropped and no tensor was written.
-
-    Attributes:
-        rank: this process's rank.
-        peer: the sending rank, or the raw routing id (bytes) when it named no known rank.
-        field: the header field, or ``"identity"``, ``"header"``, ``"frames"``, ``"body"``.
-        detail: what was wrong.
-    """
-
-    def __init__(self, rank: int, peer: int | bytes, field: str, detail: str) -> None:
-        self.rank, self.peer, self.field, self.detail = rank, peer, field, detail
-        who = f"peer rank {peer}" if isinstance(peer, int) else f"unknown peer {peer[:32]!r}"
-        super().__init__(
-            f"rank {rank}: rejected a message from {who}: field {field!r}: {detail} "
-            "(message dropped, destination tensor untouched)"
-        )
-
-
-@dataclass(frozen=True)
-class Header:
-    """A validated header. ``nbytes`` equals ``prod(shape) * dtype itemsize``."""
-
-    src: int
-    dst: int
-    tag: int
-    seq: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    nbytes: int
-
-
-def encode_header(header: Header) -> bytes:
-    """The msgpack bytes of ``header`` (frame 1 of a message)."""
-    return msgpack.packb(
-        {
-            "v": FORMAT_VERSION,
-            "src": header.src,
-            "dst": header.dst,
-            "tag": header.tag,
-            "seq": header.seq,
-            "dtype": _DTYPE_NAMES[header.dtype],
-            "shape": list(header.shape),
-            "nbytes": header.nbytes,
-        },
-        use_bin_type=True,
-    )
-
-
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def decode_header(data: bytes, *, rank: int, world_size: int, peer: int) -> Header:
-    """Decode and validate frame 1 of a message that ``peer``'s socket delivered to ``rank``.
-
-    Checks everything that does not depend on the posted receive: the format,
-    the version, that ``src`` is ``peer`` and ``dst`` is ``rank``, ranges, the
-    dtype allowlist, and that ``nbytes`` is what dtype and shape imply.
-
-    Raises:
-        FrameError: naming ``peer`` and the offending field; never anything else.
-    """
-
-    def fail(field: str, detail: str) -> FrameError:
-        return FrameError(rank, peer, field, detail)
-
-    if len(data) > MAX_HEADER_BYTES:
-        raise fail("header", f"{len(data)} bytes, more than the {MAX_HEADER_BYTES} allowed")
-    try:
-        obj = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            max_str_len=64,
-            max_bin_len=0,
-            max_array_len=64,
-            max_map_len=32,
-            max_ext_len=0,
-        )
-    except Exception as exc:  # untrusted bytes: any decoder complaint is a bad frame
-        raise fail("header", f"not a msgpack document ({type(exc).__name__}: {_show(str(exc))})") from None
-    if not isinstance(obj, dict):
-        raise fail("header", f"a msgpack {type(obj).__name__}, expected a map")
-    if obj.keys() != _KEYS:
-        missing, extra = sorted(_KEYS - obj.keys()), sorted(map(str, obj.keys() - _KEYS))
-        raise fail("header", f"keys missing {missing}, unexpected {[_show(k) for k in extra]}")
-
-    def integer(field: str, low: int, high: int) -> int:
-        value = obj[field]
-        if type(value) is not int:  # bool is an int subclass: refuse it too
-            raise fail(field, f"expected an integer, got {_show(value)}")
-        if not low <= value <= high:
-            raise fail(field, f"{value} is outside [{low}, {high}]")
-        return value
-
-    version = obj["v"]
-    if type(version) is not int or version != FORMAT_VERSION:
-        raise fail("v", f"format version {_show(version)}, this rank speaks {FORMAT_VERSION}")
-    src = integer("src", 0, world_size - 1)
-    if src != peer:
-        raise fail("src", f"header says src rank {src} but the socket identity is rank {peer}")
-    dst = integer("dst", 0, world_size - 1)
-    if dst != rank:
-        raise fail("dst", f"addressed to rank {dst}, delivered to rank {rank}")
-    tag = integer("tag", 0, _MAX_INT)
-    seq = integer("seq", 0, _MAX_INT)
-    name = obj["dtype"]
-    if not isinstance(name, str) or name not in DTYPES:
-        raise fail("dtype", f"{_show(name)} is not one of {', '.join(DTYPES)}")
-    dtype = DTYPES[name]
-    shape = obj["shape"]
-    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
-        raise fail("shape", f"expected a list of at most {MAX_NDIM} sizes, got {_show(shape)}")
-    if not all(type(d) is int and 0 <= d <= _MAX_INT for d in shape):
-        raise fail("shape", f"sizes must be integers >= 0, got {_show(shape)}")
-    nbytes = integer("nbytes", 0, _MAX_INT)
-    implied = math.prod(shape) * dtype.itemsize
-    if nbytes != implied:
-        raise fail("nbytes", f"{nbytes} bytes announced, but {name} of shape {_show(shape)} is {implied}")
-    return Header(src, dst, tag, seq, dtype, tuple(shape), nbytes)
 
 
 class _SendOp:
@@ -308,17 +152,6 @@ class _RecvOp:
         self.error: FrameError | None = None
 
 
-def _env_flag(name: str) -> bool | None:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return None
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{name}={value!r}: expected 1 or 0")
-
-
 def _address_towards(target: str) -> str:
     """The local IPv4 address the kernel would use to reach ``target`` (no packet is sent)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -326,37 +159,31 @@ def _address_towards(target: str) -> str:
         return probe.getsockname()[0]
 
 
-class ZmqTransport:
+class ZmqTransport(PointToPoint):
     """Point-to-point over ZeroMQ: ROUTER inbox per rank, DEALER per peer, progress in ``wait``.
 
-    Making one is collective over the default process group (it rendezvous
-    through the group's store). Use one thread at a time: ZeroMQ sockets are
-    not thread-safe, and ``wait`` is where all progress happens.
+    Made by the session (``ringcomm.init("zmq")`` or the first ``all_reduce``
+    with ``transport="zmq"``), collectively, through the default group's store;
+    or without torch.distributed by ``standalone``. Use one thread at a time:
+    ZeroMQ sockets are not thread-safe, and ``wait`` is where all progress
+    happens (the comm queue guarantees it).
 
     Args:
-        device_type: must be ``"cpu"``; ZeroMQ sends host memory.
+        setup: the session's ``SetupContext`` (store, rank, world size, liveness, key prefix).
         host: address to bind and advertise (multi-host runs); default
             ``RINGCOMM_ZMQ_HOST``, else 127.0.0.1 when all ranks share a host.
         ipc: bind ``ipc://`` rather than TCP when all ranks share a host; default
             ``RINGCOMM_ZMQ_IPC`` (``1``/``0``), else True.
     """
 
-    def __init__(self, device_type: str = "cpu", *, host: str | None = None, ipc: bool | None = None) -> None:
-        if device_type != "cpu":
-            raise ValueError(
-                f"ZmqTransport sends host memory; device_type must be 'cpu', got {device_type!r}"
-            )
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            raise RuntimeError("call torch.distributed.init_process_group before making a ZmqTransport")
-        self._open(dist.get_rank(), dist.get_world_size())
+    def __init__(self, setup: Any, *, host: str | None = None, ipc: bool | None = None) -> None:
+        self._open(setup.rank, setup.world_size)
         try:
-            self._rendezvous(dist.distributed_c10d._get_default_store(), host, ipc)
+            self._rendezvous(setup.store, setup.prefix, host, ipc)
         except BaseException:
             self.close()
             raise
-        self.liveness = for_world()
+        self.liveness = setup.liveness
 
     @classmethod
     def standalone(cls, rank: int, world_size: int, *, bind: str = "tcp://127.0.0.1") -> ZmqTransport:
@@ -417,17 +244,13 @@ class ZmqTransport:
         else:
             raise ValueError(f"bind must be 'tcp://<address>' or 'ipc://', got {base!r}")
 
-    def _rendezvous(self, store: Any, host: str | None, ipc: bool | None) -> None:
-        # Every generation of transports adds world_size to the counter before any
-        # rank can finish it (each waits for all endpoints), so this prefix is
-        # fresh even when a re-initialised group reuses the same store.
-        joined = int(store.add("ringcomm/zmq/joined", 1))
-        prefix = f"ringcomm/zmq/{(joined - 1) // self.world_size}"
+    def _rendezvous(self, store: Any, prefix: str, host: str | None, ipc: bool | None) -> None:
+        prefix = f"{prefix}/zmq"  # unique to this set-up (session.py numbers them)
         store.set(f"{prefix}/host/{self.rank}", socket.gethostname())
         hosts = {store.get(f"{prefix}/host/{r}").decode() for r in range(self.world_size)}
         host = host or os.environ.get("RINGCOMM_ZMQ_HOST") or None
         if ipc is None:
-            ipc = _env_flag("RINGCOMM_ZMQ_IPC")
+            ipc = env_bool("RINGCOMM_ZMQ_IPC", None)
         if host is not None:
             self._bind(f"tcp://{host}")
         elif len(hosts) == 1:
@@ -479,7 +302,7 @@ class ZmqTransport:
             )
         if not tensor.is_contiguous():
             raise ValueError(f"rank {self.rank}: ZmqTransport.{op} needs a contiguous tensor")
-        if tensor.dtype not in _DTYPE_NAMES:
+        if tensor.dtype not in DTYPE_NAMES:
             raise ValueError(
                 f"rank {self.rank}: dtype {tensor.dtype} cannot travel; allowed: {', '.join(DTYPES)}"
             )
@@ -497,9 +320,17 @@ class ZmqTransport:
         sock = self._dealer(peer)
         try:
             sock.send(header, zmq.SNDMORE | zmq.NOBLOCK)
-            tracker = sock.send(body, copy=not zero_copy, track=zero_copy)
-        except zmq.ZMQError as exc:
+        except zmq.ZMQError as exc:  # nothing was queued: the socket is as it was
             raise PeerError(self.rank, peer, "send", f"ZeroMQ refused the message: {exc}") from exc
+        try:
+            tracker = sock.send(body, copy=not zero_copy, track=zero_copy)
+        except BaseException as exc:
+            # The header frame is queued with SNDMORE: this DEALER now expects the rest of a
+            # message, and the next header would be glued onto it. Throw the socket away (its
+            # half message with it); the next send to this peer connects a fresh one.
+            self._dealers.pop(peer, None)
+            sock.close(linger=0)
+            raise PeerError(self.rank, peer, "send", f"ZeroMQ failed half-way through a message: {exc}") from exc
         self._send_seq[key] = seq + 1
         self.stats.count_send(peer, nbytes)
         return Pending("send", peer, _SendOp(tensor, tracker if zero_copy else None))
@@ -524,8 +355,9 @@ class ZmqTransport:
 
         Raises:
             CommTimeoutError: ``deadline`` (a ``time.monotonic()`` value) passed first.
+            PeerError: the peer stopped heartbeating or gave up on this call.
             FrameError: a malformed message arrived meanwhile (from any peer), or the
-                message for this receive did not fit its tensor.
+                message for this receive did not fit its tensor (the transport goes on).
         """
         timeout = max(deadline - time.monotonic(), 0.0)
         op = pending.handle
@@ -612,7 +444,7 @@ class ZmqTransport:
                 self.rank,
                 op.peer,
                 "dtype",
-                f"message carries {_DTYPE_NAMES[header.dtype]}, receive expects {tensor.dtype}",
+                f"message carries {DTYPE_NAMES[header.dtype]}, receive expects {tensor.dtype}",
             )
         elif math.prod(header.shape) != tensor.numel():
             op.error = FrameError(
@@ -650,4 +482,9 @@ class ZmqTransport:
         self.close()
 
 
-register_transport("zmq", ZmqTransport)
+register_transport(
+    "zmq",
+    lambda device_type, setup: ZmqTransport(setup),
+    devices=("cpu",),
+    summary="ZeroMQ: a msgpack header frame and a raw body frame per message (CPU tensors)",
+)

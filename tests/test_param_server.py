@@ -202,7 +202,7 @@ def _traffic(stats: ringcomm.transport.TransportStats) -> dict:
 
 def _rank_counts(rank: int, p: int) -> list[str]:
     failures: list[str] = []
-    stats = ringcomm.get_transport("torch", "cpu").stats
+    stats = ringcomm.init("torch").stats
     numel = 1000 * p + 3  # >= P, and not a multiple of any k
 
     # The central server, spelled out: P-1 pushes in, P-1 results out; a worker, one each way.
@@ -239,7 +239,7 @@ def _rank_counts(rank: int, p: int) -> list[str]:
 
 def _rank_bad_options(rank: int, p: int) -> list[str]:
     failures: list[str] = []
-    stats = ringcomm.get_transport("torch", "cpu").stats
+    stats = ringcomm.init("torch").stats
     bad_options = [
         ({"ps_shards": 0}, "ps_shards=0"),
         ({"ps_shards": p + 1}, f"ps_shards={p + 1}"),

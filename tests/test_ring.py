@@ -31,9 +31,13 @@ def test_grid_matches_float64_reference_and_ranks_agree_bitwise(p: int) -> None:
 
 def _pipelined_small_segments_rank(rank: int, p: int) -> list[str]:
     """The pipelined ring with tiny segments and windows must equal the readable ring bitwise."""
-    failures = []
-    from ringcomm.api import _SCRATCH
+    import time
+
+    from ringcomm.buffers import ScratchPool
     from ringcomm.ring_pipelined import pipelined_ring_all_reduce
+
+    failures = []
+    scratch = ScratchPool()
 
     transport = ringcomm.init("torch")
     for numel in sizes_for(p)[:-1] + [4099]:
@@ -42,14 +46,12 @@ def _pipelined_small_segments_rank(rank: int, p: int) -> list[str]:
             x = torch.randn(numel, generator=g)
             y = x.clone()
             ringcomm.all_reduce(x, algo="ring_simple")
-            import time
-
             pipelined_ring_all_reduce(
                 y,
                 "sum",
                 transport,
                 time.monotonic() + 60,
-                _SCRATCH,
+                scratch,
                 segment_bytes=segment_bytes,
                 window=window,
             )

@@ -8,7 +8,6 @@ made with ``ZmqTransport.standalone`` and a raw pyzmq DEALER that plays its peer
 
 from __future__ import annotations
 
-import inspect
 import os
 import pickle
 import socket
@@ -25,17 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ringcomm
-from ringcomm.errors import CommError, CommTimeoutError
+from ringcomm.errors import CommError, CommTimeoutError, FrameError
+from ringcomm.wire import DTYPES, FORMAT_VERSION, Header, decode_header, encode_header
 from ringcomm.world import run_world
-from ringcomm.zmq_transport import (
-    DTYPES,
-    FORMAT_VERSION,
-    FrameError,
-    Header,
-    ZmqTransport,
-    decode_header,
-    encode_header,
-)
+from ringcomm.zmq_transport import ZmqTransport
 
 WORLD_TIMEOUT_S = 240
 
@@ -58,16 +50,12 @@ def _threads() -> tuple[int, int]:
     return len(python), zmq_native
 
 
-def _algos() -> list[str]:
-    return [a for a in ("ring", "ring_simple", "naive", "ps") if a in ringcomm.api.ALGOS]
-
-
 # --- parity: every algorithm over zmq, the grid of test_ring, in one world per P ---
 
 
 def _grid_rank(rank: int, p: int) -> list[str]:
     failures = []
-    for algo in _algos():
+    for algo in ringcomm.ALGOS:
         # the 2**20+3 case for float32 only: it is the slow one, and dtype handling is size-independent
         failures += check_grid(rank, p, algo, "zmq", big_dtypes=(torch.float32,), big_ops=("sum",))
     transport = ringcomm.init("zmq")
@@ -76,9 +64,7 @@ def _grid_rank(rank: int, p: int) -> list[str]:
     # how data moves: the ring sends 2(P-1) messages, all to the right neighbour
     x = torch.ones(10 * p)
     transport.stats.reset()
-    # count the algorithm's messages alone, without the same-call check where the API has one
-    no_check = {"check": False} if "check" in inspect.signature(ringcomm.all_reduce).parameters else {}
-    ringcomm.all_reduce(x, algo="ring", transport="zmq", timeout=60, **no_check)
+    ringcomm.all_reduce(x, algo="ring", transport="zmq", timeout=60)
     s = transport.stats
     if p > 1 and (s.sent_msgs, s.recv_msgs, s.sends_to) != (
         2 * (p - 1),
@@ -91,20 +77,21 @@ def _grid_rank(rank: int, p: int) -> list[str]:
 
 @pytest.mark.parametrize("p", [1, 2, 3, 4])
 def test_grid_over_zmq_matches_float64_reference_and_ranks_agree_bitwise(p: int) -> None:
-    if "ps" not in ringcomm.api.ALGOS:
-        print("ps skipped: ringcomm.api.ALGOS has no 'ps' yet")
     failures = run_world(_grid_rank, p, timeout=WORLD_TIMEOUT_S)
     flat = [f for per_rank in failures for f in per_rank]
     assert not flat, "\n".join(flat[:20])
 
 
 def _tcp_and_generations_rank(rank: int, p: int) -> list[str]:
-    """RINGCOMM_ZMQ_IPC=0 binds loopback TCP; a second transport rendezvous on fresh keys."""
+    """RINGCOMM_ZMQ_IPC=0 binds loopback TCP; a second transport rendezvous on keys of its own."""
+    from ringcomm import session
+
     failures = []
     first = ringcomm.init("zmq")
     if not first.endpoint.startswith("tcp://127.0.0.1:"):
         failures.append(f"rank {rank}: RINGCOMM_ZMQ_IPC=0 bound {first.endpoint}")
-    second = ZmqTransport()  # collective, same order on every rank: generation 1
+    current = session.current()  # collective, same order on every rank: a set-up prefix of its own
+    second = ZmqTransport(session.SetupContext(current, current.key("second")))
     try:
         if second.endpoint == first.endpoint:
             failures.append(f"rank {rank}: second transport reused {first.endpoint}")
@@ -113,7 +100,7 @@ def _tcp_and_generations_rank(rank: int, p: int) -> list[str]:
             right, left = (rank + 1) % p, (rank - 1) % p
             deadline = time.monotonic() + 30
             y = torch.empty(7)
-            recv = transport.irecv(y, left, tag=5)
+            recv = transport.irecv(y, left, tag=5)  # isend/irecv: the transport's own primitives
             transport.wait(transport.isend(x, right, tag=5), deadline)
             transport.wait(recv, deadline)
             if not torch.equal(y, torch.full((7,), float(left + 1))):

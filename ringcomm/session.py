@@ -1,0 +1,235 @@
+"""The session: everything ringcomm keeps for one default process group (one "world").
+
+::
+
+    Session (one per init_process_group)
+      store, prefix        the default group's store; keys unique to this world
+      liveness             the heartbeat thread (liveness.py)
+      queue                the comm thread: collectives run one at a time, in issue order (comm_queue.py)
+      transports           one per (name, device type), made on first use, collectively
+      scratch              receive buffers (buffers.py), used by one collective at a time
+      calls                collectives begun in this world: the same-call check's key
+
+**Setting up a transport** is collective (``dist.new_group``, a ZeroMQ
+rendezvous), so a rank that asks for a different transport, or never asks
+because its call was refused, would leave the others waiting inside the
+backend until the store's own timeout. So every rank first says in the store
+which transport it is about to make (``gather``), waits for all of them within
+the call's deadline, watching the missing ranks' heartbeats, and only then
+makes it; a different answer is a ``MismatchError`` on every rank.
+
+**After a failed collective** (a timeout, a dead peer, a malformed message:
+any ``CommError`` but a ``MismatchError``, which every rank raises alike before
+data moves) the ranks are out of step, and a receive of the failed call may
+still be posted into a buffer that later calls reuse. So ``failed`` keeps the
+first such error and later calls raise at once, naming it, instead of reducing
+garbage or waiting for peers that have moved on; re-initialise the process
+group to go on.
+
+A new ``init_process_group`` after a destroy gets a new session; the old one is
+closed (its transports closed, its heartbeat stopped).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+from .buffers import ScratchPool
+from .comm_queue import CommQueue
+from .errors import CommError, CommTimeoutError, MismatchError, PeerError
+from .liveness import DEAD_NOTE, Liveness
+from .settings import heartbeat_s, liveness_s
+from .transport import Transport, TransportKind
+
+__all__ = ["Session", "SetupContext", "current", "shutdown"]
+
+
+class SetupContext:
+    """What a transport factory gets: the store, this rank's place, and a key prefix of its own."""
+
+    def __init__(self, session: Session, prefix: str) -> None:
+        self.store = session.store
+        self.rank = session.rank
+        self.world_size = session.world_size
+        self.liveness = session.liveness
+        self.prefix = prefix  # unique to this setup: "<world prefix>/setup/<n>"
+
+
+class Session:
+    """ringcomm's state for one default process group; see the module docstring."""
+
+    def __init__(self, world: Any, store: Any, rank: int, world_size: int) -> None:
+        self.world = world
+        self.store = store
+        self.rank, self.world_size = rank, world_size
+        # Every rank adds 1 once per world, so a re-initialised group that reuses the
+        # store gets fresh keys: all ranks of world g read a value in (g*P, (g+1)*P].
+        joined = int(store.add("ringcomm/worlds", 1))
+        self.prefix = f"ringcomm/{(joined - 1) // world_size}"
+        stale = liveness_s()
+        self.liveness: Liveness | None = None
+        if stale > 0 and world_size > 1:
+            self.liveness = Liveness(store, self.prefix, rank, world_size, heartbeat_s(), stale)
+        self.queue = CommQueue(f"ringcomm-comm-r{rank}")
+        self.scratch = ScratchPool()
+        self.transports: dict[tuple[str, str], Transport] = {}
+        self.calls = 0
+        #: The first collective failure in this world (see the module docstring); None while healthy.
+        self.failed: CommError | None = None
+        self._setups = 0
+        self._closed = False
+
+    def key(self, *parts: object) -> str:
+        """A store key unique to this world."""
+        return "/".join([self.prefix, *map(str, parts)])
+
+    def begin_call(self) -> int:
+        """Number the next collective (called in queue order, so the same on every rank).
+
+        Raises:
+            CommError: an earlier collective failed (``failed``); this one is not started.
+        """
+        if self.failed is not None:
+            raise CommError(
+                f"rank {self.rank}: an earlier collective failed ({self.failed}); the ranks are out of "
+                "step, so this one was not started; re-initialise the process group to go on"
+            )
+        n = self.calls
+        self.calls += 1
+        if self.liveness is not None:
+            self.liveness.call = n
+        return n
+
+    # --- agreeing through the store ---
+
+    def gather(self, base: str, value: str, deadline: float, what: str) -> list[str]:
+        """Publish ``value`` under ``base``/rank and return every rank's value, by rank.
+
+        One blocking store wait, until ``deadline`` (a ``time.monotonic()`` value).
+        Meanwhile the heartbeat thread writes a note into the key of a missing rank
+        that is dead or gave up (``liveness.py``), which ends the wait: ``PeerError``
+        naming it. At the deadline, ``CommTimeoutError`` naming the missing ranks.
+        """
+        self.store.set(f"{base}/{self.rank}", value)
+        keys = [f"{base}/{r}" for r in range(self.world_size)]
+        live = self.liveness
+        start = time.monotonic()
+        if live is not None:
+            live.slots = list(enumerate(keys))
+        try:
+            self.store.wait(keys, timedelta(seconds=max(deadline - start, 1e-3)))
+        except RuntimeError:  # DistStoreError: the deadline passed
+            missing = [r for r in range(self.world_size) if not self.store.check([keys[r]])]
+            if missing:
+                raise CommTimeoutError(
+                    self.rank,
+                    missing[0],
+                    what,
+                    time.monotonic() - start,
+                    f"ranks {missing} did not reach it (a different call, a refused call, or check off there?)",
+                ) from None
+        finally:
+            if live is not None:
+                live.slots = None
+        values = [v.decode() for v in self.store.multi_get(keys)]
+        for r, v in enumerate(values):
+            if v.startswith(DEAD_NOTE):
+                raise PeerError(self.rank, r, what, v[len(DEAD_NOTE) :])
+        return values
+
+    def forget(self, base: str) -> None:
+        """Delete this rank's key under ``base`` (every rank has read it; see fingerprint.py)."""
+        self.store.delete_key(f"{base}/{self.rank}")
+
+    # --- transports ---
+
+    def transport(self, kind: TransportKind, device_type: str, deadline: float) -> Transport:
+        """The transport ``kind`` for ``device_type``: the cached one, or a new one made collectively."""
+        cached = self.transports.get((kind.name, device_type))
+        if cached is not None:
+            return cached
+        n = self._setups
+        self._setups += 1
+        base = self.key("setup", n)
+        wanted = f"{kind.name}:{device_type}"
+        answers = self.gather(base, wanted, deadline, f"setting up transport {wanted}")
+        if any(a != wanted for a in answers):
+            by_value: dict[str, list[int]] = {}
+            for r, a in enumerate(answers):
+                by_value.setdefault(a, []).append(r)
+            described = "; ".join(f"ranks {ranks} {value}" for value, ranks in by_value.items())
+            raise MismatchError(
+                f"rank {self.rank}: ranks set up different transports ({described}); nothing was sent"
+            )
+        transport = kind.factory(device_type, SetupContext(self, base))  # type: ignore[call-arg]
+        self.transports[(kind.name, device_type)] = transport
+        return transport
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish queued collectives, then close transports and stop the heartbeat.
+
+        Raises:
+            CommError: the comm thread is still inside a collective after ``timeout``
+                seconds; nothing is closed under it (the caller must not destroy the
+                process group either).
+        """
+        if self._closed:
+            return
+        self.queue.close(timeout)  # raises if stuck: then leave everything as it is
+        self._closed = True
+        for transport in self.transports.values():
+            transport.close()
+        self.transports.clear()
+        if self.liveness is not None:
+            self.liveness.stop()
+
+
+_CURRENT: Session | None = None
+_LOCK = threading.Lock()
+
+
+def current() -> Session:
+    """The session of the current default process group, made on first use (and the old one closed).
+
+    Raises:
+        RuntimeError: torch.distributed is not initialised.
+    """
+    global _CURRENT
+    if not dist.is_initialized():
+        raise RuntimeError("ringcomm needs torch.distributed.init_process_group to have been called")
+    world = dist.group.WORLD
+    with _LOCK:
+        session = _CURRENT
+        if session is not None and session.world is world:
+            return session
+        if session is not None:
+            try:
+                session.close(timeout=1.0)
+            except CommError:
+                pass  # its thread is stuck in a dead world; nothing to hand over
+        store = dist.distributed_c10d._get_default_store()
+        _CURRENT = Session(world, store, dist.get_rank(), dist.get_world_size())
+        return _CURRENT
+
+
+def shutdown(timeout: float = 10.0) -> None:
+    """Close the current session, if any: queued collectives finish, transports close.
+
+    Call it before ``dist.destroy_process_group``.
+
+    Raises:
+        CommError: a collective is still running after ``timeout`` seconds (a peer
+            stopped answering); do not destroy the process group under it.
+    """
+    global _CURRENT
+    with _LOCK:
+        session = _CURRENT
+        if session is None:
+            return
+        session.close(timeout)
+        _CURRENT = None
