@@ -196,11 +196,16 @@ def _print_rows(rows: list[dict], header: bool, file=sys.stdout) -> None:
 
 
 def machine_info() -> dict:
-    """What the figures were measured on."""
+    """What the figures were measured on: CPU count, OS, Python and torch versions.
+
+    The one description of the machine, written by ``--json`` and by ``analysis.sweep``
+    into ``sweep.json``. ``platform.platform()`` and ``platform.processor()`` are avoided:
+    they may run ``uname -p`` in a subprocess, which a parent of a live world should not fork.
+    """
     return {
         "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "platform": f"{platform.system()}-{platform.release()}-{platform.machine()}",
+        "processor": platform.machine(),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }

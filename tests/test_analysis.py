@@ -1,20 +1,18 @@
-"""Specification of ``analysis``: the fits recover what they are fed, the sweep plans what it should,
-and the report and every figure are built from a small fixture of result files.
-
-No process is spawned: the sweep's runner is tested with ``subprocess.run`` replaced.
+"""Specification of ``analysis``: the fits recover what they are fed, and the report and every
+figure are built from a small fixture of result files. No process is spawned (the sweep, which
+starts processes, is specified in ``test_sweep.py``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from analysis import fit, plots, report, sweep, timeline
+from analysis import fit, plots, report, timeline
 from ringcomm import cost
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -200,105 +198,6 @@ def test_karp_flatt_is_the_serial_fraction_under_amdahl() -> None:
     for p in (2, 4, 8):
         assert fit.karp_flatt(p, fit.amdahl_speedup(p, 0.75)) == pytest.approx(0.25)
     assert math.isnan(fit.karp_flatt(1, 1.0))
-
-
-# --------------------------------------------------------------------------- sweep plan
-
-
-def test_quick_plan_covers_the_grid(tmp_path: Path) -> None:
-    runs = sweep.build_plan("quick", tmp_path, python="python")
-    names = [r.name for r in runs]
-    assert len(names) == len(set(names)), "run names must be unique (they name files)"
-    train = [r for r in runs if r.kind == "train"]
-    # P=1: ddp, ring, ps on torch (zmq carries nothing at P=1); P=2 and 4: all 5 algo/transport pairs.
-    assert len(train) == 3 + 5 + 5
-    assert {(r.meta["algo"], r.meta["transport"]) for r in train if r.meta["world_size"] == 1} == {
-        ("ddp", "torch"),
-        ("ring", "torch"),
-        ("ps", "torch"),
-    }
-    for r in train:
-        assert r.argv[:2] == ["python", "launch.py"]
-        cmd = r.command
-        assert f"--world-size {r.meta['world_size']}" in cmd
-        assert "--model simplecnn --dataset synthetic" in cmd
-        assert "--max-steps 20" in cmd and "--seed 0" in cmd
-        assert f"--out {tmp_path / 'train' / r.name}" in cmd
-        assert r.output == f"train/{r.name}/metrics.json"
-    bench = [r for r in runs if r.kind == "bench"]
-    assert {r.meta["world_size"] for r in bench} == {2, 4}
-    for r in bench:
-        assert r.argv[1:3] == ["-m", "ringcomm.bench"]
-        assert "--sizes 64K,1M,4M" in r.command
-        assert r.argv[r.argv.index("--algos") + 1].startswith("gloo,")  # the in-world reference
-        assert r.argv[r.argv.index("--json") + 1] == str(tmp_path / r.output)
-    assert any("ring@zmq" in r.command or ("--transport zmq" in r.command) for r in bench)
-    batch = [r for r in runs if r.kind == "batch"]
-    assert [r.meta["batch_size"] for r in batch] == [32, 256, 2048]
-    large = [r for r in runs if r.kind == "largebatch"]
-    assert [r.meta["variant"] for r in large] == ["small", "large", "large_scaled"]
-    # Linear scaling against the small-batch reference: 512/32 = 16 times the LR, with warmup.
-    assert "--lr 0.8 " in large[2].command and "--warmup-epochs 1" in large[2].command
-    assert "--lr 0.05 " in large[1].command and "--warmup-epochs" not in large[1].command
-    trace = [r for r in runs if r.kind == "trace"]
-    assert len(trace) == 1 and f"--trace {tmp_path / 'trace.json'}" in trace[0].command
-
-
-def test_full_plan_is_bigger_and_runs_full_epochs(tmp_path: Path) -> None:
-    quick = sweep.build_plan("quick", tmp_path)
-    full = sweep.build_plan("full", tmp_path)
-    assert len(full) > len(quick)
-    # launch.py caps at 150 steps unless told --max-steps 0 (no cap).
-    assert all("--max-steps 0 " in r.command + " " for r in full if r.kind in ("train", "batch"))
-    assert [r.meta["batch_size"] for r in full if r.kind == "batch"] == [32, 64, 128, 256, 512, 1024, 2048]
-    assert {r.meta["world_size"] for r in full if r.kind == "train"} == {1, 2, 4, 8}
-
-
-def test_dry_run_prints_the_plan_and_runs_nothing(
-    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def boom(*a: object, **k: object) -> None:
-        raise AssertionError("dry run must not start processes")
-
-    monkeypatch.setattr(subprocess, "run", boom)
-    assert sweep.main(["--quick", "--dry-run", "--out", str(tmp_path), "--only", "train,bench"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("[train]") == 13 and out.count("[bench]") == 4
-    assert "launch.py --algo ring --transport zmq --world-size 4" in out
-    assert not (tmp_path / "sweep.json").exists()
-
-
-def test_run_plan_records_successes_failures_and_timeouts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    runs = [
-        sweep.Run("good", "bench", ["python", "-m", "ringcomm.bench"], "bench/good.json", 5),
-        sweep.Run("bad", "bench", ["python", "-m", "ringcomm.bench"], "bench/bad.json", 5),
-        sweep.Run("slow", "bench", ["python", "-m", "ringcomm.bench"], "bench/slow.json", 5),
-    ]
-
-    def fake_run(argv: list[str], **kw: object) -> subprocess.CompletedProcess:
-        name = kw["stdout"].name  # type: ignore[union-attr]
-        if name.endswith("good.log"):
-            (tmp_path / "bench" / "good.json").write_text("{}")
-            return subprocess.CompletedProcess(argv, 0)
-        if name.endswith("bad.log"):
-            kw["stdout"].write("Traceback: something broke\n")  # type: ignore[union-attr]
-            return subprocess.CompletedProcess(argv, 1)
-        raise subprocess.TimeoutExpired(argv, 5)
-
-    monkeypatch.setattr(subprocess, "run", fake_run)
-    manifest = sweep.run_plan(runs, tmp_path, "quick", env={"OMP_NUM_THREADS": "1"})
-    status = {r["name"]: r["status"] for r in manifest["runs"]}
-    assert status == {"good": "ok", "bad": "failed", "slow": "timeout"}
-    saved = json.loads((tmp_path / "sweep.json").read_text())
-    assert saved["finished"] and saved["env"] == {"OMP_NUM_THREADS": "1"}
-    bad = next(r for r in saved["runs"] if r["name"] == "bad")
-    assert bad["rc"] == 1 and "something broke" in bad["log_tail"]
-    assert saved["runs"][0]["command"] == "python -m ringcomm.bench"
-    # --resume keeps what exists
-    again = sweep.run_plan(runs[:1], tmp_path, "quick", resume=True)
-    assert again["runs"][0]["status"] == "kept"
 
 
 # --------------------------------------------------------------------------- report fixture
