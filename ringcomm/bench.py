@@ -3,6 +3,7 @@
     python -m ringcomm.bench --world-size 4 --sizes 64K,1M,16M,64M --algos gloo,ring,naive
     python -m ringcomm.bench --world-size 4 --algos gloo,ring,ps,ps:4 --json bench.json
     python -m ringcomm.bench --world-size 2 --transport zmq --algos gloo,ring,ps
+    torchrun --nproc-per-node 4 -m ringcomm.bench --json bench.json   # torchrun's world; no --world-size
 
 Algorithms: ``gloo`` (built-in ``dist.all_reduce``), any name in ``ringcomm.ALGOS``
 (``ring``, ``ring_simple``, ``naive``, ``ps``), ``ps:K`` for a parameter server
@@ -213,7 +214,9 @@ def machine_info() -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m ringcomm.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--world-size", type=int, default=4)
+    parser.add_argument(
+        "--world-size", type=int, default=None, help="ranks to spawn (default 4); under torchrun, torchrun's"
+    )
     parser.add_argument(
         "--sizes", default="64K,1M,16M,64M", help="comma list: 64K,1M,16M (bytes, powers of 1024)"
     )
@@ -241,22 +244,35 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sample_s=args.sample_s,
         progress=True,
     )
-    print(
-        f"# ringcomm.bench: world_size={args.world_size} dtype={args.dtype} reps={args.reps} "
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # then we are one rank
+    if under_torchrun:
+        world_size = int(os.environ["WORLD_SIZE"])
+        if args.world_size not in (None, world_size):
+            parser.error(
+                f"--world-size {args.world_size} but torchrun started {world_size} ranks; "
+                "leave --world-size out under torchrun"
+            )
+    else:
+        world_size = 4 if args.world_size is None else args.world_size
+    header = (
+        f"# ringcomm.bench: world_size={world_size} dtype={args.dtype} reps={args.reps} "
         f"(median of per-call time, slowest rank) torch={torch.__version__} cpus={os.cpu_count()}"
     )
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: we are one rank
+    if under_torchrun:
         dist.init_process_group("gloo")
         torch.set_num_threads(1)
+        if dist.get_rank() == 0:
+            print(header)
         rows = _bench_rank(dist.get_rank(), dist.get_world_size(), cfg)
         dist.destroy_process_group()
     else:
+        print(header)
         from .world import run_world
 
-        rows = run_world(_bench_rank, args.world_size, (cfg,), timeout=args.timeout)[0]
+        rows = run_world(_bench_rank, world_size, (cfg,), timeout=args.timeout)[0]
     if rows is not None and args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine_info(), "world_size": args.world_size, "rows": rows}, f, indent=1)
+            json.dump({"machine": machine_info(), "world_size": world_size, "rows": rows}, f, indent=1)
         print(f"# wrote {args.json}")
     return rows or []
 
