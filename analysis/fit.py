@@ -42,12 +42,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ringcomm import cost
+from ringcomm.bench import AlgoSpec
 
 __all__ = [
-    "AlgoLabel",
     "AlphaBetaFit",
     "AmdahlFit",
-    "parse_label",
+    "cost_name",
     "model_for",
     "comm_counts",
     "predict_time",
@@ -61,49 +61,28 @@ __all__ = [
 TimeModel = Callable[[int, float, float, float], float]
 
 
-def _ps_time(p: int, nbytes: float, alpha: float, beta: float, shards: int = 1) -> float:
-    ps_time = getattr(cost, "ps_time", None)  # guard: older checkouts of cost.py lack it
-    if ps_time is None:
-        raise ValueError("ringcomm.cost has no ps_time; cannot model the parameter server")
-    return float(ps_time(p, nbytes, alpha, beta, shards=shards))
+#: Bench labels fitted with another algorithm's cost: gloo's CPU all-reduce is ring-based at the
+#: sizes we measure, and ring_simple is the ring without its pipelining.
+_COSTS_AS = {"gloo": "ring", "ring_simple": "ring"}
 
 
-@dataclass(frozen=True)
-class AlgoLabel:
-    """A benchmark label split into parts: ``"ps:2@zmq"`` -> ``AlgoLabel("ps", 2, "zmq")``."""
-
-    name: str
-    shards: int
-    transport: str
-
-    @property
-    def family(self) -> str:
-        """``"ring"`` for ring, ring_simple and gloo; else the algorithm's name."""
-        return "ring" if self.name in ("ring", "ring_simple", "gloo") else self.name
-
-
-def parse_label(label: str, transport: str | None = None) -> AlgoLabel:
-    """Parse a bench label (``ring``, ``ps:2``, ``ring@zmq``, ``gloo``) into its parts.
-
-    Args:
-        label: the ``algo`` field of a bench row.
-        transport: the row's ``transport`` field; used when the label has no ``@`` suffix.
-    """
-    name, _, suffix = label.partition("@")
-    name, _, shards = name.partition(":")
-    return AlgoLabel(name, int(shards) if shards else 1, suffix or transport or "torch")
+def cost_name(label: str) -> str:
+    """The algorithm whose cost model fits a bench label: ``"ps:2@zmq"`` -> ``"ps"``, ``"gloo"`` -> ``"ring"``."""
+    algo = AlgoSpec.parse(label).algo
+    return _COSTS_AS.get(algo, algo)
 
 
 def model_for(label: str) -> TimeModel:
     """The alpha-beta time model ``f(P, M, alpha, beta) -> seconds`` for a bench label."""
-    parsed = parse_label(label)
-    if parsed.name in ("ring", "ring_simple", "gloo"):
+    spec = AlgoSpec.parse(label)
+    name = _COSTS_AS.get(spec.algo, spec.algo)
+    if name == "ring":
         return cost.ring_time
-    if parsed.name == "naive":
+    if name == "naive":
         return cost.naive_time
-    if parsed.name == "ps":
-        shards = parsed.shards
-        return lambda p, m, a, b: _ps_time(p, m, a, b, shards=shards)
+    if name == "ps":
+        shards = spec.shards or 1
+        return lambda p, m, a, b: cost.ps_time(p, m, a, b, shards=shards)
     raise ValueError(f"no cost model for algorithm {label!r}; known: gloo, ring, ring_simple, naive, ps[:k]")
 
 
@@ -215,7 +194,7 @@ def fit_algo(
     rel = np.abs(pred - t) / t
     return AlphaBetaFit(
         algo=label,
-        transport=parse_label(label).transport,
+        transport=AlgoSpec.parse(label).transport,
         alpha_s=float(alpha),
         beta_s_per_byte=float(beta),
         points=len(keep),

@@ -33,14 +33,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ringcomm.bench import AlgoSpec
+
 from . import plots
 from .fit import (
     AlphaBetaFit,
     AmdahlFit,
+    cost_name,
     fit_amdahl,
     fit_rows,
     karp_flatt,
-    parse_label,
     predict_time,
 )
 from .timeline import render_trace
@@ -402,8 +404,8 @@ def _ps_ring_section(rows: list[dict], fits: Mapping[str, AlphaBetaFit]) -> tupl
         med[(r["algo"], int(r["world_size"]), int(r["size_bytes"]))].append(float(r["time_us"]))
     out, table = [], []
     for (label, p, size), times in sorted(med.items()):
-        parsed = parse_label(label, None)
-        if parsed.name != "ps":
+        parsed = AlgoSpec.parse(label)
+        if parsed.algo != "ps":
             continue
         ring_label = "ring" if parsed.transport == "torch" else f"ring@{parsed.transport}"
         ring_times = med.get((ring_label, p, size))
@@ -515,7 +517,7 @@ def _comm_entries(runs: Sequence[Mapping], bench_rows: Sequence[Mapping]) -> tup
         if p > 1 and st["bytes"] and st["comm_time_s"]:
             train_bw = st["bytes"] / st["comm_time_s"] / 1e9
             bench_label = "gloo" if m.get("algo") == "ddp" else _series(m)
-            ring_like = parse_label(bench_label).family == "ring"
+            ring_like = cost_name(bench_label) == "ring"
             sent_per_byte = 2 * (p - 1) / p if ring_like else 1.0
             bucket_bytes = st["bytes"] / max(1.0, st.get("buckets") or 1.0) / sent_per_byte
             cands = [r for r in bench_rows if r["algo"] == bench_label and int(r["world_size"]) == p]

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from .cost import algbw, busbw
 
-__all__ = ["main", "parse_size", "BenchRow"]
+__all__ = ["main", "parse_size", "AlgoSpec", "BenchRow", "machine_info"]
 
 DTYPES = {
     "float32": torch.float32,
@@ -55,27 +55,55 @@ def parse_size(text: str) -> int:
     return int(float(number) * scale)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AlgoSpec:
-    label: str  # as given on the command line
-    algo: str  # "gloo" or a ringcomm.ALGOS name
+    """One ``--algos`` entry, which is also the ``algo`` label of the rows it produces, in parts.
+
+    Grammar: ``NAME[:K][@TRANSPORT]``. NAME is ``gloo`` (``dist.all_reduce``) or a
+    ``ringcomm.ALGOS`` name; ``:K`` shards the parameter server K ways (``ps`` only);
+    ``@TRANSPORT`` picks the transport of this entry, else the default applies. A row's
+    label names a transport other than torch, so ``ring`` run with ``--transport zmq``
+    is labelled ``ring@zmq``. This is the one parser of the grammar: ``analysis.fit``
+    reads row labels with it.
+
+    Attributes:
+        label: the row label (``ps:2``, ``ring@zmq``, ``gloo``).
+        algo: ``"gloo"`` or a ringcomm algorithm name.
+        transport: the transport the entry runs over (``torch`` for gloo).
+        shards: K of ``ps:K``; None when not given (ringcomm's default, one shard).
+    """
+
+    label: str
+    algo: str
     transport: str
-    options: dict
+    shards: int | None = None
+
+    @property
+    def options(self) -> dict:
+        """Keyword arguments for ``ringcomm.all_reduce`` beyond ``algo`` and ``transport``."""
+        return {} if self.shards is None else {"ps_shards": self.shards}
 
     @staticmethod
-    def parse(text: str, default_transport: str) -> AlgoSpec:
-        name, _, transport = text.partition("@")
-        name, _, shards = name.partition(":")
-        transport = transport or default_transport
-        options = {"ps_shards": int(shards)} if shards else {}
+    def parse(text: str, default_transport: str = "torch") -> AlgoSpec:
+        """Split ``text`` (``ps:2@zmq``); ``default_transport`` applies when there is no ``@``.
+
+        Raises:
+            ValueError: an empty name or transport, ``:K`` on anything but ``ps`` or with
+                K not a whole number >= 1, or gloo on a transport other than torch.
+        """
+        name, at, transport = text.partition("@")
+        name, colon, shards = name.partition(":")
+        if not name or (at and not transport):
+            raise ValueError(f"algorithm {text!r}: expected NAME[:K][@TRANSPORT], e.g. ring, ps:2, ring@zmq")
+        if colon and (name != "ps" or not shards.isdigit() or int(shards) < 1):
+            raise ValueError(f"algorithm {text!r}: ':K' shards the parameter server, as in ps:2 (K >= 1)")
         if name == "gloo":
-            transport = "torch"
-        label = (
-            text
-            if "@" in text or name == "gloo"
-            else (f"{text}@{transport}" if transport != "torch" else text)
-        )
-        return AlgoSpec(label, name, transport, options)
+            if transport not in ("", "torch"):
+                raise ValueError(f"algorithm {text!r}: gloo is torch.distributed's own; it has no transport")
+            return AlgoSpec("gloo", "gloo", "torch")
+        transport = transport or default_transport
+        label = text if at or transport == "torch" else f"{text}@{transport}"
+        return AlgoSpec(label, name, transport, int(shards) if colon else None)
 
 
 @dataclass
@@ -234,6 +262,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]
     algos = [a for a in args.algos.split(",") if a]
+    for a in algos:  # refuse a bad label here, not inside every rank of a spawned world
+        try:
+            AlgoSpec.parse(a, args.transport)
+        except ValueError as exc:
+            parser.error(f"--algos: {exc}")
     cfg = dict(
         sizes=sizes,
         algos=algos,

@@ -14,6 +14,7 @@ import pytest
 
 from analysis import fit, plots, report, timeline
 from ringcomm import cost
+from ringcomm.bench import AlgoSpec
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 KB = 1 << 10
@@ -126,10 +127,14 @@ def test_comm_counts_follow_the_cost_model() -> None:
         fit.model_for("allgather")
 
 
-def test_parse_label() -> None:
-    assert fit.parse_label("ps:2@zmq") == fit.AlgoLabel("ps", 2, "zmq")
-    assert fit.parse_label("ring", "torch") == fit.AlgoLabel("ring", 1, "torch")
-    assert fit.parse_label("gloo").family == "ring"
+def test_cost_name_maps_a_label_to_the_model_it_is_fitted_with() -> None:
+    assert [fit.cost_name(x) for x in ("gloo", "ring_simple", "ring@zmq", "ps:2@zmq", "naive")] == [
+        "ring",
+        "ring",
+        "ring",
+        "ps",
+        "naive",
+    ]
 
 
 def test_fit_rows_groups_by_label_and_skips_world_size_one() -> None:
@@ -215,7 +220,7 @@ def _bench_file(root: Path, name: str, p: int, labels: list[str]) -> None:
                     "count": m // 4,
                     "dtype": "float32",
                     "algo": label,
-                    "transport": fit.parse_label(label).transport if label != "gloo" else "torch",
+                    "transport": AlgoSpec.parse(label).transport,
                     "world_size": p,
                     "time_us": t * 1e6,
                     "algbw_gbs": cost.algbw(m, t),
