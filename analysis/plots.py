@@ -23,6 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 
+from ringcomm.cost import busbw  # noqa: E402
+
 from .fit import AlphaBetaFit, AmdahlFit, amdahl_speedup  # noqa: E402
 
 __all__ = [
@@ -110,7 +112,7 @@ def plot_busbw(
             fit = fits.get(label)
             if fit is not None:
                 grid = np.geomspace(min(xs), max(xs), 40)
-                model = [2 * (ws - 1) / ws * m / fit.predict(ws, m) / 1e9 for m in grid]
+                model = [busbw(ws, m, fit.predict(ws, m)) for m in grid]
                 ax.plot(grid, model, "--", color=colour[label], lw=1, alpha=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("message size (bytes)")

@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ringcomm import cost
 from ringcomm.bench import AlgoSpec
 
 from . import plots
@@ -391,10 +392,10 @@ def _fit_section(fits: Mapping[str, AlphaBetaFit]) -> str:
             ],
             rows,
         )
-        + "\n\n_Fitted on t ≈ messages·α + bytes·β with each algorithm's critical-path counts "
-        "as ringcomm/cost.py models them (ring and gloo: 2(P−1) messages, 2(P−1)/P·M bytes; naive: 2(P−1) "
-        "messages, 2(P−1)·M bytes at the root; ps with k shards: 2 rounds, 2·max((P−1)/k, w)·M bytes on the "
-        "busiest link). Relative least squares. The error columns are the fit's residuals on its own points; with few points they flatter it._"
+        + "\n\n_Fitted on t ≈ messages·α + bytes·β, relative least squares, with each algorithm's "
+        "critical-path counts from the cost model (`ringcomm/cost.py`, below); gloo and ring_simple are "
+        "fitted as the ring. The error columns are the fit's residuals on its own points; with few points "
+        "they flatter it._\n\n" + cost.markdown_table()
     )
 
 

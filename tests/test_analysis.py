@@ -112,19 +112,41 @@ def test_fit_needs_two_distinguishable_points() -> None:
 
 def test_comm_counts_follow_the_cost_model() -> None:
     p, m = 4, 1000.0
-    assert fit.comm_counts("ring", p, m) == (6.0, pytest.approx(cost.ring_bytes_per_rank(p, m)))
-    assert fit.comm_counts("gloo", p, m) == fit.comm_counts("ring", p, m)
-    assert fit.comm_counts("naive", p, m) == (6.0, pytest.approx(2 * cost.naive_bytes_root(p, m)))
+    # ring and gloo: 2(P-1) = 6 messages, 2(P-1)/P * M = 1500 bytes; naive: rank 0 takes 3000 in, then out.
+    assert fit.comm_counts("ring", p, m) == (6.0, pytest.approx(1500.0))
+    assert (
+        fit.comm_counts("gloo", p, m) == fit.comm_counts("ring", p, m) == fit.comm_counts("ring_simple", p, m)
+    )
+    assert fit.comm_counts("naive", p, m) == (6.0, pytest.approx(6000.0))
     # The parameter server: two rounds (push, pull); k = 1 loads the server's link like naive's root,
     # k shards divide it (down to the idle worker's M), and k = P moves the ring's bytes.
-    assert fit.comm_counts("ps", p, m) == (2.0, pytest.approx(2 * (p - 1) * m))
-    assert fit.comm_counts("ps:2@zmq", p, m)[1] == pytest.approx(fit.comm_counts("ps", p, m)[1] / 2)
-    assert fit.comm_counts(f"ps:{p}", p, m)[1] == pytest.approx(cost.ring_bytes_per_rank(p, m))
-    with pytest.raises(ValueError):
+    assert fit.comm_counts("ps", p, m) == (2.0, pytest.approx(6000.0))
+    assert fit.comm_counts("ps:2@zmq", p, m) == (2.0, pytest.approx(3000.0))
+    assert fit.comm_counts("ps:3", p, m) == (2.0, pytest.approx(2000.0))  # the idle worker's 2M binds
+    assert fit.comm_counts(f"ps:{p}", p, m) == (2.0, pytest.approx(1500.0))
+    with pytest.raises(ValueError, match="out of range for P=2"):
         fit.comm_counts("ps:4", 2, m)  # more shards than ranks
     assert fit.comm_counts("ring", 1, m) == (0.0, 0.0)
-    with pytest.raises(ValueError, match="no cost model"):
+    with pytest.raises(ValueError, match="no cost model.*ring, naive, ps"):
         fit.model_for("allgather")
+
+
+def test_a_new_cost_entry_is_fitted_with_no_change_to_the_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Recursive doubling, as someone might add it: log2(P) rounds, each moving all of M.
+    rd = cost.AlgoCost(
+        name="rd",
+        title="recursive doubling",
+        messages=lambda p, k: math.log2(p),
+        nbytes=lambda p, m, k: math.log2(p) * m,
+        messages_text="log₂P",
+        bytes_text="log₂P·M",
+        busiest="every link alike",
+    )
+    monkeypatch.setitem(cost.COSTS, "rd", rd)
+    assert fit.comm_counts("rd@zmq", 8, 1000.0) == (3.0, 3000.0)
+    ps_, ms = [2, 4, 8, 8], [KB, MB, KB, MB]
+    f = fit.fit_algo("rd", ps_, ms, [fit.predict_time("rd", p, m, 20e-6, 2e-9) for p, m in zip(ps_, ms)])
+    assert f is not None and f.alpha_s == pytest.approx(20e-6) and f.beta_s_per_byte == pytest.approx(2e-9)
 
 
 def test_cost_name_maps_a_label_to_the_model_it_is_fitted_with() -> None:
