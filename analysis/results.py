@@ -37,6 +37,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ringcomm.bench import AlgoSpec
+
 __all__ = [
     "KNOWN_TRAIN_SIZES",
     "Results",
@@ -122,10 +124,11 @@ def run_config(m: Mapping) -> Mapping:
 
 
 def series(m: Mapping) -> str:
-    """Training series label in bench style: ``ddp``, ``ring``, ``ring@zmq``, ``ps``, ``ps@zmq``."""
+    """A training run's label, as the bench labels the same algorithm: ``ddp``, ``ring``, ``ring@zmq``."""
     algo = str(m.get("algo", "?"))
-    transport = str(m.get("transport") or "torch")
-    return algo if algo == "ddp" or transport == "torch" else f"{algo}@{transport}"
+    if algo == "ddp":  # torch's own all-reduce: no ringcomm transport
+        return algo
+    return AlgoSpec.parse(algo, str(m.get("transport") or "torch")).label
 
 
 def per_worker_batch(m: Mapping) -> int | None:

@@ -82,7 +82,7 @@ def ps_vs_ring(rows: Sequence[Mapping], fits: Mapping[str, AlphaBetaFit]) -> lis
         parsed = AlgoSpec.parse(label)
         if parsed.algo != "ps":
             continue
-        ring_label = "ring" if parsed.transport == "torch" else f"ring@{parsed.transport}"
+        ring_label = AlgoSpec.parse("ring", parsed.transport).label
         ring_times = med.get((ring_label, p, size))
         if not ring_times:
             continue
