@@ -417,7 +417,8 @@ def _run_child(argv: list[str], log: IO[str], env: dict, timeout_s: float, grace
     ``subprocess.run(timeout=)`` would SIGKILL only the child: launch.py could not clean up
     and the ranks it spawned would keep running, skewing every later measurement. So the
     child leads a new session and group, and on timeout (``subprocess.TimeoutExpired`` is
-    raised) or Ctrl-C (``KeyboardInterrupt``) the whole group is stopped before re-raising.
+    raised) or Ctrl-C (``KeyboardInterrupt``) the whole group is stopped before re-raising;
+    when the child exits by itself, whatever it left running in its group is killed.
     A new session also keeps the terminal's Ctrl-C from reaching the children directly:
     the sweep alone decides how they stop.
     """
@@ -440,10 +441,17 @@ def _run_child(argv: list[str], log: IO[str], env: dict, timeout_s: float, grace
     try:
         if held:
             signal.raise_signal(signal.SIGINT)  # to whatever handler was there: KeyboardInterrupt by default
-        return proc.wait(timeout=timeout_s)
+        rc = proc.wait(timeout=timeout_s)
     except BaseException:
         _stop_group(proc, grace_s)
         raise
+    # The run is over, however it ended; anything it left running (a rank a crashed launcher
+    # never joined) would only compete with the next run.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return rc
 
 
 def _tail(path: Path, chars: int = 1500) -> str:

@@ -167,6 +167,24 @@ def test_a_timed_out_run_takes_its_whole_process_group_down(tmp_path: Path, stub
 
 
 @pytest.mark.timeout(60)
+def test_a_run_that_exits_leaves_nothing_running(tmp_path: Path) -> None:
+    # A launcher that crashes without joining its rank: the run is over, the rank must not go on.
+    crashes = """
+        import subprocess, sys
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        print("grandchild", child.pid, flush=True)
+        sys.exit(1)
+    """
+    manifest = sweep.run_plan([sweep.Run("crash", "bench", _python(crashes), "x.json", 30)], tmp_path, "test")
+    pid = _grandchild_pid(tmp_path / "logs" / "crash.log")
+    try:
+        assert manifest["runs"][0]["status"] == "failed" and manifest["runs"][0]["rc"] == 1
+        assert _wait_gone(pid, 2.0), "the grandchild outlived a run that had ended"
+    finally:
+        _kill(pid)
+
+
+@pytest.mark.timeout(60)
 def test_ctrl_c_of_the_sweep_stops_the_running_group_and_records_it(tmp_path: Path) -> None:
     runs = [
         sweep.Run("hang", "bench", _python(HANGS_WITH_A_GRANDCHILD.format(stubborn=False)), "x.json", 60),
