@@ -6,14 +6,17 @@
 One concept per module:
 
 ``sweep``     the plan (``build_plan``) and the runner: launch.py and ringcomm.bench as subprocesses
+``results``   a results folder: its files' schema, and loading them
+``tables``    the report's numbers: speedup, comm share, batch sweeps ... (pure, no formatting)
 ``fit``       alpha-beta fits per algorithm (counts read off ``ringcomm.cost``) and Amdahl fits
 ``plots``     the figures (matplotlib, Agg, PNG); each skips with a note when its data is missing
 ``timeline``  a Chrome trace (``launch.py --trace``) as a per-rank Gantt chart
-``report``    loads a results folder and writes ``REPORT.md``, ``figures/`` and ``analysis.json``
+``report``    renders it all: ``REPORT.md``, ``figures/`` and ``analysis.json``
+``reliability`` the fault-injection table from ``tests/test_faults.py``'s records
 
 Everything here reports measurements on the machine at hand, never projections.
 Submodules are imported on use (``from analysis import report``) so that importing the
 package does not pull in matplotlib.
 """
 
-__all__ = ["fit", "plots", "report", "sweep", "timeline"]
+__all__ = ["fit", "plots", "reliability", "report", "results", "sweep", "tables", "timeline"]

@@ -1,28 +1,19 @@
 r"""Fitting measured numbers to models: alpha-beta per algorithm, Amdahl per training run.
 
-Alpha-beta (see ``ringcomm/cost.py``). A benchmark row gives the median seconds
-``t`` of one all-reduce of ``M`` bytes over ``P`` ranks. Each algorithm puts a
-known number of messages and bytes on its critical path (as ``cost.py`` models it):
-
-==============  ==================  ==========================================
-algorithm       messages            bytes (busiest link)
-==============  ==================  ==========================================
-ring, gloo      2(P-1)              2(P-1)/P * M
-naive           2(P-1)              2(P-1) * M   (root: in, then out)
-ps  (k=1)       2 (push, pull)      2(P-1) * M   (the server: in, then out)
-ps:k (sharded)  2 (push, pull)      2 max((P-1)/k, w) * M, w = 1 if k < P else (P-1)/P
-==============  ==================  ==========================================
-
-so ``t ~= messages * alpha + bytes * beta`` is linear in (alpha, beta) and one
+Alpha-beta. A benchmark row gives the median seconds ``t`` of one all-reduce of
+``M`` bytes over ``P`` ranks. Each algorithm puts a known number of messages
+and bytes on its critical path: the counts of its entry in
+``ringcomm.cost.COSTS`` (the cost table, ``ringcomm.cost.markdown_table()``).
+So ``t ~= messages * alpha + bytes * beta`` is linear in (alpha, beta), and one
 least-squares fit per algorithm and transport gives the latency alpha (seconds)
-and the inverse bandwidth beta (seconds per byte). Gloo is fitted as a ring:
-its CPU all-reduce is ring-based for the sizes we measure, and treating it so
-puts its alpha and beta on the same footing as ours.
+and the inverse bandwidth beta (seconds per byte). The counts are never
+restated here: change a formula in ``cost.py``, or add an algorithm there, and
+the fit follows.
 
-The counts are read off the model functions themselves, which are linear in
-alpha and beta: ``messages = model(P, M, 1, 0)`` and ``bytes = model(P, M, 0, 1)``.
-So the fit cannot drift from ``cost.py`` (``ring_time``, ``naive_time``,
-``ps_time``): change a formula there and the fit follows.
+A bench label (``ps:2@zmq``, parsed by ``ringcomm.bench.AlgoSpec``) is fitted
+with its algorithm's entry, except that gloo and ring_simple are fitted as the
+ring: gloo's CPU all-reduce is ring-based for the sizes we measure, and
+treating it so puts its alpha and beta on the same footing as ours.
 
 Amdahl. A run whose parallel fraction is ``f`` has speedup
 ``S(P) = 1 / ((1 - f) + f / P)``; ``1/S - 1 = f (1/P - 1)`` is linear in ``f``
@@ -42,12 +33,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ringcomm import cost
+from ringcomm.bench import AlgoSpec
 
 __all__ = [
-    "AlgoLabel",
     "AlphaBetaFit",
     "AmdahlFit",
-    "parse_label",
+    "cost_name",
     "model_for",
     "comm_counts",
     "predict_time",
@@ -61,56 +52,36 @@ __all__ = [
 TimeModel = Callable[[int, float, float, float], float]
 
 
-def _ps_time(p: int, nbytes: float, alpha: float, beta: float, shards: int = 1) -> float:
-    ps_time = getattr(cost, "ps_time", None)  # guard: older checkouts of cost.py lack it
-    if ps_time is None:
-        raise ValueError("ringcomm.cost has no ps_time; cannot model the parameter server")
-    return float(ps_time(p, nbytes, alpha, beta, shards=shards))
+#: Bench labels fitted with another algorithm's cost: gloo's CPU all-reduce is ring-based at the
+#: sizes we measure, and ring_simple is the ring without its pipelining.
+_COSTS_AS = {"gloo": "ring", "ring_simple": "ring"}
 
 
-@dataclass(frozen=True)
-class AlgoLabel:
-    """A benchmark label split into parts: ``"ps:2@zmq"`` -> ``AlgoLabel("ps", 2, "zmq")``."""
-
-    name: str
-    shards: int
-    transport: str
-
-    @property
-    def family(self) -> str:
-        """``"ring"`` for ring, ring_simple and gloo; else the algorithm's name."""
-        return "ring" if self.name in ("ring", "ring_simple", "gloo") else self.name
+def cost_name(label: str) -> str:
+    """The algorithm whose cost model fits a bench label: ``"ps:2@zmq"`` -> ``"ps"``, ``"gloo"`` -> ``"ring"``."""
+    algo = AlgoSpec.parse(label).algo
+    return _COSTS_AS.get(algo, algo)
 
 
-def parse_label(label: str, transport: str | None = None) -> AlgoLabel:
-    """Parse a bench label (``ring``, ``ps:2``, ``ring@zmq``, ``gloo``) into its parts.
-
-    Args:
-        label: the ``algo`` field of a bench row.
-        transport: the row's ``transport`` field; used when the label has no ``@`` suffix.
-    """
-    name, _, suffix = label.partition("@")
-    name, _, shards = name.partition(":")
-    return AlgoLabel(name, int(shards) if shards else 1, suffix or transport or "torch")
+def _cost_entry(label: str) -> tuple[cost.AlgoCost, int]:
+    """The ``cost.COSTS`` entry for a bench label, and the shards (k) it runs with."""
+    entry = cost.COSTS.get(cost_name(label))
+    if entry is None:
+        known = ", ".join(["gloo", "ring_simple", *cost.COSTS])
+        raise ValueError(f"no cost model for algorithm {label!r}; ringcomm.cost.COSTS models {known}")
+    return entry, AlgoSpec.parse(label).shards or 1
 
 
 def model_for(label: str) -> TimeModel:
     """The alpha-beta time model ``f(P, M, alpha, beta) -> seconds`` for a bench label."""
-    parsed = parse_label(label)
-    if parsed.name in ("ring", "ring_simple", "gloo"):
-        return cost.ring_time
-    if parsed.name == "naive":
-        return cost.naive_time
-    if parsed.name == "ps":
-        shards = parsed.shards
-        return lambda p, m, a, b: _ps_time(p, m, a, b, shards=shards)
-    raise ValueError(f"no cost model for algorithm {label!r}; known: gloo, ring, ring_simple, naive, ps[:k]")
+    entry, shards = _cost_entry(label)
+    return lambda p, m, a, b: entry.time(p, m, a, b, shards=shards)
 
 
 def comm_counts(label: str, p: int, nbytes: float) -> tuple[float, float]:
     """Messages and bytes on the critical path of one all-reduce of ``nbytes`` over ``p`` ranks."""
-    model = model_for(label)
-    return float(model(p, nbytes, 1.0, 0.0)), float(model(p, nbytes, 0.0, 1.0))
+    entry, shards = _cost_entry(label)
+    return entry.critical_path(p, nbytes, shards)
 
 
 def predict_time(label: str, p: int, nbytes: float, alpha: float, beta: float) -> float:
@@ -215,7 +186,7 @@ def fit_algo(
     rel = np.abs(pred - t) / t
     return AlphaBetaFit(
         algo=label,
-        transport=parse_label(label).transport,
+        transport=AlgoSpec.parse(label).transport,
         alpha_s=float(alpha),
         beta_s_per_byte=float(beta),
         points=len(keep),

@@ -1,7 +1,7 @@
 """Figures for the report (matplotlib, Agg backend, PNG).
 
 Every function takes plain data (bench rows, fits, small dicts built by
-``analysis.report``) and an output path, and returns the path it wrote, or
+``analysis.tables``) and an output path, and returns the path it wrote, or
 ``None`` when the data it needs is missing; then it appends the reason to
 ``notes`` (if given) and writes nothing. No function raises on missing or
 partial data: an experiment that failed leaves a gap, not a crash.
@@ -22,6 +22,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
+
+from ringcomm.cost import busbw  # noqa: E402
 
 from .fit import AlphaBetaFit, AmdahlFit, amdahl_speedup  # noqa: E402
 
@@ -110,7 +112,7 @@ def plot_busbw(
             fit = fits.get(label)
             if fit is not None:
                 grid = np.geomspace(min(xs), max(xs), 40)
-                model = [2 * (ws - 1) / ws * m / fit.predict(ws, m) / 1e9 for m in grid]
+                model = [busbw(ws, m, fit.predict(ws, m)) for m in grid]
                 ax.plot(grid, model, "--", color=colour[label], lw=1, alpha=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("message size (bytes)")
@@ -294,7 +296,8 @@ def plot_training_curves(
     """Loss and accuracy against epoch for each run.
 
     Args:
-        runs: ``(label, history)`` with history entries ``{epoch, loss, train_acc, test_acc}``.
+        runs: ``(label, history)``, history entries as in metrics.json
+            (``epoch``, ``train_loss``, ``train_accuracy``, ``test_accuracy``).
     """
     runs = [(label, h) for label, h in runs if h]
     if not runs:
@@ -304,21 +307,26 @@ def plot_training_curves(
     fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10.5, 4.2))
     for label, hist in runs:
         epochs = [h.get("epoch", i + 1) for i, h in enumerate(hist)]
-        if any(h.get("loss") is not None for h in hist):
+        if any(h.get("train_loss") is not None for h in hist):
             ax_l.plot(
-                epochs, [h.get("loss", np.nan) for h in hist], "o-", color=colour[label], label=label, ms=3
+                epochs,
+                [h.get("train_loss", np.nan) for h in hist],
+                "o-",
+                color=colour[label],
+                label=label,
+                ms=3,
             )
-        if any(h.get("test_acc") is not None for h in hist):
+        if any(h.get("test_accuracy") is not None for h in hist):
             ax_a.plot(
                 epochs,
-                [h.get("test_acc", np.nan) for h in hist],
+                [h.get("test_accuracy", np.nan) for h in hist],
                 "o-",
                 color=colour[label],
                 label=f"{label} test",
                 ms=3,
             )
-        if any(h.get("train_acc") is not None for h in hist):
-            ax_a.plot(epochs, [h.get("train_acc", np.nan) for h in hist], ":", color=colour[label], lw=1)
+        if any(h.get("train_accuracy") is not None for h in hist):
+            ax_a.plot(epochs, [h.get("train_accuracy", np.nan) for h in hist], ":", color=colour[label], lw=1)
     ax_l.set_xlabel("epoch")
     ax_l.set_ylabel("training loss")
     ax_l.set_title("Training loss", fontsize=9)
@@ -416,7 +424,8 @@ def plot_large_batch(entries: Sequence[Mapping], path: Path | str, notes: Notes 
     """Final test accuracy of the small-batch reference and the large batch without/with LR scaling.
 
     Args:
-        entries: ``{"label", "test_acc", "history"}`` (history optional: drawn as curves on the right).
+        entries: ``{"label", "test_acc", "history"}``; history entries as in metrics.json
+            (``epoch``, ``test_accuracy``), optional: drawn as curves on the right.
     """
     entries = [e for e in entries if e.get("test_acc") is not None]
     if not entries:
@@ -435,11 +444,11 @@ def plot_large_batch(entries: Sequence[Mapping], path: Path | str, notes: Notes 
     drew = False
     for e in entries:
         hist = e.get("history") or []
-        if hist and any(h.get("test_acc") is not None for h in hist):
+        if hist and any(h.get("test_accuracy") is not None for h in hist):
             drew = True
             ax_c.plot(
                 [h.get("epoch", i + 1) for i, h in enumerate(hist)],
-                [h.get("test_acc", np.nan) for h in hist],
+                [h.get("test_accuracy", np.nan) for h in hist],
                 "o-",
                 color=colour[e["label"]],
                 label=e["label"],

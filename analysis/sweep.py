@@ -6,7 +6,11 @@
     python -m analysis.report results/quick              # then: tables, figures, REPORT.md
 
 What runs (each a subprocess with its own timeout; a run that fails or times
-out is recorded in ``sweep.json`` and the sweep goes on):
+out is recorded in ``sweep.json`` and the sweep goes on). Each run leads a
+process group of its own; a run that times out, or is cut short by Ctrl-C, is
+stopped with everything it started (launch.py's ranks, the bench's world):
+SIGTERM to the group, ``KILL_GRACE_S`` seconds, then SIGKILL, so no stray rank
+competes with the runs that follow.
 
 ``train``       ``launch.py`` for each algorithm (ddp; ring and ps over the torch
                 and zmq transports) at each world size, fixed model, data and
@@ -33,20 +37,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO
 
-__all__ = ["Preset", "PRESETS", "Run", "build_plan", "run_plan", "main", "REPO_ROOT"]
+from ringcomm.bench import machine_info
+
+__all__ = ["Preset", "PRESETS", "Run", "build_plan", "run_plan", "main", "REPO_ROOT", "KILL_GRACE_S"]
 
 #: The repository root: launch.py lives here and every command runs here.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 KINDS = ("train", "bench", "batch", "largebatch", "trace")
+
+#: Seconds a stopped run's processes get between SIGTERM and SIGKILL: launch.py uses them to
+#: stop its ranks and flush its log.
+KILL_GRACE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -361,21 +373,85 @@ def build_plan(preset: str | Preset, out: str | Path = "results", python: str | 
     return runs
 
 
-def _machine() -> dict:
-    # platform.platform() and .processor() may run `uname -p` in a subprocess; these do not.
-    info = {
-        "cpus": os.cpu_count(),
-        "platform": f"{platform.system()}-{platform.release()}-{platform.machine()}",
-        "processor": platform.machine(),
-        "python": platform.python_version(),
-    }
+def _group_alive(pgid: int) -> bool:
+    """True while any process of group ``pgid`` exists (a zombie not yet reaped counts)."""
     try:
-        import torch
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member changed its user: it exists
+        return True
+    return True
 
-        info["torch"] = torch.__version__
-    except ImportError:  # the report still works without it
+
+def _stop_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """Stop ``proc`` and every process it started: SIGTERM to the group, ``grace_s``, then SIGKILL.
+
+    ``proc`` leads its own process group (``start_new_session``), which its children
+    (launch.py's ranks, the bench's world) inherit, so one signal reaches them all,
+    including ranks that outlive a launcher that exits first.
+    """
+    pgid = proc.pid
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader, else its zombie keeps the group "alive"
+            if not _group_alive(pgid):
+                break
+            time.sleep(0.05)
+    finally:  # a second Ctrl-C cuts the grace period short, not the kill
+        try:
+            os.killpg(pgid, signal.SIGKILL)  # whatever ignored SIGTERM or is still cleaning up
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def _run_child(argv: list[str], log: IO[str], env: dict, timeout_s: float, grace_s: float) -> int:
+    """Run ``argv`` in ``REPO_ROOT`` in a session of its own, output to ``log``; return its exit code.
+
+    ``subprocess.run(timeout=)`` would SIGKILL only the child: launch.py could not clean up
+    and the ranks it spawned would keep running, skewing every later measurement. So the
+    child leads a new session and group, and on timeout (``subprocess.TimeoutExpired`` is
+    raised) or Ctrl-C (``KeyboardInterrupt``) the whole group is stopped before re-raising;
+    when the child exits by itself, whatever it left running in its group is killed.
+    A new session also keeps the terminal's Ctrl-C from reaching the children directly:
+    the sweep alone decides how they stop.
+    """
+    # Hold a Ctrl-C that lands while the child starts: raised inside Popen() it would lose the
+    # child's pid, the only handle on its group. It is re-raised below, once there is a group to stop.
+    held: list[int] = []
+    # Python handlers can be set in the main thread only, and only over a handler Python knows.
+    previous = (
+        signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    )
+    if previous is not None:
+        signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        proc = subprocess.Popen(
+            argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    try:
+        if held:
+            signal.raise_signal(signal.SIGINT)  # to whatever handler was there: KeyboardInterrupt by default
+        rc = proc.wait(timeout=timeout_s)
+    except BaseException:
+        _stop_group(proc, grace_s)
+        raise
+    # The run is over, however it ended; anything it left running (a rank a crashed launcher
+    # never joined) would only compete with the next run.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
         pass
-    return info
+    return rc
 
 
 def _tail(path: Path, chars: int = 1500) -> str:
@@ -386,7 +462,12 @@ def _tail(path: Path, chars: int = 1500) -> str:
 
 
 def run_plan(
-    runs: list[Run], out: str | Path, preset_name: str, env: dict | None = None, resume: bool = False
+    runs: list[Run],
+    out: str | Path,
+    preset_name: str,
+    env: dict | None = None,
+    resume: bool = False,
+    kill_grace_s: float = KILL_GRACE_S,
 ) -> dict:
     """Run ``runs`` one after another, recording each in ``out/sweep.json`` as it finishes.
 
@@ -396,9 +477,14 @@ def run_plan(
         preset_name: recorded in the manifest.
         env: extra environment variables for the children (e.g. ``OMP_NUM_THREADS=1``).
         resume: skip runs whose output file already exists (status ``"kept"``).
+        kill_grace_s: seconds between SIGTERM and SIGKILL when a run is stopped.
 
     Returns:
         The manifest written to ``sweep.json``.
+
+    Raises:
+        KeyboardInterrupt: on Ctrl-C, after the running command's process group is stopped
+            and the run recorded as ``"interrupted"``.
     """
     out = Path(out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -407,7 +493,7 @@ def run_plan(
         "preset": preset_name,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "finished": None,
-        "machine": _machine(),
+        "machine": machine_info(),
         "env": dict(env or {}),
         "cwd": str(REPO_ROOT),
         "runs": [],
@@ -440,15 +526,7 @@ def run_plan(
             with open(log, "w") as f:
                 f.write(f"$ {run.command}\n")
                 f.flush()
-                proc = subprocess.run(
-                    run.argv,
-                    cwd=REPO_ROOT,
-                    env=child_env,
-                    stdout=f,
-                    stderr=subprocess.STDOUT,
-                    timeout=run.timeout_s,
-                )
-            rc = proc.returncode
+                rc = _run_child(run.argv, f, child_env, run.timeout_s, kill_grace_s)
             status = "ok" if rc == 0 and target.exists() else "failed"
             error = (
                 None if status == "ok" else (f"rc={rc}" + ("" if target.exists() else f"; no {run.output}"))
@@ -457,6 +535,12 @@ def run_plan(
             rc, status, error = None, "timeout", f"stopped after {run.timeout_s:g} s"
         except OSError as exc:
             rc, status, error = None, "failed", f"could not start: {exc}"
+        except KeyboardInterrupt:
+            record.update(status="interrupted", seconds=round(time.monotonic() - t0, 2), error="Ctrl-C")
+            manifest["runs"].append(record)
+            save()
+            print("interrupted", flush=True)
+            raise
         seconds = time.monotonic() - t0
         record.update(
             status=status, rc=rc, seconds=round(seconds, 2), error=error, log=f"logs/{run.name}.log"

@@ -3,6 +3,7 @@
     python -m ringcomm.bench --world-size 4 --sizes 64K,1M,16M,64M --algos gloo,ring,naive
     python -m ringcomm.bench --world-size 4 --algos gloo,ring,ps,ps:4 --json bench.json
     python -m ringcomm.bench --world-size 2 --transport zmq --algos gloo,ring,ps
+    torchrun --nproc-per-node 4 -m ringcomm.bench --json bench.json   # torchrun's world; no --world-size
 
 Algorithms: ``gloo`` (built-in ``dist.all_reduce``), any name in ``ringcomm.ALGOS``
 (``ring``, ``ring_simple``, ``naive``, ``ps``), ``ps:K`` for a parameter server
@@ -36,7 +37,7 @@ import torch.distributed as dist
 
 from .cost import algbw, busbw
 
-__all__ = ["main", "parse_size", "BenchRow"]
+__all__ = ["main", "parse_size", "AlgoSpec", "BenchRow", "machine_info"]
 
 DTYPES = {
     "float32": torch.float32,
@@ -54,27 +55,55 @@ def parse_size(text: str) -> int:
     return int(float(number) * scale)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AlgoSpec:
-    label: str  # as given on the command line
-    algo: str  # "gloo" or a ringcomm.ALGOS name
+    """One ``--algos`` entry, which is also the ``algo`` label of the rows it produces, in parts.
+
+    Grammar: ``NAME[:K][@TRANSPORT]``. NAME is ``gloo`` (``dist.all_reduce``) or a
+    ``ringcomm.ALGOS`` name; ``:K`` shards the parameter server K ways (``ps`` only);
+    ``@TRANSPORT`` picks the transport of this entry, else the default applies. A row's
+    label names a transport other than torch, so ``ring`` run with ``--transport zmq``
+    is labelled ``ring@zmq``. This is the one parser of the grammar: ``analysis.fit``
+    reads row labels with it.
+
+    Attributes:
+        label: the row label (``ps:2``, ``ring@zmq``, ``gloo``).
+        algo: ``"gloo"`` or a ringcomm algorithm name.
+        transport: the transport the entry runs over (``torch`` for gloo).
+        shards: K of ``ps:K``; None when not given (ringcomm's default, one shard).
+    """
+
+    label: str
+    algo: str
     transport: str
-    options: dict
+    shards: int | None = None
+
+    @property
+    def options(self) -> dict:
+        """Keyword arguments for ``ringcomm.all_reduce`` beyond ``algo`` and ``transport``."""
+        return {} if self.shards is None else {"ps_shards": self.shards}
 
     @staticmethod
-    def parse(text: str, default_transport: str) -> AlgoSpec:
-        name, _, transport = text.partition("@")
-        name, _, shards = name.partition(":")
-        transport = transport or default_transport
-        options = {"ps_shards": int(shards)} if shards else {}
+    def parse(text: str, default_transport: str = "torch") -> AlgoSpec:
+        """Split ``text`` (``ps:2@zmq``); ``default_transport`` applies when there is no ``@``.
+
+        Raises:
+            ValueError: an empty name or transport, ``:K`` on anything but ``ps`` or with
+                K not a whole number >= 1, or gloo on a transport other than torch.
+        """
+        name, at, transport = text.partition("@")
+        name, colon, shards = name.partition(":")
+        if not name or (at and not transport):
+            raise ValueError(f"algorithm {text!r}: expected NAME[:K][@TRANSPORT], e.g. ring, ps:2, ring@zmq")
+        if colon and (name != "ps" or not shards.isdigit() or int(shards) < 1):
+            raise ValueError(f"algorithm {text!r}: ':K' shards the parameter server, as in ps:2 (K >= 1)")
         if name == "gloo":
-            transport = "torch"
-        label = (
-            text
-            if "@" in text or name == "gloo"
-            else (f"{text}@{transport}" if transport != "torch" else text)
-        )
-        return AlgoSpec(label, name, transport, options)
+            if transport not in ("", "torch"):
+                raise ValueError(f"algorithm {text!r}: gloo is torch.distributed's own; it has no transport")
+            return AlgoSpec("gloo", "gloo", "torch")
+        transport = transport or default_transport
+        label = text if at or transport == "torch" else f"{text}@{transport}"
+        return AlgoSpec(label, name, transport, int(shards) if colon else None)
 
 
 @dataclass
@@ -196,11 +225,16 @@ def _print_rows(rows: list[dict], header: bool, file=sys.stdout) -> None:
 
 
 def machine_info() -> dict:
-    """What the figures were measured on."""
+    """What the figures were measured on: CPU count, OS, Python and torch versions.
+
+    The one description of the machine, written by ``--json`` and by ``analysis.sweep``
+    into ``sweep.json``. ``platform.platform()`` and ``platform.processor()`` are avoided:
+    they may run ``uname -p`` in a subprocess, which a parent of a live world should not fork.
+    """
     return {
         "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "platform": f"{platform.system()}-{platform.release()}-{platform.machine()}",
+        "processor": platform.machine(),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
@@ -208,7 +242,9 @@ def machine_info() -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m ringcomm.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--world-size", type=int, default=4)
+    parser.add_argument(
+        "--world-size", type=int, default=None, help="ranks to spawn (default 4); under torchrun, torchrun's"
+    )
     parser.add_argument(
         "--sizes", default="64K,1M,16M,64M", help="comma list: 64K,1M,16M (bytes, powers of 1024)"
     )
@@ -226,6 +262,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]
     algos = [a for a in args.algos.split(",") if a]
+    for a in algos:  # refuse a bad label here, not inside every rank of a spawned world
+        try:
+            AlgoSpec.parse(a, args.transport)
+        except ValueError as exc:
+            parser.error(f"--algos: {exc}")
     cfg = dict(
         sizes=sizes,
         algos=algos,
@@ -236,22 +277,35 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sample_s=args.sample_s,
         progress=True,
     )
-    print(
-        f"# ringcomm.bench: world_size={args.world_size} dtype={args.dtype} reps={args.reps} "
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # then we are one rank
+    if under_torchrun:
+        world_size = int(os.environ["WORLD_SIZE"])
+        if args.world_size not in (None, world_size):
+            parser.error(
+                f"--world-size {args.world_size} but torchrun started {world_size} ranks; "
+                "leave --world-size out under torchrun"
+            )
+    else:
+        world_size = 4 if args.world_size is None else args.world_size
+    header = (
+        f"# ringcomm.bench: world_size={world_size} dtype={args.dtype} reps={args.reps} "
         f"(median of per-call time, slowest rank) torch={torch.__version__} cpus={os.cpu_count()}"
     )
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: we are one rank
+    if under_torchrun:
         dist.init_process_group("gloo")
         torch.set_num_threads(1)
+        if dist.get_rank() == 0:
+            print(header)
         rows = _bench_rank(dist.get_rank(), dist.get_world_size(), cfg)
         dist.destroy_process_group()
     else:
+        print(header)
         from .world import run_world
 
-        rows = run_world(_bench_rank, args.world_size, (cfg,), timeout=args.timeout)[0]
+        rows = run_world(_bench_rank, world_size, (cfg,), timeout=args.timeout)[0]
     if rows is not None and args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine_info(), "world_size": args.world_size, "rows": rows}, f, indent=1)
+            json.dump({"machine": machine_info(), "world_size": world_size, "rows": rows}, f, indent=1)
         print(f"# wrote {args.json}")
     return rows or []
 

@@ -1,25 +1,25 @@
-r"""The alpha-beta cost model, used by the docs, the benchmark and the plots.
+r"""The alpha-beta cost model of ringcomm's all-reduce algorithms: the one place its formulas live.
 
 A message of n bytes between two ranks costs ``alpha + n * beta`` seconds:
 alpha is the per-message latency (seconds), beta the inverse bandwidth
-(seconds per byte). For an all-reduce of M bytes over P ranks:
+(seconds per byte). An all-reduce of M bytes over P ranks puts some messages
+and some bytes on its critical path, the longest chain of transfers that must
+happen one after another, and takes::
 
-=========  ==================  =========================  =========================
-algorithm  messages on the     bytes sent by the busiest  time
-           critical path       rank
-=========  ==================  =========================  =========================
-ring       2(P-1)              2(P-1)/P * M               2(P-1)a + 2(P-1)/P * M b
-naive      2(P-1)              (P-1) * M  (rank 0)        2(P-1)a + 2(P-1) * M b
-ps, k=1    2 (rounds)          (P-1) * M  (the server)    2a + 2(P-1) * M b
-ps, k      2 (rounds)          (P+k-2)/k * M  (servers)   2a + 2 m_k * M b
-=========  ==================  =========================  =========================
+    T = messages * alpha + bytes * beta
 
-For the parameter server (``param_server.py``) with k shards,
-m_k = max((P-1)/k, w), w = 1 when k < P (a worker that serves nothing pushes
-all of M) and (P-1)/P when k = P, where it moves the ring's bytes in two rounds.
+``COSTS`` holds one ``AlgoCost`` per algorithm: its two counts as functions and
+as the formulas written out. Everything else reads them from there: the time
+functions below, ``analysis.fit`` (which fits alpha and beta to measurements
+with these counts), the report, and the README, whose cost table is
+``markdown_table()``'s output (a test holds it to that). To model a new
+algorithm, add one entry to ``COSTS``.
 
-(Reduction arithmetic is left out: on the machines we measure, the wire and
-memory copies dominate. The fitted alpha and beta absorb what is left.)
+Links are full duplex: a rank that sends and receives at once pays for the
+larger direction only, while a rank that must receive before it can send (the
+naive root, a parameter server) pays for both. Reduction arithmetic is left
+out: on the machines we measure, the wire and memory copies dominate, and the
+fitted alpha and beta absorb what is left.
 
 ``busbw`` follows nccl-tests: for all-reduce, busbw = algbw * 2(P-1)/P, where
 algbw = M / time, so that busbw is comparable across P and with the link speed.
@@ -27,96 +27,149 @@ algbw = M / time, so that busbw is comparable across P and with the link speed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 __all__ = [
+    "AlgoCost",
+    "COSTS",
+    "markdown_table",
     "ring_time",
-    "ring_bytes_per_rank",
     "naive_time",
-    "naive_bytes_root",
     "ps_time",
-    "ps_bytes_per_rank",
     "algbw",
     "busbw",
     "fit_alpha_beta",
 ]
 
 
+@dataclass(frozen=True)
+class AlgoCost:
+    """One algorithm's row of the cost table: its critical path as numbers and as formulas.
+
+    Attributes:
+        name: the ringcomm algorithm name (``ring``, ``naive``, ``ps``).
+        title: the row's name in the table.
+        messages: ``(P, k) -> `` messages on the critical path, each paying alpha once.
+        nbytes: ``(P, M, k) ->`` bytes on the critical path (M in bytes), each paying beta once.
+        messages_text: ``messages`` written out, in P and k.
+        bytes_text: ``nbytes`` written out, in P, M and k.
+        busiest: which link is busiest and what it carries, in words.
+        sharded: whether the algorithm takes k, a number of shards with 1 <= k <= P;
+            the others take k = 1 only.
+    """
+
+    name: str
+    title: str
+    messages: Callable[[int, int], float]
+    nbytes: Callable[[int, float, int], float]
+    messages_text: str
+    bytes_text: str
+    busiest: str
+    sharded: bool = False
+
+    def critical_path(self, p: int, nbytes: float, shards: int = 1) -> tuple[float, float]:
+        """``(messages, bytes)`` on the critical path of one all-reduce of ``nbytes`` over ``p`` ranks.
+
+        Raises:
+            ValueError: ``shards`` other than 1 for an algorithm without shards, or outside 1..P.
+        """
+        if not self.sharded and shards != 1:
+            raise ValueError(f"{self.name} has no shards; got shards={shards!r}")
+        if not 1 <= shards <= max(p, 1):
+            raise ValueError(f"shards={shards!r} is out of range for P={p}; expected 1 <= shards <= {p}")
+        if p <= 1:
+            return 0.0, 0.0  # one rank: nothing travels
+        return float(self.messages(p, shards)), float(self.nbytes(p, nbytes, shards))
+
+    def time(self, p: int, nbytes: float, alpha: float, beta: float, shards: int = 1) -> float:
+        """Predicted seconds: ``messages * alpha + bytes * beta`` (alpha in s, beta in s/byte)."""
+        messages, path_bytes = self.critical_path(p, nbytes, shards)
+        return messages * alpha + path_bytes * beta
+
+    @property
+    def time_text(self) -> str:
+        """The time formula, written out from the two counts."""
+        return f"{self.messages_text}·α + {self.bytes_text}·β"
+
+
+def _ps_bytes(p: int, m: float, k: int) -> float:
+    # Push then pull, each round's messages all in flight at once. A server of one of the k shards
+    # takes (P-1)/k * M in while pushing; then sends as much back. A rank serving nothing (there is
+    # one when k < P) pushes and pulls all of M; at k = P every rank moves the ring's (P-1)/P * M.
+    worker = 1.0 if k < p else (p - 1) / p
+    return 2 * max((p - 1) / k, worker) * m
+
+
+#: One entry per algorithm, in the order the table shows them.
+COSTS: dict[str, AlgoCost] = {
+    c.name: c
+    for c in (
+        AlgoCost(
+            name="ring",
+            title="ring",
+            messages=lambda p, k: 2 * (p - 1),
+            nbytes=lambda p, m, k: 2 * (p - 1) / p * m,
+            messages_text="2(P−1)",
+            bytes_text="2(P−1)/P·M",
+            busiest="every link alike: each rank sends and receives 2(P−1)/P·M at once",
+        ),
+        AlgoCost(
+            name="naive",
+            title="naive",
+            messages=lambda p, k: 2 * (p - 1),
+            nbytes=lambda p, m, k: 2 * (p - 1) * m,
+            messages_text="2(P−1)",
+            bytes_text="2(P−1)·M",
+            busiest="rank 0's: (P−1)·M in (gather), then (P−1)·M out (broadcast)",
+        ),
+        AlgoCost(
+            name="ps",
+            title="parameter server, k shards",
+            messages=lambda p, k: 2,
+            nbytes=_ps_bytes,
+            messages_text="2",
+            bytes_text="2·max((P−1)/k, w)·M",
+            busiest="each server's: (P−1)/k·M in (push), then out (pull); "
+            "w = 1 if k < P (a rank that serves nothing moves all of M), (P−1)/P if k = P",
+            sharded=True,
+        ),
+    )
+}
+
+
+def markdown_table() -> str:
+    """``COSTS`` as a Markdown table (no trailing newline): the README's and the report's cost table."""
+    rows = [
+        "| algorithm | messages on the critical path | bytes on the critical path | time | busiest link |",
+        "|---|---|---|---|---|",
+    ]
+    rows += [
+        f"| {c.title} | {c.messages_text} | {c.bytes_text} | {c.time_text} | {c.busiest} |"
+        for c in COSTS.values()
+    ]
+    return "\n".join(rows)
+
+
 def ring_time(p: int, nbytes: float, alpha: float, beta: float) -> float:
-    """Predicted seconds for a ring all-reduce of ``nbytes`` over ``p`` ranks."""
-    if p <= 1:
-        return 0.0
-    return 2 * (p - 1) * alpha + 2 * (p - 1) / p * nbytes * beta
-
-
-def ring_bytes_per_rank(p: int, nbytes: float) -> float:
-    """Bytes each rank sends (and receives) in a ring all-reduce."""
-    return 0.0 if p <= 1 else 2 * (p - 1) / p * nbytes
+    """Predicted seconds for a ring all-reduce of ``nbytes`` over ``p`` ranks (``COSTS["ring"]``)."""
+    return COSTS["ring"].time(p, nbytes, alpha, beta)
 
 
 def naive_time(p: int, nbytes: float, alpha: float, beta: float) -> float:
-    """Predicted seconds for gather-to-root + broadcast (root's link is serial)."""
-    if p <= 1:
-        return 0.0
-    return 2 * (p - 1) * alpha + 2 * (p - 1) * nbytes * beta
-
-
-def naive_bytes_root(p: int, nbytes: float) -> float:
-    """Bytes the root sends (and receives) in the naive all-reduce."""
-    return 0.0 if p <= 1 else (p - 1) * nbytes
-
-
-def _check_shards(p: int, shards: int) -> None:
-    if not 1 <= shards <= max(p, 1):
-        raise ValueError(f"shards={shards!r} is out of range for P={p}; expected 1 <= shards <= {p}")
+    """Predicted seconds for gather-to-root + broadcast (``COSTS["naive"]``)."""
+    return COSTS["naive"].time(p, nbytes, alpha, beta)
 
 
 def ps_time(p: int, nbytes: float, alpha: float, beta: float, shards: int = 1) -> float:
-    """Predicted seconds for a parameter-server all-reduce of ``nbytes`` over ``p`` ranks.
+    """Predicted seconds for a parameter-server all-reduce with ``shards`` servers (``COSTS["ps"]``).
 
-    Two rounds (push, pull) whose messages overlap; the busiest link sets the
-    time. Each of the ``shards`` (k) servers receives (P-1)*M/k bytes and sends
-    as much back; a rank that serves nothing (there is one when k < P) pushes
-    and pulls all M bytes::
+    k = 1 gives 2 * alpha + 2(P-1) * M * beta; k = P gives the ring's bytes in two rounds.
 
-        T ~= 2 * alpha + 2 * max((P-1)/k, w) * M * beta,  w = 1 if k < P else (P-1)/P
-
-    k = 1 gives 2 * alpha + 2(P-1) * M * beta; k = P gives the ring's bytes.
-
-    Args:
-        p: world size.
-        nbytes: tensor size M, in bytes.
-        alpha: seconds per message.
-        beta: seconds per byte.
-        shards: k, the number of server ranks (1 <= k <= p).
+    Raises:
+        ValueError: unless 1 <= shards <= p.
     """
-    _check_shards(p, shards)
-    if p <= 1:
-        return 0.0
-    worker = 1.0 if shards < p else (p - 1) / p
-    return 2 * alpha + 2 * max((p - 1) / shards, worker) * nbytes * beta
-
-
-def ps_bytes_per_rank(p: int, nbytes: float, shards: int = 1, server: bool = True) -> float:
-    """Bytes one rank sends (and receives, the same) in a parameter-server all-reduce.
-
-    Args:
-        p: world size.
-        nbytes: tensor size M, in bytes.
-        shards: k, the number of server ranks (1 <= k <= p).
-        server: True for a rank that serves a shard, the busiest:
-            (P-1)*M/k of pulls it serves plus (k-1)*M/k of pushes to the other
-            servers, (P+k-2)/k * M in all. False for a rank that serves nothing
-            (only when k < P): M, one push per shard.
-    """
-    _check_shards(p, shards)
-    if p <= 1:
-        return 0.0
-    if server:
-        return (p + shards - 2) / shards * nbytes
-    if shards == p:
-        raise ValueError(f"with shards = P = {p} every rank is a server; pass server=True")
-    return float(nbytes)
+    return COSTS["ps"].time(p, nbytes, alpha, beta, shards=shards)
 
 
 def algbw(nbytes: float, seconds: float) -> float:

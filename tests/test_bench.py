@@ -1,0 +1,138 @@
+"""Specification of ``ringcomm.bench``: its size and label grammar, and the JSON document it writes.
+
+The torchrun path is run in this process as a world of one rank (the environment torchrun would
+set, a free port): it starts no process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ringcomm import bench
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def as_torchrun_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The environment torchrun gives rank 0 of a one-rank world."""
+    for key, value in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }.items():
+        monkeypatch.setenv(key, value)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # bench pins a rank to one thread
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(60)
+def test_json_under_torchrun_records_the_world_torchrun_started(
+    as_torchrun_rank: None, tmp_path: Path
+) -> None:
+    # --world-size is not given (torchrun chose the world); its default, 4, is not what ran.
+    out = tmp_path / "bench.json"
+    argv = ["--sizes", "4K", "--algos", "gloo", "--reps", "2", "--warmup", "0", "--sample-s", "0.001"]
+    rows = bench.main([*argv, "--json", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["world_size"] == 1
+    assert [r["world_size"] for r in doc["rows"]] == [1] == [r["world_size"] for r in rows]
+    assert doc["machine"] == bench.machine_info()
+
+
+@pytest.mark.timeout(60)
+def test_a_world_size_that_contradicts_torchrun_is_refused(
+    as_torchrun_rank: None, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--world-size", "4", "--sizes", "4K", "--algos", "gloo"])
+    err = capsys.readouterr().err
+    assert "--world-size 4" in err and "1" in err and "torchrun" in err
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("text", "default", "spec"),
+    [
+        ("ring", "torch", bench.AlgoSpec("ring", "ring", "torch")),
+        ("ring", "zmq", bench.AlgoSpec("ring@zmq", "ring", "zmq")),  # a row says its transport
+        ("ring@zmq", "torch", bench.AlgoSpec("ring@zmq", "ring", "zmq")),
+        ("ring@torch", "zmq", bench.AlgoSpec("ring@torch", "ring", "torch")),
+        ("ps:2", "torch", bench.AlgoSpec("ps:2", "ps", "torch", 2)),
+        ("ps:2@zmq", "torch", bench.AlgoSpec("ps:2@zmq", "ps", "zmq", 2)),
+        ("ps", "zmq", bench.AlgoSpec("ps@zmq", "ps", "zmq", None)),
+        ("gloo", "zmq", bench.AlgoSpec("gloo", "gloo", "torch")),  # torch.distributed's own
+    ],
+)
+def test_algo_spec_parses_the_label_grammar(text: str, default: str, spec: bench.AlgoSpec) -> None:
+    assert bench.AlgoSpec.parse(text, default) == spec
+    # A row's label read back (as analysis.fit does, default torch) gives the same entry.
+    assert bench.AlgoSpec.parse(spec.label) == spec
+
+
+def test_algo_spec_options_are_what_ringcomm_all_reduce_takes() -> None:
+    assert bench.AlgoSpec.parse("ps:3").options == {"ps_shards": 3}
+    assert bench.AlgoSpec.parse("ps").options == {} == bench.AlgoSpec.parse("ring@zmq").options
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("", "NAME[:K][@TRANSPORT]"),
+        ("@zmq", "NAME[:K][@TRANSPORT]"),
+        ("ring@", "NAME[:K][@TRANSPORT]"),
+        ("ring:2", "ps:2"),
+        ("ps:0", "K >= 1"),
+        ("ps:two", "K >= 1"),
+        ("ps:", "K >= 1"),
+        ("gloo@zmq", "no transport"),
+    ],
+)
+def test_algo_spec_refuses_bad_labels_and_says_which(text: str, says: str) -> None:
+    with pytest.raises(ValueError, match=f"{text!r}.*{re.escape(says)}"):
+        bench.AlgoSpec.parse(text)
+
+
+def test_cli_refuses_a_bad_label_before_starting_a_world(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--world-size", "2", "--algos", "gloo,ring:2"])
+    assert "--algos: algorithm 'ring:2'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "nbytes"),
+    [("64K", 65536), ("1M", 1 << 20), ("1MiB", 1 << 20), ("1.5k", 1536), ("3G", 3 << 30), ("4096", 4096)],
+)
+def test_parse_size_reads_powers_of_1024(text: str, nbytes: int) -> None:
+    assert bench.parse_size(text) == nbytes
+
+
+def test_machine_info_describes_this_machine_without_a_subprocess(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_subprocess(*a: object, **k: object) -> None:
+        raise AssertionError("machine_info must not start a process (it runs beside a live world)")
+
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    info = bench.machine_info()
+    assert info["cpus"] == os.cpu_count() and info["torch"] == torch.__version__
+    assert info["python"] == platform.python_version() and info["platform"].startswith(platform.system())

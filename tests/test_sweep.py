@@ -1,0 +1,246 @@
+"""Specification of ``analysis.sweep``: the plan holds what it should, and the runner records every
+run and leaves no process behind, whether a run ends, fails, times out or the sweep is interrupted.
+
+The runner's tests start real, tiny Python processes (no torch, no world): a child that sleeps
+stands in for launch.py and its grandchild for the ranks launch.py spawns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from analysis import sweep
+
+# --------------------------------------------------------------------------- the plan
+
+
+def test_quick_plan_covers_the_grid(tmp_path: Path) -> None:
+    runs = sweep.build_plan("quick", tmp_path, python="python")
+    names = [r.name for r in runs]
+    assert len(names) == len(set(names)), "run names must be unique (they name files)"
+    train = [r for r in runs if r.kind == "train"]
+    # P=1: ddp, ring, ps on torch (zmq carries nothing at P=1); P=2 and 4: all 5 algo/transport pairs.
+    assert len(train) == 3 + 5 + 5
+    assert {(r.meta["algo"], r.meta["transport"]) for r in train if r.meta["world_size"] == 1} == {
+        ("ddp", "torch"),
+        ("ring", "torch"),
+        ("ps", "torch"),
+    }
+    for r in train:
+        assert r.argv[:2] == ["python", "launch.py"]
+        cmd = r.command
+        assert f"--world-size {r.meta['world_size']}" in cmd
+        assert "--model simplecnn --dataset synthetic" in cmd
+        assert "--max-steps 20" in cmd and "--seed 0" in cmd
+        assert f"--out {tmp_path / 'train' / r.name}" in cmd
+        assert r.output == f"train/{r.name}/metrics.json"
+    bench = [r for r in runs if r.kind == "bench"]
+    assert {r.meta["world_size"] for r in bench} == {2, 4}
+    for r in bench:
+        assert r.argv[1:3] == ["-m", "ringcomm.bench"]
+        assert "--sizes 64K,1M,4M" in r.command
+        assert r.argv[r.argv.index("--algos") + 1].startswith("gloo,")  # the in-world reference
+        assert r.argv[r.argv.index("--json") + 1] == str(tmp_path / r.output)
+    assert any("--transport zmq" in r.command for r in bench)
+    batch = [r for r in runs if r.kind == "batch"]
+    assert [r.meta["batch_size"] for r in batch] == [32, 256, 2048]
+    large = [r for r in runs if r.kind == "largebatch"]
+    assert [r.meta["variant"] for r in large] == ["small", "large", "large_scaled"]
+    # Linear scaling against the small-batch reference: 512/32 = 16 times the LR, with warmup.
+    assert "--lr 0.8 " in large[2].command and "--warmup-epochs 1" in large[2].command
+    assert "--lr 0.05 " in large[1].command and "--warmup-epochs" not in large[1].command
+    trace = [r for r in runs if r.kind == "trace"]
+    assert len(trace) == 1 and f"--trace {tmp_path / 'trace.json'}" in trace[0].command
+
+
+def test_full_plan_is_bigger_and_runs_full_epochs(tmp_path: Path) -> None:
+    quick = sweep.build_plan("quick", tmp_path)
+    full = sweep.build_plan("full", tmp_path)
+    assert len(full) > len(quick)
+    # launch.py caps at 150 steps unless told --max-steps 0 (no cap).
+    assert all("--max-steps 0 " in r.command + " " for r in full if r.kind in ("train", "batch"))
+    assert [r.meta["batch_size"] for r in full if r.kind == "batch"] == [32, 64, 128, 256, 512, 1024, 2048]
+    assert {r.meta["world_size"] for r in full if r.kind == "train"} == {1, 2, 4, 8}
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("dry run must not start processes")
+
+    monkeypatch.setattr(subprocess, "Popen", boom)
+    monkeypatch.setattr(subprocess, "run", boom)
+    assert sweep.main(["--quick", "--dry-run", "--out", str(tmp_path), "--only", "train,bench"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[train]") == 13 and out.count("[bench]") == 4
+    assert "launch.py --algo ring --transport zmq --world-size 4" in out
+    assert not (tmp_path / "sweep.json").exists()
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+def _python(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (dead, not yet reaped by whoever adopted it) counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _wait_gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+# A stand-in for launch.py: starts a grandchild (a "rank"), prints its pid, then hangs. On SIGTERM it
+# says so and exits, as launch.py does, without waiting for its grandchild. The grandchild ignores
+# SIGTERM when told to (a rank stuck in a collective), so only SIGKILL stops it.
+HANGS_WITH_A_GRANDCHILD = """
+    import signal, subprocess, sys, time
+    stubborn = {stubborn!r}
+    rank = ("import signal, time; "
+            + ("signal.signal(signal.SIGTERM, signal.SIG_IGN); " if stubborn else "")
+            + "print('rank up', flush=True); time.sleep(120)")
+    child = subprocess.Popen([sys.executable, "-c", rank])
+    print("grandchild", child.pid, flush=True)
+    def on_term(signum, frame):
+        print("launcher got SIGTERM", flush=True)
+        sys.exit(143)
+    signal.signal(signal.SIGTERM, on_term)
+    time.sleep(120)
+"""
+
+
+def _grandchild_pid(log: Path) -> int:
+    for line in log.read_text().splitlines():
+        if line.startswith("grandchild "):
+            return int(line.split()[1])
+    raise AssertionError(f"the child never started its grandchild; log:\n{log.read_text()}")
+
+
+def _kill(pid: int) -> None:
+    """Clean up after a failing test: the grandchild must not outlive it."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("stubborn", [False, True], ids=["rank-obeys-sigterm", "rank-ignores-sigterm"])
+def test_a_timed_out_run_takes_its_whole_process_group_down(tmp_path: Path, stubborn: bool) -> None:
+    run = sweep.Run("hang", "bench", _python(HANGS_WITH_A_GRANDCHILD.format(stubborn=stubborn)), "x.json", 3)
+    t0 = time.monotonic()
+    manifest = sweep.run_plan([run], tmp_path, "test", kill_grace_s=1.0)
+    took = time.monotonic() - t0
+    log = tmp_path / "logs" / "hang.log"
+    pid = _grandchild_pid(log)
+    try:
+        assert manifest["runs"][0]["status"] == "timeout"
+        assert _wait_gone(pid, 2.0), "the grandchild outlived its timed-out run"
+        # SIGTERM came first, so the launcher could clean up; SIGKILL only after the grace period.
+        assert "launcher got SIGTERM" in log.read_text()
+        assert took < 3 + 1.0 + 5, f"run_plan took {took:.1f} s for a 3 s timeout and a 1 s grace"
+    finally:
+        _kill(pid)
+
+
+@pytest.mark.timeout(60)
+def test_a_run_that_exits_leaves_nothing_running(tmp_path: Path) -> None:
+    # A launcher that crashes without joining its rank: the run is over, the rank must not go on.
+    crashes = """
+        import subprocess, sys
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        print("grandchild", child.pid, flush=True)
+        sys.exit(1)
+    """
+    manifest = sweep.run_plan([sweep.Run("crash", "bench", _python(crashes), "x.json", 30)], tmp_path, "test")
+    pid = _grandchild_pid(tmp_path / "logs" / "crash.log")
+    try:
+        assert manifest["runs"][0]["status"] == "failed" and manifest["runs"][0]["rc"] == 1
+        assert _wait_gone(pid, 2.0), "the grandchild outlived a run that had ended"
+    finally:
+        _kill(pid)
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_of_the_sweep_stops_the_running_group_and_records_it(tmp_path: Path) -> None:
+    runs = [
+        sweep.Run("hang", "bench", _python(HANGS_WITH_A_GRANDCHILD.format(stubborn=False)), "x.json", 60),
+        sweep.Run("never", "bench", _python("print('ran')"), "y.json", 60),
+    ]
+    log = tmp_path / "logs" / "hang.log"
+
+    def ctrl_c_once_the_rank_is_up() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            # a line of its own: the log's first line, the command, holds the words too
+            if log.exists() and "rank up" in log.read_text().splitlines():
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    timer = threading.Thread(target=ctrl_c_once_the_rank_is_up, daemon=True)
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_plan(runs, tmp_path, "test", kill_grace_s=1.0)
+    timer.join()
+    pid = _grandchild_pid(log)
+    try:
+        assert _wait_gone(pid, 2.0), "the grandchild outlived the interrupted sweep"
+        saved = json.loads((tmp_path / "sweep.json").read_text())
+        assert [(r["name"], r["status"]) for r in saved["runs"]] == [("hang", "interrupted")]
+    finally:
+        _kill(pid)
+
+
+@pytest.mark.timeout(60)
+def test_run_plan_records_successes_failures_and_timeouts(tmp_path: Path) -> None:
+    good = tmp_path / "bench" / "good.json"
+    runs = [
+        sweep.Run("good", "bench", _python(f"open({str(good)!r}, 'w').write('{{}}')"), "bench/good.json", 30),
+        sweep.Run(
+            "bad",
+            "bench",
+            _python("import sys; print('Traceback: something broke'); sys.exit(1)"),
+            "b.json",
+            30,
+        ),
+        sweep.Run("silent", "bench", _python("pass"), "bench/silent.json", 30),
+        sweep.Run("slow", "bench", _python("import time; time.sleep(60)"), "bench/slow.json", 1),
+    ]
+    manifest = sweep.run_plan(runs, tmp_path, "quick", env={"OMP_NUM_THREADS": "1"}, kill_grace_s=1.0)
+    status = {r["name"]: r["status"] for r in manifest["runs"]}
+    assert status == {"good": "ok", "bad": "failed", "silent": "failed", "slow": "timeout"}
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved["finished"] and saved["env"] == {"OMP_NUM_THREADS": "1"}
+    assert saved["machine"]["cpus"] == os.cpu_count() and saved["machine"]["torch"]
+    by_name = {r["name"]: r for r in saved["runs"]}
+    assert by_name["bad"]["rc"] == 1 and "something broke" in by_name["bad"]["log_tail"]
+    assert by_name["silent"]["rc"] == 0 and "no bench/silent.json" in by_name["silent"]["error"]
+    assert by_name["slow"]["rc"] is None and by_name["slow"]["error"] == "stopped after 1 s"
+    assert by_name["good"]["command"] == sweep.Run("g", "bench", runs[0].argv, "", 1).command
+    # --resume keeps what exists
+    again = sweep.run_plan(runs[:1], tmp_path, "quick", resume=True)
+    assert again["runs"][0]["status"] == "kept"
