@@ -66,10 +66,11 @@ REQUIRED_KEYS = {
 
 
 def _launch(
-    *args: str, timeout: float = 150, env: dict[str, str] | None = None
+    *args: str, timeout: float = 150, env: dict[str, str] | None = None, script: str = "launch.py"
 ) -> subprocess.CompletedProcess:
+    """``python SCRIPT TINY... ARGS...`` from the repository root, with a timeout (seconds)."""
     return subprocess.run(
-        [sys.executable, "launch.py", *TINY, *args],
+        [sys.executable, script, *TINY, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -202,6 +203,7 @@ def _processes_with(marker: str) -> list[int]:
 
 
 def test_dying_worker_stops_the_world_and_is_named(tmp_path: Path) -> None:
+    """Rank 1 exits abruptly after its 3rd step (tests/fault_launch.py); the launcher names it, stops rank 0."""
     marker = f"RINGCOMM_TEST_MARKER={uuid.uuid4().hex}"
     key, value = marker.split("=")
     start = time.monotonic()
@@ -212,8 +214,9 @@ def test_dying_worker_stops_the_world_and_is_named(tmp_path: Path) -> None:
         "50",
         "--out",
         str(tmp_path),
-        env={"RINGCOMM_TEST_DIE": "1:3", key: value},
+        env={"FAULT_LAUNCH_DIE": "1:3", key: value},
         timeout=120,
+        script="tests/fault_launch.py",
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "rank 1 died with exit code 17" in proc.stderr
@@ -221,3 +224,4 @@ def test_dying_worker_stops_the_world_and_is_named(tmp_path: Path) -> None:
     assert time.monotonic() - start < 100  # not rank 0's 300 s communication timeout
     time.sleep(0.5)
     assert _processes_with(marker) == [], "orphaned worker processes"
+
