@@ -225,3 +225,15 @@ def test_dying_worker_stops_the_world_and_is_named(tmp_path: Path) -> None:
     time.sleep(0.5)
     assert _processes_with(marker) == [], "orphaned worker processes"
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_device_cuda_without_a_gpu_is_a_one_line_error_before_any_worker_starts(tmp_path: Path) -> None:
+    for backend in ([], ["--backend", "gloo"]):  # the default (nccl on cuda) and one that would start
+        proc = _launch("--device", "cuda", *backend, "--out", str(tmp_path), timeout=60)
+        assert proc.returncode != 0
+        assert proc.stderr.splitlines() == [
+            "launch.py: --device cuda: no CUDA device is available (torch.cuda.device_count() is 0); "
+            "use --device cpu or auto"
+        ], proc.stderr
+        assert proc.stdout == ""  # no worker printed its dataset line
+        assert not any(tmp_path.iterdir())
