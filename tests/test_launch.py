@@ -4,7 +4,9 @@ Most tests run ``python launch.py`` as a subprocess with a timeout, as a user
 would. The runs are tiny (a 256-image synthetic set, 16 images per worker, so
 8 steps per epoch) to stay fast on a shared 2-core machine. One test calls
 ``trainer.loop.train`` in a one-process world, in this process, to check that
-a resumed run ends with the very weights of an uninterrupted one.
+a resumed run ends with the very weights of an uninterrupted one. The dying
+worker is made by ``tests/fault_launch.py`` (launch.py with a patched
+optimizer step), so that no switch for it lives in the trainer.
 """
 
 from __future__ import annotations
