@@ -41,9 +41,12 @@ Output (rank 0): the dataset line first (which and why), a line every
 ``--log-every`` steps (step, loss, images/s, share of the time spent in the
 hook's all-reduce), one line per epoch, a summary. ``--out DIR`` (default
 ``runs/<algo>-w<world size>``) receives ``metrics.json`` (see
-``trainer/loop.py``) and ``checkpoint.pt``, written atomically after each
-epoch; ``--resume`` continues from it. Exit status: 0 on success, 1 if a
-worker failed (the message names the rank), 130 on Ctrl-C.
+``trainer/loop.py``) and ``checkpoint.pt`` (see ``trainer/checkpoint.py``),
+written atomically after each epoch; ``--resume`` continues from it. Exit
+status: 0 on success; 1 if a worker failed (the message names the rank) or
+the run cannot start (one line on stderr, before any worker starts:
+``--device cuda`` without a GPU, no checkpoint to resume from, a bad
+``--comm-option``); 2 for arguments argparse rejects; 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -61,8 +64,9 @@ import torch.distributed as dist
 
 from ringcomm.api import ALGOS
 from ringcomm.world import WorldError, run_world
+from trainer.checkpoint import CHECKPOINT_NAME
 from trainer.data import DATASETS
-from trainer.loop import CHECKPOINT_NAME, METRICS_NAME, SCHEDULES, TrainConfig, train
+from trainer.loop import METRICS_NAME, SCHEDULES, TrainConfig, train
 from trainer.models import MODELS
 
 # Defaults chosen so that `python launch.py --algo ring --world-size 4` is a few minutes on 2 CPU cores.
@@ -209,13 +213,24 @@ def under_torchrun() -> bool:
 
 
 def device_kind(flag: str) -> str:
-    """``cpu`` or ``cuda`` for ``--device``."""
+    """``cpu`` or ``cuda`` for ``--device``; exits with a one-line message if ``cuda`` has no device.
+
+    Checked here, in the launcher, before any worker starts: a worker would
+    otherwise fail inside the process group's set-up (NCCL) or when choosing
+    its device, and the launcher would report that as a dead rank.
+    """
     if flag == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if flag == "cuda" and torch.cuda.device_count() == 0:
+        raise SystemExit(
+            "launch.py: --device cuda: no CUDA device is available (torch.cuda.device_count() is 0); "
+            "use --device cpu or auto"
+        )
     return flag
 
 
 def _device_for(kind: str, local_rank: int) -> torch.device:
+    """This worker's device: CUDA devices are dealt out by local rank (``device_kind`` checked there is one)."""
     if kind == "cuda":
         index = local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)

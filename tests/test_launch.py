@@ -4,7 +4,9 @@ Most tests run ``python launch.py`` as a subprocess with a timeout, as a user
 would. The runs are tiny (a 256-image synthetic set, 16 images per worker, so
 8 steps per epoch) to stay fast on a shared 2-core machine. One test calls
 ``trainer.loop.train`` in a one-process world, in this process, to check that
-a resumed run ends with the very weights of an uninterrupted one.
+a resumed run ends with the very weights of an uninterrupted one. The dying
+worker is made by ``tests/fault_launch.py`` (launch.py with a patched
+optimizer step), so that no switch for it lives in the trainer.
 """
 
 from __future__ import annotations
@@ -66,10 +68,11 @@ REQUIRED_KEYS = {
 
 
 def _launch(
-    *args: str, timeout: float = 150, env: dict[str, str] | None = None
+    *args: str, timeout: float = 150, env: dict[str, str] | None = None, script: str = "launch.py"
 ) -> subprocess.CompletedProcess:
+    """``python SCRIPT TINY... ARGS...`` from the repository root, with a timeout (seconds)."""
     return subprocess.run(
-        [sys.executable, "launch.py", *TINY, *args],
+        [sys.executable, script, *TINY, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -202,6 +205,7 @@ def _processes_with(marker: str) -> list[int]:
 
 
 def test_dying_worker_stops_the_world_and_is_named(tmp_path: Path) -> None:
+    """Rank 1 exits abruptly after its 3rd step (tests/fault_launch.py); the launcher names it, stops rank 0."""
     marker = f"RINGCOMM_TEST_MARKER={uuid.uuid4().hex}"
     key, value = marker.split("=")
     start = time.monotonic()
@@ -212,8 +216,9 @@ def test_dying_worker_stops_the_world_and_is_named(tmp_path: Path) -> None:
         "50",
         "--out",
         str(tmp_path),
-        env={"RINGCOMM_TEST_DIE": "1:3", key: value},
+        env={"FAULT_LAUNCH_DIE": "1:3", key: value},
         timeout=120,
+        script="tests/fault_launch.py",
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "rank 1 died with exit code 17" in proc.stderr
@@ -221,3 +226,16 @@ def test_dying_worker_stops_the_world_and_is_named(tmp_path: Path) -> None:
     assert time.monotonic() - start < 100  # not rank 0's 300 s communication timeout
     time.sleep(0.5)
     assert _processes_with(marker) == [], "orphaned worker processes"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_device_cuda_without_a_gpu_is_a_one_line_error_before_any_worker_starts(tmp_path: Path) -> None:
+    for backend in ([], ["--backend", "gloo"]):  # the default (nccl on cuda) and one that would start
+        proc = _launch("--device", "cuda", *backend, "--out", str(tmp_path), timeout=60)
+        assert proc.returncode != 0
+        assert proc.stderr.splitlines() == [
+            "launch.py: --device cuda: no CUDA device is available (torch.cuda.device_count() is 0); "
+            "use --device cpu or auto"
+        ], proc.stderr
+        assert proc.stdout == ""  # no worker printed its dataset line
+        assert not any(tmp_path.iterdir())

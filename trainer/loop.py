@@ -19,7 +19,15 @@ the confusion matrix summed with one all-reduce), a history entry and a
 checkpoint written atomically by rank 0. ``--resume`` restores model,
 optimizer, scheduler, epoch, step and every rank's RNG states, and continues
 mid-epoch if the run stopped there (``--max-steps``), skipping the batches
-already seen in that epoch.
+already seen in that epoch; ``trainer/checkpoint.py`` holds the format and
+why the resumed run is bitwise the uninterrupted one.
+
+``train`` is the outline, one named step a line: set up the data; build the
+model, DDP and the comm hook; the optimiser and schedule; restore; then per
+epoch ``_train_epoch`` (the steps), ``_end_epoch`` (reduce, evaluate, history)
+and ``checkpoint.save``; finally the trace and ``metrics.json``. The comm hook
+is touched in three small functions only (``_attach_comm_hook``,
+``_comm_record``, ``_detach_comm_hook``).
 
 The learning rate. SGD with momentum 0.9 and weight decay 5e-4. With
 ``scale_lr`` the peak rate is ``lr × world_size`` (the linear scaling rule,
@@ -36,22 +44,22 @@ import functools
 import json
 import math
 import os
-import random
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from ringcomm import trace
 
+from . import checkpoint
+from .checkpoint import CHECKPOINT_NAME, Progress, atomic_write
 from .data import load_dataset, resolve_dataset
 from .hooks import RingcommState, ringcomm_hook
 from .models import build_model, count_parameters
@@ -59,7 +67,6 @@ from .models import build_model, count_parameters
 __all__ = ["TrainConfig", "train", "lr_factor", "SCHEDULES", "CHECKPOINT_NAME", "METRICS_NAME"]
 
 SCHEDULES = ("cosine", "multistep", "constant")
-CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
 
 
@@ -131,28 +138,6 @@ class _SkipFirst(Sampler[int]):
         return max(0, len(self.base) - self.skip)
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through ``write(tmp_path)`` then rename: a reader sees the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 class _Printer:
     """print on rank 0 only, flushed (the launcher's output is a pipe when spawned or logged)."""
 
@@ -188,12 +173,62 @@ def evaluate(
     return float(loss_sum) / max(total, 1), confusion.cpu()
 
 
-def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> dict[str, Any] | None:
-    """Train on this rank; returns the metrics dict on rank 0 (also written to ``out/metrics.json``)."""
-    say = _Printer(rank)
-    out = Path(cfg.out)
+# --- the DDP comm hook ----------------------------------------------------------------------------
+# The only code in the loop that uses trainer/hooks.py. Its API is about to change; keep every call
+# into it in these three functions, so that the change touches them and nothing else.
 
-    # --- data: the first line says which dataset and why ---
+
+def _attach_comm_hook(cfg: TrainConfig, ddp: DDP, device: torch.device) -> RingcommState | None:
+    """Register ringcomm's comm hook on ``ddp`` for ``cfg.algo``; None for ``--algo ddp`` (DDP's own).
+
+    Collective (the hook makes its transport): every rank, in the same order, before training.
+    """
+    if cfg.algo == "ddp":
+        return None
+    state = RingcommState(
+        cfg.algo, cfg.transport, device=device, timeout=cfg.comm_timeout, options=cfg.comm_options
+    )
+    ddp.register_comm_hook(state, ringcomm_hook)
+    return state
+
+
+def _comm_record(comm: RingcommState | None, step: int) -> dict[str, Any]:
+    """The record of step ``step`` (1-based): ``{"step": step}``, with the hook's counters for the step.
+
+    The hook adds ``comm_time_s`` (seconds in all-reduce, summed over the
+    buckets), ``bytes`` and ``recv_bytes`` (this rank's) and ``buckets``. Call it
+    once per step, after ``backward()`` returned (DDP has then waited for every bucket).
+    """
+    if comm is None:
+        return {"step": step}
+    return dict(comm.mark_step(step))  # a copy: the loop adds its own fields to it
+
+
+def _detach_comm_hook(comm: RingcommState | None) -> None:
+    """Stop the hook's communication; called before the caller tears the process group down."""
+    if comm is not None:
+        comm.close()
+
+
+# --- set-up ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Data:
+    """This rank's data and the step plan it implies (the plan is the same on every rank)."""
+
+    name: str  # the dataset --dataset resolved to
+    reason: str  # why that one
+    classes: list[str]
+    train: Dataset
+    sampler: DistributedSampler  # this rank's shard of the training split, reshuffled each epoch
+    test_loader: DataLoader  # this rank's shard of the test split, disjoint from the others'
+    steps_per_epoch: int
+    total_steps: int  # epochs × steps_per_epoch, capped by max_steps
+
+
+def _set_up_data(cfg: TrainConfig, rank: int, world_size: int, say: _Printer) -> _Data:
+    """Load the dataset (the first output line says which and why) and shard it over the ranks."""
     name, root, reason = resolve_dataset(cfg.dataset, cfg.data_dir)
     say(f"dataset: {name} ({reason})")
     if name == "cifar10" and cfg.download:  # rank 0 downloads, the others then read its files
@@ -203,258 +238,336 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
     data = load_dataset(
         name, root, reason=reason, synthetic_size=(cfg.synthetic_size, cfg.synthetic_size // 5)
     )
-    num_classes = len(data.classes)
-    train_sampler = DistributedSampler(data.train, world_size, rank, shuffle=True, seed=cfg.seed)
-    steps_per_epoch = len(train_sampler) // cfg.batch_size
+    sampler = DistributedSampler(data.train, world_size, rank, shuffle=True, seed=cfg.seed)
+    steps_per_epoch = len(sampler) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
-            f"{name}: {len(train_sampler)} training images per rank, fewer than --batch-size {cfg.batch_size}"
+            f"{name}: {len(sampler)} training images per rank, fewer than --batch-size {cfg.batch_size}"
         )
     test_loader = DataLoader(
         Subset(data.test, range(rank, len(data.test), world_size)),  # disjoint shards, no padding
         batch_size=cfg.eval_batch_size,
         num_workers=cfg.workers,
-        generator=torch.Generator().manual_seed(cfg.seed),  # see loader_seeds below
+        generator=torch.Generator().manual_seed(cfg.seed),  # not the global RNG: see _Run.loader_seeds
     )
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
+    return _Data(name, reason, data.classes, data.train, sampler, test_loader, steps_per_epoch, total_steps)
 
-    # --- model, DDP, the hook ---
-    torch.manual_seed(cfg.seed)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
+
+def _build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, DDP]:
+    """The model on ``device``, the same initial weights on every rank, and its DDP wrapper."""
+    torch.manual_seed(cfg.seed)  # DDP also broadcasts rank 0's weights; this makes them equal anyway
     model = build_model(cfg.model).to(device)
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    state: RingcommState | None = None
-    if cfg.algo != "ddp":
-        state = RingcommState(
-            cfg.algo, cfg.transport, device=device, timeout=cfg.comm_timeout, options=cfg.comm_options
-        )
-        ddp.register_comm_hook(state, ringcomm_hook)
-    torch.manual_seed(cfg.seed + 1 + rank)  # augmentation draws differ per rank
+    return model, DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # --- optimiser and schedule ---
-    peak_lr = cfg.lr * (world_size if cfg.scale_lr else 1)
+
+def _peak_lr(cfg: TrainConfig, world_size: int) -> float:
+    """The learning rate after warmup: ``lr``, times the world size with ``scale_lr``."""
+    return cfg.lr * (world_size if cfg.scale_lr else 1)
+
+
+def _build_optimizer(
+    cfg: TrainConfig, ddp: DDP, world_size: int, data: _Data
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD with momentum and weight decay, and the per-step schedule of ``lr_factor``."""
     optimizer = torch.optim.SGD(
-        ddp.parameters(), lr=peak_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        ddp.parameters(), lr=_peak_lr(cfg, world_size), momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        functools.partial(
-            lr_factor,
-            total_steps=total_steps,
-            warmup_steps=warmup_steps,
-            schedule=cfg.schedule,
-            start_factor=1.0 / world_size if cfg.scale_lr else 0.0,
-        ),
+    schedule = functools.partial(
+        lr_factor,
+        total_steps=data.total_steps,
+        warmup_steps=round(cfg.warmup_epochs * data.steps_per_epoch),
+        schedule=cfg.schedule,
+        start_factor=1.0 / world_size if cfg.scale_lr else 0.0,
     )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
-    # --- resume ---
-    step, epoch, skip_batches = 0, 0, 0
-    history: list[dict[str, Any]] = []
-    step_records: list[dict[str, Any]] = []
-    train_time_s, images_seen = 0.0, 0
-    if cfg.resume:
-        ckpt = torch.load(cfg.resume, map_location=device, weights_only=False)
-        if ckpt["model_name"] != cfg.model:
-            raise ValueError(
-                f"--resume {cfg.resume}: checkpoint is of model {ckpt['model_name']!r}, not {cfg.model!r}"
-            )
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        step, epoch, skip_batches = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-        history, step_records = ckpt["history"], ckpt["step_records"]
-        train_time_s, images_seen = ckpt["train_time_s"], ckpt["images_seen"]
-        if len(ckpt["rng"]) == world_size and ckpt["batch_size"] == cfg.batch_size:
-            _set_rng_state(ckpt["rng"][rank])
-        else:
-            say(
-                f"resume: checkpoint from world size {len(ckpt['rng'])}, batch {ckpt['batch_size']}; "
-                "continuing with fresh RNG streams (the data order is not the one the old run would have seen)"
-            )
-        say(f"resume: {cfg.resume} at step {step}, epoch {epoch}, batch {skip_batches} of that epoch")
 
-    say(
-        f"train: {cfg.model} ({count_parameters(model):,d} params) | algo {cfg.algo}"
-        f"{'' if cfg.algo == 'ddp' else ' over ' + cfg.transport} | world {world_size} on {device.type} | "
+def _banner(run: _Run) -> str:
+    """The line that says what this run trains, with what, for how long."""
+    cfg, world_size = run.cfg, run.world_size
+    return (
+        f"train: {cfg.model} ({count_parameters(run.model):,d} params) | algo {cfg.algo}"
+        f"{'' if cfg.algo == 'ddp' else ' over ' + cfg.transport} | world {world_size} on {run.device.type} | "
         f"batch {cfg.batch_size}/worker = {cfg.batch_size * world_size} global | "
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps | lr {peak_lr:g} {cfg.schedule}"
+        f"{run.data.steps_per_epoch} steps/epoch, {run.data.total_steps} steps | "
+        f"lr {_peak_lr(cfg, world_size):g} {cfg.schedule}"
     )
 
-    global_batch = cfg.batch_size * world_size
-    start_step = step
-    tracer = trace.enable(rank) if cfg.trace else None  # off: every trace.span is a no-op
-    # Every DataLoader iterator draws a seed for its workers; from a generator of its own, not
-    # from the global RNG, so that the augmentation stream (the global RNG with num_workers=0,
-    # checkpointed) is the same whether or not a run was interrupted and resumed.
-    loader_seeds = torch.Generator().manual_seed(cfg.seed + rank)
-    # For tests of the launcher: RINGCOMM_TEST_DIE="RANK:STEP" makes that rank exit abruptly after
-    # that step, as a crashed or killed worker would, leaving its peers blocked in communication.
-    die_rank, _, die_step = os.environ.get("RINGCOMM_TEST_DIE", "-1:-1").partition(":")
-    die_at = int(die_step) if int(die_rank) == rank else -1
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    try:
-        while epoch < cfg.epochs and step < total_steps:
-            train_sampler.set_epoch(epoch)
-            loader = DataLoader(
-                data.train,
-                batch_size=cfg.batch_size,
-                sampler=_SkipFirst(train_sampler, skip_batches * cfg.batch_size),
-                drop_last=True,
-                num_workers=cfg.workers,
-                pin_memory=device.type == "cuda",
-                generator=loader_seeds,
-            )
-            batch_in_epoch = skip_batches
-            skip_batches = 0
-            ddp.train()
-            # per-sample loss and hits summed on the device; read once per epoch (no sync per step)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            correct = torch.zeros((), dtype=torch.int64, device=device)
-            seen = 0
-            epoch_start = window_start = last = time.perf_counter()
-            window_comm, window_steps = 0.0, 0
-            for x, y in loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                # trace.span does nothing unless --trace is on (and only for the first --trace-steps)
-                with trace.span("forward", "compute", step=step):
-                    logits = ddp(x)
-                    loss = nn.functional.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                with trace.span("backward", "compute", step=step):
-                    loss.backward()  # DDP has waited for every bucket's future when this returns
-                with trace.span("optimizer", "compute", step=step):
-                    optimizer.step()
-                scheduler.step()
-                step += 1
-                if tracer is not None and step == start_step + cfg.trace_steps:
-                    trace.disable()
-                batch_in_epoch += 1
-                seen += y.numel()
-                loss_sum += loss.detach() * y.numel()
-                correct += (logits.detach().argmax(1) == y).sum()
 
-                now = time.perf_counter()
-                record = state.mark_step(step) if state is not None else {"step": step}
-                record["step_time_s"] = now - last  # includes loading this batch
-                last = now
-                step_records.append(record)
-                window_comm += record.get("comm_time_s", 0.0)
-                window_steps += 1
-                if step % cfg.log_every == 0 or step == total_steps:
-                    elapsed = now - window_start
-                    comm = "comm n/a (built-in)" if state is None else f"comm {window_comm / elapsed:4.0%}"
-                    say(
-                        f"step {step:6d}/{total_steps} | epoch {epoch} | loss {loss.item():.4f} | "
-                        f"{window_steps * global_batch / elapsed:8.1f} img/s | {comm} | "
-                        f"lr {scheduler.get_last_lr()[0]:.4g}"
-                    )
-                    window_start, window_comm, window_steps = now, 0.0, 0
-                if step == die_at:
-                    os._exit(17)
-                if step >= total_steps:
-                    break
-            epoch_time = time.perf_counter() - epoch_start
-            train_time_s += epoch_time
-            images_seen += seen * world_size
-            complete = batch_in_epoch >= steps_per_epoch
+@dataclass
+class _Run:
+    """What the epochs need, set up once by ``train``."""
 
-            # --- end of epoch (or of the steps): reduce the train stats, evaluate, checkpoint ---
-            totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device)])
-            dist.all_reduce(totals)
-            for buf in model.buffers():  # BatchNorm statistics: evaluate rank 0's on every rank
-                dist.broadcast(buf, 0)
-            test_loss, confusion = evaluate(model, test_loader, device, num_classes, cfg.eval_batches)
-            entry: dict[str, Any] = {"epoch": epoch, "step": step, "complete": complete}
-            entry["train_loss"] = float(totals[0]) / max(float(totals[2]), 1.0)
-            entry["train_accuracy"] = float(totals[1]) / max(float(totals[2]), 1.0)
-            entry["test_loss"] = test_loss
-            entry["test_accuracy"] = float(confusion.diag().sum()) / max(int(confusion.sum()), 1)
-            entry["epoch_time_s"] = epoch_time
-            history.append(entry)
-            say(
-                f"epoch {epoch} {'done' if complete else 'stopped'} at step {step} | "
-                f"train loss {entry['train_loss']:.4f} acc {entry['train_accuracy']:.2%} | "
-                f"test loss {test_loss:.4f} acc {entry['test_accuracy']:.2%} | {epoch_time:.1f} s"
-            )
-            if complete:
-                epoch += 1
-                batch_in_epoch = 0
+    cfg: TrainConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    say: _Printer
+    data: _Data
+    model: nn.Module  # the bare model: evaluation, BatchNorm buffers, checkpoints
+    ddp: DDP  # the same model, wrapped: the training steps
+    comm: RingcommState | None  # None: DDP's built-in all-reduce
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    # Every DataLoader iterator draws a seed for its workers; from a generator of its own, not from
+    # the global RNG, so that the augmentation stream (the global RNG with workers=0, checkpointed)
+    # is the same whether or not a run was interrupted and resumed.
+    loader_seeds: torch.Generator = field(init=False)
+    trace_until: int | None = None  # tracing stops after this step (set by _start_trace); None: off
 
-            rngs = [None] * world_size
-            dist.all_gather_object(rngs, _rng_state())
-            if rank == 0:
-                out.mkdir(parents=True, exist_ok=True)
-                ckpt = {
-                    "model_name": cfg.model,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "step": step,
-                    "epoch": epoch,  # the epoch to run next (or to finish, if batch_in_epoch > 0)
-                    "batch_in_epoch": batch_in_epoch,
-                    "batch_size": cfg.batch_size,
-                    "history": history,
-                    "step_records": step_records,
-                    "train_time_s": train_time_s,
-                    "images_seen": images_seen,
-                    "rng": rngs,
-                    "config": asdict(cfg),
-                }
-                _atomic_write(out / CHECKPOINT_NAME, lambda p, c=ckpt: torch.save(c, p))
-    finally:
-        if state is not None:
-            state.close()
-        trace.disable()
+    def __post_init__(self) -> None:
+        self.loader_seeds = torch.Generator().manual_seed(self.cfg.seed + self.rank)
 
-    if tracer is not None:  # each rank writes its events; rank 0 joins them into cfg.trace
-        part = f"{cfg.trace}.rank{rank}"
-        tracer.dump(part)
-        dist.barrier()
-        if rank == 0:
-            parts = [f"{cfg.trace}.rank{r}" for r in range(world_size)]
-            trace.merge([p for p in parts if os.path.exists(p)], cfg.trace)  # other hosts' stay there
-            for p in parts:
-                if os.path.exists(p):
-                    os.remove(p)
-            say(f"trace: {cfg.trace} ({len(tracer.events)} events on rank 0; open in ui.perfetto.dev)")
 
-    if rank != 0:
+def _restore(run: _Run) -> Progress:
+    """Continue from the checkpoint ``--resume`` names: weights, optimizer, schedule, RNG, position."""
+    assert run.cfg.resume is not None
+    return checkpoint.restore(
+        run.cfg.resume,
+        run.cfg,
+        run.model,
+        run.optimizer,
+        run.scheduler,
+        rank=run.rank,
+        world_size=run.world_size,
+        device=run.device,
+        say=run.say,
+    )
+
+
+def _start_trace(run: _Run, progress: Progress) -> trace.Tracer | None:
+    """With --trace, record the next ``trace_steps`` steps (``trace.span`` is a no-op otherwise)."""
+    if not run.cfg.trace:
         return None
-    comm_time = None if state is None else sum(r.get("comm_time_s", 0.0) for r in step_records)
+    run.trace_until = progress.step + run.cfg.trace_steps
+    return trace.enable(run.rank)
+
+
+# --- an epoch -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _EpochSums:
+    """One epoch's training sums on this rank, kept on the device: read once, at its end."""
+
+    loss_sum: torch.Tensor  # float64: the per-sample cross-entropy, summed
+    correct: torch.Tensor  # int64: samples classified right
+    seen: int = 0  # samples
+    time_s: float = 0.0  # seconds in the epoch's steps, batch loading included
+
+
+def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on the batch ``(x, y)``; returns the loss and logits, not read from the device.
+
+    ``trace.span`` does nothing unless --trace is on (and then only for the first --trace-steps).
+    """
+    with trace.span("forward", "compute", step=step):
+        logits = run.ddp(x)
+        loss = nn.functional.cross_entropy(logits, y)
+    run.optimizer.zero_grad(set_to_none=True)
+    with trace.span("backward", "compute", step=step):
+        loss.backward()  # DDP has waited for every bucket's future when this returns
+    with trace.span("optimizer", "compute", step=step):
+        run.optimizer.step()
+    run.scheduler.step()
+    return loss, logits
+
+
+def _train_epoch(run: _Run, progress: Progress) -> _EpochSums:
+    """Train on epoch ``progress.epoch`` from batch ``progress.batch_in_epoch`` to its end or the last step.
+
+    Advances ``progress`` (step, batch_in_epoch, step_records) step by step and
+    prints a line every ``log_every`` steps: images/s and the share of the time
+    in the hook's all-reduce, over the steps since the previous line.
+    """
+    cfg, data, device = run.cfg, run.data, run.device
+    data.sampler.set_epoch(progress.epoch)
+    loader = DataLoader(
+        data.train,
+        batch_size=cfg.batch_size,
+        sampler=_SkipFirst(data.sampler, progress.batch_in_epoch * cfg.batch_size),
+        drop_last=True,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        generator=run.loader_seeds,
+    )
+    run.ddp.train()
+    sums = _EpochSums(
+        torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.int64, device=device)
+    )
+    start = window_start = last = time.perf_counter()
+    window_comm_s, window_steps = 0.0, 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss, logits = _train_step(run, x, y, progress.step)
+        progress.step += 1
+        progress.batch_in_epoch += 1
+        if progress.step == run.trace_until:
+            trace.disable()
+        sums.seen += y.numel()
+        sums.loss_sum += loss.detach() * y.numel()
+        sums.correct += (logits.detach().argmax(1) == y).sum()
+
+        now = time.perf_counter()
+        record = _comm_record(run.comm, progress.step)
+        record["step_time_s"] = now - last  # includes loading this batch
+        last = now
+        progress.step_records.append(record)
+        window_comm_s += record.get("comm_time_s", 0.0)
+        window_steps += 1
+        if progress.step % cfg.log_every == 0 or progress.step == data.total_steps:
+            elapsed = now - window_start
+            comm = "comm n/a (built-in)" if run.comm is None else f"comm {window_comm_s / elapsed:4.0%}"
+            run.say(
+                f"step {progress.step:6d}/{data.total_steps} | epoch {progress.epoch} | "
+                f"loss {loss.item():.4f} | "
+                f"{window_steps * cfg.batch_size * run.world_size / elapsed:8.1f} img/s | {comm} | "
+                f"lr {run.scheduler.get_last_lr()[0]:.4g}"
+            )
+            window_start, window_comm_s, window_steps = now, 0.0, 0
+        if progress.step >= data.total_steps:
+            break
+    sums.time_s = time.perf_counter() - start
+    return sums
+
+
+def _end_epoch(run: _Run, progress: Progress, sums: _EpochSums) -> torch.Tensor:
+    """Sum the epoch's train statistics over the ranks, evaluate, add the history entry and print it.
+
+    Moves ``progress`` to the next epoch if this one is complete (not stopped
+    mid-way by ``max_steps``). Returns the test confusion matrix (on the CPU).
+    """
+    cfg, device = run.cfg, run.device
+    progress.train_time_s += sums.time_s
+    progress.images_seen += sums.seen * run.world_size
+    complete = progress.batch_in_epoch >= run.data.steps_per_epoch
+
+    totals = torch.stack(
+        [sums.loss_sum, sums.correct.double(), torch.tensor(float(sums.seen), device=device)]
+    )
+    dist.all_reduce(totals)
+    for buf in run.model.buffers():  # BatchNorm statistics: evaluate rank 0's on every rank
+        dist.broadcast(buf, 0)
+    test_loss, confusion = evaluate(
+        run.model, run.data.test_loader, device, len(run.data.classes), cfg.eval_batches
+    )
+    entry: dict[str, Any] = {"epoch": progress.epoch, "step": progress.step, "complete": complete}
+    entry["train_loss"] = float(totals[0]) / max(float(totals[2]), 1.0)
+    entry["train_accuracy"] = float(totals[1]) / max(float(totals[2]), 1.0)
+    entry["test_loss"] = test_loss
+    entry["test_accuracy"] = float(confusion.diag().sum()) / max(int(confusion.sum()), 1)
+    entry["epoch_time_s"] = sums.time_s
+    progress.history.append(entry)
+    run.say(
+        f"epoch {progress.epoch} {'done' if complete else 'stopped'} at step {progress.step} | "
+        f"train loss {entry['train_loss']:.4f} acc {entry['train_accuracy']:.2%} | "
+        f"test loss {test_loss:.4f} acc {entry['test_accuracy']:.2%} | {sums.time_s:.1f} s"
+    )
+    if complete:
+        progress.epoch += 1
+        progress.batch_in_epoch = 0
+    return confusion
+
+
+# --- after training -------------------------------------------------------------------------------
+
+
+def _merge_trace(run: _Run, tracer: trace.Tracer) -> None:
+    """Each rank writes its trace events; rank 0 joins them into the --trace file. Collective."""
+    path = run.cfg.trace
+    assert path is not None
+    tracer.dump(f"{path}.rank{run.rank}")
+    dist.barrier()
+    if run.rank == 0:
+        parts = [f"{path}.rank{r}" for r in range(run.world_size)]
+        trace.merge([p for p in parts if os.path.exists(p)], path)  # other hosts' stay there
+        for p in parts:
+            if os.path.exists(p):
+                os.remove(p)
+        run.say(f"trace: {path} ({len(tracer.events)} events on rank 0; open in ui.perfetto.dev)")
+
+
+def _metrics(run: _Run, progress: Progress, confusion: torch.Tensor) -> dict[str, Any]:
+    """The content of metrics.json (analysis/ reads it: add keys, do not rename them)."""
+    cfg, history = run.cfg, progress.history
+    train_time_s = progress.train_time_s
+    comm_time = None if run.comm is None else sum(r.get("comm_time_s", 0.0) for r in progress.step_records)
     per_class = confusion.diag().double() / confusion.sum(1).clamp(min=1).double()
-    metrics: dict[str, Any] = {
+    return {
         "algo": cfg.algo,
         "transport": None if cfg.algo == "ddp" else cfg.transport,
         "backend": dist.get_backend(),
-        "device": device.type,
-        "world_size": world_size,
+        "device": run.device.type,
+        "world_size": run.world_size,
         "model": cfg.model,
-        "parameters": count_parameters(model),
-        "dataset": name,
-        "dataset_reason": reason,
-        "steps": step,
-        "epochs_completed": epoch,
+        "parameters": count_parameters(run.model),
+        "dataset": run.data.name,
+        "dataset_reason": run.data.reason,
+        "steps": progress.step,
+        "epochs_completed": progress.epoch,
         "batch_size_per_worker": cfg.batch_size,
-        "global_batch_size": global_batch,
-        "peak_lr": peak_lr,
+        "global_batch_size": cfg.batch_size * run.world_size,
+        "peak_lr": _peak_lr(cfg, run.world_size),
         "schedule": cfg.schedule,
         "train_time_s": train_time_s,
-        "throughput_img_s": images_seen / train_time_s if train_time_s > 0 else None,
+        "throughput_img_s": progress.images_seen / train_time_s if train_time_s > 0 else None,
         "comm_time_s": comm_time,
         "comm_share": None if comm_time is None or train_time_s == 0 else comm_time / train_time_s,
         "final_train_loss": history[-1]["train_loss"] if history else None,
         "final_test_accuracy": history[-1]["test_accuracy"] if history else None,
         "history": history,
-        "classes": data.classes,
-        "per_class_accuracy": dict(zip(data.classes, per_class.tolist())),
+        "classes": run.data.classes,
+        "per_class_accuracy": dict(zip(run.data.classes, per_class.tolist())),
         "confusion_matrix": confusion.tolist(),
-        "step_records": step_records,
-        "checkpoint": str(out / CHECKPOINT_NAME),
+        "step_records": progress.step_records,
+        "checkpoint": str(Path(cfg.out) / CHECKPOINT_NAME),
         "resumed_from": cfg.resume,
         "config": asdict(cfg),
     }
+
+
+def _write_metrics(run: _Run, progress: Progress, confusion: torch.Tensor) -> dict[str, Any]:
+    """Write ``out/metrics.json`` atomically; returns what it wrote."""
+    metrics = _metrics(run, progress, confusion)
+    out = Path(run.cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / METRICS_NAME, lambda p: p.write_text(json.dumps(metrics, indent=1)))
+    atomic_write(out / METRICS_NAME, lambda f: f.write(json.dumps(metrics, indent=1).encode()))
     return metrics
+
+
+# --- the outline ----------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> dict[str, Any] | None:
+    """Train on this rank; returns the metrics dict on rank 0 (also written to ``out/metrics.json``).
+
+    Collective: every rank of the default process group calls it with the same ``cfg``.
+    """
+    say = _Printer(rank)
+    data = _set_up_data(cfg, rank, world_size, say)
+    model, ddp = _build_model(cfg, device)
+    comm = _attach_comm_hook(cfg, ddp, device)
+    try:
+        torch.manual_seed(cfg.seed + 1 + rank)  # from here on the augmentation draws differ per rank
+        optimizer, scheduler = _build_optimizer(cfg, ddp, world_size, data)
+        run = _Run(cfg, rank, world_size, device, say, data, model, ddp, comm, optimizer, scheduler)
+        progress = _restore(run) if cfg.resume else Progress()
+        say(_banner(run))
+        tracer = _start_trace(run, progress)
+        confusion = torch.zeros(len(data.classes), len(data.classes), dtype=torch.int64)  # if no epoch runs
+        while progress.epoch < cfg.epochs and progress.step < data.total_steps:
+            sums = _train_epoch(run, progress)
+            confusion = _end_epoch(run, progress, sums)
+            checkpoint.save(Path(cfg.out) / CHECKPOINT_NAME, cfg, model, optimizer, scheduler, progress)
+    finally:
+        _detach_comm_hook(comm)
+        trace.disable()
+
+    if tracer is not None:
+        _merge_trace(run, tracer)
+    if rank != 0:
+        return None
+    return _write_metrics(run, progress, confusion)

@@ -1,0 +1,253 @@
+"""Checkpoints of a training run: what one holds, how it is written, how a run resumes from it.
+
+``trainer/loop.py`` calls ``save`` at the end of every epoch (and when
+``--max-steps`` stops a run mid-epoch) and ``restore`` for ``--resume``. A
+checkpoint is one ``torch.save`` file, a dict with these keys (tests and tools
+read them; keep old files loadable when adding one)::
+
+    model_name      the --model it was trained as; resuming as another model is refused
+    model           model.state_dict() of rank 0 (DDP keeps every rank's weights equal)
+    optimizer       optimizer.state_dict() (SGD's momentum buffers)
+    scheduler       scheduler.state_dict() (a LambdaLR: in effect one step counter)
+    step            optimizer steps taken so far
+    epoch           the epoch to run next, or to finish if batch_in_epoch > 0
+    batch_in_epoch  batches of that epoch already trained on (0 at an epoch boundary)
+    batch_size      per worker, as trained; see "Exact resume" below
+    history         one entry per finished or stopped epoch, as in metrics.json
+    step_records    one record per step, as in metrics.json
+    train_time_s    seconds spent in training steps so far (evaluation not counted)
+    images_seen     training images consumed so far, all ranks together
+    rng             one dict per rank: its torch, numpy and python RNG states (and cuda's)
+    config          the run's TrainConfig as a dict, for the reader (resume uses the command line)
+
+Exact resume. A resumed run replays, bit for bit, the steps the uninterrupted
+run would have taken: the weights, the optimizer and the schedule come back,
+each rank gets back the RNG state it had (its data augmentation continues the
+same stream), and the loop skips the ``batch_in_epoch`` batches of the epoch's
+shard it has already trained on (the shard order is a function of the seed and
+the epoch). The RNG states fit only the same world size and batch size; with
+others the run goes on with fresh streams and says so.
+
+Atomic writes. Rank 0 writes to a temporary file in the same folder, flushes it
+to disk and renames it over the old checkpoint: a reader (or a run resumed
+after a crash at any moment) sees the previous checkpoint or the new one, never
+half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+if TYPE_CHECKING:  # loop.py imports this module; the config is only needed for its field names
+    from .loop import TrainConfig
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "Progress",
+    "atomic_write",
+    "rng_state",
+    "set_rng_state",
+    "save",
+    "load",
+    "restore",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+#: The keys of the format (see the module docstring); ``load`` refuses a file without one of them.
+KEYS = (
+    "model_name",
+    "model",
+    "optimizer",
+    "scheduler",
+    "step",
+    "epoch",
+    "batch_in_epoch",
+    "batch_size",
+    "history",
+    "step_records",
+    "train_time_s",
+    "images_seen",
+    "rng",
+    "config",
+)
+
+
+@dataclass
+class Progress:
+    """Where a run stands: everything a checkpoint holds besides the weights, optimizer, schedule and RNG."""
+
+    step: int = 0
+    epoch: int = 0  # the epoch to run next, or to finish if batch_in_epoch > 0
+    batch_in_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    step_records: list[dict[str, Any]] = field(default_factory=list)
+    train_time_s: float = 0.0  # seconds
+    images_seen: int = 0  # all ranks together
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states: torch (CPU), numpy, python, and every CUDA device's if there is one."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Put back the states ``rng_state`` returned (CUDA's only where there is a device to take them)."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write ``path`` through ``write(binary_file)``, so that readers see the old file or the new, never half.
+
+    The bytes go to a temporary file next to ``path``, are flushed to disk
+    (a rename of unflushed data can leave an empty file after a power cut),
+    and the file is renamed over ``path``. If ``write`` raises, ``path`` is
+    untouched and the temporary file is removed.
+    """
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save(
+    path: Path,
+    cfg: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    progress: Progress,
+) -> None:
+    """Write the checkpoint of the run as it stands to ``path`` (see the module docstring).
+
+    Collective: every rank of the default group calls it (each contributes its
+    RNG state); rank 0 alone writes, atomically, creating the folder if needed.
+    """
+    rngs: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(rngs, rng_state())
+    if dist.get_rank() != 0:
+        return
+    ckpt = {
+        "model_name": cfg.model,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "batch_in_epoch": progress.batch_in_epoch,
+        "batch_size": cfg.batch_size,
+        "history": progress.history,
+        "step_records": progress.step_records,
+        "train_time_s": progress.train_time_s,
+        "images_seen": progress.images_seen,
+        "rng": rngs,
+        "config": asdict(cfg),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def load(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The checkpoint at ``path``, its tensors on ``device``.
+
+    It holds numpy and python RNG states, which only a full unpickler reads,
+    so ``torch.load`` runs with ``weights_only=False``: load only checkpoints
+    you wrote (a local file named on the command line, never one from the network).
+
+    Raises:
+        ValueError: the file is not a checkpoint of this format (names the missing keys).
+    """
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    if not isinstance(ckpt, dict):
+        problem = f"it holds a {type(ckpt).__name__}, not a dict"
+    else:
+        missing = [key for key in KEYS if key not in ckpt]
+        problem = f"missing {', '.join(missing)}" if missing else ""
+    if problem:
+        raise ValueError(
+            f"{path}: not a trainer checkpoint ({problem}); "
+            f"--resume expects the {CHECKPOINT_NAME} that launch.py writes"
+        )
+    return ckpt
+
+
+def restore(
+    path: str | Path,
+    cfg: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    say: Callable[[str], None],
+) -> Progress:
+    """Load the checkpoint at ``path`` into the model, optimizer, scheduler and this rank's RNGs.
+
+    Args:
+        path: the checkpoint file.
+        cfg: this run's config; its ``model`` must be the checkpoint's.
+        model: the bare model (not the DDP wrapper), built as the checkpoint's was.
+        optimizer, scheduler: built for ``model`` as in the checkpointed run.
+        rank, world_size: this process's; the RNG states are restored only if the
+            world size and the batch size are the checkpoint's.
+        device: where the loaded tensors go.
+        say: prints a line (on rank 0): where the run resumes, and whether the RNG streams are fresh.
+
+    Returns:
+        The progress to continue from.
+
+    Raises:
+        ValueError: not a checkpoint, or one of another model.
+    """
+    ckpt = load(path, device)
+    if ckpt["model_name"] != cfg.model:
+        raise ValueError(f"--resume {path}: checkpoint is of model {ckpt['model_name']!r}, not {cfg.model!r}")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    progress = Progress(
+        step=ckpt["step"],
+        epoch=ckpt["epoch"],
+        batch_in_epoch=ckpt["batch_in_epoch"],
+        history=ckpt["history"],
+        step_records=ckpt["step_records"],
+        train_time_s=ckpt["train_time_s"],
+        images_seen=ckpt["images_seen"],
+    )
+    if len(ckpt["rng"]) == world_size and ckpt["batch_size"] == cfg.batch_size:
+        set_rng_state(ckpt["rng"][rank])
+    else:
+        say(
+            f"resume: checkpoint from world size {len(ckpt['rng'])}, batch {ckpt['batch_size']}; "
+            "continuing with fresh RNG streams (the data order is not the one the old run would have seen)"
+        )
+    say(
+        f"resume: {path} at step {progress.step}, epoch {progress.epoch}, "
+        f"batch {progress.batch_in_epoch} of that epoch"
+    )
+    return progress
