@@ -63,7 +63,7 @@ import torch
 import torch.distributed as dist
 
 from ringcomm.api import ALGOS
-from ringcomm.world import WorldError, run_world
+from ringcomm.world import WorldError, finish, run_world
 from trainer.checkpoint import CHECKPOINT_NAME
 from trainer.data import DATASETS
 from trainer.loop import METRICS_NAME, SCHEDULES, TrainConfig, train
@@ -268,13 +268,15 @@ def _torchrun_main(args: argparse.Namespace, kind: str, backend: str) -> int:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device_for(kind, local_rank)
     dist.init_process_group(backend, device_id=device if kind == "cuda" else None)
+    ok = False
     try:
         cfg = config_from_args(args, dist.get_world_size())
         metrics = train(cfg, dist.get_rank(), dist.get_world_size(), device)
         if metrics is not None:
             print(summary(metrics), flush=True)
+        ok = True
     finally:
-        dist.destroy_process_group()
+        finish(ok)  # ringcomm's comm thread first, then the group (ringcomm/world.py)
     return 0
 
 

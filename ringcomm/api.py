@@ -148,7 +148,8 @@ def _execute(session: sessions.Session, call: _Call) -> torch.Tensor:
         else:
             nbytes = flat.numel() * flat.element_size()
             parts = call.spec.cut(flat.numel(), comm.world_size, call.options)
-            lane = threading.current_thread().name
+            # the trace's lanes: the comm thread's collectives apart from the caller's own
+            lane = "comm thread" if threading.current_thread().name == session.queue.name else "main"
             with tracer.span(f"all_reduce {call.spec.name} {nbytes} B", "all_reduce", lane, algo=call.spec.name, bytes=nbytes):
                 traced = trace.TracedTransport(comm, tracer, flat, call.spec.name, parts)
                 call.spec.run(flat, call.op, traced, deadline, session.scratch, **call.options)

@@ -65,7 +65,10 @@ class Session:
 
     def __init__(self, world: Any, store: Any, rank: int, world_size: int) -> None:
         self.world = world
-        self.store = store
+        # Connections of our own to the default group's store: a store client runs one request
+        # at a time, so a blocking wait of the same-call check on the shared client would hold up
+        # the heartbeat and every other user of the store in this process (torch's, the caller's).
+        self.store = _own_client(store)
         self.rank, self.world_size = rank, world_size
         # Every rank adds 1 once per world, so a re-initialised group that reuses the
         # store gets fresh keys: all ranks of world g read a value in (g*P, (g+1)*P].
@@ -74,7 +77,7 @@ class Session:
         stale = liveness_s()
         self.liveness: Liveness | None = None
         if stale > 0 and world_size > 1:
-            self.liveness = Liveness(store, self.prefix, rank, world_size, heartbeat_s(), stale)
+            self.liveness = Liveness(_own_client(store), self.prefix, rank, world_size, heartbeat_s(), stale)
         self.queue = CommQueue(f"ringcomm-comm-r{rank}")
         self.scratch = ScratchPool()
         self.transports: dict[tuple[str, str], Transport] = {}
@@ -187,6 +190,14 @@ class Session:
         self.transports.clear()
         if self.liveness is not None:
             self.liveness.stop()
+
+
+def _own_client(store: Any) -> Any:
+    """A new connection to the same store (``Store.clone``), or the store itself if it has none."""
+    try:
+        return store.clone()
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return store
 
 
 _CURRENT: Session | None = None

@@ -19,13 +19,14 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import sys
 import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-__all__ = ["WorldError", "run_world", "free_port"]
+__all__ = ["WorldError", "finish", "run_world", "free_port"]
 
 
 class WorldError(RuntimeError):
@@ -82,22 +83,31 @@ def _child(
         results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         raise SystemExit(1) from None
     finally:
-        if dist.is_initialized():
-            _teardown(dist, ok)
+        finish(ok)
 
 
-def _teardown(dist: Any, ok: bool) -> None:
-    """Stop ringcomm's comm thread, then destroy the group (never under a thread still inside it)."""
+def finish(ok: bool) -> None:
+    """Shut ringcomm down, then destroy the default process group; never under a thread still inside it.
+
+    ``ok``: the work ended normally (wait up to 10 s for queued collectives), or
+    failed (1 s: a collective still running then is stuck on a peer that is gone).
+    If one is still running, the group is left to the process's exit: destroying
+    it under the comm thread would crash the process and hide the real error.
+    """
+    import torch.distributed as dist
+
     import ringcomm
 
+    if not dist.is_initialized():
+        return
     try:
         ringcomm.shutdown(timeout=10.0 if ok else 1.0)
     except ringcomm.CommError as exc:
-        print(f"ringcomm.world: {exc}; leaving the process group to the process's exit", flush=True)
+        print(f"ringcomm: {exc}; leaving the process group to the process's exit", file=sys.stderr, flush=True)
         return
     try:
         dist.destroy_process_group()
-    except Exception:
+    except Exception:  # a group whose peers are gone may fail to tear down; the process ends anyway
         pass
 
 

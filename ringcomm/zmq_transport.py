@@ -225,6 +225,10 @@ class ZmqTransport(PointToPoint):
         self._inbox = self._context.socket(zmq.ROUTER)
         self._inbox.linger = 0
         self._inbox.rcvhwm = 0  # no limit: the I/O thread always drains the network
+        # A peer that replaces its DEALER (after a send failed half-way) reconnects with the same
+        # routing id; without handover the ROUTER would ignore the newcomer while it still
+        # remembers the old connection, and the peer's next messages would vanish.
+        self._inbox.router_handover = 1
         self._inbox.rcvbuf = SOCKET_BUFFER_BYTES
         self._rcvtimeo_ms = -1  # the inbox's ZMQ_RCVTIMEO now: -1 blocks forever
         self.liveness: Liveness | None = None  # set when joined through the store

@@ -141,8 +141,17 @@ def _traced_rank(rank: int, p: int, path: str) -> list[dict]:
     trace.enable(rank)
     ringcomm.all_reduce(torch.ones(4 * p), algo="ring_simple")
     trace.get().dump(f"{path}.{rank}")
+    trace.enable(rank)
+    ringcomm.all_reduce(torch.ones(10), algo="ps", ps_shards=2)
+    ringcomm.all_reduce(torch.ones(10), algo="naive")
+    labels = {
+        e["cat"]: sorted({e["args"].get("part", "") for e in trace.get().events if e["cat"] == e_cat})
+        for e_cat in ("ps.send", "naive.send")
+        for e in trace.get().events
+        if e["cat"] == e_cat
+    }
     trace.disable()
-    return trace.Tracer(rank).events  # empty: a fresh tracer holds nothing
+    return labels
 
 
 def test_trace_records_each_ring_message_with_peer_and_chunk(tmp_path) -> None:
@@ -151,7 +160,9 @@ def test_trace_records_each_ring_message_with_peer_and_chunk(tmp_path) -> None:
     from ringcomm import trace
 
     p = 3
-    run_world(_traced_rank, p, (str(tmp_path / "t"),), timeout=120)
+    labels = run_world(_traced_rank, p, (str(tmp_path / "t"),), timeout=120)
+    # ps messages are labelled by shard (s0, s1), naive's by the whole tensor, not by the ring's chunks
+    assert all(per_rank == {"ps.send": ["s0", "s1"], "naive.send": ["all"]} for per_rank in labels), labels
     merged = trace.merge([str(tmp_path / f"t.{r}") for r in range(p)], str(tmp_path / "trace.json"))
     events = [e for e in json.load(open(merged))["traceEvents"] if e["ph"] == "X"]
     for rank in range(p):
@@ -201,3 +212,35 @@ def test_ranks_calling_with_different_numel_or_dtype_all_raise_a_clear_mismatch(
         assert result["untouched"]
         assert result["after"] == [1.0] * 10
         assert "options differs" in result["options_error"]
+
+
+def test_an_unknown_transport_or_a_device_no_transport_serves_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="unknown transport 'zmqq'; expected one of 'torch', 'zmq'"):
+        ringcomm.init("zmqq")  # it used to be a KeyError
+    meta = torch.empty(4, device="meta")  # stands in for mps, xla, ...: no transport carries it
+    with pytest.raises(ValueError, match=r"transport='torch' carries tensors on cpu, cuda; the tensor is on meta"):
+        ringcomm.all_reduce(meta)
+    with pytest.raises(ValueError, match="transport='zmq' carries tensors on cpu; the tensor is on meta"):
+        ringcomm.all_reduce(meta, transport="zmq")
+    with pytest.raises(ValueError, match="carries tensors on cpu, cuda; the tensor is on mps"):
+        ringcomm.init("torch", device="mps")
+
+
+class _FakeWork:
+    """A Gloo work whose wait fails at once with the words a timeout uses."""
+
+    def wait(self, timeout: object) -> None:
+        raise RuntimeError("Timed out waiting 1ms for recv operation to complete")
+
+
+def test_a_failure_that_says_timed_out_before_the_deadline_is_a_peer_error() -> None:
+    """Timeouts are told by our clock, not by the substring "imed out" in the backend's message."""
+    from ringcomm.torch_transport import TorchTransport
+    from ringcomm.transport import Pending
+
+    transport = TorchTransport.__new__(TorchTransport)  # no group needed: the wait is the fake's
+    transport.backend, transport.rank, transport.liveness = "gloo", 0, None
+    with pytest.raises(ringcomm.PeerError, match="recv with peer rank 1 failed: Timed out waiting"):
+        transport.wait(Pending("recv", 1, _FakeWork()), time.monotonic() + 60)
+    with pytest.raises(ringcomm.CommTimeoutError):
+        transport.wait(Pending("recv", 1, _FakeWork()), time.monotonic() - 1)

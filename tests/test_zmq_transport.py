@@ -8,12 +8,14 @@ made with ``ZmqTransport.standalone`` and a raw pyzmq DEALER that plays its peer
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import msgpack
 import pytest
@@ -314,6 +316,35 @@ def test_same_tag_in_order_tags_independent_arrivals_buffered_before_irecv() -> 
                 b.wait(b.isend(x, 0, tag=9), deadline)
                 a.wait(r, deadline)
                 assert torch.equal(x, y), name
+
+
+def test_a_send_that_fails_between_its_frames_leaves_no_half_message() -> None:
+    """The header frame goes in with SNDMORE; if the body frame then fails, the DEALER must not keep
+    the half message (the next header would be glued onto it and the peer reject both)."""
+    from ringcomm.errors import PeerError
+
+    with ZmqTransport.standalone(0, 2) as a, ZmqTransport.standalone(1, 2) as b:
+        a.set_peers({1: b.endpoint})
+        b.set_peers({0: a.endpoint})
+        deadline = time.monotonic() + 30
+        dealer = a._dealer(1)
+        real_send = dealer.send
+        calls = {"n": 0}
+
+        def fails_on_the_body(data: Any, flags: int = 0, copy: bool = True, track: bool = False) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 2:  # the body frame of the first message
+                raise zmq.ZMQError(errno.EINTR)
+            return real_send(data, flags, copy=copy, track=track)
+
+        dealer.send = fails_on_the_body
+        with pytest.raises(PeerError):
+            a.isend(torch.ones(4), 1)
+        got = torch.zeros(4)
+        received = b.irecv(got, 0)
+        a.wait(a.isend(torch.full((4,), 7.0), 1), deadline)
+        b.wait(received, deadline)  # arrives whole, with the sequence number b expects
+        assert torch.equal(got, torch.full((4,), 7.0))
 
 
 def test_silent_peer_times_out_within_the_deadline_naming_it(receiver: ZmqTransport) -> None:

@@ -26,8 +26,9 @@ why the resumed run is bitwise the uninterrupted one.
 model, DDP and the comm hook; the optimiser and schedule; restore; then per
 epoch ``_train_epoch`` (the steps), ``_end_epoch`` (reduce, evaluate, history)
 and ``checkpoint.save``; finally the trace and ``metrics.json``. The comm hook
-is touched in three small functions only (``_attach_comm_hook``,
-``_comm_record``, ``_detach_comm_hook``).
+is touched in two small functions only (``_attach_comm_hook``, ``_comm_record``);
+its comm thread belongs to ringcomm, which the launcher shuts down before it
+destroys the process group (``ringcomm.world.finish``).
 
 The learning rate. SGD with momentum 0.9 and weight decay 5e-4. With
 ``scale_lr`` the peak rate is ``lr × world_size`` (the linear scaling rule,
@@ -56,6 +57,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
+import ringcomm
 from ringcomm import trace
 
 from . import checkpoint
@@ -178,10 +180,10 @@ def evaluate(
 # into it in these three functions, so that the change touches them and nothing else.
 
 
-def _attach_comm_hook(cfg: TrainConfig, ddp: DDP, device: torch.device) -> RingcommState | None:
+def _attach_comm_hook(cfg: TrainConfig, ddp: DDP, device: torch.device) -> _CommCounters | None:
     """Register ringcomm's comm hook on ``ddp`` for ``cfg.algo``; None for ``--algo ddp`` (DDP's own).
 
-    Collective (the hook makes its transport): every rank, in the same order, before training.
+    Collective (the hook sets its transport up): every rank, in the same order, before training.
     """
     if cfg.algo == "ddp":
         return None
@@ -189,25 +191,34 @@ def _attach_comm_hook(cfg: TrainConfig, ddp: DDP, device: torch.device) -> Ringc
         cfg.algo, cfg.transport, device=device, timeout=cfg.comm_timeout, options=cfg.comm_options
     )
     ddp.register_comm_hook(state, ringcomm_hook)
-    return state
+    return _CommCounters(ringcomm.comm_stats())
 
 
-def _comm_record(comm: RingcommState | None, step: int) -> dict[str, Any]:
-    """The record of step ``step`` (1-based): ``{"step": step}``, with the hook's counters for the step.
+@dataclass
+class _CommCounters:
+    """ringcomm's cumulative counters (``ringcomm.comm_stats()``) as they stood at the last step."""
 
-    The hook adds ``comm_time_s`` (seconds in all-reduce, summed over the
-    buckets), ``bytes`` and ``recv_bytes`` (this rank's) and ``buckets``. Call it
-    once per step, after ``backward()`` returned (DDP has then waited for every bucket).
+    last: ringcomm.CommStats
+
+
+def _comm_record(comm: _CommCounters | None, step: int) -> dict[str, Any]:
+    """The record of step ``step`` (1-based): ``{"step": step}``, with ringcomm's work in the step.
+
+    ``comm_time_s`` (seconds in all-reduce, summed over the buckets), ``bytes`` and
+    ``recv_bytes`` (this rank's) and ``buckets``. Call it once per step, after
+    ``backward()`` returned (DDP has then waited for every bucket).
     """
     if comm is None:
         return {"step": step}
-    return dict(comm.mark_step(step))  # a copy: the loop adds its own fields to it
-
-
-def _detach_comm_hook(comm: RingcommState | None) -> None:
-    """Stop the hook's communication; called before the caller tears the process group down."""
-    if comm is not None:
-        comm.close()
+    now = ringcomm.comm_stats()
+    done, comm.last = now - comm.last, now
+    return {
+        "step": step,
+        "comm_time_s": done.seconds,
+        "bytes": done.sent_bytes,
+        "recv_bytes": done.recv_bytes,
+        "buckets": done.calls,
+    }
 
 
 # --- set-up ---------------------------------------------------------------------------------------
@@ -309,7 +320,7 @@ class _Run:
     data: _Data
     model: nn.Module  # the bare model: evaluation, BatchNorm buffers, checkpoints
     ddp: DDP  # the same model, wrapped: the training steps
-    comm: RingcommState | None  # None: DDP's built-in all-reduce
+    comm: _CommCounters | None  # None: DDP's built-in all-reduce
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     # Every DataLoader iterator draws a seed for its workers; from a generator of its own, not from
@@ -563,7 +574,6 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
             confusion = _end_epoch(run, progress, sums)
             checkpoint.save(Path(cfg.out) / CHECKPOINT_NAME, cfg, model, optimizer, scheduler, progress)
     finally:
-        _detach_comm_hook(comm)
         trace.disable()
 
     if tracer is not None:

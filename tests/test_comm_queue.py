@@ -1,0 +1,144 @@
+"""The comm queue (comm_queue.py): one thread per process, collectives in issue order, a clean end.
+
+- Two threads of one rank calling all_reduce at once used to share receive
+  buffers and interleave their messages; now the second waits for the first.
+- all_reduce_async returns a future; futures and blocking calls keep one order.
+- Shutting down while a collective is stuck on a silent peer raises, naming it,
+  within its timeout, instead of returning while the thread is still inside Gloo.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ringcomm
+from ringcomm.comm_queue import CommQueue
+from ringcomm.errors import CommError
+from ringcomm.world import run_world
+
+
+def _two_threads_rank(rank: int, p: int) -> dict[str, list[float]]:
+    """On every rank thread a issues a large all_reduce, and thread b another once a is running.
+
+    Small segments: each call keeps several receives of one tag posted, so two calls
+    running at once match each other's messages and share the receive slots.
+    """
+    ringcomm.init("torch")
+    results: dict[str, list[float]] = {}
+
+    def call(name: str, value: float) -> None:
+        x = torch.full((1 << 22,), value * (rank + 1))
+        ringcomm.all_reduce(x, algo="ring", timeout=60, segment_bytes=4096)
+        results[name] = [x.min().item(), x.max().item()]
+
+    a = threading.Thread(target=call, args=("a", 1.0))
+    b = threading.Thread(target=call, args=("b", 1000.0))
+    dist.barrier()
+    a.start()
+    queue = ringcomm.session.current().queue
+    end = time.monotonic() + 10
+    while queue._running is None and a.is_alive() and time.monotonic() < end:
+        time.sleep(0.001)  # until a holds the queue: then b comes second on every rank
+    b.start()
+    a.join(60)
+    b.join(60)
+    return results
+
+
+def test_two_threads_calling_at_once_run_one_after_the_other() -> None:
+    p = 2
+    for results in run_world(_two_threads_rank, p, timeout=120):
+        assert results == {"a": [3.0, 3.0], "b": [3000.0, 3000.0]}, results
+
+
+def _async_order_rank(rank: int, p: int) -> dict:
+    futures = [ringcomm.all_reduce_async(torch.full((1000,), float(i + rank)), algo=algo) for i, algo in enumerate(ringcomm.ALGOS)]
+    x = torch.full((7,), float(rank))
+    ringcomm.all_reduce(x, algo="ps")  # blocking, behind the queued ones
+    values = [f.wait()[0].item() for f in futures]
+    try:
+        ringcomm.all_reduce_async(torch.ones(3), op="prod")
+        refused = None
+    except ValueError as exc:
+        refused = str(exc)
+    y = torch.ones(3)
+    ringcomm.all_reduce(y)
+    return {"values": values, "x": x[0].item(), "refused": refused, "y": y.tolist(), "stats": ringcomm.comm_stats().calls}
+
+
+def test_async_futures_and_blocking_calls_keep_one_order() -> None:
+    p = 3
+    for r in run_world(_async_order_rank, p, timeout=120):
+        assert r["values"] == [sum(float(i + q) for q in range(p)) for i in range(len(ringcomm.ALGOS))]
+        assert r["x"] == sum(range(p))
+        assert r["refused"].startswith("unknown op 'prod'")  # bad arguments raise at once, not in the future
+        assert r["y"] == [3.0] * 3  # the refused call took its turn on every rank alike
+        assert r["stats"] == len(ringcomm.ALGOS) + 2
+
+
+def _stuck_rank(rank: int, p: int) -> dict:
+    ringcomm.init("torch")
+    out = {}
+    if rank == 0:
+        fut = ringcomm.all_reduce_async(torch.ones(10), timeout=30)  # rank 1 never joins
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        try:
+            ringcomm.shutdown(timeout=1.0)
+            out["shutdown"] = "returned"
+        except CommError as exc:
+            out["shutdown"] = str(exc)
+        out["seconds"] = time.monotonic() - t0
+        out["done"] = fut.done()
+    return out
+
+
+def test_shutdown_with_a_collective_stuck_on_a_silent_peer_raises_naming_it() -> None:
+    out = run_world(_stuck_rank, 2, timeout=120)[0]
+    assert "all_reduce(10 x float32, ring over torch) is still running after 1 s" in out["shutdown"], out
+    assert "must not be destroyed under it" in out["shutdown"]
+    assert out["seconds"] < 10 and not out["done"]
+
+
+# --- the queue on its own, no processes ---
+
+
+def test_a_blocking_call_issued_behind_queued_work_waits_its_turn() -> None:
+    q = CommQueue("test-comm")
+    order: list[str] = []
+    gate = threading.Event()
+
+    def slow() -> str:
+        gate.wait(5)
+        order.append("queued")
+        return "queued"
+
+    fut = q.submit(slow, "slow", torch.futures.Future())
+    t = threading.Thread(target=lambda: order.append(q.run(lambda: "blocking", "blocking") + " returned"))
+    t.start()
+    time.sleep(0.2)
+    assert order == []  # the blocking call did not jump the queue
+    gate.set()
+    t.join(5)
+    assert fut.wait() == "queued" and order == ["queued", "blocking returned"]
+    q.close(1.0)
+
+
+def test_an_exception_reaches_the_future_and_the_queue_goes_on() -> None:
+    q = CommQueue("test-comm")
+
+    def boom() -> None:
+        raise CommError("boom")
+
+    fut = q.submit(boom, "boom", torch.futures.Future())
+    with pytest.raises(Exception, match="boom"):
+        fut.wait()
+    assert q.run(lambda: 42, "after") == 42
+    q.close(1.0)
+    with pytest.raises(CommError, match="shut down"):
+        q.run(lambda: 1, "late")

@@ -1,0 +1,152 @@
+"""What used to hang now ends in a clear error on every rank, quickly (session.py, fingerprint.py).
+
+Each case is a call that one rank makes differently: before the session checked
+calls and set-ups through the store, the others waited inside ``new_group`` or
+a transport's rendezvous until the store's own timeout (minutes), or, with
+transports already made, until the collective's timeout (300 s). Every case
+here runs with a 60 s timeout and must end in a few seconds.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ringcomm
+from ringcomm.world import run_world
+
+QUICK_S = 15.0  # "quickly": far below the 60 s timeout of each call, with room for a loaded machine
+
+
+def _timed(fn: object) -> tuple[str, float]:
+    t0 = time.monotonic()
+    try:
+        fn()  # type: ignore[operator]
+        outcome = "returned"
+    except Exception as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    return outcome, time.monotonic() - t0
+
+
+def _refused_first_call_rank(rank: int, p: int) -> dict:
+    """Rank 0's first call is refused (bad op) before any transport exists; rank 1's is valid."""
+    x = torch.ones(5)
+    op = "prod" if rank == 0 else "sum"
+    first = _timed(lambda: ringcomm.all_reduce(x, op, transport="zmq", timeout=60))
+    y = torch.ones(5)
+    second = _timed(lambda: ringcomm.all_reduce(y, transport="zmq", timeout=60))  # in step again
+    return {"first": first, "second": second, "y": y.tolist(), "untouched": x.tolist() == [1.0] * 5}
+
+
+def test_a_call_refused_on_one_rank_fails_on_every_rank_at_once() -> None:
+    results = run_world(_refused_first_call_rank, 2, timeout=120)
+    (first0, _), (first1, t1) = results[0]["first"], results[1]["first"]
+    assert first0.startswith("ValueError: unknown op 'prod'"), first0
+    assert first1.startswith("MismatchError") and "ranks [0] refused this all_reduce" in first1, first1
+    assert "unknown op 'prod'" in first1  # the peer's reason travels with the refusal
+    assert t1 < QUICK_S, f"rank 1 waited {t1:.1f} s for a call rank 0 refused"
+    for r in results:
+        assert r["untouched"] and r["second"][0] == "returned" and r["y"] == [2.0] * 5, r
+
+
+def _different_transports_rank(rank: int, p: int, made_first: bool) -> dict:
+    if made_first:  # both transports exist on every rank before the differing call
+        ringcomm.init("torch")
+        ringcomm.init("zmq")
+    x = torch.ones(5)
+    transport = "torch" if rank == 0 else "zmq"
+    outcome = _timed(lambda: ringcomm.all_reduce(x, transport=transport, timeout=60))
+    y = torch.ones(5)
+    ringcomm.all_reduce(y, timeout=60)  # a MismatchError leaves the ranks in step
+    return {"outcome": outcome, "y": y.tolist(), "untouched": x.tolist() == [1.0] * 5}
+
+
+@pytest.mark.parametrize("made_first", [False, True], ids=["at-set-up", "transports-made"])
+def test_ranks_passing_different_transports_get_a_mismatch_not_a_hang(made_first: bool) -> None:
+    for rank, r in enumerate(run_world(_different_transports_rank, 2, (made_first,), timeout=120)):
+        outcome, seconds = r["outcome"]
+        assert outcome.startswith("MismatchError"), outcome
+        assert "transport differs: ranks [0] torch; ranks [1] zmq" in outcome, outcome
+        assert seconds < QUICK_S, (rank, seconds)
+        assert r["untouched"] and r["y"] == [2.0, 2.0, 2.0, 2.0, 2.0]
+
+
+def _set_up_different_transports_rank(rank: int, p: int) -> str:
+    """ringcomm.init (a set-up with the check left out of it) of different transports."""
+    return _timed(lambda: ringcomm.init("torch" if rank == 0 else "zmq", timeout=60))[0]
+
+
+def test_setting_up_different_transports_is_a_mismatch_on_every_rank() -> None:
+    for outcome in run_world(_set_up_different_transports_rank, 2, timeout=120):
+        assert outcome.startswith("MismatchError") and "ranks [0] torch:cpu; ranks [1] zmq:cpu" in outcome, outcome
+
+
+def _default_options_rank(rank: int, p: int) -> list[float]:
+    x = torch.full((6,), float(rank))
+    options = {"ps_rank": 0} if rank == 0 else {}  # the default, spelled out on one rank only
+    ringcomm.all_reduce(x, algo="ps", timeout=60, **options)
+    return x.tolist()
+
+
+def test_an_option_given_as_its_default_is_the_same_call() -> None:
+    for values in run_world(_default_options_rank, 3, timeout=120):
+        assert values == [3.0] * 6
+
+
+def _reinit_rank(rank: int, p: int) -> dict:
+    """A second init_process_group in the same processes gets fresh transports; the old ones close."""
+    first = ringcomm.init("zmq")
+    x = torch.ones(4)
+    ringcomm.all_reduce(x, transport="zmq")
+    store = dist.distributed_c10d._get_default_store()
+    ringcomm.shutdown()
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=p)
+    second = ringcomm.init("zmq")
+    y = torch.ones(4)
+    ringcomm.all_reduce(y, transport="zmq")
+    return {"closed": first._closed, "fresh": second is not first and not second._closed, "y": y.tolist()}
+
+
+def test_a_new_process_group_closes_the_old_transports_and_makes_new_ones() -> None:
+    for r in run_world(_reinit_rank, 2, timeout=120):
+        assert r == {"closed": True, "fresh": True, "y": [2.0] * 4}, r
+
+
+def _replaced_world_rank(rank: int, p: int) -> bool:
+    """Without ringcomm.shutdown: the session notices the new world and closes the old transports."""
+    first = ringcomm.init("zmq")
+    store = dist.distributed_c10d._get_default_store()
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=p)
+    ringcomm.all_reduce(torch.ones(3), transport="zmq")
+    return first._closed
+
+
+def test_transports_of_a_destroyed_world_are_closed_not_dropped() -> None:
+    assert run_world(_replaced_world_rank, 2, timeout=120) == [True, True]
+
+
+@pytest.mark.parametrize("value", ["flase", "maybe", "2"])
+def test_a_boolean_setting_that_is_not_one_raises_naming_it(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    from ringcomm.settings import check_default, env_bool
+
+    monkeypatch.setenv("RINGCOMM_CHECK", value)
+    with pytest.raises(ValueError, match=f"RINGCOMM_CHECK={value!r}"):
+        check_default()  # it used to mean "on" for anything but 0/off/false/no
+    monkeypatch.setenv("RINGCOMM_ZMQ_IPC", value)
+    with pytest.raises(ValueError, match="RINGCOMM_ZMQ_IPC"):
+        env_bool("RINGCOMM_ZMQ_IPC", None)
+
+
+@pytest.mark.parametrize("value, expected", [("0", False), ("off", False), ("No", False), ("1", True), ("on", True), ("", True)])
+def test_boolean_settings_accept_the_usual_spellings(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: bool
+) -> None:
+    from ringcomm.settings import check_default
+
+    monkeypatch.setenv("RINGCOMM_CHECK", value)
+    assert check_default() is expected
