@@ -62,7 +62,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ringcomm.api import ALGOS
+from ringcomm import ALGOS, transport_names
+from ringcomm.torch_transport import backend_for
 from ringcomm.world import WorldError, finish, run_world
 from trainer.checkpoint import CHECKPOINT_NAME
 from trainer.data import DATASETS
@@ -87,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["ddp", *ALGOS],
         help="ddp: built-in all-reduce; else ringcomm's hook",
     )
-    g.add_argument("--transport", default="torch", choices=["torch", "zmq"], help="ringcomm transport")
+    g.add_argument("--transport", default="torch", choices=transport_names(), help="ringcomm transport")
     g.add_argument(
         "--comm-option", action="append", default=[], metavar="KEY=VALUE", help="all_reduce option"
     )
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse, then train under torchrun's processes or in a world spawned here."""
     args = parse_args(argv)
     kind = device_kind(args.device)
-    backend = args.backend or ("nccl" if kind == "cuda" else "gloo")
+    backend = args.backend or backend_for(kind)
     if under_torchrun():
         return _torchrun_main(args, kind, backend)
 

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .cost import algbw, busbw
+from .transport import transport_names
 
 __all__ = ["main", "parse_size", "AlgoSpec", "BenchRow", "machine_info"]
 
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--algos", default="gloo,ring,naive", help="comma list, e.g. gloo,ring,ring_simple,ps,ps:2,ring@zmq"
     )
-    parser.add_argument("--transport", default="torch", choices=["torch", "zmq"], help="default transport")
+    parser.add_argument("--transport", default="torch", choices=transport_names(), help="default transport")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--reps", type=int, default=15, help="samples per algorithm and size (median shown)")
     parser.add_argument("--warmup", type=int, default=3)

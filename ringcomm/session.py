@@ -133,7 +133,7 @@ class Session:
                     self.rank,
                     missing[0],
                     what,
-                    time.monotonic() - start,
+                    max(deadline - start, 0.0),  # what this wait was allowed: the call's time left
                     f"ranks {missing} did not reach it (a different call, a refused call, or check off there?)",
                 ) from None
         finally:
