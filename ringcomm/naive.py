@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 
 from .buffers import ScratchPool
-from .ops import finalize, reduce_into
+from .ops import finalize
 from .tags import Tag
-from .transport import Transport, exchange, recv, send
+from .transport import Transport, exchange, recv, recv_reduce, send
 
 __all__ = ["naive_all_reduce", "ROOT"]
 
@@ -36,15 +36,13 @@ ROOT = 0
 def naive_all_reduce(
     flat: torch.Tensor, op: str, transport: Transport, deadline: float, scratch: ScratchPool
 ) -> None:
-    """All-reduce ``flat`` in place through rank 0 (which receives into one scratch buffer)."""
+    """All-reduce ``flat`` in place through rank 0 (which reduces each peer's tensor as it receives it)."""
     rank, p = transport.rank, transport.world_size
     if flat.numel() == 0:
         return
     if rank == ROOT:
-        incoming = scratch.get(flat.numel(), like=flat)
         for peer in range(1, p):  # gather and reduce in rank order
-            exchange(transport, [recv(incoming, peer, Tag.NAIVE)], deadline)
-            reduce_into(flat, incoming, op)
+            exchange(transport, [recv_reduce(flat, peer, Tag.NAIVE, op)], deadline)
         finalize(flat, op, p)
         exchange(transport, [send(flat, peer, Tag.NAIVE) for peer in range(1, p)], deadline)  # broadcast
     else:

@@ -16,11 +16,12 @@ others are workers. P = 4, ``ps_rank = 0``, one shard (k = 1)::
         +-------+  pull  +-------+  pull  +-------+
 
 1. **push**: every worker sends its whole tensor x_r to the server, which has
-   posted one receive per worker into its own scratch slot, so they arrive
-   in whatever order the wire delivers them.
+   posted one receive per worker at once (a *reduce* receive, into its
+   accumulator), so they travel in whatever order the wire delivers them.
 2. **aggregate**: the server reduces in **rank order**, its own x at its own
-   position, ``y = (((x0 op x1) op x2) op x3)``, whatever the arrival order, so
-   the result is reproducible; then ``ops.finalize`` (the division of avg).
+   position, ``y = (((x0 op x1) op x2) op x3)``, whatever the arrival order: a
+   reduce is applied when it is waited on, and the server waits in rank order.
+   So the result is reproducible; then ``ops.finalize`` (the division of avg).
 3. **pull**: the server sends y to every worker. Every rank ends with the
    server's bytes: bitwise identical everywhere.
 
@@ -55,7 +56,8 @@ rounds whose messages all fly at once, so the busiest link sets the time: the
 central server's term grows with P where the ring's stays near 2M; that is why
 rings replaced central servers for dense gradients. The time model is
 ``cost.ps_time`` (``cost.py`` holds every algorithm's formula). Server memory:
-P-1 receive slots of one shard, (P-1)*M/k bytes.
+one shard of accumulator (M/k bytes), plus what a transport that cannot reduce as
+it receives stages (P-1 shards).
 
 **Two posts, in this order, on every rank** (``transport.py``: a step's sends
 and receives go out together). Round 1, push: a server's receives of its shard
@@ -69,13 +71,15 @@ unfinished round 1.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .buffers import ScratchPool
 from .chunks import chunk_bounds
 from .ops import finalize, reduce_into
 from .tags import Tag
-from .transport import Message, Pending, Transport, recv, send
+from .transport import Message, Pending, Transport, recv, recv_reduce, send
 
 __all__ = ["ps_all_reduce", "push", "aggregate", "pull", "shard_server", "check_ps_options"]
 
@@ -112,32 +116,30 @@ def push(shards: list[torch.Tensor], servers: list[int], transport: Transport) -
 
 def aggregate(
     own: torch.Tensor,
-    slots: list[torch.Tensor | None],
-    received: list[Pending | None],
+    acc: torch.Tensor,
+    arrivals: list[Pending | None],
     op: str,
     transport: Transport,
     deadline: float,
 ) -> None:
-    """Reduce every rank's contribution to the served shard into ``own``, in rank order.
+    """Fold every rank's contribution to the served shard into ``acc``, in rank order; result in ``own``.
 
-    ``slots[r]`` holds rank r's push once ``received[r]`` completes; this rank's
-    entries are None (its contribution is ``own``). The fold is
-    ``((x0 op x1) op x2) ...`` whatever order the pushes arrived in.
+    ``arrivals[r]`` is rank r's push (None for this rank, whose contribution is
+    ``own``): rank 0's lands in ``acc`` as is, every later one is reduced into it
+    when waited on, so the fold is ``((x0 op x1) op x2) ...`` whatever order the
+    pushes arrived in. ``acc`` is ``own`` when this rank is rank 0; otherwise the
+    fold runs in scratch memory in rank 0's place (max/min are not bitwise
+    commutative on signed zeros, so own <- own op acc would not be the same fold).
     """
     rank, p = transport.rank, transport.world_size
-    contributions = [own if r == rank else slots[r] for r in range(p)]
-    acc = contributions[0]  # rank 0's tensor starts the fold
-    if received[0] is not None:
-        transport.wait(received[0], deadline)
-    for r in range(1, p):
-        # Step r folds in rank r's contribution: acc <- acc op x_r.
-        pending = received[r]
-        if pending is not None:
-            transport.wait(pending, deadline)
-        reduce_into(acc, contributions[r], op)
+    for r in range(p):
+        # Step r folds in rank r's contribution: acc <- acc op x_r (step 0: acc <- x_0).
+        if r != rank:
+            transport.wait(arrivals[r], deadline)  # type: ignore[arg-type]
+        elif r > 0:
+            reduce_into(acc, own, op)
+        # r == rank == 0: acc is own, x_0 is already there
     if acc is not own:
-        # The fold ran in rank 0's slot (max/min are not bitwise commutative on
-        # signed zeros, so own <- own op acc would not be the same fold).
         own.copy_(acc)
     finalize(own, op, p)
 
@@ -165,7 +167,7 @@ def ps_all_reduce(
         op: ``"sum"``, ``"avg"``, ``"max"`` or ``"min"``.
         transport: the wire.
         deadline: ``time.monotonic()`` value by which the whole collective must finish.
-        scratch: where a server's P-1 receive slots (one shard each, one buffer) live.
+        scratch: the accumulator of a server other than rank 0 (one shard).
         ps_rank: the server rank (of shard 0 when sharded), 0 <= ps_rank < P.
         ps_shards: k, the number of key ranges and server ranks, 1 <= k <= P.
 
@@ -186,22 +188,23 @@ def ps_all_reduce(
     served = (rank - ps_rank) % p  # the shard this rank serves, if < k
     own = shards[served] if served < ps_shards and shards[served].numel() else None
 
-    # Round 1, push: a server receives each peer's slice of its shard into a slot of
-    # its own (so arrivals overlap), and every rank pushes the slices it does not serve.
-    slots: list[torch.Tensor | None] = [None] * p
-    arrivals: list[Message] = []
+    # Round 1, push: a server receives each peer's slice of its shard, rank 0's into the
+    # accumulator and every later one reduced into it; every rank pushes what it does not serve.
+    arrivals: list[Pending | None] = [None] * p
+    expected: list[Message] = []
     if own is not None:
-        pool = scratch.get((p - 1) * own.numel(), like=flat)
-        for i, peer in enumerate(q for q in range(p) if q != rank):
-            slots[peer] = pool[i * own.numel() : (i + 1) * own.numel()]
-            arrivals.append(recv(slots[peer], peer, Tag.PS_PUSH))  # type: ignore[arg-type]
-    posted = transport.post(arrivals + push(shards, servers, transport))
-    received: list[Pending | None] = [None] * p
-    for message, pending in zip(arrivals, posted):
-        received[message.peer] = pending
-    sent = posted[len(arrivals) :]
+        acc = own if rank == 0 else scratch.get(own.numel(), like=flat)
+        expected = [
+            (recv if peer == 0 else functools.partial(recv_reduce, op=op))(acc, peer, Tag.PS_PUSH)
+            for peer in range(p)
+            if peer != rank
+        ]
+    posted = transport.post(expected + push(shards, servers, transport))
+    for message, pending in zip(expected, posted):
+        arrivals[message.peer] = pending
+    sent = posted[len(expected) :]
     if own is not None:
-        aggregate(own, slots, received, op, transport, deadline)
+        aggregate(own, acc, arrivals, op, transport, deadline)
 
     # Round 2, pull: a server sends its result to everyone; every rank receives the
     # other shards. A pull lands in the very slice this rank pushed: safe, because the

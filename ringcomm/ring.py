@@ -18,7 +18,8 @@ P ranks stand in a ring; each talks only to its two neighbours::
 The flat tensor is cut into P chunks c0..c3 (``chunks.chunk_bounds``; sizes
 differ by at most one element). Phase 1, **scatter-reduce**, P-1 steps: at step
 i rank r sends chunk (r - i) and receives chunk (r - i - 1), which it reduces
-into its own copy. After P-1 steps rank r holds chunk (r + 1) fully reduced.
+into its own copy (a *reduce* message, ``transport.recv_reduce``: the transport
+reduces as it receives). After P-1 steps rank r holds chunk (r + 1) fully reduced.
 Phase 2, **all-gather**, P-1 steps: at step i rank r sends chunk (r + 1 - i)
 (fully reduced) and receives chunk (r - i), which it stores as is.
 
@@ -46,34 +47,27 @@ import torch
 
 from .buffers import ScratchPool
 from .chunks import chunk_bounds
-from .ops import finalize, reduce_into
+from .ops import finalize
 from .tags import Tag
-from .transport import Transport, exchange, recv, send
+from .transport import Transport, exchange, recv, recv_reduce, send
 
 __all__ = ["ring_all_reduce", "scatter_reduce", "all_gather"]
 
 
-def scatter_reduce(
-    chunks: list[torch.Tensor],
-    op: str,
-    transport: Transport,
-    deadline: float,
-    recv_buf: torch.Tensor,
-) -> None:
-    """P-1 steps; afterwards ``chunks[(rank + 1) % P]`` holds the reduction of all ranks.
-
-    ``recv_buf`` holds at least the largest chunk; it is the only scratch used.
-    """
+def scatter_reduce(chunks: list[torch.Tensor], op: str, transport: Transport, deadline: float) -> None:
+    """P-1 steps; afterwards ``chunks[(rank + 1) % P]`` holds the reduction of all ranks."""
     rank, p = transport.rank, transport.world_size
     left, right = (rank - 1) % p, (rank + 1) % p
     for step in range(p - 1):
-        # At step i, send chunk (rank - i) and receive chunk (rank - i - 1).
+        # At step i, send chunk (rank - i) and receive chunk (rank - i - 1), reducing it into ours.
         send_chunk = chunks[(rank - step) % p]
         recv_chunk = chunks[(rank - step - 1) % p]
-        incoming = recv_buf[: recv_chunk.numel()]
         # One post: the send and the receive travel together (empty chunks: no message at all).
-        exchange(transport, [recv(incoming, left, Tag.RING), send(send_chunk, right, Tag.RING)], deadline)
-        reduce_into(recv_chunk, incoming, op)
+        exchange(
+            transport,
+            [recv_reduce(recv_chunk, left, Tag.RING, op), send(send_chunk, right, Tag.RING)],
+            deadline,
+        )
 
 
 def all_gather(chunks: list[torch.Tensor], transport: Transport, deadline: float) -> None:
@@ -97,11 +91,10 @@ def ring_all_reduce(
         op: ``"sum"``, ``"avg"``, ``"max"`` or ``"min"``.
         transport: the wire.
         deadline: ``time.monotonic()`` value by which the whole collective must finish.
-        scratch: where the receive buffer (one chunk, ``ceil(numel / P)`` elements) lives.
+        scratch: unused (a transport stages what it cannot reduce in place itself).
     """
     p = transport.world_size
     chunks = [flat[start : start + n] for start, n in chunk_bounds(flat.numel(), p)]
-    recv_buf = scratch.get(chunks[0].numel(), like=flat)  # chunk 0 is the largest
-    scatter_reduce(chunks, op, transport, deadline, recv_buf)
+    scatter_reduce(chunks, op, transport, deadline)
     finalize(chunks[(transport.rank + 1) % p], op, p)  # only the owner divides (avg)
     all_gather(chunks, transport, deadline)

@@ -110,10 +110,10 @@ class TorchTransport(PointToPoint):
         self.stats.count_recv(peer, tensor.numel() * tensor.element_size())
         return Pending("recv", peer, work)
 
-    def post(self, messages: Sequence[Message]) -> list[Pending]:
-        """Issue ``messages`` together: one NCCL group for CUDA; receives then sends on Gloo."""
+    def issue(self, messages: Sequence[Message]) -> list[Pending]:
+        """Put ``messages`` on the wire together: one NCCL group for CUDA; receives then sends on Gloo."""
         if self.backend != "nccl" or len(messages) < 2:
-            return super().post(messages)
+            return super().issue(messages)
         ops = [
             dist.P2POp(dist.isend if m.kind == "send" else dist.irecv, m.tensor, m.peer, self.group, m.tag)
             for m in messages
@@ -129,7 +129,8 @@ class TorchTransport(PointToPoint):
 
     # --- waiting ---
 
-    def wait(self, pending: Pending, deadline: float) -> None:
+    def wait_message(self, pending: Pending, deadline: float) -> None:
+        """Block until one of this transport's messages completes; CommTimeoutError at ``deadline``."""
         timeout = remaining(deadline)
         live = self.liveness
         if live is not None:

@@ -6,6 +6,14 @@ ZeroMQ directly. They see a ``Transport``: a rank, a world size, a way to
 
     algorithm  --post/wait-->  Transport  -->  Gloo | NCCL | ZeroMQ | ...
 
+A message is a send, a receive into a tensor, or a **reduce**: a receive whose
+data is reduced into the tensor (``tensor <- tensor op incoming``) instead of
+overwriting it, so that a transport that can (shared memory) reduces straight
+out of its buffer; the others receive into a staging buffer and reduce when the
+message is waited on (``PointToPoint``). Reduces into the same tensor are
+applied in the order they were posted, whatever order the data arrives in, so
+a parameter server folds its workers' pushes in rank order.
+
 ``post`` issues its messages *together*. That is the one rule that keeps every
 algorithm deadlock-free on every transport: NCCL runs a pair's operations in
 the order they were issued, one group at a time, so a receive issued on its own
@@ -35,6 +43,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .ops import reduce_into
+
 __all__ = [
     "Message",
     "Pending",
@@ -44,6 +54,7 @@ __all__ = [
     "TransportStats",
     "exchange",
     "recv",
+    "recv_reduce",
     "register_transport",
     "remaining",
     "send",
@@ -81,12 +92,13 @@ class TransportStats:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One send or receive of a ``post``: ``tensor`` (contiguous) to or from ``peer``, under ``tag``."""
+    """One send, receive or reduce of a ``post``: ``tensor`` (contiguous) to or from ``peer``, under ``tag``."""
 
-    kind: str  # "send" or "recv"
+    kind: str  # "send", "recv" or "reduce"
     tensor: torch.Tensor
     peer: int
     tag: int = 0
+    op: str = ""  # "reduce" only: tensor <- tensor (op) incoming; an ops.OPS name
 
 
 def send(tensor: torch.Tensor, peer: int, tag: int = 0) -> Message:
@@ -97,6 +109,11 @@ def send(tensor: torch.Tensor, peer: int, tag: int = 0) -> Message:
 def recv(tensor: torch.Tensor, peer: int, tag: int = 0) -> Message:
     """A message receiving from ``peer`` into ``tensor`` (exact size expected)."""
     return Message("recv", tensor, peer, tag)
+
+
+def recv_reduce(tensor: torch.Tensor, peer: int, tag: int, op: str) -> Message:
+    """A message receiving from ``peer`` and reducing it into ``tensor``: ``tensor <- tensor op incoming``."""
+    return Message("reduce", tensor, peer, tag, op)
 
 
 @dataclass
@@ -130,11 +147,28 @@ class Transport(Protocol):
         """Release sockets, groups, segments; idempotent."""
 
 
-class PointToPoint:
-    """``post`` for transports whose sends and receives are independent (Gloo, ZeroMQ).
+class _Staged:
+    """A reduce done as a plain receive into a staging buffer, reduced into its target when waited."""
 
-    Receives go first, so a peer's send finds its receive posted; nothing waits
-    here. A subclass provides ``isend`` and ``irecv``.
+    __slots__ = ("inner", "target", "staging", "op", "before", "done")
+
+    def __init__(self, target: torch.Tensor, staging: torch.Tensor, op: str, before: _Staged | None) -> None:
+        self.inner: Pending | None = None
+        self.target, self.op = target, op
+        self.staging = staging  # a buffer of the pool; its first target.numel() elements are used
+        self.before = before  # the reduce into the same tensor posted just before: applied first
+        self.done = False
+
+
+class PointToPoint:
+    """``post`` and ``wait`` for transports built on independent sends and receives (Gloo, ZeroMQ).
+
+    A subclass provides ``isend``, ``irecv`` and ``wait_message`` (the wait of one
+    of its own messages); it may override ``issue`` (how a post goes out: by
+    default receives first, so a peer's send finds its receive posted, then sends).
+    A reduce becomes a receive into a staging buffer, reduced into its tensor when
+    waited on, after any reduce into the same tensor posted before it. Staging
+    buffers are reused: in steady state nothing is allocated.
     """
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int = 0) -> Pending:
@@ -143,7 +177,11 @@ class PointToPoint:
     def irecv(self, tensor: torch.Tensor, peer: int, tag: int = 0) -> Pending:
         raise NotImplementedError
 
-    def post(self, messages: Sequence[Message]) -> list[Pending]:
+    def wait_message(self, pending: Pending, deadline: float) -> None:
+        raise NotImplementedError
+
+    def issue(self, messages: Sequence[Message]) -> list[Pending]:
+        """Put ``messages`` (sends and plain receives) on the wire: receives first, then sends."""
         pending: list[Pending | None] = [None] * len(messages)
         for i, m in enumerate(messages):
             if m.kind == "recv":
@@ -152,6 +190,63 @@ class PointToPoint:
             if m.kind == "send":
                 pending[i] = self.isend(m.tensor, m.peer, m.tag)
         return pending  # type: ignore[return-value]  (every slot was filled)
+
+    def post(self, messages: Sequence[Message]) -> list[Pending]:
+        staged: dict[int, _Staged] = {}
+        wire = list(messages)
+        for i, m in enumerate(messages):
+            if m.kind == "reduce":
+                key = _same_tensor(m.tensor)
+                st = _Staged(m.tensor, self._stage(m.tensor), m.op, self._reduces.get(key))
+                self._reduces[key] = st
+                staged[i] = st
+                wire[i] = Message("recv", st.staging[: m.tensor.numel()], m.peer, m.tag)
+        pending = self.issue(wire)
+        for i, st in staged.items():
+            st.inner = pending[i]
+            pending[i] = Pending("recv", pending[i].peer, st)
+        return pending
+
+    def wait(self, pending: Pending, deadline: float) -> None:
+        if isinstance(pending.handle, _Staged):
+            self._apply(pending.handle, deadline)
+        else:
+            self.wait_message(pending, deadline)
+
+    def _apply(self, st: _Staged, deadline: float) -> None:
+        if st.done:
+            return
+        if st.before is not None:  # reduces into one tensor land in posting order (ps: rank order)
+            self._apply(st.before, deadline)
+        self.wait_message(st.inner, deadline)  # type: ignore[arg-type]  (set by post)
+        reduce_into(st.target, st.staging[: st.target.numel()], st.op)
+        st.done, st.before = True, None
+        self._free_staging.append(st.staging)
+        key = _same_tensor(st.target)
+        if self._reduces.get(key) is st:
+            del self._reduces[key]
+
+    # --- staging buffers: made on first use, kept for reuse ---
+
+    @property
+    def _reduces(self) -> dict[tuple[int, int, torch.dtype], _Staged]:
+        return self.__dict__.setdefault("_reduces_by_tensor", {})
+
+    @property
+    def _free_staging(self) -> list[torch.Tensor]:
+        return self.__dict__.setdefault("_staging_free", [])
+
+    def _stage(self, like: torch.Tensor) -> torch.Tensor:
+        """A free staging buffer of at least ``like.numel()`` elements of its dtype and device."""
+        free = self._free_staging
+        for i, buf in enumerate(free):
+            if buf.dtype == like.dtype and buf.device == like.device and buf.numel() >= like.numel():
+                return free.pop(i)
+        return torch.empty(max(like.numel(), 1), dtype=like.dtype, device=like.device)
+
+
+def _same_tensor(t: torch.Tensor) -> tuple[int, int, torch.dtype]:
+    return (t.data_ptr(), t.numel(), t.dtype)
 
 
 def remaining(deadline: float) -> float:

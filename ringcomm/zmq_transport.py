@@ -354,7 +354,7 @@ class ZmqTransport(PointToPoint):
         self.stats.count_recv(peer, tensor.numel() * tensor.element_size())
         return Pending("recv", peer, op)
 
-    def wait(self, pending: Pending, deadline: float) -> None:
+    def wait_message(self, pending: Pending, deadline: float) -> None:
         """Drive progress until ``pending`` completes; CommTimeoutError at ``deadline``.
 
         Raises:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ringcomm.errors import CommTimeoutError
-from ringcomm.transport import Message, Pending, TransportStats
+from ringcomm.transport import Message, Pending, PointToPoint, TransportStats
 
 __all__ = ["NcclOrderWorld", "NcclOrderTransport", "run_threads"]
 
@@ -107,8 +107,11 @@ class NcclOrderWorld:
         self.cond.notify_all()
 
 
-class NcclOrderTransport:
-    """One rank's view of a ``NcclOrderWorld``: the Transport protocol, NCCL's ordering."""
+class NcclOrderTransport(PointToPoint):
+    """One rank's view of a ``NcclOrderWorld``: the Transport protocol, NCCL's ordering.
+
+    Reduces are staged as ``PointToPoint`` does it, as ``TorchTransport`` does on NCCL.
+    """
 
     def __init__(self, world: NcclOrderWorld, rank: int) -> None:
         self.world = world
@@ -139,7 +142,7 @@ class NcclOrderTransport:
             w._match()
         return [Pending(op.kind, op.peer, op) for op in ops]
 
-    def post(self, messages: Sequence[Message]) -> list[Pending]:
+    def issue(self, messages: Sequence[Message]) -> list[Pending]:
         """Issue ``messages`` as one group (``batch_isend_irecv``)."""
         return self._group(list(messages))
 
@@ -151,7 +154,7 @@ class NcclOrderTransport:
         """A group of one receive (a plain ``dist.irecv``); ``tag`` is ignored."""
         return self._group([Message("recv", tensor, peer, tag)])[0]
 
-    def wait(self, pending: Pending, deadline: float) -> None:
+    def wait_message(self, pending: Pending, deadline: float) -> None:
         op: _Op = pending.handle
         w = self.world
         with w.cond:
