@@ -97,7 +97,15 @@ class Preset:
     env: dict = field(default_factory=dict)
 
 
-_TRAIN_ALGOS = (("ddp", "torch"), ("ring", "torch"), ("ring", "zmq"), ("ps", "torch"), ("ps", "zmq"))
+_TRAIN_ALGOS = (
+    ("ddp", "torch"),
+    ("ring", "torch"),
+    ("ring", "zmq"),
+    ("ring", "shm"),
+    ("ps", "torch"),
+    ("ps", "zmq"),
+    ("ps", "shm"),
+)
 
 PRESETS: dict[str, Preset] = {
     # A few minutes on 2 shared CPU cores: few steps, few sizes; ranks oversubscribe at P=4.
@@ -114,7 +122,7 @@ PRESETS: dict[str, Preset] = {
         train_timeout_s=240,
         bench_world_sizes=(2, 4),
         bench_sizes=("64K", "1M", "4M"),
-        bench_groups=(("torch", ("ring", "naive", "ps", "ps:2")), ("zmq", ("ring", "ps"))),
+        bench_groups=(("torch", ("ring", "naive", "ps", "ps:2")), ("zmq", ("ring", "ps")), ("shm", ("ring", "ps"))),
         bench_reps=5,
         bench_sample_s=0.01,
         bench_timeout_s=300,
@@ -147,6 +155,7 @@ PRESETS: dict[str, Preset] = {
             ("torch", ("ring", "ring_simple", "naive")),
             ("torch", ("ps", "ps:2", "ps:4")),
             ("zmq", ("ring", "ps", "ps:2")),
+            ("shm", ("ring", "ring_simple", "ps", "ps:2")),
         ),
         bench_reps=15,
         bench_sample_s=0.05,

@@ -15,7 +15,7 @@ liveness.py (what runs around a collective).
 """
 
 # The transport modules register themselves with the registry in transport.py on import.
-from . import torch_transport, zmq_transport  # noqa: F401  (imported for registration)
+from . import shm_transport, torch_transport, zmq_transport  # noqa: F401  (imported for registration)
 from .algorithms import ALGOS
 from .api import all_reduce, all_reduce_async, comm_stats, init
 from .comm_queue import CommStats

@@ -105,7 +105,7 @@ def _refuse(session: sessions.Session, reason: str, check: bool | None) -> None:
             return  # the peers raise anyway: they are past the failed call
         n = session.begin_call()
         if publish and session.world_size > 1:
-            refuse(session, n, reason)
+            refuse(session, n, reason, time.monotonic() + default_timeout())
 
     session.queue.submit(refusal, "a refused all_reduce", torch.futures.Future())
 

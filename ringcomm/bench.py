@@ -3,12 +3,13 @@
     python -m ringcomm.bench --world-size 4 --sizes 64K,1M,16M,64M --algos gloo,ring,naive
     python -m ringcomm.bench --world-size 4 --algos gloo,ring,ps,ps:4 --json bench.json
     python -m ringcomm.bench --world-size 2 --transport zmq --algos gloo,ring,ps
+    python -m ringcomm.bench --world-size 4 --algos gloo,ring@shm,ring_simple@shm,ps@shm
     torchrun --nproc-per-node 4 -m ringcomm.bench --json bench.json   # torchrun's world; no --world-size
 
 Algorithms: ``gloo`` (built-in ``dist.all_reduce``), any name in ``ringcomm.ALGOS``
 (``ring``, ``ring_simple``, ``naive``, ``ps``), ``ps:K`` for a parameter server
-sharded K ways, and a ``@zmq`` / ``@torch`` suffix to pick the transport of one
-entry (``--transport`` sets the default).
+sharded K ways, and a ``@zmq`` / ``@shm`` / ``@torch`` suffix to pick the
+transport of one entry (``--transport`` sets the default).
 
 Method: every algorithm is timed in the same world, interleaved (gloo, ring,
 ..., gloo, ring, ...) so that a noisy machine slows all of them alike. One
@@ -18,7 +19,11 @@ shows the median sample. ``#wrong`` counts elements (max over ranks) that
 differ from gloo's result on the same integer-valued input.
 
 Columns (nccl-tests): size in bytes, count in elements, time in microseconds,
-algbw = size / time and busbw = algbw * 2(P-1)/P, both in GB/s (1e9 B/s).
+algbw = size / time and busbw = algbw * 2(P-1)/P, both in GB/s (1e9 B/s);
+``busbw/memcpy`` puts busbw beside one core's copy bandwidth at the same size,
+measured by rank 0 in every round of the same run (``memcpy_gbs``): a byte that
+crosses shared memory is copied once by its sender and once by its receiver, so
+that is the physical limit of a transport that moves bytes by copying them.
 """
 
 from __future__ import annotations
@@ -120,6 +125,25 @@ class BenchRow:
     busbw_gbs: float
     wrong: int
     samples_us: list
+    memcpy_gbs: float  # one core's copy bandwidth at this size, measured in the same run (rank 0)
+
+
+def memcpy_gbs(nbytes: int, seconds: float = 0.005) -> float:
+    """One core's memory copy bandwidth at ``nbytes`` (GB/s, 1e9 B/s): ``dst.copy_(src)``, repeated.
+
+    The physical limit a shared-memory transport works against: each byte it moves
+    is copied by its sender and copied (or reduced) by its receiver.
+    """
+    src = torch.ones(max(nbytes, 64), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch both: first-use page faults are not bandwidth
+    calls, elapsed = 0, 0.0
+    t0 = time.perf_counter()
+    while elapsed < seconds:
+        dst.copy_(src)
+        calls += 1
+        elapsed = time.perf_counter() - t0
+    return src.numel() * calls / elapsed / 1e9
 
 
 def _run_once(spec: AlgoSpec, buf: torch.Tensor) -> None:
@@ -170,6 +194,7 @@ def _bench_rank(rank: int, world_size: int, cfg: dict) -> list[dict] | None:
             dist.all_reduce(est, op=dist.ReduceOp.MAX)
             calls[s.label] = max(1, min(200, int(cfg["sample_s"] / max(float(est), 1e-6))))
         samples: dict[str, list[float]] = {s.label: [] for s in specs}
+        copies: list[float] = []
         for _ in range(cfg["reps"]):
             for s in specs:  # interleaved: every algorithm once per round
                 n = calls[s.label]
@@ -178,6 +203,10 @@ def _bench_rank(rank: int, world_size: int, cfg: dict) -> list[dict] | None:
                 for _ in range(n):
                     _run_once(s, bufs[s.label])
                 samples[s.label].append((time.perf_counter() - t0) / n)
+            dist.barrier()  # and the copy bandwidth, by rank 0 alone while the others wait
+            if rank == 0:
+                copies.append(memcpy_gbs(count * bufs[specs[0].label].element_size()))
+        copy_gbs = statistics.median(copies) if copies else float("nan")
         for s in specs:
             t = torch.tensor(samples[s.label], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a sample lasts as long as its slowest rank
@@ -198,6 +227,7 @@ def _bench_rank(rank: int, world_size: int, cfg: dict) -> list[dict] | None:
                         busbw_gbs=busbw(world_size, nbytes, med),
                         wrong=wrong[s.label],
                         samples_us=[v * 1e6 for v in per_call],
+                        memcpy_gbs=copy_gbs,
                     )
                 )
             )
@@ -211,16 +241,19 @@ def _print_rows(rows: list[dict], header: bool, file=sys.stdout) -> None:
     if header:
         print(
             f"{'#  size(B)':>12} {'count':>10} {'type':>8} {'algo':>14} {'transport':>9} "
-            f"{'time(us)':>10} {'algbw':>7} {'busbw':>7} {'#wrong':>6} {'vs gloo':>7}",
+            f"{'time(us)':>10} {'algbw':>7} {'busbw':>7} {'#wrong':>6} {'vs gloo':>7} {'busbw/memcpy':>12}",
             file=file,
         )
         print(f"{'#':>12} {'':>10} {'':>8} {'':>14} {'':>9} {'':>10} {'(GB/s)':>7} {'(GB/s)':>7}", file=file)
     gloo = next((r for r in rows if r["algo"] == "gloo"), None)
+    if rows:
+        print(f"# memcpy, one core, {rows[0]['size_bytes']} B: {rows[0]['memcpy_gbs']:.2f} GB/s", file=file)
     for r in rows:
         ratio = f"{gloo['time_us'] / r['time_us']:.2f}x" if gloo else "-"
         print(
             f"{r['size_bytes']:>12} {r['count']:>10} {r['dtype']:>8} {r['algo']:>14} {r['transport']:>9} "
-            f"{r['time_us']:>10.1f} {r['algbw_gbs']:>7.3f} {r['busbw_gbs']:>7.3f} {r['wrong']:>6} {ratio:>7}",
+            f"{r['time_us']:>10.1f} {r['algbw_gbs']:>7.3f} {r['busbw_gbs']:>7.3f} {r['wrong']:>6} {ratio:>7} "
+            f"{r['busbw_gbs'] / r['memcpy_gbs']:>11.1%}",
             file=file,
         )
 

@@ -1,10 +1,10 @@
 """The same-call check: do all ranks call the same all_reduce?
 
-Before any data moves, every rank publishes a fingerprint of its call in the
-store of the default process group, and reads everyone's::
+Before any data moves, every rank publishes a fingerprint of its call and reads
+everyone's, on the call board when the ranks share a host, else in the store::
 
-    rank r, call n:   store["<world>/call/<n>/<r>"] = [numel, dtype, op, algo, transport, device, options]
-                      wait until all P keys of call n exist, read them        (one round)
+    rank r, call n:   publish [numel, dtype, op, algo, transport, device, options]
+                      wait until all P fingerprints of call n are there, read them   (one round)
 
 If any differs, every rank raises ``MismatchError`` naming the ranks and the
 field, and the tensor is untouched. Without the check a size mismatch is not a
@@ -12,9 +12,10 @@ clean error: Gloo aborts the whole process (SIGABRT) when a message arrives
 larger than the buffer posted for it, and a dtype mismatch silently
 reinterprets bytes.
 
-**Why the store, not the transport.** Ranks that pass different transports
-would each wait for the other's fingerprint on its own transport and hang; the
-store is common to all of them. A rank whose call is refused (a ``ValueError``
+**Why not the transport.** Ranks that pass different transports would each
+wait for the other's fingerprint on its own transport and hang; the check needs
+a channel common to all of them. On one host that is the call board in shared
+memory (``board.py``: a few microseconds); across hosts, the store. A rank whose call is refused (a ``ValueError``
 on that rank only) publishes its refusal in its slot instead, so the others
 raise at once rather than wait for a fingerprint that never comes. And a wait
 in the store can be cut into slices that look at the missing ranks'
@@ -28,7 +29,8 @@ Keys are deleted two calls later by the rank that wrote them: a rank starts
 call n only after reading every key of call n-1, which every rank wrote only
 after finishing call n-2, so by then nobody reads call n-2's keys.
 
-Cost: three store round trips per call (write, wait, read) plus one to delete;
+Cost: on one host, a write, P-1 doorbell rings and a look at the board; across
+hosts, three store round trips per call (write, wait, read) plus one to delete;
 see the README's measurements. ``check=False`` or ``RINGCOMM_CHECK=0`` turns it
 off for a call or a process (then every rank must turn it off alike).
 """
@@ -57,13 +59,30 @@ def _slot(session: Session, call: int) -> str:
     return session.key("call", call)
 
 
+def _exchange(session: Session, call: int, text: str, deadline: float) -> list[str]:
+    """Publish this rank's ``text`` for ``call`` and return every rank's: through the call board on one
+    host (board.py), else through the store."""
+    board = session.board(deadline)
+    if board is not None:
+        board.publish(call, text)
+        return board.collect(call, deadline, "same-call check")
+    values = session.gather(_slot(session, call), text, deadline, "same-call check")
+    if call >= 2:
+        session.forget(_slot(session, call - 2))
+    return values
+
+
+def _decode(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return "?"  # unreadable: it differs from every real fingerprint, and says so
+
+
 def check_same_call(session: Session, call: int, mine: list[object], deadline: float) -> None:
     """Raise ``MismatchError`` on every rank unless every rank's fingerprint of ``call`` equals ``mine``."""
     rank = session.rank
-    values = session.gather(_slot(session, call), json.dumps(mine), deadline, "same-call check")
-    if call >= 2:
-        session.forget(_slot(session, call - 2))
-    rows = [json.loads(v) for v in values]
+    rows = [_decode(v) for v in _exchange(session, call, json.dumps(mine), deadline)]
     refused = [(r, row["refused"]) for r, row in enumerate(rows) if isinstance(row, dict)]
     if refused:
         said = "; ".join(f"rank {r}: {reason}" for r, reason in refused)
@@ -88,8 +107,13 @@ def check_same_call(session: Session, call: int, mine: list[object], deadline: f
     )
 
 
-def refuse(session: Session, call: int, reason: str) -> None:
+def refuse(session: Session, call: int, reason: str, deadline: float) -> None:
     """Publish that this rank refused ``call`` (bad arguments), so the others raise instead of waiting."""
-    session.store.set(f"{_slot(session, call)}/{session.rank}", json.dumps({"refused": reason}))
+    text = json.dumps({"refused": reason[:300]})
+    board = session.board(deadline)
+    if board is not None:
+        board.publish(call, text)
+        return
+    session.store.set(f"{_slot(session, call)}/{session.rank}", text)
     if call >= 2:
         session.forget(_slot(session, call - 2))

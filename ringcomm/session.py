@@ -9,6 +9,7 @@
       transports           one per (name, device type), made on first use, collectively
       scratch              receive buffers (buffers.py), used by one collective at a time
       calls                collectives begun in this world: the same-call check's key
+      board                the check's channel when every rank is on one host (board.py)
 
 **Setting up a transport** is collective (``dist.new_group``, a ZeroMQ
 rendezvous), so a rank that asks for a different transport, or never asks
@@ -39,11 +40,13 @@ from typing import Any
 
 import torch.distributed as dist
 
+from .board import CallBoard
 from .buffers import ScratchPool
 from .comm_queue import CommQueue
 from .errors import CommError, CommTimeoutError, MismatchError, PeerError
 from .liveness import DEAD_NOTE, Liveness
 from .settings import heartbeat_s, liveness_s
+from .shm import host_identity, require_x86_linux
 from .transport import Transport, TransportKind
 
 __all__ = ["Session", "SetupContext", "current", "shutdown"]
@@ -85,6 +88,8 @@ class Session:
         #: The first collective failure in this world (see the module docstring); None while healthy.
         self.failed: CommError | None = None
         self._setups = 0
+        self._board: CallBoard | None = None
+        self._board_decided = False
         self._closed = False
 
     def key(self, *parts: object) -> str:
@@ -145,6 +150,21 @@ class Session:
                 raise PeerError(self.rank, r, what, v[len(DEAD_NOTE) :])
         return values
 
+    def board(self, deadline: float) -> CallBoard | None:
+        """The call board, set up at the world's first check (collective); None when the ranks are
+        on several hosts (or not on x86-64 Linux): the check then goes through the store."""
+        if not self._board_decided:
+            hosts = self.gather(self.key("board-host"), host_identity(), deadline, "setting up the call board")
+            try:
+                require_x86_linux("the call board")
+                one_host = len(set(hosts)) == 1
+            except ValueError:
+                one_host = False
+            if one_host:
+                self._board = CallBoard(self.store, self.key("board"), self.rank, self.world_size, self.liveness)
+            self._board_decided = True
+        return self._board
+
     def forget(self, base: str) -> None:
         """Delete this rank's key under ``base`` (every rank has read it; see fingerprint.py)."""
         self.store.delete_key(f"{base}/{self.rank}")
@@ -188,6 +208,9 @@ class Session:
         for transport in self.transports.values():
             transport.close()
         self.transports.clear()
+        if self._board is not None:
+            self._board.close()
+            self._board = None
         if self.liveness is not None:
             self.liveness.stop()
 

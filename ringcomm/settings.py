@@ -13,6 +13,8 @@ RINGCOMM_HEARTBEAT_S       1         seconds between two heartbeats of a process
 RINGCOMM_LIVENESS_S        10        seconds of silence after which a peer is dead (0: off)
 RINGCOMM_ZMQ_HOST          (unset)   address the zmq transport binds and advertises
 RINGCOMM_ZMQ_IPC           on        zmq over ipc:// (not TCP) when all ranks share a host
+RINGCOMM_SHM_SLOTS         4         slots per shared-memory queue (shm transport)
+RINGCOMM_SHM_SLOT_BYTES    1048576   data bytes per slot (a multiple of 64)
 =========================  ========  ==================================================
 """
 
@@ -26,6 +28,7 @@ __all__ = [
     "DEFAULT_LIVENESS_S",
     "env_seconds",
     "env_bool",
+    "env_int",
     "default_timeout",
     "check_default",
     "heartbeat_s",
@@ -72,6 +75,20 @@ def env_bool(name: str, default: bool | None) -> bool | None:
     if text in _FALSE:
         return False
     raise ValueError(f"{name}={value!r}: expected one of {', '.join(_TRUE)} or {', '.join(_FALSE)}")
+
+
+def env_int(name: str, default: int, minimum: int = 1) -> int:
+    """A whole number from environment variable ``name`` (``default`` when unset); ValueError names it."""
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a whole number") from None
+    if number < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return number
 
 
 def default_timeout() -> float:

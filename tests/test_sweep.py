@@ -29,8 +29,8 @@ def test_quick_plan_covers_the_grid(tmp_path: Path) -> None:
     names = [r.name for r in runs]
     assert len(names) == len(set(names)), "run names must be unique (they name files)"
     train = [r for r in runs if r.kind == "train"]
-    # P=1: ddp, ring, ps on torch (zmq carries nothing at P=1); P=2 and 4: all 5 algo/transport pairs.
-    assert len(train) == 3 + 5 + 5
+    # P=1: ddp, ring, ps on torch (zmq and shm carry nothing at P=1); P=2 and 4: all 7 algo/transport pairs.
+    assert len(train) == 3 + 7 + 7
     assert {(r.meta["algo"], r.meta["transport"]) for r in train if r.meta["world_size"] == 1} == {
         ("ddp", "torch"),
         ("ring", "torch"),
@@ -83,7 +83,7 @@ def test_dry_run_prints_the_plan_and_runs_nothing(
     monkeypatch.setattr(subprocess, "run", boom)
     assert sweep.main(["--quick", "--dry-run", "--out", str(tmp_path), "--only", "train,bench"]) == 0
     out = capsys.readouterr().out
-    assert out.count("[train]") == 13 and out.count("[bench]") == 4
+    assert out.count("[train]") == 17 and out.count("[bench]") == 6  # 2 world sizes x 3 transports
     assert "launch.py --algo ring --transport zmq --world-size 4" in out
     assert not (tmp_path / "sweep.json").exists()
 

@@ -1,0 +1,122 @@
+"""The call board: the same-call check through shared memory when every rank is on one host.
+
+The check (``fingerprint.py``) needs a channel that every transport shares.
+The store is one, but each round trip to it costs a wake-up of the process
+that serves it: three of them made the check cost about 0.5 ms per call here,
+more than a 64 KiB all-reduce over shared memory. When all ranks are on one
+host the board carries it instead::
+
+    rank r's segment:  | doorbell | slot 0: seq, length, fingerprint | slot 1: ... |
+                                     (call n uses slot n % 2)
+
+Call n: each rank writes its fingerprint (the text the check compares) into
+slot ``n % 2`` of its own segment, then ``seq = n + 1`` (last: a reader that
+sees the new ``seq`` sees the text written before it), and rings every other
+rank's doorbell; then it reads every rank's slot once all show ``n + 1``,
+sleeping on its own doorbell meanwhile (``shm.Doorbell``). Two slots suffice: a
+rank writes call n+2 only after every rank has written call n+1, which each
+did only after reading all of call n.
+
+A rank missing from the board is watched through the heartbeats between
+slices (``PeerError`` when it is dead or gave up), and the call's deadline
+bounds the wait (``CommTimeoutError``). Every byte read is bounds-checked: a
+slot that cannot be decoded reads as a fingerprint that differs, never a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from typing import Any
+
+from .errors import CommTimeoutError, PeerError
+from .liveness import Liveness
+from .shm import Doorbell, share_segments, unmap
+
+__all__ = ["CallBoard"]
+
+_LINE = 64
+_SLOT = 512  # bytes per slot: seq u64, length u32, then the text
+_SLOT_HEAD = struct.Struct("<QI")
+_TEXT_MAX = _SLOT - _SLOT_HEAD.size
+_SPIN_S = 50e-6  # look again this long before sleeping, when every rank can have a core
+
+
+class CallBoard:
+    """One host's board of call fingerprints; see the module docstring.
+
+    Made collectively (``shm.share_segments`` through the store).
+    """
+
+    def __init__(self, store: Any, prefix: str, rank: int, world_size: int, liveness: Liveness | None) -> None:
+        self.rank, self.world_size, self.liveness = rank, world_size, liveness
+        self._maps = share_segments(store, f"{prefix}/board", rank, world_size, _LINE + 2 * _SLOT)
+        self._bufs = {r: memoryview(m) for r, m in self._maps.items()}
+        self._bell = Doorbell(self._bufs, 0, rank)
+        self._spin_s = _SPIN_S if world_size <= len(os.sched_getaffinity(0)) else 0.0
+
+    def _slot(self, rank: int, call: int) -> memoryview:
+        start = _LINE + (call % 2) * _SLOT
+        return self._bufs[rank][start : start + _SLOT]
+
+    def publish(self, call: int, text: str) -> None:
+        """Put this rank's fingerprint of ``call`` on the board and ring everyone."""
+        data = text.encode()[:_TEXT_MAX]
+        slot = self._slot(self.rank, call)
+        slot[_SLOT_HEAD.size : _SLOT_HEAD.size + len(data)] = data
+        struct.pack_into("<I", slot, 8, len(data))
+        struct.pack_into("<Q", slot, 0, call + 1)  # last: the text is there when this is seen
+        for peer in range(self.world_size):
+            if peer != self.rank:
+                self._bell.ring(peer)
+
+    def _read(self, rank: int, call: int) -> str | None:
+        seq, length = _SLOT_HEAD.unpack_from(self._slot(rank, call), 0)
+        if seq != call + 1:
+            return None
+        length = min(length, _TEXT_MAX)
+        return bytes(self._slot(rank, call)[_SLOT_HEAD.size : _SLOT_HEAD.size + length]).decode(errors="replace")
+
+    def collect(self, call: int, deadline: float, what: str) -> list[str]:
+        """Every rank's fingerprint of ``call``, by rank, once all are on the board.
+
+        Raises:
+            PeerError: a rank still missing is dead, frozen or gave up on this call.
+            CommTimeoutError: ``deadline`` (a ``time.monotonic()`` value) passed first.
+        """
+        live = self.liveness
+        slice_s = live.interval_s if live is not None else 1.0
+        texts: list[str | None] = [None] * self.world_size
+        start = idle_since = time.monotonic()
+        while True:
+            bell = self._bell.value()
+            for r in range(self.world_size):
+                if texts[r] is None:
+                    texts[r] = self._read(r, call)
+            missing = [r for r, t in enumerate(texts) if t is None]
+            if not missing:
+                return texts  # type: ignore[return-value]  (none is None)
+            now = time.monotonic()
+            if now >= deadline:
+                raise CommTimeoutError(
+                    self.rank,
+                    missing[0],
+                    what,
+                    max(deadline - start, 0.0),
+                    f"ranks {missing} did not reach it (a different call, a refused call, or check off there?)",
+                )
+            if live is not None and now - idle_since >= slice_s:
+                for r in missing:
+                    reason = live.dead_reason(r)
+                    if reason is not None:
+                        raise PeerError(self.rank, r, what, reason)
+                idle_since = now
+            if now - start < self._spin_s:
+                continue
+            self._bell.sleep(bell, max(min(slice_s, deadline - now), 1e-4))
+
+    def close(self) -> None:
+        self._bell.close()
+        self._bufs.clear()
+        unmap(self._maps)
