@@ -215,8 +215,9 @@ def test_ranks_calling_with_different_numel_or_dtype_all_raise_a_clear_mismatch(
 
 
 def test_an_unknown_transport_or_a_device_no_transport_serves_is_a_value_error() -> None:
-    with pytest.raises(ValueError, match="unknown transport 'zmqq'; expected one of 'torch', 'zmq'"):
+    with pytest.raises(ValueError, match="unknown transport 'zmqq'; expected one of ") as info:
         ringcomm.init("zmqq")  # it used to be a KeyError
+    assert all(repr(name) in str(info.value) for name in ringcomm.transport_names())
     meta = torch.empty(4, device="meta")  # stands in for mps, xla, ...: no transport carries it
     with pytest.raises(ValueError, match=r"transport='torch' carries tensors on cpu, cuda; the tensor is on meta"):
         ringcomm.all_reduce(meta)

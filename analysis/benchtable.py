@@ -1,0 +1,78 @@
+"""``python -m analysis.benchtable BENCH.json ...``: a ``ringcomm.bench --json`` file as a Markdown table.
+
+    python -m ringcomm.bench --world-size 4 --algos gloo,ring,ring@shm --json bench.json
+    python -m analysis.benchtable bench.json          # sizes down, algorithms across
+
+One table per file: a row per size, a column per algorithm, each cell the
+median time in ms with, in parentheses, Gloo's time in the same world over
+this one (above 1: faster than Gloo). With ``--memcpy`` a last column gives,
+for the fastest non-Gloo algorithm of the row, its busbw as a fraction of one
+core's copy bandwidth measured in the same run (``memcpy_gbs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .plots import human_bytes
+
+__all__ = ["render", "main"]
+
+
+def render(doc: dict, memcpy: bool = False) -> str:
+    """The Markdown table of one bench document (``{"machine", "world_size", "rows"}``)."""
+    rows = doc["rows"]
+    algos = list(dict.fromkeys(r["algo"] for r in rows))
+    sizes = sorted({r["size_bytes"] for r in rows})
+    by = {(r["size_bytes"], r["algo"]): r for r in rows}
+    head = ["size", *algos] + (["best busbw / memcpy"] if memcpy else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for size in sizes:
+        gloo = by.get((size, "gloo"))
+        cells = [human_bytes(size)]
+        for algo in algos:
+            r = by.get((size, algo))
+            if r is None:
+                cells.append("")
+                continue
+            ms = r["time_us"] / 1e3
+            ratio = f" ({gloo['time_us'] / r['time_us']:.2f}×)" if gloo is not None and algo != "gloo" else ""
+            cells.append(f"{ms:.3g}{ratio}")
+        if memcpy:
+            ours = [by[size, a] for a in algos if a != "gloo" and (size, a) in by]
+            best = min(ours, key=lambda r: r["time_us"]) if ours else None
+            if best is not None and best.get("memcpy_gbs"):
+                cells.append(f"{best['busbw_gbs'] / best['memcpy_gbs']:.0%} ({best['algo']}, memcpy {best['memcpy_gbs']:.1f} GB/s)")
+            else:
+                cells.append("")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.benchtable", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("files", nargs="+", help="ringcomm.bench --json files")
+    parser.add_argument("--memcpy", action="store_true", help="add the busbw / memcpy column")
+    args = parser.parse_args(argv)
+    for path in args.files:
+        try:
+            doc = json.loads(Path(path).read_text())
+            rows = doc["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"analysis.benchtable: {path}: not a ringcomm.bench --json file ({exc})", file=sys.stderr)
+            return 2
+        print(f"**{doc.get('world_size', '?')} ranks** ({len(rows)} rows, {path})\n")
+        print(render(doc, args.memcpy))
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
