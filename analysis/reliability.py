@@ -31,7 +31,7 @@ def caught_by(message: str) -> str:
     """What ended a survivor's wait, read off its error message."""
     if "stopped heartbeating" in message and "did not complete" not in message:
         return "liveness"
-    if "gave up after a failure" in message:
+    if "gave up on this call after a failure" in message:
         return "peer's failure notice"
     if "did not complete within" in message:
         return "timeout"
