@@ -130,13 +130,6 @@ class AlphaBetaFit:
         return {**asdict(self), "bandwidth_gbs": self.bandwidth_gbs}
 
 
-def _one_coefficient(x: np.ndarray, t: np.ndarray) -> float:
-    """Relative least squares for ``t ~= c * x`` (minimises sum((c x / t - 1)^2))."""
-    r = x / t
-    denom = float(r @ r)
-    return float(r.sum() / denom) if denom > 0 else 0.0
-
-
 def fit_algo(
     label: str, world_sizes: Sequence[int], nbytes: Sequence[float], seconds: Sequence[float]
 ) -> AlphaBetaFit | None:
@@ -150,9 +143,7 @@ def fit_algo(
 
     Returns:
         The fit, or None when fewer than two usable points are left. Uses
-        ``cost.fit_alpha_beta`` (relative least squares). If a coefficient comes out
-        negative (noise at a few points), it is pinned at 0 and the other refitted,
-        which is the non-negative least-squares answer for two unknowns.
+        ``cost.fit_nonnegative`` (relative least squares, neither coefficient below 0).
     """
     keep, counts = [], []
     for p, m, s in zip(world_sizes, nbytes, seconds):
@@ -171,17 +162,7 @@ def fit_algo(
     if np.linalg.matrix_rank(np.stack([msgs / t, byts / t], axis=1)) < 2:
         # e.g. one size at one world size repeated: alpha and beta cannot be told apart
         return None
-    alpha, beta = cost.fit_alpha_beta(msgs, byts, t)
-    constrained = False
-    if alpha < 0 or beta < 0:
-        constrained = True
-        alpha_only = (max(0.0, _one_coefficient(msgs, t)), 0.0)
-        beta_only = (0.0, max(0.0, _one_coefficient(byts, t)))
-
-        def loss(ab: tuple[float, float]) -> float:
-            return float((((msgs * ab[0] + byts * ab[1]) / t - 1) ** 2).sum())
-
-        alpha, beta = min(alpha_only, beta_only, key=loss)
+    alpha, beta, constrained = cost.fit_nonnegative(msgs, byts, t)
     pred = msgs * alpha + byts * beta
     rel = np.abs(pred - t) / t
     return AlphaBetaFit(

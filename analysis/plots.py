@@ -16,6 +16,7 @@ import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -88,7 +89,9 @@ def plot_busbw(
 
     Points are measured (``busbw_gbs`` of bench rows); dashed lines are the fitted
     alpha-beta model of the same algorithm turned into busbw. The legend carries
-    each fit's alpha, 1/beta and median/max relative error.
+    each fit's alpha, 1/beta and median/max relative error. ``auto`` rows carry
+    the algorithm auto took (``choice``): each of its points is labelled with it,
+    and a dotted line marks each size range where auto's pick changes.
     """
     rows = [r for r in rows if int(r.get("world_size", 0)) > 1 and r.get("time_us", 0) > 0]
     if not rows:
@@ -114,6 +117,7 @@ def plot_busbw(
                 grid = np.geomspace(min(xs), max(xs), 40)
                 model = [busbw(ws, m, fit.predict(ws, m)) for m in grid]
                 ax.plot(grid, model, "--", color=colour[label], lw=1, alpha=0.8)
+        _mark_auto(ax, [r for r in rows if r["world_size"] == ws and "choice" in r])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("message size (bytes)")
         ax.set_ylabel("busbw (GB/s)")
@@ -132,6 +136,20 @@ def plot_busbw(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _mark_auto(ax: Any, auto_rows: Sequence[Mapping]) -> None:
+    """Label auto's points with the algorithm it took; a dotted line between sizes where that changes."""
+    for label in sorted({r["algo"] for r in auto_rows}):
+        pts = sorted((r["size_bytes"], r["busbw_gbs"], r["choice"]) for r in auto_rows if r["algo"] == label)
+        for x, y, choice in pts:
+            ax.annotate(choice, (x, y), textcoords="offset points", xytext=(0, 6), fontsize=6, ha="center")
+        for (x0, _, a), (x1, _, b) in zip(pts, pts[1:]):
+            if a != b:  # the crossover lies between these two sizes: draw it at their geometric mean
+                mid = math.sqrt(x0 * x1)
+                ax.axvline(mid, ls=":", lw=1, color="grey")
+                ax.annotate(f"{label}: {a} -> {b}", (mid, 0.98), xycoords=("data", "axes fraction"),
+                            fontsize=6, rotation=90, va="top", ha="right")  # fmt: skip
 
 
 def plot_time_vs_world(

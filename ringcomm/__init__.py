@@ -18,6 +18,7 @@ liveness.py (what runs around a collective).
 from . import shm_transport, torch_transport, zmq_transport  # noqa: F401  (imported for registration)
 from .algorithms import ALGOS
 from .api import all_reduce, all_reduce_async, comm_stats, init
+from .auto import explain as explain_auto
 from .comm_queue import CommStats
 from .errors import CommError, CommTimeoutError, FrameError, MismatchError, PeerError
 from .session import shutdown
@@ -37,6 +38,7 @@ __all__ = [
     "all_reduce",
     "all_reduce_async",
     "comm_stats",
+    "explain_auto",
     "init",
     "shutdown",
     "transport_names",

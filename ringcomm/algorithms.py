@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
+from . import auto
 from .buffers import ScratchPool
 from .chunks import chunk_bounds
 from .naive import naive_all_reduce
@@ -149,5 +150,7 @@ ALGOS: dict[str, AlgorithmSpec] = {
             _ps_parts,
         ),
         algorithm("naive", naive_all_reduce, "gather to rank 0, reduce, broadcast back (naive.py)"),
+        # resolved per call by ringcomm.all_reduce into one of auto.CANDIDATES (auto.py)
+        algorithm("auto", auto.placeholder, "the cost model picks per call: rd or rhd small, the ring large (auto.py)"),
     )
 }

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import auto, trace
 from . import session as sessions
-from . import trace
 from .algorithms import ALGOS, AlgorithmSpec
 from .comm_queue import CommStats
 from .errors import CommError, MismatchError
@@ -133,6 +133,7 @@ def _execute(session: sessions.Session, call: _Call) -> torch.Tensor:
     flat = work.view(-1)
     comm: Transport | None = None
     sent0 = recv0 = 0
+    nbytes = flat.numel() * flat.element_size()
     try:
         if call.check and session.world_size > 1:
             dtype = str(tensor.dtype).removeprefix("torch.")
@@ -140,19 +141,23 @@ def _execute(session: sessions.Session, call: _Call) -> torch.Tensor:
                 flat.numel(), dtype, call.op, call.spec.name, call.kind.name, tensor.device.type, call.options
             )
             check_same_call(session, n, mine, deadline)
+        spec, options = call.spec, call.options
+        if spec.name == "auto":  # the same pick on every rank: the same fit (rank 0's), the same call
+            chosen = auto.choose(session.tuning(deadline), call.kind.name, session.world_size, nbytes).algo
+            spec, options = ALGOS[chosen], ALGOS[chosen].options({}, session.world_size)
         comm = session.transport(call.kind, tensor.device.type, deadline)
         sent0, recv0 = comm.stats.sent_bytes, comm.stats.recv_bytes
         tracer = trace.get()
         if tracer is None:
-            call.spec.run(flat, call.op, comm, deadline, session.scratch, **call.options)
+            spec.run(flat, call.op, comm, deadline, session.scratch, **options)
         else:
-            nbytes = flat.numel() * flat.element_size()
-            parts = call.spec.cut(flat.numel(), comm.world_size, call.options)
+            parts = spec.cut(flat.numel(), comm.world_size, options)
+            name = spec.name if spec is call.spec else f"{call.spec.name}->{spec.name}"
             # the trace's lanes: the comm thread's collectives apart from the caller's own
             lane = "comm thread" if threading.current_thread().name == session.queue.name else "main"
-            with tracer.span(f"all_reduce {call.spec.name} {nbytes} B", "all_reduce", lane, algo=call.spec.name, bytes=nbytes):
-                traced = trace.TracedTransport(comm, tracer, flat, call.spec.name, parts)
-                call.spec.run(flat, call.op, traced, deadline, session.scratch, **call.options)
+            with tracer.span(f"all_reduce {name} {nbytes} B", "all_reduce", lane, algo=name, bytes=nbytes):
+                traced = trace.TracedTransport(comm, tracer, flat, spec.name, parts)
+                spec.run(flat, call.op, traced, deadline, session.scratch, **options)
     except CommError as exc:
         if not isinstance(exc, MismatchError):  # the ranks are out of step now (session.py)
             session.failed = session.failed or exc

@@ -4,6 +4,8 @@
     python -m ringcomm.bench --world-size 4 --algos gloo,ring,ps,ps:4 --json bench.json
     python -m ringcomm.bench --world-size 2 --transport zmq --algos gloo,ring,ps
     python -m ringcomm.bench --world-size 4 --algos gloo,ring@shm,ring_simple@shm,ps@shm
+    python -m ringcomm.bench --world-size 4 --algos gloo,auto,rd,ring           # what auto picks, and its cost
+    python -m ringcomm.bench --world-size 4 --tune   # fit auto's alpha and beta; writes auto.tune_path()
     torchrun --nproc-per-node 4 -m ringcomm.bench --json bench.json   # torchrun's world; no --world-size
 
 Algorithms: ``gloo`` (built-in ``dist.all_reduce``), any name in ``ringcomm.ALGOS``
@@ -20,6 +22,15 @@ differ from gloo's result on the same integer-valued input.
 
 Columns (nccl-tests): size in bytes, count in elements, time in microseconds,
 algbw = size / time and busbw = algbw * 2(P-1)/P, both in GB/s (1e9 B/s);
+For ``auto`` rows a line under the table says which algorithm auto took at that
+size, with its predicted and measured time.
+
+``--tune`` times every candidate of ``algo="auto"`` (``auto.CANDIDATES``) on every
+transport of ``--transports`` at ``--sizes``, fits each one's alpha and beta to its
+cost model (``cost.fit_nonnegative``) and writes them, with the machine and the
+world size, to ``auto.tune_path()`` (``RINGCOMM_TUNE_FILE`` or
+``~/.cache/ringcomm/tune.json``), printing the path and the crossovers it implies.
+
 ``busbw/memcpy`` puts busbw beside one core's copy bandwidth at the same size,
 measured by rank 0 in every round of the same run (``memcpy_gbs``): a byte that
 crosses shared memory is copied once by its sender and once by its receiver, so
@@ -231,6 +242,13 @@ def _bench_rank(rank: int, world_size: int, cfg: dict) -> list[dict] | None:
                     )
                 )
             )
+        for row in rows[-len(specs) :]:
+            spec = next(s for s in specs if s.label == row["algo"])
+            if spec.algo == "auto":  # what it took, and what the model promised (the world's fit)
+                from . import auto, session
+
+                choice = auto.choose(session.current().tuning(), spec.transport, world_size, row["size_bytes"])
+                row.update(choice=choice.algo, predicted_us=choice.predicted_s[choice.algo] * 1e6)
         if rank == 0 and cfg["progress"]:
             _print_rows(rows[-len(specs) :], header=size == cfg["sizes"][0], file=sys.stdout)
             sys.stdout.flush()
@@ -256,6 +274,12 @@ def _print_rows(rows: list[dict], header: bool, file=sys.stdout) -> None:
             f"{r['busbw_gbs'] / r['memcpy_gbs']:>11.1%}",
             file=file,
         )
+    for r in rows:
+        if "choice" in r:
+            print(
+                f"# {r['algo']} took {r['choice']}: predicted {r['predicted_us']:.1f} us, measured {r['time_us']:.1f} us",
+                file=file,
+            )
 
 
 def machine_info() -> dict:
@@ -292,7 +316,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--sample-s", type=float, default=0.02, help="target seconds per sample")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before the whole run is stopped")
     parser.add_argument("--json", metavar="FILE", help="also write rows and the machine to FILE")
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="time auto's candidates on --transports at --sizes, fit alpha and beta, write the tune file",
+    )
+    parser.add_argument(
+        "--transports", default="torch,zmq,shm", help="with --tune: the transports to fit (comma list)"
+    )
     args = parser.parse_args(argv)
+    if args.tune:
+        from . import auto
+
+        transports = [t for t in args.transports.split(",") if t]
+        unknown = [t for t in transports if t not in transport_names()]
+        if unknown:
+            parser.error(f"--transports: unknown {unknown}; expected some of {', '.join(transport_names())}")
+        if args.sizes == parser.get_default("sizes"):
+            args.sizes = "4K,64K,1M,4M,16M"
+        from .algorithms import ALGOS
+
+        args.algos = ",".join(f"{a}@{t}" for t in transports for a in auto.CANDIDATES if a in ALGOS)
 
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]
     algos = [a for a in args.algos.split(",") if a]
@@ -341,7 +385,71 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with open(args.json, "w") as f:
             json.dump({"machine": machine_info(), "world_size": world_size, "rows": rows}, f, indent=1)
         print(f"# wrote {args.json}")
+    if rows and args.tune:
+        write_tune(rows, world_size)
     return rows or []
+
+
+def tune_fits(rows: list[dict], world_size: int) -> dict[str, dict[str, dict[str, float]]]:
+    """alpha and beta per transport and algorithm, fitted to bench ``rows`` with each one's cost model."""
+    from . import auto
+    from .cost import COSTS, fit_nonnegative
+
+    fits: dict[str, dict[str, dict[str, float]]] = {}
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        spec = AlgoSpec.parse(r["algo"])
+        if spec.algo in auto.COST_OF:
+            groups.setdefault((r["transport"], spec.algo), []).append(r)
+    for (transport, algo), group in sorted(groups.items()):
+        model = COSTS[auto.COST_OF[algo]]
+        counts = [model.critical_path(world_size, r["size_bytes"]) for r in group]
+        seconds = [r["time_us"] / 1e6 for r in group]
+        alpha, beta, constrained = fit_nonnegative([c[0] for c in counts], [c[1] for c in counts], seconds)
+        predicted = [m * alpha + b * beta for m, b in counts]
+        errors = sorted(abs(p - s) / s for p, s in zip(predicted, seconds))
+        fits.setdefault(transport, {})[algo] = {
+            "alpha_s": alpha,
+            "beta_s_per_byte": beta,
+            "points": len(group),
+            "median_rel_err": errors[len(errors) // 2],
+            "constrained": constrained,
+        }
+    return fits
+
+
+def write_tune(rows: list[dict], world_size: int) -> str:
+    """Fit ``rows``, merge into the tune file (other world sizes kept), print and return its path."""
+    from . import auto
+
+    path = auto.tune_path()
+    doc: dict = {"version": 1, "fits": {}}
+    if path.is_file():
+        try:
+            doc = json.loads(path.read_text())
+            doc.setdefault("fits", {})
+        except ValueError:
+            print(f"# {path} was not JSON; starting it afresh")
+            doc = {"version": 1, "fits": {}}
+    fits = tune_fits(rows, world_size)
+    for transport, algos in fits.items():
+        doc["fits"].setdefault(transport, {})[str(world_size)] = algos
+    doc["machine"] = machine_info()
+    doc["made"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
+    print(f"# tune: wrote {path} (P={world_size}); RINGCOMM_TUNE_FILE points elsewhere")
+    for transport, algos in fits.items():
+        print(f"#   {transport}: " + ", ".join(
+            f"{a} alpha {f['alpha_s'] * 1e6:.0f} us beta {f['beta_s_per_byte'] * 1e9:.2f} ns/B (err {f['median_rel_err']:.0%})"
+            for a, f in algos.items()
+        ))  # fmt: skip
+        fitted = auto.parse_fits(json.dumps({"fits": {transport: {str(world_size): algos}}}), str(path))
+        picks = [(size, auto.choose(fitted, transport, world_size, size).algo) for size in (4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20)]
+        print(f"#   {transport}: auto would pick " + ", ".join(f"{s >> 10} KiB: {a}" for s, a in picks))
+    return str(path)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ __all__ = [
     "algbw",
     "busbw",
     "fit_alpha_beta",
+    "fit_nonnegative",
 ]
 
 
@@ -202,3 +203,31 @@ def fit_alpha_beta(
     a = np.stack([np.asarray(messages, float), np.asarray(nbytes, float)], axis=1) / t[:, None]
     (alpha, beta), *_ = np.linalg.lstsq(a, np.ones_like(t), rcond=None)
     return float(alpha), float(beta)
+
+
+def fit_nonnegative(
+    messages: Sequence[float], nbytes: Sequence[float], seconds: Sequence[float]
+) -> tuple[float, float, bool]:
+    """``fit_alpha_beta``, with neither coefficient below 0: ``(alpha, beta, constrained)``.
+
+    If the free fit gives a negative coefficient (noise at a few points), it is
+    pinned at 0 and the other refitted alone, whichever of the two fits better:
+    the non-negative least-squares answer for two unknowns. ``constrained`` says so.
+    """
+    import numpy as np
+
+    m, b, t = (np.asarray(v, dtype=float) for v in (messages, nbytes, seconds))
+    alpha, beta = fit_alpha_beta(m, b, t)
+    if alpha >= 0 and beta >= 0:
+        return alpha, beta, False
+
+    def one(x: np.ndarray) -> float:  # relative least squares for t ~= c * x
+        r = x / t
+        denom = float(r @ r)
+        return max(0.0, float(r.sum() / denom)) if denom > 0 else 0.0
+
+    def loss(ab: tuple[float, float]) -> float:
+        return float((((m * ab[0] + b * ab[1]) / t - 1) ** 2).sum())
+
+    alpha, beta = min((one(m), 0.0), (0.0, one(b)), key=loss)
+    return alpha, beta, True

@@ -10,6 +10,7 @@
       scratch              receive buffers (buffers.py), used by one collective at a time
       calls                collectives begun in this world: the same-call check's key
       board                the check's channel when every rank is on one host (board.py)
+      tuning               rank 0's fit for algo="auto", the same on every rank (auto.py)
 
 **Setting up a transport** is collective (``dist.new_group``, a ZeroMQ
 rendezvous), so a rank that asks for a different transport, or never asks
@@ -33,6 +34,7 @@ closed (its transports closed, its heartbeat stopped).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from datetime import timedelta
@@ -40,6 +42,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from .auto import Fits, load_local, parse_fits
 from .board import CallBoard
 from .buffers import ScratchPool
 from .comm_queue import CommQueue
@@ -90,6 +93,11 @@ class Session:
         self._setups = 0
         self._board: CallBoard | None = None
         self._board_decided = False
+        self._fits: Fits | None = None
+        self._fits_lock = threading.Lock()
+        if rank == 0:  # auto's fit: rank 0's, published for everyone (read where first needed)
+            fits = load_local()
+            store.set(self.key("tune"), json.dumps({"source": fits.source, "fits": _plain(fits)}))
         self._closed = False
 
     def key(self, *parts: object) -> str:
@@ -165,6 +173,27 @@ class Session:
             self._board_decided = True
         return self._board
 
+    def tuning(self, deadline: float | None = None) -> Fits:
+        """The fit ``algo="auto"`` uses in this world: rank 0's, read from the store once.
+
+        Raises:
+            CommTimeoutError: rank 0 has not published it by ``deadline`` (default: 30 s from now).
+        """
+        with self._fits_lock:
+            if self._fits is None:
+                key = self.key("tune")
+                wait_s = (deadline - time.monotonic()) if deadline is not None else 30.0
+                try:
+                    self.store.wait([key], timedelta(seconds=max(wait_s, 1e-3)))
+                except RuntimeError:
+                    raise CommTimeoutError(
+                        self.rank, 0, "reading rank 0's tune file", max(wait_s, 0.0),
+                        "rank 0 has made no ringcomm call in this process group yet",
+                    ) from None
+                doc = json.loads(self.store.get(key).decode())
+                self._fits = parse_fits(json.dumps({"fits": doc["fits"]}), doc["source"])
+            return self._fits
+
     def forget(self, base: str) -> None:
         """Delete this rank's key under ``base`` (every rank has read it; see fingerprint.py)."""
         self.store.delete_key(f"{base}/{self.rank}")
@@ -213,6 +242,14 @@ class Session:
             self._board = None
         if self.liveness is not None:
             self.liveness.stop()
+
+
+def _plain(fits: Fits) -> dict:
+    """``fits`` as the JSON a tune file holds (the ``"fits"`` member)."""
+    return {
+        t: {str(p): {a: {"alpha_s": ab[0], "beta_s_per_byte": ab[1]} for a, ab in algos.items()} for p, algos in worlds.items()}
+        for t, worlds in fits.by_world.items()
+    }
 
 
 def _own_client(store: Any) -> Any:
