@@ -30,6 +30,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .fold import core_size
+
 __all__ = [
     "AlgoCost",
     "COSTS",
@@ -103,10 +105,10 @@ def _ps_bytes(p: int, m: float, k: int) -> float:
 
 
 def _folded(p: int) -> tuple[int, int]:
-    # (log2 P', f): P' the largest power of two <= P (fold.core_size), f = 1 when P' < P, i.e. when
-    # extra ranks fold into partners, whose chain grows by a message in and a message out of M each.
-    log_core = p.bit_length() - 1
-    return log_core, int(p != 1 << log_core)
+    # (log2 P', f): P' the power-of-two core (fold.py), f = 1 when P' < P, i.e. when extra ranks fold
+    # into partners, whose chain grows by a message in and a message out of M each.
+    core = core_size(p)
+    return core.bit_length() - 1, int(core < p)
 
 
 def _rhd_messages(p: int, k: int) -> float:
