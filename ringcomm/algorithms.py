@@ -27,8 +27,11 @@ import torch
 from . import auto
 from .buffers import ScratchPool
 from .chunks import chunk_bounds
+from .fold import core_size
 from .naive import naive_all_reduce
 from .param_server import check_ps_options, ps_all_reduce
+from .rd import rd_all_reduce
+from .rhd import rhd_all_reduce
 from .ring import ring_all_reduce
 from .ring_pipelined import pipelined_ring_all_reduce
 from .transport import Transport
@@ -126,6 +129,11 @@ def _ring_parts(numel: int, p: int, options: Mapping[str, Any]) -> Parts:
     return [(f"c{i}", start, n) for i, (start, n) in enumerate(chunk_bounds(numel, p))]
 
 
+def _rhd_parts(numel: int, p: int, options: Mapping[str, Any]) -> Parts:
+    # the P' chunks of the power-of-two core; a fold message is the whole tensor, labelled c0
+    return [(f"c{i}", start, n) for i, (start, n) in enumerate(chunk_bounds(numel, core_size(p)))]
+
+
 def _ps_parts(numel: int, p: int, options: Mapping[str, Any]) -> Parts:
     return [(f"s{j}", start, n) for j, (start, n) in enumerate(chunk_bounds(numel, options["ps_shards"]))]
 
@@ -150,6 +158,14 @@ ALGOS: dict[str, AlgorithmSpec] = {
             _ps_parts,
         ),
         algorithm("naive", naive_all_reduce, "gather to rank 0, reduce, broadcast back (naive.py)"),
+        algorithm(
+            "rhd",
+            rhd_all_reduce,
+            "recursive halving, then doubling (rhd.py): the ring's bytes in 2 log2(P) steps",
+            None,
+            _rhd_parts,
+        ),
+        algorithm("rd", rd_all_reduce, "recursive doubling on whole vectors (rd.py): log2(P) steps, for small tensors"),
         # resolved per call by ringcomm.all_reduce into one of auto.CANDIDATES (auto.py)
         algorithm("auto", auto.placeholder, "the cost model picks per call: rd or rhd small, the ring large (auto.py)"),
     )

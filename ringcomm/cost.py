@@ -30,6 +30,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .fold import core_size
+
 __all__ = [
     "AlgoCost",
     "COSTS",
@@ -49,7 +51,7 @@ class AlgoCost:
     """One algorithm's row of the cost table: its critical path as numbers and as formulas.
 
     Attributes:
-        name: the ringcomm algorithm name (``ring``, ``naive``, ``ps``).
+        name: the ringcomm algorithm name (``ring``, ``naive``, ``ps``, ``rhd``, ``rd``).
         title: the row's name in the table.
         messages: ``(P, k) -> `` messages on the critical path, each paying alpha once.
         nbytes: ``(P, M, k) ->`` bytes on the critical path (M in bytes), each paying beta once.
@@ -90,8 +92,9 @@ class AlgoCost:
 
     @property
     def time_text(self) -> str:
-        """The time formula, written out from the two counts."""
-        return f"{self.messages_text}·α + {self.bytes_text}·β"
+        """The time formula, written out from the two counts (a sum of messages in parentheses before ·α)."""
+        messages = f"({self.messages_text})" if " + " in self.messages_text else self.messages_text
+        return f"{messages}·α + {self.bytes_text}·β"
 
 
 def _ps_bytes(p: int, m: float, k: int) -> float:
@@ -100,6 +103,33 @@ def _ps_bytes(p: int, m: float, k: int) -> float:
     # one when k < P) pushes and pulls all of M; at k = P every rank moves the ring's (P-1)/P * M.
     worker = 1.0 if k < p else (p - 1) / p
     return 2 * max((p - 1) / k, worker) * m
+
+
+def _folded(p: int) -> tuple[int, int]:
+    # (log2 P', f): P' the power-of-two core (fold.py), f = 1 when P' < P, i.e. when extra ranks fold
+    # into partners, whose chain grows by a message in and a message out of M each.
+    core = core_size(p)
+    return core.bit_length() - 1, int(core < p)
+
+
+def _rhd_messages(p: int, k: int) -> float:
+    log_core, f = _folded(p)
+    return 2 * log_core + 2 * f
+
+
+def _rhd_bytes(p: int, m: float, k: int) -> float:
+    log_core, f = _folded(p)
+    core = 1 << log_core
+    return 2 * (core - 1) / core * m + 2 * f * m
+
+
+def _rd_messages(p: int, k: int) -> float:
+    log_core, f = _folded(p)
+    return log_core + 2 * f
+
+
+def _rd_bytes(p: int, m: float, k: int) -> float:
+    return _rd_messages(p, k) * m  # every message is the whole tensor
 
 
 #: One entry per algorithm, in the order the table shows them.
@@ -134,6 +164,27 @@ COSTS: dict[str, AlgoCost] = {
             busiest="each server's: (P−1)/k·M in (push), then out (pull); "
             "w = 1 if k < P (a rank that serves nothing moves all of M), (P−1)/P if k = P",
             sharded=True,
+        ),
+        AlgoCost(
+            name="rhd",
+            title="recursive halving + doubling",
+            messages=_rhd_messages,
+            nbytes=_rhd_bytes,
+            messages_text="2·log₂P′ + 2f",
+            bytes_text="(2(P′−1)/P′ + 2f)·M",
+            busiest="P′ = the largest power of two ≤ P, f = 1 if P′ < P else 0; a fold partner's: "
+            "M in from its extra rank, (P′−1)/P′·M each way while halving and again while doubling, "
+            "M back out",
+        ),
+        AlgoCost(
+            name="rd",
+            title="recursive doubling",
+            messages=_rd_messages,
+            nbytes=_rd_bytes,
+            messages_text="log₂P′ + 2f",
+            bytes_text="(log₂P′ + 2f)·M",
+            busiest="P′ and f as for rhd; every core rank's: M each way per step; "
+            "a fold partner's adds M in before and M out after",
         ),
     )
 }

@@ -27,3 +27,7 @@ class Tag(IntEnum):
     PS_PUSH = 4  # param_server.py: worker -> server
     PS_PULL = 5  # param_server.py: server -> worker
     NAIVE = 6  # naive.py: to the root and back
+    RHD_HALVING = 7  # rhd.py, phase 1: half a block to the partner, reduced there
+    RHD_DOUBLING = 8  # rhd.py, phase 2: a fully reduced block to the partner, copied there
+    RD = 9  # rd.py: the whole vector to the partner, both reduce
+    FOLD = 10  # fold.py (rhd and rd, P not a power of two): an extra rank's vector in, the result out

@@ -33,6 +33,8 @@ CASES = [
     ("ps", {}),
     ("ps", {"ps_shards": "P"}),
     ("ps", {"ps_shards": 2, "ps_rank": 1}),
+    ("rhd", {}),
+    ("rd", {}),
 ]
 
 
