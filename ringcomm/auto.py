@@ -47,30 +47,58 @@ CANDIDATES = ("rd", "rhd", "ring", "ps", "naive")
 #: The cost model each candidate's time follows (ring_simple and ring share the ring's counts).
 COST_OF = {"ring": "ring", "ring_simple": "ring", "rd": "rd", "rhd": "rhd", "ps": "ps", "naive": "naive"}
 
-#: Fitted (alpha seconds, beta seconds per byte) per transport and algorithm, used without a tune file.
-#: Measured with ``python -m ringcomm.bench --tune --world-size 4`` on the project's machine
-#: (2 cores, 4 ranks; see the README, "Choosing the algorithm").
-DEFAULT_FITS: dict[str, dict[str, tuple[float, float]]] = {
+#: Fitted (alpha seconds, beta seconds per byte) per transport, world size and algorithm, used
+#: without a tune file (the nearest world size). Measured on the project's machine (2 cores, so
+#: 4 ranks oversubscribe it) with ``python -m ringcomm.bench --tune --world-size 2`` and ``4``,
+#: sizes 4 KiB to 64 MiB (torch with --reps 11, zmq and shm 5); see the README, "Choosing the algorithm".
+DEFAULT_FITS: dict[str, dict[int, dict[str, tuple[float, float]]]] = {
     "torch": {
-        "rd": (6.6e-4, 1.2e-9),
-        "rhd": (4.4e-4, 1.3e-9),
-        "ring": (4.6e-4, 1.2e-9),
-        "ps": (7.8e-4, 4.6e-10),
-        "naive": (3.4e-4, 6.9e-10),
+        2: {
+            "rd": (1.18e-03, 9.20e-10),
+            "rhd": (1.04e-03, 8.07e-10),
+            "ring": (8.72e-04, 7.94e-10),
+            "ps": (6.14e-04, 4.20e-10),
+            "naive": (5.86e-04, 4.00e-10),
+        },
+        4: {
+            "rd": (2.32e-03, 1.52e-09),
+            "rhd": (1.97e-03, 1.29e-09),
+            "ring": (1.32e-03, 1.07e-09),
+            "ps": (8.44e-04, 4.07e-10),
+            "naive": (2.65e-04, 4.62e-10),
+        },
     },
     "zmq": {
-        "rd": (4.0e-4, 1.3e-9),
-        "rhd": (3.0e-4, 1.4e-9),
-        "ring": (3.0e-4, 1.2e-9),
-        "ps": (5.6e-4, 5.8e-10),
-        "naive": (2.8e-4, 9.0e-10),
+        2: {
+            "rd": (4.05e-04, 1.04e-09),
+            "rhd": (2.20e-04, 9.10e-10),
+            "ring": (2.29e-04, 8.07e-10),
+            "ps": (2.36e-04, 5.13e-10),
+            "naive": (2.12e-04, 4.97e-10),
+        },
+        4: {
+            "rd": (8.16e-04, 1.77e-09),
+            "rhd": (6.24e-04, 1.42e-09),
+            "ring": (4.82e-04, 1.42e-09),
+            "ps": (7.25e-04, 5.36e-10),
+            "naive": (2.04e-04, 5.25e-10),
+        },
     },
     "shm": {
-        "rd": (1.6e-4, 6.0e-10),
-        "rhd": (1.4e-4, 6.5e-10),
-        "ring": (1.2e-4, 5.5e-10),
-        "ps": (2.4e-4, 3.0e-10),
-        "naive": (1.3e-4, 4.2e-10),
+        2: {
+            "rd": (7.61e-05, 4.81e-10),
+            "rhd": (5.47e-05, 2.65e-10),
+            "ring": (5.65e-05, 2.55e-10),
+            "ps": (4.70e-05, 2.90e-10),
+            "naive": (4.00e-05, 2.97e-10),
+        },
+        4: {
+            "rd": (3.55e-04, 1.09e-09),
+            "rhd": (2.42e-04, 7.45e-10),
+            "ring": (2.05e-04, 6.90e-10),
+            "ps": (4.13e-04, 2.39e-10),
+            "naive": (1.43e-04, 2.13e-10),
+        },
     },
 }
 
@@ -97,12 +125,12 @@ class Fits:
 
     def for_call(self, transport: str, world_size: int) -> tuple[dict[str, tuple[float, float]], str]:
         """The fits to use for ``transport`` at ``world_size``, and a phrase saying which they are."""
-        tuned = self.by_world.get(transport)
-        if tuned:
-            nearest = min(tuned, key=lambda p: (abs(p - world_size), p))
-            where = f"{self.source}, tuned at P={nearest}" + ("" if nearest == world_size else f" (P={world_size} asked)")
-            return dict(tuned[nearest]), where
-        return dict(DEFAULT_FITS.get(transport, DEFAULT_FITS["torch"])), "defaults (ringcomm/auto.py)"
+        tuned, source = self.by_world.get(transport), self.source
+        if not tuned:
+            tuned, source = DEFAULT_FITS.get(transport, DEFAULT_FITS["torch"]), "defaults (ringcomm/auto.py)"
+        nearest = min(tuned, key=lambda p: (abs(p - world_size), p))
+        where = f"{source}, tuned at P={nearest}" + ("" if nearest == world_size else f" (P={world_size} asked)")
+        return dict(tuned[nearest]), where
 
 
 def parse_fits(text: str, source: str) -> Fits:
