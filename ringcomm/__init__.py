@@ -7,11 +7,12 @@
     >>> fut = ringcomm.all_reduce_async(t, algo="ps")       # on ringcomm's comm thread
     >>> fut.wait()
 
-Where things are: ring.py (the diagram), ring_pipelined.py, param_server.py,
-naive.py (the algorithms, registered in algorithms.py); transport.py (the
-protocol every transport offers; torch_transport.py, zmq_transport.py);
-cost.py (the cost model); session.py, comm_queue.py, fingerprint.py,
-liveness.py (what runs around a collective).
+Where things are: ring.py (the diagram), ring_pipelined.py, rhd.py, rd.py
+(with fold.py), param_server.py, naive.py (the algorithms, registered in
+algorithms.py; auto.py picks one per call); transport.py (the protocol every
+transport offers; torch_transport.py, zmq_transport.py, shm_transport.py with
+shm.py); cost.py (the cost model); session.py, comm_queue.py, fingerprint.py,
+board.py, liveness.py (what runs around a collective).
 """
 
 # The transport modules register themselves with the registry in transport.py on import.

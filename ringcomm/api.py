@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import auto, trace
 from . import session as sessions
+from . import trace
 from .algorithms import ALGOS, AlgorithmSpec
 from .comm_queue import CommStats
 from .errors import CommError, MismatchError
@@ -143,8 +143,8 @@ def _execute(session: sessions.Session, call: _Call) -> torch.Tensor:
             check_same_call(session, n, mine, deadline)
         spec, options = call.spec, call.options
         if spec.name == "auto":  # the same pick on every rank: the same fit (rank 0's), the same call
-            chosen = auto.choose(session.tuning(deadline), call.kind.name, session.world_size, nbytes).algo
-            spec, options = ALGOS[chosen], ALGOS[chosen].options({}, session.world_size)
+            spec = session.auto_pick(call.kind.name, nbytes, deadline)
+            options = spec.options({}, session.world_size)
         comm = session.transport(call.kind, tensor.device.type, deadline)
         sent0, recv0 = comm.stats.sent_bytes, comm.stats.recv_bytes
         tracer = trace.get()
@@ -209,14 +209,17 @@ def all_reduce(
             A non-contiguous tensor is reduced through a contiguous copy.
         op: ``"sum"``, ``"avg"`` (floating dtypes only), ``"max"`` or ``"min"``.
         algo: ``"ring"`` (pipelined ring), ``"ring_simple"`` (the readable ring),
-            ``"ps"`` (parameter server) or ``"naive"`` (gather to rank 0); see ``ALGOS``.
-        transport: ``"torch"`` (Gloo for CPU, NCCL for CUDA) or ``"zmq"``; see
-            ``transport.transport_names()``.
+            ``"rhd"`` (recursive halving-doubling), ``"rd"`` (recursive doubling),
+            ``"ps"`` (parameter server), ``"naive"`` (gather to rank 0), or ``"auto"``
+            (the cost model picks per call, the same on every rank; ``explain_auto``
+            says what and why); see ``ALGOS``.
+        transport: ``"torch"`` (Gloo for CPU, NCCL for CUDA), ``"zmq"``, or ``"shm"``
+            (shared memory, ranks of one host); see ``transport_names()``.
         timeout: seconds the whole collective may take before ``CommTimeoutError``;
             None means RINGCOMM_TIMEOUT or 300 s.
         check: first verify that every rank passed the same numel, dtype, op, algo,
-            transport and options (``MismatchError`` on every rank otherwise); one round
-            through the store. None means RINGCOMM_CHECK (default on).
+            transport and options (``MismatchError`` on every rank otherwise); one round on
+            the call board (one host) or through the store. None means RINGCOMM_CHECK (default on).
         **options: algorithm options, e.g. ``ps_rank``, ``ps_shards`` for ``algo="ps"``.
 
     Returns:

@@ -9,12 +9,13 @@
     torchrun --nproc-per-node 4 -m ringcomm.bench --json bench.json   # torchrun's world; no --world-size
 
 Algorithms: ``gloo`` (built-in ``dist.all_reduce``), any name in ``ringcomm.ALGOS``
-(``ring``, ``ring_simple``, ``naive``, ``ps``), ``ps:K`` for a parameter server
+(``ring``, ``ring_simple``, ``rhd``, ``rd``, ``naive``, ``ps``, ``auto``), ``ps:K`` for a parameter server
 sharded K ways, and a ``@zmq`` / ``@shm`` / ``@torch`` suffix to pick the
 transport of one entry (``--transport`` sets the default).
 
 Method: every algorithm is timed in the same world, interleaved (gloo, ring,
-..., gloo, ring, ...) so that a noisy machine slows all of them alike. One
+..., ring, ..., gloo, ...: one sample of each per round, the order rotated each
+round) so that a noisy machine slows all of them alike. One
 sample is a block of back-to-back calls after a barrier, divided by the number
 of calls; a rank's sample is the slowest rank's (max over ranks). The table
 shows the median sample. ``#wrong`` counts elements (max over ranks) that
@@ -206,8 +207,10 @@ def _bench_rank(rank: int, world_size: int, cfg: dict) -> list[dict] | None:
             calls[s.label] = max(1, min(200, int(cfg["sample_s"] / max(float(est), 1e-6))))
         samples: dict[str, list[float]] = {s.label: [] for s in specs}
         copies: list[float] = []
-        for _ in range(cfg["reps"]):
-            for s in specs:  # interleaved: every algorithm once per round
+        for rep in range(cfg["reps"]):
+            # interleaved: every algorithm once per round, the order rotated each round so that
+            # none always runs right after the same one (what Gloo leaves behind slows the next)
+            for s in specs[rep % len(specs) :] + specs[: rep % len(specs)]:
                 n = calls[s.label]
                 dist.barrier()
                 t0 = time.perf_counter()

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .auto import Fits, load_local, parse_fits
+from .auto import Fits, choose, load_local, parse_fits
 from .board import CallBoard
 from .buffers import ScratchPool
 from .comm_queue import CommQueue
@@ -95,6 +95,7 @@ class Session:
         self._board_decided = False
         self._fits: Fits | None = None
         self._fits_lock = threading.Lock()
+        self._picks: dict[tuple[str, int], Any] = {}
         if rank == 0:  # auto's fit: rank 0's, published for everyone (read where first needed)
             fits = load_local()
             store.set(self.key("tune"), json.dumps({"source": fits.source, "fits": _plain(fits)}))
@@ -193,6 +194,18 @@ class Session:
                 doc = json.loads(self.store.get(key).decode())
                 self._fits = parse_fits(json.dumps({"fits": doc["fits"]}), doc["source"])
             return self._fits
+
+    def auto_pick(self, transport: str, nbytes: int, deadline: float) -> Any:
+        """The algorithm ``algo="auto"`` runs for ``nbytes`` on ``transport`` (remembered per size)."""
+        key = (transport, nbytes)
+        spec = self._picks.get(key)
+        if spec is None:
+            from .algorithms import ALGOS
+
+            spec = ALGOS[choose(self.tuning(deadline), transport, self.world_size, nbytes).algo]
+            if len(self._picks) < 4096:  # a training run has a few bucket sizes; bound it anyway
+                self._picks[key] = spec
+        return spec
 
     def forget(self, base: str) -> None:
         """Delete this rank's key under ``base`` (every rank has read it; see fingerprint.py)."""

@@ -46,8 +46,8 @@ class RingcommState:
     build the state on every rank, in the main thread, before training.
 
     Args:
-        algo: a key of ``ringcomm.ALGOS`` (``"ring"``, ``"ring_simple"``, ``"naive"``, ``"ps"`` ...).
-        transport: a registered transport (``"torch"``, ``"zmq"`` ...).
+        algo: a key of ``ringcomm.ALGOS`` (``"ring"``, ``"rhd"``, ``"rd"``, ``"ps"``, ``"auto"`` ...).
+        transport: a registered transport (``"torch"``, ``"zmq"``, ``"shm"``).
         device: where the gradients live (``"cpu"`` or a CUDA device).
         timeout: seconds one bucket's all-reduce may take; None: ringcomm's default.
         options: the algorithm's options (e.g. ``{"ps_shards": 2}`` for ``"ps"``).
