@@ -11,6 +11,13 @@ per rank: ``pid`` = rank).
 
 Timestamps come from CLOCK_MONOTONIC (``time.monotonic_ns``), shared by all
 processes of one host, so ranks line up; across hosts they do not.
+
+``enable(rank, values=True)`` also records the numbers: each message's values,
+its place in the tensor (``start``, element offset), the step it belongs to (the
+index of the ``post`` that issued it), and, after each wait, the whole tensor.
+A reduce message is then received into a buffer of the tracer's and reduced
+into its tensor when waited on (as ``transport.PointToPoint`` does), so that the
+incoming values can be shown. For small tensors only: ``ringcomm.demo`` uses it.
 """
 
 from __future__ import annotations
@@ -25,16 +32,18 @@ from typing import Any
 
 import torch
 
+from .ops import reduce_into
 from .transport import Message, Pending, Transport
 
 __all__ = ["Tracer", "TracedTransport", "enable", "disable", "get", "span", "merge"]
 
 
 class Tracer:
-    """Collects complete ("X") events for one rank."""
+    """Collects complete ("X") events for one rank; with ``values``, the numbers too (see the module)."""
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, values: bool = False) -> None:
         self.rank = rank
+        self.values = values
         self.events: list[dict[str, Any]] = []
         self._threads: dict[str, int] = {}  # lane name -> the numeric tid Chrome traces expect
         self._lock = threading.Lock()
@@ -78,10 +87,10 @@ class Tracer:
 _TRACER: Tracer | None = None
 
 
-def enable(rank: int) -> Tracer:
-    """Start tracing this process (as ``rank``); returns the tracer."""
+def enable(rank: int, values: bool = False) -> Tracer:
+    """Start tracing this process (as ``rank``; ``values``: record the numbers too); returns the tracer."""
     global _TRACER
-    _TRACER = Tracer(rank)
+    _TRACER = Tracer(rank, values)
     return _TRACER
 
 
@@ -128,6 +137,14 @@ class TracedTransport:
         self._starts = [start for _, start, _ in self._parts]
         self._posted: dict[int, tuple[int, str, dict]] = {}
         self._msg = 0
+        self._step = 0
+        self._flat = flat
+        self._reduces: dict[int, tuple[torch.Tensor, torch.Tensor, str]] = {}  # id(pending) -> target, incoming, op
+        self._recvs: dict[int, torch.Tensor] = {}  # id(pending) -> the tensor a plain receive lands in
+
+    def _start(self, tensor: torch.Tensor) -> int | None:
+        offset = (tensor.data_ptr() - self._base) // self._elsize
+        return offset if 0 <= offset < self._numel else None
 
     def _part(self, tensor: torch.Tensor) -> int | None:
         offset = (tensor.data_ptr() - self._base) // self._elsize
@@ -136,9 +153,18 @@ class TracedTransport:
         return None  # a scratch buffer (e.g. the scatter-reduce receive slot)
 
     def post(self, messages: Sequence[Message]) -> list[Pending]:
-        posted = self.inner.post(messages)
+        values = self.tracer.values
+        self._step += 1
+        wire = list(messages)
+        incoming: dict[int, torch.Tensor] = {}
+        if values:  # show a reduce's incoming numbers: receive them here, reduce when waited
+            for i, m in enumerate(messages):
+                if m.kind == "reduce":
+                    incoming[i] = torch.empty_like(m.tensor)
+                    wire[i] = Message("recv", incoming[i], m.peer, m.tag)
+        posted = self.inner.post(wire)
         now = time.monotonic_ns()
-        for m, pending in zip(messages, posted):
+        for i, (m, pending) in enumerate(zip(messages, posted)):
             arrow = "->" if m.kind == "send" else "<-"
             args: dict[str, Any] = {
                 "peer": m.peer, "bytes": m.tensor.numel() * m.tensor.element_size(), "tag": int(m.tag), "msg": self._msg
@@ -148,6 +174,15 @@ class TracedTransport:
             if part is not None:
                 args["part"] = label = self._parts[part][0]
                 args["chunk"] = part
+            if values:
+                args.update(kind=m.kind, step=self._step, start=self._start(m.tensor), op=m.op)
+                if m.kind == "send":
+                    args["values"] = m.tensor.reshape(-1).tolist()
+                if i in incoming:
+                    args["before"] = m.tensor.reshape(-1).tolist()
+                    self._reduces[id(pending)] = (m.tensor, incoming[i], m.op)
+                elif m.kind == "recv":
+                    self._recvs[id(pending)] = m.tensor
             self._posted[id(pending)] = (now, f"{m.kind} {arrow} r{m.peer}" + (f" {label}" if label else ""), args)
             self._msg += 1
         return posted
@@ -155,7 +190,18 @@ class TracedTransport:
     def wait(self, pending: Pending, deadline: float) -> None:
         self.inner.wait(pending, deadline)
         start, name, args = self._posted.pop(id(pending))
+        if self.tracer.values:
+            reduce = self._reduces.pop(id(pending), None)
+            if reduce is not None:
+                target, incoming, op = reduce
+                args["values"] = incoming.reshape(-1).tolist()
+                reduce_into(target, incoming, op)
+                args["after"] = target.reshape(-1).tolist()
+            elif id(pending) in self._recvs:
+                args["values"] = self._recvs.pop(id(pending)).reshape(-1).tolist()
+            args["buffer"] = self._flat.tolist()
         self.tracer.add(name, f"{self.algo}.{pending.op}", start, time.monotonic_ns(), f"{pending.op}s", **args)
+
 
     def close(self) -> None:
         """Nothing: the wrapper lives for one collective and owns nothing; the session closes ``inner``."""

@@ -1,0 +1,168 @@
+"""ringcomm.demo: the step-by-step tables of a real run, and the page, in a real (headless) browser.
+
+The tables are checked against a ring all-reduce of P = 3 ranks and 6 numbers
+worked out by hand below (rank r starts with 10*r + i; chunk c_k is numbers
+2k and 2k+1; at scatter-reduce step s rank r receives chunk r-s-1 from its
+left and adds it in, at all-gather step s it receives chunk r-s, fully reduced).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BY_HAND = """\
+ring all-reduce of 6 numbers over 3 ranks (op sum, transport torch); rank r starts with 10*r + i
+parts: c0 = [0:2]  c1 = [2:4]  c2 = [4:6]
+
+before
+  rank 0 | c0: 0 1 | c1: 2 3 | c2: 4 5
+  rank 1 | c0: 10 11 | c1: 12 13 | c2: 14 15
+  rank 2 | c0: 20 21 | c1: 22 23 | c2: 24 25
+
+step 1: scatter-reduce
+  rank 0 sends c0 [0 1] to rank 1
+  rank 0 receives c2 from rank 2: [4 5] + [24 25] = [28 30]
+  rank 1 sends c1 [12 13] to rank 2
+  rank 1 receives c0 from rank 0: [10 11] + [0 1] = [10 12]
+  rank 2 sends c2 [24 25] to rank 0
+  rank 2 receives c1 from rank 1: [22 23] + [12 13] = [34 36]
+  after step 1
+    rank 0 | c0: 0 1 | c1: 2 3 | c2: 28 30
+    rank 1 | c0: 10 12 | c1: 12 13 | c2: 14 15
+    rank 2 | c0: 20 21 | c1: 34 36 | c2: 24 25
+
+step 2: scatter-reduce
+  rank 0 sends c2 [28 30] to rank 1
+  rank 0 receives c1 from rank 2: [2 3] + [34 36] = [36 39]
+  rank 1 sends c0 [10 12] to rank 2
+  rank 1 receives c2 from rank 0: [14 15] + [28 30] = [42 45]
+  rank 2 sends c1 [34 36] to rank 0
+  rank 2 receives c0 from rank 1: [20 21] + [10 12] = [30 33]
+  after step 2
+    rank 0 | c0: 0 1 | c1: 36 39 | c2: 28 30
+    rank 1 | c0: 10 12 | c1: 12 13 | c2: 42 45
+    rank 2 | c0: 30 33 | c1: 34 36 | c2: 24 25
+
+step 3: all-gather
+  rank 0 sends c1 [36 39] to rank 1
+  rank 0 receives c0 [30 33] from rank 2
+  rank 1 sends c2 [42 45] to rank 2
+  rank 1 receives c1 [36 39] from rank 0
+  rank 2 sends c0 [30 33] to rank 0
+  rank 2 receives c2 [42 45] from rank 1
+  after step 3
+    rank 0 | c0: 30 33 | c1: 36 39 | c2: 28 30
+    rank 1 | c0: 10 12 | c1: 36 39 | c2: 42 45
+    rank 2 | c0: 30 33 | c1: 34 36 | c2: 42 45
+
+step 4: all-gather
+  rank 0 sends c0 [30 33] to rank 1
+  rank 0 receives c2 [42 45] from rank 2
+  rank 1 sends c1 [36 39] to rank 2
+  rank 1 receives c0 [30 33] from rank 0
+  rank 2 sends c2 [42 45] to rank 0
+  rank 2 receives c1 [36 39] from rank 1
+  after step 4
+    rank 0 | c0: 30 33 | c1: 36 39 | c2: 42 45
+    rank 1 | c0: 30 33 | c1: 36 39 | c2: 42 45
+    rank 2 | c0: 30 33 | c1: 36 39 | c2: 42 45
+
+result: every rank holds [30 33 36 39 42 45]
+torch.distributed.all_reduce of the same inputs: [30 33 36 39 42 45] (equal; bitwise the same on every rank: yes)
+"""
+
+
+def _demo(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ringcomm.demo", *args], cwd=ROOT, capture_output=True, text=True, timeout=180
+    )
+
+
+def test_the_printed_tables_of_a_ring_of_three_equal_the_ones_worked_out_by_hand() -> None:
+    done = _demo("--algo", "ring", "--world-size", "3", "--numel", "6")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == BY_HAND
+
+
+@pytest.mark.parametrize("algo", ["ring_simple", "rhd", "rd", "ps", "naive", "auto"])
+def test_every_algorithm_demo_ends_equal_to_torch_distributed(algo: str) -> None:
+    done = _demo("--algo", algo, "--world-size", "3", "--numel", "5", "--op", "max")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "result: every rank holds [20 21 22 23 24]" in done.stdout
+    assert "(equal; bitwise the same on every rank: yes)" in done.stdout
+
+
+def test_bad_arguments_are_one_line_and_start_nothing() -> None:
+    done = _demo("--world-size", "40")
+    assert done.returncode == 2 and "--world-size 40: choose 1 to 8" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# --- the page, in headless Chromium ---
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-sync",
+    "--disable-component-update", "--no-first-run", "--disable-quic", "--enable-logging=stderr", "--v=0",
+]  # fmt: skip
+
+
+def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    profile = tmp_path / "profile"
+    return subprocess.run(
+        [CHROMIUM, *_FLAGS, f"--user-data-dir={profile}", *args],  # type: ignore[list-item]
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (Debian: apt-get install chromium)")
+def test_the_page_loads_without_errors_and_shows_the_middle_step(tmp_path: Path) -> None:
+    page = tmp_path / "ring.html"
+    done = _demo("--algo", "ring", "--world-size", "4", "--numel", "8", "--html", str(page))
+    assert done.returncode == 0, done.stderr[-2000:]
+    html = page.read_text()
+    assert "http://" not in html.replace('"http://www.w3.org/2000/svg"', "") and "https://" not in html  # self-contained
+    url = f"{page.as_uri()}#step=3"  # the end of scatter-reduce: rank r holds chunk r+1 fully reduced
+
+    dom = _chromium(tmp_path, "--dump-dom", url)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
+    assert not [line for line in console if "rror" in line or "Uncaught" in line], console
+    assert 'data-step="3"' in dom.stdout and "data-error" not in dom.stdout
+    # every number is 10*r + i summed over the 4 ranks where fully reduced: 60 + 4i
+    for rank in range(4):
+        chunk = (rank + 1) % 4
+        for i in (2 * chunk, 2 * chunk + 1):
+            assert f'id="cell-{rank}-{i}" data-value="{60 + 4 * i}"' in dom.stdout, (rank, i)
+    assert dom.stdout.count('class="msg"') == 4  # step 3: each rank sends one chunk to its right
+
+    shot = tmp_path / "shot.png"
+    done = _chromium(tmp_path, f"--screenshot={shot}", "--window-size=800,800", url)
+    assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
+    from matplotlib.image import imread
+
+    pixels = imread(str(shot))[..., :3]
+    coloured = ((pixels.max(axis=2) - pixels.min(axis=2)) > 0.15).mean()  # cells are tinted, the page is grey
+    assert coloured > 0.01, f"only {coloured:.2%} of the screenshot is coloured: the cells did not render"
+
+
+def test_the_recording_is_what_the_page_embeds(tmp_path: Path) -> None:
+    """The page carries the same numbers the tables print (no browser needed)."""
+    from ringcomm.demo import Recording, render_html, render_text
+
+    rec = Recording("ring", "sum", "torch", 2, 2, [("c0", 0, 1), ("c1", 1, 1)], final=[[10.0, 12.0]] * 2,
+                    reference=[10.0, 12.0], same_on_every_rank=True, events=[[], []])  # fmt: skip
+    html = render_html(rec)
+    data = json.loads(html.split("const rec = ", 1)[1].split(";\nconst star", 1)[0])
+    assert data["final"] == rec.final and data["inputs"] == [[0.0, 1.0], [10.0, 11.0]]
+    assert "result: every rank holds [10 12]" in render_text(rec)
+    assert os.linesep not in data["algo"]
