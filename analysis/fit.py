@@ -58,9 +58,12 @@ _COSTS_AS = {"gloo": "ring", "ring_simple": "ring"}
 
 
 def cost_name(label: str) -> str:
-    """The algorithm whose cost model fits a bench label: ``"ps:2@zmq"`` -> ``"ps"``, ``"gloo"`` -> ``"ring"``."""
-    algo = AlgoSpec.parse(label).algo
-    return _COSTS_AS.get(algo, algo)
+    """The algorithm whose cost model fits a bench label: ``"ps:2@zmq"`` -> ``"ps"``, ``"gloo"`` -> ``"ring"``,
+    ``"ps+overlap:4"`` -> ``"ps_overlap"``."""
+    spec = AlgoSpec.parse(label)
+    if spec.overlap:
+        return "ps_overlap"
+    return _COSTS_AS.get(spec.algo, spec.algo)
 
 
 def _cost_entry(label: str) -> tuple[cost.AlgoCost, int]:

@@ -125,6 +125,13 @@ def _check_ring_options(options: Mapping[str, Any], world_size: int) -> None:
     _positive_int(options, "window", 1)
 
 
+def _check_ps_options(options: Mapping[str, Any], world_size: int) -> None:
+    check_ps_options(options["ps_rank"], options["ps_shards"], world_size)
+    if not isinstance(options["ps_overlap"], bool):
+        raise ValueError(f"ps_overlap={options['ps_overlap']!r}: expected True or False")
+    _positive_int(options, "ps_segment_bytes", 1)
+
+
 def _ring_parts(numel: int, p: int, options: Mapping[str, Any]) -> Parts:
     return [(f"c{i}", start, n) for i, (start, n) in enumerate(chunk_bounds(numel, p))]
 
@@ -154,7 +161,7 @@ ALGOS: dict[str, AlgorithmSpec] = {
             "ps",
             ps_all_reduce,
             "parameter server, optionally sharded (param_server.py)",
-            lambda o, p: check_ps_options(o["ps_rank"], o["ps_shards"], p),
+            _check_ps_options,
             _ps_parts,
         ),
         algorithm("naive", naive_all_reduce, "gather to rank 0, reduce, broadcast back (naive.py)"),

@@ -77,8 +77,9 @@ def parse_size(text: str) -> int:
 class AlgoSpec:
     """One ``--algos`` entry, which is also the ``algo`` label of the rows it produces, in parts.
 
-    Grammar: ``NAME[:K][@TRANSPORT]``. NAME is ``gloo`` (``dist.all_reduce``) or a
-    ``ringcomm.ALGOS`` name; ``:K`` shards the parameter server K ways (``ps`` only);
+    Grammar: ``NAME[+overlap][:K][@TRANSPORT]``. NAME is ``gloo`` (``dist.all_reduce``) or a
+    ``ringcomm.ALGOS`` name; ``+overlap`` is the parameter server's overlapped form
+    (``ps_overlap=True``); ``:K`` shards the parameter server K ways (``ps`` only);
     ``@TRANSPORT`` picks the transport of this entry, else the default applies. A row's
     label names a transport other than torch, so ``ring`` run with ``--transport zmq``
     is labelled ``ring@zmq``. This is the one parser of the grammar: ``analysis.fit``
@@ -89,17 +90,22 @@ class AlgoSpec:
         algo: ``"gloo"`` or a ringcomm algorithm name.
         transport: the transport the entry runs over (``torch`` for gloo).
         shards: K of ``ps:K``; None when not given (ringcomm's default, one shard).
+        overlap: ``ps+overlap``: the parameter server streams its pulls while pushes arrive.
     """
 
     label: str
     algo: str
     transport: str
     shards: int | None = None
+    overlap: bool = False
 
     @property
     def options(self) -> dict:
         """Keyword arguments for ``ringcomm.all_reduce`` beyond ``algo`` and ``transport``."""
-        return {} if self.shards is None else {"ps_shards": self.shards}
+        options: dict = {} if self.shards is None else {"ps_shards": self.shards}
+        if self.overlap:
+            options["ps_overlap"] = True
+        return options
 
     @staticmethod
     def parse(text: str, default_transport: str = "torch") -> AlgoSpec:
@@ -111,8 +117,13 @@ class AlgoSpec:
         """
         name, at, transport = text.partition("@")
         name, colon, shards = name.partition(":")
+        name, plus, modifier = name.partition("+")
         if not name or (at and not transport):
-            raise ValueError(f"algorithm {text!r}: expected NAME[:K][@TRANSPORT], e.g. ring, ps:2, ring@zmq")
+            raise ValueError(
+                f"algorithm {text!r}: expected NAME[+overlap][:K][@TRANSPORT], e.g. ring, ps:2, ps+overlap, ring@zmq"
+            )
+        if plus and (name != "ps" or modifier != "overlap"):
+            raise ValueError(f"algorithm {text!r}: the one modifier is ps+overlap (the overlapped parameter server)")
         if colon and (name != "ps" or not shards.isdigit() or int(shards) < 1):
             raise ValueError(f"algorithm {text!r}: ':K' shards the parameter server, as in ps:2 (K >= 1)")
         if name == "gloo":
@@ -121,7 +132,7 @@ class AlgoSpec:
             return AlgoSpec("gloo", "gloo", "torch")
         transport = transport or default_transport
         label = text if at or transport == "torch" else f"{text}@{transport}"
-        return AlgoSpec(label, name, transport, int(shards) if colon else None)
+        return AlgoSpec(label, name, transport, int(shards) if colon else None, bool(plus))
 
 
 @dataclass

@@ -166,6 +166,17 @@ COSTS: dict[str, AlgoCost] = {
             sharded=True,
         ),
         AlgoCost(
+            name="ps_overlap",
+            title="parameter server, k shards, overlapped",
+            messages=lambda p, k: 2,
+            nbytes=lambda p, m, k: _ps_bytes(p, m, k) / 2,
+            messages_text="2",
+            bytes_text="max((P−1)/k, w)·M",
+            busiest="each server's, in both directions at once: it pulls segment s back while segment s+1 "
+            "is pushed (ps_overlap=True), so its (P−1)/k·M in and out overlap; w as for ps",
+            sharded=True,
+        ),
+        AlgoCost(
             name="rhd",
             title="recursive halving + doubling",
             messages=_rhd_messages,

@@ -150,6 +150,14 @@ def pull(own: torch.Tensor, transport: Transport) -> list[Message]:
     return [send(own, peer, Tag.PS_PULL) for peer in range(p) if peer != rank]
 
 
+#: Largest pushed or pulled segment of the overlapped form, in bytes (``ps_segment_bytes``).
+DEFAULT_SEGMENT_BYTES = 1 << 20
+
+
+def _cut(t: torch.Tensor | None, seg: int) -> list[torch.Tensor]:
+    return [] if t is None else [t[i : i + seg] for i in range(0, t.numel(), seg)]
+
+
 def ps_all_reduce(
     flat: torch.Tensor,
     op: str,
@@ -159,6 +167,8 @@ def ps_all_reduce(
     *,
     ps_rank: int = 0,
     ps_shards: int = 1,
+    ps_overlap: bool = False,
+    ps_segment_bytes: int = DEFAULT_SEGMENT_BYTES,
 ) -> None:
     """All-reduce the contiguous 1-D tensor ``flat`` in place through a parameter server.
 
@@ -170,6 +180,9 @@ def ps_all_reduce(
         scratch: the accumulator of a server other than rank 0 (one shard).
         ps_rank: the server rank (of shard 0 when sharded), 0 <= ps_rank < P.
         ps_shards: k, the number of key ranges and server ranks, 1 <= k <= P.
+        ps_overlap: stream segments: pull segment s while segment s+1 is being pushed
+            (module docstring, "Overlapped"); False: push everything, then pull.
+        ps_segment_bytes: the overlapped form's segment, in bytes.
 
     Raises:
         ValueError: ``ps_rank`` or ``ps_shards`` out of range, before any message
@@ -177,7 +190,7 @@ def ps_all_reduce(
 
     Example::
 
-        >>> ringcomm.all_reduce(grad, op="avg", algo="ps", ps_shards=2)
+        >>> ringcomm.all_reduce(grad, op="avg", algo="ps", ps_shards=2, ps_overlap=True)
     """
     rank, p = transport.rank, transport.world_size
     check_ps_options(ps_rank, ps_shards, p)
@@ -187,33 +200,43 @@ def ps_all_reduce(
     servers = [shard_server(j, ps_rank, p) for j in range(ps_shards)]
     served = (rank - ps_rank) % p  # the shard this rank serves, if < k
     own = shards[served] if served < ps_shards and shards[served].numel() else None
-
-    # Round 1, push: a server receives each peer's slice of its shard, rank 0's into the
-    # accumulator and every later one reduced into it; every rank pushes what it does not serve.
-    arrivals: list[Pending | None] = [None] * p
-    expected: list[Message] = []
-    if own is not None:
+    acc = None
+    if own is not None:  # rank 0's contribution starts the fold: here when this rank is rank 0
         acc = own if rank == 0 else scratch.get(own.numel(), like=flat)
-        expected = [
-            (recv if peer == 0 else functools.partial(recv_reduce, op=op))(acc, peer, Tag.PS_PUSH)
-            for peer in range(p)
-            if peer != rank
-        ]
-    posted = transport.post(expected + push(shards, servers, transport))
-    for message, pending in zip(expected, posted):
-        arrivals[message.peer] = pending
-    sent = posted[len(expected) :]
-    if own is not None:
-        aggregate(own, acc, arrivals, op, transport, deadline)
-
-    # Round 2, pull: a server sends its result to everyone; every rank receives the
-    # other shards. A pull lands in the very slice this rank pushed: safe, because the
-    # server sends the result only after it has received this rank's whole push.
-    pulls = [
-        recv(shard, server, Tag.PS_PULL)
-        for shard, server in zip(shards, servers)
-        if server != rank and shard.numel()
-    ]
-    sent += transport.post(pulls + (pull(own, transport) if own is not None else []))
+    # One segment per shard (push, then pull) or many (overlapped): round t pushes segment t
+    # and pulls segment t-1, so with one segment there are exactly the two rounds.
+    seg = max(1, ps_segment_bytes // flat.element_size()) if ps_overlap else max(s.numel() for s in shards)
+    mine = [_cut(shard, seg) for shard in shards]  # this rank's slices of every shard, in segments
+    own_segs, acc_segs = _cut(own, seg), _cut(acc, seg)
+    sent: list[Pending] = []
+    for t in range(max(len(m) for m in mine) + 1):
+        # Round t, all at once: a server's receives of segment t of its shard (rank 0's into the
+        # accumulator, every later one reduced into it) and its sends of segment t-1, folded in
+        # round t-1; every rank's push of segment t and pull of segment t-1 of the other shards.
+        arrivals: list[Message] = []
+        if t < len(acc_segs):
+            arrivals = [
+                (recv if peer == 0 else functools.partial(recv_reduce, op=op))(acc_segs[t], peer, Tag.PS_PUSH)
+                for peer in range(p)
+                if peer != rank
+            ]
+        others = push([m[t] if t < len(m) else flat[:0] for m in mine], servers, transport)
+        if t >= 1:
+            if t - 1 < len(own_segs):
+                others += pull(own_segs[t - 1], transport)
+            # A pull lands in the very slice this rank pushed: safe, because the server sends
+            # the result only after it has received this rank's whole push of that segment.
+            others += [
+                recv(m[t - 1], server, Tag.PS_PULL)
+                for m, server in zip(mine, servers)
+                if server != rank and t - 1 < len(m)
+            ]
+        posted = transport.post(arrivals + others)
+        sent += posted[len(arrivals) :]
+        if arrivals:  # fold segment t now: round t+1 sends it back
+            folded: list[Pending | None] = [None] * p
+            for message, pending in zip(arrivals, posted):
+                folded[message.peer] = pending
+            aggregate(own_segs[t], acc_segs[t], folded, op, transport, deadline)
     for pending in sent:
         transport.wait(pending, deadline)

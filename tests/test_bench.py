@@ -99,9 +99,9 @@ def test_algo_spec_options_are_what_ringcomm_all_reduce_takes() -> None:
 @pytest.mark.parametrize(
     ("text", "says"),
     [
-        ("", "NAME[:K][@TRANSPORT]"),
-        ("@zmq", "NAME[:K][@TRANSPORT]"),
-        ("ring@", "NAME[:K][@TRANSPORT]"),
+        ("", "NAME[+overlap][:K][@TRANSPORT]"),
+        ("@zmq", "NAME[+overlap][:K][@TRANSPORT]"),
+        ("ring@", "NAME[+overlap][:K][@TRANSPORT]"),
         ("ring:2", "ps:2"),
         ("ps:0", "K >= 1"),
         ("ps:two", "K >= 1"),
@@ -136,3 +136,12 @@ def test_machine_info_describes_this_machine_without_a_subprocess(monkeypatch: p
     info = bench.machine_info()
     assert info["cpus"] == os.cpu_count() and info["torch"] == torch.__version__
     assert info["python"] == platform.python_version() and info["platform"].startswith(platform.system())
+
+
+def test_the_overlapped_parameter_server_has_a_label_of_its_own() -> None:
+    spec = bench.AlgoSpec.parse("ps+overlap:4", "shm")
+    assert (spec.label, spec.algo, spec.transport) == ("ps+overlap:4@shm", "ps", "shm")
+    assert spec.options == {"ps_shards": 4, "ps_overlap": True}
+    for text in ("ring+overlap", "ps+fast"):
+        with pytest.raises(ValueError, match=re.escape("the one modifier is ps+overlap")):
+            bench.AlgoSpec.parse(text)

@@ -33,6 +33,8 @@ CASES = [
     ("ps", {}),
     ("ps", {"ps_shards": "P"}),
     ("ps", {"ps_shards": 2, "ps_rank": 1}),
+    ("ps", {"ps_overlap": True, "ps_segment_bytes": 16}),
+    ("ps", {"ps_shards": 2, "ps_rank": 1, "ps_overlap": True, "ps_segment_bytes": 24}),
     ("rhd", {}),
     ("rd", {}),
 ]

@@ -42,12 +42,15 @@ TIMEOUT_S = 240.0  # for a whole spawned world, on a loaded 2-core machine
 # --- what each rank computes on its own -------------------------------------------------
 
 
-def ps_configs(p: int) -> list[dict[str, int]]:
-    """Server placements to test in a world of ``p``: central at 0 and at P-1, k = 2, k = P."""
-    configs = [{"ps_rank": 0, "ps_shards": 1}]
+def ps_configs(p: int) -> list[dict[str, object]]:
+    """Server placements to test in a world of ``p``: central at 0 and at P-1, k = 2, k = P; and the
+    overlapped form, central and sharded (its segment is set per case, about a fifth of the tensor)."""
+    configs: list[dict[str, object]] = [{"ps_rank": 0, "ps_shards": 1}]
     if p >= 2:
         configs.append({"ps_rank": p - 1, "ps_shards": 1})  # rank 0's push is not the server's own
         configs.append({"ps_rank": 1, "ps_shards": 2})
+        configs.append({"ps_rank": p - 1, "ps_shards": 1, "ps_overlap": True})
+        configs.append({"ps_rank": 1, "ps_shards": 2, "ps_overlap": True})
     if p >= 3:
         configs.append({"ps_rank": p // 2, "ps_shards": p})  # server ranks wrap around past P-1
     return configs
@@ -135,6 +138,8 @@ def _rank_grid(rank: int, p: int) -> list[str]:
         mine = make_input(case, rank, numel, dtype)
         ref, scale = reference(case, p, numel, dtype, op)
         for config in ps_configs(p):
+            if config.get("ps_overlap"):  # several segments per shard, whatever the size
+                config = {**config, "ps_segment_bytes": max(8, numel * mine.element_size() // 5)}
             name = f"P={p} numel={numel} {dtype} op={op} {config}"
             tensor = mine.clone()
             out = ringcomm.all_reduce(tensor, op=op, algo="ps", timeout=TIMEOUT_S / 2, **config)
@@ -237,6 +242,30 @@ def _rank_counts(rank: int, p: int) -> list[str]:
     return failures
 
 
+def _rank_overlapped_counts(rank: int, p: int) -> list[str]:
+    """Overlapped, central server: segment s is pushed and pulled on its own, S segments per shard."""
+    failures: list[str] = []
+    stats = ringcomm.init("torch").stats
+    numel, seg_elems = 1000 * p + 3, 250
+    segments = -(-numel // seg_elems)
+    stats.reset()
+    x = torch.ones(numel)
+    ringcomm.all_reduce(x, algo="ps", ps_overlap=True, ps_segment_bytes=seg_elems * 4, timeout=TIMEOUT_S / 2, check=False)
+    got = _traffic(stats)
+    others = {peer: segments for peer in range(p) if peer != 0}
+    if rank == 0:
+        want = {"sent_msgs": (p - 1) * segments, "sends_to": others, "recvs_from": others}
+    else:
+        want = {"sent_msgs": segments, "sends_to": {0: segments}, "recvs_from": {0: segments}}
+    got_part = {k: got[k] for k in want}
+    # every rank gets back as many messages and bytes as it sends
+    if got_part != want or (got["recv_msgs"], got["recv_bytes"]) != (got["sent_msgs"], got["sent_bytes"]):
+        failures.append(f"rank {rank} overlapped: traffic {got}, want {want}")
+    if not torch.equal(x, torch.full((numel,), float(p))):
+        failures.append(f"rank {rank} overlapped: wrong sum")
+    return failures
+
+
 def _rank_bad_options(rank: int, p: int) -> list[str]:
     failures: list[str] = []
     stats = ringcomm.init("torch").stats
@@ -300,7 +329,7 @@ def _rank_all(rank: int, p: int) -> dict[str, list[str]]:
     """Everything one world of ``p`` checks, grouped: spawning a world costs more than its cases."""
     report = {"grid": _rank_grid(rank, p)}
     if p >= 2:  # a world of one returns before the algorithm runs: no traffic, no option checks
-        report["counts"] = _rank_counts(rank, p)
+        report["counts"] = _rank_counts(rank, p) + _rank_overlapped_counts(rank, p)
         report["bad_options"] = _rank_bad_options(rank, p)
     return report
 
