@@ -255,9 +255,22 @@ def _pump(stream: object, prefix: str, out: object) -> None:
         out.flush()  # type: ignore[attr-defined]
 
 
+def cpu_times() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [float(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def run(cluster: Cluster, argv: Sequence[str], grace: float = 10.0) -> int:
-    """Run ``argv`` once in every node; return the first failing node's status, else 0."""
+    """Run ``argv`` once in every node; return the first failing node's status, else 0.
+
+    Prints, at the end, how many of the machine's cores were busy on average meanwhile:
+    a run that is bound by its links, not its cores, leaves some idle.
+    """
     port = cluster.free_port()
+    busy0, total0 = cpu_times()
     procs = []
     pumps = []
     for i in range(cluster.nodes):
@@ -293,6 +306,11 @@ def run(cluster: Cluster, argv: Sequence[str], grace: float = 10.0) -> int:
             p.wait()
     for t in pumps:
         t.join(timeout=2)
+    busy1, total1 = cpu_times()
+    cores = os.cpu_count() or 1
+    if total1 > total0:
+        print(f"analysis.cluster: cores busy on average during the run: "
+              f"{(busy1 - busy0) / (total1 - total0) * cores:.2f} of {cores}", flush=True)  # fmt: skip
     if first is None:
         bad = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode]
         first = bad[0] if bad else None
