@@ -101,8 +101,12 @@ def _kill_inside(netns: str) -> None:
 def remove_stale(run_id: str | None = None) -> list[str]:
     """Remove namespaces and links of runs whose process is gone (or of ``run_id``); return their names."""
     removed = []
-    namespaces = [line.split()[0] for line in _run("ip", "netns", "list", check=False).stdout.splitlines() if line]
-    links = re.findall(rf"^\d+: ({_PREFIX}[0-9a-f]+[ab]\d+)[@:]", _run("ip", "-o", "link", "show", check=False).stdout, re.M)
+    namespaces = [
+        line.split()[0] for line in _run("ip", "netns", "list", check=False).stdout.splitlines() if line
+    ]
+    links = re.findall(
+        rf"^\d+: ({_PREFIX}[0-9a-f]+[ab]\d+)[@:]", _run("ip", "-o", "link", "show", check=False).stdout, re.M
+    )
     for name in namespaces + links:
         m = _NAME.match(name)
         if not m:
@@ -151,8 +155,39 @@ class Cluster:
         burst = max(64 * 1024, int(bits / 8 / 100))
         tbf = ["tbf", "rate", self.rate, "burst", str(burst), "latency", "100ms"]
         if delay:
-            _run("ip", "netns", "exec", netns, "tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem", "delay", delay)
-            _run("ip", "netns", "exec", netns, "tc", "qdisc", "add", "dev", dev, "parent", "1:", "handle", "2:", *tbf)
+            _run(
+                "ip",
+                "netns",
+                "exec",
+                netns,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                dev,
+                "root",
+                "handle",
+                "1:",
+                "netem",
+                "delay",
+                delay,
+            )
+            _run(
+                "ip",
+                "netns",
+                "exec",
+                netns,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                dev,
+                "parent",
+                "1:",
+                "handle",
+                "2:",
+                *tbf,
+            )
         else:
             _run("ip", "netns", "exec", netns, "tc", "qdisc", "add", "dev", dev, "root", *tbf)
 
@@ -190,7 +225,9 @@ class Cluster:
 
     def free_port(self) -> int:
         """A port free on node 0's address (where the rendezvous store listens)."""
-        code = f"import socket; s = socket.socket(); s.bind(({self.address(0)!r}, 0)); print(s.getsockname()[1])"
+        code = (
+            f"import socket; s = socket.socket(); s.bind(({self.address(0)!r}, 0)); print(s.getsockname()[1])"
+        )
         return int(_run(*self.exec(0, [sys.executable, "-c", code])).stdout)
 
     def measure_link(self, seconds: float = 1.0) -> float:
@@ -208,7 +245,9 @@ class Cluster:
             "    first = first or time.monotonic(); got += len(b)\n"
             "print(got * 8 / (time.monotonic() - first), flush=True)\n"
         )
-        rx = subprocess.Popen(self.exec(last, [sys.executable, "-c", receiver]), stdout=subprocess.PIPE, text=True)
+        rx = subprocess.Popen(
+            self.exec(last, [sys.executable, "-c", receiver]), stdout=subprocess.PIPE, text=True
+        )
         try:
             port = int(rx.stdout.readline())  # type: ignore[union-attr]
             sender = (
@@ -226,14 +265,20 @@ class Cluster:
 
     def describe(self) -> str:
         delay = f", {self.delay} one-way delay" if self.delay else ""
-        lines = [f"cluster {self.run_id}: {self.nodes} nodes on one switch, each NIC {self.rate} each way{delay}"]
+        lines = [
+            f"cluster {self.run_id}: {self.nodes} nodes on one switch, each NIC {self.rate} each way{delay}"
+        ]
         lines += [f"  node {i}: netns {self.node(i)}, eth0 {self.address(i)}/24" for i in range(self.nodes)]
         lines.append(f"  switch: netns {self.switch}, bridge br0")
         return "\n".join(lines)
 
 
 def _environment(cluster: Cluster, i: int, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "TORCHELASTIC_", "RINGCOMM_ZMQ_HOST"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MASTER_", "TORCHELASTIC_", "RINGCOMM_ZMQ_HOST"))
+    }
     env.update(
         RANK=str(i),
         WORLD_SIZE=str(cluster.nodes),
@@ -331,7 +376,22 @@ def _netem_missing() -> str | None:
     probe = Cluster(1, "1gbit", run_id=f"{os.getpid():x}f", subnet=0)
     try:
         _run("ip", "netns", "add", probe.node(0))
-        done = _run("ip", "netns", "exec", probe.node(0), "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms", check=False)
+        done = _run(
+            "ip",
+            "netns",
+            "exec",
+            probe.node(0),
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            "lo",
+            "root",
+            "netem",
+            "delay",
+            "1ms",
+            check=False,
+        )
         return None if done.returncode == 0 else done.stderr.strip() or "tc refused netem"
     finally:
         _run("ip", "netns", "del", probe.node(0), check=False)
@@ -351,10 +411,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--nodes", type=int, default=4, help="nodes (one process each), 1-64")
-    parser.add_argument("--link", default="500mbit", help="each node's NIC rate, each way (tc units: 100mbit, 1gbit)")
-    parser.add_argument("--delay", default=None, help="one-way delay on each node's way out, e.g. 2ms (needs netem)")
+    parser.add_argument(
+        "--link", default="500mbit", help="each node's NIC rate, each way (tc units: 100mbit, 1gbit)"
+    )
+    parser.add_argument(
+        "--delay", default=None, help="one-way delay on each node's way out, e.g. 2ms (needs netem)"
+    )
     parser.add_argument("--grace", type=float, default=10.0, help="seconds the others get after a node fails")
-    parser.add_argument("--no-measure", action="store_true", help="skip the timed transfer that checks the link")
+    parser.add_argument(
+        "--no-measure", action="store_true", help="skip the timed transfer that checks the link"
+    )
     parser.add_argument("--cleanup", action="store_true", help="only remove what killed runs left, then exit")
     args = parser.parse_args(argv)
     reason = _refusal()
@@ -363,7 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     stale = remove_stale()
     if stale:
-        print(f"analysis.cluster: removed {len(stale)} namespaces and links left by killed runs: {', '.join(stale)}")
+        print(
+            f"analysis.cluster: removed {len(stale)} namespaces and links left by killed runs: {', '.join(stale)}"
+        )
     if args.cleanup:
         return 0
     if not command:
