@@ -289,6 +289,8 @@ def _environment(cluster: Cluster, i: int, port: int) -> dict[str, str]:
         MASTER_PORT=str(port),
         GLOO_SOCKET_IFNAME="eth0",
         RINGCOMM_ZMQ_HOST=cluster.address(i),
+        RINGCOMM_CLUSTER=f"{cluster.nodes} nodes, {cluster.rate} links"
+        + (f", {cluster.delay} delay" if cluster.delay else ""),
     )
     env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does: one process per node here
     return env
@@ -330,7 +332,7 @@ def run(cluster: Cluster, argv: Sequence[str], grace: float = 10.0) -> int:
             pumps.append(t)
     first: tuple[int, int] | None = None  # (node, status)
     stop_at = None
-    while any(p.poll() is None for p in procs):
+    while [p.poll() for p in procs].count(None):  # poll every node (any() would stop at the first)
         for i, p in enumerate(procs):
             if first is None and p.returncode not in (None, 0):
                 first = (i, p.returncode)

@@ -27,6 +27,12 @@ competes with the runs that follow.
                 are compared.
 ``trace``       one short run with ``--trace trace.json`` for the timeline figure.
 
+The ``cluster`` preset (``--cluster``, needs root) runs the benchmark and the
+training inside ``python -m analysis.cluster``: one node per rank, each behind
+its own rate-limited link (``Preset.cluster_link``), so ring against parameter
+server is measured as on real machines. In its algorithm lists ``ps:P`` is a
+parameter server with one shard per rank (P, the world size of the run).
+
 ``sweep.json`` records the preset, the machine, the environment and, for
 every run, the exact command, its wall time, return code and status.
 Child output goes to ``logs/<name>.log``.
@@ -95,6 +101,12 @@ class Preset:
     large_warmup_epochs: float
     large_max_steps: int | None
     env: dict = field(default_factory=dict)
+    # the kinds of run this preset has (the others are left out of its plan)
+    kinds: tuple[str, ...] = KINDS
+    # None: ranks are processes of this host. A tc rate ("500mbit"): every bench and training run
+    # goes through analysis.cluster, one node per rank, each NIC shaped to this rate both ways.
+    cluster_link: str | None = None
+    bench_warmup: int | None = None  # None: ringcomm.bench's default
 
 
 _TRAIN_ALGOS = (
@@ -177,6 +189,43 @@ PRESETS: dict[str, Preset] = {
         large_max_steps=None,
         env={"OMP_NUM_THREADS": "1"},
     ),
+    # Ranks on an emulated cluster (python -m analysis.cluster; root). 500 Mbit/s NICs: slow enough
+    # that 8 nodes on 2 cores stay bound by their links, not their cores (the run prints how many
+    # cores were busy), and that a step of the 4.6 MB simplecnn spends real time communicating.
+    "cluster": Preset(
+        train_algos=(("ddp", "torch"), ("ring", "torch"), ("ps", "torch")),
+        train_world_sizes=(2, 4, 8),
+        model="simplecnn",
+        dataset="synthetic",
+        batch_size=32,
+        epochs=1,
+        max_steps=20,
+        lr=0.05,
+        seed=0,
+        train_timeout_s=600,
+        bench_world_sizes=(2, 4, 8),
+        bench_sizes=("1M", "4M", "16M", "64M"),
+        bench_groups=(
+            ("torch", ("ring", "ring_simple", "auto")),
+            ("torch", ("ps", "ps+overlap", "ps:P", "naive")),
+        ),
+        bench_reps=3,
+        bench_sample_s=0.0,
+        bench_timeout_s=900,
+        bench_warmup=1,
+        batch_sizes=(),
+        batch_world_size=2,
+        batch_max_steps=None,
+        large_world_size=2,
+        large_small_batch=32,
+        large_batch=32,
+        large_epochs=1,
+        large_warmup_epochs=0,
+        large_max_steps=None,
+        env={"OMP_NUM_THREADS": "1"},
+        kinds=("bench", "train"),
+        cluster_link="500mbit",
+    ),
 }
 
 
@@ -248,6 +297,26 @@ def _launch_argv(
     return argv + list(extra)
 
 
+def _on_cluster(python: str, preset: Preset, world_size: int, argv: list[str]) -> list[str]:
+    """``argv`` as it runs: unchanged on this host, else once per node of an emulated cluster.
+
+    On a cluster the command is one rank (torchrun's variables say which), so a bench
+    gets no ``--world-size``: the cluster's node count is its world.
+    """
+    if preset.cluster_link is None:
+        return argv
+    if argv[1:3] == ["-m", "ringcomm.bench"]:
+        at = argv.index("--world-size")
+        argv = argv[:at] + argv[at + 2 :]
+    return [python, "-m", "analysis.cluster", "--nodes", str(world_size), "--link", preset.cluster_link,
+            "--", *argv]  # fmt: skip
+
+
+def _algos_at(algos: tuple[str, ...], world_size: int) -> tuple[str, ...]:
+    """``algos`` with ``ps:P`` spelled for this world size (one shard per rank)."""
+    return tuple(f"ps:{world_size}" if a == "ps:P" else a for a in algos)
+
+
 def build_plan(preset: str | Preset, out: str | Path = "results", python: str | None = None) -> list[Run]:
     """The list of commands a sweep runs, in order, without running anything.
 
@@ -265,8 +334,9 @@ def build_plan(preset: str | Preset, out: str | Path = "results", python: str | 
     out = Path(out)
     runs: list[Run] = []
 
-    for ws in p.bench_world_sizes:
+    for ws in p.bench_world_sizes if "bench" in p.kinds else ():
         for i, (transport, algos) in enumerate(p.bench_groups):
+            algos = _algos_at(algos, ws)
             name = f"bench_p{ws}_{transport}_{i}"
             output = f"bench/{name}.json"
             argv = [
@@ -290,10 +360,15 @@ def build_plan(preset: str | Preset, out: str | Path = "results", python: str | 
                 "--json",
                 str(out / output),
             ]
+            if p.bench_warmup is not None:
+                argv += ["--warmup", str(p.bench_warmup)]
             meta = {"world_size": ws, "transport": transport, "algos": list(algos)}
+            if p.cluster_link:
+                meta["cluster_link"] = p.cluster_link
+            argv = _on_cluster(py, p, ws, argv)
             runs.append(Run(name, "bench", argv, output, p.bench_timeout_s + 30, meta))
 
-    for ws in p.train_world_sizes:
+    for ws in p.train_world_sizes if "train" in p.kinds else ():
         for algo, transport in p.train_algos:
             if ws == 1 and transport != "torch":
                 continue  # nothing travels at P=1: the zmq run would repeat the torch one
@@ -311,9 +386,15 @@ def build_plan(preset: str | Preset, out: str | Path = "results", python: str | 
                 lr=p.lr,
             )
             meta = {"algo": algo, "transport": transport, "world_size": ws, "batch_size": p.batch_size}
+            if p.cluster_link:
+                meta["cluster_link"] = p.cluster_link
+            argv = _on_cluster(py, p, ws, argv)
             runs.append(Run(name, "train", argv, f"train/{name}/metrics.json", p.train_timeout_s, meta))
 
-    for bs in p.batch_sizes:
+    if p.cluster_link is not None:
+        return runs  # batch, large batch and trace are one-host studies
+
+    for bs in p.batch_sizes if "batch" in p.kinds else ():
         name = f"batch_b{bs}_p{p.batch_world_size}"
         argv = _launch_argv(
             py,
@@ -341,7 +422,7 @@ def build_plan(preset: str | Preset, out: str | Path = "results", python: str | 
         ("large", p.large_batch, p.lr, ()),
         ("large_scaled", p.large_batch, p.lr * k, ("--warmup-epochs", f"{p.large_warmup_epochs:g}")),
     )
-    for tag, bs, lr, extra in variants:
+    for tag, bs, lr, extra in variants if "largebatch" in p.kinds else ():
         name = f"largebatch_{tag}_b{bs}_p{ws}"
         argv = _launch_argv(
             py,
@@ -370,6 +451,8 @@ def build_plan(preset: str | Preset, out: str | Path = "results", python: str | 
         }
         runs.append(Run(name, "largebatch", argv, f"largebatch/{name}/metrics.json", p.train_timeout_s, meta))
 
+    if "trace" not in p.kinds:
+        return runs
     name = "trace_ring_torch_p2"
     argv = _launch_argv(
         py,
@@ -584,6 +667,13 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_const", const="quick", dest="preset", help="a few minutes (default)"
     )
     group.add_argument("--full", action="store_const", const="full", dest="preset", help="real hardware")
+    group.add_argument(
+        "--cluster",
+        action="store_const",
+        const="cluster",
+        dest="preset",
+        help=f"on an emulated cluster of {PRESETS['cluster'].cluster_link} links (root; about 40 minutes)",
+    )
     parser.add_argument("--out", default=None, help="results folder (default results/<preset>)")
     parser.add_argument(
         "--only", default=",".join(KINDS), help=f"comma list of kinds to run: {','.join(KINDS)}"

@@ -123,7 +123,9 @@ class AlgoSpec:
                 f"algorithm {text!r}: expected NAME[+overlap][:K][@TRANSPORT], e.g. ring, ps:2, ps+overlap, ring@zmq"
             )
         if plus and (name != "ps" or modifier != "overlap"):
-            raise ValueError(f"algorithm {text!r}: the one modifier is ps+overlap (the overlapped parameter server)")
+            raise ValueError(
+                f"algorithm {text!r}: the one modifier is ps+overlap (the overlapped parameter server)"
+            )
         if colon and (name != "ps" or not shards.isdigit() or int(shards) < 1):
             raise ValueError(f"algorithm {text!r}: ':K' shards the parameter server, as in ps:2 (K >= 1)")
         if name == "gloo":
@@ -261,7 +263,9 @@ def _bench_rank(rank: int, world_size: int, cfg: dict) -> list[dict] | None:
             if spec.algo == "auto":  # what it took, and what the model promised (the world's fit)
                 from . import auto, session
 
-                choice = auto.choose(session.current().tuning(), spec.transport, world_size, row["size_bytes"])
+                choice = auto.choose(
+                    session.current().tuning(), spec.transport, world_size, row["size_bytes"]
+                )
                 row.update(choice=choice.algo, predicted_us=choice.predicted_s[choice.algo] * 1e6)
         if rank == 0 and cfg["progress"]:
             _print_rows(rows[-len(specs) :], header=size == cfg["sizes"][0], file=sys.stdout)
@@ -297,19 +301,22 @@ def _print_rows(rows: list[dict], header: bool, file=sys.stdout) -> None:
 
 
 def machine_info() -> dict:
-    """What the figures were measured on: CPU count, OS, Python and torch versions.
+    """What the figures were measured on: CPU count, OS, Python and torch versions (and the cluster).
 
     The one description of the machine, written by ``--json`` and by ``analysis.sweep``
     into ``sweep.json``. ``platform.platform()`` and ``platform.processor()`` are avoided:
     they may run ``uname -p`` in a subprocess, which a parent of a live world should not fork.
     """
-    return {
+    info = {
         "cpus": os.cpu_count(),
         "platform": f"{platform.system()}-{platform.release()}-{platform.machine()}",
         "processor": platform.machine(),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
+    if os.environ.get("RINGCOMM_CLUSTER"):  # set by analysis.cluster in each node it runs
+        info["cluster"] = os.environ["RINGCOMM_CLUSTER"]
+    return info
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -461,7 +468,10 @@ def write_tune(rows: list[dict], world_size: int) -> str:
             for a, f in algos.items()
         ))  # fmt: skip
         fitted = auto.parse_fits(json.dumps({"fits": {transport: {str(world_size): algos}}}), str(path))
-        picks = [(size, auto.choose(fitted, transport, world_size, size).algo) for size in (4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20)]
+        picks = [
+            (size, auto.choose(fitted, transport, world_size, size).algo)
+            for size in (4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20)
+        ]
         print(f"#   {transport}: auto would pick " + ", ".join(f"{s >> 10} KiB: {a}" for s, a in picks))
     return str(path)
 

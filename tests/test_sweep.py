@@ -244,3 +244,25 @@ def test_run_plan_records_successes_failures_and_timeouts(tmp_path: Path) -> Non
     # --resume keeps what exists
     again = sweep.run_plan(runs[:1], tmp_path, "quick", resume=True)
     assert again["runs"][0]["status"] == "kept"
+
+
+def test_cluster_plan_runs_every_world_through_analysis_cluster(tmp_path: Path) -> None:
+    runs = sweep.build_plan("cluster", tmp_path, python="python")
+    assert {r.kind for r in runs} == {"bench", "train"}, "batch, large batch and trace are one-host studies"
+    link = sweep.PRESETS["cluster"].cluster_link
+    for r in runs:
+        ws = r.meta["world_size"]
+        assert r.argv[:8] == ["python", "-m", "analysis.cluster", "--nodes", str(ws), "--link", link, "--"]
+        assert r.meta["cluster_link"] == link
+        inner = r.argv[8:]
+        if r.kind == "bench":
+            assert inner[1:3] == ["-m", "ringcomm.bench"]
+            assert "--world-size" not in inner, "on a cluster the nodes are the world"
+            algos = inner[inner.index("--algos") + 1].split(",")
+            assert "ps:P" not in algos
+            if "ps" in algos:
+                assert f"ps:{ws}" in algos and "ps+overlap" in algos
+        else:
+            assert inner[1] == "launch.py"
+    assert {r.meta["world_size"] for r in runs} == {2, 4, 8}
+    assert {r.meta["algo"] for r in runs if r.kind == "train"} == {"ring", "ps", "ddp"}
