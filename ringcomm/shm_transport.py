@@ -45,11 +45,14 @@ a peer on another core answers within that, and a futex wake-up costs about
 122 µs sleeping at once, 35 µs looking first). Four ranks on two cores: a
 waiting rank sleeps at once; it never spins while its peer needs the core.
 
-**Progress** happens in ``wait``: it pushes every pending send as far as free
-slots allow and consumes the awaited receive (and any posted before it on the
-same queue). A receive is consumed only when waited on, so reduces into one
-tensor land in the order they were waited, and a sender whose message does not
-fit the queue waits for its receiver to get there.
+**Progress** happens in ``wait``: whatever it waits for, it pushes every
+pending send as far as free slots allow and consumes every posted receive whose
+data has arrived, oldest first on each queue, as Gloo writes a receive whenever
+its data comes. A reduce is applied only when it is waited on (after any reduce
+posted into the same tensor before it), as ``PointToPoint`` does, so algorithms
+order what lands in a tensor by the order they wait. Consuming in every wait
+matters: two ranks that each wait for a send larger than the queue must drain
+each other's queues meanwhile, or both wait forever.
 
 **Liveness and timeouts** as on ZeroMQ: a wait sleeps in slices of one
 heartbeat and asks ``liveness.py`` about the peer it depends on between
@@ -131,7 +134,9 @@ class _Queue:
         """Slot ``slot``'s data as ``dtype`` elements (made once per slot and dtype)."""
         v = self.typed.get((slot, dtype))
         if v is None:
-            v = self.typed[slot, dtype] = self.data[slot][: (self.slot_bytes // dtype.itemsize) * dtype.itemsize].view(dtype)
+            v = self.typed[slot, dtype] = self.data[slot][
+                : (self.slot_bytes // dtype.itemsize) * dtype.itemsize
+            ].view(dtype)
         return v
 
     def capacity(self, dtype: torch.dtype) -> int:
@@ -191,7 +196,9 @@ class ShmTransport:
         # Look again for a few microseconds before sleeping, but only when every rank can have a
         # core of its own: a spinning rank on a shared core takes the time its peer needs.
         cores = len(os.sched_getaffinity(0))
-        spin_us = env_int("RINGCOMM_SHM_SPIN_US", DEFAULT_SPIN_US if self.world_size <= cores else 0, minimum=0)
+        spin_us = env_int(
+            "RINGCOMM_SHM_SPIN_US", DEFAULT_SPIN_US if self.world_size <= cores else 0, minimum=0
+        )
         self._spin_s = spin_us * 1e-6
         try:
             self._set_up(setup.store, setup.prefix)
@@ -231,7 +238,9 @@ class ShmTransport:
 
     def _check(self, tensor: torch.Tensor, peer: int) -> None:
         if type(peer) is not int or not 0 <= peer < self.world_size or peer == self.rank:
-            raise ValueError(f"rank {self.rank}: peer {peer!r} is not another rank of a world of {self.world_size}")
+            raise ValueError(
+                f"rank {self.rank}: peer {peer!r} is not another rank of a world of {self.world_size}"
+            )
         if not tensor.is_cpu or not tensor.is_contiguous() or tensor.dtype not in _DTYPE_CODES:
             raise ValueError(
                 f"rank {self.rank}: shm carries contiguous CPU tensors of {', '.join(DTYPES)}; "
@@ -279,7 +288,9 @@ class ShmTransport:
                 send = outbox[0]
                 head, tail = ctl[0], ctl[8]
                 if not 0 <= tail - head <= q.slots:
-                    raise FrameError(self.rank, peer, "counters", f"head {head}, tail {tail} for {q.slots} slots")
+                    raise FrameError(
+                        self.rank, peer, "counters", f"head {head}, tail {tail} for {q.slots} slots"
+                    )
                 if tail - head == q.slots:  # full: ask to be rung when a slot is free, then look once more
                     ctl[9] = 1
                     fence()
@@ -294,7 +305,17 @@ class ShmTransport:
                 dtype = flat.dtype
                 n = min(q.capacity(dtype), total - first)
                 size = dtype.itemsize
-                _HEADER.pack_into(q.headers[slot], 0, _MAGIC, send.code, send.tag, send.seq, total * size, first * size, n * size)
+                _HEADER.pack_into(
+                    q.headers[slot],
+                    0,
+                    _MAGIC,
+                    send.code,
+                    send.tag,
+                    send.seq,
+                    total * size,
+                    first * size,
+                    n * size,
+                )
                 if n:
                     q.view(slot, dtype)[:n].copy_(flat if n == total else flat[first : first + n])
                 send.offset = first + n
@@ -318,7 +339,9 @@ class ShmTransport:
             if tail == head:
                 break
             if not 0 < tail - head <= q.slots:
-                raise FrameError(self.rank, recv.peer, "counters", f"head {head}, tail {tail} for {q.slots} slots")
+                raise FrameError(
+                    self.rank, recv.peer, "counters", f"head {head}, tail {tail} for {q.slots} slots"
+                )
             self._take(recv, q, head % q.slots)
             ctl[0] = head + 1  # free the slot: read before this store
             moved = True
@@ -341,7 +364,9 @@ class ShmTransport:
         if magic != _MAGIC:
             raise bad("magic", f"{magic:#x}, not a ringcomm shm header")
         if seq != self._recv_seq[peer]:
-            raise bad("seq", f"message {seq}, expected {self._recv_seq[peer]} (lost, repeated or out of order)")
+            raise bad(
+                "seq", f"message {seq}, expected {self._recv_seq[peer]} (lost, repeated or out of order)"
+            )
         if tag != recv.tag:
             raise bad("tag", f"tag {tag}, the receive expects {recv.tag}")
         if code != _DTYPE_CODES[dtype]:
@@ -382,7 +407,7 @@ class ShmTransport:
         if isinstance(op, _Recv):
             self._receive(op, deadline)
         else:
-            self._until(lambda: op.done, op.peer, "send", deadline, lambda: False)
+            self._until(lambda: op.done, op.peer, "send", deadline, self._consume_ready)
 
     def _receive(self, recv: _Recv, deadline: float) -> None:
         if recv.done:
@@ -392,7 +417,31 @@ class ShmTransport:
         posted = self._posted[recv.peer]
         while posted[0] is not recv:  # the same queue: earlier messages come first
             self._receive(posted[0], deadline)
-        self._until(lambda: recv.done, recv.peer, "recv", deadline, lambda: self._consume(recv))
+        self._until(
+            lambda: recv.done,
+            recv.peer,
+            "recv",
+            deadline,
+            lambda: self._consume(recv) | self._consume_ready(),
+        )
+
+    def _consume_ready(self) -> bool:
+        """Consume what has arrived for every posted plain receive at the head of its queue (as
+        Gloo would write it at any time after the post). True if any moved. A reduce is left for
+        its own wait: algorithms order what lands in a tensor by the order they wait (a server
+        folds its own contribution in between two workers')."""
+        moved = False
+        for posted in self._posted:
+            while posted:
+                head = posted[0]
+                if head.op:
+                    break
+                if not self._consume(head):
+                    break
+                moved = True
+                if not head.done:  # the rest of it has not arrived yet
+                    break
+        return moved
 
     def _until(self, done: Any, peer: int, what: str, deadline: float, consume: Any) -> None:
         """Push sends and ``consume()`` until ``done()``; sleep on the doorbell while nothing moves."""
@@ -407,7 +456,11 @@ class ShmTransport:
             now = time.monotonic()
             if now >= deadline:
                 raise CommTimeoutError(
-                    self.rank, peer, what, now - start, f"the shm queue {'to' if what == 'send' else 'from'} it did not move"
+                    self.rank,
+                    peer,
+                    what,
+                    now - start,
+                    f"the shm queue {'to' if what == 'send' else 'from'} it did not move",
                 )
             if live is not None and now - idle_since >= slice_s:
                 live.check(peer, what)  # nothing moved for a heartbeat: is the peer still there?
