@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ringcomm import cost
 
-from . import plots, tables
+from . import cluster_report, plots, tables
 from .fit import AlphaBetaFit, AmdahlFit, fit_rows
 from .results import Results, load_results, per_class, series
 from .timeline import render_trace
@@ -351,6 +351,10 @@ def build_report(root: str | Path) -> Path:
             else f"_(figure skipped: {caption})_"
         )
 
+    cluster_md, cluster = ("", {})
+    if cluster_report.cluster_link(res):
+        cluster_md, cluster = cluster_report.section(res, figs, notes)
+
     cpus = res.machine.get("cpus", "?")
     parts = [
         "# ringcomm: measured results",
@@ -367,6 +371,7 @@ def build_report(root: str | Path) -> Path:
         "## Alpha-beta fits\n\n" + _fit_section(fits),
         fig("time_vs_p", "Time per all-reduce vs world size, measured points and model lines"),
         "### Parameter server vs ring: model against measurement\n\n" + _ps_ring_section(ratios),
+        *(["## On an emulated cluster\n\n" + cluster_md] if cluster_md else []),
         "## Training: throughput, speedup, efficiency\n\n" + _training_section(training, amdahl),
         fig("speedup", "Training speedup and efficiency vs world size, with Amdahl fits"),
         "## Communication vs computation\n\n" + _comm_section(comm, util),
@@ -393,6 +398,7 @@ def build_report(root: str | Path) -> Path:
         "training": training,
         "bench": bench,
         "ps_vs_ring": ratios,
+        "cluster": cluster,
         "comm": comm,
         "utilisation": util,
         "batch_sweep": batch,

@@ -194,7 +194,7 @@ PRESETS: dict[str, Preset] = {
     # cores were busy), and that a step of the 4.6 MB simplecnn spends real time communicating.
     "cluster": Preset(
         train_algos=(("ddp", "torch"), ("ring", "torch"), ("ps", "torch")),
-        train_world_sizes=(2, 4, 8),
+        train_world_sizes=(1, 2, 4, 8),  # P = 1: one node's compute, the baseline of scaling efficiency
         model="simplecnn",
         dataset="synthetic",
         batch_size=32,
@@ -207,7 +207,7 @@ PRESETS: dict[str, Preset] = {
         bench_sizes=("1M", "4M", "16M", "64M"),
         bench_groups=(
             ("torch", ("ring", "ring_simple", "auto")),
-            ("torch", ("ps", "ps+overlap", "ps:P", "naive")),
+            ("torch", ("ring", "ps", "ps+overlap", "ps:P", "naive")),  # ring again: ratios in one world
         ),
         bench_reps=3,
         bench_sample_s=0.0,
@@ -370,8 +370,8 @@ def build_plan(preset: str | Preset, out: str | Path = "results", python: str | 
 
     for ws in p.train_world_sizes if "train" in p.kinds else ():
         for algo, transport in p.train_algos:
-            if ws == 1 and transport != "torch":
-                continue  # nothing travels at P=1: the zmq run would repeat the torch one
+            if ws == 1 and (transport != "torch" or (p.cluster_link and algo != p.train_algos[0][0])):
+                continue  # nothing travels at P=1: another run would repeat the first one's compute
             name = f"train_{algo}_{transport}_p{ws}"
             argv = _launch_argv(
                 py,
