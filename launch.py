@@ -8,12 +8,14 @@ free port, and stops them all if one dies::
     python launch.py --algo ring --world-size 4          # the default run, see below
     python launch.py --algo ddp  --world-size 4          # same run, built-in DDP all-reduce
     python launch.py --algo ps --comm-option ps_shards=2 --world-size 4
+    python launch.py --algo ring --world-size 4 --time-limit 600 --checkpoint-every 50
+    python launch.py --algo ring --world-size 4 --resume --max-steps 300   # the same run, on to 300
     python launch.py --algo ring --transport zmq --world-size 4
     python launch.py --model resnet18 --dataset cifar10 --data-dir data --epochs 30 \\
         --batch-size 128 --scale-lr --warmup-epochs 2 --eval-batches 0
 
-The default run (``--algo ring --world-size 4``) needs no network and takes a
-few minutes on a 2-core CPU: model ``simplecnn`` (1.1 M parameters), dataset
+The default run (``--algo ring --world-size 4``) needs no network and takes
+about a minute on a 2-core CPU: model ``simplecnn`` (1.1 M parameters), dataset
 ``auto`` (CIFAR-10 if ``data/cifar-10-batches-py`` exists, else Debian's
 Fashion-MNIST, else a synthetic set), 32 images per worker, 1 epoch capped at
 ``--max-steps 150`` steps, evaluation on 10 test batches of 500 per rank.
@@ -39,14 +41,34 @@ torchrun, two nodes (run on both; node 0's address is the rendezvous)::
 
 Output (rank 0): the dataset line first (which and why), a line every
 ``--log-every`` steps (step, loss, images/s, share of the time spent in the
-hook's all-reduce), one line per epoch, a summary. ``--out DIR`` (default
-``runs/<algo>-w<world size>``) receives ``metrics.json`` (see
-``trainer/loop.py``) and ``checkpoint.pt`` (see ``trainer/checkpoint.py``),
-written atomically after each epoch; ``--resume`` continues from it. Exit
-status: 0 on success; 1 if a worker failed (the message names the rank) or
-the run cannot start (one line on stderr, before any worker starts:
-``--device cuda`` without a GPU, no checkpoint to resume from, a bad
-``--comm-option``); 2 for arguments argparse rejects; 130 on Ctrl-C.
+hook's all-reduce, learning rate), one line per epoch, a summary. ``--out DIR``
+(default ``runs/ALGO-TRANSPORT-wP``, ``runs/ddp-wP`` for ``--algo ddp``)
+receives ``metrics.json`` (see ``trainer/loop.py``) and ``checkpoint.pt``
+(see ``trainer/checkpoint.py``), written atomically after each epoch, every
+``--checkpoint-every`` steps, and when the run stops early; ``--resume``
+continues from it.
+
+Stopping early. Ctrl-C (SIGINT to the launcher) asks the workers to stop
+after their current step: they write the checkpoint and ``metrics.json`` and
+the launcher exits 130; a second Ctrl-C stops them at once. ``--time-limit S``
+does the same after S seconds of training and exits 124 (as ``timeout`` does);
+if the world has not ended ``TIME_LIMIT_GRACE_S`` later, it is stopped. Under
+torchrun, torchrun decides how workers stop: use ``--checkpoint-every``.
+
+Mistakes are said before any work starts, in one line on stderr that names
+the option (``launch.py: --data-dir /wrong/path: no such folder``): argparse's
+own (a bad number, an unknown choice) exit 2 and come before torch is even
+imported; the launcher's checks exit 1: an option the chosen ``--algo``
+ignores or refuses (every ``--comm-option`` of ``--algo ddp``), an explicit
+``--data-dir`` or ``--dataset`` that cannot be served (``--dataset auto``
+with ``--data-dir`` reads from that folder or fails, never falls back to
+synthetic data), a failed ``--download``, ``--device cuda`` without a GPU, a
+checkpoint that is missing, of another model, or has nothing left to train.
+
+Exit status: 0 on success; 1 if a worker failed (the message says which rank
+failed first and why, then what the others did) or the run cannot start; 2
+for arguments argparse rejects; 124 when ``--time-limit`` stopped the run;
+130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -57,103 +79,218 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import torch
-import torch.distributed as dist
+# Nothing above imports torch: argparse's errors and --help come at once. torch, ringcomm and the
+# trainer (1.5 s and more to import) are imported by the functions that need them, after parsing.
+if TYPE_CHECKING:
+    import torch
 
-from ringcomm import ALGOS, transport_names
-from ringcomm.torch_transport import backend_for
-from ringcomm.world import WorldError, finish, run_world
-from trainer.checkpoint import CHECKPOINT_NAME
-from trainer.data import DATASETS
-from trainer.loop import METRICS_NAME, SCHEDULES, TrainConfig, train
-from trainer.models import MODELS
+    from trainer.loop import TrainConfig
 
-# Defaults chosen so that `python launch.py --algo ring --world-size 4` is a few minutes on 2 CPU cores.
+# The names argparse offers, written out so that parsing needs no torch. Each copies a registry;
+# tests/test_cli.py checks every one against it.
+ALGO_NAMES = ("ring", "ring_simple", "ps", "naive", "rhd", "rd", "auto")  # ringcomm.ALGOS
+TRANSPORT_NAMES = ("shm", "torch", "zmq")  # ringcomm.transport_names()
+MODEL_NAMES = ("simplecnn", "resnet18", "resnet50")  # trainer.models.MODELS
+DATASET_NAMES = ("auto", "cifar10", "fashion-mnist", "synthetic")  # trainer.data.DATASETS
+SCHEDULE_NAMES = ("cosine", "multistep", "constant")  # trainer.loop.SCHEDULES
+CHECKPOINT_NAME = "checkpoint.pt"  # trainer.checkpoint.CHECKPOINT_NAME
+METRICS_NAME = "metrics.json"  # trainer.loop.METRICS_NAME
+
+# Defaults chosen so that `python launch.py --algo ring --world-size 4` is about a minute on 2 CPU cores.
 DEFAULT_MAX_STEPS = 150
 DEFAULT_EVAL_BATCHES = 10
+#: Seconds a world gets past --time-limit to stop at a step, evaluate and write its checkpoint.
+TIME_LIMIT_GRACE_S = 120.0
+#: Exit statuses besides 0, 1 and argparse's 2 (see the module docstring).
+EXIT_TIME_LIMIT = 124
+EXIT_INTERRUPTED = 130
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default shown, but not None, False or []: such an option says in its help what its absence does."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a rejected argument said in one line (the usage is what --help is for)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (--help lists the options)\n")
+
+
+def _at_least(low: int) -> Any:
+    """An argparse type: a whole number >= ``low``."""
+
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return whole
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    """An argparse type: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line; see the module docstring for examples."""
-    p = argparse.ArgumentParser(
+    """The command line; see the module docstring for examples. Imports no torch."""
+    p = _Parser(
+        prog="launch.py",
         description="Data-parallel training with ringcomm gradient all-reduce (see the docstring of launch.py).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("communication")
     g.add_argument(
         "--algo",
         default="ring",
-        choices=["ddp", *ALGOS],
+        choices=["ddp", *ALGO_NAMES],
         help="ddp: built-in all-reduce; else ringcomm's hook",
     )
-    g.add_argument("--transport", default="torch", choices=transport_names(), help="ringcomm transport")
+    g.add_argument("--transport", default="torch", choices=TRANSPORT_NAMES, help="ringcomm transport")
     g.add_argument(
-        "--comm-option", action="append", default=[], metavar="KEY=VALUE", help="all_reduce option"
+        "--comm-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the --algo, e.g. ps_shards=2; repeat for more (default: the algorithm's own)",
     )
-    g.add_argument("--comm-timeout", type=float, default=None, help="seconds per bucket all-reduce")
     g.add_argument(
-        "--backend", choices=["gloo", "nccl"], default=None, help="default: nccl on cuda, gloo on cpu"
+        "--comm-timeout",
+        type=_seconds,
+        default=None,
+        help="seconds per bucket all-reduce (default: ringcomm's)",
     )
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    g.add_argument("--world-size", type=int, default=2, help="processes to spawn (ignored under torchrun)")
+    g.add_argument(
+        "--backend",
+        choices=["gloo", "nccl"],
+        default=None,
+        help="torch.distributed backend (default: nccl on cuda, gloo on cpu)",
+    )
+    g.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if there is a GPU"
+    )
+    g.add_argument(
+        "--world-size", type=_at_least(1), default=2, help="processes to spawn (ignored under torchrun)"
+    )
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="simplecnn", choices=list(MODELS))
-    g.add_argument("--dataset", default="auto", choices=list(DATASETS))
+    g.add_argument("--model", default="simplecnn", choices=MODEL_NAMES, help="see trainer/models.py")
     g.add_argument(
-        "--data-dir", default=None, help="CIFAR-10 (cifar-10-batches-py) or Fashion-MNIST idx files"
+        "--dataset",
+        default="auto",
+        choices=DATASET_NAMES,
+        help="auto: cifar10 if its files are there, else fashion-mnist, else synthetic",
+    )
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with cifar-10-batches-py or the Fashion-MNIST idx files (default: data, then "
+        "Debian's Fashion-MNIST)",
     )
     g.add_argument(
         "--download", action="store_true", help="CIFAR-10: download into --data-dir (needs network)"
     )
     g.add_argument(
         "--synthetic-size",
-        type=int,
+        type=_at_least(1),
         default=10_000,
         help="training images of --dataset synthetic (test: 1/5)",
     )
-    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per rank")
+    g.add_argument("--workers", type=_at_least(0), default=0, help="DataLoader worker processes per rank")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=32, help="per worker")
-    g.add_argument("--lr", type=float, default=0.05, help="peak learning rate (before --scale-lr)")
+    g.add_argument("--batch-size", type=_at_least(1), default=32, help="images per worker per step")
+    g.add_argument("--lr", type=_non_negative, default=0.05, help="peak learning rate (before --scale-lr)")
     g.add_argument("--scale-lr", action="store_true", help="multiply --lr by the world size (linear scaling)")
-    g.add_argument("--warmup-epochs", type=float, default=0.0)
-    g.add_argument("--schedule", default="cosine", choices=list(SCHEDULES))
-    g.add_argument("--epochs", type=int, default=1)
     g.add_argument(
-        "--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="stop after this many steps; 0: no cap"
+        "--warmup-epochs", type=_non_negative, default=0.0, help="linear warmup to the peak rate, in epochs"
     )
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--schedule", default="cosine", choices=SCHEDULE_NAMES, help="after warmup, per step")
+    g.add_argument("--epochs", type=_at_least(1), default=1, help="passes over the training set")
+    g.add_argument(
+        "--max-steps",
+        type=_at_least(0),
+        default=DEFAULT_MAX_STEPS,
+        help="stop after this many steps in all; 0: no cap",
+    )
+    g.add_argument("--seed", type=int, default=0, help="weights, data order and augmentation")
     g = p.add_argument_group("evaluation, output")
     g.add_argument(
-        "--eval-batches", type=int, default=DEFAULT_EVAL_BATCHES, help="test batches per rank; 0: all"
+        "--eval-batches",
+        type=_at_least(0),
+        default=DEFAULT_EVAL_BATCHES,
+        help="test batches per rank; 0: all",
     )
-    g.add_argument("--eval-batch-size", type=int, default=500)
-    g.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
-    g.add_argument("--out", default=None, help="output folder; default runs/<algo>-w<world size>")
+    g.add_argument("--eval-batch-size", type=_at_least(1), default=500, help="test images per batch")
+    g.add_argument("--log-every", type=_at_least(1), default=20, help="steps between progress lines")
+    g.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: runs/ALGO-TRANSPORT-wP, e.g. runs/ring-torch-w2; runs/ddp-wP for ddp)",
+    )
     g.add_argument(
         "--resume",
         nargs="?",
         const="",
         default=None,
         metavar="CHECKPOINT",
-        help=f"continue from CHECKPOINT (default: OUT/{CHECKPOINT_NAME})",
+        help=f"continue from CHECKPOINT (--resume alone: OUT/{CHECKPOINT_NAME})",
     )
     g.add_argument(
-        "--time-limit", type=float, default=None, help="seconds before the spawned world is stopped"
+        "--checkpoint-every",
+        type=_at_least(1),
+        default=None,
+        metavar="N",
+        help="also write the checkpoint every N steps (default: at each epoch's end and when the run stops)",
+    )
+    g.add_argument(
+        "--time-limit",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="stop at the first step after this many seconds of training, write the checkpoint, exit "
+        f"{EXIT_TIME_LIMIT} (default: no limit)",
     )
     g.add_argument(
         "--trace",
         metavar="FILE",
         help="write a Chrome trace (chrome://tracing, ui.perfetto.dev): per rank forward, backward, "
-        "each bucket's all-reduce and each ring message, for the first --trace-steps steps",
+        "each bucket's all-reduce and each ring message, for the first --trace-steps steps (default: none)",
     )
-    g.add_argument("--trace-steps", type=int, default=20, help="steps to trace (with --trace)")
-    args = p.parse_args(argv)
-    if args.world_size < 1:
-        p.error("--world-size must be at least 1")
-    return args
+    g.add_argument("--trace-steps", type=_at_least(1), default=20, help="steps to trace (with --trace)")
+    return p.parse_args(argv)
+
+
+def _refuse(message: str) -> NoReturn:
+    """The launcher's one line for a run it will not start (exit status 1)."""
+    raise SystemExit(f"launch.py: {message}")
 
 
 def _option_value(text: str) -> Any:
@@ -163,25 +300,62 @@ def _option_value(text: str) -> Any:
         return text
 
 
-def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
-    """The TrainConfig for these arguments (``world_size``: the actual one, for the default --out)."""
+def comm_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--comm-option KEY=VALUE ...`` as a dict; refuses options that ``--algo ddp`` would ignore.
+
+    Their names and values are checked against the algorithm by ``check_run``, which needs ringcomm.
+    """
     options = {}
     for item in args.comm_option:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"launch.py: --comm-option expects KEY=VALUE, got {item!r}")
+        if not sep or not key:
+            _refuse(f"--comm-option expects KEY=VALUE, got {item!r}")
         options[key] = _option_value(value)
+    if args.algo == "ddp":  # DDP's own all-reduce: ringcomm's settings would be silently ignored
+        for flag, given in (
+            ("--comm-option " + " ".join(args.comm_option), options),
+            (f"--comm-timeout {args.comm_timeout:g}" if args.comm_timeout else "", args.comm_timeout),
+            (f"--transport {args.transport}", args.transport != "torch"),
+        ):
+            if given:
+                _refuse(
+                    f"{flag}: --algo ddp uses DDP's built-in all-reduce, which takes no ringcomm settings"
+                )
+    return options
+
+
+def out_dir(args: argparse.Namespace, world_size: int) -> str:
+    """``--out``, or its default for this run."""
     name = args.algo if args.algo == "ddp" else f"{args.algo}-{args.transport}"
-    out = args.out or str(Path("runs") / f"{name}-w{world_size}")
-    resume = None
-    if args.resume is not None:
-        resume = args.resume or str(Path(out) / CHECKPOINT_NAME)
-        if not Path(resume).is_file():
-            raise SystemExit(f"launch.py: --resume: no checkpoint at {resume}")
+    return args.out or str(Path("runs") / f"{name}-w{world_size}")
+
+
+def resume_path(args: argparse.Namespace, world_size: int) -> str | None:
+    """The checkpoint ``--resume`` names (alone: the one in the run's folder), refused if it is not a file."""
+    if args.resume is None:
+        return None
+    path = args.resume or str(Path(out_dir(args, world_size)) / CHECKPOINT_NAME)
+    if not Path(path).is_file():
+        _refuse(f"--resume: no checkpoint at {path}")
+    return path
+
+
+def check_args(args: argparse.Namespace, world_size: int) -> None:
+    """The launcher's checks that need no torch (one line, exit status 1): they come first."""
+    comm_options(args)
+    if args.data_dir and not args.download and not Path(args.data_dir).is_dir():
+        _refuse(f"--data-dir {args.data_dir}: no such folder")
+    resume_path(args, world_size)
+
+
+def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
+    """The TrainConfig for these arguments (``world_size``: the actual one, for the default --out)."""
+    from trainer.loop import TrainConfig
+
     return TrainConfig(
         algo=args.algo,
         transport=args.transport,
-        comm_options=options,
+        comm_options=comm_options(args),
         comm_timeout=args.comm_timeout,
         model=args.model,
         dataset=args.dataset,
@@ -199,9 +373,11 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
         eval_batch_size=args.eval_batch_size,
         workers=args.workers,
         seed=args.seed,
-        out=out,
-        resume=resume,
+        out=out_dir(args, world_size),
+        resume=resume_path(args, world_size),
         log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+        time_limit=args.time_limit,
         trace=args.trace,
         trace_steps=args.trace_steps,
     )
@@ -220,18 +396,65 @@ def device_kind(flag: str) -> str:
     otherwise fail inside the process group's set-up (NCCL) or when choosing
     its device, and the launcher would report that as a dead rank.
     """
+    import torch
+
     if flag == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if flag == "cuda" and torch.cuda.device_count() == 0:
-        raise SystemExit(
-            "launch.py: --device cuda: no CUDA device is available (torch.cuda.device_count() is 0); "
+        _refuse(
+            "--device cuda: no CUDA device is available (torch.cuda.device_count() is 0); "
             "use --device cpu or auto"
         )
     return flag
 
 
+def check_run(cfg: TrainConfig, args: argparse.Namespace, kind: str, backend: str, world_size: int) -> None:
+    """Everything that can be known wrong before a worker starts, each said in one line (exit 1).
+
+    The backend for the device; the transport for the device and the options for
+    the algorithm (``ringcomm.api.validate``, as the comm hook will); the dataset
+    (``trainer.data.check_source``); the checkpoint to resume from: readable, of
+    this model, with steps left to train.
+    """
+    if backend == "nccl" and kind != "cuda":
+        _refuse(f"--backend nccl needs CUDA devices; this run is on {kind} (use --backend gloo)")
+    if cfg.algo != "ddp":
+        from ringcomm.api import validate
+
+        try:
+            validate(cfg.algo, cfg.transport, kind, {}, world_size)
+        except ValueError as exc:
+            _refuse(f"--transport {cfg.transport} --device {args.device}: {exc}")
+        try:
+            validate(cfg.algo, cfg.transport, kind, cfg.comm_options, world_size)
+        except ValueError as exc:
+            _refuse(f"--comm-option {' '.join(args.comm_option)}: {exc}")
+    from trainer.data import DataSourceError, check_source
+
+    try:
+        check_source(cfg.dataset, cfg.data_dir, cfg.download)
+    except DataSourceError as exc:
+        _refuse(str(exc))
+    if cfg.resume is not None:
+        from trainer import checkpoint
+
+        try:
+            ckpt = checkpoint.load(cfg.resume)
+        except ValueError as exc:
+            _refuse(f"--resume {exc}")
+        if ckpt["model_name"] != cfg.model:
+            _refuse(
+                f"--resume {cfg.resume}: the checkpoint is of --model {ckpt['model_name']}, not {cfg.model}"
+            )
+        why = checkpoint.nothing_left(ckpt["step"], ckpt["epoch"], epochs=cfg.epochs, max_steps=cfg.max_steps)
+        if why is not None:
+            _refuse(f"--resume {cfg.resume}: nothing left to train: {why}")
+
+
 def _device_for(kind: str, local_rank: int) -> torch.device:
     """This worker's device: CUDA devices are dealt out by local rank (``device_kind`` checked there is one)."""
+    import torch
+
     if kind == "cuda":
         index = local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)
@@ -240,74 +463,152 @@ def _device_for(kind: str, local_rank: int) -> torch.device:
 
 
 def summary(metrics: dict[str, Any]) -> str:
-    """The closing lines rank 0 prints."""
+    """The closing lines rank 0 prints: what was trained, how fast, the last epoch's numbers, the files."""
     comm = (
         "n/a (built-in DDP)"
         if metrics["comm_time_s"] is None
         else f"{metrics['comm_time_s']:.1f} s ({metrics['comm_share']:.0%} of training)"
     )
+    last = metrics["history"][-1]
+    part = "complete" if last["complete"] else "partial"
+    steps = last.get("train_steps")
+    over = f" over its {steps} steps" if steps else ""
+    tested = sum(map(sum, metrics["confusion_matrix"]))
+    stopped = {"interrupted": "stopped early (Ctrl-C):", "time-limit": "stopped early (--time-limit):"}.get(
+        metrics.get("stopped"), "done:"
+    )
+    out = Path(metrics["checkpoint"]).parent
     lines = [
-        f"done: {metrics['algo']} x{metrics['world_size']} | {metrics['model']} on {metrics['dataset']} | "
+        f"{stopped} {metrics['algo']} x{metrics['world_size']} | {metrics['model']} on {metrics['dataset']} | "
         f"{metrics['steps']} steps, global batch {metrics['global_batch_size']}",
         f"  train {metrics['train_time_s']:.1f} s, {metrics['throughput_img_s']:.1f} img/s | comm {comm}",
-        f"  final train loss {metrics['final_train_loss']:.4f} | test accuracy {metrics['final_test_accuracy']:.2%}",
-        f"  wrote {Path(metrics['checkpoint']).parent / METRICS_NAME} and {metrics['checkpoint']}",
+        f"  epoch {last['epoch']} ({part}, to step {last['step']}): mean train loss {last['train_loss']:.4f}{over} "
+        f"| test accuracy {last['test_accuracy']:.2%} on {tested} test images",
+        f"  wrote {out / METRICS_NAME} and {metrics['checkpoint']} (step {metrics['steps']})",
     ]
+    if metrics.get("stopped"):
+        lines.append(f"  to continue: the same command with --resume {metrics['checkpoint']}")
     return "\n".join(lines)
 
 
-def _spawned_rank(rank: int, world_size: int, cfg: TrainConfig, kind: str) -> dict[str, Any] | None:
-    """What each spawned process runs (``run_world`` has initialised the process group)."""
+def _spawned_rank(rank: int, world_size: int, cfg: TrainConfig, kind: str) -> str | None:
+    """What each spawned process runs (``run_world`` has initialised the process group).
+
+    Returns, on rank 0, why the run stopped early (``trainer.loop.STOP_REASONS``) or None.
+    """
+    import torch
+
+    from trainer.loop import request_stop, train
+
+    # Ctrl-C reaches every worker (the terminal signals the whole group, the launcher forwards it):
+    # each one finishes its step; the ranks agree to stop and write the checkpoint (trainer/loop.py).
+    signal.signal(signal.SIGINT, lambda signum, frame: request_stop("interrupted"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     metrics = train(cfg, rank, world_size, _device_for(kind, rank))
-    if metrics is not None:
-        print(summary(metrics), flush=True)
-    return None  # rank 0 wrote metrics.json; nothing large goes back through the queue
+    if metrics is None:
+        return None
+    print(summary(metrics), flush=True)
+    return metrics["stopped"]  # rank 0 wrote metrics.json; nothing large goes back through the queue
 
 
 def _torchrun_main(args: argparse.Namespace, kind: str, backend: str) -> int:
+    import torch.distributed as dist
+
+    from ringcomm.world import finish
+    from trainer.loop import request_stop, train
+
+    world_size = int(os.environ["WORLD_SIZE"])
+    cfg = config_from_args(args, world_size)
+    check_run(cfg, args, kind, backend, world_size)
+    signal.signal(signal.SIGINT, lambda signum, frame: request_stop("interrupted"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device_for(kind, local_rank)
     dist.init_process_group(backend, device_id=device if kind == "cuda" else None)
     ok = False
+    stopped = None
     try:
-        cfg = config_from_args(args, dist.get_world_size())
         metrics = train(cfg, dist.get_rank(), dist.get_world_size(), device)
         if metrics is not None:
             print(summary(metrics), flush=True)
+            stopped = metrics["stopped"]
         ok = True
     finally:
         finish(ok)  # ringcomm's comm thread first, then the group (ringcomm/world.py)
-    return 0
+    return {None: 0, "time-limit": EXIT_TIME_LIMIT, "interrupted": EXIT_INTERRUPTED}[stopped]
+
+
+class _CtrlC:
+    """The launcher's SIGINT handler: the first asks the workers to stop after their step, the second now."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        import multiprocessing
+
+        if self.seen:
+            raise KeyboardInterrupt  # run_world stops and joins the workers on its way out
+        self.seen = True
+        print(
+            "launch.py: interrupted: the workers stop after their current step and write the checkpoint "
+            "(Ctrl-C again: stop them now, without one)",
+            file=sys.stderr,
+            flush=True,
+        )
+        for child in multiprocessing.active_children():  # also when SIGINT was sent to the launcher alone
+            try:
+                os.kill(child.pid, signal.SIGINT)
+            except (ProcessLookupError, TypeError):  # exited meanwhile
+                pass
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, then train under torchrun's processes or in a world spawned here."""
+    """Parse, check, then train under torchrun's processes or in a world spawned here."""
     args = parse_args(argv)
+    check_args(args, int(os.environ["WORLD_SIZE"]) if under_torchrun() else args.world_size)
+
+    from ringcomm.torch_transport import backend_for
+
     kind = device_kind(args.device)
     backend = args.backend or backend_for(kind)
     if under_torchrun():
         return _torchrun_main(args, kind, backend)
 
+    from ringcomm.world import WorldError, run_world
+
     cfg = config_from_args(args, args.world_size)
+    check_run(cfg, args, kind, backend, args.world_size)
+    if cfg.download:  # here, once, so that a failure is one line before any worker starts
+        from trainer.data import DataSourceError, download_cifar10
+
+        try:
+            download_cifar10(cfg.data_dir or "data")
+        except DataSourceError as exc:
+            _refuse(str(exc))
+        cfg.download = False
+
     # SIGTERM to the launcher: unwind through run_world, which stops and joins every worker.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    ctrl_c = _CtrlC()
+    signal.signal(signal.SIGINT, ctrl_c)
+    limit = float("inf") if cfg.time_limit is None else cfg.time_limit + TIME_LIMIT_GRACE_S
     try:
-        run_world(
-            _spawned_rank,
-            args.world_size,
-            (cfg, kind),
-            timeout=args.time_limit or float("inf"),
-            backend=backend,
-        )
+        stopped = run_world(_spawned_rank, args.world_size, (cfg, kind), timeout=limit, backend=backend)[0]
     except WorldError as exc:
-        print(f"launch.py: {exc}", file=sys.stderr, flush=True)
+        if exc.traceback:
+            print(f"launch.py: rank {exc.rank}'s traceback:\n{exc.traceback.rstrip()}", file=sys.stderr)
+        print(f"launch.py: {exc.summary}", file=sys.stderr, flush=True)
+        if ctrl_c.seen:
+            print(
+                "launch.py: interrupted; the workers ended without writing a new checkpoint", file=sys.stderr
+            )
+            return EXIT_INTERRUPTED
         print("launch.py: stopped the other workers; exiting with status 1", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         print("launch.py: interrupted; workers stopped", file=sys.stderr, flush=True)
-        return 130
-    return 0
+        return EXIT_INTERRUPTED
+    return {None: 0, "time-limit": EXIT_TIME_LIMIT, "interrupted": EXIT_INTERRUPTED}[stopped]
 
 
 if __name__ == "__main__":

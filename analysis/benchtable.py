@@ -8,6 +8,12 @@ median time in ms with, in parentheses, Gloo's time in the same world over
 this one (above 1: faster than Gloo). With ``--memcpy`` a last column gives,
 for the fastest non-Gloo algorithm of the row, its busbw as a fraction of one
 core's copy bandwidth measured in the same run (``memcpy_gbs``).
+
+``--plot PNG`` also draws the files' rows as the report's bus-bandwidth figure
+(``analysis.plots.plot_busbw``: a panel per world size, a line per algorithm,
+dashed the alpha-beta fit of each)::
+
+    python -m analysis.benchtable bench.json --plot busbw.png
 """
 
 from __future__ import annotations
@@ -46,7 +52,9 @@ def render(doc: dict, memcpy: bool = False) -> str:
             ours = [by[size, a] for a in algos if a != "gloo" and (size, a) in by]
             best = min(ours, key=lambda r: r["time_us"]) if ours else None
             if best is not None and best.get("memcpy_gbs"):
-                cells.append(f"{best['busbw_gbs'] / best['memcpy_gbs']:.0%} ({best['algo']}, memcpy {best['memcpy_gbs']:.1f} GB/s)")
+                cells.append(
+                    f"{best['busbw_gbs'] / best['memcpy_gbs']:.0%} ({best['algo']}, memcpy {best['memcpy_gbs']:.1f} GB/s)"
+                )
             else:
                 cells.append("")
         lines.append("| " + " | ".join(cells) + " |")
@@ -60,17 +68,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("files", nargs="+", help="ringcomm.bench --json files")
     parser.add_argument("--memcpy", action="store_true", help="add the busbw / memcpy column")
+    parser.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="also draw busbw against size for all the files' rows (default: no figure)",
+    )
     args = parser.parse_args(argv)
-    for path in args.files:
+    docs = []
+    for path in args.files:  # every file read before anything is printed: a bad one is said alone
         try:
             doc = json.loads(Path(path).read_text())
-            rows = doc["rows"]
+            if not isinstance(doc["rows"], list):
+                raise TypeError("'rows' is not a list")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             print(f"analysis.benchtable: {path}: not a ringcomm.bench --json file ({exc})", file=sys.stderr)
             return 2
-        print(f"**{doc.get('world_size', '?')} ranks** ({len(rows)} rows, {path})\n")
+        docs.append((path, doc))
+    for path, doc in docs:
+        print(f"**{doc.get('world_size', '?')} ranks** ({len(doc['rows'])} rows, {path})\n")
         print(render(doc, args.memcpy))
         print()
+    if args.plot:
+        from .fit import fit_rows
+        from .plots import plot_busbw
+
+        rows = [row for _, doc in docs for row in doc["rows"]]
+        notes: list[str] = []
+        if plot_busbw(rows, fit_rows(rows), args.plot, notes) is None:
+            why = notes[-1].split(": skipped, ", 1)[-1] if notes else "nothing to draw"
+            print(f"analysis.benchtable: --plot {args.plot}: {why}; nothing written", file=sys.stderr)
+            return 1
+        print(f"wrote {args.plot}")
     return 0
 
 

@@ -11,6 +11,7 @@ case was run more than once, its last line wins.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -41,12 +42,20 @@ def caught_by(message: str) -> str:
 
 
 def load(path: str | Path) -> list[dict[str, Any]]:
-    """The cases in ``path``, one per (fault, algo, transport), last line wins, in file order."""
+    """The cases in ``path``, one per (fault, algo, transport), last line wins, in file order.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: a line is not one of tests/test_faults.py's records (names the line).
+    """
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for line in Path(path).read_text().splitlines():
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         if line.strip():
-            row = json.loads(line)
-            rows[(row["fault"], row["algo"], row["transport"])] = row
+            try:
+                row = json.loads(line)
+                rows[(row["fault"], row["algo"], row["transport"])] = row
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"line {number} is not a record of tests/test_faults.py ({exc!r})") from None
     return list(rows.values())
 
 
@@ -93,11 +102,21 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m analysis.reliability FAULTS.jsonl", file=sys.stderr)
-        return 2
-    print(render(load(args[0])), end="")
+    """Print the table of a records file; one line on stderr and status 1 if it cannot be read."""
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.reliability",
+        description="The reliability table (Markdown, on stdout) from the records tests/test_faults.py appends.",
+        epilog="Record them with: RINGCOMM_RELIABILITY_OUT=results/faults.jsonl pytest tests/test_faults.py",
+    )
+    parser.add_argument("records", metavar="FAULTS.jsonl", help="the file RINGCOMM_RELIABILITY_OUT named")
+    args = parser.parse_args(argv)
+    try:
+        rows = load(args.records)
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        print(f"{parser.prog}: {args.records}: {why}", file=sys.stderr)
+        return 1
+    print(render(rows), end="")
     return 0
 
 

@@ -474,6 +474,11 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.results)
     if not root.is_dir():
         parser.error(f"{root} is not a folder; run python -m analysis.sweep --out {root} first")
+    found = load_results(root)
+    if not found.bench_rows and not found.runs:  # else a REPORT.md of "?" and empty tables
+        parser.error(
+            f"{root}: nothing to report (no bench --json file, no metrics.json); run analysis.sweep first"
+        )
     report = build_report(root)
     print(f"# wrote {report}")
     return 0

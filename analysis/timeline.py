@@ -8,13 +8,22 @@ object with ``"traceEvents"``. We read complete events (``ph: "X"``, with
 each (rank, tid) gets its own lane. Bars are coloured by ``cat`` (else
 ``name``), so compute, all-reduce and optimiser steps read at a glance.
 
+From the command line (``--out`` defaults to the trace's name with ``.png``)::
+
+    python launch.py --algo ring --world-size 2 --trace trace.json
+    python -m analysis.timeline trace.json --out timeline.png
+
+From Python::
+
     >>> from analysis.timeline import render_trace
     >>> render_trace("results/quick/trace.json", "results/quick/figures/timeline.png")
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 
 from .plots import _save  # noqa: E402
 
-__all__ = ["Span", "load_events", "thread_names", "trace_spans", "render_trace"]
+__all__ = ["Span", "load_events", "thread_names", "trace_spans", "render_trace", "main"]
 
 #: (pid, tid, name, category, start_us, duration_us)
 Span = tuple[int, int, str, str, float, float]
@@ -144,3 +153,32 @@ def render_trace(
     )
     ax.grid(True, axis="x", alpha=0.3)
     return _save(fig, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Render a trace file to PNG; one line on stderr and status 1 if there is nothing to draw."""
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.timeline",
+        description="Render a Chrome trace (launch.py --trace FILE) as a per-rank Gantt chart (PNG).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("trace", metavar="TRACE.json", help="the file launch.py --trace wrote")
+    parser.add_argument("--out", metavar="PNG", help="the figure to write (default: TRACE with .png)")
+    parser.add_argument("--title", default="Timeline per rank", help="the figure's title")
+    parser.add_argument("--max-lanes", type=int, default=32, help="lanes (rank, thread) drawn at most")
+    args = parser.parse_args(argv)
+    if args.max_lanes < 1:
+        parser.error(f"--max-lanes must be at least 1, got {args.max_lanes}")
+    out = Path(args.out) if args.out else Path(args.trace).with_suffix(".png")
+    notes: list[str] = []
+    written = render_trace(args.trace, out, title=args.title, max_lanes=args.max_lanes, notes=notes)
+    if written is None:
+        why = notes[-1].split(": skipped, ", 1)[-1] if notes else "nothing to draw"
+        print(f"{parser.prog}: {args.trace}: {why}; nothing written", file=sys.stderr)
+        return 1
+    print(f"# wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

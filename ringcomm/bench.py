@@ -1,4 +1,4 @@
-"""``python -m ringcomm.bench``: time all-reduce algorithms against Gloo, nccl-tests style.
+"""python -m ringcomm.bench: time all-reduce algorithms against Gloo, nccl-tests style.
 
     python -m ringcomm.bench --world-size 4 --sizes 64K,1M,16M,64M --algos gloo,ring,naive
     python -m ringcomm.bench --world-size 4 --algos gloo,ring,ps,ps:4 --json bench.json
@@ -41,6 +41,7 @@ that is the physical limit of a transport that moves bytes by copying them.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import platform
@@ -48,6 +49,8 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -319,24 +322,73 @@ def machine_info() -> dict:
     return info
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m ringcomm.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--world-size", type=int, default=None, help="ranks to spawn (default 4); under torchrun, torchrun's"
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default shown, but not None or False: such an option says in its help what its absence does.
+
+    (launch.py has the same two classes: it parses before importing torch, so it cannot import these.)
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a rejected argument said in one line (the usage is what --help is for)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (--help lists the options)\n")
+
+
+def _check_algo(text: str, default_transport: str) -> AlgoSpec:
+    """``text`` parsed (``AlgoSpec.parse``), its algorithm and transport known; ValueError saying what is not."""
+    from .algorithms import ALGOS
+
+    spec = AlgoSpec.parse(text, default_transport)
+    names = ["gloo", *ALGOS]
+    if spec.algo not in names:
+        near = difflib.get_close_matches(spec.algo, names, n=1)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        raise ValueError(
+            f"algorithm {text!r}: unknown {spec.algo!r}; expected one of {', '.join(names)}{hint}"
+        )
+    if spec.transport not in transport_names():
+        raise ValueError(
+            f"algorithm {text!r}: unknown transport {spec.transport!r}; "
+            f"expected one of {', '.join(transport_names())}"
+        )
+    return spec
+
+
+def _under_torchrun() -> bool:
+    """Whether torchrun started this process as one rank of its world."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], list[str]]:
+    """The command line, every value checked: (args, sizes in bytes, --algos entries). Exits 2 on a mistake."""
+    parser = _Parser(
+        prog="python -m ringcomm.bench", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter
     )
     parser.add_argument(
-        "--sizes", default="64K,1M,16M,64M", help="comma list: 64K,1M,16M (bytes, powers of 1024)"
+        "--world-size", type=int, default=None, help="ranks to spawn (default: 4; under torchrun, torchrun's)"
+    )
+    parser.add_argument(
+        "--sizes", default="64K,1M,16M,64M", help="comma list of sizes in bytes, K/M/G are powers of 1024"
     )
     parser.add_argument(
         "--algos", default="gloo,ring,naive", help="comma list, e.g. gloo,ring,ring_simple,ps,ps:2,ring@zmq"
     )
     parser.add_argument("--transport", default="torch", choices=transport_names(), help="default transport")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="element type")
     parser.add_argument("--reps", type=int, default=15, help="samples per algorithm and size (median shown)")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per algorithm and size")
     parser.add_argument("--sample-s", type=float, default=0.02, help="target seconds per sample")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before the whole run is stopped")
-    parser.add_argument("--json", metavar="FILE", help="also write rows and the machine to FILE")
+    parser.add_argument(
+        "--json", metavar="FILE", help="also write rows and the machine to FILE (default: no file)"
+    )
     parser.add_argument(
         "--tune",
         action="store_true",
@@ -346,6 +398,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--transports", default="torch,zmq,shm", help="with --tune: the transports to fit (comma list)"
     )
     args = parser.parse_args(argv)
+    if args.world_size is not None and args.world_size < 1:
+        parser.error(f"--world-size must be at least 1, got {args.world_size}")
+    if _under_torchrun() and args.world_size not in (None, int(os.environ["WORLD_SIZE"])):
+        parser.error(
+            f"--world-size {args.world_size} but torchrun started {os.environ['WORLD_SIZE']} ranks; "
+            "leave --world-size out under torchrun"
+        )
+    for flag, value, low in (("--reps", args.reps, 1), ("--warmup", args.warmup, 0)):
+        if value < low:
+            parser.error(f"{flag} must be at least {low}, got {value}")
+    for flag, value in (("--sample-s", args.sample_s), ("--timeout", args.timeout)):
+        if not 0 < value < float("inf"):
+            parser.error(f"{flag} must be a positive number of seconds, got {value}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        parser.error(f"--json {args.json}: no folder {Path(args.json).parent} to write it in")
     if args.tune:
         from . import auto
 
@@ -359,13 +426,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         args.algos = ",".join(f"{a}@{t}" for t in transports for a in auto.CANDIDATES if a in ALGOS)
 
-    sizes = [parse_size(s) for s in args.sizes.split(",") if s]
+    sizes = []
+    for text in [t for t in args.sizes.split(",") if t.strip()]:
+        try:
+            size = parse_size(text)
+        except ValueError:
+            parser.error(f"--sizes: {text!r} is not a size; expected bytes, e.g. 4096, 64K, 1M, 1.5G")
+        if size < 1:
+            parser.error(f"--sizes: {text!r}: a size must be at least 1 byte")
+        sizes.append(size)
     algos = [a for a in args.algos.split(",") if a]
+    if not sizes or not algos:
+        parser.error(f"{'--sizes' if not sizes else '--algos'}: the list is empty")
     for a in algos:  # refuse a bad label here, not inside every rank of a spawned world
         try:
-            AlgoSpec.parse(a, args.transport)
+            _check_algo(a, args.transport)
         except ValueError as exc:
             parser.error(f"--algos: {exc}")
+    return args, sizes, algos
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Parse and check the command line, then time the algorithms in a spawned world or torchrun's."""
+    args, sizes, algos = _parse_args(argv)
     cfg = dict(
         sizes=sizes,
         algos=algos,
@@ -376,21 +459,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sample_s=args.sample_s,
         progress=True,
     )
-    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # then we are one rank
-    if under_torchrun:
+    if _under_torchrun():
         world_size = int(os.environ["WORLD_SIZE"])
-        if args.world_size not in (None, world_size):
-            parser.error(
-                f"--world-size {args.world_size} but torchrun started {world_size} ranks; "
-                "leave --world-size out under torchrun"
-            )
     else:
         world_size = 4 if args.world_size is None else args.world_size
     header = (
         f"# ringcomm.bench: world_size={world_size} dtype={args.dtype} reps={args.reps} "
         f"(median of per-call time, slowest rank) torch={torch.__version__} cpus={os.cpu_count()}"
     )
-    if under_torchrun:
+    if _under_torchrun():
         dist.init_process_group("gloo")
         torch.set_num_threads(1)
         if dist.get_rank() == 0:

@@ -30,11 +30,21 @@ __all__ = ["WorldError", "finish", "run_world", "free_port"]
 
 
 class WorldError(RuntimeError):
-    """A rank failed, died or the world ran past its timeout."""
+    """A rank failed, died or the world ran past its timeout.
 
-    def __init__(self, message: str, rank: int | None = None) -> None:
-        super().__init__(message)
+    Attributes:
+        rank: the rank that failed first (None for a timeout).
+        summary: one line: which rank failed first and why, then what the others did, in that order.
+        traceback: the first failed rank's traceback ("" if it died without one).
+
+    ``str()`` is the summary, then the traceback.
+    """
+
+    def __init__(self, summary: str, rank: int | None = None, traceback: str = "") -> None:
+        super().__init__(f"{summary}\n{traceback}" if traceback else summary)
         self.rank = rank
+        self.summary = summary
+        self.traceback = traceback
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -78,9 +88,10 @@ def _child(
         )
         value = fn(rank, world_size, *args)
         ok = True
-        results.put((rank, "ok", value))
+        results.put((rank, "ok", value, time.time()))
     except BaseException as exc:  # report everything, including KeyboardInterrupt
-        results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        # the time orders the failures: the first is the cause, the peers' usually its consequence
+        results.put((rank, "error", (f"{type(exc).__name__}: {exc}", traceback.format_exc()), time.time()))
         raise SystemExit(1) from None
     finally:
         finish(ok)
@@ -103,7 +114,9 @@ def finish(ok: bool) -> None:
     try:
         ringcomm.shutdown(timeout=10.0 if ok else 1.0)
     except ringcomm.CommError as exc:
-        print(f"ringcomm: {exc}; leaving the process group to the process's exit", file=sys.stderr, flush=True)
+        print(
+            f"ringcomm: {exc}; leaving the process group to the process's exit", file=sys.stderr, flush=True
+        )
         return
     try:
         dist.destroy_process_group()
@@ -154,14 +167,14 @@ def run_world(
     try:
         while len(values) < world_size and failure is None:
             try:
-                rank, status, value = results.get(timeout=0.2)
+                rank, status, value, at = results.get(timeout=0.2)
             except queue.Empty:
                 for rank, proc in enumerate(procs):
                     if rank not in values and proc.exitcode is not None:
                         # exited without reporting: killed, or a crash below Python
                         time.sleep(0.2)  # its report may still be in the pipe
                         if results.empty():
-                            failure = WorldError(f"rank {rank} died with exit code {proc.exitcode}", rank)
+                            failure = _first_cause(procs, results, values, {})
                             break
                 if failure is None and time.monotonic() > deadline:
                     missing = sorted(set(range(world_size)) - set(values))
@@ -172,7 +185,7 @@ def run_world(
             if status == "ok":
                 values[rank] = value
             else:
-                failure = _first_cause(procs, rank, value, reported=set(values) | {rank})
+                failure = _first_cause(procs, results, values, {rank: (at, *value)})
     finally:
         _stop(procs, grace=5.0 if failure is None else 1.0)
         results.close()
@@ -182,24 +195,44 @@ def run_world(
     return [values[r] for r in range(world_size)]
 
 
-def _first_cause(procs: list[Any], rank: int, report: str, reported: set[int]) -> WorldError:
-    """The error to raise when ``rank`` reported a failure.
+def _first_cause(
+    procs: list[Any], results: Any, values: dict[int, Any], failed: dict[int, tuple[float, str, str]]
+) -> WorldError:
+    """The error to raise once a rank has failed: which rank failed first and why, then the others.
 
-    When a worker dies, its peers fail a moment later ("connection closed by
-    peer") and may report before the dead one's exit is noticed. So look for
-    a rank that exited without reporting, for a short while, and blame it first.
+    ``failed``: the reports read so far, rank -> (time, "Type: message", traceback).
+    When one rank fails, its peers fail a moment later ("connection closed by
+    peer"), and the parent may read their reports before the first one's. So
+    for up to a second, read every report still in the queue and watch for
+    ranks that exit; then put first a rank that exited without a report (killed,
+    or crashed below Python: the others failed because of it), then the reports
+    in the order they were made. A rank that did report is never said to have
+    "died", whatever its exit code.
     """
     end = time.monotonic() + 1.0
     while time.monotonic() < end:
-        for other, proc in enumerate(procs):
-            if other not in reported and proc.exitcode not in (None, 0):
-                return WorldError(
-                    f"rank {other} died with exit code {proc.exitcode} "
-                    f"(then rank {rank} failed: {report.splitlines()[0]})",
-                    other,
-                )
-        time.sleep(0.05)
-    return WorldError(f"rank {rank} failed: {report}", rank)
+        try:
+            rank, status, value, at = results.get(timeout=0.05)
+        except queue.Empty:
+            pending = [r for r, p in enumerate(procs) if r not in values and r not in failed]
+            if all(procs[r].exitcode is not None for r in pending) and results.empty():
+                break  # everyone has reported or exited: nothing more to wait for
+            continue
+        if status == "ok":
+            values[rank] = value
+        else:
+            failed[rank] = (at, *value)
+    # a rank that exited without a report, whatever its exit code: killed, or crashed below Python
+    died = [r for r, p in enumerate(procs) if r not in values and r not in failed and p.exitcode is not None]
+    causes = [(r, f"died with exit code {procs[r].exitcode} (no error report)") for r in died]
+    by_time = sorted(failed.items(), key=lambda item: item[1][0])
+    causes += [(r, f"failed: {head.splitlines()[0] if head else '?'}") for r, (_, head, _) in by_time]
+    (first_rank, first), later = causes[0], causes[1:]
+    summary = "; then ".join(
+        [f"rank {first_rank} {first}"]
+        + [f"rank {r} {'failed the same way' if what == first else what}" for r, what in later]
+    )
+    return WorldError(summary, first_rank, failed[first_rank][2] if first_rank in failed else "")
 
 
 def _stop(procs: list[Any], grace: float) -> None:

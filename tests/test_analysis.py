@@ -642,3 +642,65 @@ def test_human_bytes() -> None:
         "1.5M",
         "1G",
     ]
+
+
+# --- the command lines (issue 15) ---------------------------------------------------------------
+
+
+def test_report_on_a_folder_with_nothing_to_report_fails_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """It exited 0 and wrote a REPORT.md full of "?"."""
+    with pytest.raises(SystemExit) as raised:
+        report.main([str(tmp_path)])
+    assert raised.value.code != 0
+    assert "nothing to report" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reliability_help_is_help_and_a_bad_file_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from analysis import reliability
+
+    with pytest.raises(SystemExit) as raised:
+        reliability.main(["--help"])  # was: FileNotFoundError for '--help'
+    assert raised.value.code == 0 and "FAULTS.jsonl" in capsys.readouterr().out
+    assert reliability.main([str(tmp_path / "missing.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"python -m analysis.reliability: {tmp_path / 'missing.jsonl'}: No such file or directory\n"
+    (tmp_path / "bad.jsonl").write_text('{"fault": "kill"}\n')
+    assert reliability.main([str(tmp_path / "bad.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "line 1 is not a record of tests/test_faults.py" in err
+
+
+def test_timeline_command_renders_a_trace_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    events = [
+        {"ph": "X", "name": "fwd", "cat": "compute", "ts": 0, "dur": 100, "pid": 0, "tid": 0},
+        {"ph": "X", "name": "all_reduce", "cat": "comm", "ts": 100, "dur": 50, "pid": 1, "tid": 0},
+    ]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    assert timeline.main([str(trace)]) == 0  # --out defaults to the trace's name with .png
+    assert_png(tmp_path / "trace.png")
+    assert timeline.main([str(trace), "--out", str(tmp_path / "t.png")]) == 0
+    assert_png(tmp_path / "t.png")
+    capsys.readouterr()
+    (tmp_path / "empty.json").write_text("[]")
+    assert timeline.main([str(tmp_path / "empty.json")]) == 1
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "empty.png").exists()
+
+
+def test_benchtable_plots_a_single_bench_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from analysis import benchtable
+
+    _bench_file(tmp_path, "one", 2, ["ring"])
+    png = tmp_path / "busbw.png"
+    assert benchtable.main([str(tmp_path / "bench" / "one.json"), "--plot", str(png)]) == 0
+    assert_png(png)
+    assert f"wrote {png}" in capsys.readouterr().out
+    (tmp_path / "broken.json").write_text("{}")
+    assert benchtable.main([str(tmp_path / "broken.json"), "--plot", str(tmp_path / "no.png")]) == 2
+    assert "not a ringcomm.bench --json file" in capsys.readouterr().err
+    assert not (tmp_path / "no.png").exists()

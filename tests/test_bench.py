@@ -145,3 +145,65 @@ def test_the_overlapped_parameter_server_has_a_label_of_its_own() -> None:
     for text in ("ring+overlap", "ps+fast"):
         with pytest.raises(ValueError, match=re.escape("the one modifier is ps+overlap")):
             bench.AlgoSpec.parse(text)
+
+
+# --- command-line mistakes (issue 15): one line, status 2, before any worker starts ---------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--sizes", "1X"], "--sizes: '1X' is not a size"),
+        (["--sizes", "0"], "--sizes: '0': a size must be at least 1 byte"),
+        (["--sizes", ","], "--sizes: the list is empty"),
+        (["--world-size", "0"], "--world-size must be at least 1, got 0"),
+        (["--algos", "gloo,rign"], "--algos: algorithm 'rign': unknown 'rign'; expected one of gloo, ring"),
+        (["--algos", "ring@tcp"], "--algos: algorithm 'ring@tcp': unknown transport 'tcp'"),
+        (["--reps", "0"], "--reps must be at least 1, got 0"),
+        (["--json", "/no/such/folder/b.json"], "--json /no/such/folder/b.json: no folder"),
+    ],
+)
+def test_command_line_mistakes_are_one_line_before_any_worker_starts(
+    argv: list[str], says: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import ringcomm.world
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("bench started workers for a command it should have refused")
+
+    monkeypatch.setattr(ringcomm.world, "run_world", refuse)
+    with pytest.raises(SystemExit) as raised:
+        bench.main(argv)
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"python -m ringcomm.bench: {says}"), err
+    assert "Traceback" not in err
+
+
+def test_a_near_miss_algorithm_gets_a_suggestion(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--algos", "gloo,rign"])
+    assert "did you mean ring?" in capsys.readouterr().err
+
+
+def test_help_shows_every_default_and_no_backticks(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as raised:
+        bench.main(["--help"])
+    assert raised.value.code == 0
+    out = capsys.readouterr().out
+    text = " ".join(out.split())
+    assert "``" not in text
+    for option, default in [
+        ("--sizes", "64K,1M,16M,64M"),
+        ("--algos", "gloo,ring,naive"),
+        ("--transport", "torch"),
+        ("--dtype", "float32"),
+        ("--reps", "15"),
+        ("--warmup", "3"),
+        ("--sample-s", "0.02"),
+        ("--timeout", "1800"),
+        ("--transports", "torch,zmq,shm"),
+    ]:
+        block = " ".join(out.split(f"\n  {option} ", 1)[1].split("\n  --", 1)[0].split())
+        assert f"(default: {default})" in block, (option, block)
+    assert "(default: None)" not in text and "(default: False)" not in text

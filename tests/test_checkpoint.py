@@ -130,7 +130,7 @@ def test_restore_gives_back_weights_optimizer_schedule_position_and_rng(
     assert lines == [f"resume: {path} at step 3, epoch 1, batch 2 of that epoch"]
 
     ckpt = checkpoint.load(path)
-    assert set(ckpt) == set(checkpoint.KEYS)
+    assert set(ckpt) == set(checkpoint.KEYS) | set(checkpoint.OPTIONAL_KEYS)
     assert (ckpt["model_name"], ckpt["batch_size"], ckpt["config"]["model"]) == ("tiny", 8, "tiny")
     assert len(ckpt["rng"]) == 1  # one state per rank
 

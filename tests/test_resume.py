@@ -30,6 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from test_launch import _processes_with  # the /proc scan for leftover workers
 
@@ -160,3 +161,48 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Pat
     assert abs(got["final_train_loss"] - ref["final_train_loss"]) <= 1e-4 * abs(ref["final_train_loss"])
     assert abs(got["final_test_accuracy"] - ref["final_test_accuracy"]) <= 1 / 409 + 1e-9
     assert _processes_with(marker) == []
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("how", ["ctrl-c", "time-limit"])
+def test_stopping_early_writes_a_checkpoint_to_resume_from(how: str, tmp_path: Path) -> None:
+    """Issue 15: Ctrl-C (or --time-limit) before an epoch ended left nothing to resume from.
+
+    The launcher (alone: the test is not a terminal) gets SIGINT once the workers
+    are training, or --time-limit 4 stops them; either way they stop at a step,
+    write the checkpoint there, and the launcher exits 130 or 124, saying how to go on.
+    """
+    marker = uuid.uuid4().hex
+    out = tmp_path / "run"
+    extra = ["--time-limit", "4"] if how == "time-limit" else []
+    launcher = subprocess.Popen(
+        [sys.executable, *ARGS, "--out", str(out), *extra],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(marker),
+    )
+    try:
+        if how == "ctrl-c":
+            assert launcher.stdout is not None
+            for line in launcher.stdout:  # the first progress line: the workers are in the loop
+                if line.startswith("step "):
+                    break
+            launcher.send_signal(signal.SIGINT)
+        stdout, stderr = launcher.communicate(timeout=180)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+    assert launcher.returncode == (130 if how == "ctrl-c" else 124), stdout + stderr
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    m = _final(out)
+    assert m["stopped"] == ("interrupted" if how == "ctrl-c" else "time-limit")
+    assert 0 < ckpt["step"] == m["steps"] < 2 * STEPS_PER_EPOCH
+    assert ckpt["batch_in_epoch"] > 0 or ckpt["step"] == STEPS_PER_EPOCH  # mid-epoch, as a rule
+    said = "stopped early (Ctrl-C):" if how == "ctrl-c" else "stopped early (--time-limit):"
+    assert said in stdout and f"to continue: the same command with --resume {out / 'checkpoint.pt'}" in stdout
+    assert "Traceback" not in stderr, stderr
+    time.sleep(0.5)
+    assert _processes_with(marker) == [], "orphaned worker processes"

@@ -1,7 +1,8 @@
 """Checkpoints of a training run: what one holds, how it is written, how a run resumes from it.
 
-``trainer/loop.py`` calls ``save`` at the end of every epoch (and when
-``--max-steps`` stops a run mid-epoch) and ``restore`` for ``--resume``. A
+``trainer/loop.py`` calls ``save`` at the end of every epoch, when a run stops
+mid-epoch (``--max-steps``, ``--time-limit``, Ctrl-C), every ``--checkpoint-every``
+steps, and ``restore`` for ``--resume``. A
 checkpoint is one ``torch.save`` file, a dict with these keys (tests and tools
 read them; keep old files loadable when adding one)::
 
@@ -19,6 +20,7 @@ read them; keep old files loadable when adding one)::
     images_seen     training images consumed so far, all ranks together
     rng             one dict per rank: its torch, numpy and python RNG states (and cuda's)
     config          the run's TrainConfig as a dict, for the reader (resume uses the command line)
+    total_steps     the step the run's schedule ended at (absent in older files)
 
 Exact resume. A resumed run replays, bit for bit, the steps the uninterrupted
 run would have taken: the weights, the optimizer and the schedule come back,
@@ -27,6 +29,13 @@ same stream), and the loop skips the ``batch_in_epoch`` batches of the epoch's
 shard it has already trained on (the shard order is a function of the seed and
 the epoch). The RNG states fit only the same world size and batch size; with
 others the run goes on with fresh streams and says so.
+
+The schedule on resume. The learning rate is a function of the step and of
+the run's total (``trainer/loop.py``), and the total is this run's: raise
+``--max-steps`` or ``--epochs`` on resume and, from the first resumed step on,
+the rate is the one a run planned for the new total would have there (a cosine
+that had decayed to 0 at the old end goes back up to where the new plan is,
+then decays to the new end). ``restore`` says so when the total changed.
 
 Atomic writes. Rank 0 writes to a temporary file in the same folder, flushes it
 to disk and renames it over the old checkpoint: a reader (or a run resumed
@@ -37,6 +46,7 @@ half of one.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -60,6 +70,7 @@ __all__ = [
     "save",
     "load",
     "restore",
+    "nothing_left",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -81,6 +92,8 @@ KEYS = (
     "rng",
     "config",
 )
+#: Keys added since, absent from older files (which still load): see the module docstring.
+OPTIONAL_KEYS = ("total_steps",)
 
 
 @dataclass
@@ -140,8 +153,12 @@ def save(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     progress: Progress,
+    *,
+    total_steps: int | None = None,
 ) -> None:
     """Write the checkpoint of the run as it stands to ``path`` (see the module docstring).
+
+    ``total_steps``: where the run's schedule ends, recorded so that a resumed run can say it changed.
 
     Collective: every rank of the default group calls it (each contributes its
     RNG state); rank 0 alone writes, atomically, creating the folder if needed.
@@ -165,6 +182,7 @@ def save(
         "images_seen": progress.images_seen,
         "rng": rngs,
         "config": asdict(cfg),
+        "total_steps": total_steps,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: torch.save(ckpt, f))
@@ -178,9 +196,17 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]
     you wrote (a local file named on the command line, never one from the network).
 
     Raises:
-        ValueError: the file is not a checkpoint of this format (names the missing keys).
+        ValueError: the file is not a checkpoint of this format (names the missing keys), or not
+            one torch can read at all.
     """
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, ImportError, AttributeError) as exc:
+        why = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ValueError(
+            f"{path}: not a trainer checkpoint (torch.load: {why}); "
+            f"--resume expects the {CHECKPOINT_NAME} that launch.py writes"
+        ) from exc
     if not isinstance(ckpt, dict):
         problem = f"it holds a {type(ckpt).__name__}, not a dict"
     else:
@@ -205,6 +231,7 @@ def restore(
     world_size: int,
     device: torch.device,
     say: Callable[[str], None],
+    total_steps: int | None = None,
 ) -> Progress:
     """Load the checkpoint at ``path`` into the model, optimizer, scheduler and this rank's RNGs.
 
@@ -217,6 +244,7 @@ def restore(
             world size and the batch size are the checkpoint's.
         device: where the loaded tensors go.
         say: prints a line (on rank 0): where the run resumes, and whether the RNG streams are fresh.
+        total_steps: where this run's schedule ends; if the checkpoint's ended elsewhere, ``say`` tells.
 
     Returns:
         The progress to continue from.
@@ -230,6 +258,13 @@ def restore(
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
+    # The optimizer comes back with the rate of the old schedule at this step; the next step must
+    # use this run's schedule (its total may differ): set the rate from the scheduler's rule now.
+    old_lr = optimizer.param_groups[0]["lr"]
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        step = scheduler.last_epoch
+        for group, base, rule in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * rule(step)
     progress = Progress(
         step=ckpt["step"],
         epoch=ckpt["epoch"],
@@ -250,4 +285,24 @@ def restore(
         f"resume: {path} at step {progress.step}, epoch {progress.epoch}, "
         f"batch {progress.batch_in_epoch} of that epoch"
     )
+    old_total = ckpt.get("total_steps")
+    if total_steps is not None and old_total is not None and old_total != total_steps:
+        say(
+            f"resume: the schedule now ends at step {total_steps}, not {old_total}: from step "
+            f"{progress.step} the learning rate follows the new plan, {optimizer.param_groups[0]['lr']:.4g} "
+            f"(the old plan had it at {old_lr:.4g})"
+        )
     return progress
+
+
+def nothing_left(step: int, epoch: int, *, epochs: int, max_steps: int | None) -> str | None:
+    """Why a run resumed at ``step`` (with ``epoch`` next to run or finish) would train nothing; None if not."""
+    if max_steps is not None and step >= max_steps:
+        return (
+            f"the checkpoint is at step {step} and --max-steps is {max_steps}; "
+            "raise --max-steps (0: no cap) to train on"
+        )
+    if epoch >= epochs:
+        done = f"{epoch} epoch{'s' if epoch != 1 else ''}"
+        return f"the checkpoint has finished {done} and --epochs is {epochs}; raise --epochs to train on"
+    return None

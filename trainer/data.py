@@ -49,8 +49,11 @@ from torchvision.transforms import v2
 __all__ = [
     "DATASETS",
     "DEBIAN_FASHION_MNIST",
+    "DataSourceError",
     "ImageData",
     "ImageTensorDataset",
+    "check_source",
+    "download_cifar10",
     "load_cifar10",
     "load_dataset",
     "load_fashion_mnist",
@@ -184,8 +187,10 @@ def load_cifar10(
         train = cls(root=str(root), train=True, download=download)
         test = cls(root=str(root), train=False, download=False)
     except RuntimeError as exc:
+        # torchvision's "You can use download=True to download it" speaks to a Python caller
+        why = str(exc).split(" You can use download=True")[0].rstrip(". ")
         raise RuntimeError(
-            f"CIFAR-10 could not be loaded from {Path(root) / CIFAR10.base_folder}: {exc}. "
+            f"CIFAR-10 could not be loaded from {Path(root) / CIFAR10.base_folder}: {why}. "
             "Put the extracted cifar-10-python.tar.gz there (or pass --download when online), "
             "or use --dataset fashion-mnist or synthetic"
         ) from exc
@@ -308,6 +313,79 @@ def make_synthetic(
 
 
 # --- choosing and loading ---------------------------------------------------------------
+
+
+class DataSourceError(ValueError):
+    """``--dataset`` / ``--data-dir`` / ``--download`` cannot be served; the message starts with the flag."""
+
+
+def _fashion_files_listed() -> str:
+    return ", ".join(f"{stem}[.gz]" for stem in _FASHION_FILES.values())
+
+
+def check_source(name: str, data_dir: str | Path | None, download: bool = False) -> None:
+    """Refuse a dataset request that cannot be served as asked, before any work starts.
+
+    An explicit ``--data-dir`` must hold what is asked for: ``--dataset auto``
+    then means "CIFAR-10 or Fashion-MNIST from this folder", never a fallback to
+    Debian's files or to synthetic data that the user did not ask for. An
+    explicit ``--dataset`` must be there (CIFAR-10 unless ``--download``).
+    Files are only looked for here; ``load_dataset`` reads and checks them.
+
+    Raises:
+        DataSourceError: what is missing and what to do, in command-line terms.
+    """
+    if name not in DATASETS:
+        raise DataSourceError(f"--dataset {name}: unknown; expected one of {', '.join(DATASETS)}")
+    if download and name != "cifar10":
+        raise DataSourceError(f"--download: only --dataset cifar10 downloads (this is --dataset {name})")
+    folder = Path(data_dir) if data_dir else None
+    if folder is not None and name == "synthetic":
+        raise DataSourceError(
+            f"--data-dir {data_dir}: --dataset synthetic is generated and reads no files; leave --data-dir out"
+        )
+    if folder is not None and not folder.is_dir() and not download:
+        raise DataSourceError(f"--data-dir {data_dir}: no such folder")
+    if name == "cifar10" and not download and not cifar10_present(folder or "data"):
+        where = f"--data-dir {data_dir}" if folder else "data (the default --data-dir)"
+        raise DataSourceError(
+            f"--dataset cifar10: no {CIFAR10.base_folder} folder in {where}; put the extracted "
+            "cifar-10-python.tar.gz there, or add --download (needs network)"
+        )
+    if name == "fashion-mnist":
+        if folder is not None and _find_fashion_files(folder) is None:
+            raise DataSourceError(
+                f"--data-dir {data_dir}: no Fashion-MNIST idx files ({_fashion_files_listed()}) "
+                "in it or in its FashionMNIST/raw"
+            )
+        if folder is None and fashion_mnist_dir(None) is None:
+            raise DataSourceError(
+                f"--dataset fashion-mnist: no idx files in {DEBIAN_FASHION_MNIST}; install Debian's "
+                "dataset-fashion-mnist or pass --data-dir with the four files"
+            )
+    if name == "auto" and folder is not None:
+        if not cifar10_present(folder) and _find_fashion_files(folder) is None:
+            raise DataSourceError(
+                f"--data-dir {data_dir}: neither {CIFAR10.base_folder} nor the Fashion-MNIST idx files "
+                "are in it (--dataset auto reads one of them from --data-dir; leave --data-dir out "
+                "to fall back to Debian's Fashion-MNIST or synthetic data)"
+            )
+
+
+def download_cifar10(root: str | Path) -> None:
+    """Download and extract CIFAR-10 into ``root`` (torchvision skips it if the files are there and intact).
+
+    Raises:
+        DataSourceError: the download failed (offline, say), with what to do instead.
+    """
+    try:
+        CIFAR10(root=str(root), train=True, download=True)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a bad archive a RuntimeError
+        why = getattr(exc, "reason", None) or exc
+        raise DataSourceError(
+            f"--download: could not download CIFAR-10 into {root} ({why}); without network, put the "
+            "extracted cifar-10-python.tar.gz there yourself, or use --dataset fashion-mnist or synthetic"
+        ) from exc
 
 
 def resolve_dataset(name: str, data_dir: str | Path | None) -> tuple[str, Path | None, str]:
