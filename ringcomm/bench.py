@@ -384,7 +384,9 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="element type")
     parser.add_argument("--reps", type=int, default=15, help="samples per algorithm and size (median shown)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per algorithm and size")
-    parser.add_argument("--sample-s", type=float, default=0.02, help="target seconds per sample")
+    parser.add_argument(
+        "--sample-s", type=float, default=0.02, help="target seconds per sample (0: one call per sample)"
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before the whole run is stopped")
     parser.add_argument(
         "--json", metavar="FILE", help="also write rows and the machine to FILE (default: no file)"
@@ -408,9 +410,10 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
     for flag, value, low in (("--reps", args.reps, 1), ("--warmup", args.warmup, 0)):
         if value < low:
             parser.error(f"{flag} must be at least {low}, got {value}")
-    for flag, value in (("--sample-s", args.sample_s), ("--timeout", args.timeout)):
-        if not 0 < value < float("inf"):
-            parser.error(f"{flag} must be a positive number of seconds, got {value}")
+    if not 0 <= args.sample_s < float("inf"):  # 0: one call per sample (the cluster preset's, for slow calls)
+        parser.error(f"--sample-s must be 0 or more seconds, got {args.sample_s}")
+    if not 0 < args.timeout < float("inf"):
+        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         parser.error(f"--json {args.json}: no folder {Path(args.json).parent} to write it in")
     if args.tune:

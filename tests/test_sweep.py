@@ -268,3 +268,16 @@ def test_cluster_plan_runs_every_world_through_analysis_cluster(tmp_path: Path) 
     trains = {(r.meta["algo"], r.meta["world_size"]) for r in runs if r.kind == "train"}
     # one node alone, once (the compute baseline of scaling efficiency), then every algo at P = 2, 4, 8
     assert trains == {("ddp", 1)} | {(a, p) for a in ("ring", "ps", "ddp") for p in (2, 4, 8)}
+
+
+@pytest.mark.parametrize("preset", sorted(sweep.PRESETS))
+def test_every_bench_command_of_every_preset_passes_the_benchs_own_checks(preset: str, tmp_path: Path) -> None:
+    from ringcomm import bench
+
+    (tmp_path / "bench").mkdir()
+    for r in sweep.build_plan(preset, tmp_path, python="python"):
+        if r.kind != "bench":
+            continue
+        at = r.argv.index("ringcomm.bench")
+        args, sizes, algos = bench._parse_args(r.argv[at + 1 :])  # exits 2 on a refused flag
+        assert sizes and algos, r.command
