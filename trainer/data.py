@@ -283,28 +283,67 @@ def load_fashion_mnist(
 # --- synthetic --------------------------------------------------------------------------
 
 
+#: The synthetic classes come in pairs (0 and 1, 2 and 3, ...): the two classes of a pair share a
+#: colour and a coarse pattern and differ only by a finer "detail" pattern, added to one and
+#: subtracted from the other with this amplitude (grey levels of 255), pair by pair. The pairs differ
+#: in difficulty (the amplitude falls from first to last; the random pattern's own strength adds to
+#: it), so their accuracies differ and the confusion matrix shows them.
+SYNTHETIC_PAIR_DETAIL = (60, 46, 35, 27, 20)
+
+
 def make_synthetic(
     n_train: int = 10_000, n_test: int = 2_000, *, seed: int = 0, num_classes: int = 10
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """A deterministic, learnable CIFAR-shaped dataset.
+    """A deterministic CIFAR-shaped dataset that is learnable but not trivially so.
 
-    Class ``c`` has a fixed colour and a fixed low-frequency pattern (4×4 random
-    values upsampled to 32×32, so a 4-pixel crop shift or a flip keeps most of
-    it); each image is its class's template plus Gaussian noise (sigma 40 of
-    255). A small CNN reaches well over 90 % within a few hundred steps; the
-    same ``seed`` gives the same bytes on every rank and every run.
+    Templates: the classes come in pairs (``c`` and ``c ^ 1``). A pair shares a
+    random colour and a coarse pattern (4×4 random values upsampled to 32×32,
+    amplitude 60); its two classes differ by a finer pattern (8×8 upsampled),
+    added to the first and subtracted from the second with the amplitude of
+    ``SYNTHETIC_PAIR_DETAIL``, which falls from pair to pair. Telling the pairs
+    apart is easy; telling the two classes of a pair apart takes longer, the
+    more so the later the pair.
+
+    Each image is its class's template mixed with a random other class's
+    (weight uniform in [0, 0.4]), then given a random contrast (×0.7 to ×1.3
+    about mid-grey) and brightness (Gaussian, sigma 20), then Gaussian noise
+    (sigma 50). Crops of 4 pixels and flips keep most of a pattern.
+
+    What it gives, measured on a 2-core CPU: the default ``launch.py --algo
+    ring --world-size 4`` run (one epoch capped at 150 steps, which is 78
+    steps of 128 images here) ends at 76.05 % test accuracy (81.05 % and
+    72.60 % with ``--seed`` 1 and 2, which change the model's initialisation
+    and the order of the batches, not this data); per class from 19.5 % to
+    100 %: classes 0 and 1 all right, the second class of each later pair
+    often taken for its partner (classes 3, 5, 7, 9: 76, 49, 20, 47 %), and
+    98 % of the errors within a pair. Three epochs (``--epochs 3 --max-steps 0``)
+    reach 64.65 %, 79.05 %, then 81.75 %. The nearest class mean on raw
+    pixels gets 92.7 % (the earlier data, without pairs or mixing: 100 %).
+    The same ``seed`` gives the same bytes on every rank and every run.
     """
     g = torch.Generator().manual_seed(seed)
-    colours = torch.rand(num_classes, 3, 1, 1, generator=g) * 160 + 48
-    coarse = torch.rand(num_classes, 1, 4, 4, generator=g) * 2 - 1
-    patterns = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False)
-    templates = colours + 60 * patterns  # num_classes×3×32×32, broadcast over channels
+    pairs = (num_classes + 1) // 2
+
+    def upsampled(cells: int) -> torch.Tensor:
+        coarse = torch.rand(pairs, 1, cells, cells, generator=g) * 2 - 1
+        return torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False)
+
+    colours = torch.rand(pairs, 3, 1, 1, generator=g) * 160 + 48
+    shared, detail = upsampled(4), upsampled(8)  # pairs×1×32×32, broadcast over channels
+    amplitude = torch.tensor([SYNTHETIC_PAIR_DETAIL[p % len(SYNTHETIC_PAIR_DETAIL)] for p in range(pairs)])
+    pair = torch.arange(num_classes) // 2
+    sign = 1 - 2 * (torch.arange(num_classes) % 2)  # +1 for the first class of a pair, -1 for the second
+    templates = colours[pair] + 60 * shared[pair] + (sign * amplitude[pair]).view(-1, 1, 1, 1) * detail[pair]
 
     def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         labels = torch.randint(0, num_classes, (n,), generator=g)
-        noise = torch.randn(n, 3, 32, 32, generator=g) * 40
-        images = (templates[labels] + noise).clamp_(0, 255).round_().to(torch.uint8)
-        return images, labels
+        others = torch.randint(0, num_classes, (n,), generator=g)
+        mix = torch.rand(n, 1, 1, 1, generator=g) * 0.4
+        contrast = 0.7 + torch.rand(n, 1, 1, 1, generator=g) * 0.6
+        brightness = torch.randn(n, 1, 1, 1, generator=g) * 20
+        images = (1 - mix) * templates[labels] + mix * templates[others]
+        images = (images - 128) * contrast + 128 + brightness + torch.randn(n, 3, 32, 32, generator=g) * 50
+        return images.clamp_(0, 255).round_().to(torch.uint8), labels
 
     train_images, train_labels = split(n_train)
     test_images, test_labels = split(n_test)
