@@ -1,7 +1,7 @@
 """``python -m analysis.sweep``: run the training and benchmark experiments into one results folder.
 
     python -m analysis.sweep --quick --dry-run          # print the plan, run nothing
-    python -m analysis.sweep --quick --out results/quick # a few minutes on a 2-core CPU
+    python -m analysis.sweep --quick --out results/quick # about 11 minutes on a 2-core CPU
     python -m analysis.sweep --full --out results/full   # real hardware; an hour or more
     python -m analysis.report results/quick              # then: tables, figures, REPORT.md
 
@@ -120,7 +120,7 @@ _TRAIN_ALGOS = (
 )
 
 PRESETS: dict[str, Preset] = {
-    # A few minutes on 2 shared CPU cores: few steps, few sizes; ranks oversubscribe at P=4.
+    # About 11 minutes on 2 shared CPU cores: few steps, few sizes; ranks oversubscribe at P=4.
     "quick": Preset(
         train_algos=_TRAIN_ALGOS,
         train_world_sizes=(1, 2, 4),
@@ -664,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.sweep", description=__doc__.split("\n\n")[0])
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
-        "--quick", action="store_const", const="quick", dest="preset", help="a few minutes (default)"
+        "--quick", action="store_const", const="quick", dest="preset", help="about 11 minutes on 2 cores (default)"
     )
     group.add_argument("--full", action="store_const", const="full", dest="preset", help="real hardware")
     group.add_argument(

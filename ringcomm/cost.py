@@ -169,11 +169,13 @@ COSTS: dict[str, AlgoCost] = {
             name="ps_overlap",
             title="parameter server, k shards, overlapped",
             messages=lambda p, k: 2,
-            nbytes=lambda p, m, k: _ps_bytes(p, m, k) / 2,
+            nbytes=lambda p, m, k: (p + k - 2) / k * m,
             messages_text="2",
-            bytes_text="max((P−1)/k, w)·M",
+            bytes_text="(P+k−2)/k·M",
             busiest="each server's, in both directions at once: it pulls segment s back while segment s+1 "
-            "is pushed (ps_overlap=True), so its (P−1)/k·M in and out overlap; w as for ps",
+            "is pushed (ps_overlap=True), so the (P−1)/k·M of its shard in and out overlap, beside its "
+            "own (k−1)/k·M to and from the other servers: (P−1)·M at k = 1 (half of ps), the ring's "
+            "2(P−1)/P·M at k = P",
             sharded=True,
         ),
         AlgoCost(

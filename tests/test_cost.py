@@ -33,6 +33,11 @@ ALPHA, BETA = 1e-5, 1e-9  # seconds per message, seconds per byte
         ("ps", 4, 3, 2, 2400),  # the idle worker's M per round binds: (P-1)/k = 1 = w
         ("ps", 4, 4, 2, 1800),
         ("ps", 2, 2, 2, 1200),
+        # overlapped: each direction carries the shard's (P-1)/k * M beside the server's own
+        # (k-1)/k * M to the other servers: half of ps at k = 1, the ring's bytes at k = P
+        ("ps_overlap", 4, 1, 2, 3600),
+        ("ps_overlap", 4, 2, 2, 2400),
+        ("ps_overlap", 4, 4, 2, 1800),
     ],
 )
 def test_critical_path_counts_by_hand(name: str, p: int, shards: int, messages: int, path_bytes: int) -> None:

@@ -15,10 +15,11 @@ on access costs ~0.2 ms per image on one core, negligible beside the model.
                    Debian's ``dataset-fashion-mnist`` package
                    (``/usr/share/datasets/fashion-mnist``); 1×28×28
                    zero-padded to 1×32×32 and repeated to 3 channels
-``synthetic``      generated here: 10 classes, each a fixed random      10,000/2,000
-                   colour and low-frequency pattern, plus noise;
-                   deterministic (seed 0) and learnable, for offline
-                   runs and tests
+``synthetic``      generated here: 10 classes in 5 pairs; a pair        10,000/2,000
+                   shares a colour and a coarse pattern, its two
+                   classes differ by a faint finer one; mixed with
+                   another class, contrast, brightness and noise;
+                   deterministic (seed 0), learnable, not trivial
 ``auto``           the first available of cifar10, fashion-mnist,
                    synthetic (never downloads); ``resolve_dataset``
                    says which and why
