@@ -4,8 +4,10 @@
 rate-limited full-duplex link (``analysis.cluster``). There the time of an all-reduce is set by
 the busiest link, as on real machines, and the alpha-beta model can be checked term by term:
 
-    beta  = 8 / RATE seconds per byte (RATE in bit/s: the link, not a fit)
-    alpha = fitted per algorithm, by least squares on  t - bytes * beta = messages * alpha
+    beta  = 8 / (RATE * 1448/1514) seconds per byte of payload (RATE in bit/s: the link, not a
+            fit; a 1514-byte Ethernet frame of TCP carries 1448 bytes of data)
+    alpha = fitted per algorithm, by least squares on the relative error of
+            messages * alpha + bytes * beta  against the measured time
 
 With beta pinned to the link, the model's prediction for t_ps / t_ring is the ratio of the bytes
 on the busiest link: P for the sequential server (its link carries (P-1)*M in, then (P-1)*M out,
@@ -34,6 +36,16 @@ __all__ = ["FIXED_SIZE", "cluster_link", "link_bits_per_s", "section"]
 
 #: The size the time-against-P figure and the ratio table are drawn at (the issue's goal size).
 FIXED_SIZE = 16 << 20
+
+#: Payload bytes per byte on the wire for bulk TCP over Ethernet as tc counts it: a 1514-byte frame
+#: (14 Ethernet + 20 IP + 32 TCP with timestamps + 1448 data). tbf shapes frames, so data moves at
+#: most at RATE * PAYLOAD.
+PAYLOAD = 1448 / 1514
+
+
+def beta_for(bits_per_s: float) -> float:
+    """Seconds per byte of data over a link of ``bits_per_s`` (framing included)."""
+    return 8.0 / (bits_per_s * PAYLOAD)
 
 _CORES_RE = re.compile(r"cores busy on average during the run: ([0-9.]+) of (\d+)")
 _LINK_RE = re.compile(r"link test: .*?: (\d+) Mbit/s")
@@ -110,17 +122,18 @@ def _modelled(label: str) -> bool:
 
 
 def fit_alpha(times: Mapping[tuple[str, int, int], float], label: str, beta: float) -> float | None:
-    """Least-squares alpha (seconds per message, >= 0) for series ``label`` with beta fixed."""
+    """Alpha (seconds per message, >= 0) for series ``label`` with beta fixed: least squares on the
+    relative error, so that a 1 MiB point counts as much as a 64 MiB one."""
     num = den = 0.0
     for (lab, p, size), t in times.items():
-        if lab != label or p < 2:
+        if lab != label or p < 2 or t <= 0:
             continue
         try:
             messages, path_bytes = _counts(label, p, size)
         except ValueError:
             continue
-        num += messages * (t - path_bytes * beta)
-        den += messages * messages
+        num += (messages / t) * (t - path_bytes * beta) / t
+        den += (messages / t) ** 2
     return max(0.0, num / den) if den else None
 
 
@@ -136,9 +149,9 @@ def _cores(res: Results) -> dict[tuple[str, int], list[tuple[float, int, int | N
         link = _LINK_RE.search(text)
         p = int((run.get("meta") or {}).get("world_size") or 0)
         if busy:
-            out[(str(run.get("kind")), p)].append(
-                (float(busy[-1][0]), int(busy[-1][1]), int(link.group(1)) if link else None)
-            )
+            entry = (float(busy[-1][0]), int(busy[-1][1]), int(link.group(1)) if link else None)
+            out[(str(run.get("kind")), p)].append(entry)
+            out[(str(run.get("name")), -1)].append(entry)  # and by run name
     return out
 
 
@@ -159,10 +172,19 @@ def _plot_time_vs_p(
     if not labels:
         return None
     colours = plots._colours(labels)
+    markers = "osv^DxP*"  # naive and ps take the same time: different marks keep both visible
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for label in labels:
+    for i, label in enumerate(labels):
         pts = sorted((p, t) for (lab, p, size), t in times.items() if lab == label and size == FIXED_SIZE)
-        ax.plot([p for p, _ in pts], [t * 1e3 for _, t in pts], "o", color=colours[label], label=label)
+        ax.plot(
+            [p for p, _ in pts],
+            [t * 1e3 for _, t in pts],
+            markers[i % len(markers)],
+            color=colours[label],
+            label=label,
+            ms=9 - i % 3 * 2,
+            mfc="none" if i % 2 else colours[label],
+        )
         alpha = alphas.get(label)
         if alpha is None or not pts:
             continue
@@ -214,7 +236,7 @@ def section(res: Results, figs: Path, notes: list[str]) -> tuple[str, dict[str, 
     if link is None:
         return "_Not run on an emulated cluster (python -m analysis.sweep --cluster)._", {}
     rate = link_bits_per_s(link)
-    beta = 8.0 / rate
+    beta = beta_for(rate)
     link_gbs = rate / 8 / 1e9
     times = _times(res.bench_rows)
     labels = sorted({lab for (lab, _, _) in times})
@@ -232,7 +254,8 @@ def section(res: Results, figs: Path, notes: list[str]) -> tuple[str, dict[str, 
         f"behind a full-duplex link of **{link}** ({link_gbs * 1e3:.1f} MB/s each way), all links on one "
         "bridge: `python -m analysis.sweep --cluster` runs each benchmark and training command through "
         "`python -m analysis.cluster`. The model lines take **beta from the link** "
-        f"(8 / rate = {beta * 1e9:.1f} ns per byte) and fit only **alpha**, per algorithm."
+        f"(8 / (rate × 1448/1514) = {beta * 1e9:.2f} ns per byte: a 1514-byte frame carries 1448 bytes "
+        "of data) and fit only **alpha**, per algorithm, on the relative error over every size and P."
     ]
 
     # --- link-bound: bus bandwidth against the link, and the cores
@@ -257,15 +280,18 @@ def section(res: Results, figs: Path, notes: list[str]) -> tuple[str, dict[str, 
             )
             summary.setdefault("ring_busbw_fraction", {})[p] = None if bus is None else bus / link_gbs
         parts.append(
-            f"### Link-bound, not core-bound\n\nRing at {FIXED_SIZE >> 20} MiB: its bus bandwidth against "
-            "the link, the cores the benchmark kept busy on average (the busier of its runs at that P), "
-            "and the link test's TCP rate node 0 -> node P-1 before the run.\n\n"
+            f"### Link-bound, not core-bound\n\nThe link rate ({link}) is chosen so that the links, not "
+            "this host's cores, set the time: every byte a node sends is copied through the kernel of the "
+            "one host, so a faster link makes 8 nodes on 2 cores bound by their CPU. Evidence: ring at "
+            f"{FIXED_SIZE >> 20} MiB, its bus bandwidth against the link, the cores the benchmark kept "
+            "busy on average (the busier of its runs at that P; under 2 means some were idle), and the "
+            "link test's TCP rate node 0 -> node P-1 before the run.\n\n"
             + _table(
                 ["P", "ring (ms)", "bus bandwidth (GB/s)", "of the link", "cores busy", "link test (Mbit/s)"],
                 rows,
             )
-            + "\n\n_TCP over Ethernet framing carries at most about 95 % of a link's rate as payload "
-            "(1448 bytes of each 1514-byte frame), so about 95 % is the ceiling here._"
+            + f"\n\n_TCP over Ethernet carries at most {PAYLOAD:.1%} of a link's rate as data (1448 bytes "
+            "of each 1514-byte frame): that is the ceiling of the fraction above._"
         )
 
     # --- time against P, with the model
@@ -362,6 +388,9 @@ def section(res: Results, figs: Path, notes: list[str]) -> tuple[str, dict[str, 
 
     # --- training
     train = _training(res, alphas, beta)
+    for e in train:
+        busy = cores.get((e["name"], -1))
+        e["cores_busy"] = busy[0][0] if busy else None
     summary["training"] = train
     fig = _plot_training(train, figs / "cluster_training.png", f"Training over {link} links")
     if fig is None:
@@ -377,6 +406,7 @@ def section(res: Results, figs: Path, notes: list[str]) -> tuple[str, dict[str, 
             _fmt(e["vs_ddp"], ".2f"),
             _fmt(e["vs_ddp_model"], ".2f"),
             _fmt(e["efficiency"], ".0%"),
+            _fmt(e["cores_busy"], ".2f"),
         ]
         for e in train
     ]
@@ -394,6 +424,7 @@ def section(res: Results, figs: Path, notes: list[str]) -> tuple[str, dict[str, 
                     "throughput / ddp",
                     "model",
                     "scaling efficiency",
+                    "cores busy",
                 ],
                 rows,
             )
@@ -405,7 +436,9 @@ def section(res: Results, figs: Path, notes: list[str]) -> tuple[str, dict[str, 
             "against what the nodes could compute with no communication at all, one node's throughput "
             f"at P = 1 times min(P, {int(res.machine.get('cpus') or 1)}): the nodes share this host's "
             "cores, so beyond that many nodes the compute does not grow and the links are what is "
-            "left to measure._"
+            "left to measure. Training computes on the CPU, so its cores are busy (unlike the "
+            "benchmark's): there a comm thread written in Python waits for a core as well as for the "
+            "link, and Gloo's built-in all-reduce, in C++ threads, waits less._"
             if rows
             else "_No training runs on the cluster._"
         )
@@ -462,6 +495,7 @@ def _training(res: Results, alphas: Mapping[str, float | None], beta: float) -> 
                 vs_model = ddp_step / max(ddp_step - ddp_comm + comm_model, 1e-9)
         out.append(
             {
+                "name": m.get("_name"),
                 "series": name,
                 "world_size": p,
                 "throughput_img_s": m.get("throughput_img_s"),

@@ -18,7 +18,7 @@ from analysis.report import build_report
 from analysis.results import load_results
 
 LINK = "400mbit"
-BETA = 8 / 400e6
+BETA = 8 / (400e6 * 1448 / 1514)  # a 400 Mbit/s link moves 1448 data bytes per 1514-byte frame
 ALPHA = {"ring": 2e-3, "ps": 5e-3, "ps+overlap": 4e-3, "ps:P": 3e-3, "naive": 1e-3, "gloo": None}
 SIZES = [1 << 20, 4 << 20, 16 << 20]
 WORLDS = [2, 4, 8]
@@ -128,7 +128,7 @@ def test_the_section_reports_ratios_against_the_link_model(tmp_path: Path) -> No
     root = make_cluster_results(tmp_path)
     notes: list[str] = []
     md, summary = cluster_report.section(load_results(root), root / "figures", notes)
-    assert summary["rate_bits_per_s"] == 400e6
+    assert summary["rate_bits_per_s"] == 400e6 and summary["beta_s_per_byte"] == pytest.approx(BETA)
     ratios = summary["ps_over_ring"]
     for p in WORLDS:
         # the model's t_ps/t_ring is the busiest link's bytes: P sequential, P/2 overlapped, ~1 at k = P
