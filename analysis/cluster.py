@@ -154,42 +154,12 @@ class Cluster:
         # burst: at least one timer tick of bytes at this rate (or tbf cannot reach it), and 64 KiB
         burst = max(64 * 1024, int(bits / 8 / 100))
         tbf = ["tbf", "rate", self.rate, "burst", str(burst), "latency", "100ms"]
-        if delay:
-            _run(
-                "ip",
-                "netns",
-                "exec",
-                netns,
-                "tc",
-                "qdisc",
-                "add",
-                "dev",
-                dev,
-                "root",
-                "handle",
-                "1:",
-                "netem",
-                "delay",
-                delay,
-            )
-            _run(
-                "ip",
-                "netns",
-                "exec",
-                netns,
-                "tc",
-                "qdisc",
-                "add",
-                "dev",
-                dev,
-                "parent",
-                "1:",
-                "handle",
-                "2:",
-                *tbf,
-            )
+        qdisc = ["ip", "netns", "exec", netns, "tc", "qdisc", "add", "dev", dev]
+        if delay:  # netem delays every packet, then tbf (its child) paces them
+            _run(*qdisc, "root", "handle", "1:", "netem", "delay", delay)
+            _run(*qdisc, "parent", "1:", "handle", "2:", *tbf)
         else:
-            _run("ip", "netns", "exec", netns, "tc", "qdisc", "add", "dev", dev, "root", *tbf)
+            _run(*qdisc, "root", *tbf)
 
     def create(self) -> None:
         """Make the switch, the nodes, their veths and shaping. On failure, remove what was made."""

@@ -609,6 +609,8 @@ def run_plan(
         print(f"[{i}/{len(runs)}] {run.name}: ", end="", flush=True)
         if resume and target.exists():
             record["status"] = "kept"
+            if (out / "logs" / f"{run.name}.log").exists():  # the log of the run that wrote it
+                record["log"] = f"logs/{run.name}.log"
             print("kept (output exists)")
             manifest["runs"].append(record)
             save()

@@ -244,6 +244,7 @@ def test_run_plan_records_successes_failures_and_timeouts(tmp_path: Path) -> Non
     # --resume keeps what exists
     again = sweep.run_plan(runs[:1], tmp_path, "quick", resume=True)
     assert again["runs"][0]["status"] == "kept"
+    assert again["runs"][0]["log"] == "logs/good.log", "a kept run still points at the log that made it"
 
 
 def test_cluster_plan_runs_every_world_through_analysis_cluster(tmp_path: Path) -> None:
