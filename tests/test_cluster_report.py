@@ -171,3 +171,17 @@ def test_the_report_holds_the_section_only_for_a_cluster_sweep(tmp_path: Path) -
     assert f"| ps | 8 | {measured:.2f} | 8.00 | {measured / 8 - 1:+.0%} |" in text
     analysis = json.loads((root / "analysis.json").read_text())
     assert analysis["cluster"]["link"] == LINK
+
+
+def test_the_committed_cluster_run_still_renders_and_bears_out_the_server_model(tmp_path: Path) -> None:
+    import shutil
+
+    committed = Path(__file__).resolve().parents[1] / "analysis" / "emulated"
+    root = tmp_path / "emulated"
+    shutil.copytree(committed, root, ignore=shutil.ignore_patterns("*.pt", "figures", "REPORT.md"))
+    text = build_report(root).read_text()
+    assert "## On an emulated cluster" in text and "**500mbit**" in text
+    ratios = json.loads((root / "analysis.json").read_text())["cluster"]["ps_over_ring"]
+    for p in ("4", "8"):  # JSON keys; the sequential and overlapped server within 25 % of the link model
+        for label in ("ps", "ps+overlap"):
+            assert abs(ratios[label][p]["error"]) < 0.25, (label, p, ratios[label][p])
