@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -63,5 +64,16 @@ def _die_after(rank: int, steps: int) -> None:
 
 _die_after(*_parse(os.environ.get("FAULT_LAUNCH_DIE", "")))
 
+#: Seconds the launcher may run before it stops itself as on Ctrl-C (stopping its workers), so a
+#: run that hangs fails its test instead of holding CI (FAULT_LAUNCH_TIMEOUT_S).
+TIMEOUT_S = float(os.environ.get("FAULT_LAUNCH_TIMEOUT_S", "150"))
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"fault_launch.py: still running after {TIMEOUT_S:g} s")
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGALRM, _interrupt)
+    signal.alarm(max(1, int(TIMEOUT_S)))  # the parent only: spawned workers import this as __mp_main__
     sys.exit(launch.main())

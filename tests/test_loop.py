@@ -20,6 +20,9 @@ from trainer import checkpoint
 from trainer.checkpoint import Progress
 from trainer.loop import TrainConfig, train
 
+#: Each test makes a gloo group (and test_loop trains): a hang fails it here, not at CI's limit.
+pytestmark = pytest.mark.timeout(120)
+
 
 @pytest.fixture
 def world_of_one() -> Iterator[None]:
