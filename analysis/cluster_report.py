@@ -29,6 +29,8 @@ from typing import Any
 from ringcomm.bench import AlgoSpec
 
 from .fit import comm_counts, predict_time
+from .markdown import fmt as _fmt
+from .markdown import table as _table
 from .results import Results, series
 from .tables import step_stats
 
@@ -46,6 +48,7 @@ PAYLOAD = 1448 / 1514
 def beta_for(bits_per_s: float) -> float:
     """Seconds per byte of data over a link of ``bits_per_s`` (framing included)."""
     return 8.0 / (bits_per_s * PAYLOAD)
+
 
 _CORES_RE = re.compile(r"cores busy on average during the run: ([0-9.]+) of (\d+)")
 _LINK_RE = re.compile(r"link test: .*?: (\d+) Mbit/s")
@@ -72,16 +75,6 @@ def link_bits_per_s(link: str) -> float:
 
 
 # --------------------------------------------------------------------------- numbers
-
-
-def _fmt(v: float | None, spec: str) -> str:
-    return "?" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _series(label: str, p: int) -> str:

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 from ringcomm import cost
 
 from . import cluster_report, plots, tables
 from .fit import AlphaBetaFit, AmdahlFit, fit_rows
+from .markdown import fmt as _fmt
+from .markdown import table as _table
 from .results import Results, load_results, per_class, series
 from .timeline import render_trace
 
@@ -30,24 +31,6 @@ __all__ = ["build_report", "main"]
 
 
 # --------------------------------------------------------------------------- formatting
-
-
-def _fmt(v: object, spec: str = ".3g") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, float) and math.isinf(v):
-        return "∞"
-    if isinstance(v, int) and not isinstance(v, bool) and spec == ".3g":
-        return str(v)  # counts (batch sizes, steps) print whole
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return format(v, spec)
-    return str(v)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- sections
