@@ -415,7 +415,9 @@ class ShmTransport:
         if recv.before is not None:  # a reduce into the same tensor posted before this one lands first
             self._receive(recv.before, deadline)
         posted = self._posted[recv.peer]
-        while posted[0] is not recv:  # the same queue: earlier messages come first
+        # The same queue: earlier messages come first. Waiting for one of them may take this one
+        # too (every wait consumes the plain receives that have arrived), so look again each time.
+        while not recv.done and posted[0] is not recv:
             self._receive(posted[0], deadline)
         self._until(
             lambda: recv.done,

@@ -84,6 +84,32 @@ def test_messages_larger_than_the_queue_stream_through_it() -> None:
     assert not flat, "\n".join(flat[:20])
 
 
+#: Option forms the plain grid (defaults only) leaves out; -1 stands for P.
+OPTION_FORMS = [
+    ("ps", {"ps_shards": -1}),
+    ("ps", {"ps_overlap": True, "ps_segment_bytes": 256}),
+    ("ps", {"ps_shards": 2, "ps_overlap": True, "ps_segment_bytes": 256}),
+    ("ring", {"segment_bytes": 128}),
+]
+
+
+def _option_forms_rank(rank: int, p: int) -> list[str]:
+    failures = []
+    for algo, options in OPTION_FORMS:
+        options = {k: p if v == -1 else v for k, v in options.items()}
+        failures += check_grid(rank, p, algo, "shm", options=options, sizes=[1, 7, 1000])
+    return failures
+
+
+@pytest.mark.parametrize("p", [2, 3])
+def test_every_option_form_over_shm(p: int) -> None:
+    # The overlapped, sharded server at P = 2 posts a pull receive behind a push on the same queue
+    # (test_waiting_for_a_later_receive_may_complete_it_on_the_way is that case, made certain).
+    failures = run_world(_option_forms_rank, p, timeout=WORLD_TIMEOUT_S)
+    flat = [f for per_rank in failures for f in per_rank]
+    assert not flat, "\n".join(flat[:20])
+
+
 def _elsewhere_rank(rank: int, p: int) -> str:
     import ringcomm.shm_transport as shm_transport
 
@@ -188,6 +214,20 @@ def test_counters_that_claim_more_than_the_queue_holds_are_a_frame_error(
     a._in[1].ctl[8] = 1 << 40  # tail far ahead of head
     with pytest.raises(FrameError, match="counters"):
         exchange(a, [recv(torch.empty(8), 1)], time.monotonic() + 10)
+
+
+def test_waiting_for_a_later_receive_may_complete_it_on_the_way(pair: tuple[ShmTransport, ShmTransport]) -> None:
+    # Two receives from one peer, both arrived; waiting for the second waits for the first, and that
+    # wait consumes every plain receive that has arrived, the second included. This used to end in
+    # IndexError (looking for the second in a queue it had already left), in the overlapped server.
+    a, b = pair
+    deadline = time.monotonic() + 10
+    exchange(b, [send(torch.arange(4.0), 0, tag=1), send(torch.arange(4.0) + 10, 0, tag=2)], deadline)
+    first, second = torch.zeros(4), torch.zeros(4)
+    pending = a.post([recv(first, 1, 1), recv(second, 1, 2)])
+    a.wait(pending[1], deadline)
+    a.wait(pending[0], deadline)
+    assert torch.equal(first, torch.arange(4.0)) and torch.equal(second, torch.arange(4.0) + 10)
 
 
 @settings(max_examples=100, deadline=None)
