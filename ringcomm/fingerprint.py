@@ -15,9 +15,11 @@ reinterprets bytes.
 **Why not the transport.** Ranks that pass different transports would each
 wait for the other's fingerprint on its own transport and hang; the check needs
 a channel common to all of them. On one host that is the call board in shared
-memory (``board.py``: a few microseconds); across hosts, the store. A rank whose call is refused (a ``ValueError``
-on that rank only) publishes its refusal in its slot instead, so the others
-raise at once rather than wait for a fingerprint that never comes. And a wait
+memory (``board.py``: a few microseconds); across hosts, the store. A rank
+whose call is refused (a ``ValueError`` on that rank only) publishes its
+refusal in its slot instead, so the others raise at once rather than wait for a
+fingerprint that never comes; it then reads the others' entries like any
+checked call, so that it stays in step with them (see ``refuse``). And a wait
 in the store can be cut into slices that look at the missing ranks'
 heartbeats (``session.gather``), which a Gloo receive cannot.
 
@@ -26,8 +28,9 @@ Options are compared after the algorithm's defaults are filled in
 same call.
 
 Keys are deleted two calls later by the rank that wrote them: a rank starts
-call n only after reading every key of call n-1, which every rank wrote only
-after finishing call n-2, so by then nobody reads call n-2's keys.
+call n only after reading every key of call n-1 (a refused call's too), which
+every rank wrote only after finishing call n-2, so by then nobody reads call
+n-2's keys. The board's two slots per rank rest on the same order.
 
 Cost: on one host, a write, P-1 doorbell rings and a look at the board; across
 hosts, three store round trips per call (write, wait, read) plus one to delete;
@@ -108,12 +111,11 @@ def check_same_call(session: Session, call: int, mine: list[object], deadline: f
 
 
 def refuse(session: Session, call: int, reason: str, deadline: float) -> None:
-    """Publish that this rank refused ``call`` (bad arguments), so the others raise instead of waiting."""
-    text = json.dumps({"refused": reason[:300]})
-    board = session.board(deadline)
-    if board is not None:
-        board.publish(call, text)
-        return
-    session.store.set(f"{_slot(session, call)}/{session.rank}", text)
-    if call >= 2:
-        session.forget(_slot(session, call - 2))
+    """Publish that this rank refused ``call`` (bad arguments), so the others raise instead of waiting.
+
+    Then read everyone's entry for ``call``, as a checked call does, though nothing is compared:
+    a rank that published and moved on could refuse its next calls at once and overwrite (board)
+    or delete (store) this entry before a slower peer had read it; that peer then waited for it
+    until its timeout. Runs on the comm thread: the caller has its ``ValueError`` already.
+    """
+    _exchange(session, call, json.dumps({"refused": reason[:300]}), deadline)

@@ -52,6 +52,68 @@ def test_a_call_refused_on_one_rank_fails_on_every_rank_at_once() -> None:
         assert r["untouched"] and r["second"][0] == "returned" and r["y"] == [2.0] * 5, r
 
 
+def _refusing_ahead_rank(rank: int, p: int, channel: str) -> dict:
+    """Rank 0 refuses three calls in a row at once; rank 1 makes them (valid there) a second later.
+
+    A refusal used to publish and move on without reading the others' call: rank 0's third
+    refusal then overwrote (board) or deleted (store) its refusal of the first call before
+    rank 1 had read it, and rank 1 waited for it until the timeout.
+    """
+    if channel == "store":  # ranks on "different hosts": the check goes through the store
+        from ringcomm import session
+
+        session.host_identity = lambda: f"host {rank}"
+    op = "prod" if rank == 0 else "sum"
+    outcomes = []
+    for _ in range(3):
+        if rank == 1:
+            time.sleep(0.5)  # rank 0 is well ahead
+        outcomes.append(_timed(lambda: ringcomm.all_reduce(torch.ones(4), op, timeout=20)))
+    y = torch.ones(4)
+    ringcomm.all_reduce(y, timeout=20)
+    return {"outcomes": outcomes, "y": y.tolist()}
+
+
+@pytest.mark.parametrize("channel", ["board", "store"])
+def test_a_rank_that_refuses_calls_in_a_row_stays_in_step(channel: str) -> None:
+    for rank, r in enumerate(run_world(_refusing_ahead_rank, 2, (channel,), timeout=120)):
+        for outcome, seconds in r["outcomes"]:
+            expected = "ValueError: unknown op 'prod'" if rank == 0 else "MismatchError"
+            assert outcome.startswith(expected), (rank, outcome)
+            assert seconds < QUICK_S, (rank, outcome, seconds)
+        assert r["y"] == [2.0] * 4, r
+
+
+def _fails_mid_call_rank(rank: int, p: int) -> dict:
+    """Rank 0 fails in the middle of a call with an error that is not a CommError (out of memory).
+
+    It used to leave the world healthy on rank 0 and say nothing to rank 1, which waited for
+    rank 0's all-gather until its timeout; rank 0's next call then started out of step.
+    """
+    from ringcomm import transport
+
+    ringcomm.init("zmq")  # waits in slices that look at the peer's notices (a Gloo wait cannot)
+    if rank == 0:
+        def out_of_memory(*args: object) -> None:
+            raise RuntimeError("out of memory (injected)")
+
+        transport.reduce_into = out_of_memory  # rank 0's first reduce of the ring fails
+    first = _timed(lambda: ringcomm.all_reduce(torch.ones(8), transport="zmq", timeout=30))
+    second = _timed(lambda: ringcomm.all_reduce(torch.ones(8), transport="zmq", timeout=30))
+    return {"first": first, "second": second}
+
+
+def test_a_failure_that_is_not_a_comm_error_fails_the_world_on_every_rank_at_once() -> None:
+    r0, r1 = run_world(_fails_mid_call_rank, 2, timeout=120)
+    assert r0["first"][0] == "RuntimeError: out of memory (injected)", r0
+    outcome, seconds = r1["first"]
+    assert outcome.startswith("PeerError") and "gave up on this call" in outcome, outcome
+    assert seconds < QUICK_S, r1
+    for r in (r0, r1):
+        assert r["second"][0].startswith("CommError") and "an earlier collective failed" in r["second"][0], r
+    assert "RuntimeError: out of memory (injected)" in r0["second"][0]
+
+
 def _different_transports_rank(rank: int, p: int, made_first: bool) -> dict:
     if made_first:  # both transports exist on every rank before the differing call
         ringcomm.init("torch")
