@@ -12,7 +12,8 @@ when it runs::
 
 A call refused on one rank (a ``ValueError`` there) still takes its number: it
 publishes the refusal in the check's slot, so with the check on the other ranks
-raise ``MismatchError`` at once instead of waiting for it.
+raise ``MismatchError`` at once instead of waiting for it (and the comm thread
+reads theirs, so the refusing rank stays in step; ``fingerprint.refuse``).
 """
 
 from __future__ import annotations
@@ -105,7 +106,11 @@ def _refuse(session: sessions.Session, reason: str, check: bool | None) -> None:
             return  # the peers raise anyway: they are past the failed call
         n = session.begin_call()
         if publish and session.world_size > 1:
-            refuse(session, n, reason, time.monotonic() + default_timeout())
+            try:
+                refuse(session, n, reason, time.monotonic() + default_timeout())
+            except CommError as exc:  # a peer never came to this call: out of step, as below
+                _fail(session, n, exc)
+                raise
 
     session.queue.submit(refusal, "a refused all_reduce", torch.futures.Future())
 
@@ -158,11 +163,13 @@ def _execute(session: sessions.Session, call: _Call) -> torch.Tensor:
             with tracer.span(f"all_reduce {name} {nbytes} B", "all_reduce", lane, algo=name, bytes=nbytes):
                 traced = trace.TracedTransport(comm, tracer, flat, spec.name, parts)
                 spec.run(flat, call.op, traced, deadline, session.scratch, **options)
-    except CommError as exc:
-        if not isinstance(exc, MismatchError):  # the ranks are out of step now (session.py)
-            session.failed = session.failed or exc
-            if session.liveness is not None:
-                session.liveness.give_up(n)  # peers waiting on this rank in this call learn at once
+    except BaseException as exc:
+        # Whatever failed once the call had begun (a peer, a timeout, but also an out-of-memory
+        # error, a Ctrl-C), the ranks are out of step now, with receives maybe still posted into
+        # buffers the next call reuses; only a MismatchError is raised alike before data moves.
+        if not isinstance(exc, MismatchError):
+            why = f"rank {session.rank}: {call.what} failed: {type(exc).__name__}: {exc}"
+            _fail(session, n, exc if isinstance(exc, CommError) else CommError(why))
         raise
     finally:
         sent = comm.stats.sent_bytes - sent0 if comm is not None else 0
@@ -171,6 +178,13 @@ def _execute(session: sessions.Session, call: _Call) -> torch.Tensor:
     if work is not tensor:
         tensor.copy_(work)
     return tensor
+
+
+def _fail(session: sessions.Session, n: int, error: CommError) -> None:
+    """Mark the world failed (``session.py``) and tell peers waiting on this rank in call ``n`` at once."""
+    session.failed = session.failed or error
+    if session.liveness is not None:
+        session.liveness.give_up(n)
 
 
 def init(transport: str = "torch", device: str | torch.device = "cpu", timeout: float | None = None) -> Transport:

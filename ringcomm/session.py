@@ -20,13 +20,15 @@ which transport it is about to make (``gather``), waits for all of them within
 the call's deadline, watching the missing ranks' heartbeats, and only then
 makes it; a different answer is a ``MismatchError`` on every rank.
 
-**After a failed collective** (a timeout, a dead peer, a malformed message:
-any ``CommError`` but a ``MismatchError``, which every rank raises alike before
-data moves) the ranks are out of step, and a receive of the failed call may
-still be posted into a buffer that later calls reuse. So ``failed`` keeps the
-first such error and later calls raise at once, naming it, instead of reducing
-garbage or waiting for peers that have moved on; re-initialise the process
-group to go on.
+**After a failed collective** (a timeout, a dead peer, a malformed message,
+but also an out-of-memory error or a Ctrl-C in the middle: anything but a
+``MismatchError``, which every rank raises alike before data moves) the ranks
+are out of step, and a receive of the failed call may still be posted into a
+buffer that later calls reuse. So ``failed`` keeps the first such error (an
+error that is not a ``CommError`` is wrapped in one) and later calls raise at
+once, naming it, instead of reducing garbage or waiting for peers that have
+moved on; the peers waiting on this rank in that call learn it at once
+(``liveness.give_up``). Re-initialise the process group to go on.
 
 A new ``init_process_group`` after a destroy gets a new session; the old one is
 closed (its transports closed, its heartbeat stopped).
