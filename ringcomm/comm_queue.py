@@ -191,6 +191,10 @@ class CommQueue:
             CommError: a collective is still running after ``timeout`` seconds. The
                 collectives queued behind it fail with the same error; the running one is
                 left alone (a thread inside a backend cannot be stopped from outside).
+
+        Queued collectives that have not started by then (the thread is still in a
+        callback of an earlier one's future) fail too, with a ``CommError`` saying so:
+        never dropped unanswered, which would leave a blocked caller waiting forever.
         """
         end = time.monotonic() + timeout
         with self._cond:
@@ -199,7 +203,7 @@ class CommQueue:
             while (self._running is not None or self._items) and time.monotonic() < end:
                 self._cond.wait(max(end - time.monotonic(), 0.0))
             stuck = self._running
-            abandoned = list(self._items) if stuck is not None else []
+            abandoned = list(self._items)
             self._items.clear()
         if stuck is not None:
             error = CommError(
@@ -209,5 +213,8 @@ class CommQueue:
             for item in abandoned:
                 item.finish(None, error)
             raise error
+        for item in abandoned:
+            late = f"the comm thread was in a callback of an earlier collective's future for {timeout:g} s"
+            item.finish(None, CommError(f"ringcomm is shut down; {item.what} was not started ({late})"))
         if self._thread is not None:
             self._thread.join(timeout=max(end - time.monotonic(), 0.1))

@@ -131,11 +131,13 @@ class Liveness:
             if failing_since is not None:
                 _say(f"ringcomm: rank {self.rank}: heartbeat recovered after {failures} failed tries")
                 failing_since, failures = None, 0
-            peer = self.awaiting
+            # Read each field once: the waiting thread clears it when its wait ends, and a second
+            # read could see None (iterating it killed this thread, silently, before).
+            peer, slots = self.awaiting, self.slots
             if peer is not None:
                 self._watch(peer)
-            if self.slots:
-                self._watch_slots(self.slots)
+            if slots:
+                self._watch_slots(slots)
 
     def _watch(self, peer: int) -> None:
         """Follow the peer a blocking wait is stuck on; warn once if it goes silent (a stall report)."""

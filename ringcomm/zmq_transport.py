@@ -334,6 +334,8 @@ class ZmqTransport(PointToPoint):
             # half message with it); the next send to this peer connects a fresh one.
             self._dealers.pop(peer, None)
             sock.close(linger=0)
+            if not isinstance(exc, Exception):
+                raise  # a Ctrl-C stays a KeyboardInterrupt, not a peer's failure
             raise PeerError(self.rank, peer, "send", f"ZeroMQ failed half-way through a message: {exc}") from exc
         self._send_seq[key] = seq + 1
         self.stats.count_send(peer, nbytes)

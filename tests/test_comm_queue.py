@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ import torch.distributed as dist
 import ringcomm
 from ringcomm.comm_queue import CommQueue
 from ringcomm.errors import CommError
-from ringcomm.world import run_world
+from ringcomm.world import finish, run_world
 
 
 def _two_threads_rank(rank: int, p: int) -> dict[str, list[float]]:
@@ -95,6 +96,8 @@ def _stuck_rank(rank: int, p: int) -> dict:
             out["shutdown"] = str(exc)
         out["seconds"] = time.monotonic() - t0
         out["done"] = fut.done()
+        finish(ok=False)  # what the launcher does after a failed run: it must leave the group alone
+        out["group_kept"] = dist.is_initialized()
     return out
 
 
@@ -103,6 +106,7 @@ def test_shutdown_with_a_collective_stuck_on_a_silent_peer_raises_naming_it() ->
     assert "all_reduce(10 x float32, ring over torch) is still running after 1 s" in out["shutdown"], out
     assert "must not be destroyed under it" in out["shutdown"]
     assert out["seconds"] < 10 and not out["done"]
+    assert out["group_kept"], "finish destroyed the process group under the comm thread"
 
 
 # --- the queue on its own, no processes ---
@@ -142,3 +146,34 @@ def test_an_exception_reaches_the_future_and_the_queue_goes_on() -> None:
     q.close(1.0)
     with pytest.raises(CommError, match="shut down"):
         q.run(lambda: 1, "late")
+
+
+def test_close_answers_queued_work_that_never_started() -> None:
+    """The thread is still in a callback of a finished collective's future when close's time is up:
+    what was queued behind must fail, not be dropped (a caller blocked on it would wait forever)."""
+    q = CommQueue("test-comm")
+    gate = threading.Event()
+    first = q.submit(lambda: "first", "first", torch.futures.Future())
+    first.add_done_callback(lambda fut: gate.wait(5))  # runs on the comm thread, in set_result
+    time.sleep(0.2)
+    queued = q.submit(lambda: "queued", "queued", torch.futures.Future())
+    blocked: list[str] = []
+    caller = threading.Thread(
+        target=lambda: blocked.append(_outcome(lambda: q.run(lambda: "x", "blocked"))), daemon=True
+    )
+    caller.start()
+    time.sleep(0.2)
+    q.close(0.3)
+    caller.join(5)
+    gate.set()
+    assert queued.done() and not caller.is_alive(), "queued work was dropped unanswered"
+    with pytest.raises(CommError, match="queued was not started"):
+        queued.wait()
+    assert blocked == ["CommError: ringcomm is shut down; blocked was not started"], blocked
+
+
+def _outcome(fn: Any) -> str:
+    try:
+        return f"returned {fn()}"
+    except CommError as exc:
+        return f"CommError: {str(exc).split(' (')[0]}"

@@ -353,3 +353,33 @@ def test_liveness_settings_are_validated(monkeypatch: pytest.MonkeyPatch, value:
         liveness_s()
     monkeypatch.setenv("RINGCOMM_LIVENESS_S", "0")
     assert liveness_s() == 0.0  # off
+
+
+def test_the_heartbeat_survives_a_store_wait_that_ends_while_it_looks() -> None:
+    """``slots`` is cleared by the waiting thread when its store wait ends, at any moment; the
+    heartbeat thread used to read it twice (test, then use) and died on the None in between."""
+    import torch.distributed as dist
+
+    from ringcomm.liveness import Liveness
+
+    class EndsBetweenTwoReads(Liveness):
+        reads = 0
+
+        @property  # type: ignore[override]
+        def slots(self) -> list[tuple[int, str]] | None:  # a wait in progress, then over, ...
+            self.reads += 1
+            return [(1, "w/never-written")] if self.reads % 2 else None
+
+        @slots.setter
+        def slots(self, value: object) -> None:
+            pass
+
+    store = dist.HashStore()
+    me = EndsBetweenTwoReads(store, "w", 0, 2, interval_s=0.02, stale_s=60.0)
+    try:
+        time.sleep(0.3)
+        before = int(store.add("w/liveness/0", 0))
+        time.sleep(0.3)
+        assert int(store.add("w/liveness/0", 0)) > before, "the heartbeat thread died"
+    finally:
+        me.stop()
