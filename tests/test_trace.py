@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -41,3 +42,21 @@ def test_a_short_traced_run_yields_the_expected_events_per_rank(tmp_path: Path) 
     # ranks line up on one clock: every rank's first forward starts within a second of the others
     firsts = [min(e["ts"] for e in spans if e["pid"] == r and e["name"] == "forward") for r in range(p)]
     assert max(firsts) - min(firsts) < 1e6
+
+
+def test_dump_takes_its_copy_under_the_lock_that_add_holds(tmp_path: Path) -> None:
+    """The comm thread may add events (and lanes) while the trainer dumps; dump used to iterate
+    the live list and dict ("dictionary changed size during iteration")."""
+    from ringcomm.trace import Tracer
+
+    tracer = Tracer(0)
+    tracer.add("forward", "compute", 0, 10, "main")
+    path = tmp_path / "rank0.json"
+    dump = threading.Thread(target=tracer.dump, args=(str(path),), daemon=True)
+    with tracer._lock:  # an add in progress on another thread
+        dump.start()
+        dump.join(0.3)
+        assert dump.is_alive() and not path.exists(), "dump read the events while an add held the lock"
+    dump.join(5)
+    events = json.loads(path.read_text())["traceEvents"]
+    assert [e["name"] for e in events] == ["process_name", "thread_name", "forward"]

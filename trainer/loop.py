@@ -114,7 +114,7 @@ class TrainConfig:
     """Everything one run needs; ``launch.py`` fills it from the command line (same names)."""
 
     algo: str = "ring"  # "ddp" (built-in all-reduce) or a key of ringcomm.api.ALGOS
-    transport: str = "torch"  # ringcomm transport for the hook: "torch" or "zmq"
+    transport: str = "torch"  # ringcomm transport for the hook: one of ringcomm.transport_names()
     comm_options: dict[str, Any] = field(default_factory=dict)  # extra all_reduce options (ps_shards=2)
     comm_timeout: float | None = None  # seconds per bucket all-reduce; None: ringcomm's default
     model: str = "simplecnn"
@@ -215,8 +215,8 @@ def evaluate(
 
 
 # --- the DDP comm hook ----------------------------------------------------------------------------
-# The only code in the loop that uses trainer/hooks.py. Its API is about to change; keep every call
-# into it in these three functions, so that the change touches them and nothing else.
+# The only code in the loop that uses trainer/hooks.py and ringcomm's counters: keep every call into
+# them in these two functions, so that a change of that API touches them and nothing else.
 
 
 def _attach_comm_hook(cfg: TrainConfig, ddp: DDP, device: torch.device) -> _CommCounters | None:
