@@ -194,12 +194,24 @@ def init(transport: str = "torch", device: str | torch.device = "cpu", timeout: 
     set-up then happens here, in this thread, in a known order.
 
     Raises:
-        ValueError: unknown transport, or a device it cannot carry.
-        MismatchError: ranks asked for different transports.
+        ValueError: unknown transport, or a device it cannot carry. The refusal takes the
+            set-up's turn, so the other ranks raise ``MismatchError`` at once, naming it,
+            instead of waiting for this rank until their timeout.
+        MismatchError: ranks asked for different transports, or one refused.
     """
-    kind = transport_kind(transport)
-    dev = torch.device(device)
-    kind.validate_device(dev)
+    try:
+        kind = transport_kind(transport)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device {device!r} is not a torch device: {exc}") from None
+        kind.validate_device(dev)
+    except ValueError as exc:
+        if dist.is_initialized():
+            session = sessions.current()
+            reason = f"refused ({type(exc).__name__}: {exc})"
+            session.queue.run(lambda: session.refuse_setup(reason), "a refused init")
+        raise
     session = sessions.current()
     deadline = time.monotonic() + (timeout if timeout is not None else default_timeout())
     return session.queue.run(lambda: session.transport(kind, dev.type, deadline), f"setting up {transport}")

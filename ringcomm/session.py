@@ -237,6 +237,13 @@ class Session:
         self.transports[(kind.name, device_type)] = transport
         return transport
 
+    def refuse_setup(self, reason: str) -> None:
+        """Take the next set-up's turn with ``reason`` instead of a transport (``init`` refused on
+        this rank only): the others' ``gather`` then differs at once, a ``MismatchError`` naming it."""
+        n = self._setups
+        self._setups += 1
+        self.store.set(f"{self.key('setup', n)}/{self.rank}", reason[:300])
+
     def close(self, timeout: float = 10.0) -> None:
         """Finish queued collectives, then close transports and stop the heartbeat.
 

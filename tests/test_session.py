@@ -146,6 +146,25 @@ def test_setting_up_different_transports_is_a_mismatch_on_every_rank() -> None:
         assert outcome.startswith("MismatchError") and "ranks [0] torch:cpu; ranks [1] zmq:cpu" in outcome, outcome
 
 
+def _refused_init_rank(rank: int, p: int) -> dict:
+    """One rank's ringcomm.init is refused (a bad device there); it stays alive (its heartbeat goes
+    on) and waits in a barrier, so only the refusal itself can tell the others."""
+    outcome = _timed(lambda: ringcomm.init("zmq", device="cuda:x" if rank == 1 else "cpu", timeout=60))
+    dist.barrier()
+    return {"outcome": outcome}
+
+
+def test_an_init_refused_on_one_rank_fails_on_every_rank_at_once() -> None:
+    results = run_world(_refused_init_rank, 3, timeout=120)
+    for rank, r in enumerate(results):
+        outcome, seconds = r["outcome"]
+        assert seconds < QUICK_S, (rank, outcome, seconds)
+        if rank == 1:
+            assert outcome.startswith("ValueError") and "'cuda:x'" in outcome, outcome
+        else:
+            assert outcome.startswith("MismatchError") and "ranks [1] refused (ValueError" in outcome, outcome
+
+
 def _default_options_rank(rank: int, p: int) -> list[float]:
     x = torch.full((6,), float(rank))
     options = {"ps_rank": 0} if rank == 0 else {}  # the default, spelled out on one rank only
