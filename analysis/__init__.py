@@ -19,4 +19,44 @@ Submodules are imported on use (``from analysis import report``) so that importi
 package does not pull in matplotlib.
 """
 
-__all__ = ["fit", "plots", "reliability", "report", "results", "sweep", "tables", "timeline"]
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
+__all__ = [
+    "CliParser",
+    "CliHelpFormatter",
+    "fit",
+    "plots",
+    "reliability",
+    "report",
+    "results",
+    "sweep",
+    "tables",
+    "timeline",
+]
+
+
+class CliHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default shown, once: not None or False (such an option's help says what its absence
+    does), and not after a help text that already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class CliParser(argparse.ArgumentParser):
+    """The commands' argparse: a mistake is one line on stderr and status 2 (the usage is --help's);
+    the description's ``literal`` markup is dropped."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        if isinstance(kwargs.get("description"), str):
+            kwargs["description"] = kwargs["description"].replace("``", "")  # type: ignore[union-attr]
+        kwargs.setdefault("formatter_class", CliHelpFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (--help lists the options)\n")

@@ -18,12 +18,12 @@ dashed the alpha-beta fit of each)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import CliParser
 from .plots import human_bytes
 
 __all__ = ["render", "main"]
@@ -62,9 +62,8 @@ def render(doc: dict, memcpy: bool = False) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m analysis.benchtable", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )  # fmt: skip
     parser.add_argument("files", nargs="+", help="ringcomm.bench --json files")
     parser.add_argument("--memcpy", action="store_true", help="add the busbw / memcpy column")

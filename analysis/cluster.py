@@ -43,7 +43,6 @@ process is gone is stale). Not root, or no ``ip``/``tc``: a clear refusal.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -54,6 +53,8 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from . import CliParser
 
 __all__ = ["Cluster", "parse_rate", "remove_stale", "main"]
 
@@ -375,12 +376,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in argv:
         at = argv.index("--")
         argv, command = argv[:at], argv[at + 1 :]
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m analysis.cluster",
         description="Run a command once per node of an emulated cluster: network namespaces on one switch, "
         "each NIC rate-limited in both directions.",
         epilog="Everything after -- is the command, run in every node with torchrun's variables set.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--nodes", type=int, default=4, help="nodes (one process each), 1-64")
     parser.add_argument(

@@ -11,12 +11,13 @@ case was run more than once, its last line wins.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 from pathlib import Path
 from typing import Any
+
+from . import CliParser
 
 __all__ = ["caught_by", "load", "render"]
 
@@ -103,7 +104,7 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the table of a records file; one line on stderr and status 1 if it cannot be read."""
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m analysis.reliability",
         description="The reliability table (Markdown, on stdout) from the records tests/test_faults.py appends.",
         epilog="Record them with: RINGCOMM_RELIABILITY_OUT=results/faults.jsonl pytest tests/test_faults.py",

@@ -12,7 +12,6 @@ fits and tables in machine-readable form). Anything missing leaves a note, not a
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Mapping
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from ringcomm import cost
 
-from . import cluster_report, plots, tables
+from . import CliParser, cluster_report, plots, tables
 from .fit import AlphaBetaFit, AmdahlFit, fit_rows
 from .markdown import fmt as _fmt
 from .markdown import table as _table
@@ -451,7 +450,7 @@ def _large_section(large: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
+    parser = CliParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", help="results folder written by python -m analysis.sweep")
     args = parser.parse_args(argv)
     root = Path(args.results)

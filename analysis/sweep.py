@@ -40,7 +40,6 @@ Child output goes to ``logs/<name>.log``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -54,6 +53,8 @@ from pathlib import Path
 from typing import IO
 
 from ringcomm.bench import machine_info
+
+from . import CliParser
 
 __all__ = ["Preset", "PRESETS", "Run", "build_plan", "run_plan", "main", "REPO_ROOT", "KILL_GRACE_S"]
 
@@ -665,7 +666,7 @@ def run_plan(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns 0 (failed runs are recorded, not fatal)."""
-    parser = argparse.ArgumentParser(prog="python -m analysis.sweep", description=__doc__.split("\n\n")[0])
+    parser = CliParser(prog="python -m analysis.sweep", description=__doc__.split("\n\n")[0])
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
         "--quick", action="store_const", const="quick", dest="preset", help="about 11 minutes on 2 cores (default)"

@@ -21,7 +21,6 @@ From Python::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import defaultdict
@@ -33,6 +32,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from . import CliParser
 from .plots import _save  # noqa: E402
 
 __all__ = ["Span", "load_events", "thread_names", "trace_spans", "render_trace", "main"]
@@ -157,10 +157,9 @@ def render_trace(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Render a trace file to PNG; one line on stderr and status 1 if there is nothing to draw."""
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m analysis.timeline",
         description="Render a Chrome trace (launch.py --trace FILE) as a per-rank Gantt chart (PNG).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("trace", metavar="TRACE.json", help="the file launch.py --trace wrote")
     parser.add_argument("--out", metavar="PNG", help="the figure to write (default: TRACE with .png)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -704,3 +705,33 @@ def test_benchtable_plots_a_single_bench_file(tmp_path: Path, capsys: pytest.Cap
     assert benchtable.main([str(tmp_path / "broken.json"), "--plot", str(tmp_path / "no.png")]) == 2
     assert "not a ringcomm.bench --json file" in capsys.readouterr().err
     assert not (tmp_path / "no.png").exists()
+
+
+@pytest.mark.parametrize("module", ["benchtable", "cluster", "reliability", "report", "sweep", "timeline"])
+def test_every_command_helps_without_markup_and_refuses_in_one_line(
+    module: str, capsys: pytest.CaptureFixture
+) -> None:
+    """--help shows each default once, never None/False or ``markup``; a mistake is one line, status 2."""
+    import importlib
+
+    main = importlib.import_module(f"analysis.{module}").main
+    with pytest.raises(SystemExit) as raised:
+        main(["--help"])
+    assert raised.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "``" not in text, text
+    assert "(default: None)" not in text and "(default: False)" not in text, text
+    assert not re.search(r"\(default[^)]*\) \(default", text), text  # its help's default, then argparse's
+    with pytest.raises(SystemExit) as raised:
+        main(["--no-such-option", "x"])
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"python -m analysis.{module}: "), err
+
+
+def test_report_refuses_an_empty_folder_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as raised:
+        report.main([str(tmp_path)])
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"python -m analysis.report: {tmp_path}: nothing to report"), err
