@@ -361,6 +361,10 @@ def _check_algo(text: str, default_transport: str) -> AlgoSpec:
     return spec
 
 
+class _Default(str):
+    """A default value, told apart from the same text given on the command line (``--tune`` refuses those)."""
+
+
 def _under_torchrun() -> bool:
     """Whether torchrun started this process as one rank of its world."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -378,9 +382,13 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
         "--sizes", default="64K,1M,16M,64M", help="comma list of sizes in bytes, K/M/G are powers of 1024"
     )
     parser.add_argument(
-        "--algos", default="gloo,ring,naive", help="comma list, e.g. gloo,ring,ring_simple,ps,ps:2,ring@zmq"
+        "--algos",
+        default=_Default("gloo,ring,naive"),
+        help="comma list, e.g. gloo,ring,ring_simple,ps,ps:2,ring@zmq",
     )
-    parser.add_argument("--transport", default="torch", choices=transport_names(), help="default transport")
+    parser.add_argument(
+        "--transport", default=_Default("torch"), choices=transport_names(), help="default transport"
+    )
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="element type")
     parser.add_argument("--reps", type=int, default=15, help="samples per algorithm and size (median shown)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per algorithm and size")
@@ -397,7 +405,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
         help="time auto's candidates on --transports at --sizes, fit alpha and beta, write the tune file",
     )
     parser.add_argument(
-        "--transports", default="torch,zmq,shm", help="with --tune: the transports to fit (comma list)"
+        "--transports", default=_Default("torch,zmq,shm"), help="with --tune: the transports to fit (comma list)"
     )
     args = parser.parse_args(argv)
     if args.world_size is not None and args.world_size < 1:
@@ -416,13 +424,26 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
         parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         parser.error(f"--json {args.json}: no folder {Path(args.json).parent} to write it in")
+    transports = [t.strip() for t in args.transports.split(",") if t.strip()]
+    unknown = [t for t in transports if t not in transport_names()]
+    if unknown or not transports:
+        parser.error(
+            f"--transports {args.transports}: {'unknown ' + ', '.join(unknown) if unknown else 'the list is empty'}; "
+            f"expected some of {', '.join(transport_names())}"
+        )
+    if not args.tune and not isinstance(args.transports, _Default):
+        parser.error(
+            f"--transports {args.transports}: only --tune reads it; a run's transport is --transport, "
+            "or an @TRANSPORT suffix in --algos (e.g. ring@zmq)"
+        )
     if args.tune:
         from . import auto
 
-        transports = [t for t in args.transports.split(",") if t]
-        unknown = [t for t in transports if t not in transport_names()]
-        if unknown:
-            parser.error(f"--transports: unknown {unknown}; expected some of {', '.join(transport_names())}")
+        for flag, value in (("--algos", args.algos), ("--transport", args.transport)):
+            if not isinstance(value, _Default):
+                parser.error(
+                    f"{flag} {value}: --tune times auto's own candidates on --transports; leave {flag} out"
+                )
         if args.sizes == parser.get_default("sizes"):
             args.sizes = "4K,64K,1M,4M,16M"
         from .algorithms import ALGOS

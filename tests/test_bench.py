@@ -161,6 +161,11 @@ def test_the_overlapped_parameter_server_has_a_label_of_its_own() -> None:
         (["--algos", "ring@tcp"], "--algos: algorithm 'ring@tcp': unknown transport 'tcp'"),
         (["--reps", "0"], "--reps must be at least 1, got 0"),
         (["--json", "/no/such/folder/b.json"], "--json /no/such/folder/b.json: no folder"),
+        # --transports is --tune's: without it, it used to be ignored (a full default run followed)
+        (["--transports", "zmq,foo"], "--transports zmq,foo: unknown foo"),
+        (["--transports", "zmq"], "--transports zmq: only --tune reads it"),
+        (["--tune", "--algos", "ring"], "--algos ring: --tune times auto's own candidates"),
+        (["--tune", "--transport", "zmq"], "--transport zmq: --tune times auto's own candidates"),
     ],
 )
 def test_command_line_mistakes_are_one_line_before_any_worker_starts(
