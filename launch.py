@@ -472,7 +472,10 @@ def summary(metrics: dict[str, Any]) -> str:
     last = metrics["history"][-1]
     part = "complete" if last["complete"] else "partial"
     steps = last.get("train_steps")
-    over = f" over its {steps} steps" if steps else ""
+    over = f" over steps {last['step'] - steps + 1}-{last['step']}" if steps else ""
+    before = [h for h in metrics["history"][:-1] if h["epoch"] == last["epoch"]]
+    if steps and before:  # the epoch began in the run this one resumed: its mean covers this run's steps
+        over += f" (since the resume at step {before[-1]['step']})"
     tested = sum(map(sum, metrics["confusion_matrix"]))
     stopped = {"interrupted": "stopped early (Ctrl-C):", "time-limit": "stopped early (--time-limit):"}.get(
         metrics.get("stopped"), "done:"

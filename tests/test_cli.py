@@ -418,10 +418,19 @@ def _metrics_for_summary(stopped: str | None) -> dict[str, object]:
 def test_the_summary_says_the_loss_is_the_last_epochs_mean_and_what_was_tested() -> None:
     text = launch.summary(_metrics_for_summary(None))
     assert "final train loss" not in text
-    assert "epoch 1 (partial, to step 12): mean train loss 1.5000 over its 4 steps" in text
+    assert "epoch 1 (partial, to step 12): mean train loss 1.5000 over steps 9-12 |" in text
     assert "test accuracy 50.00% on 64 test images" in text
     assert text.startswith("done: ring x2") and "--resume" not in text
     assert "wrote runs/x/metrics.json and runs/x/checkpoint.pt (step 12)" in text
+
+
+def test_the_summary_of_a_run_resumed_mid_epoch_says_which_steps_its_mean_is_over() -> None:
+    """Resumed at step 10 in epoch 1, the mean is over steps 11-12 only; it said "over its 2 steps"."""
+    metrics = _metrics_for_summary(None)
+    metrics["history"].insert(1, {**metrics["history"][1], "step": 10, "train_steps": 2})  # the first run's
+    metrics["history"][-1]["train_steps"] = 2
+    text = launch.summary(metrics)
+    assert "mean train loss 1.5000 over steps 11-12 (since the resume at step 10) |" in text
 
 
 def test_the_summary_of_a_stopped_run_says_so_and_how_to_go_on() -> None:
