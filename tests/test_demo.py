@@ -101,10 +101,111 @@ def test_every_algorithm_demo_ends_equal_to_torch_distributed(algo: str) -> None
     assert "(equal; bitwise the same on every rank: yes)" in done.stdout
 
 
-def test_bad_arguments_are_one_line_and_start_nothing() -> None:
-    done = _demo("--world-size", "40")
-    assert done.returncode == 2 and "--world-size 40: choose 1 to 8" in done.stderr
-    assert "Traceback" not in done.stderr
+NAIVE_BY_HAND = """\
+naive all-reduce of 2 numbers over 3 ranks (op sum, transport torch); rank r starts with 10*r + i
+
+before
+  rank 0 | [0 1]
+  rank 1 | [10 11]
+  rank 2 | [20 21]
+
+step 1: gather
+  rank 0 receives the whole vector from rank 1: [0 1] + [10 11] = [10 12]
+  rank 1 sends the whole vector [10 11] to rank 0
+  rank 2 sends the whole vector [20 21] to rank 0
+  after step 1
+    rank 0 | [10 12]
+    rank 1 | [10 11]
+    rank 2 | [20 21]
+
+step 2: gather
+  rank 0 receives the whole vector from rank 2: [10 12] + [20 21] = [30 33]
+  after step 2
+    rank 0 | [30 33]
+    rank 1 | [10 11]
+    rank 2 | [20 21]
+
+step 3: broadcast
+  rank 0 sends the whole vector [30 33] to rank 1
+  rank 0 sends the whole vector [30 33] to rank 2
+  rank 1 receives the whole vector [30 33] from rank 0
+  rank 2 receives the whole vector [30 33] from rank 0
+  after step 3
+    rank 0 | [30 33]
+    rank 1 | [30 33]
+    rank 2 | [30 33]
+
+result: every rank holds [30 33]
+torch.distributed.all_reduce of the same inputs: [30 33] (equal; bitwise the same on every rank: yes)
+"""
+
+
+def test_a_message_is_received_in_the_step_that_sends_it_or_later() -> None:
+    """naive's root folds rank 1 in, then rank 2, then broadcasts: rank 1 cannot hold the sum
+    before the root has sent it (each rank's own count of its posts put it there, a step early)."""
+    done = _demo("--algo", "naive", "--world-size", "3", "--numel", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == NAIVE_BY_HAND
+
+
+def test_a_server_adds_each_push_to_what_it_holds_by_then() -> None:
+    """Both pushes are posted together: the second one's 'before' is the first one's result,
+    not the server's input (which made [0 1] + [20 21] = [30 33])."""
+    done = _demo("--algo", "ps", "--world-size", "3", "--numel", "2", "--op", "avg")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "rank 0 receives the whole vector from rank 2: [10 12] + [20 21] = [30 33]" in done.stdout
+    assert "avg: the ranks add, and divide a sum by P = 3" in done.stdout
+    after_push = done.stdout.split("after step 1\n", 1)[1].split("\n\n", 1)[0]
+    # the workers still hold their own numbers: the pull has not come yet
+    assert after_push.splitlines() == ["    rank 0 | [30 33]", "    rank 1 | [10 11]", "    rank 2 | [20 21]"]
+
+
+@pytest.mark.parametrize(
+    "algo, world_size, numel, op",
+    [("rd", 3, 3, "max"), ("rhd", 5, 4, "avg"), ("ring", 5, 3, "sum"), ("ps", 4, 2, "min"), ("auto", 2, 1, "sum")],
+)
+def test_the_story_adds_up(algo: str, world_size: int, numel: int, op: str) -> None:
+    """Every receive matches a send of the same or an earlier step, every send carries what the
+    tables say its rank held, every reduce adds up, and the last tables are the results."""
+    from ringcomm.demo import check_story, record, render_text
+
+    rec = record(algo, world_size, numel, op)
+    assert check_story(rec) == [], render_text(rec)
+    if algo == "rd":  # rd receives into scratch and combines there: said, and in the tables at once
+        assert "into scratch and combines it with its own: max([20 21 22], [10 11 12]) = [20 21 22]" in render_text(rec)
+
+
+def test_one_rank_says_there_is_nothing_to_send() -> None:
+    done = _demo("--algo", "ring", "--world-size", "1", "--numel", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ring all-reduce of 1 number over 1 rank " in done.stdout
+    assert "one rank: nothing to send; its numbers are already the result" in done.stdout
+
+
+def test_help_shows_each_default_once() -> None:
+    done = _demo("--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    for default in ["ring", "4", "8", "sum", "torch"]:
+        assert f"(default: {default})" in text, default
+    assert "(default: None)" not in text and "``" not in text, text
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--world-size", "40"], "--world-size 40: choose 1 to 8"),
+        (["--world-size", "0"], "--world-size 0: choose 1 to 8"),
+        (["--numel", "0"], "--numel 0: choose 1 to 32"),
+        (["--algo", "nope"], "argument --algo: invalid choice: 'nope'"),
+        (["--html", "/nonexistent-folder/ring.html"], "--html /nonexistent-folder/ring.html: no folder"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_start_nothing(args: list[str], says: str) -> None:
+    done = _demo(*args)
+    assert done.returncode == 2 and says in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr  # no usage block, no traceback
+    assert done.stdout == ""  # no rank started
 
 
 # --- the page, in headless Chromium ---
@@ -166,3 +267,20 @@ def test_the_recording_is_what_the_page_embeds(tmp_path: Path) -> None:
     assert data["final"] == rec.final and data["inputs"] == [[0.0, 1.0], [10.0, 11.0]]
     assert "result: every rank holds [10 12]" in render_text(rec)
     assert os.linesep not in data["algo"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (Debian: apt-get install chromium)")
+def test_the_page_draws_each_message_until_it_is_received(tmp_path: Path) -> None:
+    """naive over 3: both workers send in step 1, the root takes rank 1's then rank 2's. The page
+    drew only the sends of a step, so step 2 (rank 2's arrives) had no arrow; its numbers came from
+    the tracer's snapshots (which a receive in flight may or may not have reached)."""
+    page = tmp_path / "naive.html"
+    done = _demo("--algo", "naive", "--world-size", "3", "--numel", "2", "--html", str(page))
+    assert done.returncode == 0, done.stderr[-2000:]
+    for step, solid, dashed, root in [(1, 1, 1, (10, 12)), (2, 1, 0, (30, 33)), (3, 2, 0, (30, 33))]:
+        dom = _chromium(tmp_path, "--dump-dom", f"{page.as_uri()}#step={step}")
+        assert dom.returncode == 0 and "data-error" not in dom.stdout, dom.stderr[-2000:]
+        assert dom.stdout.count('class="msg"') == solid, step
+        assert dom.stdout.count('class="msg-waiting"') == dashed, step
+        for i, value in enumerate(root):
+            assert f'id="cell-0-{i}" data-value="{value}"' in dom.stdout, (step, i)
