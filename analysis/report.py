@@ -256,9 +256,14 @@ def _machine_section(res: Results) -> str:
         f"- Python {mc.get('python', '?')}, torch {mc.get('torch', '?')}",
         f"- torch.distributed backend: {', '.join(backends)}; ringcomm transports measured: {', '.join(transports) or '–'}",
         f"- environment for the runs: {', '.join(f'{k}={v}' for k, v in env.items()) or '(inherited)'}",
-        f"- sweep preset: {(res.manifest or {}).get('preset', '?')}, started {(res.manifest or {}).get('started', '?')}, "
-        f"took {_fmt((res.manifest or {}).get('seconds'), '.0f')} s",
     ]
+    if res.manifest:
+        lines.append(
+            f"- sweep preset: {res.manifest.get('preset', '?')}, started {res.manifest.get('started', '?')}, "
+            f"took {_fmt(res.manifest.get('seconds'), '.0f')} s"
+        )
+    else:
+        lines.append("- runs made by hand (no sweep.json): each run's own command and settings are in its metrics.json")
     if isinstance(cpus, int) and max_p > cpus:
         lines.append(
             f"- world sizes up to {max_p} on {cpus} cores: ranks are processes that share (oversubscribe) the "

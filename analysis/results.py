@@ -102,6 +102,8 @@ def load_results(root: str | Path) -> Results:
             if not res.machine and isinstance(data.get("machine"), dict):
                 res.machine = dict(data["machine"])
         elif path.name == "metrics.json" and isinstance(data, dict):
+            if not res.machine and isinstance(data.get("machine"), dict):  # training runs alone
+                res.machine = dict(data["machine"])
             run = by_output.get(rel, {})
             kind = run.get("kind") or rel.split("/")[0]  # a folder of its own (trace_run, ...) is not train
             res.runs.append(

@@ -599,6 +599,21 @@ def test_report_cli_on_sparse_results_skips_gracefully(tmp_path: Path, capsys: p
         report.main([str(tmp_path / "missing")])
 
 
+def test_a_report_of_training_runs_alone_names_the_machine_they_ran_on(tmp_path: Path) -> None:
+    # The learner's path reports two launch.py runs (no sweep.json, no bench file): the machine
+    # comes from their metrics.json, not a row of "?"
+    machine = {"cpus": 2, "platform": "Linux-6-x86_64", "processor": "x86_64", "python": "3.11.7", "torch": "2.15.0"}
+    for algo in ("ring", "ps"):
+        path = tmp_path / "train" / algo / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(_metrics(algo, "torch", 4, 300.0, 0.8, machine=machine)))
+    assert report.main([str(tmp_path)]) == 0
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "this machine (2-core CPU;" in text and "- CPU cores: **2** (x86_64)" in text, text[:600]
+    assert "- Python 3.11.7, torch 2.15.0" in text and "sweep preset" not in text
+    assert "?" not in text.split("## Collective benchmark")[0]
+
+
 def test_plots_skip_missing_data_with_a_note(tmp_path: Path) -> None:
     notes: list[str] = []
     calls = [

@@ -70,6 +70,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 
 import ringcomm
 from ringcomm import trace
+from ringcomm.bench import machine_info
 
 from . import checkpoint
 from .checkpoint import CHECKPOINT_NAME, Progress, atomic_write
@@ -609,6 +610,7 @@ def _metrics(run: _Run, progress: Progress, confusion: torch.Tensor) -> dict[str
         "parameters": count_parameters(run.model),
         "dataset": run.data.name,
         "dataset_reason": run.data.reason,
+        "machine": machine_info(),
         "steps": progress.step,
         "epochs_completed": progress.epoch,
         "batch_size_per_worker": cfg.batch_size,
