@@ -567,7 +567,7 @@ def _end_epoch(run: _Run, progress: Progress, sums: _EpochSums) -> torch.Tensor:
     progress.history.append(entry)
     run.say(
         f"epoch {progress.epoch} {'done' if complete else 'stopped'} at step {progress.step} | "
-        f"train loss {entry['train_loss']:.4f} acc {entry['train_accuracy']:.2%} | "
+        f"train, mean over its steps: loss {entry['train_loss']:.4f} acc {entry['train_accuracy']:.2%} | "
         f"test loss {test_loss:.4f} acc {entry['test_accuracy']:.2%} | {sums.time_s:.1f} s"
     )
     if complete:
