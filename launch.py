@@ -150,6 +150,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> float:
+    """An argparse type: a number > 0."""
+    value = _non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0, got 0 (nothing would be learned)")
+    return value
+
+
 def _non_negative(text: str) -> float:
     """An argparse type: a number >= 0."""
     try:
@@ -227,7 +235,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--workers", type=_at_least(0), default=0, help="DataLoader worker processes per rank")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=_at_least(1), default=32, help="images per worker per step")
-    g.add_argument("--lr", type=_non_negative, default=0.05, help="peak learning rate (before --scale-lr)")
+    g.add_argument("--lr", type=_positive, default=0.05, help="peak learning rate (before --scale-lr)")
     g.add_argument("--scale-lr", action="store_true", help="multiply --lr by the world size (linear scaling)")
     g.add_argument(
         "--warmup-epochs", type=_non_negative, default=0.0, help="linear warmup to the peak rate, in epochs"
@@ -428,7 +436,9 @@ def check_run(cfg: TrainConfig, args: argparse.Namespace, kind: str, backend: st
         try:
             validate(cfg.algo, cfg.transport, kind, cfg.comm_options, world_size)
         except ValueError as exc:
-            _refuse(f"--comm-option {' '.join(args.comm_option)}: {exc}")
+            given = " ".join(args.comm_option)
+            said = str(exc)
+            _refuse(f"--comm-option {said}" if said.startswith(given) else f"--comm-option {given}: {said}")
     from trainer.data import DataSourceError, check_source
 
     try:

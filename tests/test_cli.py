@@ -232,8 +232,9 @@ def test_the_cifar_message_speaks_to_the_command_line(tmp_path: Path) -> None:
         ),
         (
             ["--algo", "ps", "--comm-option", "ps_shards=8"],
-            "--comm-option ps_shards=8: ps_shards=8 is out of range",
+            "--comm-option ps_shards=8 is out of range",  # named once, not "ps_shards=8: ps_shards=8"
         ),
+        (["--algo", "ring", "--comm-option", "window=0"], "--comm-option window=0: expected an integer >= 1"),
         (
             ["--algo", "auto", "--comm-option", "window=2"],
             "--comm-option window=2: algo='auto' takes no option",
