@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import struct
 import time
-from typing import Any
+from collections.abc import Callable
 
 from .errors import CommTimeoutError, PeerError
 from .liveness import Liveness
@@ -46,12 +46,14 @@ _SPIN_S = 50e-6  # look again this long before sleeping, when every rank can hav
 class CallBoard:
     """One host's board of call fingerprints; see the module docstring.
 
-    Made collectively (``shm.share_segments`` through the store).
+    Made collectively (``shm.share_segments`` through ``gather``: ``Session.gather`` under a key of its own).
     """
 
-    def __init__(self, store: Any, prefix: str, rank: int, world_size: int, liveness: Liveness | None) -> None:
+    def __init__(
+        self, gather: Callable[[str, str], list[str]], rank: int, world_size: int, liveness: Liveness | None
+    ) -> None:
         self.rank, self.world_size, self.liveness = rank, world_size, liveness
-        self._maps = share_segments(store, f"{prefix}/board", rank, world_size, _LINE + 2 * _SLOT)
+        self._maps = share_segments(gather, rank, world_size, _LINE + 2 * _SLOT)
         self._bufs = {r: memoryview(m) for r, m in self._maps.items()}
         self._bell = Doorbell(self._bufs, 0, rank)
         self._spin_s = _SPIN_S if world_size <= len(os.sched_getaffinity(0)) else 0.0

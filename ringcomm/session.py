@@ -58,14 +58,21 @@ __all__ = ["Session", "SetupContext", "current", "shutdown"]
 
 
 class SetupContext:
-    """What a transport factory gets: the store, this rank's place, and a key prefix of its own."""
+    """What a transport factory gets: the store, this rank's place, a key prefix of its own, and
+    ``gather`` for its rendezvous."""
 
-    def __init__(self, session: Session, prefix: str) -> None:
+    def __init__(self, session: Session, prefix: str, deadline: float, what: str) -> None:
         self.store = session.store
         self.rank = session.rank
         self.world_size = session.world_size
         self.liveness = session.liveness
         self.prefix = prefix  # unique to this setup: "<world prefix>/setup/<n>"
+        self._session, self._deadline, self._what = session, deadline, what
+
+    def gather(self, name: str, value: str) -> list[str]:
+        """Every rank's ``value`` for ``name`` (collective), by rank: ``Session.gather``, so a rank
+        that died, or failed its own set-up and gave up, ends the wait at once (``PeerError``)."""
+        return self._session.gather(f"{self.prefix}/{name}", value, self._deadline, self._what)
 
 
 class Session:
@@ -172,7 +179,13 @@ class Session:
             except ValueError:
                 one_host = False
             if one_host:
-                self._board = CallBoard(self.store, self.key("board"), self.rank, self.world_size, self.liveness)
+                base, what = self.key("board"), "setting up the call board"
+                self._board = CallBoard(
+                    lambda name, value: self.gather(f"{base}/{name}", value, deadline, what),
+                    self.rank,
+                    self.world_size,
+                    self.liveness,
+                )
             self._board_decided = True
         return self._board
 
@@ -233,7 +246,15 @@ class Session:
             raise MismatchError(
                 f"rank {self.rank}: ranks set up different transports ({described}); nothing was sent"
             )
-        transport = kind.factory(device_type, SetupContext(self, base))  # type: ignore[call-arg]
+        try:
+            setup = SetupContext(self, base, deadline, f"setting up transport {wanted}")
+            transport = kind.factory(device_type, setup)  # type: ignore[call-arg]
+        except BaseException:
+            # This rank's half of the set-up failed (a socket, /dev/shm): the others wait in its
+            # rendezvous; giving up ends their wait at once, naming this rank.
+            if self.liveness is not None:
+                self.liveness.give_up(self.liveness.call)
+            raise
         self.transports[(kind.name, device_type)] = transport
         return transport
 

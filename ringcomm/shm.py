@@ -32,10 +32,11 @@ import ctypes
 import mmap
 import os
 import platform
+import re
 import socket
 import threading
 import uuid
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -86,11 +87,17 @@ def host_identity() -> str:
     return f"{socket.gethostname()} (boot {boot})"
 
 
-def share_segments(store: Any, prefix: str, rank: int, world_size: int, size: int) -> dict[int, mmap.mmap]:
+_SEGMENT_NAME = re.compile(r"ringcomm-[0-9a-f]{16}-r[0-9]+")
+
+
+def share_segments(
+    gather: Callable[[str, str], list[str]], rank: int, world_size: int, size: int
+) -> dict[int, mmap.mmap]:
     """Create this rank's segment of ``size`` bytes (zeroed), map every rank's, then unlink ours.
 
-    Collective through ``store`` under ``prefix``. Returns ``{rank: mapping}``.
-    On any failure the mappings made so far are closed and our name unlinked.
+    Collective through ``gather(name, value)``, which returns every rank's value by rank
+    (``SetupContext.gather``). Returns ``{rank: mapping}``. On any failure the mappings
+    made so far are closed and our name unlinked.
     """
     maps: dict[int, mmap.mmap] = {}
     path: str | None = os.path.join(SHM_DIR, f"ringcomm-{uuid.uuid4().hex[:16]}-r{rank}")
@@ -101,11 +108,13 @@ def share_segments(store: Any, prefix: str, rank: int, world_size: int, size: in
             maps[rank] = mmap.mmap(fd, size)
         finally:
             os.close(fd)  # the mapping keeps the memory; no descriptor stays open
-        store.set(f"{prefix}/name/{rank}", os.path.basename(path))
+        names = gather("name", os.path.basename(path))
         for r in range(world_size):
             if r == rank:
                 continue
-            peer_path = os.path.join(SHM_DIR, store.get(f"{prefix}/name/{r}").decode())
+            if not _SEGMENT_NAME.fullmatch(names[r]):
+                raise ValueError(f"rank {rank}: rank {r} named its shared-memory segment {names[r][:80]!r}")
+            peer_path = os.path.join(SHM_DIR, names[r])
             fd = os.open(peer_path, os.O_RDWR)
             try:
                 if os.fstat(fd).st_size != size:
@@ -117,8 +126,7 @@ def share_segments(store: Any, prefix: str, rank: int, world_size: int, size: in
             finally:
                 os.close(fd)
         # Every rank has mapped every segment once all have said so; then each unlinks its own.
-        store.set(f"{prefix}/mapped/{rank}", "1")
-        store.wait([f"{prefix}/mapped/{r}" for r in range(world_size)])
+        gather("mapped", "1")
         os.unlink(path)
         path = None
         return maps

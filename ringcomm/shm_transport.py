@@ -58,7 +58,9 @@ each other's queues meanwhile, or both wait forever.
 heartbeat and asks ``liveness.py`` about the peer it depends on between
 slices; a dead or frozen peer fails the wait in ``RINGCOMM_LIVENESS_S``.
 
-**Nothing leaks.** Set-up (collective, through the store): every rank checks
+**Nothing leaks.** Set-up (collective, through ``setup.gather``: the store,
+watched, so a rank that dies or fails its half of the set-up ends the others'
+wait at once, naming it): every rank checks
 that all ranks share its host (hostname and boot id; else ``ValueError``
 naming them), then ``shm.share_segments`` makes, maps and unlinks the segments:
 even ``kill -9`` of every rank leaves nothing in ``/dev/shm``, and no file
@@ -201,18 +203,16 @@ class ShmTransport:
         )
         self._spin_s = spin_us * 1e-6
         try:
-            self._set_up(setup.store, setup.prefix)
+            self._set_up(setup)
         except BaseException:
             self.close()
             raise
 
     # --- set-up ---
 
-    def _set_up(self, store: Any, prefix: str) -> None:
+    def _set_up(self, setup: Any) -> None:
         p, rank = self.world_size, self.rank
-        prefix = f"{prefix}/shm"
-        store.set(f"{prefix}/host/{rank}", host_identity())
-        hosts = [store.get(f"{prefix}/host/{r}").decode() for r in range(p)]
+        hosts = setup.gather("shm/host", host_identity())
         if len(set(hosts)) > 1:
             by_host: dict[str, list[int]] = {}
             for r, h in enumerate(hosts):
@@ -222,7 +222,8 @@ class ShmTransport:
                 f"rank {rank}: transport='shm' needs every rank on one host, but {where}; "
                 "use transport='torch' or 'zmq' across hosts"
             )
-        self._maps = share_segments(store, prefix, rank, p, segment_bytes(p, self.slots, self.slot_bytes))
+        size = segment_bytes(p, self.slots, self.slot_bytes)
+        self._maps = share_segments(lambda name, value: setup.gather(f"shm/{name}", value), rank, p, size)
         bufs = {r: memoryview(m) for r, m in self._maps.items()}
         self._bell = Doorbell(bufs, 0, rank)  # the first line of every segment
         qbytes = _queue_bytes(self.slots, self.slot_bytes)

@@ -179,7 +179,7 @@ class ZmqTransport(PointToPoint):
     def __init__(self, setup: Any, *, host: str | None = None, ipc: bool | None = None) -> None:
         self._open(setup.rank, setup.world_size)
         try:
-            self._rendezvous(setup.store, setup.prefix, host, ipc)
+            self._rendezvous(setup, host, ipc)
         except BaseException:
             self.close()
             raise
@@ -248,10 +248,10 @@ class ZmqTransport(PointToPoint):
         else:
             raise ValueError(f"bind must be 'tcp://<address>' or 'ipc://', got {base!r}")
 
-    def _rendezvous(self, store: Any, prefix: str, host: str | None, ipc: bool | None) -> None:
-        prefix = f"{prefix}/zmq"  # unique to this set-up (session.py numbers them)
-        store.set(f"{prefix}/host/{self.rank}", socket.gethostname())
-        hosts = {store.get(f"{prefix}/host/{r}").decode() for r in range(self.world_size)}
+    def _rendezvous(self, setup: Any, host: str | None, ipc: bool | None) -> None:
+        # setup.gather: keys unique to this set-up (session.py numbers them), a wait that ends at once
+        # when a peer dies or fails its own half of the set-up
+        hosts = set(setup.gather("zmq/host", socket.gethostname()))
         host = host or os.environ.get("RINGCOMM_ZMQ_HOST") or None
         if ipc is None:
             ipc = env_bool("RINGCOMM_ZMQ_IPC", None)
@@ -261,14 +261,8 @@ class ZmqTransport(PointToPoint):
             self._bind("tcp://127.0.0.1" if ipc is False else "ipc://")
         else:
             self._bind(f"tcp://{_address_towards(os.environ.get('MASTER_ADDR', socket.gethostname()))}")
-        store.set(f"{prefix}/endpoint/{self.rank}", self.endpoint)
-        self.set_peers(
-            {
-                r: store.get(f"{prefix}/endpoint/{r}").decode()
-                for r in range(self.world_size)
-                if r != self.rank
-            }
-        )
+        endpoints = setup.gather("zmq/endpoint", self.endpoint)
+        self.set_peers({r: e for r, e in enumerate(endpoints) if r != self.rank})
 
     def set_peers(self, endpoints: Mapping[int, str]) -> None:
         """Record where each peer's inbox is (``{rank: endpoint}``); DEALERs connect on first send."""

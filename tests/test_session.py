@@ -165,6 +165,34 @@ def test_an_init_refused_on_one_rank_fails_on_every_rank_at_once() -> None:
             assert outcome.startswith("MismatchError") and "ranks [1] refused (ValueError" in outcome, outcome
 
 
+def _failing_set_up_rank(rank: int, p: int, transport: str) -> dict:
+    """Rank 1's half of the set-up fails after every rank agreed on the transport (its socket or
+    its segment); it stays alive in a barrier, so only its giving up can tell the others."""
+    if rank == 1:
+        import ringcomm.shm_transport as shm_transport
+        import ringcomm.zmq_transport as zmq_transport
+
+        def fail(*args: object, **kwargs: object) -> None:
+            raise OSError("injected: no room for this rank's half of the set-up")
+
+        zmq_transport.ZmqTransport._bind = fail  # type: ignore[method-assign]
+        shm_transport.share_segments = fail  # type: ignore[assignment]
+    outcome = _timed(lambda: ringcomm.init(transport, timeout=60))
+    dist.barrier()
+    return {"outcome": outcome}
+
+
+@pytest.mark.parametrize("transport", ["zmq", "shm"])
+def test_a_set_up_that_fails_on_one_rank_fails_on_every_rank_at_once(transport: str) -> None:
+    for rank, r in enumerate(run_world(_failing_set_up_rank, 3, (transport,), timeout=120)):
+        outcome, seconds = r["outcome"]
+        assert seconds < QUICK_S, (rank, outcome, seconds)
+        if rank == 1:
+            assert outcome.startswith("OSError: injected"), outcome
+        else:
+            assert outcome.startswith("PeerError") and "peer rank 1 failed: it gave up" in outcome, outcome
+
+
 def _default_options_rank(rank: int, p: int) -> list[float]:
     x = torch.full((6,), float(rank))
     options = {"ps_rank": 0} if rank == 0 else {}  # the default, spelled out on one rank only

@@ -132,10 +132,17 @@ def test_ranks_on_different_hosts_are_told_which_before_any_data_moves() -> None
 
 
 class _Setup:
+    """A set-up context without a session: ``gather`` straight through the store (no liveness)."""
+
     def __init__(self, store: Any, rank: int, world_size: int) -> None:
         self.store, self.rank, self.world_size = store, rank, world_size
         self.liveness = None
         self.prefix = "test"
+
+    def gather(self, name: str, value: str) -> list[str]:
+        base = f"{self.prefix}/{name}"
+        self.store.set(f"{base}/{self.rank}", value)
+        return [self.store.get(f"{base}/{r}").decode() for r in range(self.world_size)]
 
 
 def _make_pair(prefix: str = "test") -> tuple[ShmTransport, ShmTransport]:

@@ -93,7 +93,8 @@ def _tcp_and_generations_rank(rank: int, p: int) -> list[str]:
     if not first.endpoint.startswith("tcp://127.0.0.1:"):
         failures.append(f"rank {rank}: RINGCOMM_ZMQ_IPC=0 bound {first.endpoint}")
     current = session.current()  # collective, same order on every rank: a set-up prefix of its own
-    second = ZmqTransport(session.SetupContext(current, current.key("second")))
+    deadline = time.monotonic() + 60
+    second = ZmqTransport(session.SetupContext(current, current.key("second"), deadline, "a second transport"))
     try:
         if second.endpoint == first.endpoint:
             failures.append(f"rank {rank}: second transport reused {first.endpoint}")
