@@ -233,6 +233,11 @@ class Session:
         cached = self.transports.get((kind.name, device_type))
         if cached is not None:
             return cached
+        if self.failed is not None:  # the peers are past the failed call: no new set-up with them
+            raise CommError(
+                f"rank {self.rank}: an earlier collective failed ({self.failed}); the ranks are out of "
+                "step, so no transport is set up; re-initialise the process group to go on"
+            )
         n = self._setups
         self._setups += 1
         base = self.key("setup", n)

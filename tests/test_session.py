@@ -100,7 +100,8 @@ def _fails_mid_call_rank(rank: int, p: int) -> dict:
         transport.reduce_into = out_of_memory  # rank 0's first reduce of the ring fails
     first = _timed(lambda: ringcomm.all_reduce(torch.ones(8), transport="zmq", timeout=30))
     second = _timed(lambda: ringcomm.all_reduce(torch.ones(8), transport="zmq", timeout=30))
-    return {"first": first, "second": second}
+    setup = _timed(lambda: ringcomm.init("shm", timeout=30))  # a new transport after the failure
+    return {"first": first, "second": second, "setup": setup}
 
 
 def test_a_failure_that_is_not_a_comm_error_fails_the_world_on_every_rank_at_once() -> None:
@@ -111,6 +112,8 @@ def test_a_failure_that_is_not_a_comm_error_fails_the_world_on_every_rank_at_onc
     assert seconds < QUICK_S, r1
     for r in (r0, r1):
         assert r["second"][0].startswith("CommError") and "an earlier collective failed" in r["second"][0], r
+        assert r["setup"][0].startswith("CommError") and "an earlier collective failed" in r["setup"][0], r
+        assert r["setup"][1] < QUICK_S, r
     assert "RuntimeError: out of memory (injected)" in r0["second"][0]
 
 
