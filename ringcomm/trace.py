@@ -13,11 +13,13 @@ Timestamps come from CLOCK_MONOTONIC (``time.monotonic_ns``), shared by all
 processes of one host, so ranks line up; across hosts they do not.
 
 ``enable(rank, values=True)`` also records the numbers: each message's values,
-its place in the tensor (``start``, element offset), the step it belongs to (the
-index of the ``post`` that issued it), and, after each wait, the whole tensor.
-A reduce message is then received into a buffer of the tracer's and reduced
-into its tensor when waited on (as ``transport.PointToPoint`` does), so that the
-incoming values can be shown. For small tensors only: ``ringcomm.demo`` uses it.
+its place in the tensor (``start``, element offset) and the step it belongs to
+(the index of the ``post`` that issued it). A reduce message is then received
+into a buffer of the tracer's and reduced into its tensor when waited on (as
+``transport.PointToPoint`` does), so that the incoming values, and the tensor's
+values just before and after the reduce, can be shown. (No snapshot of the
+whole tensor: receives still in flight may be writing into it.) For small
+tensors only: ``ringcomm.demo`` uses it.
 """
 
 from __future__ import annotations
@@ -138,7 +140,6 @@ class TracedTransport:
         self._posted: dict[int, tuple[int, str, dict]] = {}
         self._msg = 0
         self._step = 0
-        self._flat = flat
         self._reduces: dict[int, tuple[torch.Tensor, torch.Tensor, str]] = {}  # id(pending) -> target, incoming, op
         self._recvs: dict[int, torch.Tensor] = {}  # id(pending) -> the tensor a plain receive lands in
 
@@ -178,8 +179,7 @@ class TracedTransport:
                 args.update(kind=m.kind, step=self._step, start=self._start(m.tensor), op=m.op)
                 if m.kind == "send":
                     args["values"] = m.tensor.reshape(-1).tolist()
-                if i in incoming:
-                    args["before"] = m.tensor.reshape(-1).tolist()
+                if i in incoming:  # "before" is read when the reduce is applied, in wait
                     self._reduces[id(pending)] = (m.tensor, incoming[i], m.op)
                 elif m.kind == "recv":
                     self._recvs[id(pending)] = m.tensor
@@ -195,11 +195,11 @@ class TracedTransport:
             if reduce is not None:
                 target, incoming, op = reduce
                 args["values"] = incoming.reshape(-1).tolist()
+                args["before"] = target.reshape(-1).tolist()  # not at post: another reduce may land first
                 reduce_into(target, incoming, op)
                 args["after"] = target.reshape(-1).tolist()
             elif id(pending) in self._recvs:
                 args["values"] = self._recvs.pop(id(pending)).reshape(-1).tolist()
-            args["buffer"] = self._flat.tolist()
         self.tracer.add(name, f"{self.algo}.{pending.op}", start, time.monotonic_ns(), f"{pending.op}s", **args)
 
 

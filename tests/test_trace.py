@@ -7,8 +7,13 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
+
+import torch
+
+from ringcomm import trace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,3 +65,43 @@ def test_dump_takes_its_copy_under_the_lock_that_add_holds(tmp_path: Path) -> No
     dump.join(5)
     events = json.loads(path.read_text())["traceEvents"]
     assert [e["name"] for e in events] == ["process_name", "thread_name", "forward"]
+
+
+class _Arrived:
+    """A transport whose every receive has already arrived: peer r's message is r + 1 everywhere."""
+
+    rank, world_size, device_type = 0, 3, "cpu"
+
+    def __init__(self) -> None:
+        from ringcomm.transport import TransportStats
+
+        self.stats = TransportStats()
+
+    def post(self, messages: list) -> list:
+        from ringcomm.transport import Pending
+
+        for m in messages:
+            if m.kind == "recv":
+                m.tensor.fill_(m.peer + 1)
+        return [Pending("send" if m.kind == "send" else "recv", m.peer, None) for m in messages]
+
+    def wait(self, pending: object, deadline: float) -> None:
+        pass
+
+
+def test_a_reduce_shows_the_values_it_was_applied_to_not_those_at_its_post() -> None:
+    # A server posts the reduces of two workers into one accumulator together; the second is
+    # applied to the first's result. Its "before" used to be read at the post, before either.
+    from ringcomm.transport import recv_reduce
+
+    tracer = trace.Tracer(0, values=True)
+    acc = torch.zeros(2)
+    traced = trace.TracedTransport(_Arrived(), tracer, acc, "ps", [("all", 0, 2)])
+    first, second = traced.post([recv_reduce(acc, 1, 4, "sum"), recv_reduce(acc, 2, 4, "sum")])
+    traced.wait(first, time.monotonic() + 5)
+    traced.wait(second, time.monotonic() + 5)
+    events = [e["args"] for e in tracer.events]
+    assert [(e["before"], e["values"], e["after"]) for e in events] == [
+        ([0.0, 0.0], [2.0, 2.0], [2.0, 2.0]),
+        ([2.0, 2.0], [3.0, 3.0], [5.0, 5.0]),
+    ]
