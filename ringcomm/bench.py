@@ -16,8 +16,11 @@ transport of one entry (``--transport`` sets the default).
 Method: every algorithm is timed in the same world, interleaved (gloo, ring,
 ..., ring, ..., gloo, ...: one sample of each per round, the order rotated each
 round) so that a noisy machine slows all of them alike. One
-sample is a block of back-to-back calls after a barrier, divided by the number
-of calls; a rank's sample is the slowest rank's (max over ranks). The table
+sample is a block of back-to-back calls after a barrier and one untimed call
+(which lines the ranks up: they leave a barrier up to a scheduler slice apart,
+and that skew, carried by the first timed call, weighed more in the few-call
+samples of a slow algorithm than in the many-call ones of a fast one), divided by
+the number of calls; a rank's sample is the slowest rank's (max over ranks). The table
 shows the median sample. ``#wrong`` counts elements (max over ranks) that
 differ from gloo's result on the same integer-valued input.
 
@@ -229,6 +232,10 @@ def _bench_rank(rank: int, world_size: int, cfg: dict) -> list[dict] | None:
             for s in specs[rep % len(specs) :] + specs[: rep % len(specs)]:
                 n = calls[s.label]
                 dist.barrier()
+                # Ranks leave a barrier at different times (on a busy machine, up to a scheduler
+                # slice apart); one untimed call lines them up, so that the first timed call does
+                # not carry that skew (a sample of few calls would, more than one of many).
+                _run_once(s, bufs[s.label])
                 t0 = time.perf_counter()
                 for _ in range(n):
                     _run_once(s, bufs[s.label])
