@@ -9,6 +9,15 @@ this one (above 1: faster than Gloo). With ``--memcpy`` a last column gives,
 for the fastest non-Gloo algorithm of the row, its busbw as a fraction of one
 core's copy bandwidth measured in the same run (``memcpy_gbs``).
 
+``--auto`` renders, instead, how ``algo="auto"`` did in each file (run it with
+``auto`` beside its candidates and gloo): a row per world size, transport and
+size, with auto's pick, its predicted and measured time, the best single
+algorithm of the same world, auto's time over the best's (the issue's "within
+10 %"), and auto against Gloo::
+
+    python -m ringcomm.bench --world-size 4 --transport shm --algos gloo,auto,ring,rhd,rd,ps,naive --json a.json
+    python -m analysis.benchtable a.json --auto
+
 ``--plot PNG`` also draws the files' rows as the report's bus-bandwidth figure
 (``analysis.plots.plot_busbw``: a panel per world size, a line per algorithm,
 dashed the alpha-beta fit of each)::
@@ -26,7 +35,7 @@ from pathlib import Path
 from . import CliParser
 from .plots import human_bytes
 
-__all__ = ["render", "main"]
+__all__ = ["render", "render_auto", "main"]
 
 
 def render(doc: dict, memcpy: bool = False) -> str:
@@ -61,12 +70,55 @@ def render(doc: dict, memcpy: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _plain(label: str) -> str:
+    """``ring@shm`` -> ``ring``: the algorithm of a row label (bench.AlgoSpec's grammar)."""
+    return label.partition("@")[0]
+
+
+def render_auto(docs: Sequence[dict]) -> str:
+    """One Markdown table of auto's picks against the best single algorithm, over every file."""
+    head = ["P", "transport", "size", "auto picks", "predicted (ms)", "auto (ms)", "best alone (ms)",
+            "auto / best", "auto vs gloo"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for doc in docs:
+        rows = doc["rows"]
+        by = {(r["size_bytes"], _plain(r["algo"])): r for r in rows}
+        for size in sorted({r["size_bytes"] for r in rows}):
+            auto, gloo = by.get((size, "auto")), by.get((size, "gloo"))
+            others = [r for (sz, a), r in by.items() if sz == size and a not in ("auto", "gloo")]
+            if auto is None or not others:
+                continue
+            best = min(others, key=lambda r: r["time_us"])
+            predicted = auto.get("predicted_us")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        str(doc.get("world_size", auto.get("world_size", "?"))),
+                        auto["transport"],
+                        human_bytes(size),
+                        str(auto.get("choice", "?")),
+                        f"{predicted / 1e3:.3g}" if predicted else "–",
+                        f"{auto['time_us'] / 1e3:.3g}",
+                        f"{_plain(best['algo'])} {best['time_us'] / 1e3:.3g}",
+                        f"{auto['time_us'] / best['time_us']:.2f}",
+                        f"{gloo['time_us'] / auto['time_us']:.2f}×" if gloo else "–",
+                    ]
+                )
+                + " |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = CliParser(
         prog="python -m analysis.benchtable", description=__doc__.split("\n\n")[0],
     )  # fmt: skip
     parser.add_argument("files", nargs="+", help="ringcomm.bench --json files")
     parser.add_argument("--memcpy", action="store_true", help="add the busbw / memcpy column")
+    parser.add_argument(
+        "--auto", action="store_true", help="one table of auto's picks against the best single algorithm"
+    )
     parser.add_argument(
         "--plot",
         metavar="PNG",
@@ -83,10 +135,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"analysis.benchtable: {path}: not a ringcomm.bench --json file ({exc})", file=sys.stderr)
             return 2
         docs.append((path, doc))
-    for path, doc in docs:
-        print(f"**{doc.get('world_size', '?')} ranks** ({len(doc['rows'])} rows, {path})\n")
-        print(render(doc, args.memcpy))
-        print()
+    if args.auto:
+        table = render_auto([doc for _, doc in docs])
+        if table.count("\n") < 2:
+            print("analysis.benchtable: --auto: no file has an auto row beside another algorithm", file=sys.stderr)
+            return 2
+        print(table)
+    else:
+        for path, doc in docs:
+            print(f"**{doc.get('world_size', '?')} ranks** ({len(doc['rows'])} rows, {path})\n")
+            print(render(doc, args.memcpy))
+            print()
     if args.plot:
         from .fit import fit_rows
         from .plots import plot_busbw

@@ -722,6 +722,28 @@ def test_benchtable_plots_a_single_bench_file(tmp_path: Path, capsys: pytest.Cap
     assert not (tmp_path / "no.png").exists()
 
 
+def test_benchtable_auto_compares_the_pick_with_the_best_single_algorithm(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from analysis import benchtable
+
+    def row(algo: str, us: float, **extra: object) -> dict:
+        return {"size_bytes": 65536, "algo": algo, "transport": "shm", "world_size": 4, "time_us": us, **extra}
+
+    doc = {"world_size": 4, "rows": [
+        row("gloo", 6000.0), row("auto@shm", 1100.0, choice="naive", predicted_us=900.0),
+        row("ring@shm", 1900.0), row("naive@shm", 1000.0), row("ps@shm", 1050.0),
+    ]}  # fmt: skip
+    path = tmp_path / "auto.json"
+    path.write_text(json.dumps(doc))
+    assert benchtable.main([str(path), "--auto"]) == 0
+    assert "| 4 | shm | 64K | naive | 0.9 | 1.1 | naive 1 | 1.10 | 5.45× |" in capsys.readouterr().out
+    doc["rows"] = [r for r in doc["rows"] if not r["algo"].startswith("auto")]
+    path.write_text(json.dumps(doc))
+    assert benchtable.main([str(path), "--auto"]) == 2
+    assert "no file has an auto row" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("module", ["benchtable", "cluster", "reliability", "report", "sweep", "timeline"])
 def test_every_command_helps_without_markup_and_refuses_in_one_line(
     module: str, capsys: pytest.CaptureFixture
