@@ -78,7 +78,7 @@ def _plain(label: str) -> str:
 def render_auto(docs: Sequence[dict]) -> str:
     """One Markdown table of auto's picks against the best single algorithm, over every file."""
     head = ["P", "transport", "size", "auto picks", "predicted (ms)", "auto (ms)", "best alone (ms)",
-            "auto / best", "auto vs gloo"]  # fmt: skip
+            "auto / best", "pick alone / best", "auto vs gloo"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for doc in docs:
         rows = doc["rows"]
@@ -90,6 +90,7 @@ def render_auto(docs: Sequence[dict]) -> str:
                 continue
             best = min(others, key=lambda r: r["time_us"])
             predicted = auto.get("predicted_us")
+            alone = by.get((size, str(auto.get("choice"))))  # the picked algorithm, timed on its own
             lines.append(
                 "| "
                 + " | ".join(
@@ -102,6 +103,7 @@ def render_auto(docs: Sequence[dict]) -> str:
                         f"{auto['time_us'] / 1e3:.3g}",
                         f"{_plain(best['algo'])} {best['time_us'] / 1e3:.3g}",
                         f"{auto['time_us'] / best['time_us']:.2f}",
+                        f"{alone['time_us'] / best['time_us']:.2f}" if alone else "–",
                         f"{gloo['time_us'] / auto['time_us']:.2f}×" if gloo else "–",
                     ]
                 )

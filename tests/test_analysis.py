@@ -737,7 +737,7 @@ def test_benchtable_auto_compares_the_pick_with_the_best_single_algorithm(
     path = tmp_path / "auto.json"
     path.write_text(json.dumps(doc))
     assert benchtable.main([str(path), "--auto"]) == 0
-    assert "| 4 | shm | 64K | naive | 0.9 | 1.1 | naive 1 | 1.10 | 5.45× |" in capsys.readouterr().out
+    assert "| 4 | shm | 64K | naive | 0.9 | 1.1 | naive 1 | 1.10 | 1.00 | 5.45× |" in capsys.readouterr().out
     doc["rows"] = [r for r in doc["rows"] if not r["algo"].startswith("auto")]
     path.write_text(json.dumps(doc))
     assert benchtable.main([str(path), "--auto"]) == 2
