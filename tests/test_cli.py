@@ -216,6 +216,30 @@ def test_download_offline_is_one_line_that_says_what_to_do(
     assert "Name or service not known" in message and "cifar-10-python.tar.gz" in message
 
 
+@pytest.mark.parametrize("folder_was_there", [False, True])
+def test_a_failed_download_takes_back_what_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_world: None, folder_was_there: bool
+) -> None:
+    root = tmp_path / "data"
+    if folder_was_there:
+        root.mkdir()
+        (root / "notes.txt").write_text("mine")  # the user's own file stays
+
+    class CutOff:  # torchvision makes the folder and starts the archive, then the network goes
+        def __init__(self, *, root: str, **kwargs: object) -> None:
+            Path(root).mkdir(parents=True, exist_ok=True)
+            (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b half")
+            raise urllib.error.URLError("Connection reset by peer")
+
+    monkeypatch.setattr(data, "CIFAR10", CutOff)
+    message = _refusal(["--dataset", "cifar10", "--download", "--data-dir", str(root)])
+    assert "Connection reset by peer" in message, message
+    if folder_was_there:
+        assert sorted(p.name for p in root.iterdir()) == ["notes.txt"]
+    else:
+        assert not root.exists(), sorted(root.iterdir())
+
+
 def test_the_cifar_message_speaks_to_the_command_line(tmp_path: Path) -> None:
     (tmp_path / "cifar-10-batches-py").mkdir()  # there, but without its files
     with pytest.raises(RuntimeError) as raised:

@@ -37,6 +37,7 @@ process that calls ``__getitem__`` (the training process, with
 from __future__ import annotations
 
 import gzip
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -415,12 +416,26 @@ def check_source(name: str, data_dir: str | Path | None, download: bool = False)
 def download_cifar10(root: str | Path) -> None:
     """Download and extract CIFAR-10 into ``root`` (torchvision skips it if the files are there and intact).
 
+    A failed download takes back what it made: the folder, if it was not there before, and any
+    file it left in a folder that was (a partial archive), so a retry or a copy by hand starts clean.
+
     Raises:
         DataSourceError: the download failed (offline, say), with what to do instead.
     """
+    folder = Path(root)
+    existed = folder.exists()
+    before = set(folder.iterdir()) if folder.is_dir() else set()
     try:
         CIFAR10(root=str(root), train=True, download=True)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; a bad archive a RuntimeError
+        if not existed:
+            shutil.rmtree(folder, ignore_errors=True)
+        elif folder.is_dir():
+            for made in set(folder.iterdir()) - before:
+                if made.is_dir():
+                    shutil.rmtree(made, ignore_errors=True)
+                else:
+                    made.unlink(missing_ok=True)
         why = getattr(exc, "reason", None) or exc
         raise DataSourceError(
             f"--download: could not download CIFAR-10 into {root} ({why}); without network, put the "
