@@ -34,7 +34,7 @@ from .comm_queue import CommStats
 from .errors import CommError, MismatchError
 from .fingerprint import check_same_call, fingerprint, refuse
 from .ops import check_op_dtype
-from .settings import check_default, default_timeout
+from .settings import DEFAULT_TIMEOUT_S, check_default, default_timeout
 from .transport import Transport, TransportKind, transport_kind
 
 __all__ = ["all_reduce", "all_reduce_async", "init", "comm_stats", "validate", "ALGOS"]
@@ -94,12 +94,23 @@ def _prepare(
     )
 
 
-def _refuse(session: sessions.Session, reason: str, check: bool | None) -> None:
-    """Take this call's number in queue order; publish the refusal if the check is on."""
+def _refuse(session: sessions.Session, reason: str, check: bool | None, timeout: object) -> None:
+    """Take this call's number in queue order; publish the refusal if the check is on.
+
+    The refusal waits for the peers to read it as long as the refused call would have run: its own
+    ``timeout`` where that one is valid, else the default (and 300 s if the default is junk too).
+    """
     try:
         publish = check_default() if check is None else bool(check)
     except ValueError:
         publish = True
+    if isinstance(timeout, (int, float)) and 0 < timeout < float("inf"):
+        wait = float(timeout)
+    else:
+        try:
+            wait = default_timeout()
+        except ValueError:
+            wait = DEFAULT_TIMEOUT_S
 
     def refusal() -> None:
         if session.failed is not None:
@@ -107,7 +118,7 @@ def _refuse(session: sessions.Session, reason: str, check: bool | None) -> None:
         n = session.begin_call()
         if publish and session.world_size > 1:
             try:
-                refuse(session, n, reason, time.monotonic() + default_timeout())
+                refuse(session, n, reason, time.monotonic() + wait)
             except CommError as exc:  # a peer never came to this call: out of step, as below
                 _fail(session, n, exc)
                 raise
@@ -123,7 +134,7 @@ def _admit(
         call = _prepare(tensor, op, algo, transport, timeout, check, options)
     except ValueError as exc:
         if dist.is_initialized():
-            _refuse(sessions.current(), f"{type(exc).__name__}: {exc}", check)
+            _refuse(sessions.current(), f"{type(exc).__name__}: {exc}", check, timeout)
         raise
     return sessions.current(), call
 

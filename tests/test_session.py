@@ -84,6 +84,27 @@ def test_a_rank_that_refuses_calls_in_a_row_stays_in_step(channel: str) -> None:
         assert r["y"] == [2.0] * 4, r
 
 
+def _refused_call_nobody_else_makes_rank(rank: int, p: int) -> dict:
+    """Rank 0 refuses a call with ``timeout=3``; rank 1 never makes that call (it is elsewhere,
+    alive, for 25 s). The refusal waited the default timeout (300 s) for rank 1 to read it, so
+    rank 0's next call stood behind it for minutes; it waits the refused call's own 3 s."""
+    ringcomm.init("zmq")  # both ranks in the session: rank 1 heartbeats while it is elsewhere
+    if rank == 1:
+        time.sleep(25)
+        return {}
+    refused = _timed(lambda: ringcomm.all_reduce(torch.ones(4), "prod", transport="zmq", timeout=3))
+    after = _timed(lambda: ringcomm.all_reduce(torch.ones(4), transport="zmq", timeout=3))
+    return {"refused": refused, "after": after}
+
+
+def test_a_refusal_waits_for_the_peers_only_as_long_as_the_refused_call_may_take() -> None:
+    r0 = run_world(_refused_call_nobody_else_makes_rank, 2, timeout=120)[0]
+    assert r0["refused"][0].startswith("ValueError: unknown op 'prod'"), r0
+    outcome, seconds = r0["after"]
+    assert outcome.startswith("CommError") and "an earlier collective failed" in outcome, outcome
+    assert seconds < QUICK_S, f"rank 0's next call waited {seconds:.1f} s behind a refusal of a 3 s call"
+
+
 def _fails_mid_call_rank(rank: int, p: int) -> dict:
     """Rank 0 fails in the middle of a call with an error that is not a CommError (out of memory).
 
