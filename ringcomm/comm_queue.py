@@ -195,7 +195,15 @@ class CommQueue:
         Queued collectives that have not started by then (the thread is still in a
         callback of an earlier one's future) fail too, with a ``CommError`` saying so:
         never dropped unanswered, which would leave a blocked caller waiting forever.
+
+        Called on the comm thread itself (``ringcomm.shutdown()`` in a future's callback), it
+        raises ``CommError`` at once and closes nothing: the thread cannot wait for itself.
         """
+        if threading.current_thread() is self._thread:
+            raise CommError(
+                "ringcomm.shutdown() was called on ringcomm's comm thread (in a future's callback), "
+                "which cannot wait for itself; call it from your own thread once the future is done"
+            )
         end = time.monotonic() + timeout
         with self._cond:
             self._closed = True

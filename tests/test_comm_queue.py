@@ -172,6 +172,23 @@ def test_close_answers_queued_work_that_never_started() -> None:
     assert blocked == ["CommError: ringcomm is shut down; blocked was not started"], blocked
 
 
+def test_close_on_the_comm_thread_is_refused_and_the_queue_goes_on() -> None:
+    """close() from a future's callback used to wait out its timeout for itself, abandon the work
+    queued behind, then fail inside Thread.join ("cannot join current thread")."""
+    q = CommQueue("test-comm")
+    said: list[str] = []
+    gate = threading.Event()
+    first = q.submit(lambda: gate.wait(5), "first", torch.futures.Future())
+    first.add_done_callback(lambda fut: said.append(_outcome(lambda: q.close(30.0))))
+    queued = q.submit(lambda: "queued", "queued", torch.futures.Future())
+    gate.set()  # first finishes now, on the comm thread: its callback runs there
+    start = time.monotonic()
+    assert queued.wait() == "queued" and time.monotonic() - start < 5.0
+    assert len(said) == 1 and said[0].startswith("CommError: ringcomm.shutdown() was called on"), said
+    assert q.run(lambda: 42, "after") == 42  # still open
+    q.close(1.0)
+
+
 def _outcome(fn: Any) -> str:
     try:
         return f"returned {fn()}"
