@@ -56,7 +56,7 @@ from ringcomm.bench import machine_info
 
 from . import CliParser
 
-__all__ = ["Preset", "PRESETS", "Run", "build_plan", "run_plan", "main", "REPO_ROOT", "KILL_GRACE_S"]
+__all__ = ["Preset", "PRESETS", "Run", "build_plan", "run_plan", "main", "REPO_ROOT", "KILL_GRACE_S", "stop_group"]
 
 #: The repository root: launch.py lives here and every command runs here.
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -485,7 +485,7 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _stop_group(proc: subprocess.Popen, grace_s: float) -> None:
+def stop_group(proc: subprocess.Popen, grace_s: float) -> None:
     """Stop ``proc`` and every process it started: SIGTERM to the group, ``grace_s``, then SIGKILL.
 
     ``proc`` leads its own process group (``start_new_session``), which its children
@@ -544,7 +544,7 @@ def _run_child(argv: list[str], log: IO[str], env: dict, timeout_s: float, grace
             signal.raise_signal(signal.SIGINT)  # to whatever handler was there: KeyboardInterrupt by default
         rc = proc.wait(timeout=timeout_s)
     except BaseException:
-        _stop_group(proc, grace_s)
+        stop_group(proc, grace_s)
         raise
     # The run is over, however it ended; anything it left running (a rank a crashed launcher
     # never joined) would only compete with the next run.

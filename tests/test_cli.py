@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from procs import run  # a child's own children stopped too
 
 import launch
 import ringcomm
@@ -284,7 +285,7 @@ def test_options_the_algo_refuses_or_ignores_are_refused(argv: list[str], says: 
 def test_a_refused_option_is_one_line_on_stderr_and_nothing_is_written(tmp_path: Path) -> None:
     """As a user sees it: the issue's ps example failed 14 s in, at the first backward, with a traceback."""
     start = time.monotonic()
-    proc = subprocess.run(
+    proc = run(
         [
             sys.executable,
             "launch.py",

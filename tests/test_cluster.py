@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import run  # a child's own children stopped too
 
 from analysis import cluster
 
@@ -56,7 +57,7 @@ def _ours(run_id: str) -> list[str]:
 
 
 def _tool(*args: str, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return run(
         [sys.executable, "-m", "analysis.cluster", *args],
         cwd=ROOT,
         capture_output=True,

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from procs import run  # a child's own children stopped too
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +83,7 @@ torch.distributed.all_reduce of the same inputs: [30 33 36 39 42 45] (equal; bit
 
 
 def _demo(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return run(
         [sys.executable, "-m", "ringcomm.demo", *args], cwd=ROOT, capture_output=True, text=True, timeout=180
     )
 
@@ -214,12 +215,13 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 _FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-sync",
     "--disable-component-update", "--no-first-run", "--disable-quic", "--enable-logging=stderr", "--v=0",
+    "--disable-dev-shm-usage",  # its shared-memory files in /tmp: none left in /dev/shm
 ]  # fmt: skip
 
 
 def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     profile = tmp_path / "profile"
-    return subprocess.run(
+    return run(
         [CHROMIUM, *_FLAGS, f"--user-data-dir={profile}", *args],  # type: ignore[list-item]
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

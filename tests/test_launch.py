@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from procs import run  # a child's own children stopped too
 
 from trainer.loop import TrainConfig, train
 
@@ -71,7 +72,7 @@ def _launch(
     *args: str, timeout: float = 150, env: dict[str, str] | None = None, script: str = "launch.py"
 ) -> subprocess.CompletedProcess:
     """``python SCRIPT TINY... ARGS...`` from the repository root, with a timeout (seconds)."""
-    return subprocess.run(
+    return run(
         [sys.executable, script, *TINY, *args],
         cwd=ROOT,
         capture_output=True,

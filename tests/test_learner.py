@@ -27,14 +27,13 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from procs import started  # a child's own children stopped too
 
 from trainer.data import make_synthetic
 
@@ -109,15 +108,8 @@ def test_the_default_synthetic_run_lands_in_its_band(tmp_path: Path) -> None:
         "--out",
         out,
     ]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
+    with started(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         output, _ = proc.communicate(timeout=420)
-    finally:
-        if proc.poll() is None:  # timed out (or interrupted): stop the launcher and its workers
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert proc.returncode == 0, output[-3000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 import torch
+from procs import run, started  # a child's own children stopped too
 from test_launch import _processes_with  # the /proc scan for leftover workers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +87,7 @@ def _workers_of(pid: int) -> list[int]:
 
 
 def _run(out: Path, *extra: str, marker: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return run(
         [sys.executable, *ARGS, "--out", str(out), *extra],
         cwd=ROOT,
         capture_output=True,
@@ -108,16 +109,15 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Pat
 
     out = tmp_path / "crash"
     ckpt = out / "checkpoint.pt"
-    launcher = subprocess.Popen(
+    loads, last_mtime = 0, 0
+    with started(
         [sys.executable, *ARGS, "--out", str(out)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=_env(marker),
-    )
-    loads, last_mtime = 0, 0
-    try:
+    ) as launcher:
         deadline = time.monotonic() + 180
         seen_at: float | None = None
         # Until 1 s after the epoch-0 checkpoint appears (then we are mid-epoch 1), load
@@ -137,10 +137,6 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Pat
         os.kill(victims[-1], signal.SIGKILL)  # the last started: rank 1
         stdout, stderr = launcher.communicate(timeout=60)
         stopped_s = time.monotonic() - killed_at
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.communicate()
     assert launcher.returncode == 1, stderr
     assert "died with exit code -9" in stderr and "stopped the other workers" in stderr, stderr
     assert stopped_s < 15, f"the launcher took {stopped_s:.1f} s to stop the world"
@@ -175,15 +171,14 @@ def test_stopping_early_writes_a_checkpoint_to_resume_from(how: str, tmp_path: P
     marker = uuid.uuid4().hex
     out = tmp_path / "run"
     extra = ["--time-limit", "4"] if how == "time-limit" else []
-    launcher = subprocess.Popen(
+    with started(
         [sys.executable, *ARGS, "--out", str(out), *extra],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=_env(marker),
-    )
-    try:
+    ) as launcher:
         if how == "ctrl-c":
             assert launcher.stdout is not None
             for line in launcher.stdout:  # the first progress line: the workers are in the loop
@@ -191,10 +186,6 @@ def test_stopping_early_writes_a_checkpoint_to_resume_from(how: str, tmp_path: P
                     break
             launcher.send_signal(signal.SIGINT)
         stdout, stderr = launcher.communicate(timeout=180)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.communicate()
     assert launcher.returncode == (130 if how == "ctrl-c" else 124), stdout + stderr
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     m = _final(out)

@@ -4,7 +4,6 @@ thread, and every ring message."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import threading
 import time
@@ -12,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from procs import run  # a child's own children stopped too
 
 from ringcomm import trace
 
@@ -24,7 +24,7 @@ def test_a_short_traced_run_yields_the_expected_events_per_rank(tmp_path: Path) 
     cmd = [sys.executable, "launch.py", "--algo", "ring", "--world-size", str(p), "--dataset", "synthetic",
            "--synthetic-size", "640", "--max-steps", "5", "--eval-batches", "1", "--out", str(tmp_path),
            "--trace", str(trace_file), "--trace-steps", str(steps)]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    done = run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     events = json.loads(trace_file.read_text())["traceEvents"]
     assert not list(tmp_path.glob("trace.json.rank*")), "per-rank parts were not cleaned up"

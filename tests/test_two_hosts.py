@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import run  # a child's own children stopped too
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -192,7 +193,7 @@ def one_host(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     if reason:
         pytest.skip(reason)
     out = tmp_path_factory.mktemp("one_host")
-    proc = subprocess.run(
+    proc = run(
         [sys.executable, *TRAIN, "--world-size", "4", "--out", str(out)],
         cwd=ROOT,
         env=_env(),
