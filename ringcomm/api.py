@@ -82,7 +82,7 @@ def _prepare(
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"all_reduce expects a torch.Tensor, got {type(tensor).__name__}")
     check_op_dtype(op, tensor.dtype)
-    if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
+    if timeout is not None and not _is_timeout(timeout):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     world_size = dist.get_world_size() if dist.is_initialized() else None
     spec, kind, complete = validate(algo, transport, tensor.device, options, world_size)
@@ -92,6 +92,11 @@ def _prepare(
         tensor, op, spec, kind, complete, timeout if timeout is not None else default_timeout(),
         check_default() if check is None else bool(check),
     )
+
+
+def _is_timeout(value: object) -> bool:
+    """Whether ``value`` is a timeout ``all_reduce`` takes: a positive, finite number of seconds."""
+    return isinstance(value, (int, float)) and 0 < value < float("inf")
 
 
 def _refuse(session: sessions.Session, reason: str, check: bool | None, timeout: object) -> None:
@@ -104,8 +109,8 @@ def _refuse(session: sessions.Session, reason: str, check: bool | None, timeout:
         publish = check_default() if check is None else bool(check)
     except ValueError:
         publish = True
-    if isinstance(timeout, (int, float)) and 0 < timeout < float("inf"):
-        wait = float(timeout)
+    if _is_timeout(timeout):
+        wait = float(timeout)  # type: ignore[arg-type]
     else:
         try:
             wait = default_timeout()

@@ -129,6 +129,29 @@ def record(algo: str, world_size: int, numel: int, op: str = "sum", transport: s
     )
 
 
+def _pairs(events: list[list[dict[str, Any]]]) -> list[tuple[int, dict[str, Any], dict[str, Any] | None]]:
+    """Every receive (or reduce) with the send it matches: ``(rank, receive, send or None)``.
+
+    Sends and receives pair up in order per (sender, receiver, tag), as the transports deliver them.
+    """
+    sends: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
+    for rank, per_rank in enumerate(events):
+        for e in sorted(per_rank, key=lambda e: e["msg"]):
+            if e["kind"] == "send":
+                sends.setdefault((rank, e["peer"], e["tag"]), []).append(e)
+    pairs = []
+    for rank, per_rank in enumerate(events):
+        taken: dict[tuple[int, int, int], int] = {}
+        for e in sorted(per_rank, key=lambda e: e["msg"]):
+            if e["kind"] != "send":
+                key = (e["peer"], rank, e["tag"])
+                i = taken.get(key, 0)
+                taken[key] = i + 1
+                queue = sends.get(key, [])
+                pairs.append((rank, e, queue[i] if i < len(queue) else None))
+    return pairs
+
+
 def causal_steps(events: list[list[dict[str, Any]]]) -> None:
     """Renumber every message's ``step`` (in place) so that the steps read as a story across ranks.
 
@@ -142,21 +165,7 @@ def causal_steps(events: list[list[dict[str, Any]]]) -> None:
     for per_rank in events:
         for e in per_rank:
             e.setdefault("post", e["step"])
-    sends: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
-    for rank, per_rank in enumerate(events):
-        for e in sorted(per_rank, key=lambda e: e["msg"]):
-            if e["kind"] == "send":
-                sends.setdefault((rank, e["peer"], e["tag"]), []).append(e)
-    matched: dict[int, dict[str, Any]] = {}  # id(receive) -> its send
-    for rank, per_rank in enumerate(events):
-        taken: dict[tuple[int, int, int], int] = {}
-        for e in sorted(per_rank, key=lambda e: e["msg"]):
-            if e["kind"] != "send":
-                key = (e["peer"], rank, e["tag"])
-                i = taken.get(key, 0)
-                if i < len(sends.get(key, [])):
-                    matched[id(e)] = sends[key][i]
-                taken[key] = i + 1
+    matched = {id(recv): send for _, recv, send in _pairs(events) if send is not None}  # id(receive) -> its send
     posts = [sorted({e["post"] for e in per_rank}) for per_rank in events]
     step = {(r, k): 1 for r, ks in enumerate(posts) for k in ks}
     for _ in range(sum(map(len, posts)) + 1):
@@ -237,31 +246,24 @@ def check_story(rec: Recording) -> list[str]:
     the results.
     """
     states, wrong = replay(rec), []
-    sends: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
     for rank, per_rank in enumerate(rec.events):
         for e in sorted(per_rank, key=lambda e: e["msg"]):
             if e["kind"] == "send":
-                sends.setdefault((rank, e["peer"], e["tag"]), []).append(e)
                 start = e.get("start")
                 held = states[e["step"] - 1][rank][start : start + len(e["values"])] if start is not None else None
-                if held is not None and held != e["values"] and not (rec.op == "avg"):
+                if held is not None and held != e["values"] and rec.op != "avg":
                     wrong.append(f"rank {rank} step {e['step']} sends {e['values']} but holds {held}")
-    for rank, per_rank in enumerate(rec.events):
-        for e in sorted(per_rank, key=lambda e: e["msg"]):
-            if e["kind"] == "send":
-                continue
-            queue = sends.get((e["peer"], rank, e["tag"]), [])
-            if not queue:
-                wrong.append(f"rank {rank} step {e['step']} receives from rank {e['peer']}, which sent nothing")
-                continue
-            sent = queue.pop(0)
-            if sent["step"] > e["step"]:
-                wrong.append(f"rank {rank} receives in step {e['step']} what rank {e['peer']} sends in step {sent['step']}")
-            if sent["values"] != e["values"]:
-                wrong.append(f"rank {rank} step {e['step']} receives {e['values']}, rank {e['peer']} sent {sent['values']}")
-            if "after" in e and _combine(e["before"], e["values"], rec.op) != e["after"]:
-                wrong.append(f"rank {rank} step {e['step']}: {e['before']} {rec.op} {e['values']} is not {e['after']}")
-    if rec.steps and states[-1] != rec.final and not _then(rec, states).startswith("then, with no message (avg"):
+    for rank, e, sent in _pairs(rec.events):
+        if sent is None:
+            wrong.append(f"rank {rank} step {e['step']} receives from rank {e['peer']}, which sent nothing")
+            continue
+        if sent["step"] > e["step"]:
+            wrong.append(f"rank {rank} receives in step {e['step']} what rank {e['peer']} sends in step {sent['step']}")
+        if sent["values"] != e["values"]:
+            wrong.append(f"rank {rank} step {e['step']} receives {e['values']}, rank {e['peer']} sent {sent['values']}")
+        if "after" in e and _combine(e["before"], e["values"], rec.op) != e["after"]:
+            wrong.append(f"rank {rank} step {e['step']}: {e['before']} {rec.op} {e['values']} is not {e['after']}")
+    if rec.steps and states[-1] != rec.final and rec.op != "avg":  # avg divides after its last message
         wrong.append(f"the last tables {states[-1]} are not the results {rec.final}")
     return wrong
 
