@@ -12,6 +12,7 @@ that a launcher leaves no worker behind).
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -45,3 +46,47 @@ def run(
     with started(cmd, **popen) as proc:
         out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def end_processes(procs: Sequence[Any], join_s: float = 10.0) -> None:
+    """SIGKILL every process in ``procs`` that has not exited, then join (reap) it.
+
+    For ``multiprocessing.Process`` and ``subprocess.Popen`` alike. SIGKILL, not SIGTERM: it also ends
+    a SIGSTOPped process (a pending SIGTERM would wait for a SIGCONT that never comes, and
+    multiprocessing's exit handler would then join that child forever). A process that exits between
+    the look and the kill is no error: ``kill()`` of both classes ignores one already gone, where a
+    bare ``os.kill`` raises ProcessLookupError and would skip the processes after it.
+    """
+    for proc in procs:
+        try:
+            proc.kill()
+        except (ProcessLookupError, ValueError):  # gone already, or a Process never started/closed
+            pass
+    for proc in procs:
+        try:
+            if isinstance(proc, subprocess.Popen):
+                proc.wait(timeout=join_s)
+            else:
+                proc.join(timeout=join_s)
+        except (subprocess.TimeoutExpired, ValueError, AssertionError):
+            pass
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids of every live descendant of ``pid`` (from /proc; empty where /proc is missing)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found

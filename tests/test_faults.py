@@ -39,6 +39,7 @@ from typing import Any
 
 import pytest
 import torch
+from procs import end_processes  # SIGKILL (stopped ones too), ignoring one already gone
 
 P = 3
 VICTIM = 1
@@ -154,11 +155,7 @@ def run_faulty_world(kind: str, algo: str, transport: str) -> dict[str, Any]:
                     break  # a survivor crashed without reporting
         victim_state = _state(procs[VICTIM].pid)
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                os.kill(proc.pid, signal.SIGKILL)  # ends stopped processes too
-        for proc in procs:
-            proc.join(timeout=10)
+        end_processes(procs)  # SIGKILL: ends the stopped victim too
         results.close()
         del store
     return {

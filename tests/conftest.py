@@ -1,0 +1,57 @@
+"""Suite-wide guards: nothing a test started may outlive the run.
+
+A test that starts processes ends them itself (``procs.end_processes``, ``procs.run``). This is the
+backstop for one that fails to: at the end of the session every process still descended from pytest
+(a SIGSTOPped rank above all, which multiprocessing's exit handler would join forever) is named and
+SIGKILLed, and the run fails, so a leak is seen without hanging CI.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from procs import descendants  # noqa: E402
+
+#: processes multiprocessing keeps for the whole session on purpose
+_SERVICES = ("forkserver", "resource_tracker")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    me = os.getpid()
+    # the services themselves are pytest's own children; what a forkserver forked (a rank) is not one
+    leaked = [
+        (pid, cmd)
+        for pid, cmd in ((pid, _cmdline(pid)) for pid in descendants(me))
+        if not (_parent(pid) == me and any(s in cmd for s in _SERVICES))
+    ]
+    for pid, _ in leaked:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if leaked:
+        lines = "\n".join(f"  pid {pid}: {cmd[:200]}" for pid, cmd in leaked)
+        sys.stderr.write(f"\nconftest: processes left running by the tests (killed now):\n{lines}\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
