@@ -164,7 +164,7 @@ def _execute(session: sessions.Session, call: _Call) -> torch.Tensor:
             check_same_call(session, n, mine, deadline)
         spec, options = call.spec, call.options
         if spec.name == "auto":  # the same pick on every rank: the same fit (rank 0's), the same call
-            spec = session.auto_pick(call.kind.name, nbytes, deadline)
+            spec = session.auto_pick(call.kind.name, nbytes, deadline, tensor.device.type)
             options = spec.options({}, session.world_size)
         comm = session.transport(call.kind, tensor.device.type, deadline)
         sent0, recv0 = comm.stats.sent_bytes, comm.stats.recv_bytes

@@ -21,6 +21,29 @@ naive root, a parameter server) pays for both. Reduction arithmetic is left
 out: on the machines we measure, the wire and memory copies dominate, and the
 fitted alpha and beta absorb what is left.
 
+**The parameter server** (``param_server.py``), M bytes over P ranks, k shards
+(1 <= k <= P). Its two rounds are not two messages: every message a server
+receives or sends is one more alpha on its own critical path, and a server takes
+one shard's push from each of its P-1 peers, one after another (an incast:
+P-1 senders, one receiver), then sends the result back to each in turn::
+
+    central server (k = 1), the owner:
+        steps            P-1 receives (push), then P-1 sends (pull): 2(P-1)
+        bytes per rank   the owner (P-1)·M in, then (P-1)·M out; a worker M out, then M in
+        time             2(P-1)·α + 2(P-1)·M·β
+    sharded server (k shards), each shard's owner:
+        steps            P-1 receives of its shard (its k-1 pushes to the other owners
+                         go out meanwhile), then P-1 sends: 2(P-1)
+        bytes per rank   an owner (P-1)/k·M in, then out; a rank that owns nothing
+                         (k < P) M out, then M in; at k = P every rank 2(P-1)/P·M, the ring's
+        time             2(P-1)·α + 2·max((P-1)/k, w)·M·β,  w = 1 if k < P, (P-1)/P if k = P
+
+So sharding spreads the server's bytes over k links but not its messages: every
+owner still hears from all P-1 peers. The alpha term grows with P like the
+ring's and naive's; a 4 KiB gradient over 64 ranks is not "two messages". The
+overlapped form (``ps_overlap=True``) cuts each shard into S segments and runs
+S+1 rounds of P-1 messages each way, (S+1)(P-1) messages; its row counts S = 1.
+
 ``busbw`` follows nccl-tests: for all-reduce, busbw = algbw * 2(P-1)/P, where
 algbw = M / time, so that busbw is comparable across P and with the link speed.
 """
@@ -97,6 +120,13 @@ class AlgoCost:
         return f"{messages}·α + {self.bytes_text}·β"
 
 
+def _ps_messages(p: int, k: int) -> float:
+    # Every shard's owner receives its shard from each of its P-1 peers, one after another, then sends
+    # the result back to each: 2(P-1) whatever k. Its k-1 pushes to (and pulls from) the other owners
+    # overlap those on a full-duplex link, and a rank that owns nothing sends and receives k <= P-1.
+    return 2 * (p - 1)
+
+
 def _ps_bytes(p: int, m: float, k: int) -> float:
     # Push then pull, each round's messages all in flight at once. A server of one of the k shards
     # takes (P-1)/k * M in while pushing; then sends as much back. A rank serving nothing (there is
@@ -157,20 +187,21 @@ COSTS: dict[str, AlgoCost] = {
         AlgoCost(
             name="ps",
             title="parameter server, k shards",
-            messages=lambda p, k: 2,
+            messages=_ps_messages,
             nbytes=_ps_bytes,
-            messages_text="2",
+            messages_text="2(P−1)",
             bytes_text="2·max((P−1)/k, w)·M",
-            busiest="each server's: (P−1)/k·M in (push), then out (pull); "
+            busiest="each server's: P−1 pushes of (P−1)/k·M in all, received one after another, then as many "
+            "pulls out; "
             "w = 1 if k < P (a rank that serves nothing moves all of M), (P−1)/P if k = P",
             sharded=True,
         ),
         AlgoCost(
             name="ps_overlap",
             title="parameter server, k shards, overlapped",
-            messages=lambda p, k: 2,
+            messages=_ps_messages,
             nbytes=lambda p, m, k: (p + k - 2) / k * m,
-            messages_text="2",
+            messages_text="2(P−1)",
             bytes_text="(P+k−2)/k·M",
             busiest="each server's, in both directions at once: it pulls segment s back while segment s+1 "
             "is pushed (ps_overlap=True), so the (P−1)/k·M of its shard in and out overlap, beside its "
@@ -229,7 +260,8 @@ def naive_time(p: int, nbytes: float, alpha: float, beta: float) -> float:
 def ps_time(p: int, nbytes: float, alpha: float, beta: float, shards: int = 1) -> float:
     """Predicted seconds for a parameter-server all-reduce with ``shards`` servers (``COSTS["ps"]``).
 
-    k = 1 gives 2 * alpha + 2(P-1) * M * beta; k = P gives the ring's bytes in two rounds.
+    k = 1 gives 2(P-1) * alpha + 2(P-1) * M * beta (the server's P-1 receives, then P-1 sends);
+    k = P gives the ring's messages and bytes, in two rounds.
 
     Raises:
         ValueError: unless 1 <= shards <= p.

@@ -210,14 +210,16 @@ class Session:
                 self._fits = parse_fits(json.dumps({"fits": doc["fits"]}), doc["source"])
             return self._fits
 
-    def auto_pick(self, transport: str, nbytes: int, deadline: float) -> Any:
-        """The algorithm ``algo="auto"`` runs for ``nbytes`` on ``transport`` (remembered per size)."""
-        key = (transport, nbytes)
+    def auto_pick(self, transport: str, nbytes: int, deadline: float, device: str = "cpu") -> Any:
+        """The algorithm ``algo="auto"`` runs for ``nbytes`` on ``transport`` with tensors on ``device``
+        (a device type: torch over CUDA is NCCL, whose pick never uses Gloo's fits), remembered per
+        (transport, device, size)."""
+        key = (transport, device, nbytes)
         spec = self._picks.get(key)
         if spec is None:
             from .algorithms import ALGOS
 
-            spec = ALGOS[choose(self.tuning(deadline), transport, self.world_size, nbytes).algo]
+            spec = ALGOS[choose(self.tuning(deadline), transport, self.world_size, nbytes, device).algo]
             if len(self._picks) < 4096:  # a training run has a few bucket sizes; bound it anyway
                 self._picks[key] = spec
         return spec

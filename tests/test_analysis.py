@@ -119,12 +119,13 @@ def test_comm_counts_follow_the_cost_model() -> None:
         fit.comm_counts("gloo", p, m) == fit.comm_counts("ring", p, m) == fit.comm_counts("ring_simple", p, m)
     )
     assert fit.comm_counts("naive", p, m) == (6.0, pytest.approx(6000.0))
-    # The parameter server: two rounds (push, pull); k = 1 loads the server's link like naive's root,
-    # k shards divide it (down to the idle worker's M), and k = P moves the ring's bytes.
-    assert fit.comm_counts("ps", p, m) == (2.0, pytest.approx(6000.0))
-    assert fit.comm_counts("ps:2@zmq", p, m) == (2.0, pytest.approx(3000.0))
-    assert fit.comm_counts("ps:3", p, m) == (2.0, pytest.approx(2000.0))  # the idle worker's 2M binds
-    assert fit.comm_counts(f"ps:{p}", p, m) == (2.0, pytest.approx(1500.0))
+    # The parameter server: two rounds (push, pull), each server hearing from its P-1 peers in turn
+    # (2(P-1) = 6 messages); k = 1 loads the server's link like naive's root, k shards divide it
+    # (down to the idle worker's M), and k = P moves the ring's bytes.
+    assert fit.comm_counts("ps", p, m) == (6.0, pytest.approx(6000.0))
+    assert fit.comm_counts("ps:2@zmq", p, m) == (6.0, pytest.approx(3000.0))
+    assert fit.comm_counts("ps:3", p, m) == (6.0, pytest.approx(2000.0))  # the idle worker's 2M binds
+    assert fit.comm_counts(f"ps:{p}", p, m) == (6.0, pytest.approx(1500.0))
     with pytest.raises(ValueError, match="out of range for P=2"):
         fit.comm_counts("ps:4", 2, m)  # more shards than ranks
     assert fit.comm_counts("ring", 1, m) == (0.0, 0.0)

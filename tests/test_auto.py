@@ -60,8 +60,117 @@ def test_the_pick_is_the_smallest_predicted_time_of_the_candidates() -> None:
 
 def test_a_fit_tuned_at_another_world_size_is_used_and_said_so() -> None:
     choice = auto.choose(_fits(MADE_UP, p=8), "torch", 4, 4096)
-    assert "tuned at P=8 (P=4 asked)" in choice.source
-    assert auto.choose(_fits(MADE_UP, p=4), "zmq", 4, 4096).source.startswith("defaults")  # no zmq fit
+    assert "torch on cpu tuned at P=8" in choice.source
+    assert choice.notes == ("P=4 is outside the tuned range P=8: the fit of P=8 carried over",)
+    assert "note: P=4 is outside the tuned range P=8" in str(choice)
+    no_zmq = auto.choose(_fits(MADE_UP, p=4), "zmq", 4, 4096)
+    assert no_zmq.source.startswith("defaults (ringcomm/auto.py): made up has no fit for zmq on cpu")
+
+
+def _tuned_at(ps: tuple[int, ...]) -> auto.Fits:
+    doc = {"torch": {str(p): {a: {"alpha_s": ab[0], "beta_s_per_byte": ab[1]} for a, ab in MADE_UP.items()} for p in ps}}
+    return auto.parse_fits(json.dumps({"fits": doc}), "made up")
+
+
+def test_between_tuned_world_sizes_the_nearest_fit_is_used_and_said_so() -> None:
+    fits = _tuned_at((2, 8))
+    assert auto.choose(fits, "torch", 4, 4096).source.endswith("tuned at P=2")  # |4-2| < |4-8|
+    assert auto.choose(fits, "torch", 6, 4096).source.endswith("tuned at P=8")
+    assert auto.choose(fits, "torch", 5, 4096).source.endswith("tuned at P=2")  # a tie: the smaller
+    assert auto.choose(fits, "torch", 6, 4096).notes == ("P=6 was not tuned: the fit of the nearest tuned P=8 (P=2..8)",)
+    assert auto.choose(fits, "torch", 8, 4096).notes == ()
+
+
+def test_beyond_the_tuned_range_the_central_algorithms_are_not_extrapolated() -> None:
+    """naive and ps would win at P = 64 on these fits (their alpha is tiny); measured at P <= 4 only, they are
+    left out there, and the answer says P is outside the tuned range and what was left out."""
+    central_wins = dict(MADE_UP, ps=(1e-7, 1e-12), naive=(1e-7, 1e-12))
+    fits = _fits(central_wins, p=4)
+    assert auto.choose(fits, "torch", 4, 4096).algo == "ps"  # tuned there: weighed like the others
+    choice = auto.choose(fits, "torch", 64, 4096)
+    assert choice.algo == "rd" and set(choice.predicted_s) == {"rd", "rhd", "ring"}
+    (note,) = choice.notes
+    assert note.startswith("P=64 is outside the tuned range P=4: the model's counts carry the fit of P=4 over")
+    assert note.endswith("naive and ps left out (their root's incast was measured at P<=4 only)")
+    # tuned at 64, they are weighed at 64
+    assert auto.choose(_fits(central_wins, p=64), "torch", 64, 4096).algo == "ps"
+
+
+SIZES = [0, 1, 1 << 10, 4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
+
+
+@pytest.mark.parametrize("transport", list(auto.DEFAULT_FITS))
+def test_the_shipped_defaults_pick_sensibly_at_every_world_size(transport: str) -> None:
+    """P = 2..64, sizes 0..64 MiB, the fits auto ships with: no central server (a (P-1)-way incast) beyond
+    the world sizes it was tuned at, one of the ring's bytes (ring, rhd) at 64 MiB, and as the tensor grows
+    the pick only ever moves to an algorithm with fewer bytes per rank on its critical path."""
+    tuned = max(auto.DEFAULT_FITS[transport])
+    assert tuned <= 8  # "small": what the project's machine could run
+    for p in range(2, 65):
+        picks = [auto.choose(auto.Fits(), transport, p, size) for size in SIZES]
+        algos = [c.algo for c in picks]
+        if p > tuned:
+            assert not auto.CENTRAL & set(algos), (p, algos)
+        assert algos[-1] in ("ring", "rhd"), (p, algos)
+        slopes = []  # seconds per tensor byte of each pick: the bytes term of its line
+        for c in picks:
+            fit = auto.DEFAULT_FITS[transport][min(auto.DEFAULT_FITS[transport], key=lambda q: (abs(q - p), q))]
+            slopes.append(COSTS[auto.COST_OF[c.algo]].critical_path(p, 1.0)[1] * fit[c.algo][1])
+        assert slopes == sorted(slopes, reverse=True), (p, algos)
+        times = [c.predicted_s[c.algo] for c in picks]
+        assert times == sorted(times), (p, algos)
+
+
+def test_64_ranks_and_4_kib_over_torch_is_not_a_63_way_incast() -> None:
+    choice = auto.choose(auto.Fits(), "torch", 64, 4 << 10)
+    assert choice.algo not in auto.CENTRAL and "ps" not in choice.predicted_s
+    assert "P=64 is outside the tuned range P=2..4" in str(choice)
+
+
+# --- keyed by device: NCCL is not Gloo ---
+
+
+def test_a_cuda_pick_never_uses_a_cpu_fit() -> None:
+    naive_wins = {a: (1.0, 1.0) for a in auto.CANDIDATES}
+    naive_wins["naive"] = (1e-9, 1e-15)
+    cpu_only = _fits(naive_wins, p=4)
+    assert auto.choose(cpu_only, "torch", 4, 1 << 20).algo == "naive"
+    on_cuda = auto.choose(cpu_only, "torch", 4, 1 << 20, device="cuda")
+    alpha, beta = auto.MODEL_DEFAULT
+    assert on_cuda.source.startswith("model defaults: no fit for torch on cuda in made up or ringcomm/auto.py")
+    for algo, seconds in on_cuda.predicted_s.items():
+        assert seconds == pytest.approx(COSTS[auto.COST_OF[algo]].time(4, 1 << 20, alpha, beta))
+    assert on_cuda.algo != "naive" and "on torch on cuda" in on_cuda.reason
+    # and without any file: the shipped defaults are CPU measurements, not used for CUDA either
+    assert auto.choose(auto.Fits(), "torch", 4, 4096, device="cuda").source.startswith("model defaults")
+
+
+def test_a_cuda_fit_is_used_for_cuda_only() -> None:
+    ring_wins = {a: (1.0, 1.0) for a in auto.CANDIDATES}
+    ring_wins["ring"] = (1e-9, 1e-15)
+    doc = {
+        "torch:cuda": {"4": {a: {"alpha_s": ab[0], "beta_s_per_byte": ab[1]} for a, ab in ring_wins.items()}},
+        "torch:cpu": {"4": {a: {"alpha_s": ab[0], "beta_s_per_byte": ab[1]} for a, ab in MADE_UP.items()}},
+    }
+    fits = auto.parse_fits(json.dumps({"fits": doc}), "made up")
+    assert set(fits.by_world) == {"torch", "torch:cuda"}  # "torch:cpu" is plain "torch"
+    assert auto.choose(fits, "torch", 4, 4096, device="cuda").algo == "ring"
+    assert auto.choose(fits, "torch", 4, 4096).algo == "rd"  # MADE_UP's pick, as on cpu above
+    with pytest.raises(ValueError, match="fits key 'torch:xpu'"):
+        auto.parse_fits(json.dumps({"fits": {"torch:xpu": doc["torch:cuda"]}}), "odd")
+
+
+def test_a_rank_remembers_its_picks_per_device() -> None:
+    """Session.auto_pick caches by (transport, device, size): a CPU pick is not reused for a CUDA tensor."""
+    from types import SimpleNamespace
+
+    from ringcomm.session import Session
+
+    naive_wins = {a: (1.0, 1.0) for a in auto.CANDIDATES}
+    naive_wins["naive"] = (1e-9, 1e-15)
+    fake = SimpleNamespace(_picks={}, world_size=4, tuning=lambda deadline: _fits(naive_wins, p=4))
+    assert Session.auto_pick(fake, "torch", 1 << 20, 1e18).name == "naive"
+    assert Session.auto_pick(fake, "torch", 1 << 20, 1e18, "cuda").name != "naive"
 
 
 def test_explain_says_what_and_why() -> None:
@@ -69,6 +178,57 @@ def test_explain_says_what_and_why() -> None:
     text = str(choice)
     assert text.startswith(f"auto picks {choice.algo}: predicted ") and "65536 B over 4 ranks on shm" in text
     assert all(algo in text for algo in choice.predicted_s)
+
+
+def test_explain_refuses_what_all_reduce_refuses() -> None:
+    with pytest.raises(ValueError, match=r"unknown transport 'nccl'.*transport='torch' with device='cpu' \(Gloo\) or device='cuda' \(NCCL\)"):
+        ringcomm.explain_auto(1000, transport="nccl", world_size=4)
+    with pytest.raises(ValueError, match="transport='zmq' carries tensors on cpu; the tensor is on cuda"):
+        ringcomm.explain_auto(1000, transport="zmq", world_size=4, device="cuda")
+    with pytest.raises(ValueError, match="device 'gpu' is not a torch device"):
+        ringcomm.explain_auto(1000, world_size=4, device="gpu")
+    with pytest.raises(ValueError, match="numel must be an integer >= 0, got -1"):
+        ringcomm.explain_auto(-1, world_size=4)
+    with pytest.raises(ValueError, match="world_size must be an integer >= 1, got 0"):
+        ringcomm.explain_auto(10, world_size=0)
+    on_cuda = ringcomm.explain_auto(1000, transport="torch", world_size=4, device="cuda:0")
+    assert on_cuda.device == "cuda" and on_cuda.source.startswith("model defaults")
+
+
+@pytest.mark.parametrize(("dtype", "size"), [("float32", 4), ("torch.float64", 8), ("bfloat16", 2), (torch.int8, 1)])
+def test_explain_takes_a_dtype_or_its_name(dtype: object, size: int) -> None:
+    assert ringcomm.explain_auto(1000, dtype, world_size=4).nbytes == 1000 * size
+
+
+@pytest.mark.parametrize("dtype", ["float33", "Tensor", 4, None])
+def test_explain_refuses_a_dtype_that_is_not_one_by_name(dtype: object) -> None:
+    with pytest.raises(ValueError, match=f"dtype={dtype!r} is not a torch dtype; pass e.g. torch.float32 or 'float32'"):
+        ringcomm.explain_auto(1000, dtype, world_size=4)
+
+
+def test_one_rank_moves_nothing_and_consults_no_fit() -> None:
+    choice = ringcomm.explain_auto(1000, world_size=1)
+    assert set(choice.predicted_s.values()) == {0.0}
+    assert choice.source == "one rank: nothing travels, every candidate takes 0 s; no fit consulted"
+    assert "tuned" not in str(choice)
+
+
+def test_a_tune_file_named_but_missing_is_said_not_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    missing = tmp_path / "tnue.json"
+    monkeypatch.setenv("RINGCOMM_TUNE_FILE", str(missing))
+    fits = auto.load_local()
+    said = f"RINGCOMM_TUNE_FILE={missing} does not exist"
+    assert f"ringcomm: {said}; auto uses its defaults" in capsys.readouterr().err
+    assert fits.source == f"defaults (ringcomm/auto.py): {said}"
+    assert said in str(ringcomm.explain_auto(1000, world_size=4))
+    monkeypatch.setenv("RINGCOMM_TUNE_FILE", str(tmp_path))  # a folder
+    assert "is not a file" in auto.load_local().source
+    monkeypatch.delenv("RINGCOMM_TUNE_FILE")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no file where none was asked for: the defaults, quietly
+    capsys.readouterr()
+    assert auto.load_local().source == "defaults (ringcomm/auto.py)" and capsys.readouterr().err == ""
 
 
 def test_a_tune_file_that_is_not_one_is_refused_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,18 +26,20 @@ ALPHA, BETA = 1e-5, 1e-9  # seconds per message, seconds per byte
         # naive: rank 0 takes (P-1) * M in, then sends as much out, one message per peer each way
         ("naive", 2, 1, 2, 2400),
         ("naive", 4, 1, 6, 7200),
-        # parameter server: two rounds; the busiest server moves (P-1)/k * M each way,
-        # a rank serving nothing M each way, and at k = P every rank the ring's (P-1)/P * M
-        ("ps", 4, 1, 2, 7200),
-        ("ps", 4, 2, 2, 3600),
-        ("ps", 4, 3, 2, 2400),  # the idle worker's M per round binds: (P-1)/k = 1 = w
-        ("ps", 4, 4, 2, 1800),
+        # parameter server: every server receives its shard from its P-1 peers one after another,
+        # then sends it back to each: 2(P-1) messages whatever k; the busiest server moves
+        # (P-1)/k * M each way, a rank serving nothing M each way, at k = P every rank the ring's
+        ("ps", 4, 1, 6, 7200),
+        ("ps", 4, 2, 6, 3600),
+        ("ps", 4, 3, 6, 2400),  # the idle worker's M per round binds: (P-1)/k = 1 = w
+        ("ps", 4, 4, 6, 1800),
         ("ps", 2, 2, 2, 1200),
+        ("ps", 64, 1, 126, 2 * 63 * 1200),  # a 63-way incast, then 63 sends
         # overlapped: each direction carries the shard's (P-1)/k * M beside the server's own
         # (k-1)/k * M to the other servers: half of ps at k = 1, the ring's bytes at k = P
-        ("ps_overlap", 4, 1, 2, 3600),
-        ("ps_overlap", 4, 2, 2, 2400),
-        ("ps_overlap", 4, 4, 2, 1800),
+        ("ps_overlap", 4, 1, 6, 3600),
+        ("ps_overlap", 4, 2, 6, 2400),
+        ("ps_overlap", 4, 4, 6, 1800),
     ],
 )
 def test_critical_path_counts_by_hand(name: str, p: int, shards: int, messages: int, path_bytes: int) -> None:
@@ -49,8 +51,8 @@ def test_critical_path_counts_by_hand(name: str, p: int, shards: int, messages: 
 def test_the_named_time_functions_are_the_table_rows() -> None:
     assert cost.ring_time(4, 1200.0, ALPHA, BETA) == pytest.approx(6 * ALPHA + 1800 * BETA)
     assert cost.naive_time(4, 1200.0, ALPHA, BETA) == pytest.approx(6 * ALPHA + 7200 * BETA)
-    assert cost.ps_time(4, 1200.0, ALPHA, BETA, shards=2) == pytest.approx(2 * ALPHA + 3600 * BETA)
-    assert cost.ps_time(4, 1200.0, ALPHA, BETA) == pytest.approx(2 * ALPHA + 7200 * BETA)
+    assert cost.ps_time(4, 1200.0, ALPHA, BETA, shards=2) == pytest.approx(6 * ALPHA + 3600 * BETA)
+    assert cost.ps_time(4, 1200.0, ALPHA, BETA) == pytest.approx(6 * ALPHA + 7200 * BETA)
 
 
 def test_the_ring_moves_about_2m_whatever_p_and_the_server_grows_with_p() -> None:
@@ -59,6 +61,19 @@ def test_the_ring_moves_about_2m_whatever_p_and_the_server_grows_with_p() -> Non
     server = [cost.COSTS["ps"].critical_path(p, m)[1] / m for p in (2, 4, 16, 256)]
     assert ring == pytest.approx([1.0, 1.5, 1.875, 2 * 255 / 256]) and all(r < 2 for r in ring)
     assert server == [2.0, 6.0, 30.0, 510.0]
+
+
+@pytest.mark.parametrize("p", [2, 3, 4, 8, 64])
+def test_the_parameter_server_pays_alpha_per_peer_like_the_ring_and_naive(p: int) -> None:
+    """The server hears from each of its P-1 peers in turn: its latency term grows with P, sharded or
+    not, so a tiny tensor over many ranks costs the server as many alphas as the ring's steps."""
+    ring_messages = cost.COSTS["ring"].critical_path(p, 4096.0)[0]
+    assert cost.COSTS["naive"].critical_path(p, 4096.0)[0] == ring_messages
+    for name in ("ps", "ps_overlap"):
+        for k in {1, 2, p // 2 or 1, p}:
+            assert cost.COSTS[name].critical_path(p, 4096.0, k)[0] == ring_messages == 2 * (p - 1)
+    # and at k = P the sharded server is the ring, messages and bytes
+    assert cost.COSTS["ps"].critical_path(p, 4096.0, p) == pytest.approx(cost.COSTS["ring"].critical_path(p, 4096.0))
 
 
 @pytest.mark.parametrize("name", list(cost.COSTS))
