@@ -194,3 +194,75 @@ def _outcome(fn: Any) -> str:
         return f"returned {fn()}"
     except CommError as exc:
         return f"CommError: {str(exc).split(' (')[0]}"
+
+
+def _wait_done(fut: torch.futures.Future, seconds: float = 5.0) -> bool:
+    """Whether ``fut`` completes within ``seconds`` (``Future.wait`` has no timeout)."""
+    end = time.monotonic() + seconds
+    while not fut.done() and time.monotonic() < end:
+        time.sleep(0.01)
+    return fut.done()
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["result", "error"])
+def test_a_future_its_user_completed_first_does_not_stop_the_comm_thread(fails: bool) -> None:
+    """set_result on a completed future raises; it used to escape _Item.finish and end the thread,
+    so every later collective of the process waited forever."""
+    q = CommQueue("test-comm")
+    gate = threading.Event()
+
+    def first() -> str:
+        gate.wait(5)
+        if fails:
+            raise CommError("first failed")
+        return "first"
+
+    fut = q.submit(first, "first", torch.futures.Future())
+    fut.set_result("completed by its user")
+    gate.set()
+    later = q.submit(lambda: "later", "later", torch.futures.Future())
+    assert _wait_done(later), "the comm thread died: work queued after it never ran"
+    assert later.wait() == "later" and fut.wait() == "completed by its user"
+    assert q._thread is not None and q._thread.is_alive()
+    q.close(1.0)
+
+
+class _RefusingFuture(torch.futures.Future):
+    """A future that rejects every result (as a device-bound future rejects a tensor it cannot hold)."""
+
+    def set_result(self, result: object) -> None:
+        if not isinstance(result, BaseException):  # set_exception comes through here too
+            raise TypeError(f"this future takes no {type(result).__name__}")
+        super().set_result(result)
+
+
+def test_a_future_that_refuses_its_result_gets_an_error_and_the_queue_goes_on() -> None:
+    q = CommQueue("test-comm")
+    fut = q.submit(lambda: 42, "picky", _RefusingFuture())
+    assert _wait_done(fut), "the future was left pending: its waiter would wait forever"
+    with pytest.raises(Exception, match="picky finished, but its future refused its result: TypeError"):
+        fut.wait()
+    later = q.submit(lambda: "later", "later", torch.futures.Future())
+    assert _wait_done(later) and later.wait() == "later"
+    q.close(1.0)
+
+
+@pytest.mark.parametrize("behind", [False, True], ids=["queue-empty", "work-queued-behind"])
+def test_a_blocking_call_in_a_future_callback_is_always_refused_alike(behind: bool) -> None:
+    """It used to run inline when the queue happened to be empty, and raise when it was not."""
+    q = CommQueue("test-comm")
+    said: list[str] = []
+    gate = threading.Event()
+    first = q.submit(lambda: gate.wait(5), "first", torch.futures.Future())
+    first.add_done_callback(lambda fut: said.append(_outcome(lambda: q.run(lambda: "ran", "nested"))))
+    queued = q.submit(lambda: "queued", "queued", torch.futures.Future()) if behind else None
+    gate.set()
+    assert _wait_done(first)
+    if queued is not None:
+        assert _wait_done(queued) and queued.wait() == "queued"
+    end = time.monotonic() + 5
+    while not said and time.monotonic() < end:
+        time.sleep(0.01)
+    assert said == ["CommError: nested was refused: a blocking collective issued on ringcomm's comm thread"], said
+    assert q.run(lambda: 42, "after") == 42  # the queue goes on
+    q.close(1.0)
