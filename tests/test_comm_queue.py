@@ -109,6 +109,54 @@ def test_shutdown_with_a_collective_stuck_on_a_silent_peer_raises_naming_it() ->
     assert out["group_kept"], "finish destroyed the process group under the comm thread"
 
 
+def _callback_calls_blocking_rank(rank: int, p: int) -> dict:
+    """Rank 0 issues a blocking all_reduce in a future's callback; rank 1 makes the same calls plainly."""
+    ringcomm.init("torch")
+    store = dist.distributed_c10d._get_default_store()
+    out: dict = {}
+    if rank == 0:
+        said: list[str] = []
+        first = ringcomm.all_reduce_async(torch.ones(4), timeout=60)
+
+        def nested(fut: torch.futures.Future) -> None:
+            out["callback thread"] = threading.current_thread().name
+            try:
+                ringcomm.all_reduce(torch.ones(4), timeout=60)
+                said.append("returned")
+            except Exception as exc:
+                said.append(f"{type(exc).__name__}: {exc}")
+
+        first.add_done_callback(nested)
+        store.set("callback-ready", "1")  # only now may rank 1 join: the callback runs on the comm thread
+        first.wait()
+        end = time.monotonic() + 30
+        while not said and time.monotonic() < end:
+            time.sleep(0.01)
+        out["nested"] = said
+    else:
+        store.wait(["callback-ready"])
+        ringcomm.all_reduce(torch.ones(4), timeout=60)
+        try:
+            ringcomm.all_reduce(torch.ones(4), timeout=60)  # pairs with rank 0's refused one
+            out["nested"] = ["returned"]
+        except ringcomm.MismatchError as exc:
+            out["nested"] = [str(exc)]
+    last = torch.full((3,), float(rank + 1))
+    ringcomm.all_reduce(last, timeout=60)
+    out["last"] = last.tolist()
+    return out
+
+
+def test_a_blocking_all_reduce_in_a_callback_is_refused_and_the_peers_hear_why() -> None:
+    """With the queue empty it used to run inline on the comm thread; with work queued, raise."""
+    zero, one = run_world(_callback_calls_blocking_rank, 2, timeout=120)
+    assert zero["callback thread"] == "ringcomm-comm-r0"
+    assert len(zero["nested"]) == 1 and zero["nested"][0].startswith("CommError: all_reduce(4 x float32"), zero
+    assert "was refused: a blocking collective issued on ringcomm's comm thread" in zero["nested"][0]
+    assert one["nested"][0].startswith("rank 1: ranks [0] refused this all_reduce (rank 0: CommError: "), one
+    assert zero["last"] == one["last"] == [3.0] * 3
+
+
 # --- the queue on its own, no processes ---
 
 
