@@ -1,7 +1,8 @@
 """``ringcomm.all_reduce`` and ``all_reduce_async``: validate, queue, check, run the algorithm in place.
 
 Everything that can be wrong with the arguments is found here, before a
-single byte moves, and raised as ``ValueError`` with the tensor untouched. The
+single byte moves, and raised as ``ValueError`` with the tensor untouched
+(a bool is not a number here: ``timeout=True`` is refused, not one second). The
 call then takes its turn in the process's comm queue (``comm_queue.py``) and,
 when it runs::
 
@@ -10,14 +11,19 @@ when it runs::
     the transport, set up on first use             (session.py; collective)
     the algorithm, in place on a flat view         (algorithms.py)
 
-A call refused on one rank (a ``ValueError`` there) still takes its number: it
-publishes the refusal in the check's slot, so with the check on the other ranks
-raise ``MismatchError`` at once instead of waiting for it (and the comm thread
-reads theirs, so the refusing rank stays in step; ``fingerprint.refuse``).
+A call refused on one rank (whatever it raised before the call was queued: a
+``ValueError``, a ``TypeError`` from deep inside a check, a blocking call from
+a future's callback) still takes its number: it publishes the refusal, with
+its reason, in the check's slot, so with the check on the other ranks raise
+``MismatchError`` at once, naming the rank and the reason, instead of waiting
+for it (and the comm thread reads theirs, so the refusing rank stays in step;
+``fingerprint.refuse``).
 """
 
 from __future__ import annotations
 
+import logging
+import numbers
 import threading
 import time
 from collections.abc import Mapping
@@ -33,11 +39,17 @@ from .algorithms import ALGOS, AlgorithmSpec
 from .comm_queue import CommStats
 from .errors import CommError, MismatchError
 from .fingerprint import check_same_call, fingerprint, refuse
-from .ops import check_op_dtype
+from .ops import OPS, check_op_dtype
 from .settings import DEFAULT_TIMEOUT_S, check_default, default_timeout
 from .transport import Transport, TransportKind, transport_kind
 
 __all__ = ["all_reduce", "all_reduce_async", "init", "comm_stats", "validate", "ALGOS"]
+
+_log = logging.getLogger(__name__)
+
+#: Above this many elements, a tensor whose strides interleave is not checked element by element
+#: for overlap (that needs 8 bytes per element); it is refused instead (see ``_check_no_overlap``).
+_OVERLAP_CHECK_MAX = 1 << 24
 
 
 @dataclass
@@ -81,22 +93,87 @@ def _prepare(
 ) -> _Call:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"all_reduce expects a torch.Tensor, got {type(tensor).__name__}")
+    if not isinstance(op, str):  # a list would reach a dict lookup and fail as a TypeError
+        raise ValueError(f"op must be a string, one of {', '.join(map(repr, OPS))}; got {op!r}")
     check_op_dtype(op, tensor.dtype)
+    _check_no_overlap(tensor)
     if timeout is not None and not _is_timeout(timeout):
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        raise ValueError(_timeout_problem(timeout))
+    if check is not None and not isinstance(check, bool):  # bool("no") is True
+        raise ValueError(f"check must be True, False or None (RINGCOMM_CHECK), got {check!r}")
     world_size = dist.get_world_size() if dist.is_initialized() else None
     spec, kind, complete = validate(algo, transport, tensor.device, options, world_size)
     if world_size is None:
         raise RuntimeError("ringcomm.all_reduce needs torch.distributed.init_process_group to have been called")
     return _Call(
-        tensor, op, spec, kind, complete, timeout if timeout is not None else default_timeout(),
-        check_default() if check is None else bool(check),
+        tensor, op, spec, kind, complete, float(timeout) if timeout is not None else default_timeout(),
+        check_default() if check is None else check,
     )
 
 
 def _is_timeout(value: object) -> bool:
-    """Whether ``value`` is a timeout ``all_reduce`` takes: a positive, finite number of seconds."""
-    return isinstance(value, (int, float)) and 0 < value < float("inf")
+    """Whether ``value`` is a timeout ``all_reduce`` takes: a positive, finite number of seconds.
+
+    Any real number (a numpy scalar too), but not a bool: ``timeout=True`` is a mistake, not 1 s
+    (numpy's bool is no ``numbers.Real``; Python's is, as a subclass of int).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return 0 < float(value) < float("inf")
+
+
+def _timeout_problem(value: object) -> str:
+    """What is wrong with a ``timeout`` that ``_is_timeout`` refused."""
+    if isinstance(value, bool) or type(value).__name__ in ("bool_", "bool"):  # Python's or numpy's
+        return f"timeout={value!r} is a bool, not a number of seconds; pass e.g. timeout=30.0"
+    return f"timeout must be a positive number of seconds, got {value!r}"
+
+
+def _check_no_overlap(tensor: torch.Tensor) -> None:
+    """``ValueError`` if two elements of ``tensor`` are one place in memory, or might be.
+
+    The result is written back in place, element by element: an ``expand``-ed tensor (stride
+    0) or an overlapping ``as_strided`` view cannot hold a separate result per element, and the
+    write-back failed (or silently kept one of them) only after the peers had finished.
+
+    The usual case is decided from the strides alone: sorted by stride, each dimension steps
+    past everything the smaller-stride dimensions reach, so no two index tuples meet. Layouts
+    that interleave fail that test; for those, the offsets are counted, up to
+    ``_OVERLAP_CHECK_MAX`` elements.
+    """
+    shape, strides = tuple(tensor.shape), tuple(tensor.stride())
+    if tensor.numel() <= 1:
+        return
+    dims = sorted((st, n) for n, st in zip(shape, strides) if n > 1)
+    reach = 0  # the farthest offset, in elements, that the dimensions seen so far reach
+    for st, n in dims:
+        if st <= reach:
+            break
+        reach += st * (n - 1)
+    else:
+        return
+    where = f"shape {list(shape)}, stride {list(strides)}"
+    if any(st == 0 for st, _ in dims):
+        raise ValueError(
+            f"the tensor ({where}) is expanded: elements along a stride-0 dimension share memory, so "
+            "all_reduce cannot write a result per element; reduce a copy that owns each element "
+            "(tensor.contiguous()) or the tensor it was expanded from"
+        )
+    if tensor.numel() > _OVERLAP_CHECK_MAX:
+        raise ValueError(
+            f"the tensor ({where}) has interleaved strides, and ringcomm does not check "
+            f"{tensor.numel()} elements one by one for overlap; pass a contiguous tensor (then copy back)"
+        )
+    offsets = torch.zeros((), dtype=torch.int64)
+    for n, st in zip(shape, strides):
+        offsets = offsets.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * st
+    distinct = offsets.unique().numel()
+    if distinct < tensor.numel():
+        raise ValueError(
+            f"the tensor ({where}) overlaps itself: its {tensor.numel()} elements occupy {distinct} "
+            "places in memory, so all_reduce cannot write a result per element; pass a tensor that "
+            "owns each element (e.g. tensor.clone())"
+        )
 
 
 def _refuse(session: sessions.Session, reason: str, check: bool | None, timeout: object) -> None:
@@ -106,7 +183,7 @@ def _refuse(session: sessions.Session, reason: str, check: bool | None, timeout:
     ``timeout`` where that one is valid, else the default (and 300 s if the default is junk too).
     """
     try:
-        publish = check_default() if check is None else bool(check)
+        publish = check if isinstance(check, bool) else check_default()
     except ValueError:
         publish = True
     if _is_timeout(timeout):
@@ -132,16 +209,39 @@ def _refuse(session: sessions.Session, reason: str, check: bool | None, timeout:
 
 
 def _admit(
-    tensor: Any, op: str, algo: str, transport: str, timeout: float | None, check: bool | None, options: dict
+    tensor: Any,
+    op: str,
+    algo: str,
+    transport: str,
+    timeout: float | None,
+    check: bool | None,
+    options: dict,
+    blocking: bool,
 ) -> tuple[sessions.Session, _Call]:
-    """Validate (``ValueError``, with the refusal published to the peers) and find the session."""
+    """Validate and find the session; any refusal is published to the peers, then raised.
+
+    Whatever is raised here (``ValueError`` for bad arguments, but also a ``TypeError`` from an
+    argument no check foresaw, or the ``CommError`` of a ``blocking`` call on the comm thread)
+    refuses the call before a byte moves, and the peers must hear of it: otherwise they wait
+    for this rank's fingerprint until their timeout, or pair their call with its next one.
+    """
     try:
         call = _prepare(tensor, op, algo, transport, timeout, check, options)
-    except ValueError as exc:
+        session = sessions.current()
+        if blocking:
+            session.queue.refuse_blocking_here(call.what)
+    except BaseException as exc:
         if dist.is_initialized():
-            _refuse(sessions.current(), f"{type(exc).__name__}: {exc}", check, timeout)
+            try:
+                _refuse(sessions.current(), f"{type(exc).__name__}: {exc}", check, timeout)
+            except Exception as unsaid:  # raise the refusal itself; say why the peers were not told
+                _log.error(
+                    "ringcomm: could not tell the peers that this rank refused an all_reduce "
+                    "(%s: %s): %s: %s; they wait for this rank until their timeout",
+                    type(exc).__name__, exc, type(unsaid).__name__, unsaid,
+                )
         raise
-    return sessions.current(), call
+    return session, call
 
 
 def _execute(session: sessions.Session, call: _Call) -> torch.Tensor:
@@ -210,7 +310,7 @@ def init(transport: str = "torch", device: str | torch.device = "cpu", timeout: 
     set-up then happens here, in this thread, in a known order.
 
     Raises:
-        ValueError: unknown transport, or a device it cannot carry. The refusal takes the
+        ValueError: unknown transport, a device it cannot carry, or a bad timeout. The refusal takes the
             set-up's turn, so the other ranks raise ``MismatchError`` at once, naming it,
             instead of waiting for this rank until their timeout.
         MismatchError: ranks asked for different transports, or one refused.
@@ -222,6 +322,8 @@ def init(transport: str = "torch", device: str | torch.device = "cpu", timeout: 
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"device {device!r} is not a torch device: {exc}") from None
         kind.validate_device(dev)
+        if timeout is not None and not _is_timeout(timeout):
+            raise ValueError(_timeout_problem(timeout))
     except ValueError as exc:
         if dist.is_initialized():
             session = sessions.current()
@@ -229,7 +331,7 @@ def init(transport: str = "torch", device: str | torch.device = "cpu", timeout: 
             session.queue.run(lambda: session.refuse_setup(reason), "a refused init")
         raise
     session = sessions.current()
-    deadline = time.monotonic() + (timeout if timeout is not None else default_timeout())
+    deadline = time.monotonic() + (float(timeout) if timeout is not None else default_timeout())
     return session.queue.run(lambda: session.transport(kind, dev.type, deadline), f"setting up {transport}")
 
 
@@ -248,7 +350,8 @@ def all_reduce(
 
     Args:
         tensor: any shape; float16, bfloat16, float32, float64, int32 or int64.
-            A non-contiguous tensor is reduced through a contiguous copy.
+            A non-contiguous tensor is reduced through a contiguous copy; one whose elements
+            share memory (``expand``, an overlapping ``as_strided``) is refused.
         op: ``"sum"``, ``"avg"`` (floating dtypes only), ``"max"`` or ``"min"``.
         algo: ``"ring"`` (pipelined ring), ``"ring_simple"`` (the readable ring),
             ``"rhd"`` (recursive halving-doubling), ``"rd"`` (recursive doubling),
@@ -272,6 +375,8 @@ def all_reduce(
         MismatchError: ranks passed different calls, or one refused it (with the check
             on); tensor untouched.
         CommTimeoutError, PeerError: a peer did not answer in time or failed.
+        CommError: called in a future's callback (on the comm thread, which it would wait
+            for): refused every time, and the refusal is published like a ``ValueError``.
 
     Calls from several threads of one process run one at a time, in the order they
     reach the comm queue (``comm_queue.py``).
@@ -282,7 +387,7 @@ def all_reduce(
         >>> grad = torch.ones(1000) * dist.get_rank()
         >>> ringcomm.all_reduce(grad, op="avg")
     """
-    session, call = _admit(tensor, op, algo, transport, timeout, check, options)
+    session, call = _admit(tensor, op, algo, transport, timeout, check, options, blocking=True)
     return session.queue.run(lambda: _execute(session, call), call.what)
 
 
@@ -311,7 +416,7 @@ def all_reduce_async(
         >>> ...                                # compute on
         >>> grad = fut.wait()
     """
-    session, call = _admit(tensor, op, algo, transport, timeout, check, options)
+    session, call = _admit(tensor, op, algo, transport, timeout, check, options, blocking=False)
     if tensor.is_cuda:
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(tensor.device))

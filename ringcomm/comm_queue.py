@@ -16,6 +16,14 @@ in the caller's own thread instead (it holds the queue meanwhile, so whatever
 is issued after it runs after it): no thread hand-off on the common path of a
 training loop or a benchmark that calls one collective at a time.
 
+**Futures and their callbacks.** The comm thread completes each future it was
+given, and torch runs the future's callbacks right there, on the comm thread.
+Whatever a future or a callback does cannot stop the thread: a future the user
+completed already, or one that rejects the result, is logged and the queue goes
+on. A blocking collective issued from a callback is always refused with the
+same ``CommError`` (``refuse_blocking_here``): the thread cannot wait for
+itself, and whether it happened to find the queue empty must not decide.
+
 Order between threads is the order in which calls reach the queue. If two
 threads of one rank issue collectives concurrently, that order can differ from
 rank to rank (and the same-call check will then say so): issue collectives
@@ -24,6 +32,7 @@ from one thread, or chain them, as DDP does with its hook.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -38,6 +47,8 @@ from .errors import CommError
 __all__ = ["CommQueue", "CommStats"]
 
 T = TypeVar("T")
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,13 +85,48 @@ class _Item:
         self.error: BaseException | None = None
 
     def finish(self, result: Any, error: BaseException | None) -> None:
+        """Hand the outcome over: to the future if there is one, then wake a blocked caller.
+
+        Never raises, and ``done`` is always set: this runs on the comm thread, and an exception
+        escaping here would end the thread, leaving every later caller waiting forever.
+        """
         self.result, self.error = result, error
-        if self.future is not None:
+        try:
+            if self.future is not None:
+                self._complete(result, error)
+        finally:
+            self.done.set()
+
+    def _complete(self, result: Any, error: BaseException | None) -> None:
+        future = self.future
+        assert future is not None
+        outcome = "its result" if error is None else f"its error ({type(error).__name__}: {error})"
+        # Look first: set_exception on a completed future raises, but only after replacing how
+        # the future unwraps its value, so the user's own result would be lost to a TypeError.
+        if future.done():
+            _log.warning("ringcomm: %s finished, but its future was already completed; %s was dropped",
+                         self.what, outcome)
+            return
+        try:
             if error is None:
-                self.future.set_result(result)
+                future.set_result(result)
             else:
-                self.future.set_exception(error)
-        self.done.set()
+                future.set_exception(error)
+            return
+        except BaseException as exc:  # it rejects this value, or its user completed it just now
+            refused = exc
+        if future.done():
+            _log.warning("ringcomm: %s finished, but its future was completed meanwhile; %s was dropped "
+                         "(%s: %s)", self.what, outcome, type(refused).__name__, refused)
+            return
+        # The future refused the value but is still pending: give it an error instead, so that
+        # whoever waits on it learns what happened rather than waiting forever.
+        why = CommError(f"{self.what} finished, but its future refused {outcome}: {type(refused).__name__}: {refused}")
+        try:
+            future.set_exception(why)
+        except BaseException as exc:
+            _log.error("ringcomm: %s; setting that error on the future failed too (%s: %s)",
+                       why, type(exc).__name__, exc)
 
 
 class CommQueue:
@@ -103,16 +149,12 @@ class CommQueue:
 
     def run(self, fn: Callable[[], T], what: str) -> T:
         """Run ``fn`` in its turn and return its result (or raise its exception); blocks."""
+        self.refuse_blocking_here(what)
         with self._cond:
             self._check_open(what)
             inline = self._running is None and not self._items
             if inline:
                 self._running = what
-            elif threading.current_thread() is self._thread:
-                raise CommError(
-                    f"{what}: a blocking collective issued from the comm thread (a future's callback) "
-                    "would wait for itself behind the queued ones; use all_reduce_async there"
-                )
             else:
                 item = self._enqueue(fn, what, None)
         if inline:
@@ -133,6 +175,20 @@ class CommQueue:
             self._check_open(what)
             self._enqueue(fn, what, future)
         return future
+
+    def refuse_blocking_here(self, what: str) -> None:
+        """Raise ``CommError`` if the caller is the comm thread (a future's callback runs there).
+
+        A blocking collective there would wait for the thread it runs on. It is refused every
+        time, whether or not the queue happens to be empty (when it is, it could run inline, but
+        then the same program would fail or not depending on timing).
+        """
+        if threading.current_thread() is self._thread:
+            raise CommError(
+                f"{what} was refused: a blocking collective issued on ringcomm's comm thread (in a "
+                "future's callback) would wait for the thread it runs on; use all_reduce_async there, "
+                "or call it from your own thread after the future is done"
+            )
 
     def _check_open(self, what: str) -> None:
         if self._closed:

@@ -30,6 +30,11 @@ BAD_CALLS = [
     (dict(transport="mpi"), "unknown transport 'mpi'"),
     (dict(timeout=0), "timeout must be a positive"),
     (dict(timeout=-1.0), "timeout must be a positive"),
+    (dict(timeout=True), "timeout=True is a bool, not a number of seconds"),  # it used to mean 1 s
+    (dict(timeout=float("nan")), "timeout must be a positive"),
+    (dict(check="no"), "check must be True, False or None"),  # bool("no") is True
+    (dict(check=0), "check must be True, False or None"),
+    (dict(op=["sum"]), "op must be a string"),  # it was a TypeError (unhashable), never published
 ]
 
 
@@ -64,6 +69,46 @@ def test_without_process_group_says_what_to_call() -> None:
         ringcomm.all_reduce(torch.ones(3))
 
 
+def test_a_numpy_number_is_a_timeout() -> None:
+    np = pytest.importorskip("numpy")
+    with pytest.raises(RuntimeError, match="init_process_group"):  # past the argument checks
+        ringcomm.all_reduce(torch.ones(3), timeout=np.float32(2.5))
+    with pytest.raises(ValueError, match="is a bool"):
+        ringcomm.all_reduce(torch.ones(3), timeout=np.bool_(True))
+
+
+OVERLAPPING = [
+    (lambda: torch.zeros(1).expand(8), r"shape \[8\], stride \[0\]\) is expanded"),
+    (lambda: torch.zeros(3, 1).expand(3, 4), r"shape \[3, 4\], stride \[1, 0\]\) is expanded"),
+    (lambda: torch.zeros(5).as_strided((4, 2), (1, 1)), r"overlaps itself: its 8 elements occupy 5 places"),
+    (lambda: torch.zeros(13).as_strided((3, 2, 2), (2, 3, 5)), r"overlaps itself: its 12 elements occupy 10 "),
+]
+
+
+@pytest.mark.parametrize("make, message", OVERLAPPING)
+def test_a_tensor_whose_elements_share_memory_is_refused_up_front(make, message: str) -> None:
+    """They used to be reduced through a contiguous copy, and then the write-back failed (or kept
+    one of the aliased results) after the peers had finished."""
+    with pytest.raises(ValueError, match=message):
+        ringcomm.all_reduce(make())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.zeros(4, 6).t(),  # transposed
+        lambda: torch.zeros(10)[::3],  # a slice with a step
+        lambda: torch.zeros(8).as_strided((3, 2), (2, 3)),  # interleaved strides, offsets 0,2,3,4,5,7
+        lambda: torch.zeros(1, 5).expand(1, 5),  # stride 0 on a dimension of size 1
+        lambda: torch.zeros(0, 1).expand(0, 3),
+    ],
+    ids=["transposed", "stepped", "interleaved", "size-1-expand", "empty"],
+)
+def test_a_strided_tensor_whose_elements_are_distinct_passes_the_checks(make) -> None:
+    with pytest.raises(RuntimeError, match="init_process_group"):  # refused only for want of a world
+        ringcomm.all_reduce(make())
+
+
 def _bad_input_in_a_world_rank(rank: int, p: int) -> list[str]:
     """Every bad call is refused on every rank with the tensor untouched; the world still works after."""
     failures = []
@@ -94,6 +139,61 @@ def _bad_input_in_a_world_rank(rank: int, p: int) -> list[str]:
 def test_bad_input_in_a_world_is_refused_and_loses_nothing() -> None:
     failures = run_world(_bad_input_in_a_world_rank, 2, timeout=120)
     assert not [f for r in failures for f in r]
+
+
+def _one_rank_refuses_rank(rank: int, p: int) -> dict:
+    """Rank 1 makes a call it refuses, the others a good one, five times over; then all a good one."""
+    ringcomm.init("torch")
+    bad = {
+        "op-list": lambda: ringcomm.all_reduce(torch.ones(8), op=["sum"], timeout=60),
+        "timeout-bool": lambda: ringcomm.all_reduce(torch.ones(8), timeout=True),
+        "check-text": lambda: ringcomm.all_reduce(torch.ones(8), check="no", timeout=60),
+        "expanded": lambda: ringcomm.all_reduce(torch.ones(1).expand(8), timeout=60),
+        "overlapping": lambda: ringcomm.all_reduce(torch.ones(5).as_strided((4, 2), (1, 1)), timeout=60),
+        "async-op-list": lambda: ringcomm.all_reduce_async(torch.ones(8), op=["sum"], timeout=60),
+    }
+    out: dict = {}
+    for name, call in bad.items():
+        start = time.monotonic()
+        try:
+            if rank == 1:
+                call()
+            else:
+                ringcomm.all_reduce(torch.ones(8), timeout=60)
+            out[name] = ("returned", "", time.monotonic() - start)
+        except Exception as exc:
+            out[name] = (type(exc).__name__, str(exc), time.monotonic() - start)
+    # the world is still in step: an interleaved (non-overlapping) view is reduced in place
+    x = torch.zeros(8).as_strided((3, 2), (2, 3)).fill_(float(rank))
+    ringcomm.all_reduce(x, timeout=60)
+    out["after"] = x.tolist()
+    return out
+
+
+def test_any_refusal_on_one_rank_is_told_to_the_others_at_once_with_its_reason() -> None:
+    """A TypeError (op=["sum"]) used to go unpublished: the others waited for rank 1 until it died,
+    or paired their call with its next one. timeout=True was taken as 1 s."""
+    p = 3
+    results = run_world(_one_rank_refuses_rank, p, timeout=240)
+    reasons = {
+        "op-list": "op must be a string",
+        "timeout-bool": "timeout=True is a bool",
+        "check-text": "check must be True, False or None",
+        "expanded": "shape [8], stride [0]) is expanded",
+        "overlapping": "shape [4, 2], stride [1, 1]) overlaps itself",
+        "async-op-list": "op must be a string",
+    }
+    for rank, out in enumerate(results):
+        for name, reason in reasons.items():
+            kind, message, seconds = out[name]
+            if rank == 1:
+                assert kind == "ValueError" and reason in message, (name, out[name])
+            else:
+                assert kind == "MismatchError", (rank, name, out[name])
+                assert f"rank {rank}: ranks [1] refused this all_reduce (rank 1: ValueError: " in message
+                assert reason in message, (rank, name, message)
+                assert seconds < 30, f"rank {rank} heard of rank 1's refusal only after {seconds:.1f} s"
+        assert out["after"] == [[float(sum(range(p)))] * 2] * 3
 
 
 def _silent_peer_rank(rank: int, p: int, algo: str) -> dict:

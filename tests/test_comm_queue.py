@@ -109,6 +109,54 @@ def test_shutdown_with_a_collective_stuck_on_a_silent_peer_raises_naming_it() ->
     assert out["group_kept"], "finish destroyed the process group under the comm thread"
 
 
+def _callback_calls_blocking_rank(rank: int, p: int) -> dict:
+    """Rank 0 issues a blocking all_reduce in a future's callback; rank 1 makes the same calls plainly."""
+    ringcomm.init("torch")
+    store = dist.distributed_c10d._get_default_store()
+    out: dict = {}
+    if rank == 0:
+        said: list[str] = []
+        first = ringcomm.all_reduce_async(torch.ones(4), timeout=60)
+
+        def nested(fut: torch.futures.Future) -> None:
+            out["callback thread"] = threading.current_thread().name
+            try:
+                ringcomm.all_reduce(torch.ones(4), timeout=60)
+                said.append("returned")
+            except Exception as exc:
+                said.append(f"{type(exc).__name__}: {exc}")
+
+        first.add_done_callback(nested)
+        store.set("callback-ready", "1")  # only now may rank 1 join: the callback runs on the comm thread
+        first.wait()
+        end = time.monotonic() + 30
+        while not said and time.monotonic() < end:
+            time.sleep(0.01)
+        out["nested"] = said
+    else:
+        store.wait(["callback-ready"])
+        ringcomm.all_reduce(torch.ones(4), timeout=60)
+        try:
+            ringcomm.all_reduce(torch.ones(4), timeout=60)  # pairs with rank 0's refused one
+            out["nested"] = ["returned"]
+        except ringcomm.MismatchError as exc:
+            out["nested"] = [str(exc)]
+    last = torch.full((3,), float(rank + 1))
+    ringcomm.all_reduce(last, timeout=60)
+    out["last"] = last.tolist()
+    return out
+
+
+def test_a_blocking_all_reduce_in_a_callback_is_refused_and_the_peers_hear_why() -> None:
+    """With the queue empty it used to run inline on the comm thread; with work queued, raise."""
+    zero, one = run_world(_callback_calls_blocking_rank, 2, timeout=120)
+    assert zero["callback thread"] == "ringcomm-comm-r0"
+    assert len(zero["nested"]) == 1 and zero["nested"][0].startswith("CommError: all_reduce(4 x float32"), zero
+    assert "was refused: a blocking collective issued on ringcomm's comm thread" in zero["nested"][0]
+    assert one["nested"][0].startswith("rank 1: ranks [0] refused this all_reduce (rank 0: CommError: "), one
+    assert zero["last"] == one["last"] == [3.0] * 3
+
+
 # --- the queue on its own, no processes ---
 
 
@@ -194,3 +242,75 @@ def _outcome(fn: Any) -> str:
         return f"returned {fn()}"
     except CommError as exc:
         return f"CommError: {str(exc).split(' (')[0]}"
+
+
+def _wait_done(fut: torch.futures.Future, seconds: float = 5.0) -> bool:
+    """Whether ``fut`` completes within ``seconds`` (``Future.wait`` has no timeout)."""
+    end = time.monotonic() + seconds
+    while not fut.done() and time.monotonic() < end:
+        time.sleep(0.01)
+    return fut.done()
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["result", "error"])
+def test_a_future_its_user_completed_first_does_not_stop_the_comm_thread(fails: bool) -> None:
+    """set_result on a completed future raises; it used to escape _Item.finish and end the thread,
+    so every later collective of the process waited forever."""
+    q = CommQueue("test-comm")
+    gate = threading.Event()
+
+    def first() -> str:
+        gate.wait(5)
+        if fails:
+            raise CommError("first failed")
+        return "first"
+
+    fut = q.submit(first, "first", torch.futures.Future())
+    fut.set_result("completed by its user")
+    gate.set()
+    later = q.submit(lambda: "later", "later", torch.futures.Future())
+    assert _wait_done(later), "the comm thread died: work queued after it never ran"
+    assert later.wait() == "later" and fut.wait() == "completed by its user"
+    assert q._thread is not None and q._thread.is_alive()
+    q.close(1.0)
+
+
+class _RefusingFuture(torch.futures.Future):
+    """A future that rejects every result (as a device-bound future rejects a tensor it cannot hold)."""
+
+    def set_result(self, result: object) -> None:
+        if not isinstance(result, BaseException):  # set_exception comes through here too
+            raise TypeError(f"this future takes no {type(result).__name__}")
+        super().set_result(result)
+
+
+def test_a_future_that_refuses_its_result_gets_an_error_and_the_queue_goes_on() -> None:
+    q = CommQueue("test-comm")
+    fut = q.submit(lambda: 42, "picky", _RefusingFuture())
+    assert _wait_done(fut), "the future was left pending: its waiter would wait forever"
+    with pytest.raises(Exception, match="picky finished, but its future refused its result: TypeError"):
+        fut.wait()
+    later = q.submit(lambda: "later", "later", torch.futures.Future())
+    assert _wait_done(later) and later.wait() == "later"
+    q.close(1.0)
+
+
+@pytest.mark.parametrize("behind", [False, True], ids=["queue-empty", "work-queued-behind"])
+def test_a_blocking_call_in_a_future_callback_is_always_refused_alike(behind: bool) -> None:
+    """It used to run inline when the queue happened to be empty, and raise when it was not."""
+    q = CommQueue("test-comm")
+    said: list[str] = []
+    gate = threading.Event()
+    first = q.submit(lambda: gate.wait(5), "first", torch.futures.Future())
+    first.add_done_callback(lambda fut: said.append(_outcome(lambda: q.run(lambda: "ran", "nested"))))
+    queued = q.submit(lambda: "queued", "queued", torch.futures.Future()) if behind else None
+    gate.set()
+    assert _wait_done(first)
+    if queued is not None:
+        assert _wait_done(queued) and queued.wait() == "queued"
+    end = time.monotonic() + 5
+    while not said and time.monotonic() < end:
+        time.sleep(0.01)
+    assert said == ["CommError: nested was refused: a blocking collective issued on ringcomm's comm thread"], said
+    assert q.run(lambda: 42, "after") == 42  # the queue goes on
+    q.close(1.0)
