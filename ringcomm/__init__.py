@@ -13,6 +13,10 @@ algorithms.py; auto.py picks one per call); transport.py (the protocol every
 transport offers; torch_transport.py, zmq_transport.py, shm_transport.py with
 shm.py); cost.py (the cost model); session.py, comm_queue.py, fingerprint.py,
 board.py, liveness.py (what runs around a collective).
+names.py (the algorithm, transport and op names and the bench's label
+grammar), cli.py (every command's argparse) and machine.py need no torch:
+``import ringcomm`` imports torch only when a collective or a tensor type is
+first touched (``__getattr__`` below), so commands answer ``--help`` at once.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 ``--help`` and a mistyped option of every command run here in a subprocess where
 ``torch``, ``numpy`` and ``matplotlib`` are poisoned (``sys.modules[name] = None``): a
 command that imported any of them before parsing would fail with ImportError and a
-traceback, not exit 0 or 2. No timing is asserted (the figures are in the CHANGELOG);
+traceback, not exit 0 or 2. No timing is asserted:
 what is checked is the import that would cost the time.
 """
 
