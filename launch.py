@@ -81,22 +81,19 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+# The names argparse offers, from the torch-free lists the registries are built from (one source:
+# ringcomm/names.py and trainer/names.py), and the one parser of every command (ringcomm/cli.py).
+from ringcomm.cli import at_least, non_negative, positive, seconds
+from ringcomm.cli import parser as make_parser
+from ringcomm.names import ALGO_NAMES, TRANSPORT_NAMES
+from trainer.names import CHECKPOINT_NAME, DATASET_NAMES, METRICS_NAME, MODEL_NAMES, SCHEDULE_NAMES
+
 # Nothing above imports torch: argparse's errors and --help come at once. torch, ringcomm and the
 # trainer (1.5 s and more to import) are imported by the functions that need them, after parsing.
 if TYPE_CHECKING:
     import torch
 
     from trainer.loop import TrainConfig
-
-# The names argparse offers, written out so that parsing needs no torch. Each copies a registry;
-# tests/test_cli.py checks every one against it.
-ALGO_NAMES = ("ring", "ring_simple", "ps", "naive", "rhd", "rd", "auto")  # ringcomm.ALGOS
-TRANSPORT_NAMES = ("shm", "torch", "zmq")  # ringcomm.transport_names()
-MODEL_NAMES = ("simplecnn", "resnet18", "resnet50")  # trainer.models.MODELS
-DATASET_NAMES = ("auto", "cifar10", "fashion-mnist", "synthetic")  # trainer.data.DATASETS
-SCHEDULE_NAMES = ("cosine", "multistep", "constant")  # trainer.loop.SCHEDULES
-CHECKPOINT_NAME = "checkpoint.pt"  # trainer.checkpoint.CHECKPOINT_NAME
-METRICS_NAME = "metrics.json"  # trainer.loop.METRICS_NAME
 
 # Defaults chosen so that `python launch.py --algo ring --world-size 4` is about a minute on 2 CPU cores.
 DEFAULT_MAX_STEPS = 150
@@ -108,73 +105,10 @@ EXIT_TIME_LIMIT = 124
 EXIT_INTERRUPTED = 130
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every default shown, but not None, False or []: such an option says in its help what its absence does."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False or action.default == []:
-            return action.help
-        return super()._get_help_string(action)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with a rejected argument said in one line (the usage is what --help is for)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (--help lists the options)\n")
-
-
-def _at_least(low: int) -> Any:
-    """An argparse type: a whole number >= ``low``."""
-
-    def whole(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    return whole
-
-
-def _seconds(text: str) -> float:
-    """An argparse type: a positive, finite number of seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
-
-
-def _positive(text: str) -> float:
-    """An argparse type: a number > 0."""
-    value = _non_negative(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be more than 0, got 0 (nothing would be learned)")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    """An argparse type: a number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; see the module docstring for examples. Imports no torch."""
-    p = _Parser(
-        prog="launch.py",
-        description="Data-parallel training with ringcomm gradient all-reduce (see the docstring of launch.py).",
-        formatter_class=_HelpFormatter,
+    p = make_parser(
+        "launch.py", "Data-parallel training with ringcomm gradient all-reduce (see the docstring of launch.py)."
     )
     g = p.add_argument_group("communication")
     g.add_argument(
@@ -193,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument(
         "--comm-timeout",
-        type=_seconds,
+        type=seconds,
         default=None,
         help="seconds per bucket all-reduce (default: ringcomm's)",
     )
@@ -207,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if there is a GPU"
     )
     g.add_argument(
-        "--world-size", type=_at_least(1), default=2, help="processes to spawn (ignored under torchrun)"
+        "--world-size", type=at_least(1), default=2, help="processes to spawn (ignored under torchrun)"
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="simplecnn", choices=MODEL_NAMES, help="see trainer/models.py")
@@ -228,23 +162,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument(
         "--synthetic-size",
-        type=_at_least(1),
+        type=at_least(1),
         default=10_000,
         help="training images of --dataset synthetic (test: 1/5)",
     )
-    g.add_argument("--workers", type=_at_least(0), default=0, help="DataLoader worker processes per rank")
+    g.add_argument("--workers", type=at_least(0), default=0, help="DataLoader worker processes per rank")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=_at_least(1), default=32, help="images per worker per step")
-    g.add_argument("--lr", type=_positive, default=0.05, help="peak learning rate (before --scale-lr)")
+    g.add_argument("--batch-size", type=at_least(1), default=32, help="images per worker per step")
+    g.add_argument("--lr", type=positive, default=0.05, help="peak learning rate (before --scale-lr)")
     g.add_argument("--scale-lr", action="store_true", help="multiply --lr by the world size (linear scaling)")
     g.add_argument(
-        "--warmup-epochs", type=_non_negative, default=0.0, help="linear warmup to the peak rate, in epochs"
+        "--warmup-epochs", type=non_negative, default=0.0, help="linear warmup to the peak rate, in epochs"
     )
     g.add_argument("--schedule", default="cosine", choices=SCHEDULE_NAMES, help="after warmup, per step")
-    g.add_argument("--epochs", type=_at_least(1), default=1, help="passes over the training set")
+    g.add_argument("--epochs", type=at_least(1), default=1, help="passes over the training set")
     g.add_argument(
         "--max-steps",
-        type=_at_least(0),
+        type=at_least(0),
         default=DEFAULT_MAX_STEPS,
         help="stop after this many steps in all; 0: no cap",
     )
@@ -252,12 +186,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("evaluation, output")
     g.add_argument(
         "--eval-batches",
-        type=_at_least(0),
+        type=at_least(0),
         default=DEFAULT_EVAL_BATCHES,
         help="test batches per rank; 0: all",
     )
-    g.add_argument("--eval-batch-size", type=_at_least(1), default=500, help="test images per batch")
-    g.add_argument("--log-every", type=_at_least(1), default=20, help="steps between progress lines")
+    g.add_argument("--eval-batch-size", type=at_least(1), default=500, help="test images per batch")
+    g.add_argument("--log-every", type=at_least(1), default=20, help="steps between progress lines")
     g.add_argument(
         "--out",
         default=None,
@@ -273,14 +207,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument(
         "--checkpoint-every",
-        type=_at_least(1),
+        type=at_least(1),
         default=None,
         metavar="N",
         help="also write the checkpoint every N steps (default: at each epoch's end and when the run stops)",
     )
     g.add_argument(
         "--time-limit",
-        type=_seconds,
+        type=seconds,
         default=None,
         metavar="SECONDS",
         help="stop at the first step after this many seconds of training, write the checkpoint, exit "
@@ -292,7 +226,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="write a Chrome trace (chrome://tracing, ui.perfetto.dev): per rank forward, backward, "
         "each bucket's all-reduce and each ring message, for the first --trace-steps steps (default: none)",
     )
-    g.add_argument("--trace-steps", type=_at_least(1), default=20, help="steps to trace (with --trace)")
+    g.add_argument("--trace-steps", type=at_least(1), default=20, help="steps to trace (with --trace)")
     return p.parse_args(argv)
 
 

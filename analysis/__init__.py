@@ -21,8 +21,7 @@ package does not pull in matplotlib.
 
 from __future__ import annotations
 
-import argparse
-from typing import NoReturn
+from ringcomm.cli import HelpFormatter, Parser
 
 __all__ = [
     "CliParser",
@@ -38,25 +37,7 @@ __all__ = [
 ]
 
 
-class CliHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every default shown, once: not None or False (such an option's help says what its absence
-    does), and not after a help text that already names its default."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False or "(default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class CliParser(argparse.ArgumentParser):
-    """The commands' argparse: a mistake is one line on stderr and status 2 (the usage is --help's);
-    the description's ``literal`` markup is dropped."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        if isinstance(kwargs.get("description"), str):
-            kwargs["description"] = kwargs["description"].replace("``", "")  # type: ignore[union-attr]
-        kwargs.setdefault("formatter_class", CliHelpFormatter)
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (--help lists the options)\n")
+# The one parser and help formatter of every command (ringcomm/cli.py), under the names the
+# analysis has always used.
+CliHelpFormatter = HelpFormatter
+CliParser = Parser

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import CliParser
-from .plots import human_bytes
+from .markdown import human_bytes  # not plots: matplotlib would slow down --help
 
 __all__ = ["render", "render_auto", "main"]
 

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ringcomm.bench import AlgoSpec
+from ringcomm.names import AlgoSpec
 
 from .fit import comm_counts, predict_time
 from .markdown import fmt as _fmt

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ringcomm import cost
-from ringcomm.bench import AlgoSpec
+from ringcomm.names import AlgoSpec
 
 __all__ = [
     "AlphaBetaFit",

@@ -5,7 +5,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["fmt", "table"]
+__all__ = ["fmt", "human_bytes", "table"]
+
+
+def human_bytes(n: float) -> str:
+    """``65536`` -> ``"64K"``, powers of 1024 as ``ringcomm.bench`` sizes are written."""
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= scale:
+            v = n / scale
+            return f"{v:.0f}{unit}" if v == int(v) else f"{v:.1f}{unit}"
+    return f"{n:.0f}"
 
 
 def fmt(v: object, spec: str = ".3g") -> str:

@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 from ringcomm.cost import busbw  # noqa: E402
 
 from .fit import AlphaBetaFit, AmdahlFit, amdahl_speedup  # noqa: E402
+from .markdown import human_bytes  # noqa: E402  (offered here too, where it was first)
 
 __all__ = [
     "plot_busbw",
@@ -43,15 +44,6 @@ __all__ = [
 ]
 
 Notes = list[str] | None
-
-
-def human_bytes(n: float) -> str:
-    """``65536`` -> ``"64K"``, powers of 1024 as ``ringcomm.bench`` sizes are written."""
-    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= scale:
-            v = n / scale
-            return f"{v:.0f}{unit}" if v == int(v) else f"{v:.1f}{unit}"
-    return f"{n:.0f}"
 
 
 def _skip(notes: Notes, path: Path | str, why: str) -> None:

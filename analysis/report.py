@@ -16,15 +16,18 @@ import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ringcomm import cost
 
-from . import CliParser, cluster_report, plots, tables
-from .fit import AlphaBetaFit, AmdahlFit, fit_rows
+from . import CliParser
 from .markdown import fmt as _fmt
+from .markdown import human_bytes
 from .markdown import table as _table
 from .results import Results, load_results, per_class, series
-from .timeline import render_trace
+
+if TYPE_CHECKING:
+    from .fit import AlphaBetaFit, AmdahlFit
 
 __all__ = ["build_report", "main"]
 
@@ -41,7 +44,7 @@ def _bench_section(table: list[dict]) -> str:
     rows = [
         [
             r["world_size"],
-            f"{plots.human_bytes(r['size_bytes'])} ({r['size_bytes']})",
+            f"{human_bytes(r['size_bytes'])} ({r['size_bytes']})",
             r["algo"],
             r.get("transport", ""),
             _fmt(r["time_us"], ".1f"),
@@ -113,7 +116,7 @@ def _ps_ring_section(table: list[dict]) -> str:
         [
             t["algo"],
             t["world_size"],
-            plots.human_bytes(t["size_bytes"]),
+            human_bytes(t["size_bytes"]),
             _fmt(t["measured"], ".2f"),
             _fmt(t["predicted"], ".2f"),
         ]
@@ -212,7 +215,7 @@ def _comm_section(comm: list[dict], util: list[dict]) -> str:
                 u["label"],
                 _fmt(u["train_busbw_gbs"], ".3f"),
                 u["bench_algo"],
-                plots.human_bytes(u["bench_size_bytes"]) if u["bench_size_bytes"] else "–",
+                human_bytes(u["bench_size_bytes"]) if u["bench_size_bytes"] else "–",
                 _fmt(u["bench_busbw_gbs"], ".3f"),
                 _fmt(u["train_busbw_gbs"] / u["bench_busbw_gbs"] if u["bench_busbw_gbs"] else None, ".0%"),
             ]
@@ -292,6 +295,11 @@ def _commands_section(manifest: Mapping | None) -> str:
 
 def build_report(root: str | Path) -> Path:
     """Write ``REPORT.md``, ``figures/*.png`` and ``analysis.json`` into ``root``; return the report path."""
+    # numpy and matplotlib on use: `python -m analysis.report --help` answers without them
+    from . import cluster_report, plots, tables
+    from .fit import fit_rows
+    from .timeline import render_trace
+
     res = load_results(root)
     root = res.root
     figs = root / "figures"

@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ringcomm.bench import AlgoSpec
+from ringcomm.names import AlgoSpec
 
 __all__ = [
     "KNOWN_TRAIN_SIZES",

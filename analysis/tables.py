@@ -19,7 +19,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
-from ringcomm.bench import AlgoSpec
+from ringcomm.names import AlgoSpec
 
 from .fit import AlphaBetaFit, AmdahlFit, cost_name, fit_amdahl, karp_flatt, predict_time
 from .results import per_worker_batch, run_config, series, train_size

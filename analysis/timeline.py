@@ -27,13 +27,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-
 from . import CliParser
-from .plots import _save  # noqa: E402
 
 __all__ = ["Span", "load_events", "thread_names", "trace_spans", "render_trace", "main"]
 
@@ -110,6 +104,12 @@ def render_trace(
     Returns:
         ``path``, or None (with a note) when the trace is missing, unreadable or has no spans.
     """
+    # matplotlib on use, through plots (which chooses the Agg backend before pyplot is imported):
+    # `python -m analysis.timeline --help` answers without it
+    from . import plots
+
+    plt, _save = plots.plt, plots._save
+
     try:
         events = load_events(trace)
         spans = trace_spans(events)

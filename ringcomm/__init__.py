@@ -13,18 +13,65 @@ algorithms.py; auto.py picks one per call); transport.py (the protocol every
 transport offers; torch_transport.py, zmq_transport.py, shm_transport.py with
 shm.py); cost.py (the cost model); session.py, comm_queue.py, fingerprint.py,
 board.py, liveness.py (what runs around a collective).
+names.py (the algorithm, transport and op names and the bench's label
+grammar), cli.py (every command's argparse) and machine.py need no torch:
+``import ringcomm`` imports torch only when a collective or a tensor type is
+first touched (``__getattr__`` below), so commands answer ``--help`` at once.
 """
 
-# The transport modules register themselves with the registry in transport.py on import.
-from . import shm_transport, torch_transport, zmq_transport  # noqa: F401  (imported for registration)
-from .algorithms import ALGOS
-from .api import all_reduce, all_reduce_async, comm_stats, init
-from .auto import explain as explain_auto
-from .comm_queue import CommStats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Torch-free, so imported at once: the errors a caller catches and the default timeout.
 from .errors import CommError, CommTimeoutError, FrameError, MismatchError, PeerError
-from .session import shutdown
 from .settings import DEFAULT_TIMEOUT_S
-from .transport import Transport, transport_names
+
+# The rest needs torch (over a second to import), so it is imported when first touched
+# (PEP 562): `import ringcomm` in a command's --help costs milliseconds, and
+# `ringcomm.all_reduce(...)` imports what it needs on its first call. name -> (module, attribute).
+_LAZY: dict[str, tuple[str, str]] = {
+    "ALGOS": ("algorithms", "ALGOS"),
+    "all_reduce": ("api", "all_reduce"),
+    "all_reduce_async": ("api", "all_reduce_async"),
+    "comm_stats": ("api", "comm_stats"),
+    "init": ("api", "init"),
+    "explain_auto": ("auto", "explain"),
+    "CommStats": ("comm_queue", "CommStats"),
+    "shutdown": ("session", "shutdown"),
+    "Transport": ("transport", "Transport"),
+    "transport_names": ("transport", "transport_names"),
+}
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from .algorithms import ALGOS
+    from .api import all_reduce, all_reduce_async, comm_stats, init
+    from .auto import explain as explain_auto
+    from .comm_queue import CommStats
+    from .session import shutdown
+    from .transport import Transport, transport_names
+
+
+def __getattr__(name: str) -> Any:
+    """``ringcomm.<name>``, imported on first use: a public name of ``_LAZY``, or a submodule."""
+    if name in _LAZY:
+        module, attribute = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attribute)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    if not name.startswith("__"):
+        try:  # `import ringcomm; ringcomm.trace.enable(...)` worked when the root imported everything
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise  # the submodule exists but something it imports does not
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "ALGOS",

@@ -29,6 +29,7 @@ from .buffers import ScratchPool
 from .chunks import chunk_bounds
 from .fold import core_size
 from .naive import naive_all_reduce
+from .names import ALGO_NAMES
 from .param_server import check_ps_options, ps_all_reduce
 from .rd import rd_all_reduce
 from .rhd import rhd_all_reduce
@@ -177,3 +178,8 @@ ALGOS: dict[str, AlgorithmSpec] = {
         algorithm("auto", auto.placeholder, "the cost model picks per call: rd or rhd small, the ring large (auto.py)"),
     )
 }
+
+# The command lines offer names.ALGO_NAMES without importing this module (nor torch): the two
+# lists are one, or nothing imports.
+if tuple(ALGOS) != ALGO_NAMES:
+    raise ImportError(f"ringcomm.ALGOS {tuple(ALGOS)} differs from ringcomm.names.ALGO_NAMES {ALGO_NAMES}")

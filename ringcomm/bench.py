@@ -47,100 +47,25 @@ import argparse
 import difflib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-
+from . import cli
 from .cost import algbw, busbw
-from .transport import transport_names
+from .machine import machine_info
+from .names import ALGO_NAMES, DTYPE_NAMES, TRANSPORT_NAMES, AlgoSpec, parse_size
+
+# torch (over a second to import) is imported by the functions that time, after the command line
+# is parsed: --help and a mistake answer at once. AlgoSpec, parse_size and machine_info live in
+# torch-free modules (names.py, machine.py) and are offered here too, where they were first.
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["main", "parse_size", "AlgoSpec", "BenchRow", "machine_info"]
-
-DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-
-
-def parse_size(text: str) -> int:
-    """``"64K"`` -> 65536, ``"1M"`` -> 1048576, ``"3G"``, or plain bytes. Powers of 1024."""
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-    number = text[:-1] if scale != 1 else text
-    return int(float(number) * scale)
-
-
-@dataclass(frozen=True)
-class AlgoSpec:
-    """One ``--algos`` entry, which is also the ``algo`` label of the rows it produces, in parts.
-
-    Grammar: ``NAME[+overlap][:K][@TRANSPORT]``. NAME is ``gloo`` (``dist.all_reduce``) or a
-    ``ringcomm.ALGOS`` name; ``+overlap`` is the parameter server's overlapped form
-    (``ps_overlap=True``); ``:K`` shards the parameter server K ways (``ps`` only);
-    ``@TRANSPORT`` picks the transport of this entry, else the default applies. A row's
-    label names a transport other than torch, so ``ring`` run with ``--transport zmq``
-    is labelled ``ring@zmq``. This is the one parser of the grammar: ``analysis.fit``
-    reads row labels with it.
-
-    Attributes:
-        label: the row label (``ps:2``, ``ring@zmq``, ``gloo``).
-        algo: ``"gloo"`` or a ringcomm algorithm name.
-        transport: the transport the entry runs over (``torch`` for gloo).
-        shards: K of ``ps:K``; None when not given (ringcomm's default, one shard).
-        overlap: ``ps+overlap``: the parameter server streams its pulls while pushes arrive.
-    """
-
-    label: str
-    algo: str
-    transport: str
-    shards: int | None = None
-    overlap: bool = False
-
-    @property
-    def options(self) -> dict:
-        """Keyword arguments for ``ringcomm.all_reduce`` beyond ``algo`` and ``transport``."""
-        options: dict = {} if self.shards is None else {"ps_shards": self.shards}
-        if self.overlap:
-            options["ps_overlap"] = True
-        return options
-
-    @staticmethod
-    def parse(text: str, default_transport: str = "torch") -> AlgoSpec:
-        """Split ``text`` (``ps:2@zmq``); ``default_transport`` applies when there is no ``@``.
-
-        Raises:
-            ValueError: an empty name or transport, ``:K`` on anything but ``ps`` or with
-                K not a whole number >= 1, or gloo on a transport other than torch.
-        """
-        name, at, transport = text.partition("@")
-        name, colon, shards = name.partition(":")
-        name, plus, modifier = name.partition("+")
-        if not name or (at and not transport):
-            raise ValueError(
-                f"algorithm {text!r}: expected NAME[+overlap][:K][@TRANSPORT], e.g. ring, ps:2, ps+overlap, ring@zmq"
-            )
-        if plus and (name != "ps" or modifier != "overlap"):
-            raise ValueError(
-                f"algorithm {text!r}: the one modifier is ps+overlap (the overlapped parameter server)"
-            )
-        if colon and (name != "ps" or not shards.isdigit() or int(shards) < 1):
-            raise ValueError(f"algorithm {text!r}: ':K' shards the parameter server, as in ps:2 (K >= 1)")
-        if name == "gloo":
-            if transport not in ("", "torch"):
-                raise ValueError(f"algorithm {text!r}: gloo is torch.distributed's own; it has no transport")
-            return AlgoSpec("gloo", "gloo", "torch")
-        transport = transport or default_transport
-        label = text if at or transport == "torch" else f"{text}@{transport}"
-        return AlgoSpec(label, name, transport, int(shards) if colon else None, bool(plus))
 
 
 @dataclass
@@ -165,6 +90,8 @@ def memcpy_gbs(nbytes: int, seconds: float = 0.005) -> float:
     The physical limit a shared-memory transport works against: each byte it moves
     is copied by its sender and copied (or reduced) by its receiver.
     """
+    import torch
+
     src = torch.ones(max(nbytes, 64), dtype=torch.uint8)
     dst = torch.empty_like(src)
     dst.copy_(src)  # touch both: first-use page faults are not bandwidth
@@ -178,6 +105,8 @@ def memcpy_gbs(nbytes: int, seconds: float = 0.005) -> float:
 
 
 def _run_once(spec: AlgoSpec, buf: torch.Tensor) -> None:
+    import torch.distributed as dist
+
     if spec.algo == "gloo":
         dist.all_reduce(buf)
     else:
@@ -188,6 +117,9 @@ def _run_once(spec: AlgoSpec, buf: torch.Tensor) -> None:
 
 def _count_wrong(spec: AlgoSpec, count: int, dtype: torch.dtype, rank: int) -> int:
     """Elements of ``spec``'s result that differ from gloo's on the same integer-valued input."""
+    import torch
+    import torch.distributed as dist
+
     g = torch.Generator().manual_seed(1234 + rank)
     x = torch.randint(-8, 9, (count,), generator=g).to(dtype)
     expected = x.clone()
@@ -202,9 +134,12 @@ def _count_wrong(spec: AlgoSpec, count: int, dtype: torch.dtype, rank: int) -> i
 
 
 def _bench_rank(rank: int, world_size: int, cfg: dict) -> list[dict] | None:
+    import torch
+    import torch.distributed as dist
+
     import ringcomm
 
-    dtype = DTYPES[cfg["dtype"]]
+    dtype = getattr(torch, cfg["dtype"])  # a DTYPE_NAMES name
     specs = [AlgoSpec.parse(a, cfg["transport"]) for a in cfg["algos"]]
     for transport in sorted({s.transport for s in specs}):
         ringcomm.init(transport, "cpu")  # collective set-up outside the timed region
@@ -310,60 +245,20 @@ def _print_rows(rows: list[dict], header: bool, file=sys.stdout) -> None:
             )
 
 
-def machine_info() -> dict:
-    """What the figures were measured on: CPU count, OS, Python and torch versions (and the cluster).
-
-    The one description of the machine, written by ``--json`` and by ``analysis.sweep``
-    into ``sweep.json``. ``platform.platform()`` and ``platform.processor()`` are avoided:
-    they may run ``uname -p`` in a subprocess, which a parent of a live world should not fork.
-    """
-    info = {
-        "cpus": os.cpu_count(),
-        "platform": f"{platform.system()}-{platform.release()}-{platform.machine()}",
-        "processor": platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-    if os.environ.get("RINGCOMM_CLUSTER"):  # set by analysis.cluster in each node it runs
-        info["cluster"] = os.environ["RINGCOMM_CLUSTER"]
-    return info
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every default shown, but not None or False: such an option says in its help what its absence does.
-
-    (launch.py has the same two classes: it parses before importing torch, so it cannot import these.)
-    """
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with a rejected argument said in one line (the usage is what --help is for)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (--help lists the options)\n")
-
-
 def _check_algo(text: str, default_transport: str) -> AlgoSpec:
     """``text`` parsed (``AlgoSpec.parse``), its algorithm and transport known; ValueError saying what is not."""
-    from .algorithms import ALGOS
-
     spec = AlgoSpec.parse(text, default_transport)
-    names = ["gloo", *ALGOS]
+    names = ["gloo", *ALGO_NAMES]
     if spec.algo not in names:
         near = difflib.get_close_matches(spec.algo, names, n=1)
         hint = f"; did you mean {near[0]}?" if near else ""
         raise ValueError(
             f"algorithm {text!r}: unknown {spec.algo!r}; expected one of {', '.join(names)}{hint}"
         )
-    if spec.transport not in transport_names():
+    if spec.transport not in TRANSPORT_NAMES:
         raise ValueError(
             f"algorithm {text!r}: unknown transport {spec.transport!r}; "
-            f"expected one of {', '.join(transport_names())}"
+            f"expected one of {', '.join(TRANSPORT_NAMES)}"
         )
     return spec
 
@@ -379,9 +274,7 @@ def _under_torchrun() -> bool:
 
 def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], list[str]]:
     """The command line, every value checked: (args, sizes in bytes, --algos entries). Exits 2 on a mistake."""
-    parser = _Parser(
-        prog="python -m ringcomm.bench", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter
-    )
+    parser = cli.parser("python -m ringcomm.bench", __doc__.split("\n\n")[0])
     parser.add_argument(
         "--world-size", type=int, default=None, help="ranks to spawn (default: 4; under torchrun, torchrun's)"
     )
@@ -394,9 +287,9 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
         help="comma list, e.g. gloo,ring,ring_simple,ps,ps:2,ring@zmq",
     )
     parser.add_argument(
-        "--transport", default=_Default("torch"), choices=transport_names(), help="default transport"
+        "--transport", default=_Default("torch"), choices=TRANSPORT_NAMES, help="default transport"
     )
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="element type")
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="element type")
     parser.add_argument("--reps", type=int, default=15, help="samples per algorithm and size (median shown)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per algorithm and size")
     parser.add_argument(
@@ -432,11 +325,11 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
     if args.json and not Path(args.json).resolve().parent.is_dir():
         parser.error(f"--json {args.json}: no folder {Path(args.json).parent} to write it in")
     transports = [t.strip() for t in args.transports.split(",") if t.strip()]
-    unknown = [t for t in transports if t not in transport_names()]
+    unknown = [t for t in transports if t not in TRANSPORT_NAMES]
     if unknown or not transports:
         parser.error(
             f"--transports {args.transports}: {'unknown ' + ', '.join(unknown) if unknown else 'the list is empty'}; "
-            f"expected some of {', '.join(transport_names())}"
+            f"expected some of {', '.join(TRANSPORT_NAMES)}"
         )
     if not args.tune and not isinstance(args.transports, _Default):
         parser.error(
@@ -444,8 +337,6 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
             "or an @TRANSPORT suffix in --algos (e.g. ring@zmq)"
         )
     if args.tune:
-        from . import auto
-
         for flag, value in (("--algos", args.algos), ("--transport", args.transport)):
             if not isinstance(value, _Default):
                 parser.error(
@@ -453,9 +344,6 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
                 )
         if args.sizes == parser.get_default("sizes"):
             args.sizes = "4K,64K,1M,4M,16M"
-        from .algorithms import ALGOS
-
-        args.algos = ",".join(f"{a}@{t}" for t in transports for a in auto.CANDIDATES if a in ALGOS)
 
     sizes = []
     for text in [t for t in args.sizes.split(",") if t.strip()]:
@@ -466,6 +354,10 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
         if size < 1:
             parser.error(f"--sizes: {text!r}: a size must be at least 1 byte")
         sizes.append(size)
+    if args.tune:  # every check passed: only now import auto (and torch) for its candidates
+        from . import auto
+
+        args.algos = ",".join(f"{a}@{t}" for t in transports for a in auto.CANDIDATES if a in ALGO_NAMES)
     algos = [a for a in args.algos.split(",") if a]
     if not sizes or not algos:
         parser.error(f"{'--sizes' if not sizes else '--algos'}: the list is empty")
@@ -480,6 +372,9 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse and check the command line, then time the algorithms in a spawned world or torchrun's."""
     args, sizes, algos = _parse_args(argv)
+    import torch
+    import torch.distributed as dist
+
     cfg = dict(
         sizes=sizes,
         algos=algos,

@@ -31,14 +31,13 @@ belong to, the step's messages as arrows, a slider and a play button.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 __all__ = ["Recording", "inputs", "record", "causal_steps", "replay", "check_story", "render_text", "render_html", "main"]
 
@@ -543,35 +542,17 @@ draw(Number(slider.value));
 """
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every default shown, but not None: such an option says in its help what its absence does."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with a rejected argument said in one line (the usage is what --help is for)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (--help lists the options)\n")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    from .algorithms import ALGOS
-    from .ops import OPS
-    from .transport import transport_names
+    # The torch-free names and parser: --help and a mistake answer before torch is imported (by record).
+    from .cli import parser as make_parser
+    from .names import ALGO_NAMES, OP_NAMES, TRANSPORT_NAMES
 
-    parser = _Parser(
-        prog="python -m ringcomm.demo",
-        description="Watch a real all-reduce move real numbers, step by step.",
-        formatter_class=_HelpFormatter,
-    )
-    parser.add_argument("--algo", default="ring", choices=list(ALGOS), help="the algorithm to watch")
+    parser = make_parser("python -m ringcomm.demo", "Watch a real all-reduce move real numbers, step by step.")
+    parser.add_argument("--algo", default="ring", choices=ALGO_NAMES, help="the algorithm to watch")
     parser.add_argument("--world-size", type=int, default=4, help="ranks (processes) to start, 1-8")
     parser.add_argument("--numel", type=int, default=8, help="numbers per rank, 1-32")
-    parser.add_argument("--op", default="sum", choices=OPS, help="the reduction")
-    parser.add_argument("--transport", default="torch", choices=transport_names(), help="what carries the messages")
+    parser.add_argument("--op", default="sum", choices=OP_NAMES, help="the reduction")
+    parser.add_argument("--transport", default="torch", choices=TRANSPORT_NAMES, help="what carries the messages")
     parser.add_argument(
         "--html", metavar="FILE", help="also write the run as a self-contained page to FILE (default: no page)"
     )

@@ -11,9 +11,11 @@ from collections.abc import Callable
 
 import torch
 
+from .names import OP_NAMES
+
 __all__ = ["OPS", "SUPPORTED_DTYPES", "check_op_dtype", "reduce_into", "finalize"]
 
-OPS = ("sum", "avg", "max", "min")
+OPS = OP_NAMES  # the one list, known without torch (names.py)
 
 SUPPORTED_DTYPES = (
     torch.float16,

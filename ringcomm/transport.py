@@ -36,6 +36,7 @@ each can carry without naming any transport itself.
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .names import TRANSPORT_MODULES, TRANSPORT_NAMES
 from .ops import reduce_into
 
 __all__ = [
@@ -302,18 +304,35 @@ def register_transport(
     check_device: Callable[[torch.device], None] | None = None,
     summary: str = "",
 ) -> None:
-    """Make ``all_reduce(transport=name)`` build transports with ``factory(device_type, setup)``."""
+    """Make ``all_reduce(transport=name)`` build transports with ``factory(device_type, setup)``.
+
+    ``name`` must be one of ``names.TRANSPORT_NAMES`` (the list the command lines offer without torch).
+    """
+    if name not in TRANSPORT_NAMES:
+        raise ValueError(f"transport {name!r} is not in ringcomm.names.TRANSPORT_NAMES; add it there first")
     _KINDS[name] = TransportKind(name, factory, tuple(devices), check_device, summary)
 
 
+def _builtin_kinds() -> dict[str, TransportKind]:
+    """The registry, the built-in transports imported first (they register themselves on import).
+
+    ``import ringcomm`` no longer imports them (it imports nothing that needs torch), so the
+    registry loads them the first time it is asked.
+    """
+    for module in TRANSPORT_MODULES.values():
+        importlib.import_module(module)
+    return _KINDS
+
+
 def transport_names() -> tuple[str, ...]:
-    """The registered transport names, in registration order."""
-    return tuple(_KINDS)
+    """The registered transport names, in ``names.TRANSPORT_NAMES``'s order."""
+    kinds = _builtin_kinds()
+    return tuple(name for name in TRANSPORT_NAMES if name in kinds)
 
 
 def transport_kind(name: object) -> TransportKind:
     """The registered transport ``name``; ValueError naming the known ones otherwise."""
-    kind = _KINDS.get(name) if isinstance(name, str) else None
+    kind = _builtin_kinds().get(name) if isinstance(name, str) else None
     if kind is None:
         raise ValueError(f"unknown transport {name!r}; expected one of {', '.join(map(repr, _KINDS))}")
     return kind

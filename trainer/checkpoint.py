@@ -58,6 +58,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import names
+
 if TYPE_CHECKING:  # loop.py imports this module; the config is only needed for its field names
     from .loop import TrainConfig
 
@@ -73,7 +75,7 @@ __all__ = [
     "nothing_left",
 ]
 
-CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_NAME = names.CHECKPOINT_NAME  # launch.py reads it without torch
 
 #: The keys of the format (see the module docstring); ``load`` refuses a file without one of them.
 KEYS = (

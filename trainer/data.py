@@ -48,6 +48,8 @@ from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10
 from torchvision.transforms import v2
 
+from .names import DATASET_NAMES
+
 __all__ = [
     "DATASETS",
     "DEBIAN_FASHION_MNIST",
@@ -63,7 +65,7 @@ __all__ = [
     "resolve_dataset",
 ]
 
-DATASETS = ("auto", "cifar10", "fashion-mnist", "synthetic")
+DATASETS = DATASET_NAMES  # one list, which launch.py reads without torch (names.py)
 
 #: where Debian's ``dataset-fashion-mnist`` package puts the four idx files
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -70,13 +70,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 
 import ringcomm
 from ringcomm import trace
-from ringcomm.bench import machine_info
+from ringcomm.machine import machine_info
 
 from . import checkpoint
 from .checkpoint import CHECKPOINT_NAME, Progress, atomic_write
 from .data import load_dataset, resolve_dataset
 from .hooks import RingcommState, ringcomm_hook
 from .models import build_model, count_parameters
+from .names import METRICS_NAME, SCHEDULE_NAMES
 
 __all__ = [
     "TrainConfig",
@@ -89,8 +90,7 @@ __all__ = [
     "METRICS_NAME",
 ]
 
-SCHEDULES = ("cosine", "multistep", "constant")
-METRICS_NAME = "metrics.json"
+SCHEDULES = SCHEDULE_NAMES  # one list of each, which launch.py reads without torch (names.py)
 
 #: Why a run stopped before its last step, in the order of precedence when ranks differ (the last wins).
 STOP_REASONS = ("time-limit", "interrupted")

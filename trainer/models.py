@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torchvision.models import resnet18, resnet50
 
+from .names import MODEL_NAMES
+
 __all__ = ["MODELS", "build_model", "count_parameters", "SimpleCNN", "cifar_resnet"]
 
 NUM_CLASSES = 10
@@ -84,6 +86,8 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "resnet18": lambda: cifar_resnet(resnet18),
     "resnet50": lambda: cifar_resnet(resnet50),
 }
+if tuple(MODELS) != MODEL_NAMES:  # launch.py offers names.MODEL_NAMES without importing this module
+    raise ImportError(f"trainer.models.MODELS {tuple(MODELS)} differs from trainer.names.MODEL_NAMES {MODEL_NAMES}")
 
 
 def build_model(name: str) -> nn.Module:

@@ -1,0 +1,98 @@
+"""The one argparse of every command: launch.py, ringcomm.bench, ringcomm.demo and analysis.*.
+
+Every command builds its parser with ``parser(prog, description)`` and so answers alike::
+
+    $ python -m ringcomm.bench --reps 0
+    python -m ringcomm.bench: --reps must be at least 1, got 0 (--help lists the options)   # status 2
+
+- a mistake is one line on stderr, naming the option, exit status 2 (the usage is what
+  ``--help`` is for);
+- ``--help`` shows every default once: not a default of None, False or [] (such an option's
+  help says what its absence does), and not after a help text that already names its default
+  ("(default: ..." in the help); ``literal`` markup of docstrings is dropped.
+
+It imports nothing but the standard library, and every command parses its arguments before
+importing torch, so ``--help`` and a mistyped option answer at once (torch takes over a second).
+The argparse types below (``at_least``, ``seconds``, ...) say a bad value in the same words everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+__all__ = ["HelpFormatter", "Parser", "at_least", "non_negative", "parser", "positive", "seconds"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default shown, once: not None, False or [], and not after a help that names it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if default is None or default is False or default == [] or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a rejected argument said in one line and status 2, and no ``literal`` markup."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if isinstance(kwargs.get("description"), str):
+            kwargs["description"] = kwargs["description"].replace("``", "")
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (--help lists the options)\n")
+
+
+def parser(prog: str, description: str, **kwargs: Any) -> Parser:
+    """The parser of the command ``prog`` (as the user types it, e.g. ``python -m ringcomm.bench``)."""
+    return Parser(prog=prog, description=description, **kwargs)
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``low``."""
+
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return whole
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    value = non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
