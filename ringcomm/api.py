@@ -378,6 +378,10 @@ def all_reduce(
         CommError: called in a future's callback (on the comm thread, which it would wait
             for): refused every time, and the refusal is published like a ``ValueError``.
 
+    After a ``CommError`` other than ``MismatchError``, ``tensor``'s contents are unspecified
+    (partially reduced: some chunks summed, some not), and the world's later calls fail until
+    the process group is re-initialised.
+
     Calls from several threads of one process run one at a time, in the order they
     reach the comm queue (``comm_queue.py``).
 
@@ -410,6 +414,11 @@ def all_reduce_async(
     changed until the future completes. For a CUDA tensor the comm thread first
     waits for the work queued on the caller's current stream.
 
+    The first call on a transport that is not set up yet (``init`` sets it up
+    ahead) runs here, to the end, after the queued ones, and returns a completed
+    future: setting up is collective (``dist.new_group``, a rendezvous), so it
+    happens in the caller's thread and program order, never on the comm thread.
+
     Example::
 
         >>> fut = ringcomm.all_reduce_async(grad, op="avg")
@@ -417,6 +426,24 @@ def all_reduce_async(
         >>> grad = fut.wait()
     """
     session, call = _admit(tensor, op, algo, transport, timeout, check, options, blocking=False)
+    if (call.kind.name, tensor.device.type) not in session.transports:
+        done: torch.futures.Future = (
+            torch.futures.Future(devices=[tensor.device]) if tensor.is_cuda else torch.futures.Future()
+        )
+
+        def first() -> tuple[torch.Tensor | None, Exception | None]:
+            try:
+                with torch.no_grad():
+                    return _execute(session, call), None
+            except Exception as exc:  # failures in flight go on the future, as on the comm thread
+                return None, exc
+
+        result, error = session.run_here(first, call.what)
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+        return done
     if tensor.is_cuda:
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(tensor.device))

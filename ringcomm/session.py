@@ -28,10 +28,27 @@ buffer that later calls reuse. So ``failed`` keeps the first such error (an
 error that is not a ``CommError`` is wrapped in one) and later calls raise at
 once, naming it, instead of reducing garbage or waiting for peers that have
 moved on; the peers waiting on this rank in that call learn it at once
-(``liveness.give_up``). Re-initialise the process group to go on.
+(``liveness.give_up``). Re-initialise the process group to go on. ``failed``
+keeps a copy of the error without its traceback or chained causes: their frames
+would pin the failed call's buffers (shared-memory slot views, which ``unmap``
+then cannot free; Gloo work objects) for as long as the world lives.
+
+**The session's id** names its store keys (``ringcomm/<id>/...``), so a group
+re-initialised on the same store (or a session made again after ``shutdown``)
+gets fresh ones. Rank 0 mints it from a store counter and publishes it under its
+own count of the sessions it made on this store; every other rank reads it under
+its own count (``_session_prefix``). A ``Session`` that fails half-made counts
+once: made again in the same world, it keeps the id (a shared counter that every
+rank bumped drifted then, and the ranks waited under different keys). Liveness
+starts last in ``Session.__init__``, so one that fails half-made leaves no thread.
 
 A new ``init_process_group`` after a destroy gets a new session; the old one is
-closed (its transports closed, its heartbeat stopped).
+closed (its transports closed, its heartbeat stopped). If it cannot be closed
+(its comm thread is still inside a collective of the old world), ``current()``
+raises ``CommError`` saying so, and keeps it: its transports, mappings and
+heartbeat are still in use under that thread, and closing them there would
+crash the process. The next call tries again; it succeeds once that collective
+ends (at its own timeout at the latest).
 """
 
 from __future__ import annotations
@@ -39,8 +56,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 
@@ -50,11 +68,13 @@ from .buffers import ScratchPool
 from .comm_queue import CommQueue
 from .errors import CommError, CommTimeoutError, MismatchError, PeerError
 from .liveness import DEAD_NOTE, Liveness
-from .settings import heartbeat_s, liveness_s
+from .settings import DEFAULT_TIMEOUT_S, default_timeout, heartbeat_s, liveness_s
 from .shm import host_identity, require_x86_linux
 from .transport import Transport, TransportKind
 
 __all__ = ["Session", "SetupContext", "current", "shutdown"]
+
+T = TypeVar("T")
 
 
 class SetupContext:
@@ -78,27 +98,22 @@ class SetupContext:
 class Session:
     """ringcomm's state for one default process group; see the module docstring."""
 
-    def __init__(self, world: Any, store: Any, rank: int, world_size: int) -> None:
+    def __init__(self, world: Any, store: Any, rank: int, world_size: int, prefix: str) -> None:
+        """``prefix``: this session's store keys (``_session_prefix``: ``ringcomm/<id>``)."""
         self.world = world
         # Connections of our own to the default group's store: a store client runs one request
         # at a time, so a blocking wait of the same-call check on the shared client would hold up
         # the heartbeat and every other user of the store in this process (torch's, the caller's).
         self.store = _own_client(store)
         self.rank, self.world_size = rank, world_size
-        # Every rank adds 1 once per world, so a re-initialised group that reuses the
-        # store gets fresh keys: all ranks of world g read a value in (g*P, (g+1)*P].
-        joined = int(store.add("ringcomm/worlds", 1))
-        self.prefix = f"ringcomm/{(joined - 1) // world_size}"
-        stale = liveness_s()
-        self.liveness: Liveness | None = None
-        if stale > 0 and world_size > 1:
-            self.liveness = Liveness(_own_client(store), self.prefix, rank, world_size, heartbeat_s(), stale)
+        self.prefix = prefix
+        stale = liveness_s()  # settings first: a junk value fails before anything is made
+        beat_s = heartbeat_s() if stale > 0 and world_size > 1 else 0.0
+        self.liveness: Liveness | None = None  # started last, below
         self.queue = CommQueue(f"ringcomm-comm-r{rank}")
         self.scratch = ScratchPool()
         self.transports: dict[tuple[str, str], Transport] = {}
         self.calls = 0
-        #: The first collective failure in this world (see the module docstring); None while healthy.
-        self.failed: CommError | None = None
         self._setups = 0
         self._board: CallBoard | None = None
         self._board_decided = False
@@ -109,6 +124,25 @@ class Session:
             fits = load_local()
             store.set(self.key("tune"), json.dumps({"source": fits.source, "fits": _plain(fits)}))
         self._closed = False
+        self._failed: CommError | None = None
+        # Last: nothing after it can fail, so a Session that fails half-made leaves no thread behind.
+        # The beats get a client of their own (a watch's round trips on the other never delay them).
+        if stale > 0 and world_size > 1:
+            self.liveness = Liveness(
+                _own_client(store), prefix, rank, world_size, beat_s, stale, beat_store=_own_client(store)
+            )
+
+    @property
+    def failed(self) -> CommError | None:
+        """The first collective failure in this world (see the module docstring); None while healthy.
+
+        Setting it stores a copy without traceback, cause or context (``_frameless``).
+        """
+        return self._failed
+
+    @failed.setter
+    def failed(self, error: CommError | None) -> None:
+        self._failed = None if error is None else _frameless(error)
 
     def key(self, *parts: object) -> str:
         """A store key unique to this world."""
@@ -228,6 +262,27 @@ class Session:
         """Delete this rank's key under ``base`` (every rank has read it; see fingerprint.py)."""
         self.store.delete_key(f"{base}/{self.rank}")
 
+    def run_here(self, fn: Callable[[], T], what: str) -> T:
+        """Run ``fn`` in its turn in the comm queue, but on the calling thread, and return its result.
+
+        For work that must happen in the caller's thread and program order: setting up a
+        transport (``dist.new_group`` must be called in the same order on every rank, relative
+        to the caller's own calls of it; the CUDA device is the thread's own). While collectives
+        are queued, ``fn`` waits for them (a no-op takes its turn on the comm thread), then runs
+        inline when the queue is idle.
+        """
+        me = threading.current_thread()
+
+        def attempt() -> tuple[bool, T | None]:
+            if threading.current_thread() is not me:  # queued behind others: we are on the comm thread
+                return False, None
+            return True, fn()
+
+        while True:
+            here, result = self.queue.run(attempt, what)
+            if here:
+                return result  # type: ignore[return-value]
+
     # --- transports ---
 
     def transport(self, kind: TransportKind, device_type: str, deadline: float) -> Transport:
@@ -302,6 +357,29 @@ def _plain(fits: Fits) -> dict:
     }
 
 
+def _frameless(error: CommError) -> CommError:
+    """A copy of ``error`` (same type, message and attributes) with no traceback, cause or context.
+
+    The traceback's frames hold the failed call's locals (tensors, shared-memory views, Gloo work);
+    the chained exceptions hold theirs. The copy is made without calling ``__init__`` (subclasses
+    take other arguments), as unpickling does.
+    """
+    cls = type(error)
+    for base in cls.__mro__:  # the first __new__ that fits its layout (CommTimeoutError's is OSError's)
+        if "__new__" in vars(base):
+            try:
+                twin = base.__new__(cls)
+                break
+            except TypeError:
+                continue
+    else:  # not expected; keep at least the type's name and the message
+        return CommError(f"{cls.__name__}: {error}")
+    twin.args = error.args
+    twin.__dict__.update(vars(error))
+    twin.__traceback__ = twin.__cause__ = twin.__context__ = None
+    return twin
+
+
 def _own_client(store: Any) -> Any:
     """A new connection to the same store (``Store.clone``), or the store itself if it has none."""
     try:
@@ -312,6 +390,43 @@ def _own_client(store: Any) -> Any:
 
 _CURRENT: Session | None = None
 _LOCK = threading.Lock()
+# (torch's world group, prefix): minted for a Session not made yet (its first try failed half-made)
+_PENDING: tuple[Any, str] | None = None
+
+
+def _session_prefix(world: Any, store: Any, rank: int) -> str:
+    """The next session's key prefix, ``ringcomm/<id>``: rank 0 mints the id, the others read it.
+
+    Rank 0 takes the next id from the store's counter and publishes it under its count of the
+    sessions it has made on this store; every rank reads it under its own count, the same as
+    rank 0's as long as every rank makes its sessions alike (as before). Kept until a Session is
+    made with it: one that failed half-made and is made again in the same world counts nothing.
+
+    Raises:
+        CommTimeoutError: rank 0 has not published the id within RINGCOMM_TIMEOUT (or 300 s).
+    """
+    global _PENDING
+    if _PENDING is not None and _PENDING[0] is world:
+        return _PENDING[1]
+    joined = int(store.add(f"ringcomm/joined/{rank}", 1))
+    slot = f"ringcomm/world-id/{joined}"
+    if rank == 0:
+        store.set(slot, str(int(store.add("ringcomm/worlds", 1))))
+    else:
+        try:
+            wait_s = default_timeout()
+        except ValueError:  # a junk RINGCOMM_TIMEOUT: its own error comes with the first call
+            wait_s = DEFAULT_TIMEOUT_S
+        try:
+            store.wait([slot], timedelta(seconds=wait_s))
+        except RuntimeError:  # DistStoreError: not there in time
+            raise CommTimeoutError(
+                rank, 0, "reading this world's id from rank 0", wait_s,
+                "rank 0 has made no ringcomm call in this process group yet",
+            ) from None
+    prefix = f"ringcomm/{int(store.get(slot))}"
+    _PENDING = (world, prefix)
+    return prefix
 
 
 def current() -> Session:
@@ -319,8 +434,11 @@ def current() -> Session:
 
     Raises:
         RuntimeError: torch.distributed is not initialised.
+        CommError: the old world's session could not be closed: its comm thread is still inside a
+            collective (see the module docstring); nothing was started. Call again once it ends.
+        CommTimeoutError: rank 0 did not publish the new session's id in time (``_session_prefix``).
     """
-    global _CURRENT
+    global _CURRENT, _PENDING
     if not dist.is_initialized():
         raise RuntimeError("ringcomm needs torch.distributed.init_process_group to have been called")
     world = dist.group.WORLD
@@ -331,10 +449,21 @@ def current() -> Session:
         if session is not None:
             try:
                 session.close(timeout=1.0)
-            except CommError:
-                pass  # its thread is stuck in a dead world; nothing to hand over
+            except CommError as exc:
+                # Closing its transports under a thread still inside one would crash the process;
+                # leaving it unsaid would keep the old world's groups, sockets, mappings and heartbeat
+                # alive unseen. So: keep it, say so, and try again at the next call.
+                raise CommError(
+                    f"rank {dist.get_rank()}: ringcomm's session of the previous process group cannot be "
+                    f"closed ({exc}); its comm thread, transports (process groups, sockets, shared memory) "
+                    "and heartbeat are still held, and this call was not started; call again once that "
+                    "collective has ended (at its timeout at the latest)"
+                ) from None
+            _CURRENT = None
         store = dist.distributed_c10d._get_default_store()
-        _CURRENT = Session(world, store, dist.get_rank(), dist.get_world_size())
+        rank = dist.get_rank()
+        _CURRENT = Session(world, store, rank, dist.get_world_size(), _session_prefix(world, store, rank))
+        _PENDING = None  # made: the next session (after a shutdown or a new world) gets a new id
         return _CURRENT
 
 

@@ -10,6 +10,7 @@ here runs with a 60 s timeout and must end in a few seconds.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -283,3 +284,170 @@ def test_boolean_settings_accept_the_usual_spellings(
 
     monkeypatch.setenv("RINGCOMM_CHECK", value)
     assert check_default() is expected
+
+
+def _set_up_thread_rank(rank: int, p: int) -> dict:
+    """Record the thread that calls dist.new_group when all_reduce_async needs a new transport:
+    first with the queue idle, then with zmq collectives still queued ahead of it."""
+    import threading
+
+    from ringcomm import torch_transport
+
+    makers: list[str] = []
+    real = dist.new_group
+
+    def recording_new_group(*args: object, **kwargs: object) -> object:
+        makers.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    torch_transport.dist.new_group = recording_new_group  # type: ignore[assignment]
+    x = torch.ones(4)
+    ringcomm.all_reduce_async(x, transport="torch", timeout=60).wait()  # first call, queue idle
+    ringcomm.init("zmq")
+    ringcomm.shutdown()  # a fresh session: no transport, and a queue kept busy below
+    ringcomm.init("zmq")
+    busy = [ringcomm.all_reduce_async(torch.ones(1 << 16), transport="zmq", timeout=60) for _ in range(8)]
+    y = torch.ones(4)
+    fut = ringcomm.all_reduce_async(y, transport="torch", timeout=60)  # new transport behind 8 queued calls
+    for f in busy:
+        f.wait()
+    fut.wait()
+    return {"makers": makers, "me": threading.current_thread().name, "x": x.tolist(), "y": y.tolist()}
+
+
+def test_all_reduce_async_sets_a_transport_up_on_the_calling_thread() -> None:
+    """dist.new_group ran on ringcomm's comm thread, out of the caller's program order (and off its
+    CUDA device) when the first all_reduce_async of a transport made it lazily."""
+    for r in run_world(_set_up_thread_rank, 2, timeout=180):
+        assert len(r["makers"]) == 2 and set(r["makers"]) == {r["me"]}, r
+        assert r["x"] == [2.0] * 4 and r["y"] == [2.0] * 4, r
+
+
+def _stuck_old_world_rank(rank: int, p: int) -> dict:
+    """The old world's comm thread is still inside a collective when a new process group starts."""
+    import threading
+
+    from ringcomm import session as sessions
+
+    old = sessions.current()
+    release = threading.Event()
+    old.queue.submit(lambda: release.wait(60), "all_reduce(stuck on a dead peer)", torch.futures.Future())
+    store = dist.distributed_c10d._get_default_store()
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=p)
+    stuck = _timed(sessions.current)
+    kept = sessions._CURRENT is old and not old._closed
+    release.set()  # that collective ends (its timeout, in real life)
+    new = sessions.current()
+    return {"stuck": stuck[0], "kept": kept, "closed_then": old._closed, "new": new is not old}
+
+
+def test_a_session_stuck_in_the_old_world_is_said_not_dropped() -> None:
+    """current() swallowed the close's CommError and left the old world's transports and
+    heartbeat alive, unseen; now it raises, keeps the old session, and closes it once it can."""
+    (r,) = run_world(_stuck_old_world_rank, 1, timeout=120)
+    assert r["stuck"].startswith("CommError") and "previous process group cannot be closed" in r["stuck"], r
+    assert "all_reduce(stuck on a dead peer) is still running" in r["stuck"], r
+    assert r["kept"] and r["closed_then"] and r["new"], r
+
+
+def _half_made_session_rank(rank: int, p: int) -> dict:
+    """Rank 0's first Session fails after it joined the world (an unreadable tune file), and it
+    makes one again at its next call; the world's keys must stay the same on every rank."""
+    import threading
+
+    from ringcomm import session as sessions
+
+    outcomes = []
+    if rank == 0:
+        real, tries = sessions.load_local, []
+
+        def broken_once() -> object:
+            tries.append(1)
+            if len(tries) == 1:
+                raise OSError("injected: tune file unreadable")
+            return real()
+
+        sessions.load_local = broken_once  # type: ignore[assignment]
+        outcomes.append(_timed(lambda: ringcomm.all_reduce(torch.ones(4), timeout=30))[0])
+    x = torch.ones(4)
+    outcomes.append(_timed(lambda: ringcomm.all_reduce(x, timeout=30))[0])
+    beating = [t.name for t in threading.enumerate() if t.name == "ringcomm-heartbeat"]
+    return {"outcomes": outcomes, "x": x.tolist(), "beating": beating}
+
+
+def test_a_session_that_fails_half_made_does_not_shift_the_worlds_keys() -> None:
+    """Every rank bumped a shared counter per Session: rank 0's second try bumped it again, and
+    rank 1 waited under another world's keys until its timeout (and the failed Session's
+    heartbeat thread kept running)."""
+    r0, r1 = run_world(_half_made_session_rank, 2, timeout=120)
+    assert r0["outcomes"] == ["OSError: injected: tune file unreadable", "returned"], r0
+    assert r1["outcomes"] == ["returned"], r1
+    for r in (r0, r1):
+        assert r["x"] == [2.0] * 4 and r["beating"] == ["ringcomm-heartbeat"], r
+
+
+def _failed_call_frames_rank(rank: int, p: int) -> dict:
+    """Rank 0's call fails inside the algorithm with a CommError; a tensor made inside it (as a
+    shared-memory slot view or a Gloo work object would be) must not outlive the call."""
+    import gc
+    import weakref
+
+    from ringcomm import session as sessions
+    from ringcomm import transport
+    from ringcomm.errors import CommError
+
+    ringcomm.init("zmq")
+    inside: list[weakref.ref] = []
+    if rank == 0:
+        def failing_reduce(*args: object) -> None:
+            buffer = torch.zeros(1024)  # a local of the failed call's frames
+            inside.append(weakref.ref(buffer))
+            raise CommError("injected failure inside the call")
+
+        transport.reduce_into = failing_reduce
+    outcome = _timed(lambda: ringcomm.all_reduce(torch.ones(8), transport="zmq", timeout=30))[0]
+    gc.collect()
+    failed = sessions.current().failed
+    return {
+        "outcome": outcome,
+        "pinned": [ref() is not None for ref in inside],
+        "failed": f"{type(failed).__name__}: {failed}",
+        "frames": failed.__traceback__ is not None or failed.__context__ is not None,
+    }
+
+
+def test_a_failed_world_keeps_the_error_not_the_calls_frames() -> None:
+    r0, r1 = run_world(_failed_call_frames_rank, 2, timeout=120)
+    assert r0["outcome"] == "CommError: injected failure inside the call", r0
+    assert r0["pinned"] == [False], "session.failed kept the failed call's frames (and their tensors) alive"
+    assert r0["failed"] == "CommError: injected failure inside the call" and not r0["frames"], r0
+    assert r1["failed"].startswith("PeerError") and "gave up on this call" in r1["failed"], r1
+    assert not r1["frames"], r1
+
+
+def _raised(error: Exception) -> Exception:
+    try:
+        raise error
+    except Exception as exc:
+        return exc
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _raised(ringcomm.CommError("plain")),
+        lambda: _raised(ringcomm.errors.CommTimeoutError(0, 1, "recv", 3.0, "detail")),
+        lambda: _raised(ringcomm.errors.PeerError(0, 1, "send", "gone")),
+    ],
+    ids=["CommError", "CommTimeoutError", "PeerError"],
+)
+def test_session_failed_keeps_type_message_and_fields_without_frames(make: Any) -> None:
+    from ringcomm.session import _frameless
+
+    error = make()
+    error.__context__ = ValueError("a chained cause, with frames of its own")
+    kept = _frameless(error)
+    assert type(kept) is type(error) and str(kept) == str(error) and vars(kept) == vars(error)
+    assert kept.__traceback__ is None and kept.__context__ is None and kept.__cause__ is None
+    assert error.__traceback__ is not None  # the raised one, which the caller gets, is left whole
