@@ -64,6 +64,16 @@ the tensor: one copy, the same count as ``Socket.recv_into`` (libzmq copies out
 of its message there too), but ``recv_into`` would write a too-long or
 too-short body into the tensor before we could see its length.
 
+**Closing.** A send "complete" here may still sit in ZeroMQ's queue (every
+copied send does, for a moment), so a rank that closes right after its last
+collective, and exits, must let ZeroMQ finish writing: ``close`` gives each
+DEALER up to ``CLOSE_LINGER_S`` (5 s) to hand its queued messages to the
+kernel, and ``Context.term`` waits for that. Closing with linger 0 used to drop
+them: a rank that called ``ringcomm.shutdown()`` and exited right after a naive
+all_reduce left a peer waiting for the result until its liveness limit. After a
+failed wait or send (the world is broken: peers may be gone) it closes with
+linger 0 and does not wait at all.
+
 **Validation.** Nothing is ever unpickled. The header codec lives in
 ``wire.py``; on top of it this transport checks the routing id names another
 rank of the world, the frame count, the expected ``seq``, the body length, and
@@ -117,7 +127,7 @@ from .settings import env_bool
 from .transport import Pending, PointToPoint, TransportStats, register_transport
 from .wire import DTYPE_NAMES, DTYPES, Header, decode_header, encode_header
 
-__all__ = ["ZmqTransport", "ZERO_COPY_MIN_BYTES", "SOCKET_BUFFER_BYTES"]
+__all__ = ["ZmqTransport", "ZERO_COPY_MIN_BYTES", "SOCKET_BUFFER_BYTES", "CLOSE_LINGER_S"]
 
 #: Sends of at least this many bytes go zero-copy; smaller ones are copied.
 ZERO_COPY_MIN_BYTES = 512 * 1024
@@ -125,6 +135,9 @@ ZERO_COPY_MIN_BYTES = 512 * 1024
 #: net.core.wmem_max / rmem_max). The default 208 KiB of a Unix socket costs a
 #: wake-up of both I/O threads every 208 KiB; 4 MiB lets a 1 MiB segment pass in one.
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+#: Seconds a clean ``close`` lets each DEALER finish writing what is queued (ZMQ_LINGER).
+#: A peer alive to need the data takes milliseconds; the bound is for one that is gone.
+CLOSE_LINGER_S = 5.0
 
 _IDENTITY = re.compile(rb"rank:(0|[1-9][0-9]{0,8})")
 
@@ -213,6 +226,7 @@ class ZmqTransport(PointToPoint):
         self.stats = TransportStats()
         self.endpoint = ""
         self.zero_copy_min_bytes = ZERO_COPY_MIN_BYTES
+        self.close_linger_s = CLOSE_LINGER_S
         self._endpoints: dict[int, str] = {}
         self._dealers: dict[int, zmq.Socket] = {}
         self._send_seq: dict[tuple[int, int], int] = {}
@@ -221,6 +235,7 @@ class ZmqTransport(PointToPoint):
         self._arrived: dict[tuple[int, int], deque[tuple[Header, zmq.Frame]]] = {}
         self._ipc_dir: str | None = None
         self._closed = False
+        self._failed = False  # a wait or send failed: the world is broken, close drops what is queued
         self._context = zmq.Context(io_threads=1)
         self._inbox = self._context.socket(zmq.ROUTER)
         self._inbox.linger = 0
@@ -283,7 +298,7 @@ class ZmqTransport(PointToPoint):
             if endpoint is None:
                 raise PeerError(self.rank, peer, "send", "no endpoint known for this peer")
             sock = self._context.socket(zmq.DEALER)
-            sock.linger = 0
+            sock.linger = 0  # until close, which decides how long to flush
             sock.sndhwm = 0  # no limit: isend never blocks; memory is the tensors themselves
             sock.routing_id = b"rank:%d" % self.rank
             sock.sndbuf = SOCKET_BUFFER_BYTES
@@ -319,6 +334,7 @@ class ZmqTransport(PointToPoint):
         try:
             sock.send(header, zmq.SNDMORE | zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # nothing was queued: the socket is as it was
+            self._failed = True
             raise PeerError(self.rank, peer, "send", f"ZeroMQ refused the message: {exc}") from exc
         try:
             tracker = sock.send(body, copy=not zero_copy, track=zero_copy)
@@ -328,6 +344,7 @@ class ZmqTransport(PointToPoint):
             # half message with it); the next send to this peer connects a fresh one.
             self._dealers.pop(peer, None)
             sock.close(linger=0)
+            self._failed = True
             if not isinstance(exc, Exception):
                 raise  # a Ctrl-C stays a KeyboardInterrupt, not a peer's failure
             raise PeerError(self.rank, peer, "send", f"ZeroMQ failed half-way through a message: {exc}") from exc
@@ -359,6 +376,13 @@ class ZmqTransport(PointToPoint):
             FrameError: a malformed message arrived meanwhile (from any peer), or the
                 message for this receive did not fit its tensor (the transport goes on).
         """
+        try:
+            self._wait(pending, deadline)
+        except BaseException:
+            self._failed = True  # the collective failed: close() will not wait to flush to this world
+            raise
+
+    def _wait(self, pending: Pending, deadline: float) -> None:
         timeout = max(deadline - time.monotonic(), 0.0)
         op = pending.handle
         live = self.liveness
@@ -461,12 +485,19 @@ class ZmqTransport(PointToPoint):
     # --- teardown ---
 
     def close(self) -> None:
-        """Close every socket at once (linger 0), terminate the context, remove any ipc files."""
+        """Close the sockets, terminate the context, remove any ipc files.
+
+        After a clean run each DEALER first gets up to ``close_linger_s`` seconds to
+        write out what is still queued (``Context.term`` returns once all have), so the
+        last sends of the last collective reach their peers even if this process exits
+        right after. After a failed wait or send nothing is flushed (linger 0).
+        """
         if getattr(self, "_closed", True):
             return
         self._closed = True
+        linger_ms = 0 if self._failed else max(0, int(self.close_linger_s * 1000))
         for sock in self._dealers.values():
-            sock.close(linger=0)
+            sock.close(linger=linger_ms)
         self._inbox.close(linger=0)
         self._context.term()
         self._dealers.clear()
