@@ -152,6 +152,7 @@ from .wire import (
     DTYPE_NAMES,
     DTYPES,
     MAX_FRAME_BYTES,
+    PREAMBLE_BYTES,
     TOKEN_BYTES,
     Header,
     body_frames,
@@ -512,7 +513,7 @@ class ZmqTransport(PointToPoint):
         except zmq.Again:
             return False
         # len() first: a foreign frame 0 may be megabytes, not worth copying to look at
-        peer = read_preamble(frames[0].bytes, self.token) if len(frames[0]) <= 64 else None
+        peer = read_preamble(frames[0].bytes, self.token) if len(frames[0]) == PREAMBLE_BYTES else None
         if peer is None:
             self._drop(frames)
             return True
