@@ -1,10 +1,28 @@
-r"""The wire format of one message header: what a receiver checks before it writes a byte.
+r"""The wire format of one message: what a receiver checks before it writes a byte.
 
-Used by every transport that carries its own headers (ZeroMQ, ``zmq_transport.py``).
-A header is a msgpack map of eight fields, about 70 bytes::
+Used by every transport that carries its own headers (ZeroMQ, ``zmq_transport.py``;
+the shared-memory transport borrows ``DTYPES`` for its dtype codes). One message
+is a ZeroMQ multipart message of three or more frames::
 
-    {"v": 1, "src": 2, "dst": 3, "tag": 0, "seq": 17,
-     "dtype": "float32", "shape": [262144], "nbytes": 1048576}
+    frame 0: preamble, exactly 20 bytes: this world's token (16 random bytes) | src rank (uint32, big-endian)
+    frame 1: header, a msgpack map of eight fields, about 70 bytes:
+             {"v": 2, "src": 2, "dst": 3, "tag": 0, "seq": 17,
+              "dtype": "float32", "shape": [262144], "nbytes": 1048576}
+    frame 2..: body, the tensor's raw bytes cut into pieces of BODY_FRAME_BYTES (the last one
+             shorter; one empty piece for an empty tensor): body_frames(nbytes) frames
+
+**The token** is minted by one rank for each transport set-up and shared through
+the store (``zmq_transport.py``), so only processes of this world know it. A
+frame 0 that is not exactly this world's preamble (``read_preamble``) marks the
+message as foreign: a stray client, or a zombie of an earlier job on a reused
+port. The receiver drops it unread; it is not the job's failure.
+
+**The size cap.** No legitimate frame is longer than ``MAX_FRAME_BYTES``: a
+preamble is 20 bytes, a header at most ``MAX_HEADER_BYTES``, and the sender
+cuts every body into pieces of at most ``BODY_FRAME_BYTES``. So a receiver can
+tell libzmq to refuse longer frames (``ZMQ_MAXMSGSIZE``), which it checks on the
+length prefix, before it allocates anything: nobody can make it allocate a
+multi-GB frame by announcing one.
 
 ``seq`` counts messages per (source, destination, tag) from 0, so a lost,
 duplicated or replayed message is caught, not silently reduced twice.
@@ -12,14 +30,19 @@ duplicated or replayed message is caught, not silently reduced twice.
 **Validation.** Nothing is ever unpickled. A header is decoded with msgpack
 (``raw=False``, ``strict_map_key=True``, no ext types, small limits) and must be
 a map with exactly the expected keys and types. A wrong version, ``src``
-differing from who delivered it, ``dst`` not this rank, a dtype outside
+differing from the preamble's, ``dst`` not this rank, a dtype outside
 ``DTYPES``, or a shape/nbytes that disagree raise ``FrameError`` naming the peer
-and the field; nothing else can escape the decoder.
+and the field; nothing else can escape the decoder. (A message that carries the
+token comes from a rank of this world, so a malformed one is a bug worth an
+error, not noise to drop.)
 """
 
 from __future__ import annotations
 
+import hmac
 import math
+import secrets
+import struct
 from dataclasses import dataclass
 
 import msgpack
@@ -28,17 +51,27 @@ import torch
 from .errors import FrameError
 
 __all__ = [
+    "BODY_FRAME_BYTES",
     "DTYPES",
     "DTYPE_NAMES",
     "FORMAT_VERSION",
     "FrameError",
     "Header",
+    "MAX_FRAME_BYTES",
+    "MAX_HEADER_BYTES",
+    "PREAMBLE_BYTES",
+    "TOKEN_BYTES",
+    "body_frames",
+    "body_pieces",
     "decode_header",
     "encode_header",
+    "encode_preamble",
+    "new_token",
+    "read_preamble",
 ]
 
-#: Version of the header format; a receiver rejects any other.
-FORMAT_VERSION = 1
+#: Version of the header format; a receiver rejects any other. 2: the preamble frame and cut bodies.
+FORMAT_VERSION = 2
 
 #: The dtypes that may travel, by the name the header carries.
 DTYPES: dict[str, torch.dtype] = {
@@ -54,6 +87,16 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 #: Largest header frame accepted, in bytes (a real one is about 70).
 MAX_HEADER_BYTES = 256
+#: Random bytes of a world's token.
+TOKEN_BYTES = 16
+_PREAMBLE = struct.Struct(f">{TOKEN_BYTES}sI")
+#: Length of frame 0: the token, then the sender's rank as a big-endian uint32.
+PREAMBLE_BYTES = _PREAMBLE.size
+#: Longest piece of a body, in bytes. 16 MiB: a 1 GiB tensor travels in 64 frames (a few
+#: microseconds of overhead each), and a foreign frame costs the receiver at most this much.
+BODY_FRAME_BYTES = 16 * 1024 * 1024
+#: Longest frame a rank of this world ever sends, in bytes: the receiver's ZMQ_MAXMSGSIZE.
+MAX_FRAME_BYTES = max(PREAMBLE_BYTES, MAX_HEADER_BYTES, BODY_FRAME_BYTES)
 #: Most dimensions a shape may have.
 MAX_NDIM = 16
 #: Tags and sequence numbers live in [0, 2**63).
@@ -73,6 +116,44 @@ class Header:
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
+
+
+def new_token() -> bytes:
+    """A fresh random token (``TOKEN_BYTES`` bytes from the OS's CSPRNG)."""
+    return secrets.token_bytes(TOKEN_BYTES)
+
+
+def encode_preamble(token: bytes, src: int) -> bytes:
+    """Frame 0 of every message ``src`` sends in the world of ``token``."""
+    if len(token) != TOKEN_BYTES:
+        raise ValueError(f"a token is {TOKEN_BYTES} bytes, got {len(token)}")
+    return _PREAMBLE.pack(token, src)
+
+
+def read_preamble(frame: bytes, token: bytes) -> int | None:
+    """The sender's rank that ``frame`` (frame 0 of a message) names, or None when it is not
+    exactly a preamble carrying ``token``: a foreign message, to drop unread.
+
+    The rank is not range-checked here. The token is compared in constant time, so a
+    stranger cannot learn it a byte at a time from how fast its guesses are refused.
+    """
+    if len(frame) != PREAMBLE_BYTES:
+        return None
+    carried, src = _PREAMBLE.unpack(frame)
+    return src if hmac.compare_digest(carried, token) else None
+
+
+def body_frames(nbytes: int) -> int:
+    """How many frames a body of ``nbytes`` bytes travels in (at least one, empty for 0 bytes)."""
+    return max(1, -(-nbytes // BODY_FRAME_BYTES))
+
+
+def body_pieces(body: memoryview) -> list[memoryview]:
+    """``body`` (bytes, one-dimensional) cut into the ``body_frames(len(body))`` pieces it travels in;
+    views, not copies."""
+    if len(body) == 0:
+        return [body]
+    return [body[i : i + BODY_FRAME_BYTES] for i in range(0, len(body), BODY_FRAME_BYTES)]
 
 
 def encode_header(header: Header) -> bytes:
@@ -101,7 +182,7 @@ def decode_header(data: bytes, *, rank: int, world_size: int, peer: int) -> Head
     """Decode and validate frame 1 of a message that ``peer``'s socket delivered to ``rank``.
 
     Checks everything that does not depend on the posted receive: the format,
-    the version, that ``src`` is ``peer`` and ``dst`` is ``rank``, ranges, the
+    the version, that ``src`` is ``peer`` (the rank the preamble named) and ``dst`` is ``rank``, ranges, the
     dtype allowlist, and that ``nbytes`` is what dtype and shape imply.
 
     Raises:
@@ -146,7 +227,7 @@ def decode_header(data: bytes, *, rank: int, world_size: int, peer: int) -> Head
         raise fail("v", f"format version {_show(version)}, this rank speaks {FORMAT_VERSION}")
     src = integer("src", 0, world_size - 1)
     if src != peer:
-        raise fail("src", f"header says src rank {src} but the socket identity is rank {peer}")
+        raise fail("src", f"header says src rank {src} but the preamble says rank {peer}")
     dst = integer("dst", 0, world_size - 1)
     if dst != rank:
         raise fail("dst", f"addressed to rank {dst}, delivered to rank {rank}")

@@ -1,53 +1,74 @@
-r"""ZmqTransport: the Transport protocol over ZeroMQ, one msgpack header frame + one raw frame.
+r"""ZmqTransport: the Transport protocol over ZeroMQ, a preamble, a msgpack header and a raw body.
 
 The algorithms (ring, ring_simple, naive, ps) run over it unchanged: it offers
 the same ``isend`` / ``irecv`` / ``wait`` as ``TorchTransport``, for CPU tensors.
 
-**One message** is one ZeroMQ multipart message of two frames. The receiving
-ROUTER socket prepends a third, the routing id the sender's socket announced,
-which is how the receiver knows (and checks) who sent it::
+**One message** is one ZeroMQ multipart message (the format is ``wire.py``'s)::
 
-    as sent by the DEALER of rank 2 to rank 3:
+    as sent by the PUSH socket of rank 2 to rank 3:
+      +---------------------------------------------------------------+
+      | frame 0: preamble, 20 bytes: this world's token | src rank 2  |
       +---------------------------------------------------------------+
       | frame 1: header, a msgpack map (~70 bytes, at most 256)       |
-      |   {"v": 1, "src": 2, "dst": 3, "tag": 0, "seq": 17,           |
+      |   {"v": 2, "src": 2, "dst": 3, "tag": 0, "seq": 17,           |
       |    "dtype": "float32", "shape": [262144], "nbytes": 1048576}  |
       +---------------------------------------------------------------+
-      | frame 2: body, the tensor's raw bytes (nbytes, native order)  |
-      |   zero-copy from the tensor's memory when >= 512 KiB          |
+      | frame 2..: body, the tensor's raw bytes (nbytes, native       |
+      |   order) in pieces of at most 16 MiB; zero-copy when >= 512 KiB|
       +---------------------------------------------------------------+
-    as read by the ROUTER of rank 3:
-      [ b"rank:2" | header | body ]     routing id first, added by ZeroMQ
 
 ``seq`` counts messages per (source, destination, tag) from 0: the receiver
 expects exactly the next one, so a lost, duplicated or replayed message is
 caught, not silently reduced twice.
 
-**Topology.** Each rank binds one ROUTER, its inbox, once. To send to peer j it
-uses a DEALER connected to j's ROUTER, made on the first send to j (a ring
-makes one, the root of ``naive`` makes P-1). The DEALER's routing id is
-``b"rank:<r>"``::
+**Topology.** Each rank binds one PULL socket, its inbox, once. To send to peer
+j it uses a PUSH socket connected to j's inbox, made on the first send to j (a
+ring makes one, the root of ``naive`` makes P-1)::
 
         rank 0                         rank 1
       +--------------+              +--------------+
-      | DEALER rank:0| -----------> | ROUTER inbox | bound to ipc://<tmpdir>/rank1
-      | ROUTER inbox | <----------- | DEALER rank:1|   (or tcp://127.0.0.1:<port>, or
+      | PUSH to 1    | -----------> | PULL inbox   | bound to ipc://<tmpdir>/rank1
+      | PULL inbox   | <----------- | PUSH to 0    |   (or tcp://127.0.0.1:<port>, or
       +--------------+              +--------------+    tcp://$RINGCOMM_ZMQ_HOST:<port>)
-      +--------------+              +--------------+
+
+No socket has a routing identity: who sent a message is what its preamble says,
+believed only because the preamble carries the token (below). (An earlier
+version used ROUTER/DEALER with ``b"rank:<r>"`` identities that each DEALER
+declared itself, and ``router_handover``: any process that connected first, or
+last, with ``b"rank:1"`` took rank 1's place.)
+
+**Strangers.** Anything that can reach the inbox (a stray client, port
+scanners, a zombie rank of a crashed job whose port was reused) can send it
+frames. So:
+
+- each transport set-up mints a **token** (16 random bytes, on rank 0; the
+  others read it from the store with the endpoints), and every message starts
+  with it. A message without it is dropped unread, counted in ``dropped``, and
+  the first one is printed to stderr (once per transport: a flood must not
+  flood the log). It never fails a collective.
+- the inbox refuses frames longer than ``wire.MAX_FRAME_BYTES`` (16 MiB, the
+  largest frame a rank ever sends: bodies travel in pieces of at most that):
+  ``ZMQ_MAXMSGSIZE``, checked by libzmq on a frame's length prefix before it
+  allocates anything; the sender is disconnected.
+- only the tags of ``tags.Tag`` (and 0, the protocol's default) are accepted,
+  on either side, so the arrival queues below have at most (P-1) x 11 keys.
+
+A message *with* the token comes from a rank of this world; one that breaks the
+format there is a bug, and raises ``FrameError`` (below).
 
 **Progress without threads of our own.** ``wait`` drives everything: it reads
-whole messages from the ROUTER (a blocking read bounded by the time left to the
-deadline, ``ZMQ_RCVTIMEO``), validates each, and matches it first in,
-first out with the receives posted for its (peer, tag). A message whose receive
-is not posted yet is kept, zero-copy, in an arrival queue for that (peer, tag),
-and the ``irecv`` that comes later takes it at once. Reading only when a receive
-is posted would not work: the pipelined ring keeps several receives per peer in
+whole messages from the inbox (a blocking read bounded by the time left to the
+deadline, ``ZMQ_RCVTIMEO``), validates each, and matches it first in, first
+out with the receives posted for its (peer, tag). A message whose receive is not
+posted yet is kept, zero-copy, in an arrival queue for that (peer, tag), and the
+``irecv`` that comes later takes it at once. Reading only when a receive is
+posted would not work: the pipelined ring keeps several receives per peer in
 flight on two tags, and a tag-1 message at the head of the socket would block
 the tag-0 receive behind it. ZeroMQ's own I/O thread keeps reading the network
 into the socket's queue (no high-water mark) whether or not Python is in
 ``wait``, so a sender never waits on the receiver's Python code.
 
-**A dead peer.** ZeroMQ never reports one: a DEALER reconnects quietly. So
+**A dead peer.** ZeroMQ never reports one: a PUSH socket reconnects quietly. So
 ``wait`` reads in slices of one heartbeat interval and, between slices, asks
 ``liveness.py`` whether the awaited peer still heartbeats through the store;
 one silent for ``RINGCOMM_LIVENESS_S`` fails the wait with ``PeerError``.
@@ -58,25 +79,36 @@ when ZeroMQ releases the buffer, seen through pyzmq's ``MessageTracker``; the
 its own process-wide daemon thread, "pyzmq garbage collector", started at the
 first zero-copy send; it is pyzmq's, not ours, and outlives ``close``.) Smaller
 sends are copied into the message and complete at once: below about 512 KiB a
-memcpy costs less than the two thread wake-ups a tracked send waits for. The body is received as a zero-copy ``zmq.Frame``, its length checked
+memcpy costs less than the two thread wake-ups a tracked send waits for. The
+body is received as zero-copy ``zmq.Frame`` pieces, their total length checked
 against the validated header and the posted tensor, and only then copied into
 the tensor: one copy, the same count as ``Socket.recv_into`` (libzmq copies out
 of its message there too), but ``recv_into`` would write a too-long or
 too-short body into the tensor before we could see its length.
 
+**Closing.** A send "complete" here may still sit in ZeroMQ's queue (every
+copied send does, for a moment), so a rank that closes right after its last
+collective, and exits, must let ZeroMQ finish writing: ``close`` gives each
+PUSH socket up to ``CLOSE_LINGER_S`` (5 s) to hand its queued messages to the
+kernel, and ``Context.term`` waits for that. Closing with linger 0 used to drop
+them: a rank that called ``ringcomm.shutdown()`` and exited right after a naive
+all_reduce left a peer waiting for the result until its liveness limit. After a
+failed wait or send (the world is broken: peers may be gone) it closes with
+linger 0 and does not wait at all.
+
 **Validation.** Nothing is ever unpickled. The header codec lives in
-``wire.py``; on top of it this transport checks the routing id names another
-rank of the world, the frame count, the expected ``seq``, the body length, and
-that dtype and element count match the posted tensor. Any failure raises
+``wire.py``; on top of it this transport checks the preamble names another rank
+of the world, the frame count, the tag, the expected ``seq``, the body length,
+and that dtype and element count match the posted tensor. Any failure raises
 ``FrameError`` naming the peer and the field. The message is dropped, the
 destination tensor is not written, and the transport goes on serving
 well-formed messages.
 
 **Rendezvous** (collective: every rank makes the transport, in the same order,
 after ``session.py`` has checked that all ranks asked for it) goes through the
-store of the default process group: each rank publishes its hostname, then
-binds and publishes its endpoint under the key prefix of this set-up. Where it
-binds:
+store of the default process group: each rank publishes its hostname (rank 0
+with this set-up's token), then binds and publishes its endpoint under the key
+prefix of this set-up. Where it binds:
 
 - ``RINGCOMM_ZMQ_HOST`` (or ``host=``) set: TCP on that address, for multi-host runs;
 - all hostnames equal: ``ipc://`` (a Unix socket in a private temporary
@@ -99,9 +131,9 @@ from __future__ import annotations
 import atexit
 import math
 import os
-import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections import deque
@@ -114,10 +146,25 @@ import zmq
 from .errors import CommTimeoutError, FrameError, PeerError
 from .liveness import Liveness
 from .settings import env_bool
+from .tags import Tag
 from .transport import Pending, PointToPoint, TransportStats, register_transport
-from .wire import DTYPE_NAMES, DTYPES, Header, decode_header, encode_header
+from .wire import (
+    DTYPE_NAMES,
+    DTYPES,
+    MAX_FRAME_BYTES,
+    PREAMBLE_BYTES,
+    TOKEN_BYTES,
+    Header,
+    body_frames,
+    body_pieces,
+    decode_header,
+    encode_header,
+    encode_preamble,
+    new_token,
+    read_preamble,
+)
 
-__all__ = ["ZmqTransport", "ZERO_COPY_MIN_BYTES", "SOCKET_BUFFER_BYTES"]
+__all__ = ["ZmqTransport", "ZERO_COPY_MIN_BYTES", "SOCKET_BUFFER_BYTES", "CLOSE_LINGER_S", "KNOWN_TAGS"]
 
 #: Sends of at least this many bytes go zero-copy; smaller ones are copied.
 ZERO_COPY_MIN_BYTES = 512 * 1024
@@ -125,8 +172,11 @@ ZERO_COPY_MIN_BYTES = 512 * 1024
 #: net.core.wmem_max / rmem_max). The default 208 KiB of a Unix socket costs a
 #: wake-up of both I/O threads every 208 KiB; 4 MiB lets a 1 MiB segment pass in one.
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
-
-_IDENTITY = re.compile(rb"rank:(0|[1-9][0-9]{0,8})")
+#: Seconds a clean ``close`` lets each PUSH socket finish writing what is queued (ZMQ_LINGER).
+#: A peer alive to need the data takes milliseconds; the bound is for one that is gone.
+CLOSE_LINGER_S = 5.0
+#: The tags a message may carry: every ``tags.Tag``, and 0 (``isend``'s default, for direct use).
+KNOWN_TAGS = frozenset({0, *(int(t) for t in Tag)})
 
 
 class _SendOp:
@@ -160,7 +210,7 @@ def _address_towards(target: str) -> str:
 
 
 class ZmqTransport(PointToPoint):
-    """Point-to-point over ZeroMQ: ROUTER inbox per rank, DEALER per peer, progress in ``wait``.
+    """Point-to-point over ZeroMQ: PULL inbox per rank, PUSH per peer, progress in ``wait``.
 
     Made by the session (``ringcomm.init("zmq")`` or the first ``all_reduce``
     with ``transport="zmq"``), collectively, through the default group's store;
@@ -174,10 +224,15 @@ class ZmqTransport(PointToPoint):
             ``RINGCOMM_ZMQ_HOST``, else 127.0.0.1 when all ranks share a host.
         ipc: bind ``ipc://`` rather than TCP when all ranks share a host; default
             ``RINGCOMM_ZMQ_IPC`` (``1``/``0``), else True.
+
+    Attributes:
+        endpoint: the address peers connect to.
+        token: this world's token (``wire.py``): only messages that carry it are read.
+        dropped: messages dropped unread because they did not carry the token.
     """
 
     def __init__(self, setup: Any, *, host: str | None = None, ipc: bool | None = None) -> None:
-        self._open(setup.rank, setup.world_size)
+        self._open(setup.rank, setup.world_size, b"")  # the token comes with the rendezvous
         try:
             self._rendezvous(setup, host, ipc)
         except BaseException:
@@ -186,15 +241,23 @@ class ZmqTransport(PointToPoint):
         self.liveness = setup.liveness
 
     @classmethod
-    def standalone(cls, rank: int, world_size: int, *, bind: str = "tcp://127.0.0.1") -> ZmqTransport:
+    def standalone(
+        cls, rank: int, world_size: int, *, bind: str = "tcp://127.0.0.1", token: bytes | None = None
+    ) -> ZmqTransport:
         """A transport that binds now and needs no torch.distributed; give peers with ``set_peers``.
 
         For tests and custom launchers. ``bind`` is ``tcp://<address>`` (a
         kernel-chosen port is added) or ``ipc://`` (a private temporary path).
-        ``self.endpoint`` is the address peers connect to.
+        ``token``: the world's (``TOKEN_BYTES`` bytes); by default a new one, which
+        the other ranks then take from ``self.token``. ``self.endpoint`` is the
+        address peers connect to.
         """
+        if token is None:
+            token = new_token()
+        elif len(token) != TOKEN_BYTES:
+            raise ValueError(f"token must be {TOKEN_BYTES} bytes, got {len(token)}")
         self = cls.__new__(cls)
-        self._open(rank, world_size)
+        self._open(rank, world_size, token)
         try:
             self._bind(bind)
         except BaseException:
@@ -204,7 +267,7 @@ class ZmqTransport(PointToPoint):
 
     # --- setup ---
 
-    def _open(self, rank: int, world_size: int) -> None:
+    def _open(self, rank: int, world_size: int, token: bytes) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a world of size {world_size}")
         self.device_type = "cpu"
@@ -212,23 +275,24 @@ class ZmqTransport(PointToPoint):
         self.world_size = world_size
         self.stats = TransportStats()
         self.endpoint = ""
+        self.token = token
+        self.dropped = 0
         self.zero_copy_min_bytes = ZERO_COPY_MIN_BYTES
+        self.close_linger_s = CLOSE_LINGER_S
         self._endpoints: dict[int, str] = {}
-        self._dealers: dict[int, zmq.Socket] = {}
+        self._outboxes: dict[int, zmq.Socket] = {}
         self._send_seq: dict[tuple[int, int], int] = {}
         self._recv_seq: dict[tuple[int, int], int] = {}
         self._posted: dict[tuple[int, int], deque[_RecvOp]] = {}
-        self._arrived: dict[tuple[int, int], deque[tuple[Header, zmq.Frame]]] = {}
+        self._arrived: dict[tuple[int, int], deque[tuple[Header, list[zmq.Frame]]]] = {}
         self._ipc_dir: str | None = None
         self._closed = False
+        self._failed = False  # a wait or send failed: the world is broken, close drops what is queued
         self._context = zmq.Context(io_threads=1)
-        self._inbox = self._context.socket(zmq.ROUTER)
-        self._inbox.linger = 0
+        self._inbox = self._context.socket(zmq.PULL)
+        self._inbox.linger = 0  # it never sends
         self._inbox.rcvhwm = 0  # no limit: the I/O thread always drains the network
-        # A peer that replaces its DEALER (after a send failed half-way) reconnects with the same
-        # routing id; without handover the ROUTER would ignore the newcomer while it still
-        # remembers the old connection, and the peer's next messages would vanish.
-        self._inbox.router_handover = 1
+        self._inbox.maxmsgsize = MAX_FRAME_BYTES  # a longer frame disconnects its sender, unallocated
         self._inbox.rcvbuf = SOCKET_BUFFER_BYTES
         self._rcvtimeo_ms = -1  # the inbox's ZMQ_RCVTIMEO now: -1 blocks forever
         self.liveness: Liveness | None = None  # set when joined through the store
@@ -250,8 +314,22 @@ class ZmqTransport(PointToPoint):
 
     def _rendezvous(self, setup: Any, host: str | None, ipc: bool | None) -> None:
         # setup.gather: keys unique to this set-up (session.py numbers them), a wait that ends at once
-        # when a peer dies or fails its own half of the set-up
-        hosts = set(setup.gather("zmq/host", socket.gethostname()))
+        # when a peer dies or fails its own half of the set-up. Rank 0 mints this set-up's token and
+        # sends it along with its hostname: a store round trip saved, and the token is in the store
+        # before any rank binds, so no rank reads a message before it knows which ones are foreign.
+        mine = socket.gethostname()
+        if self.rank == 0:
+            mine = f"{new_token().hex()} {mine}"
+        answers = setup.gather("zmq/host", mine)
+        token_hex, _, first_host = answers[0].partition(" ")
+        try:
+            token = bytes.fromhex(token_hex)
+        except ValueError:
+            token = b""
+        if len(token) != TOKEN_BYTES:
+            raise PeerError(self.rank, 0, "zmq rendezvous", f"rank 0 published no valid token: {answers[0][:80]!r}")
+        self.token = token
+        hosts = {first_host, *answers[1:]}
         host = host or os.environ.get("RINGCOMM_ZMQ_HOST") or None
         if ipc is None:
             ipc = env_bool("RINGCOMM_ZMQ_IPC", None)
@@ -265,7 +343,7 @@ class ZmqTransport(PointToPoint):
         self.set_peers({r: e for r, e in enumerate(endpoints) if r != self.rank})
 
     def set_peers(self, endpoints: Mapping[int, str]) -> None:
-        """Record where each peer's inbox is (``{rank: endpoint}``); DEALERs connect on first send."""
+        """Record where each peer's inbox is (``{rank: endpoint}``); PUSH sockets connect on first send."""
         for peer, endpoint in endpoints.items():
             self._check_peer(peer)
             self._endpoints[peer] = endpoint
@@ -276,19 +354,25 @@ class ZmqTransport(PointToPoint):
                 f"rank {self.rank}: peer {peer!r} is not another rank of a world of {self.world_size}"
             )
 
-    def _dealer(self, peer: int) -> zmq.Socket:
-        sock = self._dealers.get(peer)
+    def _check_tag(self, tag: int) -> int:
+        if not isinstance(tag, int) or isinstance(tag, bool) or int(tag) not in KNOWN_TAGS:
+            raise ValueError(
+                f"rank {self.rank}: tag {tag!r} is not a known tag; allowed: {sorted(KNOWN_TAGS)} (tags.Tag)"
+            )
+        return int(tag)
+
+    def _outbox(self, peer: int) -> zmq.Socket:
+        sock = self._outboxes.get(peer)
         if sock is None:
             endpoint = self._endpoints.get(peer)
             if endpoint is None:
                 raise PeerError(self.rank, peer, "send", "no endpoint known for this peer")
-            sock = self._context.socket(zmq.DEALER)
-            sock.linger = 0
+            sock = self._context.socket(zmq.PUSH)
+            sock.linger = 0  # until close, which decides how long to flush
             sock.sndhwm = 0  # no limit: isend never blocks; memory is the tensors themselves
-            sock.routing_id = b"rank:%d" % self.rank
             sock.sndbuf = SOCKET_BUFFER_BYTES
             sock.connect(endpoint)
-            self._dealers[peer] = sock
+            self._outboxes[peer] = sock
         return sock
 
     # --- the Transport protocol ---
@@ -309,36 +393,45 @@ class ZmqTransport(PointToPoint):
         """Queue ``tensor`` for ``peer``; never blocks. The tensor must not change until waited."""
         self._check_peer(peer)
         self._check_tensor(tensor, "isend")
+        tag = self._check_tag(tag)
         nbytes = tensor.numel() * tensor.element_size()
         key = (peer, tag)
         seq = self._send_seq.get(key, 0)
         header = encode_header(Header(self.rank, peer, tag, seq, tensor.dtype, tuple(tensor.shape), nbytes))
-        body: Any = tensor.detach().reshape(-1).view(torch.uint8).numpy() if nbytes else b""
+        raw = tensor.detach().reshape(-1).view(torch.uint8).numpy() if nbytes else b""
+        pieces = body_pieces(memoryview(raw))
         zero_copy = nbytes >= self.zero_copy_min_bytes
-        sock = self._dealer(peer)
+        sock = self._outbox(peer)
         try:
-            sock.send(header, zmq.SNDMORE | zmq.NOBLOCK)
+            sock.send(encode_preamble(self.token, self.rank), zmq.SNDMORE | zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # nothing was queued: the socket is as it was
+            self._failed = True
             raise PeerError(self.rank, peer, "send", f"ZeroMQ refused the message: {exc}") from exc
         try:
-            tracker = sock.send(body, copy=not zero_copy, track=zero_copy)
+            sock.send(header, zmq.SNDMORE)
+            trackers = [
+                sock.send(piece, zmq.SNDMORE if i < len(pieces) - 1 else 0, copy=not zero_copy, track=zero_copy)
+                for i, piece in enumerate(pieces)
+            ]
         except BaseException as exc:
-            # The header frame is queued with SNDMORE: this DEALER now expects the rest of a
-            # message, and the next header would be glued onto it. Throw the socket away (its
+            # The first frames are queued with SNDMORE: this socket now expects the rest of a
+            # message, and the next preamble would be glued onto it. Throw the socket away (its
             # half message with it); the next send to this peer connects a fresh one.
-            self._dealers.pop(peer, None)
+            self._outboxes.pop(peer, None)
             sock.close(linger=0)
+            self._failed = True
             if not isinstance(exc, Exception):
                 raise  # a Ctrl-C stays a KeyboardInterrupt, not a peer's failure
             raise PeerError(self.rank, peer, "send", f"ZeroMQ failed half-way through a message: {exc}") from exc
         self._send_seq[key] = seq + 1
         self.stats.count_send(peer, nbytes)
-        return Pending("send", peer, _SendOp(tensor, tracker if zero_copy else None))
+        return Pending("send", peer, _SendOp(tensor, zmq.MessageTracker(*trackers) if zero_copy else None))
 
     def irecv(self, tensor: torch.Tensor, peer: int, tag: int = 0) -> Pending:
         """Post a receive of the next message from ``peer`` on ``tag`` into ``tensor``."""
         self._check_peer(peer)
         self._check_tensor(tensor, "irecv")
+        tag = self._check_tag(tag)
         op = _RecvOp(tensor, peer, tag)
         key = (peer, tag)
         arrived = self._arrived.get(key)
@@ -356,40 +449,56 @@ class ZmqTransport(PointToPoint):
         Raises:
             CommTimeoutError: ``deadline`` (a ``time.monotonic()`` value) passed first.
             PeerError: the peer stopped heartbeating or gave up on this call.
-            FrameError: a malformed message arrived meanwhile (from any peer), or the
-                message for this receive did not fit its tensor (the transport goes on).
+            FrameError: a malformed message of this world arrived meanwhile (from any
+                peer), or the message for this receive did not fit its tensor (the
+                transport goes on). Foreign messages (without the token) never raise.
         """
-        timeout = max(deadline - time.monotonic(), 0.0)
+        try:
+            self._wait(pending, deadline)
+        except BaseException:
+            self._failed = True  # the collective failed: close() will not wait to flush to this world
+            raise
+
+    def _wait(self, pending: Pending, deadline: float) -> None:
+        start = time.monotonic()
+        timeout = max(deadline - start, 0.0)
         op = pending.handle
         live = self.liveness
         # Wait in slices of one heartbeat interval, and between slices ask whether the
         # peer still heartbeats (liveness.py): a dead or frozen peer fails this wait in
-        # RINGCOMM_LIVENESS_S, not at the timeout. Without liveness: one slice.
+        # RINGCOMM_LIVENESS_S, not at the timeout. Without liveness: one slice. The
+        # deadline and the slice are checked on every turn, not only when a read comes
+        # back empty: a stranger's flood of foreign messages must not keep a wait alive.
         slice_s = live.interval_s if live is not None else math.inf
+        next_check = start + slice_s
         if isinstance(op, _SendOp):
             while op.tracker is not None:
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                if now >= deadline:
+                    raise CommTimeoutError(
+                        self.rank, pending.peer, "send", timeout, "ZeroMQ still holds the message"
+                    )
+                if now >= next_check:
+                    live.check(pending.peer, "send")  # type: ignore[union-attr]
+                    next_check = now + slice_s
                 try:
-                    op.tracker.wait(max(min(left, slice_s), 1e-3))
+                    op.tracker.wait(max(min(deadline, next_check) - now, 1e-3))
                     op.tracker = None
                 except zmq.NotDone:
-                    if left <= slice_s:
-                        raise CommTimeoutError(
-                            self.rank, pending.peer, "send", timeout, "ZeroMQ still holds the message"
-                        ) from None
-                    live.check(pending.peer, "send")  # type: ignore[union-attr]
+                    pass
             return
         while not op.done:
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            if now >= deadline:
+                raise CommTimeoutError(
+                    self.rank, op.peer, "recv", timeout, f"no message with tag {op.tag} arrived"
+                )
+            if now >= next_check:
+                live.check(op.peer, "recv")  # type: ignore[union-attr]
+                next_check = now + slice_s
             # A blocking read bounded by the time left (ZMQ_RCVTIMEO): one system call
             # when a message is there, and no busy loop when none is.
-            wait_s = min(left, slice_s)
-            if not self._read_one(max(1, math.ceil(wait_s * 1000)) if wait_s > 0 else 0):
-                if wait_s >= left:
-                    raise CommTimeoutError(
-                        self.rank, op.peer, "recv", timeout, f"no message with tag {op.tag} arrived"
-                    )
-                live.check(op.peer, "recv")  # type: ignore[union-attr]
+            self._read_one(max(1, math.ceil((min(deadline, next_check) - now) * 1000)))
         if op.error is not None:
             raise op.error
 
@@ -403,16 +512,30 @@ class ZmqTransport(PointToPoint):
             frames = self._inbox.recv_multipart(copy=False)
         except zmq.Again:
             return False
-        identity = frames[0].bytes
-        match = _IDENTITY.fullmatch(identity)
-        peer = int(match.group(1)) if match else -1
+        # len() first: a foreign frame 0 may be megabytes, not worth copying to look at
+        peer = read_preamble(frames[0].bytes, self.token) if len(frames[0]) == PREAMBLE_BYTES else None
+        if peer is None:
+            self._drop(frames)
+            return True
         if not 0 <= peer < self.world_size or peer == self.rank:
-            raise FrameError(self.rank, identity, "identity", "routing id names no other rank of this world")
-        if len(frames) != 3:
             raise FrameError(
-                self.rank, peer, "frames", f"{len(frames) - 1} frames, expected 2 (header, body)"
+                self.rank, peer, "src", f"the preamble names rank {peer}, not another rank of this world"
+            )
+        if len(frames) < 3:
+            raise FrameError(
+                self.rank, peer, "frames", f"{len(frames)} frames, expected a preamble, a header and a body"
             )
         header = decode_header(frames[1].bytes, rank=self.rank, world_size=self.world_size, peer=peer)
+        if header.tag not in KNOWN_TAGS:
+            raise FrameError(self.rank, peer, "tag", f"tag {header.tag} is not one of {sorted(KNOWN_TAGS)}")
+        body = frames[2:]
+        if len(body) != body_frames(header.nbytes):
+            raise FrameError(
+                self.rank,
+                peer,
+                "frames",
+                f"body in {len(body)} frames, {header.nbytes} bytes travel in {body_frames(header.nbytes)}",
+            )
         key = (peer, header.tag)
         expected = self._recv_seq.get(key, 0)
         if header.seq != expected:
@@ -423,11 +546,9 @@ class ZmqTransport(PointToPoint):
                 f"sequence number {header.seq} on tag {header.tag}, expected {expected} "
                 "(message lost, duplicated or replayed)",
             )
-        body = frames[2]
-        if len(body) != header.nbytes:
-            raise FrameError(
-                self.rank, peer, "body", f"{len(body)} bytes, the header announced {header.nbytes}"
-            )
+        length = sum(len(piece) for piece in body)
+        if length != header.nbytes:
+            raise FrameError(self.rank, peer, "body", f"{length} bytes, the header announced {header.nbytes}")
         self._recv_seq[key] = expected + 1
         posted = self._posted.get(key)
         if posted:
@@ -436,7 +557,25 @@ class ZmqTransport(PointToPoint):
             self._arrived.setdefault(key, deque()).append((header, body))
         return True
 
-    def _deliver(self, op: _RecvOp, header: Header, body: zmq.Frame) -> None:
+    def _drop(self, frames: list[zmq.Frame]) -> None:
+        """Drop a foreign message (no token); say so on stderr the first time only."""
+        self.dropped += 1
+        if self.dropped > 1:
+            return
+        try:
+            source = f" from {frames[0].get('Peer-Address')}"  # TCP only: libzmq knows the address
+        except (zmq.ZMQError, AttributeError):
+            source = ""
+        print(
+            f"ringcomm: rank {self.rank}: dropped a message{source} to {self.endpoint} that does not carry "
+            f"this world's token ({len(frames)} frames, the first {len(frames[0])} bytes): a stray "
+            "process, or one left from a job that used this address before? Later ones are dropped "
+            "without a word (counted in ZmqTransport.dropped)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _deliver(self, op: _RecvOp, header: Header, body: list[zmq.Frame]) -> None:
         """Copy a validated message into ``op.tensor``, or fail ``op`` if it does not fit."""
         tensor = op.tensor
         if header.dtype != tensor.dtype:
@@ -455,21 +594,32 @@ class ZmqTransport(PointToPoint):
                 f"receive expects {tensor.numel()} (shape {list(tensor.shape)})",
             )
         elif header.nbytes:
-            memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())[:] = body.buffer
+            out = memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())
+            at = 0
+            for piece in body:
+                out[at : at + len(piece)] = piece.buffer
+                at += len(piece)
         op.done = True
 
     # --- teardown ---
 
     def close(self) -> None:
-        """Close every socket at once (linger 0), terminate the context, remove any ipc files."""
+        """Close the sockets, terminate the context, remove any ipc files.
+
+        After a clean run each PUSH socket first gets up to ``close_linger_s`` seconds to
+        write out what is still queued (``Context.term`` returns once all have), so the
+        last sends of the last collective reach their peers even if this process exits
+        right after. After a failed wait or send nothing is flushed (linger 0).
+        """
         if getattr(self, "_closed", True):
             return
         self._closed = True
-        for sock in self._dealers.values():
-            sock.close(linger=0)
+        linger_ms = 0 if self._failed else max(0, int(self.close_linger_s * 1000))
+        for sock in self._outboxes.values():
+            sock.close(linger=linger_ms)
         self._inbox.close(linger=0)
         self._context.term()
-        self._dealers.clear()
+        self._outboxes.clear()
         self._posted.clear()
         self._arrived.clear()
         if self._ipc_dir is not None:
@@ -486,5 +636,5 @@ register_transport(
     "zmq",
     lambda device_type, setup: ZmqTransport(setup),
     devices=("cpu",),
-    summary="ZeroMQ: a msgpack header frame and a raw body frame per message (CPU tensors)",
+    summary="ZeroMQ: a token preamble, a msgpack header and raw body frames per message (CPU tensors)",
 )

@@ -3,7 +3,8 @@
 Spawned worlds (one per world size, every case grouped) check that ring,
 ring_simple, naive and ps give the float64 reference and agree bitwise over
 ``transport="zmq"``. Everything about frames runs in this process: a transport
-made with ``ZmqTransport.standalone`` and a raw pyzmq DEALER that plays its peer.
+made with ``ZmqTransport.standalone`` and a raw pyzmq PUSH socket that plays its peer.
+Strangers without the world's token are in ``test_zmq_hardening.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from hypothesis import strategies as st
 
 import ringcomm
 from ringcomm.errors import CommError, CommTimeoutError, FrameError, PeerError
-from ringcomm.wire import DTYPES, FORMAT_VERSION, Header, decode_header, encode_header
+from ringcomm.wire import DTYPES, FORMAT_VERSION, Header, decode_header, encode_header, encode_preamble
 from ringcomm.world import run_world
 from ringcomm.zmq_transport import ZmqTransport
 
@@ -140,14 +141,15 @@ def _pyzmq_gc_thread_started() -> None:
 
 
 class RawPeer:
-    """A bare DEALER with the routing id of ``rank``, connected to ``transport``'s inbox."""
+    """A bare PUSH socket that plays rank 1 of ``transport``'s world (it knows the world's token),
+    connected to ``transport``'s inbox. ``send`` puts the preamble before the frames it is given."""
 
-    def __init__(self, transport: ZmqTransport, routing_id: bytes = b"rank:1") -> None:
+    def __init__(self, transport: ZmqTransport, token: bytes | None = None) -> None:
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock = self.ctx.socket(zmq.PUSH)
         self.sock.linger = 0
-        self.sock.routing_id = routing_id
         self.sock.connect(transport.endpoint)
+        self.preamble = encode_preamble(transport.token if token is None else token, 1)
         self.seq = 0
 
     def header(self, **changes: object) -> dict:
@@ -157,7 +159,7 @@ class RawPeer:
         return base
 
     def send(self, *frames: bytes) -> None:
-        self.sock.send_multipart(list(frames))
+        self.sock.send_multipart([self.preamble, *frames])
 
     def send_good(self, values: torch.Tensor) -> None:
         header = encode_header(
@@ -200,7 +202,7 @@ BAD_FRAMES = [
     ("extra key", lambda r: [_pack(r.header(extra=1)), bytes(16)], "header", False),
     ("ext type", lambda r: [_pack(r.header(tag=msgpack.ExtType(1, b"x"))), bytes(16)], "header", False),
     ("wrong version", lambda r: [_pack(r.header(v=FORMAT_VERSION + 1)), bytes(16)], "v", False),
-    ("src differs from identity", lambda r: [_pack(r.header(src=0)), bytes(16)], "src", False),
+    ("src differs from preamble", lambda r: [_pack(r.header(src=0)), bytes(16)], "src", False),
     ("src out of range", lambda r: [_pack(r.header(src=9)), bytes(16)], "src", False),
     ("dst not this rank", lambda r: [_pack(r.header(dst=1)), bytes(16)], "dst", False),
     ("bool tag", lambda r: [_pack(r.header(tag=True)), bytes(16)], "tag", False),
@@ -215,7 +217,9 @@ BAD_FRAMES = [
     ("body longer than nbytes", lambda r: [_pack(r.header()), bytes(20)], "body", False),
     ("body frame missing", lambda r: [_pack(r.header())], "frames", False),
     ("extra frame", lambda r: [_pack(r.header()), bytes(16), b"more"], "frames", False),
-    ("empty message", lambda r: [b""], "frames", False),
+    ("preamble only", lambda r: [], "frames", False),
+    ("unknown tag", lambda r: [_pack(r.header(tag=11)), bytes(16)], "tag", False),
+    ("huge tag", lambda r: [_pack(r.header(tag=2**40)), bytes(16)], "tag", False),
     # well-formed on the wire, wrong for the posted tensor: the message is used up
     (
         "shape differs from tensor",
@@ -263,28 +267,25 @@ def test_bad_frame_is_rejected_naming_peer_and_field_then_a_good_one_arrives(
         peer.close()
 
 
-@pytest.mark.parametrize("routing_id", [b"rank:7", b"rank:0", b"mallory", b"rank:01"])
-def test_unknown_sender_is_rejected_by_identity(receiver: ZmqTransport, routing_id: bytes) -> None:
-    stranger, peer = RawPeer(receiver, routing_id), RawPeer(receiver)
-    try:
-        dst = SENTINEL.clone()
-        pending = receiver.irecv(dst, 1)
-        stranger.send(encode_header(Header(1, 0, 0, 0, torch.float32, (4,), 16)), bytes(16))
-        with pytest.raises(FrameError) as info:
-            receiver.wait(pending, time.monotonic() + 10)
-        assert info.value.field == "identity" and info.value.peer == routing_id
-        assert repr(routing_id) in str(info.value)
-        assert torch.equal(dst, SENTINEL)
-        peer.send_good(GOOD)
-        receiver.wait(pending, time.monotonic() + 10)
-        assert torch.equal(dst, GOOD)
-    finally:
-        stranger.close()
-        peer.close()
+def test_preamble_naming_no_other_rank_is_rejected(receiver: ZmqTransport) -> None:
+    """A message with the token whose preamble names this rank itself, or a rank outside the world."""
+    for claimed in (0, 2, 7):
+        peer = RawPeer(receiver)
+        peer.preamble = encode_preamble(receiver.token, claimed)
+        try:
+            dst = SENTINEL.clone()
+            pending = receiver.irecv(dst, 1)
+            peer.send(encode_header(Header(1, 0, 0, 0, torch.float32, (4,), 16)), bytes(16))
+            with pytest.raises(FrameError) as info:
+                receiver.wait(pending, time.monotonic() + 10)
+            assert (info.value.field, info.value.peer) == ("src", claimed), str(info.value)
+            assert torch.equal(dst, SENTINEL)
+        finally:
+            peer.close()
 
 
 def test_same_tag_in_order_tags_independent_arrivals_buffered_before_irecv() -> None:
-    with ZmqTransport.standalone(0, 2) as a, ZmqTransport.standalone(1, 2, bind="ipc://") as b:
+    with ZmqTransport.standalone(0, 2) as a, ZmqTransport.standalone(1, 2, bind="ipc://", token=a.token) as b:
         a.set_peers({1: b.endpoint})
         b.set_peers({0: a.endpoint})
         deadline = time.monotonic() + 30
@@ -327,24 +328,24 @@ def test_same_tag_in_order_tags_independent_arrivals_buffered_before_irecv() -> 
 def test_a_send_that_fails_between_its_frames_leaves_no_half_message(
     error: BaseException, expected: type[BaseException]
 ) -> None:
-    """The header frame goes in with SNDMORE; if the body frame then fails, the DEALER must not keep
+    """The first frames go in with SNDMORE; if the body frame then fails, the socket must not keep
     the half message (the next header would be glued onto it and the peer reject both). A Ctrl-C
     there stays a KeyboardInterrupt (it used to become a PeerError)."""
-    with ZmqTransport.standalone(0, 2) as a, ZmqTransport.standalone(1, 2) as b:
+    with ZmqTransport.standalone(0, 2) as a, ZmqTransport.standalone(1, 2, token=a.token) as b:
         a.set_peers({1: b.endpoint})
         b.set_peers({0: a.endpoint})
         deadline = time.monotonic() + 30
-        dealer = a._dealer(1)
-        real_send = dealer.send
+        outbox = a._outbox(1)
+        real_send = outbox.send
         calls = {"n": 0}
 
         def fails_on_the_body(data: Any, flags: int = 0, copy: bool = True, track: bool = False) -> Any:
             calls["n"] += 1
-            if calls["n"] == 2:  # the body frame of the first message
+            if calls["n"] == 3:  # the body frame of the first message (after preamble and header)
                 raise error
             return real_send(data, flags, copy=copy, track=track)
 
-        dealer.send = fails_on_the_body
+        outbox.send = fails_on_the_body
         with pytest.raises(expected):
             a.isend(torch.ones(4), 1)
         got = torch.zeros(4)
@@ -381,7 +382,7 @@ def test_zero_copy_send_to_a_dead_endpoint_times_out_naming_the_peer(receiver: Z
 
 def test_close_releases_port_and_ipc_files() -> None:
     tcp = ZmqTransport.standalone(0, 2)
-    ipc = ZmqTransport.standalone(1, 2, bind="ipc://")
+    ipc = ZmqTransport.standalone(1, 2, bind="ipc://", token=tcp.token)
     tcp.set_peers({1: ipc.endpoint})
     ipc.set_peers({0: tcp.endpoint})
     deadline = time.monotonic() + 10
@@ -421,7 +422,8 @@ def test_transports_closed_leak_no_threads_or_file_descriptors() -> None:
     before = _settled(_threads())
     fds_before = len(os.listdir("/proc/self/fd"))
     for _ in range(n):
-        a, b = ZmqTransport.standalone(0, 2), ZmqTransport.standalone(1, 2, bind="ipc://")
+        a = ZmqTransport.standalone(0, 2)
+        b = ZmqTransport.standalone(1, 2, bind="ipc://", token=a.token)
         a.set_peers({1: b.endpoint})
         b.set_peers({0: a.endpoint})
         deadline = time.monotonic() + 10
@@ -447,6 +449,11 @@ def test_bad_arguments_are_value_errors(receiver: ZmqTransport) -> None:
         receiver.isend(torch.ones(4, 4).t(), 1)
     with pytest.raises(ValueError, match="dtype"):
         receiver.isend(torch.ones(2, dtype=torch.complex64), 1)
+    for tag in (11, -1, 2**40, True, 1.0):  # only tags.Tag's values and 0 travel
+        with pytest.raises(ValueError, match="tag"):
+            receiver.isend(torch.ones(2), 1, tag=tag)
+        with pytest.raises(ValueError, match="tag"):
+            receiver.irecv(torch.ones(2), 1, tag=tag)
 
 
 # --- the header decoder: a validated header or a FrameError, never anything else ---
