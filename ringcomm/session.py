@@ -36,7 +36,9 @@ closed (its transports closed, its heartbeat stopped).
 
 from __future__ import annotations
 
+import atexit
 import json
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -352,3 +354,20 @@ def shutdown(timeout: float = 10.0) -> None:
             return
         session.close(timeout)
         _CURRENT = None
+
+
+def _shutdown_at_exit() -> None:
+    """Close the session when the interpreter exits, so that no ringcomm thread is inside the backend then.
+
+    A program may end right after a call whose work is still queued (a refusal publishing itself
+    to the peers). Python ends its daemon threads where they next take the GIL: one coming back
+    from a store wait unwinds through C++ frames that may not unwind, and the process aborts
+    ("terminate called without an active exception"). Letting the queue finish first avoids it.
+    """
+    try:
+        shutdown(timeout=30.0)
+    except Exception as exc:  # at exit: say it, never raise
+        print(f"ringcomm: at exit: {exc}", file=sys.stderr, flush=True)
+
+
+atexit.register(_shutdown_at_exit)
