@@ -362,10 +362,15 @@ def _shutdown_at_exit() -> None:
     A program may end right after a call whose work is still queued (a refusal publishing itself
     to the peers). Python ends its daemon threads where they next take the GIL: one coming back
     from a store wait unwinds through C++ frames that may not unwind, and the process aborts
-    ("terminate called without an active exception"). Letting the queue finish first avoids it.
+    ("terminate called without an active exception"). Letting the queue finish first avoids it:
+    up to 10 s in a healthy world, 1 s in a failed one (what still runs there waits on a peer that
+    is gone), as ``world.finish`` does.
     """
+    session = _CURRENT
+    if session is None:
+        return
     try:
-        shutdown(timeout=30.0)
+        shutdown(timeout=10.0 if session.failed is None else 1.0)
     except Exception as exc:  # at exit: say it, never raise
         print(f"ringcomm: at exit: {exc}", file=sys.stderr, flush=True)
 
