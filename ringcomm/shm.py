@@ -175,9 +175,10 @@ def sweep_stale() -> list[str]:
     return removed
 
 
-def _free_bytes() -> int:
+def _space() -> tuple[int, int]:
+    """``/dev/shm``'s size and its free bytes now."""
     st = os.statvfs(SHM_DIR)
-    return st.f_bavail * st.f_frsize
+    return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
 
 def _create(path: str, size: int, rank: int, world_size: int, hint: str) -> mmap.mmap:
@@ -195,12 +196,13 @@ def _create(path: str, size: int, rank: int, world_size: int, hint: str) -> mmap
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
                 raise
+            total, free = _space()  # free: other ranks may be reserving theirs at this moment
             raise OSError(
                 errno.ENOSPC,
-                f"rank {rank}: {SHM_DIR} has {_free_bytes()} bytes free, too few for a segment of {size} "
-                f"bytes ({os.strerror(exc.errno)}); this world needs {world_size * size} bytes there "
-                f"({world_size} ranks x {size}). In a container, give it more shared memory "
-                f"(docker run --shm-size=...){hint}",
+                f"rank {rank}: could not reserve a segment of {size} bytes in {SHM_DIR} "
+                f"({os.strerror(exc.errno)}): it holds {total} bytes, {free} bytes free now; this world "
+                f"needs {world_size * size} bytes there ({world_size} ranks x {size}). In a container, "
+                f"give it more shared memory (docker run --shm-size=...){hint}",
             ) from None
         return mmap.mmap(fd, size)
     except BaseException:
@@ -237,15 +239,20 @@ def share_segments(
         except OSError as exc:  # tell the others in the gather, so that every rank raises it
             path = None
             why = exc.strerror if exc.strerror and exc.filename is None else str(exc)
-            said = _NO_SEGMENT + f"{exc.errno or 0} " + (why if why.startswith(f"rank {rank}:") else f"rank {rank}: {why}")
+            said = _NO_SEGMENT + f"{exc.errno or 0} " + why.removeprefix(f"rank {rank}: ")
         names = gather("name", said[:600])
-        failed = [n[len(_NO_SEGMENT) :].partition(" ") for n in names if n.startswith(_NO_SEGMENT)]
+        failed: dict[str, list[int]] = {}  # what went wrong -> the ranks it went wrong on
+        code = 0
+        for r, n in enumerate(names):
+            if n.startswith(_NO_SEGMENT):
+                number, _, why = n[len(_NO_SEGMENT) :].partition(" ")
+                code = code or (int(number) if number.isdigit() else 0)
+                failed.setdefault(why, []).append(r)
         if failed:
-            code = failed[0][0]
-            raise OSError(
-                int(code) if code.isdigit() else 0,
-                f"rank {rank}: could not set up shared memory: " + "; ".join(why for _, _, why in failed),
+            said = "; ".join(
+                f"ranks {rs}: {why}" if len(rs) > 1 else f"rank {rs[0]}: {why}" for why, rs in failed.items()
             )
+            raise OSError(code, f"rank {rank}: could not set up shared memory: {said}")
         for r in range(world_size):
             if r == rank:
                 continue

@@ -73,7 +73,8 @@ def test_a_small_dev_shm_is_an_error_on_every_rank_naming_it_not_a_sigbus() -> N
     for rank, said in enumerate(report["ranks"]):
         assert said.startswith("OSError: [Errno 28] "), f"rank {rank}: {said}"
         assert f"rank {rank}: could not set up shared memory" in said, said
-        assert "/dev/shm has " in said and " bytes free" in said, said
+        assert f"could not reserve a segment of {size} bytes in /dev/shm" in said, said
+        assert "it holds 8388608 bytes, " in said and " bytes free now" in said, said
         assert f"this world needs {3 * size} bytes there (3 ranks x {size})" in said, said
         assert "--shm-size" in said and "RINGCOMM_SHM_SLOTS" in said, said
     assert report["left"] == [], report
