@@ -62,9 +62,13 @@ slices; a dead or frozen peer fails the wait in ``RINGCOMM_LIVENESS_S``.
 watched, so a rank that dies or fails its half of the set-up ends the others'
 wait at once, naming it): every rank checks
 that all ranks share its host (hostname and boot id; else ``ValueError``
-naming them), then ``shm.share_segments`` makes, maps and unlinks the segments:
-even ``kill -9`` of every rank leaves nothing in ``/dev/shm``, and no file
-descriptor stays open. No thread of its own.
+naming them) and use the same queues (slots and slot bytes; else
+``ValueError`` naming both layouts), then ``shm.share_segments`` makes (with
+every page reserved: a ``/dev/shm`` too small is an ``OSError`` on every rank,
+never a SIGBUS; see ``shm.py`` for containers' ``--shm-size``), maps and
+unlinks the segments: even ``kill -9`` of every rank leaves nothing in
+``/dev/shm`` (one killed during set-up leaves its segment until the next
+set-up sweeps it), and no file descriptor stays open. No thread of its own.
 """
 
 from __future__ import annotations
@@ -222,8 +226,26 @@ class ShmTransport:
                 f"rank {rank}: transport='shm' needs every rank on one host, but {where}; "
                 "use transport='torch' or 'zmq' across hosts"
             )
+        # Agree on the layout itself: a total size alone lets 2 slots of 192 bytes meet 4 of 64.
+        mine = f"{self.slots} slots x {self.slot_bytes} bytes"
+        layouts = setup.gather("shm/layout", mine)
+        if len(set(layouts)) > 1:
+            by_layout: dict[str, list[int]] = {}
+            for r, layout in enumerate(layouts):
+                by_layout.setdefault(layout, []).append(r)
+            described = "; ".join(f"ranks {ranks} {layout}" for layout, ranks in by_layout.items())
+            raise ValueError(
+                f"rank {rank}: shm queues differ between ranks ({described}); set RINGCOMM_SHM_SLOTS "
+                "and RINGCOMM_SHM_SLOT_BYTES alike on every rank"
+            )
         size = segment_bytes(p, self.slots, self.slot_bytes)
-        self._maps = share_segments(lambda name, value: setup.gather(f"shm/{name}", value), rank, p, size)
+        hint = (
+            f", or make the queues smaller (now {mine} per queue, {p - 1} queues per rank: "
+            "RINGCOMM_SHM_SLOTS, RINGCOMM_SHM_SLOT_BYTES)"
+        )
+        self._maps = share_segments(
+            lambda name, value: setup.gather(f"shm/{name}", value), rank, p, size, hint
+        )
         bufs = {r: memoryview(m) for r, m in self._maps.items()}
         self._bell = Doorbell(bufs, 0, rank)  # the first line of every segment
         qbytes = _queue_bytes(self.slots, self.slot_bytes)

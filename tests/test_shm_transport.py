@@ -38,8 +38,12 @@ from ringcomm.world import run_world
 WORLD_TIMEOUT_S = 240
 
 
-def _ours() -> list[str]:
-    return sorted(n for n in os.listdir(SHM_DIR) if n.startswith("ringcomm-"))
+def _ours(pids: list[int]) -> list[str]:
+    """The segments in /dev/shm made by these processes (their names carry the creator's pid);
+    never the whole of /dev/shm: other users and other tests share it."""
+    return sorted(
+        n for n in os.listdir(SHM_DIR) if n.startswith("ringcomm-") and any(f"-{pid}-" in n for pid in pids)
+    )
 
 
 # --- every algorithm, the correctness grid of test_ring, over shm ---
@@ -56,9 +60,10 @@ def _grid_rank(rank: int, p: int) -> list[str]:
     s = transport.stats
     if p > 1 and (s.sent_msgs, s.recv_msgs, s.sends_to) != (2 * (p - 1), 2 * (p - 1), {(rank + 1) % p: 2 * (p - 1)}):
         failures.append(f"rank {rank}: ring message counts {s.sent_msgs}, {s.recv_msgs}, {s.sends_to}")
-    dist.barrier()  # every rank has set up: the segments must already be gone from /dev/shm
-    if rank == 0 and _ours():
-        failures.append(f"segments left in {SHM_DIR} after set-up: {_ours()}")
+    pids: list[Any] = [None] * p
+    dist.all_gather_object(pids, os.getpid())  # and every rank has set up: its segments are gone
+    if rank == 0 and _ours(pids):
+        failures.append(f"segments left in {SHM_DIR} after set-up: {_ours(pids)}")
     return failures
 
 
@@ -269,7 +274,7 @@ def test_transports_made_and_closed_leak_no_descriptors_threads_or_segments() ->
     def fds() -> int:
         return len(os.listdir("/proc/self/fd"))
 
-    before = (fds(), threading.active_count(), _ours())
+    before = (fds(), threading.active_count(), _ours([os.getpid()]))
     for i in range(10):
         a, b = _make_pair(f"leak{i}")
         exchange(a, [send(torch.ones(30), 1)], time.monotonic() + 10)  # 120 bytes: two 64-byte slots
@@ -278,7 +283,7 @@ def test_transports_made_and_closed_leak_no_descriptors_threads_or_segments() ->
         assert torch.equal(got, torch.ones(30))
         a.close()
         b.close()
-    assert (fds(), threading.active_count(), _ours()) == before
+    assert (fds(), threading.active_count(), _ours([os.getpid()])) == before
 
 
 # --- kill -9 of every rank leaves nothing behind ---
@@ -302,7 +307,6 @@ def test_kill_9_of_every_rank_after_set_up_leaves_nothing_in_dev_shm(tmp_path: A
     script = tmp_path / "rank.py"
     script.write_text(_RANK_SCRIPT)
     ready = str(tmp_path / "ready")
-    before = sorted(os.listdir(SHM_DIR))
     store = dist.TCPStore("127.0.0.1", 0, 4, is_master=True, wait_for_workers=False)
     procs = [
         subprocess.Popen([sys.executable, str(script), str(r), str(store.port), ready]) for r in range(3)
@@ -318,7 +322,7 @@ def test_kill_9_of_every_rank_after_set_up_leaves_nothing_in_dev_shm(tmp_path: A
         for p in procs:
             p.wait(30)
     time.sleep(0.5)
-    assert sorted(os.listdir(SHM_DIR)) == before
+    assert _ours([p.pid for p in procs]) == []
 
 
 # --- a waiting rank sleeps ---
