@@ -81,11 +81,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-# The names argparse offers, from the torch-free lists the registries are built from (one source:
-# ringcomm/names.py and trainer/names.py), and the one parser of every command (ringcomm/cli.py).
-from ringcomm.cli import at_least, non_negative, positive, seconds
-from ringcomm.cli import parser as make_parser
 from ringcomm.names import ALGO_NAMES, TRANSPORT_NAMES
+
+# The names argparse offers, from the torch-free lists the registries are built from (one source:
+# ringcomm/names.py and trainer/names.py), and the one parser of every command (ringcomm/tools/cli.py).
+from ringcomm.tools.cli import at_least, non_negative, positive, seconds
+from ringcomm.tools.cli import parser as make_parser
 from trainer.names import CHECKPOINT_NAME, DATASET_NAMES, METRICS_NAME, MODEL_NAMES, SCHEDULE_NAMES
 
 # Nothing above imports torch: argparse's errors and --help come at once. torch, ringcomm and the
@@ -461,7 +462,7 @@ def _spawned_rank(rank: int, world_size: int, cfg: TrainConfig, kind: str) -> st
 def _torchrun_main(args: argparse.Namespace, kind: str, backend: str) -> int:
     import torch.distributed as dist
 
-    from ringcomm.world import finish
+    from ringcomm.tools.spawn import finish
     from trainer.loop import request_stop, train
 
     world_size = int(os.environ["WORLD_SIZE"])
@@ -480,7 +481,7 @@ def _torchrun_main(args: argparse.Namespace, kind: str, backend: str) -> int:
             stopped = metrics["stopped"]
         ok = True
     finally:
-        finish(ok)  # ringcomm's comm thread first, then the group (ringcomm/world.py)
+        finish(ok)  # ringcomm's comm thread first, then the group (ringcomm/tools/spawn.py)
     return {None: 0, "time-limit": EXIT_TIME_LIMIT, "interrupted": EXIT_INTERRUPTED}[stopped]
 
 
@@ -514,14 +515,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_args(args, int(os.environ["WORLD_SIZE"]) if under_torchrun() else args.world_size)
 
-    from ringcomm.torch_transport import backend_for
+    from ringcomm.transports.torch import backend_for
 
     kind = device_kind(args.device)
     backend = args.backend or backend_for(kind)
     if under_torchrun():
         return _torchrun_main(args, kind, backend)
 
-    from ringcomm.world import WorldError, run_world
+    from ringcomm.tools.spawn import WorldError, run_world
 
     cfg = config_from_args(args, args.world_size)
     check_run(cfg, args, kind, backend, args.world_size)

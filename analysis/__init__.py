@@ -21,7 +21,7 @@ package does not pull in matplotlib.
 
 from __future__ import annotations
 
-from ringcomm.cli import HelpFormatter, Parser
+from ringcomm.tools.cli import HelpFormatter, Parser
 
 __all__ = [
     "CliParser",
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 
-# The one parser and help formatter of every command (ringcomm/cli.py), under the names the
+# The one parser and help formatter of every command (ringcomm/tools/cli.py), under the names the
 # analysis has always used.
 CliHelpFormatter = HelpFormatter
 CliParser = Parser

@@ -10,7 +10,7 @@ and the inverse bandwidth beta (seconds per byte). The counts are never
 restated here: change a formula in ``cost.py``, or add an algorithm there, and
 the fit follows.
 
-A bench label (``ps:2@zmq``, parsed by ``ringcomm.bench.AlgoSpec``) is fitted
+A bench label (``ps:2@zmq``, parsed by ``ringcomm.tools.bench.AlgoSpec``) is fitted
 with its algorithm's entry, except that gloo and ring_simple are fitted as the
 ring: gloo's CPU all-reduce is ring-based for the sizes we measure, and
 treating it so puts its alpha and beta on the same footing as ours.

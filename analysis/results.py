@@ -4,8 +4,8 @@
 
 ``bench/*.json``
     ``ringcomm.bench --json``: ``{"machine", "world_size", "rows"}``. ``machine`` is
-    ``ringcomm.bench.machine_info()``; a row is a ``ringcomm.bench.BenchRow`` (``size_bytes``,
-    ``count``, ``dtype``, ``algo``: the label, as ``ringcomm.bench.AlgoSpec`` parses it,
+    ``ringcomm.tools.bench.machine_info()``; a row is a ``ringcomm.tools.bench.BenchRow`` (``size_bytes``,
+    ``count``, ``dtype``, ``algo``: the label, as ``ringcomm.tools.bench.AlgoSpec`` parses it,
     ``transport``, ``world_size``, ``time_us``: the median sample, ``algbw_gbs``, ``busbw_gbs``,
     ``wrong``, ``samples_us``).
 ``<kind>/<run>/metrics.json``

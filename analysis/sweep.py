@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
-from ringcomm.machine import machine_info
+from ringcomm.tools.machine import machine_info
 
 from . import CliParser
 

@@ -26,31 +26,30 @@ from typing import TYPE_CHECKING, Any
 
 # Torch-free, so imported at once: the errors a caller catches and the default timeout.
 from .errors import CommError, CommTimeoutError, FrameError, MismatchError, PeerError
-from .settings import DEFAULT_TIMEOUT_S
+from .runtime.settings import DEFAULT_TIMEOUT_S
 
 # The rest needs torch (over a second to import), so it is imported when first touched
 # (PEP 562): `import ringcomm` in a command's --help costs milliseconds, and
 # `ringcomm.all_reduce(...)` imports what it needs on its first call. name -> (module, attribute).
 _LAZY: dict[str, tuple[str, str]] = {
-    "ALGOS": ("algorithms", "ALGOS"),
+    "ALGOS": ("algorithms.registry", "ALGOS"),
     "all_reduce": ("api", "all_reduce"),
     "all_reduce_async": ("api", "all_reduce_async"),
     "comm_stats": ("api", "comm_stats"),
     "init": ("api", "init"),
-    "explain_auto": ("auto", "explain"),
-    "CommStats": ("comm_queue", "CommStats"),
-    "shutdown": ("session", "shutdown"),
-    "Transport": ("transport", "Transport"),
-    "transport_names": ("transport", "transport_names"),
+    "explain_auto": ("api", "explain_auto"),
+    "CommStats": ("runtime.comm_queue", "CommStats"),
+    "shutdown": ("runtime.session", "shutdown"),
+    "Transport": ("transports.base", "Transport"),
+    "transport_names": ("transports.base", "transport_names"),
 }
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
-    from .algorithms import ALGOS
-    from .api import all_reduce, all_reduce_async, comm_stats, init
-    from .auto import explain as explain_auto
-    from .comm_queue import CommStats
-    from .session import shutdown
-    from .transport import Transport, transport_names
+    from .algorithms.registry import ALGOS
+    from .api import all_reduce, all_reduce_async, comm_stats, explain_auto, init
+    from .runtime.comm_queue import CommStats
+    from .runtime.session import shutdown
+    from .transports.base import Transport, transport_names
 
 
 def __getattr__(name: str) -> Any:
@@ -61,7 +60,7 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value  # later look-ups skip this function
         return value
     if not name.startswith("__"):
-        try:  # `import ringcomm; ringcomm.trace.enable(...)` worked when the root imported everything
+        try:  # `import ringcomm; ringcomm.runtime.trace.enable(...)` worked when the root imported everything
             return importlib.import_module(f".{name}", __name__)
         except ModuleNotFoundError as exc:
             if exc.name != f"{__name__}.{name}":

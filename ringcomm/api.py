@@ -33,15 +33,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import session as sessions
-from . import trace
-from .algorithms import ALGOS, AlgorithmSpec
-from .comm_queue import CommStats
+from . import auto
+from .algorithms.registry import ALGOS, AlgorithmSpec
 from .errors import CommError, MismatchError
-from .fingerprint import check_same_call, fingerprint, refuse
 from .ops import OPS, check_op_dtype
-from .settings import DEFAULT_TIMEOUT_S, check_default, default_timeout
-from .transport import Transport, TransportKind, transport_kind
+from .runtime import session as sessions
+from .runtime import trace
+from .runtime.check import check_same_call, fingerprint, refuse
+from .runtime.comm_queue import CommStats
+from .runtime.settings import DEFAULT_TIMEOUT_S, check_default, default_timeout
+from .transports.base import Transport, TransportKind, transport_kind
 
 __all__ = ["all_reduce", "all_reduce_async", "init", "comm_stats", "validate", "ALGOS"]
 
@@ -264,7 +265,7 @@ def _execute(session: sessions.Session, call: _Call) -> torch.Tensor:
             check_same_call(session, n, mine, deadline)
         spec, options = call.spec, call.options
         if spec.name == "auto":  # the same pick on every rank: the same fit (rank 0's), the same call
-            spec = session.auto_pick(call.kind.name, nbytes, deadline, tensor.device.type)
+            spec = ALGOS[session.auto_pick(call.kind.name, nbytes, deadline, tensor.device.type)]
             options = spec.options({}, session.world_size)
         comm = session.transport(call.kind, tensor.device.type, deadline)
         sent0, recv0 = comm.stats.sent_bytes, comm.stats.recv_bytes
@@ -461,6 +462,26 @@ def all_reduce_async(
                 return _execute(session, call)
 
     return session.queue.submit(run, call.what, future)
+
+
+def explain_auto(
+    numel: int,
+    dtype: torch.dtype | str = torch.float32,
+    transport: str = "torch",
+    world_size: int | None = None,
+    device: str | torch.device = "cpu",
+) -> auto.Choice:
+    """What ``algo="auto"`` would pick for ``numel`` elements of ``dtype``, and why (``auto.explain``).
+
+    In a running process group it answers with the fit every rank uses (rank 0's) and the group's
+    size; outside one, with this process's tune file (or the defaults), and ``world_size`` is needed.
+    """
+
+    def world_fits() -> tuple[auto.Fits, int]:
+        return sessions.current().tuning(), dist.get_world_size()
+
+    running = dist.is_available() and dist.is_initialized()
+    return auto.explain(numel, dtype, transport, world_size, device, world_fits if running else None)
 
 
 def comm_stats() -> CommStats:

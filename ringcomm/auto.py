@@ -48,14 +48,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .cost import COSTS
+from .transports.base import transport_kind
 
 __all__ = [
     "CANDIDATES",
@@ -389,21 +389,19 @@ def explain(
     transport: str = "torch",
     world_size: int | None = None,
     device: str | torch.device = "cpu",
+    world_fits: Callable[[], tuple[Fits, int]] | None = None,
 ) -> Choice:
     """What ``algo="auto"`` would pick for ``numel`` elements of ``dtype`` on ``transport``, and why.
 
-    In a running world it uses the fit every rank uses (rank 0's); outside one, this
-    process's tune file (or the defaults), and ``world_size`` must be given. ``device``
+    In a running world (``world_fits``, which ``ringcomm.explain_auto`` passes: the world's fit,
+    rank 0's, and its size) it uses the fit every rank uses; outside one, this process's tune
+    file (or the defaults), and ``world_size`` must be given. ``device``
     is where the tensor would live (``"cuda"``: torch's NCCL, with CUDA fits only).
 
     Raises:
         ValueError: what ``all_reduce`` would refuse (an unknown transport, a device it
             cannot carry), a dtype that is not one, or a negative ``numel``.
     """
-    import torch.distributed as dist
-
-    from .transport import transport_kind
-
     _check_count("numel", numel, 0)
     if world_size is not None:
         _check_count("world_size", world_size, 1)
@@ -422,18 +420,11 @@ def explain(
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device {device!r} is not a torch device: {exc}") from None
     kind.validate_device(dev)
-    if dist.is_initialized():
-        from . import session
-
-        fits = session.current().tuning()
-        world_size = world_size or dist.get_world_size()
+    if world_fits is not None:  # in a running world: its fit (rank 0's) and its size
+        fits, size_of_world = world_fits()
+        world_size = world_size or size_of_world
     else:
         if world_size is None:
             raise ValueError("explain() outside a process group needs world_size")
         fits = load_local()
     return choose(fits, kind.name, world_size, numel * size, dev.type)
-
-
-def placeholder(*args: Any, **kwargs: Any) -> None:
-    """auto is resolved by ``ringcomm.all_reduce`` before it runs (it needs the world's fit)."""
-    raise RuntimeError("algo='auto' is resolved by ringcomm.all_reduce; use auto.choose() to pick an algorithm")

@@ -53,7 +53,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .fold import core_size
+from .algorithms.chunks import core_size
 
 __all__ = [
     "AlgoCost",

@@ -35,9 +35,9 @@ ALGO_NAMES: tuple[str, ...] = ("ring", "ring_simple", "ps", "naive", "rhd", "rd"
 #: The built-in transports and the module that registers each (``transport.register_transport``);
 #: ``transport.transport_names()`` is ``TRANSPORT_NAMES`` once they are imported.
 TRANSPORT_MODULES: dict[str, str] = {
-    "shm": "ringcomm.shm_transport",
-    "torch": "ringcomm.torch_transport",
-    "zmq": "ringcomm.zmq_transport",
+    "shm": "ringcomm.transports.shm",
+    "torch": "ringcomm.transports.torch",
+    "zmq": "ringcomm.transports.zmq",
 }
 TRANSPORT_NAMES: tuple[str, ...] = tuple(TRANSPORT_MODULES)
 

@@ -13,7 +13,7 @@ multiprocessing's "spawn" start method, which runs the parent's ``__main__``
 file again in every child (as ``__mp_main__``) before the worker function.
 So the patch below, made at import time, is in place in every worker too.
 The patched ``SGD.step`` reads the worker's rank (``RANK``, which
-``ringcomm.world`` sets in each child) when it is called, not at import time,
+``ringcomm.tools.spawn`` sets in each child) when it is called, not at import time,
 because the child sets it after the import. The fault lives here, in test
 code, so that nothing in trainer/ or launch.py exists only for tests.
 """

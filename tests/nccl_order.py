@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ringcomm.errors import CommTimeoutError
-from ringcomm.transport import Message, Pending, PointToPoint, TransportStats
+from ringcomm.transports.base import Message, Pending, PointToPoint, TransportStats
 
 __all__ = ["NcclOrderWorld", "NcclOrderTransport", "run_threads"]
 

@@ -15,7 +15,7 @@ import pytest
 
 from analysis import fit, plots, report, results, tables, timeline
 from ringcomm import cost
-from ringcomm.bench import AlgoSpec
+from ringcomm.tools.bench import AlgoSpec
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 KB = 1 << 10

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import ringcomm
-from ringcomm.chunks import chunk_bounds, chunk_sizes
-from ringcomm.world import run_world
+from ringcomm.algorithms.chunks import chunk_bounds, chunk_sizes
+from ringcomm.tools.spawn import run_world
 
 
 @pytest.mark.parametrize("numel", [0, 1, 3, 4, 5, 10, 1000, 2**20 + 3])
@@ -236,7 +236,7 @@ def test_an_option_the_algorithm_does_not_take_is_refused() -> None:
 
 
 def _traced_rank(rank: int, p: int, path: str) -> list[dict]:
-    from ringcomm import trace
+    from ringcomm.runtime import trace
 
     trace.enable(rank)
     ringcomm.all_reduce(torch.ones(4 * p), algo="ring_simple")
@@ -257,7 +257,7 @@ def _traced_rank(rank: int, p: int, path: str) -> list[dict]:
 def test_trace_records_each_ring_message_with_peer_and_chunk(tmp_path) -> None:
     import json
 
-    from ringcomm import trace
+    from ringcomm.runtime import trace
 
     p = 3
     labels = run_world(_traced_rank, p, (str(tmp_path / "t"),), timeout=120)
@@ -336,8 +336,8 @@ class _FakeWork:
 
 def test_a_failure_that_says_timed_out_before_the_deadline_is_a_peer_error() -> None:
     """Timeouts are told by our clock, not by the substring "imed out" in the backend's message."""
-    from ringcomm.torch_transport import TorchTransport
-    from ringcomm.transport import Pending
+    from ringcomm.transports.base import Pending
+    from ringcomm.transports.torch import TorchTransport
 
     transport = TorchTransport.__new__(TorchTransport)  # no group needed: the wait is the fake's
     transport.backend, transport.rank, transport.liveness = "gloo", 0, None
@@ -351,7 +351,7 @@ def test_a_transport_registers_itself_and_the_api_names_none() -> None:
     """all_reduce learns transports from the registry (transport.py), so a new one needs no edit to
     api.py; its device types decide which tensors it takes and which hints an error gives."""
     from ringcomm.api import validate
-    from ringcomm.transport import _KINDS, register_transport, transport_kind
+    from ringcomm.transports.base import _KINDS, register_transport, transport_kind
 
     never_made = lambda device_type, setup: None  # noqa: E731  (validation never makes one)
     register_transport("test-pigeon", never_made, devices=("meta",))  # type: ignore[arg-type]
@@ -362,41 +362,3 @@ def test_a_transport_registers_itself_and_the_api_names_none() -> None:
             transport_kind("torch").validate_device(torch.device("meta"))
     finally:
         del _KINDS["test-pigeon"]
-
-
-def test_ringcomm_modules_import_each_other_without_a_cycle() -> None:
-    """transport.py once imported zmq_transport.py (to register it), which imports transport.py;
-    module-level imports between ringcomm's modules must form no cycle."""
-    import ast
-    from pathlib import Path
-
-    package = Path(ringcomm.__file__).parent
-    names = {p.stem for p in package.glob("*.py")} - {"__init__"}
-    imports: dict[str, set[str]] = {}
-    for name in names:
-        imports[name] = set()
-        # module level only: an import inside a function is a deliberate late one
-        for node in ast.parse((package / f"{name}.py").read_text()).body:
-            if not isinstance(node, ast.ImportFrom):
-                continue
-            module = node.module or ""
-            if node.level == 1 or module == "ringcomm":  # from . import x / from .x import y
-                targets = [module] if module and node.level == 1 else [a.name for a in node.names]
-            elif module.startswith("ringcomm."):  # from ringcomm.x import y
-                targets = [module.removeprefix("ringcomm.")]
-            else:
-                continue
-            imports[name] |= {t.split(".")[0] for t in targets} & names
-
-    def cycle_from(name: str, path: list[str]) -> list[str] | None:
-        for dep in sorted(imports[name]):
-            if dep in path:
-                return [*path[path.index(dep) :], dep]
-            found = cycle_from(dep, [*path, dep])
-            if found:
-                return found
-        return None
-
-    for name in sorted(names):
-        cycle = cycle_from(name, [name])
-        assert cycle is None, " -> ".join(cycle)

@@ -17,9 +17,9 @@ import torch
 
 import ringcomm
 from ringcomm import auto
-from ringcomm.bench import tune_fits
 from ringcomm.cost import COSTS
-from ringcomm.world import run_world
+from ringcomm.tools.bench import tune_fits
+from ringcomm.tools.spawn import run_world
 
 # alpha (s) and beta (s/B) per algorithm, P = 4: the ring is the bandwidth champion, rd the latency one
 MADE_UP = {
@@ -164,13 +164,13 @@ def test_a_rank_remembers_its_picks_per_device() -> None:
     """Session.auto_pick caches by (transport, device, size): a CPU pick is not reused for a CUDA tensor."""
     from types import SimpleNamespace
 
-    from ringcomm.session import Session
+    from ringcomm.runtime.session import Session
 
     naive_wins = {a: (1.0, 1.0) for a in auto.CANDIDATES}
     naive_wins["naive"] = (1e-9, 1e-15)
     fake = SimpleNamespace(_picks={}, world_size=4, tuning=lambda deadline: _fits(naive_wins, p=4))
-    assert Session.auto_pick(fake, "torch", 1 << 20, 1e18).name == "naive"
-    assert Session.auto_pick(fake, "torch", 1 << 20, 1e18, "cuda").name != "naive"
+    assert Session.auto_pick(fake, "torch", 1 << 20, 1e18) == "naive"
+    assert Session.auto_pick(fake, "torch", 1 << 20, 1e18, "cuda") != "naive"
 
 
 def test_explain_says_what_and_why() -> None:

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ringcomm import bench
+from ringcomm.tools import bench
 
 
 def _free_port() -> int:
@@ -171,12 +171,12 @@ def test_the_overlapped_parameter_server_has_a_label_of_its_own() -> None:
 def test_command_line_mistakes_are_one_line_before_any_worker_starts(
     argv: list[str], says: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    import ringcomm.world
+    import ringcomm.tools.spawn
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("bench started workers for a command it should have refused")
 
-    monkeypatch.setattr(ringcomm.world, "run_world", refuse)
+    monkeypatch.setattr(ringcomm.tools.spawn, "run_world", refuse)
     with pytest.raises(SystemExit) as raised:
         bench.main(argv)
     assert raised.value.code == 2

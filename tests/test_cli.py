@@ -24,9 +24,9 @@ from procs import run  # a child's own children stopped too
 
 import launch
 import ringcomm
-import ringcomm.algorithms
-import ringcomm.world
-from ringcomm.world import WorldError, run_world
+import ringcomm.algorithms.registry
+import ringcomm.tools.spawn
+from ringcomm.tools.spawn import WorldError, run_world
 from trainer import checkpoint, data, loop, models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def no_world(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("launch.py started workers for a command it should have refused")
 
-    monkeypatch.setattr(ringcomm.world, "run_world", refuse)
+    monkeypatch.setattr(ringcomm.tools.spawn, "run_world", refuse)
 
 
 def _refusal(argv: list[str]) -> str:
@@ -302,7 +302,7 @@ def test_a_refused_option_is_one_line_on_stderr_and_nothing_is_written(tmp_path:
         timeout=120,
     )
     assert proc.returncode == 1
-    options = ", ".join(ringcomm.algorithms.ALGOS["ps"].defaults)  # the registry's list, in its order
+    options = ", ".join(ringcomm.algorithms.registry.ALGOS["ps"].defaults)  # the registry's list, in its order
     assert proc.stderr.splitlines() == [
         f"launch.py: --comm-option shards=2: algo='ps' takes no option 'shards'; its options are: {options}"
     ], proc.stderr

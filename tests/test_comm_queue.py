@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 
 import ringcomm
-from ringcomm.comm_queue import CommQueue
 from ringcomm.errors import CommError
-from ringcomm.world import finish, run_world
+from ringcomm.runtime.comm_queue import CommQueue
+from ringcomm.tools.spawn import finish, run_world
 
 
 def _two_threads_rank(rank: int, p: int) -> dict[str, list[float]]:
@@ -41,7 +41,7 @@ def _two_threads_rank(rank: int, p: int) -> dict[str, list[float]]:
     b = threading.Thread(target=call, args=("b", 1000.0))
     dist.barrier()
     a.start()
-    queue = ringcomm.session.current().queue
+    queue = ringcomm.runtime.session.current().queue
     end = time.monotonic() + 10
     while queue._running is None and a.is_alive() and time.monotonic() < end:
         time.sleep(0.001)  # until a holds the queue: then b comes second on every rank

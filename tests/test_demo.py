@@ -168,7 +168,7 @@ def test_a_server_adds_each_push_to_what_it_holds_by_then() -> None:
 def test_the_story_adds_up(algo: str, world_size: int, numel: int, op: str) -> None:
     """Every receive matches a send of the same or an earlier step, every send carries what the
     tables say its rank held, every reduce adds up, and the last tables are the results."""
-    from ringcomm.demo import check_story, record, render_text
+    from ringcomm.tools.demo import check_story, record, render_text
 
     rec = record(algo, world_size, numel, op)
     assert check_story(rec) == [], render_text(rec)
@@ -260,7 +260,7 @@ def test_the_page_loads_without_errors_and_shows_the_middle_step(tmp_path: Path)
 
 def test_the_recording_is_what_the_page_embeds(tmp_path: Path) -> None:
     """The page carries the same numbers the tables print (no browser needed)."""
-    from ringcomm.demo import Recording, render_html, render_text
+    from ringcomm.tools.demo import Recording, render_html, render_text
 
     rec = Recording("ring", "sum", "torch", 2, 2, [("c0", 0, 1), ("c1", 1, 1)], final=[[10.0, 12.0]] * 2,
                     reference=[10.0, 12.0], same_on_every_rank=True, events=[[], []])  # fmt: skip

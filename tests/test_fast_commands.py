@@ -21,7 +21,9 @@ import launch
 import ringcomm
 import ringcomm.names
 import trainer.names
-from ringcomm import cli, ops, transport
+from ringcomm import ops
+from ringcomm.tools import cli
+from ringcomm.transports import base as transport
 from trainer import checkpoint, data, loop, models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,15 +96,17 @@ def test_import_ringcomm_leaves_torch_out_until_a_collective_is_touched() -> Non
 
 
 def test_every_public_name_of_the_package_resolves() -> None:
-    from ringcomm import algorithms, api, auto, comm_queue, errors, session
+    from ringcomm import api, errors
+    from ringcomm.algorithms import registry
+    from ringcomm.runtime import comm_queue, session
 
     expected = {
-        "ALGOS": algorithms.ALGOS,
+        "ALGOS": registry.ALGOS,
         "all_reduce": api.all_reduce,
         "all_reduce_async": api.all_reduce_async,
         "comm_stats": api.comm_stats,
         "init": api.init,
-        "explain_auto": auto.explain,
+        "explain_auto": api.explain_auto,
         "CommStats": comm_queue.CommStats,
         "CommError": errors.CommError,
         "shutdown": session.shutdown,
@@ -114,7 +118,7 @@ def test_every_public_name_of_the_package_resolves() -> None:
     for name, value in expected.items():
         assert getattr(ringcomm, name) is value, name
     assert set(ringcomm.__all__) <= set(dir(ringcomm))
-    assert ringcomm.trace.__name__ == "ringcomm.trace"  # a submodule, as when the root imported it
+    assert ringcomm.runtime.trace.__name__ == "ringcomm.runtime.trace"  # a submodule, as when the root imported it
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         ringcomm.no_such_name  # noqa: B018
 
@@ -122,7 +126,7 @@ def test_every_public_name_of_the_package_resolves() -> None:
 def test_a_transport_module_imported_alone_still_finds_every_transport() -> None:
     """The root no longer imports the transports; the registry does, when it is first asked."""
     proc = _python(
-        "from ringcomm.transport import transport_kind, transport_names\n"
+        "from ringcomm.transports.base import transport_kind, transport_names\n"
         "print(transport_names(), transport_kind('shm').name)"
     )
     assert proc.stdout.split() == ["('shm',", "'torch',", "'zmq')", "shm"], proc.stdout + proc.stderr
@@ -165,7 +169,7 @@ def test_launch_keeps_no_copy_of_a_registry() -> None:
 
 
 def test_every_command_uses_the_one_parser() -> None:
-    """No command defines its own ArgumentParser or HelpFormatter: ringcomm/cli.py is the one."""
+    """No command defines its own ArgumentParser or HelpFormatter: ringcomm/tools/cli.py is the one."""
     files = [ROOT / "launch.py", ROOT / "ringcomm" / "bench.py", ROOT / "ringcomm" / "demo.py"]
     files += sorted((ROOT / "analysis").glob("*.py"))
     for path in files:
@@ -193,7 +197,7 @@ def test_the_analysis_parses_labels_without_torch_and_training_does_not_import_t
 def test_machine_info_names_the_same_torch_with_or_without_importing_it() -> None:
     proc = _python(
         "import sys\n"
-        "from ringcomm.machine import machine_info\n"
+        "from ringcomm.tools.machine import machine_info\n"
         "before = machine_info()['torch']\n"
         "assert 'torch' not in sys.modules\n"
         "import torch\n"

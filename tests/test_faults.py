@@ -125,7 +125,7 @@ def _state(pid: int) -> str:
 def _context() -> Any:
     """A forkserver that has imported torch once: each world starts in about a second, not ten."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "ringcomm", "ringcomm.zmq_transport"])
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "ringcomm", "ringcomm.transports.zmq"])
     return ctx
 
 
@@ -231,7 +231,7 @@ def test_a_slow_but_alive_peer_is_waited_for(transport: str) -> None:
 def _pair(stale_s: float = 0.3, store: Any = None) -> tuple[Any, Any]:
     import torch.distributed as dist
 
-    from ringcomm.liveness import Liveness
+    from ringcomm.runtime.liveness import Liveness
 
     store = store if store is not None else dist.HashStore()
     return (
@@ -340,7 +340,7 @@ def test_a_heartbeat_that_keeps_failing_gives_up_loudly(capfd: pytest.CaptureFix
 
 @pytest.mark.parametrize("value", ["-1", "soon"])
 def test_liveness_settings_are_validated(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
-    from ringcomm.settings import heartbeat_s, liveness_s
+    from ringcomm.runtime.settings import heartbeat_s, liveness_s
 
     monkeypatch.setenv("RINGCOMM_HEARTBEAT_S", value)
     monkeypatch.setenv("RINGCOMM_LIVENESS_S", value)
@@ -357,7 +357,7 @@ def test_the_heartbeat_survives_a_store_wait_that_ends_while_it_looks() -> None:
     heartbeat thread used to read it twice (test, then use) and died on the None in between."""
     import torch.distributed as dist
 
-    from ringcomm.liveness import Liveness
+    from ringcomm.runtime.liveness import Liveness
 
     class EndsBetweenTwoReads(Liveness):
         reads = 0

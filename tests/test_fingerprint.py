@@ -13,9 +13,9 @@ import threading
 
 import pytest
 
-from ringcomm import fingerprint as fp
-from ringcomm.board import _TEXT_MAX
 from ringcomm.errors import MismatchError
+from ringcomm.runtime import check as fp
+from ringcomm.runtime.board import _TEXT_MAX
 
 
 class _Board:

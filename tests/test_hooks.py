@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ringcomm
-from ringcomm.world import run_world
+from ringcomm.tools.spawn import run_world
 from trainer.hooks import RingcommState, ringcomm_hook
 
 HOOK_ALGOS = list(ringcomm.ALGOS)

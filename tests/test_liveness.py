@@ -12,7 +12,7 @@ import pytest
 import torch.distributed as dist
 
 from ringcomm.errors import PeerError
-from ringcomm.liveness import Liveness
+from ringcomm.runtime.liveness import Liveness
 
 
 class _Wrapped:
@@ -139,7 +139,7 @@ def test_an_unreachable_store_reads_as_unknown_then_fails_naming_the_store() -> 
 
 
 def test_a_store_is_named_by_its_address() -> None:
-    from ringcomm.liveness import describe_store
+    from ringcomm.runtime.liveness import describe_store
 
     server = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
     assert describe_store(dist.PrefixStore("x", server)) == f"TCPStore at 127.0.0.1:{server.port}"

@@ -15,8 +15,8 @@ import time
 import pytest
 import torch
 
-from ringcomm.algorithms import ALGOS
-from ringcomm.buffers import ScratchPool
+from ringcomm.algorithms.buffers import ScratchPool
+from ringcomm.algorithms.registry import ALGOS
 from ringcomm.errors import CommTimeoutError
 from tests.nccl_order import run_threads
 
@@ -85,7 +85,7 @@ def test_the_emulator_deadlocks_a_receive_posted_alone_before_a_send() -> None:
 
 
 def test_the_emulator_runs_the_same_exchange_posted_together() -> None:
-    from ringcomm.transport import exchange, recv, send
+    from ringcomm.transports.base import exchange, recv, send
 
     def body(rank: int, transport: object) -> torch.Tensor:
         got = torch.empty(3)

@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 
 import ringcomm
-from ringcomm.chunks import chunk_bounds
-from ringcomm.world import run_world
+from ringcomm.algorithms.chunks import chunk_bounds
+from ringcomm.tools.spawn import run_world
 
 WORLD_SIZES = (1, 2, 3, 4, 5)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64)
@@ -194,7 +194,7 @@ def expected_traffic(p: int, numel: int, ps_rank: int, shards: int, itemsize: in
     ]
 
 
-def _traffic(stats: ringcomm.transport.TransportStats) -> dict:
+def _traffic(stats: ringcomm.transports.base.TransportStats) -> dict:
     return {
         "sent_msgs": stats.sent_msgs,
         "recv_msgs": stats.recv_msgs,

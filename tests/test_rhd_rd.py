@@ -36,10 +36,10 @@ from grid import check_grid, digest
 
 import ringcomm
 from ringcomm import cost
-from ringcomm.algorithms import ALGOS
-from ringcomm.buffers import ScratchPool
-from ringcomm.fold import core_size, fold_partner
-from ringcomm.world import run_world
+from ringcomm.algorithms.buffers import ScratchPool
+from ringcomm.algorithms.fold import core_size, fold_partner
+from ringcomm.algorithms.registry import ALGOS
+from ringcomm.tools.spawn import run_world
 from tests.nccl_order import run_threads
 
 ALGOS_HERE = ("rhd", "rd")
@@ -94,7 +94,7 @@ def check_signed_zeros(rank: int, p: int, algo: str, transport: str = "torch") -
 NUMEL_PER_RANK = 10  # float32: M = 40·P bytes; P' chunks of 10 elements at P = 4, 15 at P = 6
 
 
-def _traffic(stats: ringcomm.transport.TransportStats) -> dict:
+def _traffic(stats: ringcomm.transports.base.TransportStats) -> dict:
     return {
         "sent_msgs": stats.sent_msgs,
         "recv_msgs": stats.recv_msgs,

@@ -10,7 +10,7 @@ import torch
 from grid import check_grid, sizes_for
 
 import ringcomm
-from ringcomm.world import run_world
+from ringcomm.tools.spawn import run_world
 
 ALGOS = ("ring", "ring_simple", "naive")
 
@@ -33,8 +33,8 @@ def _pipelined_small_segments_rank(rank: int, p: int) -> list[str]:
     """The pipelined ring with tiny segments and windows must equal the readable ring bitwise."""
     import time
 
-    from ringcomm.buffers import ScratchPool
-    from ringcomm.ring_pipelined import pipelined_ring_all_reduce
+    from ringcomm.algorithms.buffers import ScratchPool
+    from ringcomm.algorithms.ring_pipelined import pipelined_ring_all_reduce
 
     failures = []
     scratch = ScratchPool()

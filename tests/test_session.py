@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import ringcomm
-from ringcomm.world import run_world
+from ringcomm.tools.spawn import run_world
 
 QUICK_S = 15.0  # "quickly": far below the 60 s timeout of each call, with room for a loaded machine
 
@@ -61,7 +61,7 @@ def _refusing_ahead_rank(rank: int, p: int, channel: str) -> dict:
     rank 1 had read it, and rank 1 waited for it until the timeout.
     """
     if channel == "store":  # ranks on "different hosts": the check goes through the store
-        from ringcomm import session
+        from ringcomm.runtime import session
 
         session.host_identity = lambda: f"host {rank}"
     op = "prod" if rank == 0 else "sum"
@@ -112,7 +112,7 @@ def _fails_mid_call_rank(rank: int, p: int) -> dict:
     It used to leave the world healthy on rank 0 and say nothing to rank 1, which waited for
     rank 0's all-gather until its timeout; rank 0's next call then started out of step.
     """
-    from ringcomm import transport
+    from ringcomm.transports import base as transport
 
     ringcomm.init("zmq")  # waits in slices that look at the peer's notices (a Gloo wait cannot)
     if rank == 0:
@@ -194,8 +194,8 @@ def _failing_set_up_rank(rank: int, p: int, transport: str) -> dict:
     """Rank 1's half of the set-up fails after every rank agreed on the transport (its socket or
     its segment); it stays alive in a barrier, so only its giving up can tell the others."""
     if rank == 1:
-        import ringcomm.shm_transport as shm_transport
-        import ringcomm.zmq_transport as zmq_transport
+        import ringcomm.transports.shm as shm_transport
+        import ringcomm.transports.zmq as zmq_transport
 
         def fail(*args: object, **kwargs: object) -> None:
             raise OSError("injected: no room for this rank's half of the set-up")
@@ -266,7 +266,7 @@ def test_transports_of_a_destroyed_world_are_closed_not_dropped() -> None:
 
 @pytest.mark.parametrize("value", ["flase", "maybe", "2"])
 def test_a_boolean_setting_that_is_not_one_raises_naming_it(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
-    from ringcomm.settings import check_default, env_bool
+    from ringcomm.runtime.settings import check_default, env_bool
 
     monkeypatch.setenv("RINGCOMM_CHECK", value)
     with pytest.raises(ValueError, match=f"RINGCOMM_CHECK={value!r}"):
@@ -280,7 +280,7 @@ def test_a_boolean_setting_that_is_not_one_raises_naming_it(monkeypatch: pytest.
 def test_boolean_settings_accept_the_usual_spellings(
     monkeypatch: pytest.MonkeyPatch, value: str, expected: bool
 ) -> None:
-    from ringcomm.settings import check_default
+    from ringcomm.runtime.settings import check_default
 
     monkeypatch.setenv("RINGCOMM_CHECK", value)
     assert check_default() is expected
@@ -291,7 +291,7 @@ def _set_up_thread_rank(rank: int, p: int) -> dict:
     first with the queue idle, then with zmq collectives still queued ahead of it."""
     import threading
 
-    from ringcomm import torch_transport
+    from ringcomm.transports import torch as torch_transport
 
     makers: list[str] = []
     real = dist.new_group
@@ -327,7 +327,7 @@ def _stuck_old_world_rank(rank: int, p: int) -> dict:
     """The old world's comm thread is still inside a collective when a new process group starts."""
     import threading
 
-    from ringcomm import session as sessions
+    from ringcomm.runtime import session as sessions
 
     old = sessions.current()
     release = threading.Event()
@@ -356,7 +356,7 @@ def _half_made_session_rank(rank: int, p: int) -> dict:
     makes one again at its next call; the world's keys must stay the same on every rank."""
     import threading
 
-    from ringcomm import session as sessions
+    from ringcomm.runtime import session as sessions
 
     outcomes = []
     if rank == 0:
@@ -393,9 +393,9 @@ def _failed_call_frames_rank(rank: int, p: int) -> dict:
     import gc
     import weakref
 
-    from ringcomm import session as sessions
-    from ringcomm import transport
     from ringcomm.errors import CommError
+    from ringcomm.runtime import session as sessions
+    from ringcomm.transports import base as transport
 
     ringcomm.init("zmq")
     inside: list[weakref.ref] = []
@@ -443,7 +443,7 @@ def _raised(error: Exception) -> Exception:
     ids=["CommError", "CommTimeoutError", "PeerError"],
 )
 def test_session_failed_keeps_type_message_and_fields_without_frames(make: Any) -> None:
-    from ringcomm.session import _frameless
+    from ringcomm.runtime.session import _frameless
 
     error = make()
     error.__context__ = ValueError("a chained cause, with frames of its own")

@@ -63,7 +63,7 @@ def _run_scenario(argv: list[str], timeout: float) -> dict:
 def test_a_small_dev_shm_is_an_error_on_every_rank_naming_it_not_a_sigbus() -> None:
     # 3 ranks, default queues: each segment is 2 queues of 4 slots of 1 MiB, more than the 8 MiB
     # there. Before: ftruncate made them sparse, and the first write killed every rank with SIGBUS.
-    from ringcomm.shm_transport import DEFAULT_SLOT_BYTES, DEFAULT_SLOTS, segment_bytes
+    from ringcomm.transports.shm import DEFAULT_SLOT_BYTES, DEFAULT_SLOTS, segment_bytes
 
     argv = _private_shm_argv("8m", [sys.executable, str(HERE), "small-shm", "3"])
     if argv is None:
@@ -102,7 +102,7 @@ def test_a_refused_first_call_then_exit_leaves_no_segment_and_no_abort() -> None
 
 _HOLD_IN_SETUP = """
 import sys, time
-from ringcomm.shm import share_segments
+from ringcomm.transports.segments import share_segments
 
 def gather(name, value):
     print(value, flush=True)  # our segment exists now; the peers never come
@@ -113,7 +113,7 @@ share_segments(gather, 0, 2, 4096)
 
 
 def test_a_segment_of_a_rank_killed_in_set_up_is_swept_by_the_next_set_up() -> None:
-    from ringcomm.shm import SHM_DIR, sweep_stale
+    from ringcomm.transports.segments import SHM_DIR, sweep_stale
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
@@ -179,7 +179,7 @@ def test_queues_of_the_same_total_size_but_other_slots_are_refused_on_every_rank
     # then every message failed as a "magic" FrameError.
     import torch.distributed as dist
 
-    from ringcomm.shm_transport import ShmTransport, segment_bytes
+    from ringcomm.transports.shm import ShmTransport, segment_bytes
 
     assert segment_bytes(2, 2, 192) == segment_bytes(2, 4, 64)
     store = dist.HashStore()
@@ -202,7 +202,7 @@ def test_queues_of_the_same_total_size_but_other_slots_are_refused_on_every_rank
 
 
 def test_a_doorbell_tells_rank_256_and_more_apart_and_refuses_worlds_it_cannot() -> None:
-    from ringcomm.shm import Doorbell
+    from ringcomm.transports.segments import Doorbell
 
     for p in (2, 256, 257, 1000, 65536):
         bufs = {r: memoryview(bytearray(8)) for r in range(p)}
@@ -229,7 +229,7 @@ def test_an_unchecked_empty_call_between_two_checked_ones_does_not_overwrite_an_
     # fingerprint until its deadline (CommTimeoutError), then rank 0 for rank 1's call 2.
     import torch.distributed as dist
 
-    from ringcomm.board import CallBoard
+    from ringcomm.runtime.board import CallBoard
 
     store = dist.HashStore()
     base = "board-reuse"
@@ -281,13 +281,13 @@ def _small_shm_rank(rank: int, p: int) -> str:
 
 
 def _ringcomm_names() -> list[str]:
-    from ringcomm.shm import SHM_DIR
+    from ringcomm.transports.segments import SHM_DIR
 
     return sorted(n for n in os.listdir(SHM_DIR) if n.startswith("ringcomm-"))
 
 
 def _small_shm(p: int) -> dict:
-    from ringcomm.world import run_world
+    from ringcomm.tools.spawn import run_world
 
     return {"ranks": run_world(_small_shm_rank, p, timeout=WORLD_TIMEOUT_S - 30), "left": _ringcomm_names()}
 

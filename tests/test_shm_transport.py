@@ -30,10 +30,10 @@ from hypothesis import strategies as st
 
 import ringcomm
 from ringcomm.errors import CommTimeoutError, FrameError
-from ringcomm.shm import SHM_DIR
-from ringcomm.shm_transport import _HEADER, ShmTransport
-from ringcomm.transport import exchange, recv, recv_reduce, send
-from ringcomm.world import run_world
+from ringcomm.tools.spawn import run_world
+from ringcomm.transports.base import exchange, recv, recv_reduce, send
+from ringcomm.transports.segments import SHM_DIR
+from ringcomm.transports.shm import _HEADER, ShmTransport
 
 WORLD_TIMEOUT_S = 240
 
@@ -116,7 +116,7 @@ def test_every_option_form_over_shm(p: int) -> None:
 
 
 def _elsewhere_rank(rank: int, p: int) -> str:
-    import ringcomm.shm_transport as shm_transport
+    import ringcomm.transports.shm as shm_transport
 
     if rank == 1:  # pretend rank 1 runs on another machine
         shm_transport.host_identity = lambda: "elsewhere (boot 12345678)"

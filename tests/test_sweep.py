@@ -273,7 +273,7 @@ def test_cluster_plan_runs_every_world_through_analysis_cluster(tmp_path: Path) 
 
 @pytest.mark.parametrize("preset", sorted(sweep.PRESETS))
 def test_every_bench_command_of_every_preset_passes_the_benchs_own_checks(preset: str, tmp_path: Path) -> None:
-    from ringcomm import bench
+    from ringcomm.tools import bench
 
     (tmp_path / "bench").mkdir()
     for r in sweep.build_plan(preset, tmp_path, python="python"):

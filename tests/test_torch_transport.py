@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 import torch
 
-from ringcomm import torch_transport
 from ringcomm.errors import CommTimeoutError, PeerError
-from ringcomm.transport import Pending, TransportStats, recv, recv_reduce, send
+from ringcomm.transports import torch as torch_transport
+from ringcomm.transports.base import Pending, TransportStats, recv, recv_reduce, send
 
 
 class _Work:

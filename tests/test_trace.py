@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from procs import run  # a child's own children stopped too
 
-from ringcomm import trace
+from ringcomm.runtime import trace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_a_short_traced_run_yields_the_expected_events_per_rank(tmp_path: Path) 
 def test_dump_takes_its_copy_under_the_lock_that_add_holds(tmp_path: Path) -> None:
     """The comm thread may add events (and lanes) while the trainer dumps; dump used to iterate
     the live list and dict ("dictionary changed size during iteration")."""
-    from ringcomm.trace import Tracer
+    from ringcomm.runtime.trace import Tracer
 
     tracer = Tracer(0)
     tracer.add("forward", "compute", 0, 10, "main")
@@ -73,12 +73,12 @@ class _Arrived:
     rank, world_size, device_type = 0, 3, "cpu"
 
     def __init__(self) -> None:
-        from ringcomm.transport import TransportStats
+        from ringcomm.transports.base import TransportStats
 
         self.stats = TransportStats()
 
     def post(self, messages: list) -> list:
-        from ringcomm.transport import Pending
+        from ringcomm.transports.base import Pending
 
         for m in messages:
             if m.kind == "recv":
@@ -92,7 +92,7 @@ class _Arrived:
 def test_a_reduce_shows_the_values_it_was_applied_to_not_those_at_its_post() -> None:
     # A server posts the reduces of two workers into one accumulator together; the second is
     # applied to the first's result. Its "before" used to be read at the post, before either.
-    from ringcomm.transport import recv_reduce
+    from ringcomm.transports.base import recv_reduce
 
     tracer = trace.Tracer(0, values=True)
     acc = torch.zeros(2)

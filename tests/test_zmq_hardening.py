@@ -27,7 +27,7 @@ import torch
 import zmq
 
 from ringcomm.errors import CommTimeoutError
-from ringcomm.wire import MAX_FRAME_BYTES, PREAMBLE_BYTES, Header, encode_header, encode_preamble
+from ringcomm.transports.wire import MAX_FRAME_BYTES, PREAMBLE_BYTES, Header, encode_header, encode_preamble
 
 # all_reduce then shutdown, in one process; the last is followed by the process's exit. 40000 float64
 # (320 KB) is still a copied send, and more than a kernel socket buffer holds by default (208 KiB).
@@ -134,7 +134,7 @@ def _forgeries(token: bytes, dst: int, src: int, seq: int, tag: int, numel: int)
 
 @pytest.fixture
 def receiver() -> Iterator[Any]:
-    from ringcomm.zmq_transport import ZmqTransport
+    from ringcomm.transports.zmq import ZmqTransport
 
     transport = ZmqTransport.standalone(0, 2)
     yield transport
@@ -281,7 +281,7 @@ ALGOS = ("ring", "ring_simple", "naive", "ps", "rhd", "rd")
 def _stray(endpoint: str, kind: int, token: bytes, stop: threading.Event, sent: list[int]) -> None:
     """Rank 0's stray thread: forgeries to ``endpoint`` (rank 1's inbox) until ``stop``, claiming
     to be rank 0 with a believable seq and tag; and a raw client announcing a 4 GiB frame."""
-    from ringcomm.tags import Tag
+    from ringcomm.algorithms.tags import Tag
 
     ctx, sock = _stranger(endpoint, kind, routing_id=b"rank:0")
     try:
@@ -350,7 +350,7 @@ def test_a_stray_process_at_a_ranks_port_cannot_disturb_collectives() -> None:
     """Junk, oversized and forged frames (claiming rank 0, believable seq and tags, the earlier
     format, a wrong token, the old ``rank:0`` identity) at rank 1's TCP port while every algorithm
     runs: every result is exact, rank 1 dropped what reached it, and said so once."""
-    from ringcomm.world import run_world
+    from ringcomm.tools.spawn import run_world
 
     reports = run_world(_under_a_stray, STRAY_P, timeout=300, env={"RINGCOMM_ZMQ_IPC": "0"})
     flat = [f for report in reports for f in report["failures"]]
@@ -363,8 +363,8 @@ def test_a_stray_process_at_a_ranks_port_cannot_disturb_collectives() -> None:
 
 def test_a_body_longer_than_one_frame_travels_in_pieces_bit_for_bit() -> None:
     """Bodies are cut into frames of at most BODY_FRAME_BYTES (the inbox refuses longer ones)."""
-    from ringcomm.wire import BODY_FRAME_BYTES, body_frames
-    from ringcomm.zmq_transport import ZmqTransport
+    from ringcomm.transports.wire import BODY_FRAME_BYTES, body_frames
+    from ringcomm.transports.zmq import ZmqTransport
 
     with ZmqTransport.standalone(0, 2) as a, ZmqTransport.standalone(1, 2, token=a.token) as b:
         a.set_peers({1: b.endpoint})

@@ -28,9 +28,16 @@ from hypothesis import strategies as st
 
 import ringcomm
 from ringcomm.errors import CommError, CommTimeoutError, FrameError, PeerError
-from ringcomm.wire import DTYPES, FORMAT_VERSION, Header, decode_header, encode_header, encode_preamble
-from ringcomm.world import run_world
-from ringcomm.zmq_transport import ZmqTransport
+from ringcomm.tools.spawn import run_world
+from ringcomm.transports.wire import (
+    DTYPES,
+    FORMAT_VERSION,
+    Header,
+    decode_header,
+    encode_header,
+    encode_preamble,
+)
+from ringcomm.transports.zmq import ZmqTransport
 
 WORLD_TIMEOUT_S = 240
 
@@ -87,7 +94,7 @@ def test_grid_over_zmq_matches_float64_reference_and_ranks_agree_bitwise(p: int)
 
 def _tcp_and_generations_rank(rank: int, p: int) -> list[str]:
     """RINGCOMM_ZMQ_IPC=0 binds loopback TCP; a second transport rendezvous on keys of its own."""
-    from ringcomm import session
+    from ringcomm.runtime import session
 
     failures = []
     first = ringcomm.init("zmq")

@@ -13,7 +13,7 @@ ringcomm's comm thread and returns its future at once, and backward goes on::
     comm thread:                     [ all_reduce(b0) ....][ all_reduce(b1) ... ]
 
 DDP calls the hook for the buckets in the same order on every rank, and the
-comm thread runs them first in, first out (``ringcomm/comm_queue.py``), so
+comm thread runs them first in, first out (``ringcomm/runtime/comm_queue.py``), so
 every rank enters the collectives in the same order.
 
 Gradients reach the hook summed over nothing: each rank's own, not divided by

@@ -38,7 +38,7 @@ epoch ``_train_epoch`` (the steps), ``_end_epoch`` (reduce, evaluate, history)
 and ``checkpoint.save``; finally the trace and ``metrics.json``. The comm hook
 is touched in two small functions only (``_attach_comm_hook``, ``_comm_record``);
 its comm thread belongs to ringcomm, which the launcher shuts down before it
-destroys the process group (``ringcomm.world.finish``).
+destroys the process group (``ringcomm.tools.spawn.finish``).
 
 The learning rate. SGD with momentum 0.9 and weight decay 5e-4. With
 ``scale_lr`` the peak rate is ``lr × world_size`` (the linear scaling rule,
@@ -69,8 +69,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 import ringcomm
-from ringcomm import trace
-from ringcomm.machine import machine_info
+from ringcomm.runtime import trace
+from ringcomm.tools.machine import machine_info
 
 from . import checkpoint
 from .checkpoint import CHECKPOINT_NAME, Progress, atomic_write

@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .errors import CommError
+from ..errors import CommError
 
 __all__ = ["CommQueue", "CommStats"]
 

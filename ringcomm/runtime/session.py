@@ -64,15 +64,15 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from .auto import Fits, choose, load_local, parse_fits
+from ..algorithms.buffers import ScratchPool
+from ..auto import Fits, choose, load_local, parse_fits
+from ..errors import CommError, CommTimeoutError, MismatchError, PeerError
+from ..transports.base import Transport, TransportKind
+from ..transports.segments import host_identity, require_x86_linux
 from .board import CallBoard
-from .buffers import ScratchPool
 from .comm_queue import CommQueue
-from .errors import CommError, CommTimeoutError, MismatchError, PeerError
 from .liveness import DEAD_NOTE, Liveness
 from .settings import DEFAULT_TIMEOUT_S, default_timeout, heartbeat_s, liveness_s
-from .shm import host_identity, require_x86_linux
-from .transport import Transport, TransportKind
 
 __all__ = ["Session", "SetupContext", "current", "shutdown"]
 
@@ -246,19 +246,17 @@ class Session:
                 self._fits = parse_fits(json.dumps({"fits": doc["fits"]}), doc["source"])
             return self._fits
 
-    def auto_pick(self, transport: str, nbytes: int, deadline: float, device: str = "cpu") -> Any:
+    def auto_pick(self, transport: str, nbytes: int, deadline: float, device: str = "cpu") -> str:
         """The algorithm ``algo="auto"`` runs for ``nbytes`` on ``transport`` with tensors on ``device``
         (a device type: torch over CUDA is NCCL, whose pick never uses Gloo's fits), remembered per
-        (transport, device, size)."""
+        (transport, device, size). Returns the algorithm's name (the api looks it up in the registry)."""
         key = (transport, device, nbytes)
-        spec = self._picks.get(key)
-        if spec is None:
-            from .algorithms import ALGOS
-
-            spec = ALGOS[choose(self.tuning(deadline), transport, self.world_size, nbytes, device).algo]
+        name = self._picks.get(key)
+        if name is None:
+            name = choose(self.tuning(deadline), transport, self.world_size, nbytes, device).algo
             if len(self._picks) < 4096:  # a training run has a few bucket sizes; bound it anyway
-                self._picks[key] = spec
-        return spec
+                self._picks[key] = name
+        return name
 
     def forget(self, base: str) -> None:
         """Delete this rank's key under ``base`` (every rank has read it; see fingerprint.py)."""

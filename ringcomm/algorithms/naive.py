@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import finalize
+from ..transports.base import Transport, exchange, recv, recv_reduce, send
 from .buffers import ScratchPool
-from .ops import finalize
 from .tags import Tag
-from .transport import Transport, exchange, recv, recv_reduce, send
 
 __all__ = ["naive_all_reduce", "ROOT"]
 

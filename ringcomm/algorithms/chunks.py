@@ -9,11 +9,14 @@ get one extra element, so chunk sizes differ by at most one::
     numel = 10, parts = 4   ->   sizes 3 3 2 2   starts 0 3 6 8
 
 ``numel`` may be 0 or smaller than ``parts``; trailing chunks are then empty.
+
+``core_size`` (P', the power-of-two core that rhd and rd fold a world into, ``fold.py``) is the same
+kind of arithmetic, and lives here so that the cost model can count with it without torch.
 """
 
 from __future__ import annotations
 
-__all__ = ["chunk_bounds", "chunk_sizes"]
+__all__ = ["chunk_bounds", "chunk_sizes", "core_size"]
 
 
 def chunk_sizes(numel: int, parts: int) -> list[int]:
@@ -34,3 +37,10 @@ def chunk_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
         bounds.append((start, size))
         start += size
     return bounds
+
+
+def core_size(world_size: int) -> int:
+    """P', the largest power of two <= ``world_size`` (ranks 0..P'-1 form the core of a fold)."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    return 1 << (world_size.bit_length() - 1)

@@ -74,7 +74,7 @@ import threading
 import time
 from typing import Any
 
-from .errors import CommError, PeerError
+from ..errors import CommError, PeerError
 
 __all__ = ["DEAD_NOTE", "Liveness", "describe_store"]
 

@@ -44,8 +44,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .names import TRANSPORT_MODULES, TRANSPORT_NAMES
-from .ops import reduce_into
+from ..names import TRANSPORT_MODULES, TRANSPORT_NAMES
+from ..ops import reduce_into
 
 __all__ = [
     "Message",

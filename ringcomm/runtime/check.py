@@ -51,7 +51,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from .errors import MismatchError
+from ..errors import MismatchError
 from .session import Session
 
 __all__ = ["FIELDS", "PUBLISHED_MAX", "fingerprint", "entry", "check_same_call", "refuse"]

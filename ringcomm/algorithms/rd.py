@@ -80,11 +80,11 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import finalize, reduce_into
+from ..transports.base import Transport, exchange, recv, send
 from .buffers import ScratchPool
 from .fold import core_size, fold_in, fold_out
-from .ops import finalize, reduce_into
 from .tags import Tag
-from .transport import Transport, exchange, recv, send
 
 __all__ = ["rd_all_reduce", "recursive_doubling"]
 

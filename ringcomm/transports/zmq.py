@@ -143,11 +143,11 @@ from typing import Any
 import torch
 import zmq
 
-from .errors import CommTimeoutError, FrameError, PeerError
-from .liveness import Liveness
-from .settings import env_bool
-from .tags import Tag
-from .transport import Pending, PointToPoint, TransportStats, register_transport
+from ..algorithms.tags import Tag
+from ..errors import CommTimeoutError, FrameError, PeerError
+from ..runtime.liveness import Liveness
+from ..runtime.settings import env_bool
+from .base import Pending, PointToPoint, TransportStats, register_transport
 from .wire import (
     DTYPE_NAMES,
     DTYPES,

@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from .ops import reduce_into
-from .transport import Message, Pending, Transport
+from ..ops import reduce_into
+from ..transports.base import Message, Pending, Transport
 
 __all__ = ["Tracer", "TracedTransport", "enable", "disable", "get", "span", "merge"]
 

@@ -45,11 +45,11 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import finalize
+from ..transports.base import Transport, exchange, recv, recv_reduce, send
 from .buffers import ScratchPool
 from .chunks import chunk_bounds
-from .ops import finalize
 from .tags import Tag
-from .transport import Transport, exchange, recv, recv_reduce, send
 
 __all__ = ["ring_all_reduce", "scatter_reduce", "all_gather"]
 

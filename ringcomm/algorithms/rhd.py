@@ -74,12 +74,12 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import finalize
+from ..transports.base import Transport, exchange, recv, recv_reduce, send
 from .buffers import ScratchPool
 from .chunks import chunk_bounds
 from .fold import core_size, fold_in, fold_out
-from .ops import finalize
 from .tags import Tag
-from .transport import Transport, exchange, recv, recv_reduce, send
 
 __all__ = ["rhd_all_reduce", "recursive_halving", "recursive_doubling", "block"]
 

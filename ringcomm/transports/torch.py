@@ -33,10 +33,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import CommError, CommTimeoutError, PeerError
-from .liveness import Liveness
-from .settings import default_timeout
-from .transport import Message, Pending, PointToPoint, TransportStats, register_transport, remaining
+from ..errors import CommError, CommTimeoutError, PeerError
+from ..runtime.liveness import Liveness
+from ..runtime.settings import default_timeout
+from .base import Message, Pending, PointToPoint, TransportStats, register_transport, remaining
 
 __all__ = ["BACKEND_FOR_DEVICE", "TorchTransport", "backend_for"]
 

@@ -41,9 +41,9 @@ import struct
 import time
 from collections.abc import Callable
 
-from .errors import CommTimeoutError, PeerError
+from ..errors import CommTimeoutError, PeerError
+from ..transports.segments import Doorbell, fence, share_segments, unmap
 from .liveness import Liveness
-from .shm import Doorbell, fence, share_segments, unmap
 
 __all__ = ["CallBoard"]
 

@@ -25,23 +25,13 @@ nothing about why the core's ranks agree bitwise: the extras get a copy.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import torch
 
+from ..transports.base import Transport, exchange, recv, recv_reduce, send
+from .chunks import core_size
 from .tags import Tag
 
-if TYPE_CHECKING:  # torch and the transport are needed by fold_in/fold_out only, imported there:
-    import torch  # core_size serves cost.py, which the analysis imports without torch
-
-    from .transport import Transport
-
 __all__ = ["core_size", "fold_partner", "fold_in", "fold_out"]
-
-
-def core_size(world_size: int) -> int:
-    """P', the largest power of two <= ``world_size`` (ranks 0..P'-1 form the core)."""
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    return 1 << (world_size.bit_length() - 1)
 
 
 def fold_partner(rank: int, world_size: int) -> int | None:
@@ -56,8 +46,6 @@ def fold_partner(rank: int, world_size: int) -> int | None:
 
 def fold_in(flat: torch.Tensor, op: str, transport: Transport, deadline: float) -> None:
     """An extra rank sends ``flat`` to its partner, which reduces it into its own (``flat op x_extra``)."""
-    from .transport import exchange, recv_reduce, send
-
     rank, p = transport.rank, transport.world_size
     partner = fold_partner(rank, p)
     if partner is None:
@@ -70,8 +58,6 @@ def fold_in(flat: torch.Tensor, op: str, transport: Transport, deadline: float) 
 
 def fold_out(flat: torch.Tensor, transport: Transport, deadline: float) -> None:
     """A partner sends its result ``flat`` back to its extra rank, which stores it as is."""
-    from .transport import exchange, recv, send
-
     rank, p = transport.rank, transport.world_size
     partner = fold_partner(rank, p)
     if partner is None:

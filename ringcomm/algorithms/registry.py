@@ -24,18 +24,17 @@ from typing import Any, Protocol
 
 import torch
 
-from . import auto
+from ..names import ALGO_NAMES
+from ..transports.base import Transport
 from .buffers import ScratchPool
 from .chunks import chunk_bounds
 from .fold import core_size
 from .naive import naive_all_reduce
-from .names import ALGO_NAMES
-from .param_server import check_ps_options, ps_all_reduce
+from .ps import check_ps_options, ps_all_reduce
 from .rd import rd_all_reduce
 from .rhd import rhd_all_reduce
 from .ring import ring_all_reduce
 from .ring_pipelined import pipelined_ring_all_reduce
-from .transport import Transport
 
 __all__ = ["ALGOS", "Algorithm", "AlgorithmSpec", "algorithm"]
 
@@ -115,6 +114,12 @@ def algorithm(
     return AlgorithmSpec(name, run, summary, validate, parts, _keyword_defaults(run))
 
 
+def _resolved_per_call(*args: Any, **kwargs: Any) -> None:
+    """``algo="auto"`` never runs as itself: ``ringcomm.all_reduce`` asks the cost model (``auto.py``) which
+    algorithm to run for each call, with the world's fit, and runs that one."""
+    raise RuntimeError("algo='auto' is resolved by ringcomm.all_reduce; use auto.choose() to pick an algorithm")
+
+
 def _positive_int(options: Mapping[str, Any], name: str, low: int) -> None:
     value = options[name]
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -175,7 +180,7 @@ ALGOS: dict[str, AlgorithmSpec] = {
         ),
         algorithm("rd", rd_all_reduce, "recursive doubling on whole vectors (rd.py): log2(P) steps, for small tensors"),
         # resolved per call by ringcomm.all_reduce into one of auto.CANDIDATES (auto.py)
-        algorithm("auto", auto.placeholder, "the cost model picks per call: rd or rhd small, the ring large (auto.py)"),
+        algorithm("auto", _resolved_per_call, "the cost model picks per call: rd or rhd small, the ring large (auto.py)"),
     )
 }
 

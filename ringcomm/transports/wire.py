@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import msgpack
 import torch
 
-from .errors import FrameError
+from ..errors import FrameError
 
 __all__ = [
     "BODY_FRAME_BYTES",

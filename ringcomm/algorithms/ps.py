@@ -75,11 +75,11 @@ import functools
 
 import torch
 
+from ..ops import finalize, reduce_into
+from ..transports.base import Message, Pending, Transport, recv, recv_reduce, send
 from .buffers import ScratchPool
 from .chunks import chunk_bounds
-from .ops import finalize, reduce_into
 from .tags import Tag
-from .transport import Message, Pending, Transport, recv, recv_reduce, send
 
 __all__ = ["ps_all_reduce", "push", "aggregate", "pull", "shard_server", "check_ps_options"]
 

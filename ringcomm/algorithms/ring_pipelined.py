@@ -44,12 +44,12 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import finalize
+from ..transports.base import Message, Pending, Transport, recv, recv_reduce, send
 from .buffers import ScratchPool
 from .chunks import chunk_bounds
-from .ops import finalize
 from .ring import ring_all_reduce
 from .tags import Tag
-from .transport import Message, Pending, Transport, recv, recv_reduce, send
 
 __all__ = ["pipelined_ring_all_reduce", "DEFAULT_SEGMENT_BYTES", "DEFAULT_WINDOW"]
 

@@ -82,11 +82,11 @@ from typing import Any
 
 import torch
 
-from .errors import CommTimeoutError, FrameError
-from .ops import reduce_into
-from .settings import env_int
-from .shm import Doorbell, fence, host_identity, require_x86_linux, share_segments, unmap
-from .transport import Message, Pending, TransportStats, register_transport
+from ..errors import CommTimeoutError, FrameError
+from ..ops import reduce_into
+from ..runtime.settings import env_int
+from .base import Message, Pending, TransportStats, register_transport
+from .segments import Doorbell, fence, host_identity, require_x86_linux, share_segments, unmap
 from .wire import DTYPE_NAMES, DTYPES
 
 __all__ = ["ShmTransport", "DEFAULT_SLOT_BYTES", "DEFAULT_SLOTS", "DEFAULT_SPIN_US", "segment_bytes"]

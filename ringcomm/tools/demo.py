@@ -1,0 +1,589 @@
+"""``python -m ringcomm.demo``: watch a real all-reduce move real numbers, step by step.
+
+    python -m ringcomm.demo --algo ring --world-size 4 --numel 8
+    python -m ringcomm.demo --algo rhd --world-size 6 --numel 12 --transport shm
+    python -m ringcomm.demo --algo ps --world-size 3 --html ps.html      # and a page to open
+
+It starts P real ranks (processes, as the tests and the benchmark do), gives
+rank r the numbers ``10*r + i`` (rank 2's fourth number is 23, so sums can be
+done by eye), runs ``ringcomm.all_reduce`` with the tracer recording every
+message's numbers (``trace.enable(rank, values=True)``), and prints, step by
+step: which part of the tensor each rank sent to whom, what each rank received
+and what it did with it (``[before] + [incoming] = [after]``), and every rank's
+numbers after the step. At the end the result is checked against
+``torch.distributed.all_reduce`` of the same inputs.
+
+A *step* is one ``post`` of each rank that has one then: the messages it
+issues together (``transport.py``). A post comes one step after its rank's
+previous post, and no earlier than the step of every send its receives match
+(``causal_steps``), so a number is never shown arriving before the step that
+sends it. In the ring every rank posts once per step; the root of the parameter
+server and of naive posts more often than the others, and rd and rhd with P not
+a power of two fold the extra ranks in first; a rank with no message in a step
+is left out of it. The tables are worked out from the messages (``replay``):
+what a rank sent, received and reduced, in the order it did so.
+
+``--html FILE`` writes the same recording as one self-contained page (no
+network: inline SVG and script): the ranks on a ring (on a star for ps and
+naive), each rank's numbers as cells coloured by the part of the tensor they
+belong to, the step's messages as arrows, a slider and a play button.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Recording", "inputs", "record", "causal_steps", "replay", "check_story", "render_text", "render_html", "main"]
+
+_OP_SIGN = {"sum": "+", "avg": "+", "max": "max", "min": "min"}
+
+
+def inputs(rank: int, numel: int) -> list[float]:
+    """Rank ``rank``'s numbers: ``10 * rank + i``."""
+    return [float(10 * rank + i) for i in range(numel)]
+
+
+@dataclass
+class Recording:
+    """One recorded run: the call, every rank's messages in posting order, and the results."""
+
+    algo: str
+    op: str
+    transport: str
+    world_size: int
+    numel: int
+    parts: list[tuple[str, int, int]]  # (label, start, numel) of the algorithm's cut of the tensor
+    ran: str = ""  # what algo ran (auto's pick), if not algo itself
+    events: list[list[dict[str, Any]]] = field(default_factory=list)  # per rank, in posting order
+    final: list[list[float]] = field(default_factory=list)  # per rank
+    reference: list[float] = field(default_factory=list)  # torch.distributed.all_reduce of the inputs
+    same_on_every_rank: bool = False
+
+    @property
+    def steps(self) -> int:
+        return max((e["step"] for per_rank in self.events for e in per_rank), default=0)
+
+
+def _demo_rank(rank: int, p: int, cfg: dict) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    import ringcomm
+    from ringcomm import session, trace
+    from ringcomm.algorithms.registry import ALGOS
+
+    tracer = trace.enable(rank, values=True)
+    x = torch.tensor(inputs(rank, cfg["numel"]))
+    ringcomm.all_reduce(x, cfg["op"], algo=cfg["algo"], transport=cfg["transport"], timeout=60)
+    trace.disable()
+    reference = torch.tensor(inputs(rank, cfg["numel"]))
+    reduce_op = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    dist.all_reduce(reference, op=reduce_op[cfg["op"]])
+    if cfg["op"] == "avg":
+        reference /= p
+    spec = ALGOS[cfg["algo"]]
+    if spec.name == "auto":
+        spec = ALGOS[session.current().auto_pick(cfg["transport"], x.numel() * x.element_size(), 1e18)]
+    digest = torch.tensor([hash(tuple(x.tolist())) & 0xFFFFFFFF], dtype=torch.int64)
+    everyone = [torch.zeros_like(digest) for _ in range(p)]
+    dist.all_gather(everyone, digest)
+    messages = [e["args"] for e in tracer.events if "kind" in e.get("args", {})]
+    return {
+        "events": messages,
+        "final": x.tolist(),
+        "reference": reference.tolist(),
+        "ran": spec.name,
+        "parts": spec.cut(cfg["numel"], p, spec.options({}, p)),
+        "same": all(int(d) == int(digest) for d in everyone),
+    }
+
+
+def record(algo: str, world_size: int, numel: int, op: str = "sum", transport: str = "torch") -> Recording:
+    """Run the all-reduce in a fresh local world of ``world_size`` processes and return what happened."""
+    from .spawn import run_world
+
+    cfg = {"algo": algo, "numel": numel, "op": op, "transport": transport}
+    results = run_world(_demo_rank, world_size, (cfg,), timeout=120)
+    first = results[0]
+    events = [r["events"] for r in results]
+    causal_steps(events)
+    return Recording(
+        algo=algo,
+        op=op,
+        transport=transport,
+        world_size=world_size,
+        numel=numel,
+        parts=[tuple(p) for p in first["parts"]],  # type: ignore[misc]
+        ran=first["ran"] if first["ran"] != algo else "",
+        events=events,
+        final=[r["final"] for r in results],
+        reference=first["reference"],
+        same_on_every_rank=all(r["same"] for r in results),
+    )
+
+
+def _pairs(events: list[list[dict[str, Any]]]) -> list[tuple[int, dict[str, Any], dict[str, Any] | None]]:
+    """Every receive (or reduce) with the send it matches: ``(rank, receive, send or None)``.
+
+    Sends and receives pair up in order per (sender, receiver, tag), as the transports deliver them.
+    """
+    sends: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
+    for rank, per_rank in enumerate(events):
+        for e in sorted(per_rank, key=lambda e: e["msg"]):
+            if e["kind"] == "send":
+                sends.setdefault((rank, e["peer"], e["tag"]), []).append(e)
+    pairs = []
+    for rank, per_rank in enumerate(events):
+        taken: dict[tuple[int, int, int], int] = {}
+        for e in sorted(per_rank, key=lambda e: e["msg"]):
+            if e["kind"] != "send":
+                key = (e["peer"], rank, e["tag"])
+                i = taken.get(key, 0)
+                taken[key] = i + 1
+                queue = sends.get(key, [])
+                pairs.append((rank, e, queue[i] if i < len(queue) else None))
+    return pairs
+
+
+def causal_steps(events: list[list[dict[str, Any]]]) -> None:
+    """Renumber every message's ``step`` (in place) so that the steps read as a story across ranks.
+
+    The tracer numbers a rank's posts 1, 2, ... on its own: a rank that waits (the root of
+    naive, a rank folded out by rhd) would show a message received before its sender's step
+    sent it. Here a post's step is the earliest that follows the rank's previous post and is
+    not before the step of any send its receives match (sends and receives pair up in order
+    per sender, receiver and tag). The raw post index stays in ``post``. If no such numbering
+    exists (it always does for the algorithms here), the posts' own numbers are kept.
+    """
+    for per_rank in events:
+        for e in per_rank:
+            e.setdefault("post", e["step"])
+    matched = {id(recv): send for _, recv, send in _pairs(events) if send is not None}  # id(receive) -> its send
+    posts = [sorted({e["post"] for e in per_rank}) for per_rank in events]
+    step = {(r, k): 1 for r, ks in enumerate(posts) for k in ks}
+    for _ in range(sum(map(len, posts)) + 1):
+        changed = False
+        for rank, per_rank in enumerate(events):
+            previous = 0
+            for k in posts[rank]:
+                low = previous + 1
+                for e in per_rank:
+                    if e["post"] == k and id(e) in matched:  # not before the step that sent it
+                        low = max(low, step[(e["peer"], matched[id(e)]["post"])])
+                if low > step[(rank, k)]:
+                    step[(rank, k)] = low
+                    changed = True
+                previous = step[(rank, k)]
+        if not changed:
+            for rank, per_rank in enumerate(events):
+                for e in per_rank:
+                    e["step"] = step[(rank, e["post"])]
+            for per_rank in events:  # a send's arrow stays on the page until it lands
+                for e in per_rank:
+                    if id(e) in matched:
+                        matched[id(e)]["arrives"] = e["step"]
+            return
+    for per_rank in events:  # no consistent numbering: keep each rank's own
+        for e in per_rank:
+            e["step"] = e["post"]
+
+
+def _combine(mine: Sequence[float], theirs: Sequence[float], op: str) -> list[float]:
+    """``op`` of two ranks' numbers, element by element (``avg`` adds: it divides once, at the end)."""
+    pick = {"max": max, "min": min}.get(op, lambda a, b: a + b)
+    return [pick(a, b) for a, b in zip(mine, theirs)]
+
+
+def replay(rec: Recording) -> list[list[list[float]]]:
+    """Every rank's numbers after each step (index 0: the inputs), worked out from the messages alone.
+
+    A send shows what its rank held there when it was posted, a receive writes its
+    numbers, a reduce writes its result; the ``before`` of each reduce is set here from
+    what its rank held just then (the tracer takes it when the reduce is posted, which is
+    too early when two reduces into the same numbers are posted together, as at a
+    parameter server). What no message shows (the division of ``avg``, a copy out of a
+    scratch buffer) appears at the next message that carries those numbers, and the
+    results at the end. Deterministic, unlike the tracer's snapshots of the whole tensor,
+    which a receive still in flight may or may not have written yet.
+    """
+    state = [inputs(r, rec.numel) for r in range(rec.world_size)]
+    out = [[row[:] for row in state]]
+    for step in range(1, rec.steps + 1):
+        for rank, per_rank in enumerate(rec.events):
+            mine = [e for e in per_rank if e["step"] == step]
+            row = state[rank]
+            for e in mine:  # what it sent was in its tensor when the step began
+                if e["kind"] == "send" and e.get("start") is not None:
+                    row[e["start"] : e["start"] + len(e["values"])] = e["values"]
+            for e in mine:  # then what came in, in the order it was waited for
+                start, n = e.get("start"), len(e["values"])
+                if e["kind"] == "recv" and start is not None:
+                    row[start : start + n] = e["values"]
+                elif e["kind"] == "reduce" and start is not None:
+                    e["before"] = row[start : start + n]
+                    row[start : start + n] = e["after"]
+                elif e["kind"] == "recv" and n == rec.numel:  # rd: into scratch, then combined with its own
+                    e["scratch"] = True
+                    e["before"], e["after"] = row[:], _combine(row, e["values"], rec.op)
+                    row[:] = e["after"]
+        out.append([row[:] for row in state])
+    return out
+
+
+def check_story(rec: Recording) -> list[str]:
+    """What is wrong with the story the demo tells of ``rec`` (empty: nothing), for the tests.
+
+    Every receive comes in the step of its send or later and carries the numbers sent;
+    every send carries what its rank held then (as the tables show it); every reduce adds
+    up (``before op incoming = after``); the last tables, with what ``then`` says, are
+    the results.
+    """
+    states, wrong = replay(rec), []
+    for rank, per_rank in enumerate(rec.events):
+        for e in sorted(per_rank, key=lambda e: e["msg"]):
+            if e["kind"] == "send":
+                start = e.get("start")
+                held = states[e["step"] - 1][rank][start : start + len(e["values"])] if start is not None else None
+                if held is not None and held != e["values"] and rec.op != "avg":
+                    wrong.append(f"rank {rank} step {e['step']} sends {e['values']} but holds {held}")
+    for rank, e, sent in _pairs(rec.events):
+        if sent is None:
+            wrong.append(f"rank {rank} step {e['step']} receives from rank {e['peer']}, which sent nothing")
+            continue
+        if sent["step"] > e["step"]:
+            wrong.append(f"rank {rank} receives in step {e['step']} what rank {e['peer']} sends in step {sent['step']}")
+        if sent["values"] != e["values"]:
+            wrong.append(f"rank {rank} step {e['step']} receives {e['values']}, rank {e['peer']} sent {sent['values']}")
+        if "after" in e and _combine(e["before"], e["values"], rec.op) != e["after"]:
+            wrong.append(f"rank {rank} step {e['step']}: {e['before']} {rec.op} {e['values']} is not {e['after']}")
+    if rec.steps and states[-1] != rec.final and rec.op != "avg":  # avg divides after its last message
+        wrong.append(f"the last tables {states[-1]} are not the results {rec.final}")
+    return wrong
+
+
+# --- text ---
+
+
+def _nums(values: Sequence[float]) -> str:
+    return " ".join(f"{v:g}" for v in values)
+
+
+def _label(rec: Recording, event: dict[str, Any]) -> str:
+    """What part of the tensor a message carries: a part's name (``c1``, ``s0``), several, or the whole."""
+    start, n = event.get("start"), len(event["values"])
+    names = [] if start is None else [label for label, s, m in rec.parts if m and start <= s and s + m <= start + n]
+    whole = n == rec.numel and (start == 0 or start is None)
+    if len(names) == 1 and len(rec.parts) > 1:
+        return names[0]
+    if whole:
+        return "the whole vector"
+    if start is None:  # received into scratch memory, not into the tensor
+        return f"{n} number{'s' if n != 1 else ''}"
+    if names and sum(m for label, s, m in rec.parts if label in names) == n:
+        return "+".join(names)
+    return f"[{start}:{start + n}]"
+
+
+def _part_index(rec: Recording, event: dict[str, Any]) -> int | None:
+    """The index of the one part a message carries (its colour on the page), else None."""
+    if len(rec.parts) == 1:
+        return 0
+    label = _label(rec, event)
+    return next((k for k, (name, _, _) in enumerate(rec.parts) if name == label), None)
+
+
+def _row(rec: Recording, values: Sequence[float]) -> str:
+    if len(rec.parts) <= 1:
+        return f"[{_nums(values)}]"
+    cells = [f"{label}: {_nums(values[start : start + n])}" for label, start, n in rec.parts if n]
+    return " | ".join(cells)
+
+
+def _describe(rec: Recording, event: dict[str, Any]) -> str:
+    label, peer, op = _label(rec, event), event["peer"], rec.op
+    if event["kind"] == "send":
+        return f"sends {label} [{_nums(event['values'])}] to rank {peer}"
+    if "after" in event:  # a reduce, or a receive into scratch that the rank then combined with its own
+        sign = _OP_SIGN[op]
+        how = " into scratch and combines it with its own" if event.get("scratch") else ""
+        before, incoming, after = _nums(event["before"]), _nums(event["values"]), _nums(event["after"])
+        if sign == "+":
+            return f"receives {label} from rank {peer}{how}: [{before}] + [{incoming}] = [{after}]"
+        return f"receives {label} from rank {peer}{how}: {sign}([{before}], [{incoming}]) = [{after}]"
+    return f"receives {label} [{_nums(event['values'])}] from rank {peer}"
+
+
+def _phase(event: dict[str, Any]) -> str | None:
+    """The algorithm's name for what a message does (from its tag, ``tags.py``); None for a ring send
+    (its receiver's side names the phase)."""
+    from ..algorithms.tags import Tag
+
+    tag, kind = Tag(event["tag"]), event["kind"]
+    if tag in (Tag.RING, Tag.NAIVE):
+        if kind == "send":
+            return None if tag is Tag.RING else ("gather" if event["peer"] == 0 else "broadcast")
+        return {Tag.RING: ("scatter-reduce", "all-gather"), Tag.NAIVE: ("gather", "broadcast")}[tag][kind == "recv"]
+    return {
+        Tag.SCATTER_REDUCE: "scatter-reduce",
+        Tag.ALL_GATHER: "all-gather",
+        Tag.PS_PUSH: "push",
+        Tag.PS_PULL: "pull",
+        Tag.RHD_HALVING: "recursive halving",
+        Tag.RHD_DOUBLING: "recursive doubling",
+        Tag.RD: "recursive doubling",
+        Tag.FOLD: "fold",
+    }[tag]
+
+
+def _step_title(rec: Recording, step: int) -> str:
+    """``step 3: scatter-reduce``: the step and what its messages do."""
+    in_step = [e for per_rank in rec.events for e in per_rank if e["step"] == step]
+    return f"step {step}: " + ", ".join(name for name in dict.fromkeys(_phase(e) for e in in_step) if name)
+
+
+def _then(rec: Recording, states: list[list[list[float]]]) -> str:
+    """What the ranks did after their last message, if it changed their numbers (avg's division)."""
+    if not rec.steps or not rec.final or states[-1] == rec.final:
+        return ""
+    why = f" (avg: the sum divided by P = {rec.world_size})" if rec.op == "avg" else ""
+    return f"then, with no message{why}"
+
+
+def render_text(rec: Recording) -> str:
+    """The recording as the demo prints it: inputs, each step's messages and numbers, the check."""
+    name = rec.algo + (f" (took {rec.ran})" if rec.ran else "")
+    lines = [
+        f"{name} all-reduce of {rec.numel} number{'s' if rec.numel != 1 else ''} over {rec.world_size} "
+        f"rank{'s' if rec.world_size != 1 else ''} "
+        f"(op {rec.op}, transport {rec.transport}); rank r starts with 10*r + i",
+    ]
+    if rec.op == "avg" and rec.world_size > 1:
+        lines.append(
+            f"avg: the ranks add, and divide a sum by P = {rec.world_size} once it is complete "
+            "(no message: it shows in the next one that carries it)"
+        )
+    if len(rec.parts) > 1:
+        lines.append(
+            "parts: "
+            + "  ".join(f"{label} = [{s}:{s + n}]" + ("" if n else " (empty)") for label, s, n in rec.parts)
+        )
+    states = replay(rec)
+    lines += ["", "before"]
+    lines += [f"  rank {r} | {_row(rec, states[0][r])}" for r in range(rec.world_size)]
+    if not rec.steps:
+        lines += ["", "one rank: nothing to send; its numbers are already the result"]
+    for step in range(1, rec.steps + 1):
+        lines += ["", _step_title(rec, step)]
+        for r in range(rec.world_size):
+            mine = [e for e in rec.events[r] if e["step"] == step]
+            for e in sorted(mine, key=lambda e: e["kind"] != "send"):  # what it sent, then what came in
+                lines.append(f"  rank {r} {_describe(rec, e)}")
+        lines.append(f"  after step {step}")
+        lines += [f"    rank {r} | {_row(rec, states[step][r])}" for r in range(rec.world_size)]
+    if _then(rec, states):
+        lines += ["", _then(rec, states)]
+        lines += [f"    rank {r} | {_row(rec, rec.final[r])}" for r in range(rec.world_size)]
+    same = all(f == rec.final[0] for f in rec.final)
+    lines += [
+        "",
+        f"result: {'every rank holds' if same else 'ranks DIFFER; rank 0 holds'} [{_nums(rec.final[0])}]",
+        f"torch.distributed.all_reduce of the same inputs: [{_nums(rec.reference)}]"
+        f" ({'equal' if rec.final[0] == rec.reference else 'DIFFERENT'}; bitwise the same on every rank: "
+        f"{'yes' if rec.same_on_every_rank else 'NO'})",
+    ]
+    return "\n".join(lines)
+
+
+# --- the page ---
+
+
+def render_html(rec: Recording) -> str:
+    """The recording as one self-contained HTML page (inline SVG and script, nothing fetched)."""
+    buffers = replay(rec)  # also sets each reduce's "before"
+    events = [
+        [e | {"label": _label(rec, e), "text": _describe(rec, e), "partindex": _part_index(rec, e)} for e in per_rank]
+        for per_rank in rec.events
+    ]
+    data = json.dumps(
+        asdict(rec)
+        | {"events": events, "steps": rec.steps, "inputs": buffers[0], "buffers": buffers, "then": _then(rec, buffers),
+           "titles": [_step_title(rec, step) for step in range(1, rec.steps + 1)]}
+    )
+    title = f"ringcomm: {rec.algo} over {rec.world_size} rank{'s' if rec.world_size != 1 else ''}"
+    star = (rec.ran or rec.algo) in ("ps", "naive")
+    return _PAGE.replace("__TITLE__", title).replace("__DATA__", data).replace("__STAR__", "true" if star else "false")
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
+<style>
+ body { font: 14px/1.4 system-ui, sans-serif; margin: 16px; color: #222; }
+ #controls { margin: 8px 0; } #controls button { width: 5em; }
+ #log { font: 12px/1.5 ui-monospace, monospace; white-space: pre-wrap; background: #f6f6f6; padding: 8px; }
+ text { font: 11px ui-monospace, monospace; }
+ #legend { color: #555; font-size: 13px; }
+</style></head>
+<body>
+<h1 id="title">__TITLE__</h1>
+<div id="controls"><button id="play">play</button>
+ <input id="slider" type="range" min="0" value="0" step="1"> <span id="stepname"></span></div>
+<div id="legend">A cell's colour is the part of the tensor it belongs to. Solid arrow: a message received in this
+ step (the log below says what was added); dashed: sent, still waiting to be received.</div>
+<svg id="view" width="1000" height="620" viewBox="0 0 1000 620" role="img" aria-label="ranks and messages"></svg>
+<div id="log"></div>
+<script>
+"use strict";
+window.addEventListener("error", (e) => {  // say so on the page, not only in the console
+  document.body.dataset.error = String(e.message);
+  document.getElementById("title").textContent += " (the page failed: " + e.message + ")";
+});
+const rec = __DATA__;
+const star = __STAR__;
+const P = rec.world_size, N = rec.numel;
+const svg = document.getElementById("view"), slider = document.getElementById("slider");
+const palette = ["#4e79a7","#f28e2b","#e15759","#76b7b2","#59a14f","#edc948","#b07aa1","#ff9da7","#9c755f","#bab0ac"];
+function partOf(i) {
+  for (let k = 0; k < rec.parts.length; k++) { const [, s, n] = rec.parts[k]; if (i >= s && i < s + n) return k; }
+  return 0;
+}
+function buffersAt(step) {  // every rank's numbers once step `step` is done (0: the inputs), as printed
+  return step === rec.steps && step > 0 ? rec.final : rec.buffers[step];
+}
+let turn = 0;  // the star's rotation: chosen below so that no arm lies level with the middle
+function place(r) {  // rank r's centre: on a ring, or (ps, naive) rank 0 in the middle of a star
+  const cx = 500, cy = 310, R = 235;
+  if (P === 1) return [cx, cy];
+  if (star) { if (r === 0) return [cx, cy]; const a = 2 * Math.PI * (r - 1) / (P - 1) - Math.PI / 2 + turn; return [cx + R * Math.cos(a), cy + R * Math.sin(a)]; }
+  const a = 2 * Math.PI * r / P - Math.PI / 2; return [cx + R * Math.cos(a), cy + R * Math.sin(a)];
+}
+function room() {  // the width a rank's row may take: it must clear the rows beside it at about the same height
+  let w = 960;
+  for (let a = 0; a < P; a++) for (let b = a + 1; b < P; b++) {
+    const [xa, ya] = place(a), [xb, yb] = place(b);
+    if (Math.abs(ya - yb) < 60) w = Math.min(w, Math.abs(xa - xb) - 24);
+  }
+  return w;
+}
+if (star && P > 2) { const plain = room(); turn = Math.PI / (P - 1); if (room() <= plain) turn = 0; }
+const cell = Math.max(4, Math.min(34, Math.floor(room() / Math.max(N, 1))));
+const halfW = cell * N / 2 + 6, halfH = 32;  // a rank's box (its label above the cells), for the arrows
+function el(name, attrs, text) {
+  const e = document.createElementNS("http://www.w3.org/2000/svg", name);
+  for (const k in attrs) e.setAttribute(k, attrs[k]);
+  if (text !== undefined) e.textContent = text;
+  svg.appendChild(e); return e;
+}
+function draw(step) {
+  while (svg.firstChild) svg.removeChild(svg.firstChild);
+  const defs = el("defs", {});
+  palette.concat(["#555"]).forEach((colour, k) => {
+    const m = document.createElementNS("http://www.w3.org/2000/svg", "marker");
+    for (const [key, v] of Object.entries({id: "arrow-" + k, markerWidth: 8, markerHeight: 8, refX: 7, refY: 3, orient: "auto"})) m.setAttribute(key, v);
+    const path = document.createElementNS("http://www.w3.org/2000/svg", "path");
+    path.setAttribute("d", "M0,0 L7,3 L0,6 z"); path.setAttribute("fill", colour);
+    m.appendChild(path); defs.appendChild(m);
+  });
+  const bufs = buffersAt(step);
+  // a message: from the step that sends it to the step that receives it (dashed while on its way)
+  for (let r = 0; r < P; r++) for (const e of rec.events[r]) if (e.kind === "send" && e.step <= step && step <= (e.arrives || e.step)) {
+    const landing = step === (e.arrives || e.step);
+    const [xa, ya] = place(r), [xb, yb] = place(e.peer);
+    const d = Math.hypot(xb - xa, yb - ya) || 1, ux = (xb - xa) / d, uy = (yb - ya) / d;
+    const cut = Math.min(Math.abs(ux) > 1e-6 ? halfW / Math.abs(ux) : 1e9, Math.abs(uy) > 1e-6 ? halfH / Math.abs(uy) : 1e9);
+    const nx = -uy * 6, ny = ux * 6;  // A->B and B->A side by side
+    const k = e.partindex === null ? palette.length : e.partindex % palette.length;  // grey: several parts
+    const colour = k === palette.length ? "#555" : palette[k];
+    const x1 = xa + ux * cut + nx, y1 = ya + uy * cut + ny, x2 = xb - ux * cut + nx, y2 = yb - uy * cut + ny;
+    el("line", {x1: x1, y1: y1, x2: x2, y2: y2, stroke: colour, "stroke-width": 2.5, "marker-end": "url(#arrow-" + k + ")",
+                "stroke-dasharray": landing ? "none" : "6 5", class: landing ? "msg" : "msg-waiting", "data-from": r, "data-to": e.peer});
+    el("text", {x: (x1 + x2) / 2 + nx * 2, y: (y1 + y2) / 2 + ny * 2 + 4, "text-anchor": "middle", fill: colour, class: "msglabel"}, e.label === "the whole vector" ? "all" : e.label);
+  }
+  const font = Math.max(7, Math.min(11, cell / 2.7));
+  if (cell < 14) el("text", {x: 10, y: 610}, "too many numbers to print in the cells: hover over a cell, or read the log below");
+  for (let r = 0; r < P; r++) {
+    const [x, y] = place(r), x0 = x - cell * N / 2;
+    el("text", {x: x, y: y - 22, "text-anchor": "middle"}, "rank " + r);
+    for (let i = 0; i < N; i++) {
+      const rect = el("rect", {x: x0 + i * cell, y: y - 14, width: cell - 1, height: 24, fill: palette[partOf(i) % palette.length],
+                  "fill-opacity": 0.55, class: "cell", id: "cell-" + r + "-" + i, "data-value": bufs[r][i]});
+      const shown = String(Math.round(bufs[r][i] * 100) / 100);
+      const tip = document.createElementNS("http://www.w3.org/2000/svg", "title");
+      tip.textContent = "rank " + r + ", number " + i + ": " + shown; rect.appendChild(tip);
+      if (cell >= 14) el("text", {x: x0 + i * cell + cell / 2, y: y + 3, "text-anchor": "middle", style: "font-size:" + font + "px"}, shown);
+    }
+  }
+  document.getElementById("stepname").textContent = step === 0 ? "before (inputs)" : "after " + rec.titles[step - 1] + " (of " + rec.steps + ")";
+  const log = [];
+  for (let r = 0; r < P; r++) for (const e of rec.events[r]) if (e.step === step)
+    log.push("rank " + r + " " + e.text);
+  if (rec.steps === 0) log.push("one rank: nothing to send; its numbers are already the result");
+  if (step === rec.steps && rec.then) log.push(rec.then + ": [" + rec.final[0].join(" ") + "] on every rank");
+  if (step === rec.steps) log.push("result: [" + rec.final[0].join(" ") + "]; torch.distributed.all_reduce: [" + rec.reference.join(" ") + "]");
+  document.getElementById("log").textContent = log.join("\\n");
+  document.body.dataset.step = String(step);
+}
+slider.max = String(rec.steps);
+slider.addEventListener("input", () => draw(Number(slider.value)));
+let timer = null;
+document.getElementById("play").addEventListener("click", () => {
+  if (timer) { clearInterval(timer); timer = null; return; }
+  timer = setInterval(() => { const s = (Number(slider.value) + 1) % (rec.steps + 1); slider.value = String(s); draw(s); }, 900);
+});
+const wanted = Number((location.hash.match(/step=(\\d+)/) || [])[1] || 0);
+slider.value = String(Math.min(wanted, rec.steps));
+draw(Number(slider.value));
+</script></body></html>
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # The torch-free names and parser: --help and a mistake answer before torch is imported (by record).
+    from ..names import ALGO_NAMES, OP_NAMES, TRANSPORT_NAMES
+    from .cli import parser as make_parser
+
+    parser = make_parser("python -m ringcomm.demo", "Watch a real all-reduce move real numbers, step by step.")
+    parser.add_argument("--algo", default="ring", choices=ALGO_NAMES, help="the algorithm to watch")
+    parser.add_argument("--world-size", type=int, default=4, help="ranks (processes) to start, 1-8")
+    parser.add_argument("--numel", type=int, default=8, help="numbers per rank, 1-32")
+    parser.add_argument("--op", default="sum", choices=OP_NAMES, help="the reduction")
+    parser.add_argument("--transport", default="torch", choices=TRANSPORT_NAMES, help="what carries the messages")
+    parser.add_argument(
+        "--html", metavar="FILE", help="also write the run as a self-contained page to FILE (default: no page)"
+    )
+    args = parser.parse_args(argv)
+    if not 1 <= args.world_size <= 8:
+        parser.error(f"--world-size {args.world_size}: choose 1 to 8 (the page and the tables stay readable)")
+    if not 1 <= args.numel <= 32:
+        parser.error(f"--numel {args.numel}: choose 1 to 32")
+    if args.html and Path(args.html).is_dir():
+        parser.error(f"--html {args.html}: is a folder; name the page's file, e.g. {Path(args.html) / 'demo.html'}")
+    if args.html and not Path(args.html).resolve().parent.is_dir():
+        parser.error(f"--html {args.html}: no folder {Path(args.html).parent} to write it in")
+    rec = record(args.algo, args.world_size, args.numel, args.op, args.transport)
+    try:
+        print(render_text(rec), flush=True)
+    except BrokenPipeError:  # | head: the reader has all it wanted
+        sys.stdout = None  # type: ignore[assignment]  # nothing more to flush at exit
+        return 0
+    if args.html:
+        try:
+            with open(args.html, "w") as f:
+                f.write(render_html(rec))
+        except OSError as exc:
+            print(f"{parser.prog}: --html {args.html}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        print(f"\nwrote {args.html}: open it in a browser (no network needed)")
+    ok = rec.same_on_every_rank and all(
+        math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6) for a, b in zip(rec.final[0], rec.reference)
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
