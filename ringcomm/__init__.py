@@ -35,6 +35,12 @@ _LAZY: dict[str, tuple[str, str]] = {
     "ALGOS": ("algorithms.registry", "ALGOS"),
     "all_reduce": ("api", "all_reduce"),
     "all_reduce_async": ("api", "all_reduce_async"),
+    "reduce_scatter": ("api", "reduce_scatter"),
+    "reduce_scatter_async": ("api", "reduce_scatter_async"),
+    "all_gather": ("api", "all_gather"),
+    "all_gather_async": ("api", "all_gather_async"),
+    "broadcast": ("api", "broadcast"),
+    "broadcast_async": ("api", "broadcast_async"),
     "comm_stats": ("api", "comm_stats"),
     "init": ("api", "init"),
     "explain_auto": ("api", "explain_auto"),
@@ -46,7 +52,19 @@ _LAZY: dict[str, tuple[str, str]] = {
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from .algorithms.registry import ALGOS
-    from .api import all_reduce, all_reduce_async, comm_stats, explain_auto, init
+    from .api import (
+        all_gather,
+        all_gather_async,
+        all_reduce,
+        all_reduce_async,
+        broadcast,
+        broadcast_async,
+        comm_stats,
+        explain_auto,
+        init,
+        reduce_scatter,
+        reduce_scatter_async,
+    )
     from .runtime.comm_queue import CommStats
     from .runtime.session import shutdown
     from .transports.base import Transport, transport_names
@@ -82,8 +100,14 @@ __all__ = [
     "MismatchError",
     "PeerError",
     "Transport",
+    "all_gather",
+    "all_gather_async",
     "all_reduce",
     "all_reduce_async",
+    "broadcast",
+    "broadcast_async",
+    "reduce_scatter",
+    "reduce_scatter_async",
     "comm_stats",
     "explain_auto",
     "init",

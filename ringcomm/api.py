@@ -1,4 +1,10 @@
-"""``ringcomm.all_reduce`` and ``all_reduce_async``: validate, queue, check, run the algorithm in place.
+"""``ringcomm.all_reduce``, ``reduce_scatter``, ``all_gather``, ``broadcast`` (and ``*_async``): validate, queue,
+check, run the algorithm.
+
+The four collectives share one path: a ``_Call`` names its collective, and ``_admit`` (validate,
+publish a refusal), the comm queue and ``_execute`` (number, check, transport, algorithm, account)
+serve them all; only the validation (``_prepare``, ``_prepare_collective``) and the algorithm's
+signature differ (``registry.py`` for all_reduce, ``collectives.py`` for the others).
 
 Everything that can be wrong with the arguments is found here, before a
 single byte moves, and raised as ``ValueError`` with the tensor untouched
@@ -26,7 +32,7 @@ import logging
 import numbers
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +40,10 @@ import torch
 import torch.distributed as dist
 
 from . import auto
+from .algorithms.collectives import COLLECTIVE_ALGOS
 from .algorithms.registry import ALGOS, AlgorithmSpec
 from .errors import CommError, MismatchError
-from .ops import OPS, check_op_dtype
+from .ops import OPS, SUPPORTED_DTYPES, check_op_dtype
 from .runtime import session as sessions
 from .runtime import trace
 from .runtime.check import check_same_call, fingerprint, refuse
@@ -44,7 +51,20 @@ from .runtime.comm_queue import CommStats
 from .runtime.settings import DEFAULT_TIMEOUT_S, check_default, default_timeout
 from .transports.base import Transport, TransportKind, transport_kind
 
-__all__ = ["all_reduce", "all_reduce_async", "init", "comm_stats", "validate", "ALGOS"]
+__all__ = [
+    "all_reduce",
+    "all_reduce_async",
+    "reduce_scatter",
+    "reduce_scatter_async",
+    "all_gather",
+    "all_gather_async",
+    "broadcast",
+    "broadcast_async",
+    "init",
+    "comm_stats",
+    "validate",
+    "ALGOS",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -55,7 +75,11 @@ _OVERLAP_CHECK_MAX = 1 << 24
 
 @dataclass
 class _Call:
-    """One validated all_reduce, ready to run."""
+    """One validated collective, ready to run.
+
+    ``tensor`` is what the call writes (all_reduce's and broadcast's tensor, the others' output);
+    ``input`` what reduce_scatter and all_gather read (None for the other two).
+    """
 
     tensor: torch.Tensor
     op: str
@@ -64,11 +88,55 @@ class _Call:
     options: dict[str, Any]
     timeout: float
     check: bool
+    collective: str = "all_reduce"
+    input: torch.Tensor | None = None
+    src: int = 0
 
     @property
     def what(self) -> str:
         t = self.tensor
-        return f"all_reduce({t.numel()} x {str(t.dtype).removeprefix('torch.')}, {self.spec.name} over {self.kind.name})"
+        root = f", src={self.src}" if self.collective == "broadcast" else ""
+        return (
+            f"{self.collective}({t.numel()} x {str(t.dtype).removeprefix('torch.')}{root}, "
+            f"{self.spec.name} over {self.kind.name})"
+        )
+
+    def fingerprint(self, numel: int) -> list[object]:
+        """What the same-call check compares: all_reduce's as before; the others name their collective
+        in the algo field and their root in the options, so a rank calling all_gather while another
+        calls broadcast differs in the check, and every rank raises ``MismatchError``."""
+        dtype = str(self.tensor.dtype).removeprefix("torch.")
+        if self.collective == "all_reduce":
+            algo, options = self.spec.name, self.options
+        else:
+            algo = f"{self.collective} {self.spec.name}"
+            options = {**self.options, "src": self.src} if self.collective == "broadcast" else self.options
+        return fingerprint(numel, dtype, self.op, algo, self.kind.name, self.tensor.device.type, options)
+
+
+#: torch.distributed's reduce ops that ringcomm has, by what they mean here.
+_REDUCE_OPS = {"SUM": "sum", "AVG": "avg", "MAX": "max", "MIN": "min"}
+
+
+def op_name(op: object) -> str:
+    """``op`` as one of ``ops.OPS``: a name as it is, a ``torch.distributed.ReduceOp`` by its meaning.
+
+    Raises:
+        ValueError: a ReduceOp that ringcomm does not reduce (PRODUCT, BAND, ...), or neither kind.
+    """
+    if isinstance(op, str):
+        return op
+    if isinstance(op, (dist.ReduceOp, dist.ReduceOp.RedOpType)):
+        for name, ours in _REDUCE_OPS.items():
+            if op == getattr(dist.ReduceOp, name):
+                return ours
+        raise ValueError(
+            f"op={op!r} is not reduced by ringcomm; it reduces ReduceOp.SUM, AVG, MAX and MIN "
+            f"(or {', '.join(map(repr, OPS))})"
+        )
+    raise ValueError(
+        f"op must be a string, one of {', '.join(map(repr, OPS))}, or a torch.distributed.ReduceOp; got {op!r}"
+    )
 
 
 def validate(
@@ -90,12 +158,11 @@ def validate(
 
 
 def _prepare(
-    tensor: Any, op: str, algo: str, transport: str, timeout: float | None, check: bool | None, options: dict
+    tensor: Any, op: object, algo: str, transport: str, timeout: float | None, check: bool | None, options: dict
 ) -> _Call:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"all_reduce expects a torch.Tensor, got {type(tensor).__name__}")
-    if not isinstance(op, str):  # a list would reach a dict lookup and fail as a TypeError
-        raise ValueError(f"op must be a string, one of {', '.join(map(repr, OPS))}; got {op!r}")
+    op = op_name(op)  # a list would reach a dict lookup and fail as a TypeError: refused here
     check_op_dtype(op, tensor.dtype)
     _check_no_overlap(tensor)
     if timeout is not None and not _is_timeout(timeout):
@@ -109,6 +176,88 @@ def _prepare(
     return _Call(
         tensor, op, spec, kind, complete, float(timeout) if timeout is not None else default_timeout(),
         check_default() if check is None else check,
+    )
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {list(t.shape)}, {str(t.dtype).removeprefix('torch.')}, {t.numel()} elements"
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """``[first, end)`` byte addresses that ``t``'s elements may touch (non-negative strides)."""
+    reach = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 1)
+    return t.data_ptr(), t.data_ptr() + (reach + 1) * t.element_size()
+
+
+def _prepare_collective(
+    collective: str,
+    output: Any,
+    input: Any,
+    op: object,
+    src: object,
+    algo: str,
+    transport: str,
+    timeout: float | None,
+    check: bool | None,
+    options: dict,
+) -> _Call:
+    """Validate a reduce_scatter, all_gather or broadcast (``input`` is None for broadcast); ``ValueError``
+    naming what is wrong (the rank, the tensors' shapes and dtypes) before a byte moves."""
+    if not dist.is_initialized():
+        raise RuntimeError(f"ringcomm.{collective} needs torch.distributed.init_process_group to have been called")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    where = f"rank {rank}: {collective}"
+    tensors = {"tensor": output} if input is None else {"output": output, "input": input}
+    for label, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{where} expects {label} to be a torch.Tensor, got {type(t).__name__}")
+    if collective == "reduce_scatter":
+        op = op_name(op)
+        check_op_dtype(op, output.dtype)
+    else:
+        op = ""
+        if output.dtype not in SUPPORTED_DTYPES:
+            names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+            raise ValueError(f"{where}: unsupported dtype {output.dtype} ({_describe(output)}); ringcomm moves {names}")
+    _check_no_overlap(output)
+    if input is not None:
+        if input.dtype != output.dtype or input.device != output.device:
+            raise ValueError(
+                f"{where}: input ({_describe(input)}, on {input.device}) and output ({_describe(output)}, "
+                f"on {output.device}) must have one dtype and one device"
+            )
+        big, small = (output, input) if collective == "all_gather" else (input, output)
+        if big.numel() != world_size * small.numel():
+            names = ("output", "input") if collective == "all_gather" else ("input", "output")
+            raise ValueError(
+                f"{where}: {names[0]}.numel() must be P * {names[1]}.numel() = {world_size} * {small.numel()} = "
+                f"{world_size * small.numel()}; got {names[0]} {_describe(big)} and {names[1]} {_describe(small)}"
+            )
+        if input.numel() and output.numel() and input.untyped_storage().data_ptr() == output.untyped_storage().data_ptr():
+            (a0, a1), (b0, b1) = _byte_span(input), _byte_span(output)
+            if a0 < b1 and b0 < a1:
+                raise ValueError(
+                    f"{where}: input ({_describe(input)}) and output ({_describe(output)}) overlap in memory; "
+                    "pass an output that shares no storage with the input"
+                )
+    if collective == "broadcast":
+        if isinstance(src, bool) or not isinstance(src, numbers.Integral) or not 0 <= int(src) < world_size:
+            raise ValueError(f"{where}: src={src!r} is not a rank of this world of {world_size} (0..{world_size - 1})")
+    if timeout is not None and not _is_timeout(timeout):
+        raise ValueError(_timeout_problem(timeout))
+    if check is not None and not isinstance(check, bool):
+        raise ValueError(f"check must be True, False or None (RINGCOMM_CHECK), got {check!r}")
+    specs = COLLECTIVE_ALGOS[collective]
+    spec = specs.get(algo) if isinstance(algo, str) else None
+    if spec is None:
+        raise ValueError(f"unknown algo {algo!r} for {collective}; expected one of {', '.join(specs)}")
+    kind = transport_kind(transport)
+    kind.validate_device(output.device)
+    complete = spec.options(options, world_size)
+    return _Call(
+        output, op, spec, kind, complete, float(timeout) if timeout is not None else default_timeout(),
+        check_default() if check is None else check, collective, input,
+        int(src) if collective == "broadcast" else 0,  # type: ignore[arg-type]
     )
 
 
@@ -206,18 +355,11 @@ def _refuse(session: sessions.Session, reason: str, check: bool | None, timeout:
                 _fail(session, n, exc)
                 raise
 
-    session.queue.submit(refusal, "a refused all_reduce", torch.futures.Future())
+    session.queue.submit(refusal, "a refused call", torch.futures.Future())
 
 
 def _admit(
-    tensor: Any,
-    op: str,
-    algo: str,
-    transport: str,
-    timeout: float | None,
-    check: bool | None,
-    options: dict,
-    blocking: bool,
+    prepare: Callable[[], _Call], timeout: object, check: object, blocking: bool
 ) -> tuple[sessions.Session, _Call]:
     """Validate and find the session; any refusal is published to the peers, then raised.
 
@@ -227,7 +369,7 @@ def _admit(
     for this rank's fingerprint until their timeout, or pair their call with its next one.
     """
     try:
-        call = _prepare(tensor, op, algo, transport, timeout, check, options)
+        call = prepare()
         session = sessions.current()
         if blocking:
             session.queue.refuse_blocking_here(call.what)
@@ -237,7 +379,7 @@ def _admit(
                 _refuse(sessions.current(), f"{type(exc).__name__}: {exc}", check, timeout)
             except Exception as unsaid:  # raise the refusal itself; say why the peers were not told
                 _log.error(
-                    "ringcomm: could not tell the peers that this rank refused an all_reduce "
+                    "ringcomm: could not tell the peers that this rank refused a collective "
                     "(%s: %s): %s: %s; they wait for this rank until their timeout",
                     type(exc).__name__, exc, type(unsaid).__name__, unsaid,
                 )
@@ -253,24 +395,38 @@ def _execute(session: sessions.Session, call: _Call) -> torch.Tensor:
     tensor = call.tensor
     work = tensor if tensor.is_contiguous() else tensor.contiguous()
     flat = work.view(-1)
+    source = call.input.contiguous().view(-1) if call.input is not None else flat  # what is read
     comm: Transport | None = None
     sent0 = recv0 = 0
-    nbytes = flat.numel() * flat.element_size()
+    nbytes = max(flat.numel(), source.numel()) * flat.element_size()  # M: the whole tensor
     try:
         if call.check and session.world_size > 1:
-            dtype = str(tensor.dtype).removeprefix("torch.")
-            mine = fingerprint(
-                flat.numel(), dtype, call.op, call.spec.name, call.kind.name, tensor.device.type, call.options
-            )
-            check_same_call(session, n, mine, deadline)
+            check_same_call(session, n, call.fingerprint(flat.numel()), deadline)
         spec, options = call.spec, call.options
-        if spec.name == "auto":  # the same pick on every rank: the same fit (rank 0's), the same call
+        if spec.name == "auto" and call.collective == "all_reduce":
+            # the same pick on every rank: the same fit (rank 0's), the same call
             spec = ALGOS[session.auto_pick(call.kind.name, nbytes, deadline, tensor.device.type)]
+            options = spec.options({}, session.world_size)
+        elif spec.name == "auto":
+            picked = auto.choose_collective(
+                session.tuning(deadline), call.collective, call.kind.name, session.world_size, nbytes,
+                tensor.device.type,
+            )
+            spec = COLLECTIVE_ALGOS[call.collective][picked.algo]
             options = spec.options({}, session.world_size)
         comm = session.transport(call.kind, tensor.device.type, deadline)
         sent0, recv0 = comm.stats.sent_bytes, comm.stats.recv_bytes
         tracer = trace.get()
-        if tracer is None:
+        if call.collective != "all_reduce":
+            name = spec.name if spec is call.spec else f"{call.spec.name}->{spec.name}"
+            lane = "comm thread" if threading.current_thread().name == session.queue.name else "main"
+            span = f"{call.collective} {name} {nbytes} B"
+            if tracer is None:
+                spec.run(flat, source, call.op, call.src, comm, deadline, **options)  # type: ignore[call-arg]
+            else:
+                with tracer.span(span, call.collective, lane, algo=name, bytes=nbytes):
+                    spec.run(flat, source, call.op, call.src, comm, deadline, **options)  # type: ignore[call-arg]
+        elif tracer is None:
             spec.run(flat, call.op, comm, deadline, session.scratch, **options)
         else:
             parts = spec.cut(flat.numel(), comm.world_size, options)
@@ -339,7 +495,7 @@ def init(transport: str = "torch", device: str | torch.device = "cpu", timeout: 
 @torch.no_grad()
 def all_reduce(
     tensor: torch.Tensor,
-    op: str = "sum",
+    op: str | dist.ReduceOp.RedOpType = "sum",
     *,
     algo: str = "ring",
     transport: str = "torch",
@@ -392,13 +548,15 @@ def all_reduce(
         >>> grad = torch.ones(1000) * dist.get_rank()
         >>> ringcomm.all_reduce(grad, op="avg")
     """
-    session, call = _admit(tensor, op, algo, transport, timeout, check, options, blocking=True)
+    session, call = _admit(
+        lambda: _prepare(tensor, op, algo, transport, timeout, check, options), timeout, check, blocking=True
+    )
     return session.queue.run(lambda: _execute(session, call), call.what)
 
 
 def all_reduce_async(
     tensor: torch.Tensor,
-    op: str = "sum",
+    op: str | dist.ReduceOp.RedOpType = "sum",
     *,
     algo: str = "ring",
     transport: str = "torch",
@@ -426,7 +584,15 @@ def all_reduce_async(
         >>> ...                                # compute on
         >>> grad = fut.wait()
     """
-    session, call = _admit(tensor, op, algo, transport, timeout, check, options, blocking=False)
+    session, call = _admit(
+        lambda: _prepare(tensor, op, algo, transport, timeout, check, options), timeout, check, blocking=False
+    )
+    return _submit(session, call)
+
+
+def _submit(session: sessions.Session, call: _Call) -> torch.futures.Future:
+    """Queue ``call`` on the comm thread (the first call on a new transport runs here); its future."""
+    tensor = call.tensor
     if (call.kind.name, tensor.device.type) not in session.transports:
         done: torch.futures.Future = (
             torch.futures.Future(devices=[tensor.device]) if tensor.is_cuda else torch.futures.Future()
@@ -462,6 +628,183 @@ def all_reduce_async(
                 return _execute(session, call)
 
     return session.queue.submit(run, call.what, future)
+
+
+def _blocking(prepare: Callable[[], _Call], timeout: object, check: object) -> torch.Tensor:
+    session, call = _admit(prepare, timeout, check, blocking=True)
+    return session.queue.run(lambda: _execute(session, call), call.what)
+
+
+def _queued(prepare: Callable[[], _Call], timeout: object, check: object) -> torch.futures.Future:
+    session, call = _admit(prepare, timeout, check, blocking=False)
+    return _submit(session, call)
+
+
+@torch.no_grad()
+def reduce_scatter(
+    output: torch.Tensor,
+    input: torch.Tensor,
+    op: str | dist.ReduceOp.RedOpType = "sum",
+    *,
+    algo: str = "ring",
+    transport: str = "torch",
+    timeout: float | None = None,
+    check: bool | None = None,
+    **options: Any,
+) -> torch.Tensor:
+    """Reduce every rank's ``input`` and give rank r block r of the result, in ``output``; return ``output``.
+
+    As ``torch.distributed.reduce_scatter_tensor``: ``input`` is P blocks of ``output.numel()`` elements
+    in its flat storage order (concatenated along dim 0), ``input.numel() == P * output.numel()``.
+    ``input`` is left as it was.
+
+    Args:
+        output: any shape; n elements; written.
+        input: any shape; P * n elements, the same dtype and device; read.
+        op: ``"sum"``, ``"avg"`` (floating dtypes), ``"max"``, ``"min"`` or a ``torch.distributed.ReduceOp``
+            (SUM, AVG, MAX, MIN).
+        algo: ``"ring"`` (the ring's scatter-reduce phase: P-1 steps), ``"rhd"`` (recursive halving:
+            log2(P) steps, P a power of two) or ``"auto"`` (``cost.COLLECTIVE_COSTS``).
+        transport, timeout, check: as ``all_reduce``'s (the check also compares the collective).
+
+    Raises:
+        ValueError: bad arguments (sizes, dtypes, overlapping tensors, algo), on this rank before any
+            communication; the others raise ``MismatchError`` (with the check on).
+        MismatchError, CommTimeoutError, PeerError: as ``all_reduce``.
+
+    Example::
+
+        >>> shard = torch.empty(n)
+        >>> ringcomm.reduce_scatter(shard, grad, op="avg")     # grad.numel() == P * n
+    """
+    return _blocking(
+        lambda: _prepare_collective("reduce_scatter", output, input, op, 0, algo, transport, timeout, check, options),
+        timeout, check,
+    )
+
+
+def reduce_scatter_async(
+    output: torch.Tensor,
+    input: torch.Tensor,
+    op: str | dist.ReduceOp.RedOpType = "sum",
+    *,
+    algo: str = "ring",
+    transport: str = "torch",
+    timeout: float | None = None,
+    check: bool | None = None,
+    **options: Any,
+) -> torch.futures.Future[torch.Tensor]:
+    """``reduce_scatter`` on the comm thread, in issue order with the other ``*_async`` calls; a future of
+    ``output`` (neither tensor may change until it completes)."""
+    return _queued(
+        lambda: _prepare_collective("reduce_scatter", output, input, op, 0, algo, transport, timeout, check, options),
+        timeout, check,
+    )
+
+
+@torch.no_grad()
+def all_gather(
+    output: torch.Tensor,
+    input: torch.Tensor,
+    *,
+    algo: str = "ring",
+    transport: str = "torch",
+    timeout: float | None = None,
+    check: bool | None = None,
+    **options: Any,
+) -> torch.Tensor:
+    """Gather every rank's ``input`` into ``output``, in rank order, on every rank; return ``output``.
+
+    As ``torch.distributed.all_gather_into_tensor``: block r of ``output`` (flat storage order,
+    concatenated along dim 0) is rank r's ``input``; ``output.numel() == P * input.numel()``.
+
+    Args:
+        output: any shape; P * n elements; written, bitwise identical on every rank.
+        input: any shape; n elements, the same dtype and device; read.
+        algo: ``"ring"`` (the ring's all-gather phase: P-1 steps), ``"rd"`` (recursive doubling:
+            log2(P) steps, P a power of two) or ``"auto"``.
+        transport, timeout, check: as ``all_reduce``'s.
+
+    Raises:
+        as ``reduce_scatter``.
+
+    Example::
+
+        >>> full = torch.empty(P * n)
+        >>> ringcomm.all_gather(full, shard)
+    """
+    return _blocking(
+        lambda: _prepare_collective("all_gather", output, input, "", 0, algo, transport, timeout, check, options),
+        timeout, check,
+    )
+
+
+def all_gather_async(
+    output: torch.Tensor,
+    input: torch.Tensor,
+    *,
+    algo: str = "ring",
+    transport: str = "torch",
+    timeout: float | None = None,
+    check: bool | None = None,
+    **options: Any,
+) -> torch.futures.Future[torch.Tensor]:
+    """``all_gather`` on the comm thread, in issue order with the other ``*_async`` calls; a future of ``output``."""
+    return _queued(
+        lambda: _prepare_collective("all_gather", output, input, "", 0, algo, transport, timeout, check, options),
+        timeout, check,
+    )
+
+
+@torch.no_grad()
+def broadcast(
+    tensor: torch.Tensor,
+    src: int = 0,
+    *,
+    algo: str = "ring",
+    transport: str = "torch",
+    timeout: float | None = None,
+    check: bool | None = None,
+    **options: Any,
+) -> torch.Tensor:
+    """Copy rank ``src``'s ``tensor`` into ``tensor`` on every rank, in place; return ``tensor``.
+
+    Args:
+        tensor: any shape and a supported dtype; the same numel and dtype on every rank.
+        src: the root's rank, 0 <= src < P.
+        algo: ``"ring"`` (a pipelined chain src -> src+1 -> ...; option ``segment_bytes``, default 1 MiB:
+            for large tensors), ``"tree"`` (binomial, ceil(log2 P) rounds: for small ones) or ``"auto"``.
+        transport, timeout, check: as ``all_reduce``'s (the check also compares ``src``).
+
+    Raises:
+        as ``reduce_scatter``.
+
+    Example::
+
+        >>> for p in model.parameters():
+        ...     ringcomm.broadcast(p.data, src=0)
+    """
+    return _blocking(
+        lambda: _prepare_collective("broadcast", tensor, None, "", src, algo, transport, timeout, check, options),
+        timeout, check,
+    )
+
+
+def broadcast_async(
+    tensor: torch.Tensor,
+    src: int = 0,
+    *,
+    algo: str = "ring",
+    transport: str = "torch",
+    timeout: float | None = None,
+    check: bool | None = None,
+    **options: Any,
+) -> torch.futures.Future[torch.Tensor]:
+    """``broadcast`` on the comm thread, in issue order with the other ``*_async`` calls; a future of ``tensor``."""
+    return _queued(
+        lambda: _prepare_collective("broadcast", tensor, None, "", src, algo, transport, timeout, check, options),
+        timeout, check,
+    )
 
 
 def explain_auto(

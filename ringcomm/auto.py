@@ -54,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+from .cost import COLLECTIVE_COSTS as COSTS_OF_COLLECTIVES
 from .cost import COSTS
 from .transports.base import transport_kind
 
@@ -66,6 +67,7 @@ __all__ = [
     "Fits",
     "Lookup",
     "choose",
+    "choose_collective",
     "explain",
     "fits_key",
     "parse_fits",
@@ -349,6 +351,35 @@ def choose(fits: Fits, transport: str, world_size: int, nbytes: int, device: str
         return Choice("ring", {"ring": float("nan")}, look.source, nbytes, world_size, transport, device, look.notes)
     best = min(predicted, key=lambda a: (predicted[a], CANDIDATES.index(a)))
     return Choice(best, predicted, look.source, nbytes, world_size, transport, device, look.notes)
+
+
+def choose_collective(
+    fits: Fits, collective: str, transport: str, world_size: int, nbytes: int, device: str = "cpu"
+) -> Choice:
+    """What ``algo="auto"`` runs for a reduce_scatter, all_gather or broadcast of ``nbytes`` (M, the whole
+    tensor), from ``cost.COLLECTIVE_COSTS``.
+
+    No collective has a fit of its own yet: each row borrows the all_reduce fit named in its ``fit``
+    (alpha per message, beta per byte of the same kind of message), and says so in ``source``. An
+    algorithm that needs P a power of two is left out at any other P.
+    """
+    _check_count("world_size", world_size, 1)
+    _check_count("nbytes", nbytes, 0)
+    rows = [c for (coll, _), c in COSTS_OF_COLLECTIVES.items() if coll == collective]
+    if not rows:
+        raise ValueError(f"no cost rows for collective {collective!r}")
+    usable = [c for c in rows if not (c.power_of_two and world_size & (world_size - 1))]
+    if world_size == 1:
+        zero = {c.algo: 0.0 for c in usable}
+        return Choice(usable[0].algo, zero, "one rank: nothing travels", nbytes, 1, transport, device)
+    look = fits.for_call(transport, world_size, device)
+    predicted = {}
+    for c in usable:
+        alpha, beta = look.table.get(c.fit, MODEL_DEFAULT)
+        predicted[c.algo] = c.time(world_size, nbytes, alpha, beta)
+    best = min(predicted, key=lambda a: (predicted[a], [c.algo for c in usable].index(a)))
+    source = f"all_reduce's fits per message and byte ({look.source}); no {collective} fit of its own"
+    return Choice(best, predicted, source, nbytes, world_size, transport, device, look.notes)
 
 
 def load_local() -> Fits:

@@ -53,11 +53,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .algorithms.chunks import core_size
+from .algorithms.chunks import CHAIN_SEGMENT_BYTES, core_size
 
 __all__ = [
     "AlgoCost",
     "COSTS",
+    "COLLECTIVE_COSTS",
+    "CollectiveCost",
     "markdown_table",
     "ring_time",
     "naive_time",
@@ -229,6 +231,82 @@ COSTS: dict[str, AlgoCost] = {
             bytes_text="(log₂P′ + 2f)·M",
             busiest="P′ and f as for rhd; every core rank's: M each way per step; "
             "a fold partner's adds M in before and M out after",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class CollectiveCost:
+    """One row of the other collectives' cost table (``collectives.py``): critical path and time.
+
+    M is the whole tensor in bytes: reduce_scatter's input, all_gather's output, broadcast's tensor.
+
+    Attributes:
+        collective, algo: the call (``ringcomm.<collective>(..., algo=algo)``).
+        messages: ``(P, M) ->`` messages on the critical path, each paying alpha once.
+        nbytes: ``(P, M) ->`` bytes on the critical path, each paying beta once.
+        messages_text, bytes_text: the two written out (S = the chain's segments).
+        fit: the all_reduce algorithm whose fitted alpha (per message) and beta (per byte) this one
+            borrows: no collective has a fit of its own yet, and the messages are alike (the ring's
+            phases are the ring's messages; rhd's halving and doubling, rhd's; the tree's whole
+            tensor per round, rd's).
+        power_of_two: whether the algorithm needs P a power of two.
+    """
+
+    collective: str
+    algo: str
+    messages: Callable[[int, float], float]
+    nbytes: Callable[[int, float], float]
+    messages_text: str
+    bytes_text: str
+    fit: str
+    power_of_two: bool = False
+
+    def time(self, p: int, nbytes: float, alpha: float, beta: float) -> float:
+        """Predicted seconds: ``messages * alpha + bytes * beta`` (0 for one rank)."""
+        if p <= 1:
+            return 0.0
+        return self.messages(p, nbytes) * alpha + self.nbytes(p, nbytes) * beta
+
+
+def _log2_ceil(p: int) -> int:
+    return (p - 1).bit_length()
+
+
+def _chain_segments(m: float) -> int:
+    # chain.py's default segment (the pick weighs the defaults); whole bytes, at least one segment
+    return max(1, -(-int(m) // CHAIN_SEGMENT_BYTES))
+
+
+#: (collective, algo) -> its row, in the order the table shows them.
+COLLECTIVE_COSTS: dict[tuple[str, str], CollectiveCost] = {
+    (c.collective, c.algo): c
+    for c in (
+        CollectiveCost(
+            "reduce_scatter", "ring", lambda p, m: p - 1, lambda p, m: (p - 1) / p * m,
+            "P−1", "(P−1)/P·M", "ring",
+        ),
+        CollectiveCost(
+            "reduce_scatter", "rhd", lambda p, m: _log2_ceil(p), lambda p, m: (p - 1) / p * m,
+            "log₂P", "(P−1)/P·M", "rhd", power_of_two=True,
+        ),
+        CollectiveCost(
+            "all_gather", "ring", lambda p, m: p - 1, lambda p, m: (p - 1) / p * m,
+            "P−1", "(P−1)/P·M", "ring",
+        ),
+        CollectiveCost(
+            "all_gather", "rd", lambda p, m: _log2_ceil(p), lambda p, m: (p - 1) / p * m,
+            "log₂P", "(P−1)/P·M", "rhd", power_of_two=True,
+        ),
+        CollectiveCost(
+            "broadcast", "ring", lambda p, m: p + _chain_segments(m) - 2,
+            lambda p, m: (p + _chain_segments(m) - 2) * m / _chain_segments(m),
+            "P+S−2", "(P+S−2)/S·M", "ring",
+        ),
+        CollectiveCost(
+            "broadcast", "tree", lambda p, m: _log2_ceil(p), lambda p, m: _log2_ceil(p) * m,
+            "⌈log₂P⌉", "⌈log₂P⌉·M", "rd",
         ),
     )
 }

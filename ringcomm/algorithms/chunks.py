@@ -16,7 +16,7 @@ kind of arithmetic, and lives here so that the cost model can count with it with
 
 from __future__ import annotations
 
-__all__ = ["chunk_bounds", "chunk_sizes", "core_size"]
+__all__ = ["CHAIN_SEGMENT_BYTES", "chunk_bounds", "chunk_sizes", "core_size", "segment_count"]
 
 
 def chunk_sizes(numel: int, parts: int) -> list[int]:
@@ -44,3 +44,15 @@ def core_size(world_size: int) -> int:
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     return 1 << (world_size.bit_length() - 1)
+
+
+#: The pipelined chain broadcast's default segment (``chain.py``; bytes): small enough that a large
+#: tensor keeps every link of the chain busy, large enough that alpha is paid rarely. Here, torch-free,
+#: so that the cost model counts the segments with the same number.
+CHAIN_SEGMENT_BYTES = 1 << 20
+
+
+def segment_count(numel: int, element_size: int, segment_bytes: int) -> int:
+    """How many segments of at most ``segment_bytes`` (whole elements, at least one each) cut ``numel``."""
+    per = max(1, segment_bytes // max(element_size, 1))
+    return max(1, -(-numel // per))

@@ -59,6 +59,17 @@ power of two: 2·log2(P) messages per rank and M/2 + M/4 + ... + M/P =
 steps. Otherwise a fold partner also takes M in and sends M back: 2·log2(P') + 2
 messages and 2(P'-1)/P'·M + 2M bytes on its chain, the critical path.
 
+**The two phases on their own** are ``ringcomm.reduce_scatter(algo="rhd")``
+(``rhd_reduce_scatter``: recursive halving) and ``ringcomm.all_gather(algo="rd")``
+(``rd_all_gather``: recursive doubling). Their blocks need no mapping: the
+tables above already end (halving) and start (doubling) with rank r holding
+chunk r, which is block r of torch's convention, since the P blocks are equal
+and in rank order. Both need P a power of two and refuse any other P before a
+byte moves (the fold hands an extra rank's whole vector to a partner, but in a
+reduce-scatter an extra rank must own a block, and in an all-gather contribute
+one, which the core's chunk arithmetic has no place for); ``auto`` then picks the
+ring. Each is half the all-reduce: log2(P) messages, (P-1)/P·M bytes.
+
 **Why all ranks agree bitwise.** As in the ring, every value is computed on
 one rank only and then copied: in halving, each partial reduction of a block is
 made by the one rank that keeps the block and by no other (its partner drops
@@ -81,7 +92,15 @@ from .chunks import chunk_bounds
 from .fold import core_size, fold_in, fold_out
 from .tags import Tag
 
-__all__ = ["rhd_all_reduce", "recursive_halving", "recursive_doubling", "block"]
+__all__ = [
+    "rhd_all_reduce",
+    "rhd_reduce_scatter",
+    "rd_all_gather",
+    "recursive_halving",
+    "recursive_doubling",
+    "block",
+    "require_power_of_two",
+]
 
 
 def block(chunks: list[tuple[int, int]], first: int, count: int) -> tuple[int, int]:
@@ -165,3 +184,47 @@ def rhd_all_reduce(
         finalize(flat[start : start + n], op, p)  # only chunk r's owner divides (avg), by all P ranks
         recursive_doubling(flat, chunks, transport, deadline)
     fold_out(flat, transport, deadline)
+
+
+def require_power_of_two(what: str, world_size: int) -> None:
+    """ValueError, in one line, unless ``world_size`` is a power of two (the halving and doubling alone need it)."""
+    if world_size != core_size(world_size):
+        raise ValueError(
+            f"{what} needs a power-of-two world size, this one has {world_size} ranks; "
+            "use algo='ring' or algo='auto' (which picks the ring there)"
+        )
+
+
+def rhd_reduce_scatter(
+    output: torch.Tensor, work: torch.Tensor, op: str, transport: Transport, deadline: float
+) -> None:
+    """Recursive halving alone: ``output`` (n elements) <- block ``rank`` of the reduction of every ``work``.
+
+    Args:
+        output: contiguous 1-D, n elements; this rank's block of the result after.
+        work: contiguous 1-D, P * n elements: a copy of this rank's input (reduced into).
+        op: ``"sum"``, ``"avg"``, ``"max"`` or ``"min"``.
+        transport: the wire; P must be a power of two (``require_power_of_two``).
+        deadline: ``time.monotonic()`` value by which the whole collective must finish.
+    """
+    rank, p = transport.rank, transport.world_size
+    require_power_of_two("reduce_scatter algo='rhd'", p)
+    chunks = chunk_bounds(work.numel(), p)  # P equal chunks in rank order: chunk r is block r
+    recursive_halving(work, chunks, op, transport, deadline)
+    start, n = chunks[rank]
+    mine = work[start : start + n]
+    finalize(mine, op, p)  # avg: the owner divides once
+    output.copy_(mine)
+
+
+def rd_all_gather(output: torch.Tensor, transport: Transport, deadline: float) -> None:
+    """Recursive doubling alone: ``output`` holds this rank's input in block ``rank``; after, all blocks.
+
+    Args:
+        output: contiguous 1-D, P * n elements, block ``rank`` already filled.
+        transport: the wire; P must be a power of two (``require_power_of_two``).
+        deadline: ``time.monotonic()`` value by which the whole collective must finish.
+    """
+    p = transport.world_size
+    require_power_of_two("all_gather algo='rd'", p)
+    recursive_doubling(output, chunk_bounds(output.numel(), p), transport, deadline)

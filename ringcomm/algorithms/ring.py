@@ -38,6 +38,32 @@ all, nearly independent of P (the time model is ``cost.ring_time``, in ``cost.py
 
 Every element is reduced in exactly one place (its owner) and then copied, so
 all ranks end with bitwise identical bytes regardless of float rounding.
+
+**The two phases on their own** are ``ringcomm.reduce_scatter`` and
+``ringcomm.all_gather`` with ``algo="ring"`` (``ring_reduce_scatter``,
+``ring_all_gather`` below). torch's convention wants rank r to end with block r,
+while scatter-reduce leaves rank r owning c(r+1). So both hand the phases the
+blocks rotated by one, ``chunks[j] = block (j - 1)``: rank r then owns
+``chunks[r + 1]`` = block r, and the table above holds with ``cj`` read as
+block j-1. For reduce_scatter, P = 4 (``b3`` = the rank sends its block 3)::
+
+    step             0    1    2
+    rank 0 sends    b3   b2   b1      rank r owns b_r fully reduced after step P-2
+    rank 1 sends    b0   b3   b2
+    rank 2 sends    b1   b0   b3
+    rank 3 sends    b2   b1   b0
+
+and all_gather, where rank r starts with b_r (its input) and forwards what it got::
+
+    step             0    1    2
+    rank 0 sends    b0   b3   b2
+    rank 1 sends    b1   b0   b3
+    rank 2 sends    b2   b1   b0
+    rank 3 sends    b3   b2   b1
+
+Each is half the all-reduce: P-1 messages of M/P bytes per rank, (P-1)/P * M
+bytes (M = the whole tensor: reduce_scatter's input, all_gather's output);
+``cost.COLLECTIVE_COSTS``.
 ``ring_pipelined.py`` is the faster variant, checked against this one.
 """
 
@@ -51,7 +77,7 @@ from .buffers import ScratchPool
 from .chunks import chunk_bounds
 from .tags import Tag
 
-__all__ = ["ring_all_reduce", "scatter_reduce", "all_gather"]
+__all__ = ["ring_all_reduce", "ring_all_gather", "ring_reduce_scatter", "scatter_reduce", "all_gather"]
 
 
 def scatter_reduce(chunks: list[torch.Tensor], op: str, transport: Transport, deadline: float) -> None:
@@ -98,3 +124,46 @@ def ring_all_reduce(
     scatter_reduce(chunks, op, transport, deadline)
     finalize(chunks[(transport.rank + 1) % p], op, p)  # only the owner divides (avg)
     all_gather(chunks, transport, deadline)
+
+
+def _rotated_blocks(flat: torch.Tensor, p: int) -> list[torch.Tensor]:
+    """``flat``'s P equal blocks as the phases' chunks, rotated by one: ``chunks[j]`` = block (j - 1).
+
+    scatter-reduce leaves rank r owning ``chunks[r + 1]``, which is then block r, as torch's
+    reduce_scatter_tensor and all_gather_into_tensor want (the table in the module docstring).
+    """
+    n = flat.numel() // p
+    blocks = [flat[i * n : (i + 1) * n] for i in range(p)]
+    return blocks[-1:] + blocks[:-1]
+
+
+def ring_reduce_scatter(
+    output: torch.Tensor, work: torch.Tensor, op: str, transport: Transport, deadline: float
+) -> None:
+    """Phase 1 alone: ``output`` (n elements) <- block ``rank`` of the reduction of every rank's ``work``.
+
+    Args:
+        output: contiguous 1-D, n elements; this rank's block of the result after.
+        work: contiguous 1-D, P * n elements: a copy of this rank's input (it is reduced into, so
+            the caller's input stays as it was).
+        op: ``"sum"``, ``"avg"``, ``"max"`` or ``"min"``.
+        transport: the wire.
+        deadline: ``time.monotonic()`` value by which the whole collective must finish.
+    """
+    rank, p = transport.rank, transport.world_size
+    chunks = _rotated_blocks(work, p)
+    scatter_reduce(chunks, op, transport, deadline)
+    mine = chunks[(rank + 1) % p]  # = block rank
+    finalize(mine, op, p)  # avg: the owner divides once
+    output.copy_(mine)
+
+
+def ring_all_gather(output: torch.Tensor, transport: Transport, deadline: float) -> None:
+    """Phase 2 alone: ``output`` (P * n elements) holds this rank's input in block ``rank``; after, all blocks.
+
+    Args:
+        output: contiguous 1-D, P * n elements, block ``rank`` already filled with this rank's input.
+        transport: the wire.
+        deadline: ``time.monotonic()`` value by which the whole collective must finish.
+    """
+    all_gather(_rotated_blocks(output, transport.world_size), transport, deadline)

@@ -31,3 +31,5 @@ class Tag(IntEnum):
     RHD_DOUBLING = 8  # rhd.py, phase 2: a fully reduced block to the partner, copied there
     RD = 9  # rd.py: the whole vector to the partner, both reduce
     FOLD = 10  # fold.py (rhd and rd, P not a power of two): an extra rank's vector in, the result out
+    CHAIN = 11  # chain.py: broadcast, a segment to the next rank down the chain
+    TREE = 12  # tree.py: broadcast, the whole tensor to a child in the binomial tree
