@@ -130,13 +130,13 @@ def test_grid(transport: str, p: int) -> None:
 def refusals_world(rank: int, p: int) -> list[str]:
     """Bad calls made alike on every rank: each must raise ValueError naming what is wrong."""
     f32 = torch.zeros(6)
-    buf = torch.zeros(12)
+    buf = torch.zeros(4 * p)
     bad = [
         ("all_gather output size", lambda: ringcomm.all_gather(torch.zeros(5), torch.zeros(3)), "P * input.numel()"),
         ("reduce_scatter input size", lambda: ringcomm.reduce_scatter(torch.zeros(3), torch.zeros(7)), "P * output.numel()"),
         ("dtype mismatch", lambda: ringcomm.all_gather(torch.zeros(6, dtype=torch.float64), torch.zeros(3)), "one dtype"),
-        ("overlap", lambda: ringcomm.all_gather(buf[:6], buf[3:6]), "overlap"),
-        ("overlap rs", lambda: ringcomm.reduce_scatter(buf[4:7], buf[:6]), "overlap"),
+        ("overlap", lambda: ringcomm.all_gather(buf[: 2 * p], buf[1:3]), "overlap"),
+        ("overlap rs", lambda: ringcomm.reduce_scatter(buf[2 * p - 1 : 2 * p + 1], buf[: 2 * p]), "overlap"),
         ("src out of range", lambda: ringcomm.broadcast(f32, src=p), "src="),
         ("src negative", lambda: ringcomm.broadcast(f32, src=-1), "src="),
         ("src a bool", lambda: ringcomm.broadcast(f32, src=True), "src="),
@@ -164,14 +164,14 @@ def refusals_world(rank: int, p: int) -> list[str]:
     # one rank wrong, the other right: the wrong one ValueError, the right one MismatchError, at once
     out = torch.zeros(2 * p)
     try:
-        ringcomm.all_gather(out if rank == 0 else torch.zeros(2 * p + 1), torch.zeros(2), timeout=60)
+        ringcomm.all_gather(out if rank != 1 else torch.zeros(2 * p + 1), torch.zeros(2), timeout=60)
         failures.append(f"rank {rank}: one-sided refusal not raised")
-    except ValueError as exc:
-        if rank == 0 or "rank 1" not in str(exc):
-            failures.append(f"rank {rank}: unexpected ValueError {exc}")
-    except ringcomm.MismatchError as exc:
-        if rank != 0 or "rank 1" not in str(exc):
+    except ringcomm.MismatchError as exc:  # first: a MismatchError is a ValueError too
+        if rank == 1 or "rank 1" not in str(exc):
             failures.append(f"rank {rank}: unexpected MismatchError {exc}")
+    except ValueError as exc:
+        if rank != 1 or "rank 1" not in str(exc):
+            failures.append(f"rank {rank}: unexpected ValueError {exc}")
     # and the world goes on
     x = torch.full((4,), float(rank))
     ringcomm.broadcast(x, src=p - 1, timeout=60)
