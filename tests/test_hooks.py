@@ -157,3 +157,40 @@ def test_unknown_algo_transport_or_option_is_rejected_by_the_state() -> None:
         RingcommState("ring", "zmqq")
     with pytest.raises(ValueError, match="takes no option 'shards'"):
         RingcommState("ps", options={"shards": 2})
+
+
+def _start_worker(rank: int, world_size: int) -> list[str]:
+    """Each rank builds the trainer's model from its own seed; _build_model must leave rank 0's on all."""
+    import torch.distributed as dist
+
+    from trainer.loop import TrainConfig, _build_model
+
+    out = []
+    for algo, transport in (("ring", "torch"), ("ring", "shm"), ("ddp", "torch")):
+        cfg = TrainConfig(algo=algo, transport=transport, seed=rank, comm_timeout=60)  # a seed per rank
+        torch.manual_seed(rank)
+        calls = ringcomm.comm_stats().calls
+        model, ddp = _build_model(cfg, torch.device("cpu"))
+        through = "ringcomm" if ringcomm.comm_stats().calls > calls else "gloo"
+        mine = torch.cat([t.detach().reshape(-1).double() for t in [*model.parameters(), *model.buffers()]])
+        first = [torch.empty_like(mine) for _ in range(world_size)]
+        dist.all_gather(first, mine)  # the reference's own collective, only to compare
+        same = all(torch.equal(f, first[0]) for f in first)
+        out.append(f"{algo}@{transport}: {'equal' if same else 'differ'} through {through}")
+    return out
+
+
+def test_training_starts_from_rank_0s_weights_through_ringcomm_broadcast() -> None:
+    """DDP's own start-up broadcast is off (init_sync=False) for ringcomm's algorithms; ringcomm.broadcast
+    gives every rank rank 0's weights even when each rank built its model from another seed."""
+    from trainer.models import build_model
+
+    torch.manual_seed(0)
+    a = build_model("simplecnn")
+    torch.manual_seed(1)
+    b = build_model("simplecnn")
+    assert any(not torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters())), "seeds must matter"
+    for lines in run_world(_start_worker, 2, timeout=180):
+        assert lines == [
+            "ring@torch: equal through ringcomm", "ring@shm: equal through ringcomm", "ddp@torch: equal through gloo"
+        ], lines

@@ -36,7 +36,7 @@ import torch.distributed as dist
 import ringcomm
 from ringcomm.api import validate
 
-__all__ = ["RingcommState", "ringcomm_hook"]
+__all__ = ["RingcommState", "broadcast_module", "broadcast_tensors", "ringcomm_hook"]
 
 
 class RingcommState:
@@ -93,3 +93,33 @@ def ringcomm_hook(state: RingcommState, bucket: dist.GradBucket) -> torch.future
     return ringcomm.all_reduce_async(
         bucket.buffer(), "avg", algo=state.algo, transport=state.transport, timeout=state.timeout, **state.options
     )
+
+
+def broadcast_module(
+    module: torch.nn.Module, src: int = 0, *, transport: str = "torch", timeout: float | None = None
+) -> None:
+    """Give every rank rank ``src``'s parameters and buffers, through ``ringcomm.broadcast``.
+
+    What DDP's constructor does through the process group (``init_sync``), done by ringcomm, so
+    that a ring run moves no tensor through Gloo's collectives: the tensors of one dtype and
+    device travel as one flat buffer (one collective each, not one per parameter), then are
+    copied back in place. Collective: every rank, in the same order, with the same module.
+    """
+    broadcast_tensors([*module.parameters(), *module.buffers()], src, transport=transport, timeout=timeout)
+
+
+def broadcast_tensors(
+    tensors: list[torch.Tensor], src: int = 0, *, transport: str = "torch", timeout: float | None = None
+) -> None:
+    """``broadcast_module``'s work for any list of tensors: one flat ``ringcomm.broadcast`` per dtype and device."""
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    with torch.no_grad():
+        for tensors in groups.values():
+            flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+            ringcomm.broadcast(flat, src, algo="auto", transport=transport, timeout=timeout)
+            offset = 0
+            for t in tensors:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()

@@ -75,7 +75,7 @@ from ringcomm.tools.machine import machine_info
 from . import checkpoint
 from .checkpoint import CHECKPOINT_NAME, Progress, atomic_write
 from .data import load_dataset, resolve_dataset
-from .hooks import RingcommState, ringcomm_hook
+from .hooks import RingcommState, broadcast_module, broadcast_tensors, ringcomm_hook
 from .models import build_model, count_parameters
 from .names import METRICS_NAME, SCHEDULE_NAMES
 
@@ -308,10 +308,19 @@ def _set_up_data(cfg: TrainConfig, rank: int, world_size: int, say: _Printer) ->
 
 
 def _build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, DDP]:
-    """The model on ``device``, the same initial weights on every rank, and its DDP wrapper."""
-    torch.manual_seed(cfg.seed)  # DDP also broadcasts rank 0's weights; this makes them equal anyway
+    """The model on ``device``, rank 0's initial weights on every rank, and its DDP wrapper.
+
+    With ``--algo ddp`` DDP's constructor broadcasts rank 0's weights through the process group;
+    with any of ringcomm's algorithms it skips that (``init_sync=False``) and ringcomm's own broadcast
+    does it, so no tensor of a ring run goes through Gloo's collectives (docs/training.md lists the
+    process-group calls that remain, and why). Collective: every rank, in the same order.
+    """
+    torch.manual_seed(cfg.seed)  # the same weights on every rank already; the broadcast makes sure
     model = build_model(cfg.model).to(device)
-    return model, DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ours = cfg.algo != "ddp"
+    if ours:
+        broadcast_module(model, 0, transport=cfg.transport, timeout=cfg.comm_timeout)
+    return model, DDP(model, device_ids=[device.index] if device.type == "cuda" else None, init_sync=not ours)
 
 
 def _peak_lr(cfg: TrainConfig, world_size: int) -> float:
@@ -552,8 +561,12 @@ def _end_epoch(run: _Run, progress: Progress, sums: _EpochSums) -> torch.Tensor:
         [sums.loss_sum, sums.correct.double(), torch.tensor(float(sums.seen), device=device)]
     )
     dist.all_reduce(totals)
-    for buf in run.model.buffers():  # BatchNorm statistics: evaluate rank 0's on every rank
-        dist.broadcast(buf, 0)
+    # BatchNorm statistics: evaluate rank 0's on every rank (through ringcomm, but for --algo ddp)
+    if cfg.algo == "ddp":
+        for buf in run.model.buffers():
+            dist.broadcast(buf, 0)
+    else:
+        broadcast_tensors(list(run.model.buffers()), 0, transport=cfg.transport, timeout=cfg.comm_timeout)
     test_loss, confusion = evaluate(
         run.model, run.data.test_loader, device, len(run.data.classes), cfg.eval_batches
     )
