@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 import types
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,63 @@ def test_a_rank_whose_heartbeat_gave_up_starts_no_more_collectives() -> None:
             Session.begin_call(session)
     finally:
         live.stop()
+
+
+# --- item 2: every output checked before any work; one artifact's failure loses no other -----------
+
+
+@pytest.mark.parametrize(
+    "cmd, flag",
+    [
+        (["launch.py", "--trace", "{f}/t.json"], "--trace"),
+        (["launch.py", "--out", "{f}/run"], "--out"),
+        (["launch.py", "--out", "{f}"], "--out"),
+        (["-m", "ringcomm.bench", "--json", "{f}/b.json"], "--json"),
+        (["-m", "analysis.sweep", "--out", "{f}/r"], "--out"),
+        (["-m", "analysis.timeline", "t.json", "--out", "{f}/t.png"], "--out"),
+    ],
+)
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(
+    tmp_path: Path, cmd: list[str], flag: str
+) -> None:
+    """``--trace /nope/t.json`` trained first, then failed with a 22-line traceback and no metrics.json."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    argv = [sys.executable, *(a.format(f=blocker) for a in cmd)]
+    proc = subprocess.run(argv, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{flag} {blocker}" in lines[0] and "is a file, not a folder" in lines[0], lines
+    assert proc.stdout == ""  # nothing started
+
+
+@pytest.fixture
+def world_of_one() -> Iterator[None]:
+    """A one-process gloo group in this process (no spawn), destroyed afterwards."""
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_trace_that_cannot_be_written_loses_nothing_else(
+    tmp_path: Path, world_of_one: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The trace's folder became unwritable during the run (here: a file where its folder should be):
+    metrics.json and the checkpoint are written all the same, and the failure is one line."""
+    import torch
+
+    from trainer.loop import TrainConfig, train
+
+    (tmp_path / "gone").write_text("a file where the trace's folder was")
+    cfg = TrainConfig(
+        algo="ring", dataset="synthetic", synthetic_size=64, batch_size=16, epochs=1, eval_batches=1,
+        eval_batch_size=16, log_every=100, out=str(tmp_path / "run"), trace=str(tmp_path / "gone" / "t.json"),
+    )  # fmt: skip
+    metrics = train(cfg, 0, 1, torch.device("cpu"))
+    assert metrics is not None and (tmp_path / "run" / "metrics.json").is_file()
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    said = capsys.readouterr().err
+    assert f"--trace {cfg.trace}: not written (" in said and "metrics.json and the checkpoint are saved" in said
