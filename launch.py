@@ -85,7 +85,7 @@ from ringcomm.names import ALGO_NAMES, TRANSPORT_NAMES
 
 # The names argparse offers, from the torch-free lists the registries are built from (one source:
 # ringcomm/names.py and trainer/names.py), and the one parser of every command (ringcomm/tools/cli.py).
-from ringcomm.tools.cli import at_least, non_negative, positive, seconds
+from ringcomm.tools.cli import at_least, non_negative, positive, seconds, unwritable
 from ringcomm.tools.cli import parser as make_parser
 from trainer.names import CHECKPOINT_NAME, DATASET_NAMES, METRICS_NAME, MODEL_NAMES, SCHEDULE_NAMES
 
@@ -228,7 +228,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "each bucket's all-reduce and each ring message, for the first --trace-steps steps (default: none)",
     )
     g.add_argument("--trace-steps", type=at_least(1), default=20, help="steps to trace (with --trace)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Every output is checked before any work: a mistyped path used to fail after training, with a
+    # traceback, and lose metrics.json with it.
+    world_size = int(os.environ["WORLD_SIZE"]) if under_torchrun() else args.world_size
+    for flag, path, folder in (("--out", out_dir(args, world_size), True), ("--trace", args.trace, False)):
+        why = path and unwritable(path, folder=folder)
+        if why:
+            p.error(f"{flag} {path}: {why}")
+    return args
 
 
 def _refuse(message: str) -> NoReturn:

@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
+from ringcomm.tools.cli import unwritable
 from ringcomm.tools.machine import machine_info
 
 from . import CliParser
@@ -693,6 +694,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = kinds - set(KINDS)
     if unknown:
         parser.error(f"unknown kinds {sorted(unknown)}; choose from {','.join(KINDS)}")
+    why = unwritable(str(out), folder=True)
+    if why:
+        parser.error(f"--out {out}: {why}")
     runs = [r for r in build_plan(preset_name, out.resolve(), args.python) if r.kind in kinds]
     if args.dry_run:
         print(f"# {len(runs)} runs, preset {preset_name}, env {PRESETS[preset_name].env}, cwd {REPO_ROOT}")

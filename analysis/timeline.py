@@ -27,6 +27,8 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ringcomm.tools.cli import unwritable
+
 from . import CliParser
 
 __all__ = ["Span", "load_events", "thread_names", "trace_spans", "render_trace", "main"]
@@ -169,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_lanes < 1:
         parser.error(f"--max-lanes must be at least 1, got {args.max_lanes}")
     out = Path(args.out) if args.out else Path(args.trace).with_suffix(".png")
+    why = unwritable(str(out))
+    if why:
+        parser.error(f"--out {out}: {why}")
     notes: list[str] = []
     written = render_trace(args.trace, out, title=args.title, max_lanes=args.max_lanes, notes=notes)
     if written is None:

@@ -35,7 +35,7 @@ also writes the checkpoint every that many steps, mid-epoch.
 ``train`` is the outline, one named step a line: set up the data; build the
 model, DDP and the comm hook; the optimiser and schedule; restore; then per
 epoch ``_train_epoch`` (the steps), ``_end_epoch`` (reduce, evaluate, history)
-and ``checkpoint.save``; finally the trace and ``metrics.json``. The comm hook
+and ``checkpoint.save``; finally ``metrics.json``, then the trace. The comm hook
 is touched in two small functions only (``_attach_comm_hook``, ``_comm_record``);
 its comm thread belongs to ringcomm, which the launcher shuts down before it
 destroys the process group (``ringcomm.tools.spawn.finish``).
@@ -56,6 +56,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -593,18 +594,39 @@ def _end_epoch(run: _Run, progress: Progress, sums: _EpochSums) -> torch.Tensor:
 
 
 def _merge_trace(run: _Run, tracer: trace.Tracer) -> None:
-    """Each rank writes its trace events; rank 0 joins them into the --trace file. Collective."""
+    """Each rank writes its trace events; rank 0 joins them into the --trace file. Collective.
+
+    Called after metrics.json and the checkpoint are written: a trace that cannot be written
+    (its folder removed or full since launch.py checked it) is said in one line on stderr and
+    loses nothing else. Every rank reaches the barrier whatever its own write did.
+    """
     path = run.cfg.trace
     assert path is not None
-    tracer.dump(f"{path}.rank{run.rank}")
+    failed: str | None = None
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # launch.py checked it can be made
+        tracer.dump(f"{path}.rank{run.rank}")
+    except OSError as exc:
+        failed = f"{type(exc).__name__}: {exc}"
     dist.barrier()
-    if run.rank == 0:
+    if run.rank == 0 and failed is None:
         parts = [f"{path}.rank{r}" for r in range(run.world_size)]
-        trace.merge([p for p in parts if os.path.exists(p)], path)  # other hosts' stay there
-        for p in parts:
-            if os.path.exists(p):
-                os.remove(p)
-        run.say(f"trace: {path} ({len(tracer.events)} events on rank 0; open in ui.perfetto.dev)")
+        try:
+            trace.merge([p for p in parts if os.path.exists(p)], path)  # other hosts' stay there
+            for p in parts:
+                if os.path.exists(p):
+                    os.remove(p)
+        except OSError as exc:
+            failed = f"{type(exc).__name__}: {exc}"
+        else:
+            run.say(f"trace: {path} ({len(tracer.events)} events on rank 0; open in ui.perfetto.dev)")
+    if failed is not None:
+        saved = f"{Path(run.cfg.out) / METRICS_NAME} and the checkpoint are saved" if run.rank == 0 else ""
+        print(
+            f"rank {run.rank}: --trace {path}: not written ({failed})" + (f"; {saved}" if saved else ""),
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _metrics(run: _Run, progress: Progress, confusion: torch.Tensor) -> dict[str, Any]:
@@ -690,8 +712,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
         trace.disable()
         _stop_requested = None  # a request belongs to the run it stopped
 
+    # metrics.json first, then the trace: an artifact that fails to write never loses the others
+    metrics = _write_metrics(run, progress, confusion) if rank == 0 else None
     if tracer is not None:
         _merge_trace(run, tracer)
-    if rank != 0:
-        return None
-    return _write_metrics(run, progress, confusion)
+    return metrics

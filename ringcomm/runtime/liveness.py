@@ -34,7 +34,9 @@ with stderr closed, is logged through ``logging`` instead, or dropped).
 next interval, with one warning on stderr; if it keeps failing for the
 liveness limit, the thread says loudly that peers will now take this rank for
 dead, records why (``error``), and stops; this rank's own waits then raise
-that error instead of waiting on peers that have given up on it.
+that error instead of waiting on peers that have given up on it, and so does
+the start of its next collective (setting ``call``): a rank its peers take for
+dead must not keep working.
 
 **A store that cannot be read** says nothing about the peer: for the liveness
 limit its verdict is "unknown" (no error yet, and a timeout's message says the
@@ -145,7 +147,7 @@ class Liveness:
         #: a dead rank's missing key, which ends the wait.
         self.slots: list[tuple[int, str]] | None = None
         #: The number of the collective this rank is in (set by the API): gave-up notices name it.
-        self.call = -1
+        self._call = -1
         #: Why the heartbeat stopped for good (None while it beats).
         self.error: str | None = None
         self._warned: set[int] = set()
@@ -160,6 +162,24 @@ class Liveness:
         self._watcher = threading.Thread(target=self._watch_loop, name="ringcomm-watch", daemon=True)
         self._beater.start()
         self._watcher.start()
+
+    @property
+    def call(self) -> int:
+        """The number of the collective this rank is in (set by the session as each one begins)."""
+        return self._call
+
+    @call.setter
+    def call(self, n: int) -> None:
+        # A rank whose heartbeat has given up has told its peers it is dead: they no longer wait
+        # for it, so a collective it starts now could only hang or pair with the wrong call. Each
+        # collective begins by setting its number here, so refusing here stops the next one (and
+        # the training loop above it) with the reason, instead of working on as a ghost.
+        if self.error is not None:
+            raise CommError(
+                f"rank {self.rank}: collective {n} not started: {self.error}; this rank must stop "
+                "(is the launcher or the store's host gone?)"
+            )
+        self._call = n
 
     def _key(self, rank: int) -> str:
         return f"{self._prefix}/{rank}"

@@ -323,8 +323,9 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
         parser.error(f"--sample-s must be 0 or more seconds, got {args.sample_s}")
     if not 0 < args.timeout < float("inf"):
         parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        parser.error(f"--json {args.json}: no folder {Path(args.json).parent} to write it in")
+    why = args.json and cli.unwritable(args.json)
+    if why:
+        parser.error(f"--json {args.json}: {why}")
     transports = [t.strip() for t in args.transports.split(",") if t.strip()]
     unknown = [t for t in transports if t not in TRANSPORT_NAMES]
     if unknown or not transports:
@@ -407,6 +408,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         rows = run_world(_bench_rank, world_size, (cfg,), timeout=args.timeout)[0]
     if rows is not None and args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # checked creatable before the run
         with open(args.json, "w") as f:
             json.dump({"machine": machine_info(), "world_size": world_size, "rows": rows}, f, indent=1)
         print(f"# wrote {args.json}")

@@ -19,10 +19,21 @@ The argparse types below (``at_least``, ``seconds``, ...) say a bad value in the
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["HelpFormatter", "Parser", "at_least", "non_negative", "parser", "positive", "seconds"]
+__all__ = [
+    "HelpFormatter",
+    "Parser",
+    "at_least",
+    "non_negative",
+    "parser",
+    "positive",
+    "seconds",
+    "unwritable",
+]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -96,3 +107,34 @@ def positive(text: str) -> float:
     if value == 0:
         raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
     return value
+
+
+def unwritable(path: str, folder: bool = False) -> str | None:
+    """Why the output ``path`` (a file; a folder if ``folder``) cannot be written, or None if it can.
+
+    Checked before any work, so that a run is not lost at its end to a mistyped output path. A
+    file can be written if it is writable, or if its folder exists and is writable (as a shell's
+    ``>`` needs); a folder, if it is writable, or if its nearest existing ancestor is a folder
+    this process may create entries in (the command makes the missing ones). Nothing is created
+    here: a refused command leaves no empty folders behind.
+    """
+    target = Path(path).expanduser()
+    if target.exists():
+        if folder and not target.is_dir():
+            return f"{path} is a file, not a folder"
+        if not folder and target.is_dir():
+            return f"{path} is a folder; name a file"
+        if not os.access(target, os.W_OK | (os.X_OK if folder else 0)):
+            return f"{path} is not writable"
+        return None
+    ancestor = target.absolute().parent
+    if folder:
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        return f"{ancestor} is a file, not a folder"
+    if not ancestor.is_dir():
+        return f"no folder {ancestor} to write it in"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot create {target.name} in {ancestor}: that folder is not writable"
+    return None

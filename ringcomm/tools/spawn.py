@@ -8,7 +8,12 @@ Used by the tests, the benchmark and ``launch.py``. Guarantees, in order:
 2. **No hang.** The parent waits until a deadline; past it, or as soon as one
    rank fails, it stops the others (SIGTERM, then SIGKILL) and raises
    ``WorldError`` naming the rank that failed first.
-3. **No orphans.** Every child is joined before ``run_world`` returns or raises.
+3. **No orphans.** Every child is joined before ``run_world`` returns or raises;
+   and a child whose parent is gone (the launcher SIGKILLed, so no ``finally``
+   ran) stops within a second, with one line saying so: on Linux the kernel
+   sends it SIGTERM when the parent dies (``prctl(PR_SET_PDEATHSIG)``), and
+   everywhere a watch thread sees its parent pid change. Without this the ranks
+   trained on with no store (it lives in the parent) and no one to report to.
 
 Results travel back through a ``multiprocessing`` queue between our own local
 processes (a pipe, never the network).
@@ -16,10 +21,13 @@ processes (a pipe, never the network).
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
 import queue
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -56,6 +64,67 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+#: Seconds between the watch thread's looks at the parent pid: a getppid() call, so cheap; short, so
+#: that the rank stops before its heartbeat meets the gone store (torch prints a C++ trace for that).
+PARENT_WATCH_S = 0.2
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_orphan_lock = threading.RLock()
+
+
+def _stop_orphan(rank: int, parent: int) -> None:
+    """Say in one line that the launcher is gone, and end this process now (status 1).
+
+    ``os._exit``: the store lived in the parent and nobody reads the results any more; a clean
+    shutdown would only wait on the gone store. ringcomm's shared memory is unlinked once mapped,
+    so nothing is left in /dev/shm.
+    """
+    # The signal handler and the watch thread may see it together: the second waits here for
+    # the first to end the process (returning would let the handler's SIGTERM end it unsaid).
+    # Re-entrant: a handler that interrupts the main thread's own call here must not deadlock.
+    _orphan_lock.acquire()
+    line = f"ringcomm: rank {rank}: its launcher (pid {parent}) is gone; stopping now, without saving\n"
+    try:
+        # os.write, not print: the handler may interrupt a print of this very thread, whose
+        # buffer would refuse a re-entrant write (and sys.stderr may hold unflushed text)
+        os.write(2, line.encode())
+    except OSError:  # stderr was the launcher's pipe, closed with it
+        pass
+    os._exit(1)
+
+
+def _die_with_parent(rank: int, parent: int) -> None:
+    """Stop this rank as soon as ``parent`` (the process that spawned it) is gone.
+
+    Two ways, whichever sees it first: the kernel's parent-death signal (Linux: SIGTERM at the
+    parent's death), whose handler is Python's and so waits for the main thread to leave C code,
+    and a daemon thread that compares ``os.getppid()`` with ``parent`` every ``PARENT_WATCH_S``
+    (re-parenting to init or a subreaper changes it) and works on every POSIX system. A SIGTERM
+    while the parent lives (``_stop`` terminating the world) keeps its default action.
+    """
+
+    def on_term(signum: int, frame: Any) -> None:
+        if os.getppid() != parent:
+            _stop_orphan(rank, parent)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_WATCH_S)
+        _stop_orphan(rank, parent)
+
+    signal.signal(signal.SIGTERM, on_term)
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl (an unusual libc): the watch thread remains
+            pass
+    if os.getppid() != parent:  # died before the signal was asked for: the kernel will not send it
+        _stop_orphan(rank, parent)
+    threading.Thread(target=watch, name="ringcomm-parent-watch", daemon=True).start()
+
+
 def _child(
     fn: Callable[..., Any],
     rank: int,
@@ -65,7 +134,9 @@ def _child(
     args: tuple,
     results: Any,
     env: dict[str, str],
+    parent: int,
 ) -> None:
+    _die_with_parent(rank, parent)
     os.environ.update(env)
     os.environ.update(
         {
@@ -154,7 +225,7 @@ def run_world(
     procs = [
         ctx.Process(
             target=_child,
-            args=(fn, rank, world_size, port, backend, args, results, dict(env or {})),
+            args=(fn, rank, world_size, port, backend, args, results, dict(env or {}), os.getpid()),
             daemon=False,
         )
         for rank in range(world_size)
