@@ -95,6 +95,7 @@ def test_grid_over_zmq_matches_float64_reference_and_ranks_agree_bitwise(p: int)
 def _tcp_and_generations_rank(rank: int, p: int) -> list[str]:
     """RINGCOMM_ZMQ_IPC=0 binds loopback TCP; a second transport rendezvous on keys of its own."""
     from ringcomm.runtime import session
+    from ringcomm.runtime.rendezvous import SetupContext
 
     failures = []
     first = ringcomm.init("zmq")
@@ -102,7 +103,7 @@ def _tcp_and_generations_rank(rank: int, p: int) -> list[str]:
         failures.append(f"rank {rank}: RINGCOMM_ZMQ_IPC=0 bound {first.endpoint}")
     current = session.current()  # collective, same order on every rank: a set-up prefix of its own
     deadline = time.monotonic() + 60
-    second = ZmqTransport(session.SetupContext(current, current.key("second"), deadline, "a second transport"))
+    second = ZmqTransport(SetupContext(current.rendezvous, current.key("second"), deadline, "a second transport"))
     try:
         if second.endpoint == first.endpoint:
             failures.append(f"rank {rank}: second transport reused {first.endpoint}")

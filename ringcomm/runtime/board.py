@@ -1,6 +1,6 @@
 """The call board: the same-call check through shared memory when every rank is on one host.
 
-The check (``fingerprint.py``) needs a channel that every transport shares.
+The same-call check (``check.py``) needs a channel that every transport shares.
 The store is one, but each round trip to it costs a wake-up of the process
 that serves it: three of them made the check cost about 0.5 ms per call here,
 more than a 64 KiB all-reduce over shared memory. When all ranks are on one
@@ -59,7 +59,7 @@ _SPIN_S = 50e-6  # look again this long before sleeping, when every rank can hav
 class CallBoard:
     """One host's board of call fingerprints; see the module docstring.
 
-    Made collectively (``shm.share_segments`` through ``gather``: ``Session.gather`` under a key of its own).
+    Made collectively (``segments.share_segments`` through ``gather``: ``Rendezvous.gather`` under a key of its own).
     """
 
     def __init__(

@@ -266,7 +266,7 @@ class TransportKind:
     Attributes:
         name: what ``all_reduce(transport=...)`` takes.
         factory: ``factory(device_type, setup) -> Transport``; collective (every rank, same
-            order). ``setup`` (``session.SetupContext``) carries the store, rank, world size,
+            order). ``setup`` (``rendezvous.SetupContext``) carries the store, rank, world size,
             liveness and a store-key prefix unique to this setup.
         devices: device types (``tensor.device.type``) it can carry.
         check_device: extra rule for a device it lists, raising ValueError (e.g. the backend
