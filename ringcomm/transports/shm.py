@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import os
 import struct
-import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -86,7 +85,7 @@ from ..errors import CommTimeoutError, FrameError
 from ..ops import reduce_into
 from ..runtime.settings import env_int
 from .base import Message, Pending, TransportStats, register_transport
-from .segments import Doorbell, fence, host_identity, require_x86_linux, share_segments, unmap
+from .segments import Doorbell, bell_wait, fence, host_identity, require_x86_linux, share_segments, unmap
 from .wire import DTYPE_NAMES, DTYPES
 
 __all__ = ["ShmTransport", "DEFAULT_SLOT_BYTES", "DEFAULT_SLOTS", "DEFAULT_SPIN_US", "segment_bytes"]
@@ -469,30 +468,28 @@ class ShmTransport:
         return moved
 
     def _until(self, done: Any, peer: int, what: str, deadline: float, consume: Any) -> None:
-        """Push sends and ``consume()`` until ``done()``; sleep on the doorbell while nothing moves."""
+        """Push sends and ``consume()`` until ``done()``; sleep on the doorbell while nothing moves
+        (``segments.bell_wait``)."""
         live = self.liveness
-        slice_s = live.interval_s if live is not None else 1.0
-        start = idle_since = time.monotonic()
-        while not done():
-            bell = self._bell.value()  # read before looking: a ring after this ends the sleep
-            if self._push() | consume():
-                idle_since = time.monotonic()
-                continue
-            now = time.monotonic()
-            if now >= deadline:
-                raise CommTimeoutError(
-                    self.rank,
-                    peer,
-                    what,
-                    now - start,
-                    f"the shm queue {'to' if what == 'send' else 'from'} it did not move",
-                )
-            if live is not None and now - idle_since >= slice_s:
-                live.check(peer, what)  # nothing moved for a heartbeat: is the peer still there?
-                idle_since = now
-            if self._spin_s and now - idle_since < self._spin_s:
-                continue  # a peer with a core of its own answers within microseconds: look again
-            self._bell.sleep(bell, max(min(slice_s, deadline - now), 1e-4))
+
+        def watch() -> None:
+            if live is not None:
+                live.check(peer, what)
+
+        def timed_out(waited_s: float) -> CommTimeoutError:
+            where = "to" if what == "send" else "from"
+            return CommTimeoutError(self.rank, peer, what, waited_s, f"the shm queue {where} it did not move")
+
+        bell_wait(
+            self._bell,
+            lambda: self._push() | consume(),
+            done,
+            deadline,
+            slice_s=live.interval_s if live is not None else 1.0,
+            spin_s=self._spin_s,
+            watch=watch,
+            timed_out=timed_out,
+        )
 
     # --- teardown ---
 
