@@ -26,6 +26,8 @@ through the ring in fragments, as the receiver frees slots.
 
     magic u32 | dtype u8 | pad u8 x3 | tag u32 | pad u32 | seq u64 | total u64 | offset u64 | length u32
 
+(``dtype``: the code of ``wire.DTYPE_TABLE``, fixed per dtype, shared with the ZeroMQ format's table.)
+
 ``seq`` counts messages per queue, ``total`` is the message's bytes,
 ``offset``/``length`` place the fragment. A header that disagrees with what
 the receiver expects (the posted tensor's dtype and size, the next ``seq``, the
@@ -86,7 +88,7 @@ from ..ops import reduce_into
 from ..runtime.settings import env_int
 from .base import Message, Pending, TransportStats, register_transport
 from .segments import Doorbell, bell_wait, fence, host_identity, require_x86_linux, share_segments, unmap
-from .wire import DTYPE_NAMES, DTYPES
+from .wire import CODE_DTYPES, DTYPE_CODES, DTYPE_NAMES, DTYPES
 
 __all__ = ["ShmTransport", "DEFAULT_SLOT_BYTES", "DEFAULT_SLOTS", "DEFAULT_SPIN_US", "segment_bytes"]
 
@@ -99,8 +101,6 @@ DEFAULT_SPIN_US = 50
 _LINE = 64  # a cache line: counters on lines of their own, headers one line each
 _HEADER = struct.Struct("<IB3xI4xQQQI")  # magic, dtype, tag, seq, total, offset, length
 _MAGIC = 0x51434D52  # "RMCQ"
-_DTYPE_CODES = {dtype: i for i, dtype in enumerate(DTYPES.values())}
-_CODE_DTYPES = dict(enumerate(DTYPES.values()))
 
 
 def _queue_bytes(slots: int, slot_bytes: int) -> int:
@@ -154,7 +154,7 @@ class _Send:
 
     def __init__(self, tensor: torch.Tensor, peer: int, tag: int, seq: int) -> None:
         self.flat = tensor.view(-1)
-        self.peer, self.tag, self.seq, self.code = peer, tag, seq, _DTYPE_CODES[tensor.dtype]
+        self.peer, self.tag, self.seq, self.code = peer, tag, seq, DTYPE_CODES[tensor.dtype]
         self.offset = 0  # elements already written
         self.done = False
 
@@ -263,7 +263,7 @@ class ShmTransport:
             raise ValueError(
                 f"rank {self.rank}: peer {peer!r} is not another rank of a world of {self.world_size}"
             )
-        if not tensor.is_cpu or not tensor.is_contiguous() or tensor.dtype not in _DTYPE_CODES:
+        if not tensor.is_cpu or not tensor.is_contiguous() or tensor.dtype not in DTYPE_CODES:
             raise ValueError(
                 f"rank {self.rank}: shm carries contiguous CPU tensors of {', '.join(DTYPES)}; "
                 f"got {tensor.dtype} on {tensor.device}{'' if tensor.is_contiguous() else ', not contiguous'}"
@@ -391,8 +391,8 @@ class ShmTransport:
             )
         if tag != recv.tag:
             raise bad("tag", f"tag {tag}, the receive expects {recv.tag}")
-        if code != _DTYPE_CODES[dtype]:
-            got = DTYPE_NAMES[_CODE_DTYPES[code]] if code in _CODE_DTYPES else f"code {code}"
+        if code != DTYPE_CODES[dtype]:
+            got = DTYPE_NAMES[CODE_DTYPES[code]] if code in CODE_DTYPES else f"code {code}"
             raise bad("dtype", f"message carries {got}, receive expects {DTYPE_NAMES[dtype]}")
         count = flat.numel()
         if total != count * size:
