@@ -86,7 +86,7 @@ import torch
 from ..errors import CommTimeoutError, FrameError
 from ..ops import reduce_into
 from ..runtime.settings import env_int
-from .base import Message, Pending, TransportStats, register_transport
+from .base import Message, MessageKind, Pending, PendingOp, TransportStats, register_transport
 from .segments import Doorbell, bell_wait, fence, host_identity, require_x86_linux, share_segments, unmap
 from .wire import CODE_DTYPES, DTYPE_CODES, DTYPE_NAMES, DTYPES
 
@@ -276,14 +276,14 @@ class ShmTransport:
         pending = []
         for m in messages:
             nbytes = m.tensor.numel() * m.tensor.element_size()
-            if m.kind == "send":
+            if m.kind is MessageKind.SEND:
                 op: _Send | _Recv = _Send(m.tensor, m.peer, int(m.tag), self._send_seq[m.peer])
                 self._send_seq[m.peer] += 1
                 self._outbox[m.peer].append(op)
                 self.stats.count_send(m.peer, nbytes)
-                pending.append(Pending("send", m.peer, op))
+                pending.append(Pending(PendingOp.SEND, m.peer, op))
                 continue
-            if m.kind == "reduce":
+            if m.kind is MessageKind.REDUCE:
                 key = (m.tensor.data_ptr(), m.tensor.numel(), m.tensor.dtype)
                 op = _Recv(m.tensor, m.peer, int(m.tag), m.op, self._last_into.get(key))
                 self._last_into[key] = op  # the next reduce into this tensor lands after this one
@@ -291,7 +291,7 @@ class ShmTransport:
                 op = _Recv(m.tensor, m.peer, int(m.tag), "", None)
             self._posted[m.peer].append(op)
             self.stats.count_recv(m.peer, nbytes)
-            pending.append(Pending("recv", m.peer, op))
+            pending.append(Pending(PendingOp.RECV, m.peer, op))
         self._push()
         return pending
 
@@ -429,7 +429,7 @@ class ShmTransport:
         if isinstance(op, _Recv):
             self._receive(op, deadline)
         else:
-            self._until(lambda: op.done, op.peer, "send", deadline, self._consume_ready)
+            self._until(lambda: op.done, op.peer, PendingOp.SEND, deadline, self._consume_ready)
 
     def _receive(self, recv: _Recv, deadline: float) -> None:
         if recv.done:
@@ -444,7 +444,7 @@ class ShmTransport:
         self._until(
             lambda: recv.done,
             recv.peer,
-            "recv",
+            PendingOp.RECV,
             deadline,
             lambda: self._consume(recv) | self._consume_ready(),
         )
@@ -467,7 +467,7 @@ class ShmTransport:
                     break
         return moved
 
-    def _until(self, done: Any, peer: int, what: str, deadline: float, consume: Any) -> None:
+    def _until(self, done: Any, peer: int, what: PendingOp, deadline: float, consume: Any) -> None:
         """Push sends and ``consume()`` until ``done()``; sleep on the doorbell while nothing moves
         (``segments.bell_wait``)."""
         live = self.liveness
@@ -477,7 +477,7 @@ class ShmTransport:
                 live.check(peer, what)
 
         def timed_out(waited_s: float) -> CommTimeoutError:
-            where = "to" if what == "send" else "from"
+            where = "to" if what is PendingOp.SEND else "from"
             return CommTimeoutError(self.rank, peer, what, waited_s, f"the shm queue {where} it did not move")
 
         bell_wait(

@@ -147,7 +147,7 @@ from ..algorithms.tags import Tag
 from ..errors import CommTimeoutError, FrameError, PeerError
 from ..runtime.liveness import Liveness
 from ..runtime.settings import env_bool
-from .base import Pending, PointToPoint, TransportStats, register_transport
+from .base import Pending, PendingOp, PointToPoint, TransportStats, register_transport
 from .wire import (
     DTYPE_NAMES,
     DTYPES,
@@ -366,7 +366,7 @@ class ZmqTransport(PointToPoint):
         if sock is None:
             endpoint = self._endpoints.get(peer)
             if endpoint is None:
-                raise PeerError(self.rank, peer, "send", "no endpoint known for this peer")
+                raise PeerError(self.rank, peer, PendingOp.SEND, "no endpoint known for this peer")
             sock = self._context.socket(zmq.PUSH)
             sock.linger = 0  # until close, which decides how long to flush
             sock.sndhwm = 0  # no limit: isend never blocks; memory is the tensors themselves
@@ -406,7 +406,7 @@ class ZmqTransport(PointToPoint):
             sock.send(encode_preamble(self.token, self.rank), zmq.SNDMORE | zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # nothing was queued: the socket is as it was
             self._failed = True
-            raise PeerError(self.rank, peer, "send", f"ZeroMQ refused the message: {exc}") from exc
+            raise PeerError(self.rank, peer, PendingOp.SEND, f"ZeroMQ refused the message: {exc}") from exc
         try:
             sock.send(header, zmq.SNDMORE)
             trackers = [
@@ -422,10 +422,10 @@ class ZmqTransport(PointToPoint):
             self._failed = True
             if not isinstance(exc, Exception):
                 raise  # a Ctrl-C stays a KeyboardInterrupt, not a peer's failure
-            raise PeerError(self.rank, peer, "send", f"ZeroMQ failed half-way through a message: {exc}") from exc
+            raise PeerError(self.rank, peer, PendingOp.SEND, f"ZeroMQ failed half-way through a message: {exc}") from exc
         self._send_seq[key] = seq + 1
         self.stats.count_send(peer, nbytes)
-        return Pending("send", peer, _SendOp(tensor, zmq.MessageTracker(*trackers) if zero_copy else None))
+        return Pending(PendingOp.SEND, peer, _SendOp(tensor, zmq.MessageTracker(*trackers) if zero_copy else None))
 
     def irecv(self, tensor: torch.Tensor, peer: int, tag: int = 0) -> Pending:
         """Post a receive of the next message from ``peer`` on ``tag`` into ``tensor``."""
@@ -441,7 +441,7 @@ class ZmqTransport(PointToPoint):
         else:
             self._posted.setdefault(key, deque()).append(op)
         self.stats.count_recv(peer, tensor.numel() * tensor.element_size())
-        return Pending("recv", peer, op)
+        return Pending(PendingOp.RECV, peer, op)
 
     def wait_message(self, pending: Pending, deadline: float) -> None:
         """Drive progress until ``pending`` completes; CommTimeoutError at ``deadline``.
@@ -476,10 +476,10 @@ class ZmqTransport(PointToPoint):
                 now = time.monotonic()
                 if now >= deadline:
                     raise CommTimeoutError(
-                        self.rank, pending.peer, "send", timeout, "ZeroMQ still holds the message"
+                        self.rank, pending.peer, PendingOp.SEND, timeout, "ZeroMQ still holds the message"
                     )
                 if now >= next_check:
-                    live.check(pending.peer, "send")  # type: ignore[union-attr]
+                    live.check(pending.peer, PendingOp.SEND)  # type: ignore[union-attr]
                     next_check = now + slice_s
                 try:
                     op.tracker.wait(max(min(deadline, next_check) - now, 1e-3))
@@ -491,10 +491,10 @@ class ZmqTransport(PointToPoint):
             now = time.monotonic()
             if now >= deadline:
                 raise CommTimeoutError(
-                    self.rank, op.peer, "recv", timeout, f"no message with tag {op.tag} arrived"
+                    self.rank, op.peer, PendingOp.RECV, timeout, f"no message with tag {op.tag} arrived"
                 )
             if now >= next_check:
-                live.check(op.peer, "recv")  # type: ignore[union-attr]
+                live.check(op.peer, PendingOp.RECV)  # type: ignore[union-attr]
                 next_check = now + slice_s
             # A blocking read bounded by the time left (ZMQ_RCVTIMEO): one system call
             # when a message is there, and no busy loop when none is.
