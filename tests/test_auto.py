@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from traffic import count_from_zero  # tests/traffic.py
 
 import ringcomm
 from ringcomm import auto
@@ -258,7 +259,7 @@ def _pick_rank(rank: int, p: int, files: list[str]) -> dict:
     os.environ["RINGCOMM_TUNE_FILE"] = files[rank]  # before this process's first ringcomm call
     comm = ringcomm.init("torch")
     x = torch.full((10_000,), float(rank))
-    comm.stats.reset()
+    count_from_zero(comm.stats)
     ringcomm.all_reduce(x, algo="auto", check=True)
     return {
         "explained": ringcomm.explain_auto(10_000).algo,

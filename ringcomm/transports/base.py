@@ -70,7 +70,7 @@ __all__ = [
 
 @dataclass
 class TransportStats:
-    """Messages and bytes this rank has sent and received since the last ``reset``."""
+    """Messages and bytes this rank has sent and received (since the transport was made)."""
 
     sent_msgs: int = 0
     sent_bytes: int = 0
@@ -78,11 +78,6 @@ class TransportStats:
     recv_bytes: int = 0
     sends_to: dict[int, int] = field(default_factory=dict)
     recvs_from: dict[int, int] = field(default_factory=dict)
-
-    def reset(self) -> None:
-        self.sent_msgs = self.sent_bytes = self.recv_msgs = self.recv_bytes = 0
-        self.sends_to.clear()
-        self.recvs_from.clear()
 
     def count_send(self, peer: int, nbytes: int) -> None:
         self.sent_msgs += 1

@@ -105,7 +105,7 @@ destination tensor is not written, and the transport goes on serving
 well-formed messages.
 
 **Rendezvous** (collective: every rank makes the transport, in the same order,
-after ``session.py`` has checked that all ranks asked for it) goes through the
+after ``rendezvous.py`` has checked that all ranks asked for it) goes through the
 store of the default process group: each rank publishes its hostname (rank 0
 with this set-up's token), then binds and publishes its endpoint under the key
 prefix of this set-up. Where it binds:
@@ -213,8 +213,8 @@ class ZmqTransport(PointToPoint):
     """Point-to-point over ZeroMQ: PULL inbox per rank, PUSH per peer, progress in ``wait``.
 
     Made by the session (``ringcomm.init("zmq")`` or the first ``all_reduce``
-    with ``transport="zmq"``), collectively, through the default group's store;
-    or without torch.distributed by ``standalone``. Use one thread at a time:
+    with ``transport="zmq"``), collectively, through the default group's store
+    (the tests make one without it: ``tests/zmq_standalone.py``). Use one thread at a time:
     ZeroMQ sockets are not thread-safe, and ``wait`` is where all progress
     happens (the comm queue guarantees it).
 
@@ -239,31 +239,6 @@ class ZmqTransport(PointToPoint):
             self.close()
             raise
         self.liveness = setup.liveness
-
-    @classmethod
-    def standalone(
-        cls, rank: int, world_size: int, *, bind: str = "tcp://127.0.0.1", token: bytes | None = None
-    ) -> ZmqTransport:
-        """A transport that binds now and needs no torch.distributed; give peers with ``set_peers``.
-
-        For tests and custom launchers. ``bind`` is ``tcp://<address>`` (a
-        kernel-chosen port is added) or ``ipc://`` (a private temporary path).
-        ``token``: the world's (``TOKEN_BYTES`` bytes); by default a new one, which
-        the other ranks then take from ``self.token``. ``self.endpoint`` is the
-        address peers connect to.
-        """
-        if token is None:
-            token = new_token()
-        elif len(token) != TOKEN_BYTES:
-            raise ValueError(f"token must be {TOKEN_BYTES} bytes, got {len(token)}")
-        self = cls.__new__(cls)
-        self._open(rank, world_size, token)
-        try:
-            self._bind(bind)
-        except BaseException:
-            self.close()
-            raise
-        return self
 
     # --- setup ---
 
@@ -313,7 +288,7 @@ class ZmqTransport(PointToPoint):
             raise ValueError(f"bind must be 'tcp://<address>' or 'ipc://', got {base!r}")
 
     def _rendezvous(self, setup: Any, host: str | None, ipc: bool | None) -> None:
-        # setup.gather: keys unique to this set-up (session.py numbers them), a wait that ends at once
+        # setup.gather: keys unique to this set-up (rendezvous.py numbers them), a wait that ends at once
         # when a peer dies or fails its own half of the set-up. Rank 0 mints this set-up's token and
         # sends it along with its hostname: a store round trip saved, and the token is in the store
         # before any rank binds, so no rank reads a message before it knows which ones are foreign.
