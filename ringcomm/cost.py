@@ -61,9 +61,6 @@ __all__ = [
     "COLLECTIVE_COSTS",
     "CollectiveCost",
     "markdown_table",
-    "ring_time",
-    "naive_time",
-    "ps_time",
     "algbw",
     "busbw",
     "fit_alpha_beta",
@@ -323,28 +320,6 @@ def markdown_table() -> str:
         for c in COSTS.values()
     ]
     return "\n".join(rows)
-
-
-def ring_time(p: int, nbytes: float, alpha: float, beta: float) -> float:
-    """Predicted seconds for a ring all-reduce of ``nbytes`` over ``p`` ranks (``COSTS["ring"]``)."""
-    return COSTS["ring"].time(p, nbytes, alpha, beta)
-
-
-def naive_time(p: int, nbytes: float, alpha: float, beta: float) -> float:
-    """Predicted seconds for gather-to-root + broadcast (``COSTS["naive"]``)."""
-    return COSTS["naive"].time(p, nbytes, alpha, beta)
-
-
-def ps_time(p: int, nbytes: float, alpha: float, beta: float, shards: int = 1) -> float:
-    """Predicted seconds for a parameter-server all-reduce with ``shards`` servers (``COSTS["ps"]``).
-
-    k = 1 gives 2(P-1) * alpha + 2(P-1) * M * beta (the server's P-1 receives, then P-1 sends);
-    k = P gives the ring's messages and bytes, in two rounds.
-
-    Raises:
-        ValueError: unless 1 <= shards <= p.
-    """
-    return COSTS["ps"].time(p, nbytes, alpha, beta, shards=shards)
 
 
 def algbw(nbytes: float, seconds: float) -> float:

@@ -74,7 +74,7 @@ def test_fit_recovers_alpha_beta_under_noise() -> None:
             for _ in range(4):
                 ps_.append(p)
                 ms.append(m)
-                ts.append(cost.ring_time(p, m, alpha, beta) * (1 + 0.02 * rng.standard_normal()))
+                ts.append(cost.COSTS["ring"].time(p, m, alpha, beta) * (1 + 0.02 * rng.standard_normal()))
     f = fit.fit_algo("ring", ps_, ms, ts)
     assert f is not None
     assert f.alpha_s == pytest.approx(alpha, rel=0.03)
@@ -86,7 +86,7 @@ def test_fit_recovers_alpha_beta_under_noise() -> None:
 def test_fit_pins_a_negative_coefficient_to_zero() -> None:
     # Pure bandwidth with noise that makes the free fit's alpha negative: alpha is pinned at 0.
     ms = [MB, 2 * MB, 4 * MB, 8 * MB]
-    ts = [cost.ring_time(2, m, 0.0, 1e-9) * k for m, k in zip(ms, (0.95, 1.0, 1.01, 1.015))]
+    ts = [cost.COSTS["ring"].time(2, m, 0.0, 1e-9) * k for m, k in zip(ms, (0.95, 1.0, 1.01, 1.015))]
     free_alpha, _ = cost.fit_alpha_beta([2] * 4, [m for m in ms], ts)
     assert free_alpha < 0
     f = fit.fit_algo("ring", [2] * 4, ms, ts)
@@ -488,8 +488,8 @@ def test_report_builds_every_figure_and_carries_the_numbers(tmp_path: Path) -> N
     assert "measurements on this machine (2-core CPU" in text and "not projections" in text
     assert "CPU cores: **2**" in text and "torch 2.x-test" in text and "OMP_NUM_THREADS=1" in text
     # Bench table: ring at P=4, 4M: 2*3*50us + 1.5*4M*1ns = 300 + 6291.456 us; gloo is faster.
-    t_ring = cost.ring_time(4, 4 * MB, *LINKS["ring"]) * 1e6
-    t_gloo = cost.ring_time(4, 4 * MB, *LINKS["gloo"]) * 1e6
+    t_ring = cost.COSTS["ring"].time(4, 4 * MB, *LINKS["ring"]) * 1e6
+    t_gloo = cost.COSTS["ring"].time(4, 4 * MB, *LINKS["gloo"]) * 1e6
     assert f"{t_ring:.1f}" == "6591.5" and "| 4 | 4M (4194304) | ring | torch | 6591.5 |" in text
     assert f"| {t_gloo / t_ring:.2f}x |" in text and "| 1.00x |" in text
     # Fits recover the generating links: ring 50 us and 1 ns/B -> 1.000 GB/s; zmq 120 us, 0.500 GB/s.
@@ -497,7 +497,7 @@ def test_report_builds_every_figure_and_carries_the_numbers(tmp_path: Path) -> N
     assert "| ring@zmq | zmq | 120.0 | 2.0000 | 0.500 | 6 |" in text
     assert "| gloo | torch | 30.0 | 0.8000 | 1.250 | 18 |" in text
     # ps vs ring, model and measurement agree when the data is the model: P=4, 4M, ps k=1.
-    r_ps = fit.predict_time("ps", 4, 4 * MB, *LINKS["ps"]) / cost.ring_time(4, 4 * MB, *LINKS["ring"])
+    r_ps = fit.predict_time("ps", 4, 4 * MB, *LINKS["ps"]) / cost.COSTS["ring"].time(4, 4 * MB, *LINKS["ring"])
     assert f"| ps | 4 | 4M | {r_ps:.2f} | {r_ps:.2f} |" in text
     # Training: ring at P=4 runs 300 img/s vs 100 at P=1: speedup 3.00, efficiency 0.75.
     assert "| ring | 4 | 128 | 20 | 300.0 | 3.00 | 0.75 |" in text
@@ -510,7 +510,7 @@ def test_report_builds_every_figure_and_carries_the_numbers(tmp_path: Path) -> N
     assert f"| ring | {float(x @ y / (x @ x)):.3f} |" in text
     # Utilisation: 250000 B sent in 12 ms at P=4 is 0.021 GB/s; one bucket's tensor is
     # 250000 / 1.5 B, nearest bench size 64K, where ring's busbw is in the bench table.
-    ring_64k = cost.busbw(4, 64 * KB, cost.ring_time(4, 64 * KB, *LINKS["ring"]))
+    ring_64k = cost.busbw(4, 64 * KB, cost.COSTS["ring"].time(4, 64 * KB, *LINKS["ring"]))
     assert f"| ring P=4 | 0.021 | ring | 64K | {ring_64k:.3f} | {0.250 / 12 / ring_64k:.0%} |" in text
     # Batch sweep, capped runs: synthetic's 10,000 images / 640 img/s = 15.62 s per epoch.
     assert "| 2048 | 4096 | 20 | 1.95 | 15.62 | 640.0 |" in text

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from traffic import count_from_zero  # tests/traffic.py
 
 import ringcomm
 from ringcomm import auto
@@ -161,16 +162,15 @@ def test_a_cuda_fit_is_used_for_cuda_only() -> None:
 
 
 def test_a_rank_remembers_its_picks_per_device() -> None:
-    """Session.auto_pick caches by (transport, device, size): a CPU pick is not reused for a CUDA tensor."""
-    from types import SimpleNamespace
-
-    from ringcomm.runtime.session import Session
+    """WorldTuning.pick caches by (transport, device, size): a CPU pick is not reused for a CUDA tensor."""
+    from ringcomm.runtime.tuning import WorldTuning
 
     naive_wins = {a: (1.0, 1.0) for a in auto.CANDIDATES}
     naive_wins["naive"] = (1e-9, 1e-15)
-    fake = SimpleNamespace(_picks={}, world_size=4, tuning=lambda deadline: _fits(naive_wins, p=4))
-    assert Session.auto_pick(fake, "torch", 1 << 20, 1e18) == "naive"
-    assert Session.auto_pick(fake, "torch", 1 << 20, 1e18, "cuda") != "naive"
+    tune = WorldTuning(store=None, key="unused", rank=0, world_size=4)
+    tune._fits = _fits(naive_wins, p=4)  # as if read from rank 0's publication
+    assert tune.pick("torch", 1 << 20, 1e18) == "naive"
+    assert tune.pick("torch", 1 << 20, 1e18, "cuda") != "naive"
 
 
 def test_explain_says_what_and_why() -> None:
@@ -259,7 +259,7 @@ def _pick_rank(rank: int, p: int, files: list[str]) -> dict:
     os.environ["RINGCOMM_TUNE_FILE"] = files[rank]  # before this process's first ringcomm call
     comm = ringcomm.init("torch")
     x = torch.full((10_000,), float(rank))
-    comm.stats.reset()
+    count_from_zero(comm.stats)
     ringcomm.all_reduce(x, algo="auto", check=True)
     return {
         "explained": ringcomm.explain_auto(10_000).algo,

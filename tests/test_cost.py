@@ -49,10 +49,10 @@ def test_critical_path_counts_by_hand(name: str, p: int, shards: int, messages: 
 
 
 def test_the_named_time_functions_are_the_table_rows() -> None:
-    assert cost.ring_time(4, 1200.0, ALPHA, BETA) == pytest.approx(6 * ALPHA + 1800 * BETA)
-    assert cost.naive_time(4, 1200.0, ALPHA, BETA) == pytest.approx(6 * ALPHA + 7200 * BETA)
-    assert cost.ps_time(4, 1200.0, ALPHA, BETA, shards=2) == pytest.approx(6 * ALPHA + 3600 * BETA)
-    assert cost.ps_time(4, 1200.0, ALPHA, BETA) == pytest.approx(6 * ALPHA + 7200 * BETA)
+    assert cost.COSTS["ring"].time(4, 1200.0, ALPHA, BETA) == pytest.approx(6 * ALPHA + 1800 * BETA)
+    assert cost.COSTS["naive"].time(4, 1200.0, ALPHA, BETA) == pytest.approx(6 * ALPHA + 7200 * BETA)
+    assert cost.COSTS["ps"].time(4, 1200.0, ALPHA, BETA, shards=2) == pytest.approx(6 * ALPHA + 3600 * BETA)
+    assert cost.COSTS["ps"].time(4, 1200.0, ALPHA, BETA) == pytest.approx(6 * ALPHA + 7200 * BETA)
 
 
 def test_the_ring_moves_about_2m_whatever_p_and_the_server_grows_with_p() -> None:
@@ -84,7 +84,7 @@ def test_one_rank_moves_nothing(name: str) -> None:
 
 def test_shards_are_checked() -> None:
     with pytest.raises(ValueError, match=r"shards=5 is out of range for P=4; expected 1 <= shards <= 4"):
-        cost.ps_time(4, 1e6, ALPHA, BETA, shards=5)
+        cost.COSTS["ps"].time(4, 1e6, ALPHA, BETA, shards=5)
     with pytest.raises(ValueError, match="shards=0 is out of range"):
         cost.COSTS["ps"].critical_path(4, 1e6, 0)
     with pytest.raises(ValueError, match="ring has no shards; got shards=2"):

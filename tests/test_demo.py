@@ -14,9 +14,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from procs import run  # a child's own children stopped too
+
+if TYPE_CHECKING:
+    from ringcomm.tools.demo import Recording
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,6 +165,40 @@ def test_a_server_adds_each_push_to_what_it_holds_by_then() -> None:
     assert after_push.splitlines() == ["    rank 0 | [30 33]", "    rank 1 | [10 11]", "    rank 2 | [20 21]"]
 
 
+def check_story(rec: Recording) -> list[str]:
+    """What is wrong with the story the demo tells of ``rec`` (empty: nothing): the tests' check of
+    a recording (the tool itself never needs it).
+
+    Every receive comes in the step of its send or later and carries the numbers sent;
+    every send carries what its rank held then (as the tables show it); every reduce adds
+    up (``before op incoming = after``); the last tables, with what ``then`` says, are
+    the results.
+    """
+    from ringcomm.tools import demo
+
+    states, wrong = demo.replay(rec), []
+    for rank, per_rank in enumerate(rec.events):
+        for e in sorted(per_rank, key=lambda e: e["msg"]):
+            if e["kind"] == "send":
+                start = e.get("start")
+                held = states[e["step"] - 1][rank][start : start + len(e["values"])] if start is not None else None
+                if held is not None and held != e["values"] and rec.op != "avg":
+                    wrong.append(f"rank {rank} step {e['step']} sends {e['values']} but holds {held}")
+    for rank, e, sent in demo._pairs(rec.events):
+        if sent is None:
+            wrong.append(f"rank {rank} step {e['step']} receives from rank {e['peer']}, which sent nothing")
+            continue
+        if sent["step"] > e["step"]:
+            wrong.append(f"rank {rank} receives in step {e['step']} what rank {e['peer']} sends in step {sent['step']}")
+        if sent["values"] != e["values"]:
+            wrong.append(f"rank {rank} step {e['step']} receives {e['values']}, rank {e['peer']} sent {sent['values']}")
+        if "after" in e and demo._combine(e["before"], e["values"], rec.op) != e["after"]:
+            wrong.append(f"rank {rank} step {e['step']}: {e['before']} {rec.op} {e['values']} is not {e['after']}")
+    if rec.steps and states[-1] != rec.final and rec.op != "avg":  # avg divides after its last message
+        wrong.append(f"the last tables {states[-1]} are not the results {rec.final}")
+    return wrong
+
+
 @pytest.mark.parametrize(
     "algo, world_size, numel, op",
     [("rd", 3, 3, "max"), ("rhd", 5, 4, "avg"), ("ring", 5, 3, "sum"), ("ps", 4, 2, "min"), ("auto", 2, 1, "sum")],
@@ -168,7 +206,7 @@ def test_a_server_adds_each_push_to_what_it_holds_by_then() -> None:
 def test_the_story_adds_up(algo: str, world_size: int, numel: int, op: str) -> None:
     """Every receive matches a send of the same or an earlier step, every send carries what the
     tables say its rank held, every reduce adds up, and the last tables are the results."""
-    from ringcomm.tools.demo import check_story, record, render_text
+    from ringcomm.tools.demo import record, render_text
 
     rec = record(algo, world_size, numel, op)
     assert check_story(rec) == [], render_text(rec)

@@ -50,11 +50,12 @@ class _RankBoard:
 
 
 class _Session:
-    """What check_same_call needs of a session: a rank and its view of the board."""
+    """What check_same_call needs of a session: a rank and its view of the board (through its rendezvous)."""
 
     def __init__(self, board: _Board, rank: int) -> None:
         self.rank, self.world_size = rank, len(board.texts)
         self._board = _RankBoard(board, rank)
+        self.rendezvous = self  # Session.rendezvous.board(deadline): here, this object's own
 
     def board(self, deadline: float) -> _RankBoard:
         return self._board

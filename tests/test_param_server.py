@@ -26,6 +26,7 @@ from collections import Counter
 import pytest
 import torch
 import torch.distributed as dist
+from traffic import count_from_zero  # tests/traffic.py
 
 import ringcomm
 from ringcomm.algorithms.chunks import chunk_bounds
@@ -212,7 +213,7 @@ def _rank_counts(rank: int, p: int) -> list[str]:
 
     # The central server, spelled out: P-1 pushes in, P-1 results out; a worker, one each way.
     for server in (0, p - 1):
-        stats.reset()
+        count_from_zero(stats)
         ringcomm.all_reduce(torch.ones(numel), algo="ps", ps_rank=server, timeout=TIMEOUT_S / 2, check=False)
         got = _traffic(stats)
         others = {peer: 1 for peer in range(p) if peer != server}
@@ -226,7 +227,7 @@ def _rank_counts(rank: int, p: int) -> list[str]:
 
     # Sharded, and with fewer elements than shards (empty shards send nothing).
     for size, ps_rank, shards in ((numel, 1, 2), (numel, p - 1, p), (numel, 0, p - 1), (1, 2 % p, p)):
-        stats.reset()
+        count_from_zero(stats)
         tensor = torch.ones(size, dtype=torch.float64)
         ringcomm.all_reduce(
             tensor, algo="ps", ps_rank=ps_rank, ps_shards=shards, timeout=TIMEOUT_S / 2, check=False
@@ -248,7 +249,7 @@ def _rank_overlapped_counts(rank: int, p: int) -> list[str]:
     stats = ringcomm.init("torch").stats
     numel, seg_elems = 1000 * p + 3, 250
     segments = -(-numel // seg_elems)
-    stats.reset()
+    count_from_zero(stats)
     x = torch.ones(numel)
     ringcomm.all_reduce(x, algo="ps", ps_overlap=True, ps_segment_bytes=seg_elems * 4, timeout=TIMEOUT_S / 2, check=False)
     got = _traffic(stats)
@@ -282,7 +283,7 @@ def _rank_bad_options(rank: int, p: int) -> list[str]:
     for options, named in bad_options:
         tensor = torch.arange(10, dtype=torch.float32) + rank
         before = tensor.clone()
-        stats.reset()
+        count_from_zero(stats)
         try:
             ringcomm.all_reduce(tensor, algo="ps", timeout=30.0, **options)
             failures.append(f"rank {rank} {options}: no ValueError")

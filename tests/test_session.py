@@ -356,11 +356,11 @@ def _half_made_session_rank(rank: int, p: int) -> dict:
     makes one again at its next call; the world's keys must stay the same on every rank."""
     import threading
 
-    from ringcomm.runtime import session as sessions
+    from ringcomm.runtime import tuning
 
     outcomes = []
     if rank == 0:
-        real, tries = sessions.load_local, []
+        real, tries = tuning.load_local, []
 
         def broken_once() -> object:
             tries.append(1)
@@ -368,7 +368,7 @@ def _half_made_session_rank(rank: int, p: int) -> dict:
                 raise OSError("injected: tune file unreadable")
             return real()
 
-        sessions.load_local = broken_once  # type: ignore[assignment]
+        tuning.load_local = broken_once  # type: ignore[assignment]
         outcomes.append(_timed(lambda: ringcomm.all_reduce(torch.ones(4), timeout=30))[0])
     x = torch.ones(4)
     outcomes.append(_timed(lambda: ringcomm.all_reduce(x, timeout=30))[0])

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from grid import check_grid
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from traffic import count_from_zero  # tests/traffic.py
 
 import ringcomm
 from ringcomm.errors import CommTimeoutError, FrameError
@@ -55,7 +56,7 @@ def _grid_rank(rank: int, p: int) -> list[str]:
         failures += check_grid(rank, p, algo, "shm", big_dtypes=(torch.float32,), big_ops=("sum",))
     transport = ringcomm.init("shm")
     x = torch.ones(10 * p)
-    transport.stats.reset()
+    count_from_zero(transport.stats)
     ringcomm.all_reduce(x, algo="ring", transport="shm")
     s = transport.stats
     if p > 1 and (s.sent_msgs, s.recv_msgs, s.sends_to) != (2 * (p - 1), 2 * (p - 1), {(rank + 1) % p: 2 * (p - 1)}):
@@ -189,7 +190,7 @@ def _corrupt(receiver: ShmTransport, peer: int, field: str, value: Any) -> None:
 
 HOSTILE = [
     ("magic", 0xDEADBEEF, "magic"),
-    ("dtype", 3, "dtype"),  # float32 -> float64 (codes follow wire.DTYPES)
+    ("dtype", 3, "dtype"),  # float32 -> float64 (wire.DTYPE_TABLE's codes)
     ("dtype", 200, "dtype"),  # no such dtype
     ("tag", 99, "tag"),
     ("seq", 5, "seq"),
@@ -355,3 +356,39 @@ def test_a_rank_waiting_for_a_message_sleeps_instead_of_spinning() -> None:
 
 def test_header_layout_fits_its_line() -> None:
     assert _HEADER.size <= 64 and struct.calcsize("<IB3xI4xQQQI") == _HEADER.size
+
+
+#: The dtype codes a shared-memory header carries: part of the format, so written out here by hand.
+#: A change to any of them (a reordered table, codes derived from an order) fails this test.
+PINNED_CODES = {
+    torch.float16: 0,
+    torch.bfloat16: 1,
+    torch.float32: 2,
+    torch.float64: 3,
+    torch.int32: 4,
+    torch.int64: 5,
+    torch.uint8: 6,
+}
+
+
+def test_the_dtype_codes_are_pinned_and_one_table_serves_both_formats() -> None:
+    from ringcomm.transports import wire
+
+    assert wire.DTYPE_CODES == PINNED_CODES
+    codes = [code for code, _, _ in wire.DTYPE_TABLE]
+    names = [name for _, name, _ in wire.DTYPE_TABLE]
+    assert len(set(codes)) == len(codes) and len(set(names)) == len(names)
+    assert all(0 <= code < 256 for code in codes)  # the header's dtype field is a u8
+    assert set(wire.DTYPES.values()) == set(PINNED_CODES)  # the ZeroMQ format's names: the same dtypes
+    assert all(wire.CODE_DTYPES[code] is dtype for dtype, code in PINNED_CODES.items())
+
+
+@pytest.mark.parametrize("dtype", list(PINNED_CODES), ids=str)
+def test_a_shm_header_carries_the_pinned_code(pair: tuple[ShmTransport, ShmTransport], dtype: torch.dtype) -> None:
+    a, b = pair
+    deadline = time.monotonic() + 10
+    exchange(b, [send(torch.ones(4, dtype=dtype), 0, tag=3)], deadline)  # waits in a's queue, slot 0
+    assert _HEADER.unpack_from(a._in[1].headers[0], 0)[1] == PINNED_CODES[dtype]
+    target = torch.zeros(4, dtype=dtype)
+    exchange(a, [recv(target, 1, 3)], deadline)
+    assert target.tolist() == [1, 1, 1, 1]

@@ -111,3 +111,21 @@ def test_a_nccl_failure_before_the_deadline_is_a_peer_error(monkeypatch: pytest.
     transport, _ = _nccl_transport(monkeypatch, work)
     with pytest.raises(PeerError, match="send with peer rank 1 failed: NCCL error: remote process exited"):
         transport.wait(Pending("send", 1, work), time.monotonic() + 60)
+
+
+def test_message_and_pending_kinds_are_enums_that_read_as_before() -> None:
+    """Kinds are ``MessageKind``/``PendingOp`` members (a typo fails at once) that still print and
+    compare as the strings traces and error messages have always shown."""
+    from ringcomm.transports.base import Message, MessageKind, PendingOp
+
+    t = torch.zeros(2)
+    assert [send(t, 1).kind, recv(t, 1).kind, recv_reduce(t, 1, 0, "sum").kind] == list(MessageKind)
+    assert Message("send", t, 1).kind is MessageKind.SEND  # a string is taken, and stored as the member
+    assert f"{MessageKind.REDUCE} <- r1" == "reduce <- r1" and MessageKind.RECV == "recv"
+    with pytest.raises(ValueError, match="'recieve' is not a valid MessageKind"):
+        Message("recieve", t, 1)  # type: ignore[arg-type]
+    assert Pending("recv", 1, None).op is PendingOp.RECV and str(PendingOp.SEND) == "send"
+    with pytest.raises(ValueError, match="'reduce' is not a valid PendingOp"):
+        Pending("reduce", 1, None)  # type: ignore[arg-type]
+    error = CommTimeoutError(0, 1, PendingOp.SEND, 1.0, "detail")
+    assert "send" in str(error) and "PendingOp" not in str(error)

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 import zmq
+from zmq_standalone import standalone  # a transport without torch.distributed (tests only)
 
 from ringcomm.errors import CommTimeoutError
 from ringcomm.transports.wire import MAX_FRAME_BYTES, PREAMBLE_BYTES, Header, encode_header, encode_preamble
@@ -134,9 +135,7 @@ def _forgeries(token: bytes, dst: int, src: int, seq: int, tag: int, numel: int)
 
 @pytest.fixture
 def receiver() -> Iterator[Any]:
-    from ringcomm.transports.zmq import ZmqTransport
-
-    transport = ZmqTransport.standalone(0, 2)
+    transport = standalone(0, 2)
     yield transport
     transport.close()
 
@@ -364,9 +363,8 @@ def test_a_stray_process_at_a_ranks_port_cannot_disturb_collectives() -> None:
 def test_a_body_longer_than_one_frame_travels_in_pieces_bit_for_bit() -> None:
     """Bodies are cut into frames of at most BODY_FRAME_BYTES (the inbox refuses longer ones)."""
     from ringcomm.transports.wire import BODY_FRAME_BYTES, body_frames
-    from ringcomm.transports.zmq import ZmqTransport
 
-    with ZmqTransport.standalone(0, 2) as a, ZmqTransport.standalone(1, 2, token=a.token) as b:
+    with standalone(0, 2) as a, standalone(1, 2, token=a.token) as b:
         a.set_peers({1: b.endpoint})
         b.set_peers({0: a.endpoint})
         deadline = time.monotonic() + 60

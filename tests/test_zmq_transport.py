@@ -3,7 +3,7 @@
 Spawned worlds (one per world size, every case grouped) check that ring,
 ring_simple, naive and ps give the float64 reference and agree bitwise over
 ``transport="zmq"``. Everything about frames runs in this process: a transport
-made with ``ZmqTransport.standalone`` and a raw pyzmq PUSH socket that plays its peer.
+made with ``zmq_standalone.standalone`` and a raw pyzmq PUSH socket that plays its peer.
 Strangers without the world's token are in ``test_zmq_hardening.py``.
 """
 
@@ -25,6 +25,8 @@ import zmq
 from grid import check_grid
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from traffic import count_from_zero  # tests/traffic.py
+from zmq_standalone import standalone  # a transport without torch.distributed (tests only)
 
 import ringcomm
 from ringcomm.errors import CommError, CommTimeoutError, FrameError, PeerError
@@ -73,7 +75,7 @@ def _grid_rank(rank: int, p: int) -> list[str]:
         failures.append(f"rank {rank}: one-host world bound {transport.endpoint}, expected ipc://")
     # how data moves: the ring sends 2(P-1) messages, all to the right neighbour
     x = torch.ones(10 * p)
-    transport.stats.reset()
+    count_from_zero(transport.stats)
     ringcomm.all_reduce(x, algo="ring", transport="zmq", timeout=60)
     s = transport.stats
     if p > 1 and (s.sent_msgs, s.recv_msgs, s.sends_to) != (
@@ -95,6 +97,7 @@ def test_grid_over_zmq_matches_float64_reference_and_ranks_agree_bitwise(p: int)
 def _tcp_and_generations_rank(rank: int, p: int) -> list[str]:
     """RINGCOMM_ZMQ_IPC=0 binds loopback TCP; a second transport rendezvous on keys of its own."""
     from ringcomm.runtime import session
+    from ringcomm.runtime.rendezvous import SetupContext
 
     failures = []
     first = ringcomm.init("zmq")
@@ -102,7 +105,7 @@ def _tcp_and_generations_rank(rank: int, p: int) -> list[str]:
         failures.append(f"rank {rank}: RINGCOMM_ZMQ_IPC=0 bound {first.endpoint}")
     current = session.current()  # collective, same order on every rank: a set-up prefix of its own
     deadline = time.monotonic() + 60
-    second = ZmqTransport(session.SetupContext(current, current.key("second"), deadline, "a second transport"))
+    second = ZmqTransport(SetupContext(current.rendezvous, current.key("second"), deadline, "a second transport"))
     try:
         if second.endpoint == first.endpoint:
             failures.append(f"rank {rank}: second transport reused {first.endpoint}")
@@ -182,7 +185,7 @@ class RawPeer:
 
 @pytest.fixture
 def receiver() -> Iterator[ZmqTransport]:
-    transport = ZmqTransport.standalone(0, 2)
+    transport = standalone(0, 2)
     yield transport
     transport.close()
 
@@ -292,7 +295,7 @@ def test_preamble_naming_no_other_rank_is_rejected(receiver: ZmqTransport) -> No
 
 
 def test_same_tag_in_order_tags_independent_arrivals_buffered_before_irecv() -> None:
-    with ZmqTransport.standalone(0, 2) as a, ZmqTransport.standalone(1, 2, bind="ipc://", token=a.token) as b:
+    with standalone(0, 2) as a, standalone(1, 2, bind="ipc://", token=a.token) as b:
         a.set_peers({1: b.endpoint})
         b.set_peers({0: a.endpoint})
         deadline = time.monotonic() + 30
@@ -338,7 +341,7 @@ def test_a_send_that_fails_between_its_frames_leaves_no_half_message(
     """The first frames go in with SNDMORE; if the body frame then fails, the socket must not keep
     the half message (the next header would be glued onto it and the peer reject both). A Ctrl-C
     there stays a KeyboardInterrupt (it used to become a PeerError)."""
-    with ZmqTransport.standalone(0, 2) as a, ZmqTransport.standalone(1, 2, token=a.token) as b:
+    with standalone(0, 2) as a, standalone(1, 2, token=a.token) as b:
         a.set_peers({1: b.endpoint})
         b.set_peers({0: a.endpoint})
         deadline = time.monotonic() + 30
@@ -388,8 +391,8 @@ def test_zero_copy_send_to_a_dead_endpoint_times_out_naming_the_peer(receiver: Z
 
 
 def test_close_releases_port_and_ipc_files() -> None:
-    tcp = ZmqTransport.standalone(0, 2)
-    ipc = ZmqTransport.standalone(1, 2, bind="ipc://", token=tcp.token)
+    tcp = standalone(0, 2)
+    ipc = standalone(1, 2, bind="ipc://", token=tcp.token)
     tcp.set_peers({1: ipc.endpoint})
     ipc.set_peers({0: tcp.endpoint})
     deadline = time.monotonic() + 10
@@ -429,8 +432,8 @@ def test_transports_closed_leak_no_threads_or_file_descriptors() -> None:
     before = _settled(_threads())
     fds_before = len(os.listdir("/proc/self/fd"))
     for _ in range(n):
-        a = ZmqTransport.standalone(0, 2)
-        b = ZmqTransport.standalone(1, 2, bind="ipc://", token=a.token)
+        a = standalone(0, 2)
+        b = standalone(1, 2, bind="ipc://", token=a.token)
         a.set_peers({1: b.endpoint})
         b.set_peers({0: a.endpoint})
         deadline = time.monotonic() + 10

@@ -1,6 +1,6 @@
 """The call board: the same-call check through shared memory when every rank is on one host.
 
-The check (``fingerprint.py``) needs a channel that every transport shares.
+The same-call check (``check.py``) needs a channel that every transport shares.
 The store is one, but each round trip to it costs a wake-up of the process
 that serves it: three of them made the check cost about 0.5 ms per call here,
 more than a 64 KiB all-reduce over shared memory. When all ranks are on one
@@ -38,11 +38,10 @@ from __future__ import annotations
 
 import os
 import struct
-import time
 from collections.abc import Callable
 
 from ..errors import CommTimeoutError, PeerError
-from ..transports.segments import Doorbell, fence, share_segments, unmap
+from ..transports.segments import Doorbell, bell_wait, fence, share_segments, unmap
 from .liveness import Liveness
 
 __all__ = ["CallBoard"]
@@ -59,7 +58,7 @@ _SPIN_S = 50e-6  # look again this long before sleeping, when every rank can hav
 class CallBoard:
     """One host's board of call fingerprints; see the module docstring.
 
-    Made collectively (``shm.share_segments`` through ``gather``: ``Session.gather`` under a key of its own).
+    Made collectively (``segments.share_segments`` through ``gather``: ``Rendezvous.gather`` under a key of its own).
     """
 
     def __init__(
@@ -143,39 +142,57 @@ class CallBoard:
             CommTimeoutError: ``deadline`` (a ``time.monotonic()`` value) passed first.
         """
         live = self.liveness
-        slice_s = live.interval_s if live is not None else 1.0
         texts: list[str | None] = [None] * self.world_size
-        start = idle_since = time.monotonic()
-        while True:
-            bell = self._bell.value()
-            if self._write():
-                for r in range(self.world_size):
-                    if texts[r] is None:
-                        texts[r] = self._read(r, call)
-                missing = [r for r, t in enumerate(texts) if t is None]
-                if not missing:
-                    self._mark_read(call)
-                    return texts  # type: ignore[return-value]  (none is None)
-                detail = f"ranks {missing} did not reach it (a different call, a refused call, or check off there?)"
-            else:
-                missing = self._readers_behind()
-                held = self._held[call % 2]
-                detail = (
-                    f"ranks {missing} have not read call {held}'s fingerprints, whose slot call {call} needs "
-                    "(stuck before that call's check?)"
-                )
-            now = time.monotonic()
-            if now >= deadline:
-                raise CommTimeoutError(self.rank, missing[0], what, max(deadline - start, 0.0), detail)
-            if live is not None and now - idle_since >= slice_s:
-                for r in missing:
-                    reason = live.dead_reason(r)
-                    if reason is not None:
-                        raise PeerError(self.rank, r, what, reason)
-                idle_since = now
-            if now - start < self._spin_s:
-                continue
-            self._bell.sleep(bell, max(min(slice_s, deadline - now), 1e-4))
+
+        def poll() -> bool:
+            if not self._write():
+                return False
+            moved = False
+            for r in range(self.world_size):
+                if texts[r] is None:
+                    texts[r] = self._read(r, call)
+                    moved |= texts[r] is not None
+            return moved
+
+        def done() -> bool:
+            return self._unwritten is None and None not in texts
+
+        def missing() -> tuple[list[int], str]:
+            """The ranks waited for, and why."""
+            if self._unwritten is None:
+                ranks = [r for r, t in enumerate(texts) if t is None]
+                return ranks, f"ranks {ranks} did not reach it (a different call, a refused call, or check off there?)"
+            ranks, held = self._readers_behind(), self._held[call % 2]
+            return ranks, (
+                f"ranks {ranks} have not read call {held}'s fingerprints, whose slot call {call} needs "
+                "(stuck before that call's check?)"
+            )
+
+        def watch() -> None:
+            if live is None:
+                return
+            for r in missing()[0]:
+                reason = live.dead_reason(r)
+                if reason is not None:
+                    raise PeerError(self.rank, r, what, reason)
+
+        def timed_out(waited_s: float) -> CommTimeoutError:
+            ranks, detail = missing()
+            peer = ranks[0] if ranks else (self.rank + 1) % self.world_size  # they moved since: name one
+            return CommTimeoutError(self.rank, peer, what, waited_s, detail)
+
+        bell_wait(
+            self._bell,
+            poll,
+            done,
+            deadline,
+            slice_s=live.interval_s if live is not None else 1.0,
+            spin_s=self._spin_s,
+            watch=watch,
+            timed_out=timed_out,
+        )
+        self._mark_read(call)
+        return texts  # type: ignore[return-value]  (done: none is None)
 
     def close(self) -> None:
         self._bell.close()

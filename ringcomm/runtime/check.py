@@ -29,7 +29,7 @@ refusal in its slot instead, so the others raise at once rather than wait for a
 fingerprint that never comes; it then reads the others' entries like any
 checked call, so that it stays in step with them (see ``refuse``). And a wait
 in the store can be cut into slices that look at the missing ranks'
-heartbeats (``session.gather``), which a Gloo receive cannot.
+heartbeats (``Rendezvous.gather``), which a Gloo receive cannot.
 
 Options are compared after the algorithm's defaults are filled in
 (``algorithms.AlgorithmSpec.options``): ``ps_rank=0`` and no ``ps_rank`` are the
@@ -112,13 +112,13 @@ def _slot(session: Session, call: int) -> str:
 def _exchange(session: Session, call: int, text: str, deadline: float) -> list[str]:
     """Publish this rank's ``text`` for ``call`` and return every rank's: through the call board on one
     host (board.py), else through the store."""
-    board = session.board(deadline)
+    board = session.rendezvous.board(deadline)
     if board is not None:
         board.publish(call, text)
         return board.collect(call, deadline, "same-call check")
-    values = session.gather(_slot(session, call), text, deadline, "same-call check")
+    values = session.rendezvous.gather(_slot(session, call), text, deadline, "same-call check")
     if call >= 2:
-        session.forget(_slot(session, call - 2))
+        session.rendezvous.forget(_slot(session, call - 2))
     return values
 
 

@@ -1,24 +1,21 @@
-"""The session: everything ringcomm keeps for one default process group (one "world").
+"""The session: ringcomm's state for one default process group (one "world"), its failure policy,
+and which session is current.
 
 ::
 
-    Session (one per init_process_group)
+    Session (one per init_process_group)                       runtime/
       store, prefix        the default group's store; keys unique to this world
-      liveness             the heartbeat thread (liveness.py)
-      queue                the comm thread: collectives run one at a time, in issue order (comm_queue.py)
-      transports           one per (name, device type), made on first use, collectively
-      scratch              receive buffers (buffers.py), used by one collective at a time
-      calls                collectives begun in this world: the same-call check's key
-      board                the check's channel when every rank is on one host (board.py)
-      tuning               rank 0's fit for algo="auto", the same on every rank (auto.py)
+      liveness             the heartbeat thread                    liveness.py
+      queue                the comm thread: collectives run one at a time, in issue order   comm_queue.py
+      rendezvous           agreeing through the store; the transports, one per (name,
+                           device type), and the call board made that way   rendezvous.py
+      scratch              receive buffers, used by one collective at a time   algorithms/buffers.py
+      calls                collectives begun in this world: the same-call check's key   check.py
+      tune                 rank 0's fit for algo="auto", the same on every rank, and the picks   tuning.py
+      failed               the first failure (below)
 
-**Setting up a transport** is collective (``dist.new_group``, a ZeroMQ
-rendezvous), so a rank that asks for a different transport, or never asks
-because its call was refused, would leave the others waiting inside the
-backend until the store's own timeout. So every rank first says in the store
-which transport it is about to make (``gather``), waits for all of them within
-the call's deadline, watching the missing ranks' heartbeats, and only then
-makes it; a different answer is a ``MismatchError`` on every rank.
+    current()  the session of the current default group, made on first use (the old one closed)
+    shutdown() closes it; so does the interpreter's exit (atexit)
 
 **After a failed collective** (a timeout, a dead peer, a malformed message,
 but also an out-of-memory error or a Ctrl-C in the middle: anything but a
@@ -35,12 +32,11 @@ then cannot free; Gloo work objects) for as long as the world lives.
 
 **The session's id** names its store keys (``ringcomm/<id>/...``), so a group
 re-initialised on the same store (or a session made again after ``shutdown``)
-gets fresh ones. Rank 0 mints it from a store counter and publishes it under its
-own count of the sessions it made on this store; every other rank reads it under
-its own count (``_session_prefix``). A ``Session`` that fails half-made counts
-once: made again in the same world, it keeps the id (a shared counter that every
-rank bumped drifted then, and the ranks waited under different keys). Liveness
-starts last in ``Session.__init__``, so one that fails half-made leaves no thread.
+gets fresh ones (``rendezvous.mint_prefix``). A ``Session`` that fails half-made
+counts once: made again in the same world, it keeps the id (a shared counter
+that every rank bumped drifted then, and the ranks waited under different keys).
+Liveness starts last in ``Session.__init__``, so one that fails half-made leaves
+no thread.
 
 A new ``init_process_group`` after a destroy gets a new session; the old one is
 closed (its transports closed, its heartbeat stopped). If it cannot be closed
@@ -49,64 +45,49 @@ raises ``CommError`` saying so, and keeps it: its transports, mappings and
 heartbeat are still in use under that thread, and closing them there would
 crash the process. The next call tries again; it succeeds once that collective
 ends (at its own timeout at the latest).
+
+Why ``current``/``shutdown`` live here rather than in a module of their own: they
+are the Session's life cycle (made, kept, closed) and nothing else, and every
+caller (the api, the tools, the package root, the tests) reaches them as
+``session.current()``; a separate module would import ``Session`` from here and
+could not be re-exported here without an import cycle.
 """
 
 from __future__ import annotations
 
 import atexit
-import json
 import sys
 import threading
-import time
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch.distributed as dist
 
 from ..algorithms.buffers import ScratchPool
-from ..auto import Fits, choose, load_local, parse_fits
-from ..errors import CommError, CommTimeoutError, MismatchError, PeerError
+from ..auto import Fits
+from ..errors import CommError
 from ..transports.base import Transport, TransportKind
-from ..transports.segments import host_identity, require_x86_linux
-from .board import CallBoard
+from . import tuning
 from .comm_queue import CommQueue
-from .liveness import DEAD_NOTE, Liveness
-from .settings import DEFAULT_TIMEOUT_S, default_timeout, heartbeat_s, liveness_s
+from .liveness import Liveness
+from .rendezvous import Rendezvous, mint_prefix, own_client
+from .settings import heartbeat_s, liveness_s
 
-__all__ = ["Session", "SetupContext", "current", "shutdown"]
+__all__ = ["Session", "current", "shutdown"]
 
 T = TypeVar("T")
-
-
-class SetupContext:
-    """What a transport factory gets: the store, this rank's place, a key prefix of its own, and
-    ``gather`` for its rendezvous."""
-
-    def __init__(self, session: Session, prefix: str, deadline: float, what: str) -> None:
-        self.store = session.store
-        self.rank = session.rank
-        self.world_size = session.world_size
-        self.liveness = session.liveness
-        self.prefix = prefix  # unique to this setup: "<world prefix>/setup/<n>"
-        self._session, self._deadline, self._what = session, deadline, what
-
-    def gather(self, name: str, value: str) -> list[str]:
-        """Every rank's ``value`` for ``name`` (collective), by rank: ``Session.gather``, so a rank
-        that died, or failed its own set-up and gave up, ends the wait at once (``PeerError``)."""
-        return self._session.gather(f"{self.prefix}/{name}", value, self._deadline, self._what)
 
 
 class Session:
     """ringcomm's state for one default process group; see the module docstring."""
 
     def __init__(self, world: Any, store: Any, rank: int, world_size: int, prefix: str) -> None:
-        """``prefix``: this session's store keys (``_session_prefix``: ``ringcomm/<id>``)."""
+        """``prefix``: this session's store keys (``rendezvous.mint_prefix``: ``ringcomm/<id>``)."""
         self.world = world
         # Connections of our own to the default group's store: a store client runs one request
         # at a time, so a blocking wait of the same-call check on the shared client would hold up
         # the heartbeat and every other user of the store in this process (torch's, the caller's).
-        self.store = _own_client(store)
+        self.store = own_client(store)
         self.rank, self.world_size = rank, world_size
         self.prefix = prefix
         stale = liveness_s()  # settings first: a junk value fails before anything is made
@@ -114,25 +95,22 @@ class Session:
         self.liveness: Liveness | None = None  # started last, below
         self.queue = CommQueue(f"ringcomm-comm-r{rank}")
         self.scratch = ScratchPool()
-        self.transports: dict[tuple[str, str], Transport] = {}
+        self.rendezvous = Rendezvous(self.store, prefix, rank, world_size)
+        self.tune = tuning.WorldTuning(self.store, self.key("tune"), rank, world_size)
         self.calls = 0
-        self._setups = 0
-        self._board: CallBoard | None = None
-        self._board_decided = False
-        self._fits: Fits | None = None
-        self._fits_lock = threading.Lock()
-        self._picks: dict[tuple[str, int], Any] = {}
         if rank == 0:  # auto's fit: rank 0's, published for everyone (read where first needed)
-            fits = load_local()
-            store.set(self.key("tune"), json.dumps({"source": fits.source, "fits": _plain(fits)}))
+            tuning.publish(store, self.key("tune"))
         self._closed = False
         self._failed: CommError | None = None
         # Last: nothing after it can fail, so a Session that fails half-made leaves no thread behind.
         # The beats get a client of their own (a watch's round trips on the other never delay them).
         if stale > 0 and world_size > 1:
             self.liveness = Liveness(
-                _own_client(store), prefix, rank, world_size, beat_s, stale, beat_store=_own_client(store)
+                own_client(store), prefix, rank, world_size, beat_s, stale, beat_store=own_client(store)
             )
+            self.rendezvous.liveness = self.liveness
+
+    # --- the failure policy ---
 
     @property
     def failed(self) -> CommError | None:
@@ -146,6 +124,13 @@ class Session:
     def failed(self, error: CommError | None) -> None:
         self._failed = None if error is None else _frameless(error)
 
+    def _refuse_if_failed(self, what: str) -> None:
+        if self.failed is not None:  # the peers are past the failed call: nothing more with them
+            raise CommError(
+                f"rank {self.rank}: an earlier collective failed ({self.failed}); the ranks are out of "
+                f"step, so {what}; re-initialise the process group to go on"
+            )
+
     def key(self, *parts: object) -> str:
         """A store key unique to this world."""
         return "/".join([self.prefix, *map(str, parts)])
@@ -156,111 +141,12 @@ class Session:
         Raises:
             CommError: an earlier collective failed (``failed``); this one is not started.
         """
-        if self.failed is not None:
-            raise CommError(
-                f"rank {self.rank}: an earlier collective failed ({self.failed}); the ranks are out of "
-                "step, so this one was not started; re-initialise the process group to go on"
-            )
+        self._refuse_if_failed("this one was not started")
         n = self.calls
         self.calls += 1
         if self.liveness is not None:
             self.liveness.call = n
         return n
-
-    # --- agreeing through the store ---
-
-    def gather(self, base: str, value: str, deadline: float, what: str) -> list[str]:
-        """Publish ``value`` under ``base``/rank and return every rank's value, by rank.
-
-        One blocking store wait, until ``deadline`` (a ``time.monotonic()`` value).
-        Meanwhile the heartbeat thread writes a note into the key of a missing rank
-        that is dead or gave up (``liveness.py``), which ends the wait: ``PeerError``
-        naming it. At the deadline, ``CommTimeoutError`` naming the missing ranks.
-        """
-        self.store.set(f"{base}/{self.rank}", value)
-        keys = [f"{base}/{r}" for r in range(self.world_size)]
-        live = self.liveness
-        start = time.monotonic()
-        if live is not None:
-            live.slots = list(enumerate(keys))
-        try:
-            self.store.wait(keys, timedelta(seconds=max(deadline - start, 1e-3)))
-        except RuntimeError:  # DistStoreError: the deadline passed
-            missing = [r for r in range(self.world_size) if not self.store.check([keys[r]])]
-            if missing:
-                raise CommTimeoutError(
-                    self.rank,
-                    missing[0],
-                    what,
-                    max(deadline - start, 0.0),  # what this wait was allowed: the call's time left
-                    f"ranks {missing} did not reach it (a different call, a refused call, or check off there?)",
-                ) from None
-        finally:
-            if live is not None:
-                live.slots = None
-        values = [v.decode() for v in self.store.multi_get(keys)]
-        for r, v in enumerate(values):
-            if v.startswith(DEAD_NOTE):
-                raise PeerError(self.rank, r, what, v[len(DEAD_NOTE) :])
-        return values
-
-    def board(self, deadline: float) -> CallBoard | None:
-        """The call board, set up at the world's first check (collective); None when the ranks are
-        on several hosts (or not on x86-64 Linux): the check then goes through the store."""
-        if not self._board_decided:
-            hosts = self.gather(self.key("board-host"), host_identity(), deadline, "setting up the call board")
-            try:
-                require_x86_linux("the call board")
-                one_host = len(set(hosts)) == 1
-            except ValueError:
-                one_host = False
-            if one_host:
-                base, what = self.key("board"), "setting up the call board"
-                self._board = CallBoard(
-                    lambda name, value: self.gather(f"{base}/{name}", value, deadline, what),
-                    self.rank,
-                    self.world_size,
-                    self.liveness,
-                )
-            self._board_decided = True
-        return self._board
-
-    def tuning(self, deadline: float | None = None) -> Fits:
-        """The fit ``algo="auto"`` uses in this world: rank 0's, read from the store once.
-
-        Raises:
-            CommTimeoutError: rank 0 has not published it by ``deadline`` (default: 30 s from now).
-        """
-        with self._fits_lock:
-            if self._fits is None:
-                key = self.key("tune")
-                wait_s = (deadline - time.monotonic()) if deadline is not None else 30.0
-                try:
-                    self.store.wait([key], timedelta(seconds=max(wait_s, 1e-3)))
-                except RuntimeError:
-                    raise CommTimeoutError(
-                        self.rank, 0, "reading rank 0's tune file", max(wait_s, 0.0),
-                        "rank 0 has made no ringcomm call in this process group yet",
-                    ) from None
-                doc = json.loads(self.store.get(key).decode())
-                self._fits = parse_fits(json.dumps({"fits": doc["fits"]}), doc["source"])
-            return self._fits
-
-    def auto_pick(self, transport: str, nbytes: int, deadline: float, device: str = "cpu") -> str:
-        """The algorithm ``algo="auto"`` runs for ``nbytes`` on ``transport`` with tensors on ``device``
-        (a device type: torch over CUDA is NCCL, whose pick never uses Gloo's fits), remembered per
-        (transport, device, size). Returns the algorithm's name (the api looks it up in the registry)."""
-        key = (transport, device, nbytes)
-        name = self._picks.get(key)
-        if name is None:
-            name = choose(self.tuning(deadline), transport, self.world_size, nbytes, device).algo
-            if len(self._picks) < 4096:  # a training run has a few bucket sizes; bound it anyway
-                self._picks[key] = name
-        return name
-
-    def forget(self, base: str) -> None:
-        """Delete this rank's key under ``base`` (every rank has read it; see fingerprint.py)."""
-        self.store.delete_key(f"{base}/{self.rank}")
 
     def run_here(self, fn: Callable[[], T], what: str) -> T:
         """Run ``fn`` in its turn in the comm queue, but on the calling thread, and return its result.
@@ -283,49 +169,33 @@ class Session:
             if here:
                 return result  # type: ignore[return-value]
 
-    # --- transports ---
+    # --- what the api asks of the parts (rendezvous.py, tuning.py) ---
+
+    @property
+    def transports(self) -> dict[tuple[str, str], Transport]:
+        """The transports made in this world, by (transport name, device type)."""
+        return self.rendezvous.transports
 
     def transport(self, kind: TransportKind, device_type: str, deadline: float) -> Transport:
-        """The transport ``kind`` for ``device_type``: the cached one, or a new one made collectively."""
-        cached = self.transports.get((kind.name, device_type))
+        """The transport ``kind`` for ``device_type``: the cached one, or a new one made collectively
+        (``Rendezvous.transport``); none is made in a failed world."""
+        cached = self.rendezvous.transports.get((kind.name, device_type))
         if cached is not None:
             return cached
-        if self.failed is not None:  # the peers are past the failed call: no new set-up with them
-            raise CommError(
-                f"rank {self.rank}: an earlier collective failed ({self.failed}); the ranks are out of "
-                "step, so no transport is set up; re-initialise the process group to go on"
-            )
-        n = self._setups
-        self._setups += 1
-        base = self.key("setup", n)
-        wanted = f"{kind.name}:{device_type}"
-        answers = self.gather(base, wanted, deadline, f"setting up transport {wanted}")
-        if any(a != wanted for a in answers):
-            by_value: dict[str, list[int]] = {}
-            for r, a in enumerate(answers):
-                by_value.setdefault(a, []).append(r)
-            described = "; ".join(f"ranks {ranks} {value}" for value, ranks in by_value.items())
-            raise MismatchError(
-                f"rank {self.rank}: ranks set up different transports ({described}); nothing was sent"
-            )
-        try:
-            setup = SetupContext(self, base, deadline, f"setting up transport {wanted}")
-            transport = kind.factory(device_type, setup)  # type: ignore[call-arg]
-        except BaseException:
-            # This rank's half of the set-up failed (a socket, /dev/shm): the others wait in its
-            # rendezvous; giving up ends their wait at once, naming this rank.
-            if self.liveness is not None:
-                self.liveness.give_up(self.liveness.call)
-            raise
-        self.transports[(kind.name, device_type)] = transport
-        return transport
+        self._refuse_if_failed("no transport is set up")
+        return self.rendezvous.transport(kind, device_type, deadline)
 
     def refuse_setup(self, reason: str) -> None:
-        """Take the next set-up's turn with ``reason`` instead of a transport (``init`` refused on
-        this rank only): the others' ``gather`` then differs at once, a ``MismatchError`` naming it."""
-        n = self._setups
-        self._setups += 1
-        self.store.set(f"{self.key('setup', n)}/{self.rank}", reason[:300])
+        """``Rendezvous.refuse_setup``: the others' next set-up fails at once, naming ``reason``."""
+        self.rendezvous.refuse_setup(reason)
+
+    def tuning(self, deadline: float | None = None) -> Fits:
+        """The fit ``algo="auto"`` uses in this world (``WorldTuning.fits``)."""
+        return self.tune.fits(deadline)
+
+    def auto_pick(self, transport: str, nbytes: int, deadline: float, device: str = "cpu") -> str:
+        """The algorithm ``algo="auto"`` runs for this call (``WorldTuning.pick``)."""
+        return self.tune.pick(transport, nbytes, deadline, device)
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish queued collectives, then close transports and stop the heartbeat.
@@ -339,22 +209,9 @@ class Session:
             return
         self.queue.close(timeout)  # raises if stuck: then leave everything as it is
         self._closed = True
-        for transport in self.transports.values():
-            transport.close()
-        self.transports.clear()
-        if self._board is not None:
-            self._board.close()
-            self._board = None
+        self.rendezvous.close()
         if self.liveness is not None:
             self.liveness.stop()
-
-
-def _plain(fits: Fits) -> dict:
-    """``fits`` as the JSON a tune file holds (the ``"fits"`` member)."""
-    return {
-        t: {str(p): {a: {"alpha_s": ab[0], "beta_s_per_byte": ab[1]} for a, ab in algos.items()} for p, algos in worlds.items()}
-        for t, worlds in fits.by_world.items()
-    }
 
 
 def _frameless(error: CommError) -> CommError:
@@ -380,14 +237,6 @@ def _frameless(error: CommError) -> CommError:
     return twin
 
 
-def _own_client(store: Any) -> Any:
-    """A new connection to the same store (``Store.clone``), or the store itself if it has none."""
-    try:
-        return store.clone()
-    except (AttributeError, NotImplementedError, RuntimeError):
-        return store
-
-
 _CURRENT: Session | None = None
 _LOCK = threading.Lock()
 # (torch's world group, prefix): minted for a Session not made yet (its first try failed half-made)
@@ -395,36 +244,12 @@ _PENDING: tuple[Any, str] | None = None
 
 
 def _session_prefix(world: Any, store: Any, rank: int) -> str:
-    """The next session's key prefix, ``ringcomm/<id>``: rank 0 mints the id, the others read it.
-
-    Rank 0 takes the next id from the store's counter and publishes it under its count of the
-    sessions it has made on this store; every rank reads it under its own count, the same as
-    rank 0's as long as every rank makes its sessions alike (as before). Kept until a Session is
-    made with it: one that failed half-made and is made again in the same world counts nothing.
-
-    Raises:
-        CommTimeoutError: rank 0 has not published the id within RINGCOMM_TIMEOUT (or 300 s).
-    """
+    """The next session's key prefix (``rendezvous.mint_prefix``), kept until a Session is made with
+    it: one that failed half-made and is made again in the same world counts nothing."""
     global _PENDING
     if _PENDING is not None and _PENDING[0] is world:
         return _PENDING[1]
-    joined = int(store.add(f"ringcomm/joined/{rank}", 1))
-    slot = f"ringcomm/world-id/{joined}"
-    if rank == 0:
-        store.set(slot, str(int(store.add("ringcomm/worlds", 1))))
-    else:
-        try:
-            wait_s = default_timeout()
-        except ValueError:  # a junk RINGCOMM_TIMEOUT: its own error comes with the first call
-            wait_s = DEFAULT_TIMEOUT_S
-        try:
-            store.wait([slot], timedelta(seconds=wait_s))
-        except RuntimeError:  # DistStoreError: not there in time
-            raise CommTimeoutError(
-                rank, 0, "reading this world's id from rank 0", wait_s,
-                "rank 0 has made no ringcomm call in this process group yet",
-            ) from None
-    prefix = f"ringcomm/{int(store.get(slot))}"
+    prefix = mint_prefix(store, rank)
     _PENDING = (world, prefix)
     return prefix
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ..ops import reduce_into
-from ..transports.base import Message, Pending, Transport
+from ..transports.base import Message, MessageKind, Pending, Transport
 
 __all__ = ["Tracer", "TracedTransport", "enable", "disable", "get", "span", "merge"]
 
@@ -160,13 +160,13 @@ class TracedTransport:
         incoming: dict[int, torch.Tensor] = {}
         if values:  # show a reduce's incoming numbers: receive them here, reduce when waited
             for i, m in enumerate(messages):
-                if m.kind == "reduce":
+                if m.kind is MessageKind.REDUCE:
                     incoming[i] = torch.empty_like(m.tensor)
-                    wire[i] = Message("recv", incoming[i], m.peer, m.tag)
+                    wire[i] = Message(MessageKind.RECV, incoming[i], m.peer, m.tag)
         posted = self.inner.post(wire)
         now = time.monotonic_ns()
         for i, (m, pending) in enumerate(zip(messages, posted)):
-            arrow = "->" if m.kind == "send" else "<-"
+            arrow = "->" if m.kind is MessageKind.SEND else "<-"
             args: dict[str, Any] = {
                 "peer": m.peer, "bytes": m.tensor.numel() * m.tensor.element_size(), "tag": int(m.tag), "msg": self._msg
             }
@@ -176,12 +176,12 @@ class TracedTransport:
                 args["part"] = label = self._parts[part][0]
                 args["chunk"] = part
             if values:
-                args.update(kind=m.kind, step=self._step, start=self._start(m.tensor), op=m.op)
-                if m.kind == "send":
+                args.update(kind=str(m.kind), step=self._step, start=self._start(m.tensor), op=m.op)
+                if m.kind is MessageKind.SEND:
                     args["values"] = m.tensor.reshape(-1).tolist()
                 if i in incoming:  # "before" is read when the reduce is applied, in wait
                     self._reduces[id(pending)] = (m.tensor, incoming[i], m.op)
-                elif m.kind == "recv":
+                elif m.kind is MessageKind.RECV:
                     self._recvs[id(pending)] = m.tensor
             self._posted[id(pending)] = (now, f"{m.kind} {arrow} r{m.peer}" + (f" {label}" if label else ""), args)
             self._msg += 1

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Recording", "inputs", "record", "causal_steps", "replay", "check_story", "render_text", "render_html", "main"]
+__all__ = ["Recording", "inputs", "record", "causal_steps", "replay", "render_text", "render_html", "main"]
 
 _OP_SIGN = {"sum": "+", "avg": "+", "max": "max", "min": "min"}
 
@@ -75,8 +75,8 @@ def _demo_rank(rank: int, p: int, cfg: dict) -> dict:
     import torch.distributed as dist
 
     import ringcomm
-    from ringcomm import session, trace
     from ringcomm.algorithms.registry import ALGOS
+    from ringcomm.runtime import session, trace
 
     tracer = trace.enable(rank, values=True)
     x = torch.tensor(inputs(rank, cfg["numel"]))
@@ -234,37 +234,6 @@ def replay(rec: Recording) -> list[list[list[float]]]:
                     row[:] = e["after"]
         out.append([row[:] for row in state])
     return out
-
-
-def check_story(rec: Recording) -> list[str]:
-    """What is wrong with the story the demo tells of ``rec`` (empty: nothing), for the tests.
-
-    Every receive comes in the step of its send or later and carries the numbers sent;
-    every send carries what its rank held then (as the tables show it); every reduce adds
-    up (``before op incoming = after``); the last tables, with what ``then`` says, are
-    the results.
-    """
-    states, wrong = replay(rec), []
-    for rank, per_rank in enumerate(rec.events):
-        for e in sorted(per_rank, key=lambda e: e["msg"]):
-            if e["kind"] == "send":
-                start = e.get("start")
-                held = states[e["step"] - 1][rank][start : start + len(e["values"])] if start is not None else None
-                if held is not None and held != e["values"] and rec.op != "avg":
-                    wrong.append(f"rank {rank} step {e['step']} sends {e['values']} but holds {held}")
-    for rank, e, sent in _pairs(rec.events):
-        if sent is None:
-            wrong.append(f"rank {rank} step {e['step']} receives from rank {e['peer']}, which sent nothing")
-            continue
-        if sent["step"] > e["step"]:
-            wrong.append(f"rank {rank} receives in step {e['step']} what rank {e['peer']} sends in step {sent['step']}")
-        if sent["values"] != e["values"]:
-            wrong.append(f"rank {rank} step {e['step']} receives {e['values']}, rank {e['peer']} sent {sent['values']}")
-        if "after" in e and _combine(e["before"], e["values"], rec.op) != e["after"]:
-            wrong.append(f"rank {rank} step {e['step']}: {e['before']} {rec.op} {e['values']} is not {e['after']}")
-    if rec.steps and states[-1] != rec.final and rec.op != "avg":  # avg divides after its last message
-        wrong.append(f"the last tables {states[-1]} are not the results {rec.final}")
-    return wrong
 
 
 # --- text ---

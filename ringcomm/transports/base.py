@@ -40,6 +40,7 @@ import importlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -49,7 +50,9 @@ from ..ops import reduce_into
 
 __all__ = [
     "Message",
+    "MessageKind",
     "Pending",
+    "PendingOp",
     "PointToPoint",
     "Transport",
     "TransportKind",
@@ -67,7 +70,7 @@ __all__ = [
 
 @dataclass
 class TransportStats:
-    """Messages and bytes this rank has sent and received since the last ``reset``."""
+    """Messages and bytes this rank has sent and received (since the transport was made)."""
 
     sent_msgs: int = 0
     sent_bytes: int = 0
@@ -75,11 +78,6 @@ class TransportStats:
     recv_bytes: int = 0
     sends_to: dict[int, int] = field(default_factory=dict)
     recvs_from: dict[int, int] = field(default_factory=dict)
-
-    def reset(self) -> None:
-        self.sent_msgs = self.sent_bytes = self.recv_msgs = self.recv_bytes = 0
-        self.sends_to.clear()
-        self.recvs_from.clear()
 
     def count_send(self, peer: int, nbytes: int) -> None:
         self.sent_msgs += 1
@@ -92,39 +90,68 @@ class TransportStats:
         self.recvs_from[peer] = self.recvs_from.get(peer, 0) + 1
 
 
+class MessageKind(StrEnum):
+    """What a ``Message`` does. String-valued: traces and error messages read ``send``, ``recv``, ``reduce``."""
+
+    SEND = "send"
+    RECV = "recv"  # into the tensor, overwriting it
+    REDUCE = "reduce"  # into the tensor, reduced with what it holds (``Message.op``)
+
+
+class PendingOp(StrEnum):
+    """What a ``Pending`` waits for: a send leaving, or a receive (plain or reduce) arriving."""
+
+    SEND = "send"
+    RECV = "recv"
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One send, receive or reduce of a ``post``: ``tensor`` (contiguous) to or from ``peer``, under ``tag``."""
+    """One send, receive or reduce of a ``post``: ``tensor`` (contiguous) to or from ``peer``, under ``tag``.
 
-    kind: str  # "send", "recv" or "reduce"
+    ``kind`` may be given as its string (``"send"``); it is stored as a ``MessageKind`` (ValueError otherwise).
+    """
+
+    kind: MessageKind
     tensor: torch.Tensor
     peer: int
     tag: int = 0
-    op: str = ""  # "reduce" only: tensor <- tensor (op) incoming; an ops.OPS name
+    op: str = ""  # REDUCE only: tensor <- tensor (op) incoming; an ops.OPS name
+
+    def __post_init__(self) -> None:
+        if type(self.kind) is not MessageKind:
+            object.__setattr__(self, "kind", MessageKind(self.kind))
 
 
 def send(tensor: torch.Tensor, peer: int, tag: int = 0) -> Message:
     """A message sending ``tensor`` to ``peer`` (it must not change until waited)."""
-    return Message("send", tensor, peer, tag)
+    return Message(MessageKind.SEND, tensor, peer, tag)
 
 
 def recv(tensor: torch.Tensor, peer: int, tag: int = 0) -> Message:
     """A message receiving from ``peer`` into ``tensor`` (exact size expected)."""
-    return Message("recv", tensor, peer, tag)
+    return Message(MessageKind.RECV, tensor, peer, tag)
 
 
 def recv_reduce(tensor: torch.Tensor, peer: int, tag: int, op: str) -> Message:
     """A message receiving from ``peer`` and reducing it into ``tensor``: ``tensor <- tensor op incoming``."""
-    return Message("reduce", tensor, peer, tag, op)
+    return Message(MessageKind.REDUCE, tensor, peer, tag, op)
 
 
 @dataclass
 class Pending:
-    """A posted send or receive. Opaque to algorithms: pass it to ``Transport.wait``."""
+    """A posted send or receive. Opaque to algorithms: pass it to ``Transport.wait``.
 
-    op: str  # "send" or "recv"
+    ``op`` may be given as its string (``"recv"``); it is stored as a ``PendingOp`` (ValueError otherwise).
+    """
+
+    op: PendingOp
     peer: int
     handle: Any  # transport-specific (a torch Work, a zmq request, ...)
+
+    def __post_init__(self) -> None:
+        if type(self.op) is not PendingOp:
+            self.op = PendingOp(self.op)
 
 
 @runtime_checkable
@@ -186,10 +213,10 @@ class PointToPoint:
         """Put ``messages`` (sends and plain receives) on the wire: receives first, then sends."""
         pending: list[Pending | None] = [None] * len(messages)
         for i, m in enumerate(messages):
-            if m.kind == "recv":
+            if m.kind is MessageKind.RECV:
                 pending[i] = self.irecv(m.tensor, m.peer, m.tag)
         for i, m in enumerate(messages):
-            if m.kind == "send":
+            if m.kind is MessageKind.SEND:
                 pending[i] = self.isend(m.tensor, m.peer, m.tag)
         return pending  # type: ignore[return-value]  (every slot was filled)
 
@@ -197,16 +224,16 @@ class PointToPoint:
         staged: dict[int, _Staged] = {}
         wire = list(messages)
         for i, m in enumerate(messages):
-            if m.kind == "reduce":
+            if m.kind is MessageKind.REDUCE:
                 key = _same_tensor(m.tensor)
                 st = _Staged(m.tensor, self._stage(m.tensor), m.op, self._reduces.get(key))
                 self._reduces[key] = st
                 staged[i] = st
-                wire[i] = Message("recv", st.staging[: m.tensor.numel()], m.peer, m.tag)
+                wire[i] = Message(MessageKind.RECV, st.staging[: m.tensor.numel()], m.peer, m.tag)
         pending = self.issue(wire)
         for i, st in staged.items():
             st.inner = pending[i]
-            pending[i] = Pending("recv", pending[i].peer, st)
+            pending[i] = Pending(PendingOp.RECV, pending[i].peer, st)
         return pending
 
     def wait(self, pending: Pending, deadline: float) -> None:
@@ -266,7 +293,7 @@ class TransportKind:
     Attributes:
         name: what ``all_reduce(transport=...)`` takes.
         factory: ``factory(device_type, setup) -> Transport``; collective (every rank, same
-            order). ``setup`` (``session.SetupContext``) carries the store, rank, world size,
+            order). ``setup`` (``rendezvous.SetupContext``) carries the store, rank, world size,
             liveness and a store-key prefix unique to this setup.
         devices: device types (``tensor.device.type``) it can carry.
         check_device: extra rule for a device it lists, raising ValueError (e.g. the backend

@@ -47,6 +47,14 @@ of the word and load of the flag are kept in order by a full barrier, a locked
 instruction; the kernel puts one between the sleeper's flag and its look at
 the word. So either the ringer sees the flag or the sleeper sees the word.)
 
+**Waiting** (``bell_wait``, for the transport's queues and the call board
+alike): look for work; if none moved, look again for a few microseconds when
+every rank can have a core of its own (a peer on another core answers within
+that), then sleep on the doorbell for at most one heartbeat. After each
+heartbeat without progress, ask whether the awaited peers are still there
+(``watch``: ``PeerError`` when one is dead or gave up), and at the deadline
+raise ``CommTimeoutError``: a dead peer makes the others raise, never hang.
+
 **Ordering.** The structures built on these segments have one writer per word
 and rely on x86-64's store ordering (TSO: a reader that sees a counter sees
 what was written before it, and aligned 8-byte stores are atomic), so
@@ -63,6 +71,7 @@ import platform
 import re
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 
@@ -71,6 +80,7 @@ import numpy as np
 __all__ = [
     "SHM_DIR",
     "Doorbell",
+    "bell_wait",
     "fence",
     "host_identity",
     "require_x86_linux",
@@ -351,3 +361,49 @@ class Doorbell:
         self._words.clear()
         self._addresses.clear()
         self._own = None  # type: ignore[assignment]
+
+
+def bell_wait(
+    bell: Doorbell,
+    poll: Callable[[], bool],
+    done: Callable[[], bool],
+    deadline: float,
+    *,
+    slice_s: float,
+    spin_s: float,
+    watch: Callable[[], None],
+    timed_out: Callable[[float], BaseException],
+) -> None:
+    """Call ``poll`` until ``done()``; while nothing moves, look again for ``spin_s``, then sleep on ``bell``.
+
+    The one wait loop of everything built on these segments (the shm transport's queues, the call
+    board). Each turn reads the bell's word before it polls, so a ring after that look ends the
+    sleep that follows (no wake-up is lost).
+
+    Args:
+        poll: look for work and do what can be done; True if anything moved (progress).
+        done: True once the wait is over (checked before every turn).
+        deadline: a ``time.monotonic()`` value.
+        slice_s: seconds of one heartbeat: the longest sleep, and how long without progress
+            before ``watch`` is asked.
+        spin_s: seconds after the last progress (or the last ``watch``) during which it looks
+            again at once instead of sleeping (0 when ranks share cores).
+        watch: called after each ``slice_s`` without progress; raises (``PeerError``) when an
+            awaited peer is dead, frozen or gave up.
+        timed_out: makes the error raised at ``deadline`` from the seconds this wait lasted.
+    """
+    start = idle_since = time.monotonic()
+    while not done():
+        seen = bell.value()  # read before looking: a ring after this ends the sleep
+        if poll():
+            idle_since = time.monotonic()
+            continue
+        now = time.monotonic()
+        if now >= deadline:
+            raise timed_out(now - start)
+        if now - idle_since >= slice_s:
+            watch()  # nothing moved for a heartbeat: are the peers still there?
+            idle_since = now
+        if now - idle_since < spin_s:
+            continue  # a peer with a core of its own answers within microseconds: look again
+        bell.sleep(seen, max(min(slice_s, deadline - now), 1e-4))

@@ -26,6 +26,8 @@ through the ring in fragments, as the receiver frees slots.
 
     magic u32 | dtype u8 | pad u8 x3 | tag u32 | pad u32 | seq u64 | total u64 | offset u64 | length u32
 
+(``dtype``: the code of ``wire.DTYPE_TABLE``, fixed per dtype, shared with the ZeroMQ format's table.)
+
 ``seq`` counts messages per queue, ``total`` is the message's bytes,
 ``offset``/``length`` place the fragment. A header that disagrees with what
 the receiver expects (the posted tensor's dtype and size, the next ``seq``, the
@@ -75,7 +77,6 @@ from __future__ import annotations
 
 import os
 import struct
-import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -85,9 +86,9 @@ import torch
 from ..errors import CommTimeoutError, FrameError
 from ..ops import reduce_into
 from ..runtime.settings import env_int
-from .base import Message, Pending, TransportStats, register_transport
-from .segments import Doorbell, fence, host_identity, require_x86_linux, share_segments, unmap
-from .wire import DTYPE_NAMES, DTYPES
+from .base import Message, MessageKind, Pending, PendingOp, TransportStats, register_transport
+from .segments import Doorbell, bell_wait, fence, host_identity, require_x86_linux, share_segments, unmap
+from .wire import CODE_DTYPES, DTYPE_CODES, DTYPE_NAMES, DTYPES
 
 __all__ = ["ShmTransport", "DEFAULT_SLOT_BYTES", "DEFAULT_SLOTS", "DEFAULT_SPIN_US", "segment_bytes"]
 
@@ -100,8 +101,6 @@ DEFAULT_SPIN_US = 50
 _LINE = 64  # a cache line: counters on lines of their own, headers one line each
 _HEADER = struct.Struct("<IB3xI4xQQQI")  # magic, dtype, tag, seq, total, offset, length
 _MAGIC = 0x51434D52  # "RMCQ"
-_DTYPE_CODES = {dtype: i for i, dtype in enumerate(DTYPES.values())}
-_CODE_DTYPES = dict(enumerate(DTYPES.values()))
 
 
 def _queue_bytes(slots: int, slot_bytes: int) -> int:
@@ -155,7 +154,7 @@ class _Send:
 
     def __init__(self, tensor: torch.Tensor, peer: int, tag: int, seq: int) -> None:
         self.flat = tensor.view(-1)
-        self.peer, self.tag, self.seq, self.code = peer, tag, seq, _DTYPE_CODES[tensor.dtype]
+        self.peer, self.tag, self.seq, self.code = peer, tag, seq, DTYPE_CODES[tensor.dtype]
         self.offset = 0  # elements already written
         self.done = False
 
@@ -264,7 +263,7 @@ class ShmTransport:
             raise ValueError(
                 f"rank {self.rank}: peer {peer!r} is not another rank of a world of {self.world_size}"
             )
-        if not tensor.is_cpu or not tensor.is_contiguous() or tensor.dtype not in _DTYPE_CODES:
+        if not tensor.is_cpu or not tensor.is_contiguous() or tensor.dtype not in DTYPE_CODES:
             raise ValueError(
                 f"rank {self.rank}: shm carries contiguous CPU tensors of {', '.join(DTYPES)}; "
                 f"got {tensor.dtype} on {tensor.device}{'' if tensor.is_contiguous() else ', not contiguous'}"
@@ -277,14 +276,14 @@ class ShmTransport:
         pending = []
         for m in messages:
             nbytes = m.tensor.numel() * m.tensor.element_size()
-            if m.kind == "send":
+            if m.kind is MessageKind.SEND:
                 op: _Send | _Recv = _Send(m.tensor, m.peer, int(m.tag), self._send_seq[m.peer])
                 self._send_seq[m.peer] += 1
                 self._outbox[m.peer].append(op)
                 self.stats.count_send(m.peer, nbytes)
-                pending.append(Pending("send", m.peer, op))
+                pending.append(Pending(PendingOp.SEND, m.peer, op))
                 continue
-            if m.kind == "reduce":
+            if m.kind is MessageKind.REDUCE:
                 key = (m.tensor.data_ptr(), m.tensor.numel(), m.tensor.dtype)
                 op = _Recv(m.tensor, m.peer, int(m.tag), m.op, self._last_into.get(key))
                 self._last_into[key] = op  # the next reduce into this tensor lands after this one
@@ -292,7 +291,7 @@ class ShmTransport:
                 op = _Recv(m.tensor, m.peer, int(m.tag), "", None)
             self._posted[m.peer].append(op)
             self.stats.count_recv(m.peer, nbytes)
-            pending.append(Pending("recv", m.peer, op))
+            pending.append(Pending(PendingOp.RECV, m.peer, op))
         self._push()
         return pending
 
@@ -392,8 +391,8 @@ class ShmTransport:
             )
         if tag != recv.tag:
             raise bad("tag", f"tag {tag}, the receive expects {recv.tag}")
-        if code != _DTYPE_CODES[dtype]:
-            got = DTYPE_NAMES[_CODE_DTYPES[code]] if code in _CODE_DTYPES else f"code {code}"
+        if code != DTYPE_CODES[dtype]:
+            got = DTYPE_NAMES[CODE_DTYPES[code]] if code in CODE_DTYPES else f"code {code}"
             raise bad("dtype", f"message carries {got}, receive expects {DTYPE_NAMES[dtype]}")
         count = flat.numel()
         if total != count * size:
@@ -430,7 +429,7 @@ class ShmTransport:
         if isinstance(op, _Recv):
             self._receive(op, deadline)
         else:
-            self._until(lambda: op.done, op.peer, "send", deadline, self._consume_ready)
+            self._until(lambda: op.done, op.peer, PendingOp.SEND, deadline, self._consume_ready)
 
     def _receive(self, recv: _Recv, deadline: float) -> None:
         if recv.done:
@@ -445,7 +444,7 @@ class ShmTransport:
         self._until(
             lambda: recv.done,
             recv.peer,
-            "recv",
+            PendingOp.RECV,
             deadline,
             lambda: self._consume(recv) | self._consume_ready(),
         )
@@ -468,31 +467,29 @@ class ShmTransport:
                     break
         return moved
 
-    def _until(self, done: Any, peer: int, what: str, deadline: float, consume: Any) -> None:
-        """Push sends and ``consume()`` until ``done()``; sleep on the doorbell while nothing moves."""
+    def _until(self, done: Any, peer: int, what: PendingOp, deadline: float, consume: Any) -> None:
+        """Push sends and ``consume()`` until ``done()``; sleep on the doorbell while nothing moves
+        (``segments.bell_wait``)."""
         live = self.liveness
-        slice_s = live.interval_s if live is not None else 1.0
-        start = idle_since = time.monotonic()
-        while not done():
-            bell = self._bell.value()  # read before looking: a ring after this ends the sleep
-            if self._push() | consume():
-                idle_since = time.monotonic()
-                continue
-            now = time.monotonic()
-            if now >= deadline:
-                raise CommTimeoutError(
-                    self.rank,
-                    peer,
-                    what,
-                    now - start,
-                    f"the shm queue {'to' if what == 'send' else 'from'} it did not move",
-                )
-            if live is not None and now - idle_since >= slice_s:
-                live.check(peer, what)  # nothing moved for a heartbeat: is the peer still there?
-                idle_since = now
-            if self._spin_s and now - idle_since < self._spin_s:
-                continue  # a peer with a core of its own answers within microseconds: look again
-            self._bell.sleep(bell, max(min(slice_s, deadline - now), 1e-4))
+
+        def watch() -> None:
+            if live is not None:
+                live.check(peer, what)
+
+        def timed_out(waited_s: float) -> CommTimeoutError:
+            where = "to" if what is PendingOp.SEND else "from"
+            return CommTimeoutError(self.rank, peer, what, waited_s, f"the shm queue {where} it did not move")
+
+        bell_wait(
+            self._bell,
+            lambda: self._push() | consume(),
+            done,
+            deadline,
+            slice_s=live.interval_s if live is not None else 1.0,
+            spin_s=self._spin_s,
+            watch=watch,
+            timed_out=timed_out,
+        )
 
     # --- teardown ---
 

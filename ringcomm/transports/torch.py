@@ -36,7 +36,16 @@ import torch.distributed as dist
 from ..errors import CommError, CommTimeoutError, PeerError
 from ..runtime.liveness import Liveness
 from ..runtime.settings import default_timeout
-from .base import Message, Pending, PointToPoint, TransportStats, register_transport, remaining
+from .base import (
+    Message,
+    MessageKind,
+    Pending,
+    PendingOp,
+    PointToPoint,
+    TransportStats,
+    register_transport,
+    remaining,
+)
 
 __all__ = ["BACKEND_FOR_DEVICE", "TorchTransport", "backend_for"]
 
@@ -103,29 +112,29 @@ class TorchTransport(PointToPoint):
     def isend(self, tensor: torch.Tensor, peer: int, tag: int = 0) -> Pending:
         work = dist.isend(tensor, dst=peer, group=self.group, tag=tag)
         self.stats.count_send(peer, tensor.numel() * tensor.element_size())
-        return Pending("send", peer, work)
+        return Pending(PendingOp.SEND, peer, work)
 
     def irecv(self, tensor: torch.Tensor, peer: int, tag: int = 0) -> Pending:
         work = dist.irecv(tensor, src=peer, group=self.group, tag=tag)
         self.stats.count_recv(peer, tensor.numel() * tensor.element_size())
-        return Pending("recv", peer, work)
+        return Pending(PendingOp.RECV, peer, work)
 
     def issue(self, messages: Sequence[Message]) -> list[Pending]:
         """Put ``messages`` on the wire together: one NCCL group for CUDA; receives then sends on Gloo."""
         if self.backend != "nccl" or len(messages) < 2:
             return super().issue(messages)
         ops = [
-            dist.P2POp(dist.isend if m.kind == "send" else dist.irecv, m.tensor, m.peer, self.group, m.tag)
+            dist.P2POp(dist.isend if m.kind is MessageKind.SEND else dist.irecv, m.tensor, m.peer, self.group, m.tag)
             for m in messages
         ]
         works = dist.batch_isend_irecv(ops)
         for m in messages:
             nbytes = m.tensor.numel() * m.tensor.element_size()
-            (self.stats.count_send if m.kind == "send" else self.stats.count_recv)(m.peer, nbytes)
+            (self.stats.count_send if m.kind is MessageKind.SEND else self.stats.count_recv)(m.peer, nbytes)
         # batch_isend_irecv returns one work per op, or a single one for the whole group.
         if len(works) != len(messages):
             works = [works[-1]] * len(messages)
-        return [Pending(m.kind, m.peer, w) for m, w in zip(messages, works)]
+        return [Pending(PendingOp(m.kind), m.peer, w) for m, w in zip(messages, works)]  # sends and plain receives
 
     # --- waiting ---
 

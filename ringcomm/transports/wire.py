@@ -1,7 +1,8 @@
 r"""The wire format of one message: what a receiver checks before it writes a byte.
 
-Used by every transport that carries its own headers (ZeroMQ, ``zmq_transport.py``;
-the shared-memory transport borrows ``DTYPES`` for its dtype codes). One message
+Used by every transport that carries its own headers: ZeroMQ (``zmq.py``) speaks this
+format; the shared-memory transport (``shm.py``) has a fixed binary header of its own (a slot's
+first 64 bytes) but takes its dtype codes from the same table, ``DTYPE_TABLE``. One message
 is a ZeroMQ multipart message of three or more frames::
 
     frame 0: preamble, exactly 20 bytes: this world's token (16 random bytes) | src rank (uint32, big-endian)
@@ -52,8 +53,11 @@ from ..errors import FrameError
 
 __all__ = [
     "BODY_FRAME_BYTES",
+    "CODE_DTYPES",
     "DTYPES",
+    "DTYPE_CODES",
     "DTYPE_NAMES",
+    "DTYPE_TABLE",
     "FORMAT_VERSION",
     "FrameError",
     "Header",
@@ -73,17 +77,24 @@ __all__ = [
 #: Version of the header format; a receiver rejects any other. 2: the preamble frame and cut bodies.
 FORMAT_VERSION = 2
 
-#: The dtypes that may travel, by the name the header carries.
-DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "uint8": torch.uint8,
-}
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+#: Every dtype that may travel, in one table: its code (the number a shared-memory header carries,
+#: ``shm.py``), its name (what a ZeroMQ header carries) and the torch dtype. A code is part of the
+#: format, fixed here and never derived from the table's order: a new dtype takes a number no row
+#: has used, and no row is ever renumbered (``tests/test_shm_transport.py`` pins them).
+DTYPE_TABLE: tuple[tuple[int, str, torch.dtype], ...] = (
+    (0, "float16", torch.float16),
+    (1, "bfloat16", torch.bfloat16),
+    (2, "float32", torch.float32),
+    (3, "float64", torch.float64),
+    (4, "int32", torch.int32),
+    (5, "int64", torch.int64),
+    (6, "uint8", torch.uint8),
+)
+#: The table by name (what a ZeroMQ header may name), by dtype, and by code.
+DTYPES: dict[str, torch.dtype] = {name: dtype for _, name, dtype in DTYPE_TABLE}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for _, name, dtype in DTYPE_TABLE}
+DTYPE_CODES: dict[torch.dtype, int] = {dtype: code for code, _, dtype in DTYPE_TABLE}
+CODE_DTYPES: dict[int, torch.dtype] = {code: dtype for code, _, dtype in DTYPE_TABLE}
 
 #: Largest header frame accepted, in bytes (a real one is about 70).
 MAX_HEADER_BYTES = 256

@@ -105,7 +105,7 @@ destination tensor is not written, and the transport goes on serving
 well-formed messages.
 
 **Rendezvous** (collective: every rank makes the transport, in the same order,
-after ``session.py`` has checked that all ranks asked for it) goes through the
+after ``rendezvous.py`` has checked that all ranks asked for it) goes through the
 store of the default process group: each rank publishes its hostname (rank 0
 with this set-up's token), then binds and publishes its endpoint under the key
 prefix of this set-up. Where it binds:
@@ -147,7 +147,7 @@ from ..algorithms.tags import Tag
 from ..errors import CommTimeoutError, FrameError, PeerError
 from ..runtime.liveness import Liveness
 from ..runtime.settings import env_bool
-from .base import Pending, PointToPoint, TransportStats, register_transport
+from .base import Pending, PendingOp, PointToPoint, TransportStats, register_transport
 from .wire import (
     DTYPE_NAMES,
     DTYPES,
@@ -213,8 +213,8 @@ class ZmqTransport(PointToPoint):
     """Point-to-point over ZeroMQ: PULL inbox per rank, PUSH per peer, progress in ``wait``.
 
     Made by the session (``ringcomm.init("zmq")`` or the first ``all_reduce``
-    with ``transport="zmq"``), collectively, through the default group's store;
-    or without torch.distributed by ``standalone``. Use one thread at a time:
+    with ``transport="zmq"``), collectively, through the default group's store
+    (the tests make one without it: ``tests/zmq_standalone.py``). Use one thread at a time:
     ZeroMQ sockets are not thread-safe, and ``wait`` is where all progress
     happens (the comm queue guarantees it).
 
@@ -239,31 +239,6 @@ class ZmqTransport(PointToPoint):
             self.close()
             raise
         self.liveness = setup.liveness
-
-    @classmethod
-    def standalone(
-        cls, rank: int, world_size: int, *, bind: str = "tcp://127.0.0.1", token: bytes | None = None
-    ) -> ZmqTransport:
-        """A transport that binds now and needs no torch.distributed; give peers with ``set_peers``.
-
-        For tests and custom launchers. ``bind`` is ``tcp://<address>`` (a
-        kernel-chosen port is added) or ``ipc://`` (a private temporary path).
-        ``token``: the world's (``TOKEN_BYTES`` bytes); by default a new one, which
-        the other ranks then take from ``self.token``. ``self.endpoint`` is the
-        address peers connect to.
-        """
-        if token is None:
-            token = new_token()
-        elif len(token) != TOKEN_BYTES:
-            raise ValueError(f"token must be {TOKEN_BYTES} bytes, got {len(token)}")
-        self = cls.__new__(cls)
-        self._open(rank, world_size, token)
-        try:
-            self._bind(bind)
-        except BaseException:
-            self.close()
-            raise
-        return self
 
     # --- setup ---
 
@@ -313,7 +288,7 @@ class ZmqTransport(PointToPoint):
             raise ValueError(f"bind must be 'tcp://<address>' or 'ipc://', got {base!r}")
 
     def _rendezvous(self, setup: Any, host: str | None, ipc: bool | None) -> None:
-        # setup.gather: keys unique to this set-up (session.py numbers them), a wait that ends at once
+        # setup.gather: keys unique to this set-up (rendezvous.py numbers them), a wait that ends at once
         # when a peer dies or fails its own half of the set-up. Rank 0 mints this set-up's token and
         # sends it along with its hostname: a store round trip saved, and the token is in the store
         # before any rank binds, so no rank reads a message before it knows which ones are foreign.
@@ -366,7 +341,7 @@ class ZmqTransport(PointToPoint):
         if sock is None:
             endpoint = self._endpoints.get(peer)
             if endpoint is None:
-                raise PeerError(self.rank, peer, "send", "no endpoint known for this peer")
+                raise PeerError(self.rank, peer, PendingOp.SEND, "no endpoint known for this peer")
             sock = self._context.socket(zmq.PUSH)
             sock.linger = 0  # until close, which decides how long to flush
             sock.sndhwm = 0  # no limit: isend never blocks; memory is the tensors themselves
@@ -406,7 +381,7 @@ class ZmqTransport(PointToPoint):
             sock.send(encode_preamble(self.token, self.rank), zmq.SNDMORE | zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # nothing was queued: the socket is as it was
             self._failed = True
-            raise PeerError(self.rank, peer, "send", f"ZeroMQ refused the message: {exc}") from exc
+            raise PeerError(self.rank, peer, PendingOp.SEND, f"ZeroMQ refused the message: {exc}") from exc
         try:
             sock.send(header, zmq.SNDMORE)
             trackers = [
@@ -422,10 +397,10 @@ class ZmqTransport(PointToPoint):
             self._failed = True
             if not isinstance(exc, Exception):
                 raise  # a Ctrl-C stays a KeyboardInterrupt, not a peer's failure
-            raise PeerError(self.rank, peer, "send", f"ZeroMQ failed half-way through a message: {exc}") from exc
+            raise PeerError(self.rank, peer, PendingOp.SEND, f"ZeroMQ failed half-way through a message: {exc}") from exc
         self._send_seq[key] = seq + 1
         self.stats.count_send(peer, nbytes)
-        return Pending("send", peer, _SendOp(tensor, zmq.MessageTracker(*trackers) if zero_copy else None))
+        return Pending(PendingOp.SEND, peer, _SendOp(tensor, zmq.MessageTracker(*trackers) if zero_copy else None))
 
     def irecv(self, tensor: torch.Tensor, peer: int, tag: int = 0) -> Pending:
         """Post a receive of the next message from ``peer`` on ``tag`` into ``tensor``."""
@@ -441,7 +416,7 @@ class ZmqTransport(PointToPoint):
         else:
             self._posted.setdefault(key, deque()).append(op)
         self.stats.count_recv(peer, tensor.numel() * tensor.element_size())
-        return Pending("recv", peer, op)
+        return Pending(PendingOp.RECV, peer, op)
 
     def wait_message(self, pending: Pending, deadline: float) -> None:
         """Drive progress until ``pending`` completes; CommTimeoutError at ``deadline``.
@@ -476,10 +451,10 @@ class ZmqTransport(PointToPoint):
                 now = time.monotonic()
                 if now >= deadline:
                     raise CommTimeoutError(
-                        self.rank, pending.peer, "send", timeout, "ZeroMQ still holds the message"
+                        self.rank, pending.peer, PendingOp.SEND, timeout, "ZeroMQ still holds the message"
                     )
                 if now >= next_check:
-                    live.check(pending.peer, "send")  # type: ignore[union-attr]
+                    live.check(pending.peer, PendingOp.SEND)  # type: ignore[union-attr]
                     next_check = now + slice_s
                 try:
                     op.tracker.wait(max(min(deadline, next_check) - now, 1e-3))
@@ -491,10 +466,10 @@ class ZmqTransport(PointToPoint):
             now = time.monotonic()
             if now >= deadline:
                 raise CommTimeoutError(
-                    self.rank, op.peer, "recv", timeout, f"no message with tag {op.tag} arrived"
+                    self.rank, op.peer, PendingOp.RECV, timeout, f"no message with tag {op.tag} arrived"
                 )
             if now >= next_check:
-                live.check(op.peer, "recv")  # type: ignore[union-attr]
+                live.check(op.peer, PendingOp.RECV)  # type: ignore[union-attr]
                 next_check = now + slice_s
             # A blocking read bounded by the time left (ZMQ_RCVTIMEO): one system call
             # when a message is there, and no busy loop when none is.
