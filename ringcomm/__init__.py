@@ -7,16 +7,23 @@
     >>> fut = ringcomm.all_reduce_async(t, algo="ps")       # on ringcomm's comm thread
     >>> fut.wait()
 
-Where things are: ring.py (the diagram), ring_pipelined.py, rhd.py, rd.py
-(with fold.py), param_server.py, naive.py (the algorithms, registered in
-algorithms.py; auto.py picks one per call); transport.py (the protocol every
-transport offers; torch_transport.py, zmq_transport.py, shm_transport.py with
-shm.py); cost.py (the cost model); session.py, comm_queue.py, fingerprint.py,
-board.py, liveness.py (what runs around a collective).
-names.py (the algorithm, transport and op names and the bench's label
-grammar), cli.py (every command's argparse) and machine.py need no torch:
-``import ringcomm`` imports torch only when a collective or a tensor type is
-first touched (``__getattr__`` below), so commands answer ``--help`` at once.
+Where things are (``ls`` shows the layers; docs/layout.md has a line per module):
+
+- ``api.py``: the public calls (all_reduce, reduce_scatter, all_gather, broadcast, their
+  ``_async`` forms, init, explain_auto): validate, queue, check, run.
+- ``algorithms/``: one algorithm a file, each beside its diagram and cost (ring.py first),
+  and ``registry.py``, the contract they share.
+- ``transports/``: how bytes move between two ranks (``base.py``: the protocol; torch.py,
+  zmq.py, shm.py).
+- ``runtime/``: what runs around a collective (session, rendezvous, same-call check, call
+  board, liveness, the comm queue, settings, trace).
+- ``cost.py`` and ``auto.py``: the alpha-beta model and the picker that uses it.
+- ``tools/``: the commands' code (bench, demo, the local process spawner, the one CLI parser).
+
+``names.py`` (the algorithm, transport and op names and the bench's label grammar),
+``errors.py``, ``cost.py`` and ``tools/cli.py`` need no torch: ``import ringcomm`` imports
+torch only when a collective or a tensor type is first touched (``__getattr__`` below), so
+commands answer ``--help`` at once.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ The baseline a student writes first::
 Rank 0's link carries (P-1)*M bytes in and (P-1)*M out, in 2(P-1) messages done
 one after another on rank 0's side, against the ring's 2(P-1)/P * M: the root's
 link is the bottleneck and it grows with P (the time model is
-``cost.naive_time``, in ``cost.py`` with the others). Reducing in rank order (not arrival order) makes the result
+``cost.COSTS["naive"]``, in ``cost.py`` with the others). Reducing in rank order (not arrival order) makes the result
 reproducible; every rank gets rank 0's bytes, so all ranks agree bitwise.
 """
 

@@ -55,7 +55,7 @@ Sharding spreads the server's (P-1)*M over k links. Push and pull are two
 rounds whose messages all fly at once, so the busiest link sets the time: the
 central server's term grows with P where the ring's stays near 2M; that is why
 rings replaced central servers for dense gradients. The time model is
-``cost.ps_time`` (``cost.py`` holds every algorithm's formula). Server memory:
+``cost.COSTS["ps"]`` (``cost.py`` holds every algorithm's formula). Server memory:
 one shard of accumulator (M/k bytes), plus what a transport that cannot reduce as
 it receives stages (P-1 shards).
 

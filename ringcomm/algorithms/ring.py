@@ -34,7 +34,7 @@ Who sends which chunk, P = 4 (``c2`` = rank sends its chunk 2 to the right)::
     rank r owns c(r+1) fully reduced after scatter-reduce.
 
 Cost: 2(P-1) messages of about M/P bytes per rank, so 2(P-1)/P * M bytes in
-all, nearly independent of P (the time model is ``cost.ring_time``, in ``cost.py`` with the others).
+all, nearly independent of P (the time model is ``cost.COSTS["ring"]``, in ``cost.py`` with the others).
 
 Every element is reduced in exactly one place (its owner) and then copied, so
 all ranks end with bitwise identical bytes regardless of float rounding.

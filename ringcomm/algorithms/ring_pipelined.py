@@ -35,7 +35,7 @@ Python round trips per message: one ``post`` of two, one ``wait`` on the
 receive; sends are waited once at the end of each phase. No scratch of its own:
 a transport that cannot reduce as it receives stages ``window`` segments.
 
-Cost model: as ``ring.py`` (``cost.ring_time``), 2(P-1)/P * M bytes per rank;
+Cost model: as ``ring.py`` (``cost.COSTS["ring"]``), 2(P-1)/P * M bytes per rank;
 the number of messages becomes 2(P-1) * S with S = ceil(chunk_bytes /
 segment_bytes), and transfer overlaps reduction.
 """

@@ -55,7 +55,7 @@ Where it is used:
   peer is caught by the timeout, whose error then says whether the peer was
   still heartbeating (slow, or not in the same call) or not (dead or frozen).
 - The same-call check and a transport's set-up wait in the store
-  (``session.gather``) for every rank's key, in one blocking wait. Meanwhile the
+  (``Rendezvous.gather``) for every rank's key, in one blocking wait. Meanwhile the
   watch thread looks at the ranks whose key is still missing, and writes a
   "dead" note into the slot of one that stopped heartbeating or gave up; that
   ends the wait at once, and the waiting rank raises ``PeerError`` naming it.
@@ -143,7 +143,7 @@ class Liveness:
         self._seen: dict[int, tuple[int, float]] = {}  # peer -> (counter, monotonic time it changed)
         #: The peer a blocking wait is on now (set by TorchTransport.wait): the thread watches it.
         self.awaiting: int | None = None
-        #: (rank, store key) a blocking store wait needs (set by session.gather): the thread marks
+        #: (rank, store key) a blocking store wait needs (set by Rendezvous.gather): the thread marks
         #: a dead rank's missing key, which ends the wait.
         self.slots: list[tuple[int, str]] | None = None
         #: The number of the collective this rank is in (set by the API): gave-up notices name it.
