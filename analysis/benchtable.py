@@ -145,7 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(table)
     else:
         for path, doc in docs:
-            print(f"**{doc.get('world_size', '?')} ranks** ({len(doc['rows'])} rows, {path})\n")
+            what = doc.get("collective", "all_reduce")  # files from before --collective: all_reduce
+            per_rank = ", size per rank" if what != "all_reduce" else ""
+            print(f"**{what}, {doc.get('world_size', '?')} ranks{per_rank}** ({len(doc['rows'])} rows, {path})\n")
             print(render(doc, args.memcpy))
             print()
     if args.plot:

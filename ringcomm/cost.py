@@ -63,6 +63,7 @@ __all__ = [
     "markdown_table",
     "algbw",
     "busbw",
+    "busbw_factor",
     "fit_alpha_beta",
     "fit_nonnegative",
 ]
@@ -327,9 +328,26 @@ def algbw(nbytes: float, seconds: float) -> float:
     return nbytes / seconds / 1e9 if seconds > 0 else float("nan")
 
 
-def busbw(p: int, nbytes: float, seconds: float) -> float:
-    """Bus bandwidth in GB/s as nccl-tests defines it for all-reduce: algbw * 2(P-1)/P."""
-    return algbw(nbytes, seconds) * (2 * (p - 1) / p if p > 1 else 0.0)
+def busbw_factor(p: int, collective: str = "all_reduce") -> float:
+    """busbw / algbw for ``collective`` over ``p`` ranks, as nccl-tests defines it (0 for one rank).
+
+    What the busiest link carries per byte of M (the whole tensor): all_reduce 2(P-1)/P;
+    all_gather and reduce_scatter (P-1)/P (M their output, resp. input: P blocks, a rank
+    moves all but its own); broadcast 1 (every byte crosses each link of the chain once).
+    """
+    factors = {"all_reduce": 2 * (p - 1) / p, "all_gather": (p - 1) / p, "reduce_scatter": (p - 1) / p, "broadcast": 1.0}
+    if collective not in factors:
+        raise ValueError(f"busbw of {collective!r}: expected one of {', '.join(factors)}")
+    return factors[collective] if p > 1 else 0.0
+
+
+def busbw(p: int, nbytes: float, seconds: float, collective: str = "all_reduce") -> float:
+    """Bus bandwidth in GB/s as nccl-tests defines it: algbw * ``busbw_factor(p, collective)``.
+
+    ``nbytes`` is M, the whole tensor: all_reduce's and broadcast's tensor, all_gather's output,
+    reduce_scatter's input (P times the bytes per rank of the last two), as nccl-tests' algbw.
+    """
+    return algbw(nbytes, seconds) * busbw_factor(p, collective)
 
 
 def fit_alpha_beta(

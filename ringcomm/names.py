@@ -22,6 +22,7 @@ from dataclasses import dataclass
 __all__ = [
     "ALGO_NAMES",
     "AlgoSpec",
+    "COLLECTIVE_ALGO_NAMES",
     "DTYPE_NAMES",
     "OP_NAMES",
     "TRANSPORT_MODULES",
@@ -31,6 +32,15 @@ __all__ = [
 
 #: ``all_reduce(algo=...)``'s names, in the order ``--help`` lists them (``algorithms.ALGOS``'s keys).
 ALGO_NAMES: tuple[str, ...] = ("ring", "ring_simple", "ps", "naive", "rhd", "rd", "auto")
+
+#: Every collective's ``algo=`` names (``all_reduce``: ``ALGO_NAMES``; the others:
+#: ``algorithms.collectives.COLLECTIVE_ALGOS``'s keys, same order), for ``--collective`` of the tools.
+COLLECTIVE_ALGO_NAMES: dict[str, tuple[str, ...]] = {
+    "all_reduce": ALGO_NAMES,
+    "reduce_scatter": ("ring", "rhd", "auto"),
+    "all_gather": ("ring", "rd", "auto"),
+    "broadcast": ("ring", "tree", "auto"),
+}
 
 #: The built-in transports and the module that registers each (``transport.register_transport``);
 #: ``transport.transport_names()`` is ``TRANSPORT_NAMES`` once they are imported.

@@ -212,3 +212,86 @@ def test_help_shows_every_default_and_no_backticks(capsys: pytest.CaptureFixture
         block = " ".join(out.split(f"\n  {option} ", 1)[1].split("\n  --", 1)[0].split())
         assert f"(default: {default})" in block, (option, block)
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+# --- --collective (issue 22): every collective timed against Gloo's own, busbw by nccl-tests ------
+
+
+def test_busbw_factors_are_nccl_tests() -> None:
+    from ringcomm.cost import busbw, busbw_factor
+
+    assert busbw_factor(4, "all_reduce") == 2 * 3 / 4
+    assert busbw_factor(4, "all_gather") == busbw_factor(4, "reduce_scatter") == 3 / 4
+    assert busbw_factor(4, "broadcast") == 1.0
+    assert busbw(4, 8e9, 2.0) == busbw(4, 8e9, 2.0, "all_reduce") == 4.0 * 1.5  # all_reduce's, as before
+    with pytest.raises(ValueError, match="'gather'"):
+        busbw_factor(4, "gather")
+
+
+def test_the_command_lines_collective_names_are_the_registrys() -> None:
+    from ringcomm.algorithms.collectives import COLLECTIVE_ALGOS, POWER_OF_TWO_ONLY
+    from ringcomm.algorithms.registry import ALGOS
+    from ringcomm.names import COLLECTIVE_ALGO_NAMES
+
+    assert COLLECTIVE_ALGO_NAMES == {"all_reduce": tuple(ALGOS)} | {c: tuple(a) for c, a in COLLECTIVE_ALGOS.items()}
+    assert bench._POWER_OF_TWO_ONLY == set(POWER_OF_TWO_ONLY)
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--collective", "broadcast", "--algos", "gloo,rd"],
+         "--algos: algorithm 'rd': unknown 'rd' for broadcast; expected one of gloo, ring, tree, auto"),
+        (["--collective", "all_gather", "--algos", "ps:2"], "--algos: algorithm 'ps:2': unknown 'ps' for all_gather"),
+        (["--collective", "all_gather", "--world-size", "3", "--algos", "gloo,rd"],
+         "--algos: all_gather algo 'rd' needs a power-of-two world size, not 3"),
+        (["--collective", "gather"], "argument --collective: invalid choice: 'gather'"),
+        (["--collective", "broadcast", "--tune"], "--collective broadcast: --tune fits all_reduce's algorithms only"),
+    ],
+)  # fmt: skip
+def test_a_collectives_mistakes_are_one_line_before_any_worker_starts(
+    argv: list[str], says: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import ringcomm.tools.spawn
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("bench started workers for a command it should have refused")
+
+    monkeypatch.setattr(ringcomm.tools.spawn, "run_world", refuse)
+    with pytest.raises(SystemExit) as raised:
+        bench.main(argv)
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"python -m ringcomm.bench: {says}"), err
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("collective", "other", "factor"),
+    [("all_gather", "rd", 1 / 2), ("reduce_scatter", "rhd", 1 / 2), ("broadcast", "tree", 1.0)],
+)
+def test_each_collective_is_timed_against_gloos_own_in_one_world(
+    collective: str, other: str, factor: float, tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """P = 2, 64 bytes per rank: every row right (#wrong 0 against Gloo's), M and busbw by nccl-tests."""
+    out = tmp_path / "b.json"
+    argv = ["--collective", collective, "--world-size", "2", "--sizes", "64,96", "--reps", "1", "--warmup", "0",
+            "--sample-s", "0", "--algos", f"gloo,ring,{other}@shm,auto", "--json", str(out), "--timeout", "240"]  # fmt: skip
+    bench.main(argv)
+    doc = json.loads(out.read_text())
+    assert doc["collective"] == collective and doc["world_size"] == 2
+    rows = doc["rows"]
+    assert [(r["size_bytes"], r["algo"]) for r in rows] == [
+        (s, a) for s in (64, 96) for a in ("gloo", "ring", f"{other}@shm", "auto")
+    ]
+    per_rank = {"all_gather": 2, "reduce_scatter": 2, "broadcast": 1}[collective]  # M over the bytes per rank
+    for r in rows:
+        assert r["collective"] == collective and r["wrong"] == 0, r
+        assert r["count"] == r["size_bytes"] // 4 and r["total_bytes"] == per_rank * r["size_bytes"], r
+        assert r["algbw_gbs"] == pytest.approx(r["total_bytes"] / (r["time_us"] * 1e-6) / 1e9)
+        assert r["busbw_gbs"] == pytest.approx(r["algbw_gbs"] * factor)
+    autos = [r for r in rows if r["algo"] == "auto"]
+    assert all(r["choice"] in ("ring", other) and r["predicted_us"] > 0 for r in autos), autos
+    printed = capfd.readouterr().out  # rank 0's table comes from its own process
+    assert f"# ringcomm.bench: {collective} world_size=2" in printed
+    assert printed.count("# auto took ") == 2

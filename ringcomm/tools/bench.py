@@ -1,4 +1,4 @@
-"""python -m ringcomm.bench: time all-reduce algorithms against Gloo, nccl-tests style.
+"""python -m ringcomm.bench: time ringcomm's collectives against Gloo's, nccl-tests style.
 
     python -m ringcomm.bench --world-size 4 --sizes 64K,1M,16M,64M --algos gloo,ring,naive
     python -m ringcomm.bench --world-size 4 --algos gloo,ring,ps,ps:4 --json bench.json
@@ -7,8 +7,18 @@
     python -m ringcomm.bench --world-size 4 --algos gloo,auto,rd,ring           # what auto picks, and its cost
     python -m ringcomm.bench --world-size 4 --tune   # fit auto's alpha and beta; writes auto.tune_path()
     torchrun --nproc-per-node 4 -m ringcomm.bench --json bench.json   # torchrun's world; no --world-size
+    python -m ringcomm.bench --collective all_gather --world-size 2 --algos gloo,ring@shm,rd@shm
+    python -m ringcomm.bench --collective broadcast --algos gloo,ring,tree,auto
 
-Algorithms: ``gloo`` (built-in ``dist.all_reduce``), any name in ``ringcomm.ALGOS``
+``--collective`` picks what is timed (default ``all_reduce``): ``all_gather``,
+``reduce_scatter`` or ``broadcast``, against Gloo's own ``dist.all_gather_into_tensor``,
+``dist.reduce_scatter_tensor`` and ``dist.broadcast`` (src 0), labelled ``gloo`` as
+all_reduce's ``dist.all_reduce`` is. ``--sizes`` are bytes per rank: the tensor of
+all_reduce and broadcast, all_gather's input, reduce_scatter's output block (so
+all_gather's output and reduce_scatter's input are P times as large).
+
+Algorithms: ``gloo`` (the built-in collective), any name in ``ringcomm.ALGOS`` (for all_reduce;
+the other collectives' names are ``names.COLLECTIVE_ALGO_NAMES``)
 (``ring``, ``ring_simple``, ``rhd``, ``rd``, ``naive``, ``ps``, ``auto``), ``ps:K`` for a parameter server
 sharded K ways, and a ``@zmq`` / ``@shm`` / ``@torch`` suffix to pick the
 transport of one entry (``--transport`` sets the default).
@@ -24,8 +34,10 @@ the number of calls; a rank's sample is the slowest rank's (max over ranks). The
 shows the median sample. ``#wrong`` counts elements (max over ranks) that
 differ from gloo's result on the same integer-valued input.
 
-Columns (nccl-tests): size in bytes, count in elements, time in microseconds,
-algbw = size / time and busbw = algbw * 2(P-1)/P, both in GB/s (1e9 B/s);
+Columns (nccl-tests): size in bytes per rank, count in elements per rank, time in
+microseconds, algbw = M / time and busbw = algbw * 2(P-1)/P for all_reduce, (P-1)/P for
+all_gather and reduce_scatter, 1 for broadcast (``cost.busbw``), both in GB/s (1e9 B/s),
+M being the whole tensor in bytes (P times the size for all_gather and reduce_scatter);
 For ``auto`` rows a line under the table says which algorithm auto took at that
 size, with its predicted and measured time.
 
@@ -55,7 +67,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..cost import algbw, busbw
-from ..names import ALGO_NAMES, DTYPE_NAMES, TRANSPORT_NAMES, AlgoSpec, parse_size
+from ..names import ALGO_NAMES, COLLECTIVE_ALGO_NAMES, DTYPE_NAMES, TRANSPORT_NAMES, AlgoSpec, parse_size
 from . import cli
 from .machine import machine_info
 
@@ -70,8 +82,8 @@ __all__ = ["main", "parse_size", "AlgoSpec", "BenchRow", "machine_info"]
 
 @dataclass
 class BenchRow:
-    size_bytes: int
-    count: int
+    size_bytes: int  # per rank (--sizes): all_gather's input, reduce_scatter's output block
+    count: int  # elements per rank
     dtype: str
     algo: str
     transport: str
@@ -82,6 +94,8 @@ class BenchRow:
     wrong: int
     samples_us: list
     memcpy_gbs: float  # one core's copy bandwidth at this size, measured in the same run (rank 0)
+    collective: str = "all_reduce"
+    total_bytes: int = 0  # M, the whole tensor: size_bytes, or P * size_bytes for all_gather and reduce_scatter
 
 
 def memcpy_gbs(nbytes: int, seconds: float = 0.005) -> float:
@@ -104,29 +118,92 @@ def memcpy_gbs(nbytes: int, seconds: float = 0.005) -> float:
     return src.numel() * calls / elapsed / 1e9
 
 
-def _run_once(spec: AlgoSpec, buf: torch.Tensor) -> None:
+#: The collectives the bench times, with Gloo's own (``gloo``) for each.
+COLLECTIVES = tuple(COLLECTIVE_ALGO_NAMES)
+
+#: (collective, algo) that need P a power of two (``algorithms.collectives.POWER_OF_TWO_ONLY``,
+#: known here without torch): refused at other world sizes before a worker starts.
+_POWER_OF_TWO_ONLY = {("reduce_scatter", "rhd"), ("all_gather", "rd")}
+
+
+@dataclass
+class Buffers:
+    """One algorithm's tensors for one collective: what it reads (``input``) and writes (``output``).
+
+    all_reduce and broadcast work in place (``input is output``); all_gather's output and
+    reduce_scatter's input are P blocks of ``count`` elements.
+    """
+
+    collective: str
+    output: torch.Tensor
+    input: torch.Tensor
+
+    @classmethod
+    def make(cls, collective: str, count: int, dtype: torch.dtype, world_size: int) -> Buffers:
+        """Zeroed buffers of ``count`` elements per rank."""
+        import torch
+
+        if collective == "all_gather":
+            return cls(collective, torch.zeros(world_size * count, dtype=dtype), torch.zeros(count, dtype=dtype))
+        if collective == "reduce_scatter":
+            return cls(collective, torch.zeros(count, dtype=dtype), torch.zeros(world_size * count, dtype=dtype))
+        t = torch.zeros(count, dtype=dtype)
+        return cls(collective, t, t)
+
+    @property
+    def count(self) -> int:
+        """Elements per rank (``--sizes``): all_gather's input, the others' output."""
+        return (self.input if self.collective == "all_gather" else self.output).numel()
+
+    @property
+    def total_bytes(self) -> int:
+        """M, the whole tensor in bytes: the larger of the two (nccl-tests' algbw divides it by the time)."""
+        return max(self.output.numel(), self.input.numel()) * self.output.element_size()
+
+
+def _run_once(spec: AlgoSpec, bufs: Buffers) -> None:
+    """One call of ``bufs.collective``: Gloo's built-in for ``gloo``, else ringcomm's ``spec``."""
     import torch.distributed as dist
 
+    import ringcomm
+
+    out, inp, collective = bufs.output, bufs.input, bufs.collective
     if spec.algo == "gloo":
-        dist.all_reduce(buf)
+        if collective == "all_reduce":
+            dist.all_reduce(out)
+        elif collective == "all_gather":
+            dist.all_gather_into_tensor(out, inp)
+        elif collective == "reduce_scatter":
+            dist.reduce_scatter_tensor(out, inp)
+        else:
+            dist.broadcast(out, src=0)
+        return
+    options = dict(algo=spec.algo, transport=spec.transport, **spec.options)
+    if collective == "all_reduce":
+        ringcomm.all_reduce(out, **options)
+    elif collective == "all_gather":
+        ringcomm.all_gather(out, inp, **options)
+    elif collective == "reduce_scatter":
+        ringcomm.reduce_scatter(out, inp, **options)
     else:
-        import ringcomm
-
-        ringcomm.all_reduce(buf, algo=spec.algo, transport=spec.transport, **spec.options)
+        ringcomm.broadcast(out, src=0, **options)
 
 
-def _count_wrong(spec: AlgoSpec, count: int, dtype: torch.dtype, rank: int) -> int:
+def _count_wrong(spec: AlgoSpec, bufs: Buffers, rank: int) -> int:
     """Elements of ``spec``'s result that differ from gloo's on the same integer-valued input."""
     import torch
     import torch.distributed as dist
 
-    g = torch.Generator().manual_seed(1234 + rank)
-    x = torch.randint(-8, 9, (count,), generator=g).to(dtype)
-    expected = x.clone()
-    dist.all_reduce(expected)
-    got = x.clone()
-    _run_once(spec, got)
-    tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 0.0
+    g = torch.Generator().manual_seed(1234 + rank)  # every rank its own numbers (broadcast: src's win)
+    x = torch.randint(-8, 9, bufs.input.shape, generator=g).to(bufs.input.dtype)
+    results = []
+    for who in (AlgoSpec("gloo", "gloo", "torch"), spec):
+        trial = Buffers.make(bufs.collective, bufs.count, x.dtype, dist.get_world_size())
+        trial.input.copy_(x)
+        _run_once(who, trial)
+        results.append(trial.output)
+    expected, got = results
+    tol = 1e-2 if x.dtype in (torch.float16, torch.bfloat16) else 0.0
     wrong = int(((got.double() - expected.double()).abs() > tol).sum())
     verdict = torch.tensor([wrong], dtype=torch.int64)
     dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
@@ -140,14 +217,15 @@ def _bench_rank(rank: int, world_size: int, cfg: dict) -> list[dict] | None:
     import ringcomm
 
     dtype = getattr(torch, cfg["dtype"])  # a DTYPE_NAMES name
+    collective = cfg.get("collective", "all_reduce")
     specs = [AlgoSpec.parse(a, cfg["transport"]) for a in cfg["algos"]]
     for transport in sorted({s.transport for s in specs}):
         ringcomm.init(transport, "cpu")  # collective set-up outside the timed region
     rows = []
     for size in cfg["sizes"]:
         count = max(1, size // torch.tensor([], dtype=dtype).element_size())
-        bufs = {s.label: torch.zeros(count, dtype=dtype) for s in specs}
-        wrong = {s.label: (0 if s.algo == "gloo" else _count_wrong(s, count, dtype, rank)) for s in specs}
+        bufs = {s.label: Buffers.make(collective, count, dtype, world_size) for s in specs}
+        wrong = {s.label: (0 if s.algo == "gloo" else _count_wrong(s, bufs[s.label], rank)) for s in specs}
         # Warm up, and pick calls per sample so each sample lasts about cfg["sample_s"].
         calls = {}
         for s in specs:
@@ -177,7 +255,7 @@ def _bench_rank(rank: int, world_size: int, cfg: dict) -> list[dict] | None:
                 samples[s.label].append((time.perf_counter() - t0) / n)
             dist.barrier()  # and the copy bandwidth, by rank 0 alone while the others wait
             if rank == 0:
-                copies.append(memcpy_gbs(count * bufs[specs[0].label].element_size()))
+                copies.append(memcpy_gbs(count * bufs[specs[0].label].output.element_size()))
         copy_gbs = statistics.median(copies) if copies else float("nan")
         for s in specs:
             t = torch.tensor(samples[s.label], dtype=torch.float64)
@@ -185,6 +263,7 @@ def _bench_rank(rank: int, world_size: int, cfg: dict) -> list[dict] | None:
             per_call = [float(v) for v in t]
             med = statistics.median(per_call)
             nbytes = count * torch.tensor([], dtype=dtype).element_size()
+            total = bufs[s.label].total_bytes  # M: what nccl-tests' algbw divides by the time
             rows.append(
                 asdict(
                     BenchRow(
@@ -195,11 +274,13 @@ def _bench_rank(rank: int, world_size: int, cfg: dict) -> list[dict] | None:
                         transport=s.transport,
                         world_size=world_size,
                         time_us=med * 1e6,
-                        algbw_gbs=algbw(nbytes, med),
-                        busbw_gbs=busbw(world_size, nbytes, med),
+                        algbw_gbs=algbw(total, med),
+                        busbw_gbs=busbw(world_size, total, med, collective),
                         wrong=wrong[s.label],
                         samples_us=[v * 1e6 for v in per_call],
                         memcpy_gbs=copy_gbs,
+                        collective=collective,
+                        total_bytes=total,
                     )
                 )
             )
@@ -209,9 +290,11 @@ def _bench_rank(rank: int, world_size: int, cfg: dict) -> list[dict] | None:
                 from .. import auto
                 from ..runtime import session
 
-                choice = auto.choose(
-                    session.current().tuning(), spec.transport, world_size, row["size_bytes"]
-                )
+                fits = session.current().tuning()
+                if collective == "all_reduce":
+                    choice = auto.choose(fits, spec.transport, world_size, row["size_bytes"])
+                else:  # its cost row, for M, the whole tensor (as the api asks)
+                    choice = auto.choose_collective(fits, collective, spec.transport, world_size, row["total_bytes"])
                 row.update(choice=choice.algo, predicted_us=choice.predicted_s[choice.algo] * 1e6)
         if rank == 0 and cfg["progress"]:
             _print_rows(rows[-len(specs) :], header=size == cfg["sizes"][0], file=sys.stdout)
@@ -246,16 +329,20 @@ def _print_rows(rows: list[dict], header: bool, file=sys.stdout) -> None:
             )
 
 
-def _check_algo(text: str, default_transport: str) -> AlgoSpec:
-    """``text`` parsed (``AlgoSpec.parse``), its algorithm and transport known; ValueError saying what is not."""
+def _check_algo(text: str, default_transport: str, collective: str = "all_reduce") -> AlgoSpec:
+    """``text`` parsed (``AlgoSpec.parse``), its algorithm (one of ``collective``'s) and transport known;
+    ValueError saying what is not."""
     spec = AlgoSpec.parse(text, default_transport)
-    names = ["gloo", *ALGO_NAMES]
+    names = ["gloo", *COLLECTIVE_ALGO_NAMES[collective]]
     if spec.algo not in names:
         near = difflib.get_close_matches(spec.algo, names, n=1)
         hint = f"; did you mean {near[0]}?" if near else ""
+        of = "" if collective == "all_reduce" else f" for {collective}"
         raise ValueError(
-            f"algorithm {text!r}: unknown {spec.algo!r}; expected one of {', '.join(names)}{hint}"
+            f"algorithm {text!r}: unknown {spec.algo!r}{of}; expected one of {', '.join(names)}{hint}"
         )
+    if collective != "all_reduce" and (spec.shards is not None or spec.overlap):
+        raise ValueError(f"algorithm {text!r}: ':K' and '+overlap' are the parameter server's (all_reduce only)")
     if spec.transport not in TRANSPORT_NAMES:
         raise ValueError(
             f"algorithm {text!r}: unknown transport {spec.transport!r}; "
@@ -280,12 +367,22 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
         "--world-size", type=int, default=None, help="ranks to spawn (default: 4; under torchrun, torchrun's)"
     )
     parser.add_argument(
-        "--sizes", default="64K,1M,16M,64M", help="comma list of sizes in bytes, K/M/G are powers of 1024"
+        "--collective",
+        default="all_reduce",
+        choices=COLLECTIVES,
+        help="what to time, against Gloo's own (all_gather_into_tensor, reduce_scatter_tensor, broadcast from 0)",
+    )
+    parser.add_argument(
+        "--sizes",
+        default="64K,1M,16M,64M",
+        help="comma list of sizes in bytes per rank (all_gather: its input; reduce_scatter: its output block), "
+        "K/M/G are powers of 1024",
     )
     parser.add_argument(
         "--algos",
         default=_Default("gloo,ring,naive"),
-        help="comma list, e.g. gloo,ring,ring_simple,ps,ps:2,ring@zmq",
+        help="comma list, e.g. gloo,ring,ring_simple,ps,ps:2,ring@zmq (other collectives: gloo,ring and "
+        "rd for all_gather, rhd for reduce_scatter, tree for broadcast)",
     )
     parser.add_argument(
         "--transport", default=_Default("torch"), choices=TRANSPORT_NAMES, help="default transport"
@@ -339,6 +436,8 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
             "or an @TRANSPORT suffix in --algos (e.g. ring@zmq)"
         )
     if args.tune:
+        if args.collective != "all_reduce":
+            parser.error(f"--collective {args.collective}: --tune fits all_reduce's algorithms only")
         for flag, value in (("--algos", args.algos), ("--transport", args.transport)):
             if not isinstance(value, _Default):
                 parser.error(
@@ -360,14 +459,23 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
         from .. import auto
 
         args.algos = ",".join(f"{a}@{t}" for t in transports for a in auto.CANDIDATES if a in ALGO_NAMES)
+    p = int(os.environ["WORLD_SIZE"]) if _under_torchrun() else (args.world_size or 4)
+    power_of_two = p & (p - 1) == 0
+    if args.collective != "all_reduce" and isinstance(args.algos, _Default):  # gloo and every algorithm that runs at P
+        args.algos = "gloo," + ",".join(
+            a for a in COLLECTIVE_ALGO_NAMES[args.collective]
+            if a != "auto" and (power_of_two or (args.collective, a) not in _POWER_OF_TWO_ONLY)
+        )  # fmt: skip
     algos = [a for a in args.algos.split(",") if a]
     if not sizes or not algos:
         parser.error(f"{'--sizes' if not sizes else '--algos'}: the list is empty")
     for a in algos:  # refuse a bad label here, not inside every rank of a spawned world
         try:
-            _check_algo(a, args.transport)
+            spec = _check_algo(a, args.transport, args.collective)
         except ValueError as exc:
             parser.error(f"--algos: {exc}")
+        if not power_of_two and (args.collective, spec.algo) in _POWER_OF_TWO_ONLY:
+            parser.error(f"--algos: {args.collective} algo {spec.algo!r} needs a power-of-two world size, not {p}")
     return args, sizes, algos
 
 
@@ -378,6 +486,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import torch.distributed as dist
 
     cfg = dict(
+        collective=args.collective,
         sizes=sizes,
         algos=algos,
         transport=args.transport,
@@ -392,7 +501,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         world_size = 4 if args.world_size is None else args.world_size
     header = (
-        f"# ringcomm.bench: world_size={world_size} dtype={args.dtype} reps={args.reps} "
+        f"# ringcomm.bench: {args.collective} world_size={world_size} dtype={args.dtype} reps={args.reps} "
         f"(median of per-call time, slowest rank) torch={torch.__version__} cpus={os.cpu_count()}"
     )
     if _under_torchrun():
@@ -410,7 +519,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if rows is not None and args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # checked creatable before the run
         with open(args.json, "w") as f:
-            json.dump({"machine": machine_info(), "world_size": world_size, "rows": rows}, f, indent=1)
+            doc = {"machine": machine_info(), "collective": args.collective, "world_size": world_size, "rows": rows}
+            json.dump(doc, f, indent=1)
         print(f"# wrote {args.json}")
     if rows and args.tune:
         write_tune(rows, world_size)
