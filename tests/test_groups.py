@@ -9,7 +9,6 @@ it), and the default group in the same processes, before, between and after.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from ringcomm.tools.spawn import run_world

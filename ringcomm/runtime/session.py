@@ -15,7 +15,16 @@ and which session is current.
       failed               the first failure (below)
 
     current()  the session of the current default group, made on first use (the old one closed)
-    shutdown() closes it; so does the interpreter's exit (atexit)
+    current(group)  a subgroup's (dist.new_group), made on its first use on this rank
+    shutdown() closes them all; so does the interpreter's exit (atexit)
+
+**Subgroups** (``group=``): a session per group object, whose rank and size are
+this process's in the group; its keys are minted by the group's rank 0 under
+the group's global ranks (``mint_prefix``'s scope), its transports are made
+among the members only (``SetupContext.group``), and it has its own heartbeat,
+call numbers and same-call check. It shares the default group's comm queue: one
+comm thread per process, so two groups' collectives on one rank run in issue
+order. A new world closes the old world's subgroup sessions with its own.
 
 **After a failed collective** (a timeout, a dead peer, a malformed message,
 but also an out-of-memory error or a Ctrl-C in the middle: anything but a
