@@ -50,6 +50,7 @@ from .runtime.check import check_same_call, fingerprint, refuse
 from .runtime.comm_queue import CommStats
 from .runtime.settings import DEFAULT_TIMEOUT_S, check_default, default_timeout
 from .transports.base import Transport, TransportKind, transport_kind
+from .transports.torch import subgroup_problem
 
 __all__ = [
     "all_reduce",
@@ -158,7 +159,14 @@ def validate(
 
 
 def _prepare(
-    tensor: Any, op: object, algo: str, transport: str, timeout: float | None, check: bool | None, options: dict
+    tensor: Any,
+    op: object,
+    algo: str,
+    transport: str,
+    timeout: float | None,
+    check: bool | None,
+    options: dict,
+    group: Any = None,
 ) -> _Call:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"all_reduce expects a torch.Tensor, got {type(tensor).__name__}")
@@ -169,10 +177,11 @@ def _prepare(
         raise ValueError(_timeout_problem(timeout))
     if check is not None and not isinstance(check, bool):  # bool("no") is True
         raise ValueError(f"check must be True, False or None (RINGCOMM_CHECK), got {check!r}")
-    world_size = dist.get_world_size() if dist.is_initialized() else None
+    world_size = sessions.group_place(group)[1] if dist.is_initialized() else None
     spec, kind, complete = validate(algo, transport, tensor.device, options, world_size)
     if world_size is None:
         raise RuntimeError("ringcomm.all_reduce needs torch.distributed.init_process_group to have been called")
+    _check_subgroup_transport(kind, tensor.device, group)
     return _Call(
         tensor, op, spec, kind, complete, float(timeout) if timeout is not None else default_timeout(),
         check_default() if check is None else check,
@@ -200,13 +209,16 @@ def _prepare_collective(
     timeout: float | None,
     check: bool | None,
     options: dict,
+    group: Any = None,
 ) -> _Call:
     """Validate a reduce_scatter, all_gather or broadcast (``input`` is None for broadcast); ``ValueError``
     naming what is wrong (the rank, the tensors' shapes and dtypes) before a byte moves."""
     if not dist.is_initialized():
         raise RuntimeError(f"ringcomm.{collective} needs torch.distributed.init_process_group to have been called")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    where = f"rank {rank}: {collective}"
+    rank, world_size = sessions.group_place(group)
+    where = f"rank {dist.get_rank()}: {collective}" if sessions.is_default(group) else (
+        f"rank {dist.get_rank()} (rank {rank} of group= {dist.get_process_group_ranks(group)}): {collective}"
+    )
     tensors = {"tensor": output} if input is None else {"output": output, "input": input}
     for label, t in tensors.items():
         if not isinstance(t, torch.Tensor):
@@ -241,8 +253,16 @@ def _prepare_collective(
                     "pass an output that shares no storage with the input"
                 )
     if collective == "broadcast":
-        if isinstance(src, bool) or not isinstance(src, numbers.Integral) or not 0 <= int(src) < world_size:
-            raise ValueError(f"{where}: src={src!r} is not a rank of this world of {world_size} (0..{world_size - 1})")
+        if isinstance(src, bool) or not isinstance(src, numbers.Integral):
+            raise ValueError(f"{where}: src={src!r} is not a rank (an int)")
+        if sessions.is_default(group):
+            if not 0 <= int(src) < world_size:
+                raise ValueError(f"{where}: src={src!r} is not a rank of this world of {world_size} (0..{world_size - 1})")
+        else:  # a global rank, as torch's: numbered within the group from here on
+            members = dist.get_process_group_ranks(group)
+            if int(src) not in members:
+                raise ValueError(f"{where}: src={src!r} (a global rank, as in torch) is not in group= {members}")
+            src = members.index(int(src))
     if timeout is not None and not _is_timeout(timeout):
         raise ValueError(_timeout_problem(timeout))
     if check is not None and not isinstance(check, bool):
@@ -253,12 +273,30 @@ def _prepare_collective(
         raise ValueError(f"unknown algo {algo!r} for {collective}; expected one of {', '.join(specs)}")
     kind = transport_kind(transport)
     kind.validate_device(output.device)
+    _check_subgroup_transport(kind, output.device, group)
     complete = spec.options(options, world_size)
     return _Call(
         output, op, spec, kind, complete, float(timeout) if timeout is not None else default_timeout(),
         check_default() if check is None else check, collective, input,
         int(src) if collective == "broadcast" else 0,  # type: ignore[arg-type]
     )
+
+
+def _check_subgroup_transport(kind: TransportKind, device: torch.device, group: Any) -> None:
+    """ValueError if ``kind`` cannot carry ``device``'s tensors in the subgroup ``group`` (torch over NCCL)."""
+    if kind.name == "torch" and not sessions.is_default(group):
+        problem = subgroup_problem(device.type)
+        if problem is not None:
+            raise ValueError(problem)
+
+
+def _outside(group: Any) -> bool:
+    """Whether this rank is outside ``group`` (or it is no process group): ``group_place`` refuses it."""
+    try:
+        sessions.group_place(group)
+    except ValueError:
+        return True
+    return False
 
 
 def _is_timeout(value: object) -> bool:
@@ -359,7 +397,7 @@ def _refuse(session: sessions.Session, reason: str, check: bool | None, timeout:
 
 
 def _admit(
-    prepare: Callable[[], _Call], timeout: object, check: object, blocking: bool
+    prepare: Callable[[], _Call], timeout: object, check: object, blocking: bool, group: Any = None
 ) -> tuple[sessions.Session, _Call]:
     """Validate and find the session; any refusal is published to the peers, then raised.
 
@@ -367,16 +405,21 @@ def _admit(
     argument no check foresaw, or the ``CommError`` of a ``blocking`` call on the comm thread)
     refuses the call before a byte moves, and the peers must hear of it: otherwise they wait
     for this rank's fingerprint until their timeout, or pair their call with its next one.
+
+    A rank outside ``group`` (or a ``group`` that is no process group) is refused here alone: it has no
+    peers in that group to tell, and its own groups' calls are not this one.
     """
+    if dist.is_initialized():
+        sessions.group_place(group)
     try:
         call = prepare()
-        session = sessions.current()
+        session = sessions.current(group)
         if blocking:
             session.queue.refuse_blocking_here(call.what)
     except BaseException as exc:
         if dist.is_initialized():
             try:
-                _refuse(sessions.current(), f"{type(exc).__name__}: {exc}", check, timeout)
+                _refuse(sessions.current(group), f"{type(exc).__name__}: {exc}", check, timeout)
             except Exception as unsaid:  # raise the refusal itself; say why the peers were not told
                 _log.error(
                     "ringcomm: could not tell the peers that this rank refused a collective "
@@ -460,8 +503,10 @@ def _fail(session: sessions.Session, n: int, error: CommError) -> None:
         session.liveness.give_up(n)
 
 
-def init(transport: str = "torch", device: str | torch.device = "cpu", timeout: float | None = None) -> Transport:
-    """Set up the transport now (collective: call on every rank), instead of at first use.
+def init(
+    transport: str = "torch", device: str | torch.device = "cpu", timeout: float | None = None, group: Any = None
+) -> Transport:
+    """Set up the transport now (collective: call on every rank, of ``group`` if given), instead of at first use.
 
     Useful before handing collectives to another thread (a DDP comm hook): the
     set-up then happens here, in this thread, in a known order.
@@ -481,13 +526,16 @@ def init(transport: str = "torch", device: str | torch.device = "cpu", timeout: 
         kind.validate_device(dev)
         if timeout is not None and not _is_timeout(timeout):
             raise ValueError(_timeout_problem(timeout))
-    except ValueError as exc:
         if dist.is_initialized():
-            session = sessions.current()
+            sessions.group_place(group)  # outside group=: refused here alone (no peers in it to tell)
+        _check_subgroup_transport(kind, dev, group)
+    except ValueError as exc:
+        if dist.is_initialized() and not _outside(group):
+            session = sessions.current(group)
             reason = f"refused ({type(exc).__name__}: {exc})"
             session.queue.run(lambda: session.refuse_setup(reason), "a refused init")
         raise
-    session = sessions.current()
+    session = sessions.current(group)
     deadline = time.monotonic() + (float(timeout) if timeout is not None else default_timeout())
     return session.queue.run(lambda: session.transport(kind, dev.type, deadline), f"setting up {transport}")
 
@@ -501,6 +549,7 @@ def all_reduce(
     transport: str = "torch",
     timeout: float | None = None,
     check: bool | None = None,
+    group: Any = None,
     **options: Any,
 ) -> torch.Tensor:
     """Reduce ``tensor`` across all ranks, in place, and return it.
@@ -522,6 +571,9 @@ def all_reduce(
         check: first verify that every rank passed the same numel, dtype, op, algo,
             transport and options (``MismatchError`` on every rank otherwise); one round on
             the call board (one host) or through the store. None means RINGCOMM_CHECK (default on).
+        group: a process group from ``dist.new_group`` (None: the default group): the collective runs
+            among its members, numbered 0..P'-1 in it, on transports of its own; a rank outside it
+            is refused (``ValueError``). Two subgroups' collectives run side by side.
         **options: algorithm options, e.g. ``ps_rank``, ``ps_shards`` for ``algo="ps"``.
 
     Returns:
@@ -549,7 +601,8 @@ def all_reduce(
         >>> ringcomm.all_reduce(grad, op="avg")
     """
     session, call = _admit(
-        lambda: _prepare(tensor, op, algo, transport, timeout, check, options), timeout, check, blocking=True
+        lambda: _prepare(tensor, op, algo, transport, timeout, check, options, group), timeout, check,
+        blocking=True, group=group,
     )
     return session.queue.run(lambda: _execute(session, call), call.what)
 
@@ -562,6 +615,7 @@ def all_reduce_async(
     transport: str = "torch",
     timeout: float | None = None,
     check: bool | None = None,
+    group: Any = None,
     **options: Any,
 ) -> torch.futures.Future[torch.Tensor]:
     """``all_reduce`` on the comm thread: returns at once with a future of ``tensor``.
@@ -585,7 +639,8 @@ def all_reduce_async(
         >>> grad = fut.wait()
     """
     session, call = _admit(
-        lambda: _prepare(tensor, op, algo, transport, timeout, check, options), timeout, check, blocking=False
+        lambda: _prepare(tensor, op, algo, transport, timeout, check, options, group), timeout, check,
+        blocking=False, group=group,
     )
     return _submit(session, call)
 
@@ -630,13 +685,13 @@ def _submit(session: sessions.Session, call: _Call) -> torch.futures.Future:
     return session.queue.submit(run, call.what, future)
 
 
-def _blocking(prepare: Callable[[], _Call], timeout: object, check: object) -> torch.Tensor:
-    session, call = _admit(prepare, timeout, check, blocking=True)
+def _blocking(prepare: Callable[[], _Call], timeout: object, check: object, group: Any) -> torch.Tensor:
+    session, call = _admit(prepare, timeout, check, blocking=True, group=group)
     return session.queue.run(lambda: _execute(session, call), call.what)
 
 
-def _queued(prepare: Callable[[], _Call], timeout: object, check: object) -> torch.futures.Future:
-    session, call = _admit(prepare, timeout, check, blocking=False)
+def _queued(prepare: Callable[[], _Call], timeout: object, check: object, group: Any) -> torch.futures.Future:
+    session, call = _admit(prepare, timeout, check, blocking=False, group=group)
     return _submit(session, call)
 
 
@@ -650,6 +705,7 @@ def reduce_scatter(
     transport: str = "torch",
     timeout: float | None = None,
     check: bool | None = None,
+    group: Any = None,
     **options: Any,
 ) -> torch.Tensor:
     """Reduce every rank's ``input`` and give rank r block r of the result, in ``output``; return ``output``.
@@ -665,7 +721,7 @@ def reduce_scatter(
             (SUM, AVG, MAX, MIN).
         algo: ``"ring"`` (the ring's scatter-reduce phase: P-1 steps), ``"rhd"`` (recursive halving:
             log2(P) steps, P a power of two) or ``"auto"`` (``cost.COLLECTIVE_COSTS``).
-        transport, timeout, check: as ``all_reduce``'s (the check also compares the collective).
+        transport, timeout, check, group: as ``all_reduce``'s (the check also compares the collective).
 
     Raises:
         ValueError: bad arguments (sizes, dtypes, overlapping tensors, algo), on this rank before any
@@ -678,8 +734,8 @@ def reduce_scatter(
         >>> ringcomm.reduce_scatter(shard, grad, op="avg")     # grad.numel() == P * n
     """
     return _blocking(
-        lambda: _prepare_collective("reduce_scatter", output, input, op, 0, algo, transport, timeout, check, options),
-        timeout, check,
+        lambda: _prepare_collective("reduce_scatter", output, input, op, 0, algo, transport, timeout, check, options, group),
+        timeout, check, group,
     )
 
 
@@ -692,13 +748,14 @@ def reduce_scatter_async(
     transport: str = "torch",
     timeout: float | None = None,
     check: bool | None = None,
+    group: Any = None,
     **options: Any,
 ) -> torch.futures.Future[torch.Tensor]:
     """``reduce_scatter`` on the comm thread, in issue order with the other ``*_async`` calls; a future of
     ``output`` (neither tensor may change until it completes)."""
     return _queued(
-        lambda: _prepare_collective("reduce_scatter", output, input, op, 0, algo, transport, timeout, check, options),
-        timeout, check,
+        lambda: _prepare_collective("reduce_scatter", output, input, op, 0, algo, transport, timeout, check, options, group),
+        timeout, check, group,
     )
 
 
@@ -711,6 +768,7 @@ def all_gather(
     transport: str = "torch",
     timeout: float | None = None,
     check: bool | None = None,
+    group: Any = None,
     **options: Any,
 ) -> torch.Tensor:
     """Gather every rank's ``input`` into ``output``, in rank order, on every rank; return ``output``.
@@ -734,8 +792,8 @@ def all_gather(
         >>> ringcomm.all_gather(full, shard)
     """
     return _blocking(
-        lambda: _prepare_collective("all_gather", output, input, "", 0, algo, transport, timeout, check, options),
-        timeout, check,
+        lambda: _prepare_collective("all_gather", output, input, "", 0, algo, transport, timeout, check, options, group),
+        timeout, check, group,
     )
 
 
@@ -747,12 +805,13 @@ def all_gather_async(
     transport: str = "torch",
     timeout: float | None = None,
     check: bool | None = None,
+    group: Any = None,
     **options: Any,
 ) -> torch.futures.Future[torch.Tensor]:
     """``all_gather`` on the comm thread, in issue order with the other ``*_async`` calls; a future of ``output``."""
     return _queued(
-        lambda: _prepare_collective("all_gather", output, input, "", 0, algo, transport, timeout, check, options),
-        timeout, check,
+        lambda: _prepare_collective("all_gather", output, input, "", 0, algo, transport, timeout, check, options, group),
+        timeout, check, group,
     )
 
 
@@ -765,13 +824,14 @@ def broadcast(
     transport: str = "torch",
     timeout: float | None = None,
     check: bool | None = None,
+    group: Any = None,
     **options: Any,
 ) -> torch.Tensor:
     """Copy rank ``src``'s ``tensor`` into ``tensor`` on every rank, in place; return ``tensor``.
 
     Args:
         tensor: any shape and a supported dtype; the same numel and dtype on every rank.
-        src: the root's rank, 0 <= src < P.
+        src: the root's rank, 0 <= src < P; with ``group=``, its global rank (as torch's), in the group.
         algo: ``"ring"`` (a pipelined chain src -> src+1 -> ...; option ``segment_bytes``, default 1 MiB:
             for large tensors), ``"tree"`` (binomial, ceil(log2 P) rounds: for small ones) or ``"auto"``.
         transport, timeout, check: as ``all_reduce``'s (the check also compares ``src``).
@@ -785,8 +845,8 @@ def broadcast(
         ...     ringcomm.broadcast(p.data, src=0)
     """
     return _blocking(
-        lambda: _prepare_collective("broadcast", tensor, None, "", src, algo, transport, timeout, check, options),
-        timeout, check,
+        lambda: _prepare_collective("broadcast", tensor, None, "", src, algo, transport, timeout, check, options, group),
+        timeout, check, group,
     )
 
 
@@ -798,12 +858,13 @@ def broadcast_async(
     transport: str = "torch",
     timeout: float | None = None,
     check: bool | None = None,
+    group: Any = None,
     **options: Any,
 ) -> torch.futures.Future[torch.Tensor]:
     """``broadcast`` on the comm thread, in issue order with the other ``*_async`` calls; a future of ``tensor``."""
     return _queued(
-        lambda: _prepare_collective("broadcast", tensor, None, "", src, algo, transport, timeout, check, options),
-        timeout, check,
+        lambda: _prepare_collective("broadcast", tensor, None, "", src, algo, transport, timeout, check, options, group),
+        timeout, check, group,
     )
 
 

@@ -54,8 +54,12 @@ def own_client(store: Any) -> Any:
         return store
 
 
-def mint_prefix(store: Any, rank: int) -> str:
+def mint_prefix(store: Any, rank: int, scope: str = "") -> str:
     """A new session's key prefix, ``ringcomm/<id>``: rank 0 mints the id, the others read it.
+
+    ``scope`` names a subgroup's sessions (``g<its global ranks>``, ``rank`` its rank in it), "" the
+    default group's: each scope counts its own sessions, and ids come from one counter, so a
+    subgroup's keys never meet the default group's or another subgroup's.
 
     Rank 0 takes the next id from the store's counter and publishes it under its count of the
     sessions it has made on this store; every rank reads it under its own count, the same as
@@ -65,8 +69,9 @@ def mint_prefix(store: Any, rank: int) -> str:
     Raises:
         CommTimeoutError: rank 0 has not published the id within RINGCOMM_TIMEOUT (or 300 s).
     """
-    joined = int(store.add(f"ringcomm/joined/{rank}", 1))
-    slot = f"ringcomm/world-id/{joined}"
+    where = f"{scope}/" if scope else ""
+    joined = int(store.add(f"ringcomm/joined/{where}{rank}", 1))
+    slot = f"ringcomm/world-id/{where}{joined}"
     if rank == 0:
         store.set(slot, str(int(store.add("ringcomm/worlds", 1))))
     else:
@@ -91,6 +96,7 @@ class _Gatherer(Protocol):
     rank: int
     world_size: int
     liveness: Liveness | None
+    group: Any
 
     def gather(self, base: str, value: str, deadline: float, what: str) -> list[str]: ...
 
@@ -105,6 +111,7 @@ class SetupContext:
         self.world_size = owner.world_size
         self.liveness = owner.liveness
         self.prefix = prefix  # unique to this setup: "<world prefix>/setup/<n>"
+        self.group = owner.group  # the subgroup (dist.new_group) it is made in; None: the default group
         self._owner, self._deadline, self._what = owner, deadline, what
 
     def gather(self, name: str, value: str) -> list[str]:
@@ -119,14 +126,15 @@ class Rendezvous:
     Args:
         store: a client of the default group's store of its own (``own_client``).
         prefix: the world's key prefix (``mint_prefix``).
-        rank, world_size: this rank's place.
+        rank, world_size: this rank's place (in ``group``).
+        group: the subgroup (``dist.new_group``) whose session this is; None for the default group.
 
     ``liveness`` (None until the session starts its heartbeat) is what ``gather`` asks about
     missing ranks.
     """
 
-    def __init__(self, store: Any, prefix: str, rank: int, world_size: int) -> None:
-        self.store, self.prefix = store, prefix
+    def __init__(self, store: Any, prefix: str, rank: int, world_size: int, group: Any = None) -> None:
+        self.store, self.prefix, self.group = store, prefix, group
         self.rank, self.world_size = rank, world_size
         self.liveness: Liveness | None = None
         self.transports: dict[tuple[str, str], Transport] = {}  # (transport name, device type) -> one

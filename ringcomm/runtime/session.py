@@ -15,7 +15,16 @@ and which session is current.
       failed               the first failure (below)
 
     current()  the session of the current default group, made on first use (the old one closed)
-    shutdown() closes it; so does the interpreter's exit (atexit)
+    current(group)  a subgroup's (dist.new_group), made on its first use on this rank
+    shutdown() closes them all; so does the interpreter's exit (atexit)
+
+**Subgroups** (``group=``): a session per group object, whose rank and size are
+this process's in the group; its keys are minted by the group's rank 0 under
+the group's global ranks (``mint_prefix``'s scope), its transports are made
+among the members only (``SetupContext.group``), and it has its own heartbeat,
+call numbers and same-call check. It shares the default group's comm queue: one
+comm thread per process, so two groups' collectives on one rank run in issue
+order. A new world closes the old world's subgroup sessions with its own.
 
 **After a failed collective** (a timeout, a dead peer, a malformed message,
 but also an out-of-memory error or a Ctrl-C in the middle: anything but a
@@ -81,9 +90,24 @@ T = TypeVar("T")
 class Session:
     """ringcomm's state for one default process group; see the module docstring."""
 
-    def __init__(self, world: Any, store: Any, rank: int, world_size: int, prefix: str) -> None:
-        """``prefix``: this session's store keys (``rendezvous.mint_prefix``: ``ringcomm/<id>``)."""
+    def __init__(
+        self,
+        world: Any,
+        store: Any,
+        rank: int,
+        world_size: int,
+        prefix: str,
+        group: Any = None,
+        queue: CommQueue | None = None,
+    ) -> None:
+        """``prefix``: this session's store keys (``rendezvous.mint_prefix``: ``ringcomm/<id>``).
+
+        ``group``: the subgroup (``dist.new_group``) this session serves, None for the default group;
+        ``rank`` and ``world_size`` are then this process's place in it. ``queue``: the process's comm
+        queue, which a subgroup's session shares with the default group's (not closed by ``close``).
+        """
         self.world = world
+        self.group = group
         # Connections of our own to the default group's store: a store client runs one request
         # at a time, so a blocking wait of the same-call check on the shared client would hold up
         # the heartbeat and every other user of the store in this process (torch's, the caller's).
@@ -93,9 +117,11 @@ class Session:
         stale = liveness_s()  # settings first: a junk value fails before anything is made
         beat_s = heartbeat_s() if stale > 0 and world_size > 1 else 0.0
         self.liveness: Liveness | None = None  # started last, below
-        self.queue = CommQueue(f"ringcomm-comm-r{rank}")
+        # One comm thread per process: a subgroup's collectives run in issue order with everyone else's.
+        self._owns_queue = queue is None
+        self.queue = CommQueue(f"ringcomm-comm-r{rank}") if queue is None else queue
         self.scratch = ScratchPool()
-        self.rendezvous = Rendezvous(self.store, prefix, rank, world_size)
+        self.rendezvous = Rendezvous(self.store, prefix, rank, world_size, group)
         self.tune = tuning.WorldTuning(self.store, self.key("tune"), rank, world_size)
         self.calls = 0
         if rank == 0:  # auto's fit: rank 0's, published for everyone (read where first needed)
@@ -207,7 +233,8 @@ class Session:
         """
         if self._closed:
             return
-        self.queue.close(timeout)  # raises if stuck: then leave everything as it is
+        if self._owns_queue:  # a subgroup's session: the default group's closes the shared queue first
+            self.queue.close(timeout)  # raises if stuck: then leave everything as it is
         self._closed = True
         self.rendezvous.close()
         if self.liveness is not None:
@@ -239,61 +266,122 @@ def _frameless(error: CommError) -> CommError:
 
 _CURRENT: Session | None = None
 _LOCK = threading.Lock()
-# (torch's world group, prefix): minted for a Session not made yet (its first try failed half-made)
-_PENDING: tuple[Any, str] | None = None
+#: The subgroups' sessions in the current world, by group object (``dist.new_group``'s).
+_GROUPS: dict[Any, Session] = {}
+#: (torch's world group, prefix) by group (None: the default group): minted for a Session not made
+#: yet (its first try failed half-made)
+_PENDING: dict[Any, tuple[Any, str]] = {}
 
 
-def _session_prefix(world: Any, store: Any, rank: int) -> str:
+def _session_prefix(world: Any, store: Any, rank: int, group: Any = None, scope: str = "") -> str:
     """The next session's key prefix (``rendezvous.mint_prefix``), kept until a Session is made with
     it: one that failed half-made and is made again in the same world counts nothing."""
-    global _PENDING
-    if _PENDING is not None and _PENDING[0] is world:
-        return _PENDING[1]
-    prefix = mint_prefix(store, rank)
-    _PENDING = (world, prefix)
+    pending = _PENDING.get(group)
+    if pending is not None and pending[0] is world:
+        return pending[1]
+    prefix = mint_prefix(store, rank, scope)
+    _PENDING[group] = (world, prefix)
     return prefix
 
 
-def current() -> Session:
-    """The session of the current default process group, made on first use (and the old one closed).
+def is_default(group: Any) -> bool:
+    """Whether ``group`` means the default process group (None, or ``dist.group.WORLD`` itself)."""
+    return group is None or group is dist.group.WORLD
+
+
+def group_place(group: Any) -> tuple[int, int]:
+    """This process's (rank, size) in ``group`` (None: the default group), as the collectives number them.
+
+    Raises:
+        ValueError: ``group`` is torch's ``GroupMember.NON_GROUP_MEMBER`` (what ``dist.new_group`` gives
+            a rank that is not in it) or not a process group at all.
+        RuntimeError: torch.distributed is not initialised.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("ringcomm needs torch.distributed.init_process_group to have been called")
+    if is_default(group):
+        return dist.get_rank(), dist.get_world_size()
+    if group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(
+            f"rank {dist.get_rank()}: group= is GroupMember.NON_GROUP_MEMBER: this rank is not in that "
+            "dist.new_group, so it takes no part in the group's collectives; call them on its members only"
+        )
+    if not isinstance(group, dist.ProcessGroup):
+        raise ValueError(f"group must be a process group from dist.new_group (or None), got {group!r}")
+    rank = dist.get_rank(group)
+    if rank < 0:  # a group object from another rank's view: not ours
+        raise ValueError(f"rank {dist.get_rank()}: this rank is not a member of group= (global ranks "
+                         f"{dist.get_process_group_ranks(group)})")
+    return rank, dist.get_world_size(group)
+
+
+def _close_old_world(session: Session) -> None:
+    """Close the previous world's sessions (the default group's first: it owns the comm queue)."""
+    try:
+        session.close(timeout=1.0)
+    except CommError as exc:
+        # Closing its transports under a thread still inside one would crash the process;
+        # leaving it unsaid would keep the old world's groups, sockets, mappings and heartbeat
+        # alive unseen. So: keep it, say so, and try again at the next call.
+        raise CommError(
+            f"rank {dist.get_rank()}: ringcomm's session of the previous process group cannot be "
+            f"closed ({exc}); its comm thread, transports (process groups, sockets, shared memory) "
+            "and heartbeat are still held, and this call was not started; call again once that "
+            "collective has ended (at its timeout at the latest)"
+        ) from None
+    for sub in _GROUPS.values():
+        sub.close()
+    _GROUPS.clear()
+
+
+def current(group: Any = None) -> Session:
+    """The session of ``group`` (None: the current default process group), made on first use.
+
+    The default group's session is made first (and the old world's sessions closed); a subgroup's
+    shares its comm queue, and its keys are minted by the group's rank 0 under the group's global
+    ranks (``mint_prefix``), so every member makes its sessions of that group alike.
 
     Raises:
         RuntimeError: torch.distributed is not initialised.
+        ValueError: this rank is not in ``group`` (``group_place``).
         CommError: the old world's session could not be closed: its comm thread is still inside a
             collective (see the module docstring); nothing was started. Call again once it ends.
         CommTimeoutError: rank 0 did not publish the new session's id in time (``_session_prefix``).
     """
-    global _CURRENT, _PENDING
+    global _CURRENT
     if not dist.is_initialized():
         raise RuntimeError("ringcomm needs torch.distributed.init_process_group to have been called")
     world = dist.group.WORLD
+    default = is_default(group)
+    if not default:
+        rank, size = group_place(group)  # a non-member is refused before anything is made
     with _LOCK:
         session = _CURRENT
-        if session is not None and session.world is world:
-            return session
-        if session is not None:
-            try:
-                session.close(timeout=1.0)
-            except CommError as exc:
-                # Closing its transports under a thread still inside one would crash the process;
-                # leaving it unsaid would keep the old world's groups, sockets, mappings and heartbeat
-                # alive unseen. So: keep it, say so, and try again at the next call.
-                raise CommError(
-                    f"rank {dist.get_rank()}: ringcomm's session of the previous process group cannot be "
-                    f"closed ({exc}); its comm thread, transports (process groups, sockets, shared memory) "
-                    "and heartbeat are still held, and this call was not started; call again once that "
-                    "collective has ended (at its timeout at the latest)"
-                ) from None
-            _CURRENT = None
+        if session is None or session.world is not world:
+            if session is not None:
+                _close_old_world(session)
+                _CURRENT = None
+            store = dist.distributed_c10d._get_default_store()
+            grank = dist.get_rank()
+            _CURRENT = Session(world, store, grank, dist.get_world_size(), _session_prefix(world, store, grank))
+            _PENDING.pop(None, None)  # made: the next session (after a shutdown or a new world) gets a new id
+        if default:
+            return _CURRENT
+        sub = _GROUPS.get(group)
+        if sub is not None:
+            return sub
         store = dist.distributed_c10d._get_default_store()
-        rank = dist.get_rank()
-        _CURRENT = Session(world, store, rank, dist.get_world_size(), _session_prefix(world, store, rank))
-        _PENDING = None  # made: the next session (after a shutdown or a new world) gets a new id
-        return _CURRENT
+        scope = "g" + "-".join(map(str, dist.get_process_group_ranks(group)))
+        prefix = _session_prefix(world, store, rank, group, scope)
+        sub = Session(world, store, rank, size, prefix, group=group, queue=_CURRENT.queue)
+        _PENDING.pop(group, None)
+        _GROUPS[group] = sub
+        return sub
 
 
 def shutdown(timeout: float = 10.0) -> None:
-    """Close the current session, if any: queued collectives finish, transports close.
+    """Close every session, if any (the default group's and the subgroups'): queued collectives finish,
+    transports close.
 
     Call it before ``dist.destroy_process_group``.
 
@@ -306,7 +394,10 @@ def shutdown(timeout: float = 10.0) -> None:
         session = _CURRENT
         if session is None:
             return
-        session.close(timeout)
+        session.close(timeout)  # the comm queue first: nothing of any group runs after it
+        for sub in _GROUPS.values():
+            sub.close()
+        _GROUPS.clear()
         _CURRENT = None
 
 

@@ -20,6 +20,15 @@ the group: its kernels would otherwise stay queued on the GPU forever.
 Which it was, timeout or peer failure, is decided by our own clock, never by
 the wording of the backend's message.
 
+**In a subgroup** (``group=``, ``dist.new_group``) the transport cannot make a
+group of its own with ``dist.new_group``: that must be called by every rank of
+the default group, and only the subgroup's members call ringcomm with it. So it
+makes a Gloo process group directly among the members, on the store under the
+session's keys (a backend object torch.distributed never registers, so the
+default group's numbering of new groups is left as it was), and numbers peers
+within the subgroup. NCCL is not made that way yet: ``group=`` with CUDA tensors
+over ``torch`` is refused (``subgroup_problem``).
+
 After a failure the group is not used again (``session.py`` refuses later
 collectives in that world).
 """
@@ -29,12 +38,14 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..errors import CommError, CommTimeoutError, PeerError
 from ..runtime.liveness import Liveness
+from ..runtime.rendezvous import own_client
 from ..runtime.settings import default_timeout
 from .base import (
     Message,
@@ -47,7 +58,7 @@ from .base import (
     remaining,
 )
 
-__all__ = ["BACKEND_FOR_DEVICE", "TorchTransport", "backend_for"]
+__all__ = ["BACKEND_FOR_DEVICE", "TorchTransport", "backend_for", "subgroup_problem"]
 
 #: The torch.distributed backend for each device type: the one place this map is written.
 BACKEND_FOR_DEVICE = {"cpu": "gloo", "cuda": "nccl"}
@@ -81,6 +92,16 @@ def check_device(device: torch.device) -> None:
         )
 
 
+def subgroup_problem(device_type: str) -> str | None:
+    """Why ``transport="torch"`` cannot carry ``device_type`` tensors in a subgroup, or None if it can."""
+    if backend_for(device_type) == "gloo":
+        return None
+    return (
+        f"transport='torch' in a subgroup (group=) carries CPU tensors only (Gloo), not {device_type} ones: "
+        "NCCL subgroups are not made yet; use transport='zmq' or 'shm' (through host memory) or the default group"
+    )
+
+
 class TorchTransport(PointToPoint):
     """Point-to-point over torch.distributed on a process group of its own.
 
@@ -88,21 +109,37 @@ class TorchTransport(PointToPoint):
         device_type: ``"cpu"`` (Gloo) or ``"cuda"`` (NCCL).
         timeout_s: the group's own timeout, the backstop under every wait.
         liveness: this process's heartbeat (for the timeout's message); None if off.
+        subgroup: the set-up of a subgroup's session (``SetupContext``: store, rank and size in the
+            subgroup, a key prefix of its own); None in the default group.
     """
 
     def __init__(
-        self, device_type: str = "cpu", timeout_s: float | None = None, liveness: Liveness | None = None
+        self,
+        device_type: str = "cpu",
+        timeout_s: float | None = None,
+        liveness: Liveness | None = None,
+        subgroup: Any = None,
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("call torch.distributed.init_process_group before using ringcomm")
         self.backend = backend_for(device_type)
         self.device_type = device_type
-        # new_group is collective: every rank of the default group makes it, in the same order.
-        self.group = dist.new_group(
-            backend=self.backend, timeout=timedelta(seconds=timeout_s or default_timeout())
-        )
-        self.rank = dist.get_rank(self.group)
-        self.world_size = dist.get_world_size(self.group)
+        timeout = timedelta(seconds=timeout_s or default_timeout())
+        #: True when ``group`` is a Gloo backend of our own among a subgroup's members (see the module
+        #: docstring): peers are then posted to directly, not through torch.distributed's registry.
+        self._direct = subgroup is not None
+        if subgroup is None:
+            # new_group is collective: every rank of the default group makes it, in the same order.
+            self.group = dist.new_group(backend=self.backend, timeout=timeout)
+            self.rank = dist.get_rank(self.group)
+            self.world_size = dist.get_world_size(self.group)
+        else:
+            problem = subgroup_problem(device_type)
+            if problem is not None:
+                raise ValueError(problem)
+            store = dist.PrefixStore(f"{subgroup.prefix}/gloo/", own_client(subgroup.store))
+            self.rank, self.world_size = subgroup.rank, subgroup.world_size
+            self.group = dist.ProcessGroupGloo(store, self.rank, self.world_size, timeout)
         self.stats = TransportStats()
         self.liveness = liveness
         self._closed = False
@@ -110,12 +147,18 @@ class TorchTransport(PointToPoint):
     # --- posting ---
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int = 0) -> Pending:
-        work = dist.isend(tensor, dst=peer, group=self.group, tag=tag)
+        if self._direct:
+            work = self.group.send([tensor], peer, tag)
+        else:
+            work = dist.isend(tensor, dst=peer, group=self.group, tag=tag)
         self.stats.count_send(peer, tensor.numel() * tensor.element_size())
         return Pending(PendingOp.SEND, peer, work)
 
     def irecv(self, tensor: torch.Tensor, peer: int, tag: int = 0) -> Pending:
-        work = dist.irecv(tensor, src=peer, group=self.group, tag=tag)
+        if self._direct:
+            work = self.group.recv([tensor], peer, tag)
+        else:
+            work = dist.irecv(tensor, src=peer, group=self.group, tag=tag)
         self.stats.count_recv(peer, tensor.numel() * tensor.element_size())
         return Pending(PendingOp.RECV, peer, work)
 
@@ -181,6 +224,8 @@ class TorchTransport(PointToPoint):
         if self._closed:
             return
         self._closed = True
+        if self._direct:  # never registered: it goes with its last reference
+            return
         if dist.is_initialized():
             try:
                 dist.destroy_process_group(self.group)
@@ -190,7 +235,9 @@ class TorchTransport(PointToPoint):
 
 register_transport(
     "torch",
-    lambda device_type, setup: TorchTransport(device_type, liveness=setup.liveness),
+    lambda device_type, setup: TorchTransport(
+        device_type, liveness=setup.liveness, subgroup=setup if setup.group is not None else None
+    ),
     devices=tuple(BACKEND_FOR_DEVICE),
     check_device=check_device,
     summary="torch.distributed point-to-point: Gloo for CPU tensors, NCCL for CUDA tensors",
