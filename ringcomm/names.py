@@ -5,7 +5,7 @@ functions that need torch; their *names* live here, once, so that
 ``launch.py``, ``python -m ringcomm.bench``, ``python -m ringcomm.demo`` and
 the analysis can offer and parse them in a few milliseconds::
 
-    ALGO_NAMES       ring, ring_simple, ps, naive, rhd, rd, auto   (algorithms.ALGOS, same order)
+    ALGO_NAMES       ring, ring_simple, ps, naive, rhd, rd, hier, auto  (algorithms.ALGOS, same order)
     TRANSPORT_NAMES  shm, torch, zmq                               (transport.transport_names())
     AlgoSpec.parse("ps:2@zmq")  ->  AlgoSpec("ps:2@zmq", "ps", "zmq", shards=2)
 
@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 #: ``all_reduce(algo=...)``'s names, in the order ``--help`` lists them (``algorithms.ALGOS``'s keys).
-ALGO_NAMES: tuple[str, ...] = ("ring", "ring_simple", "ps", "naive", "rhd", "rd", "auto")
+ALGO_NAMES: tuple[str, ...] = ("ring", "ring_simple", "ps", "naive", "rhd", "rd", "hier", "auto")
 
 #: Every collective's ``algo=`` names (``all_reduce``: ``ALGO_NAMES``; the others:
 #: ``algorithms.collectives.COLLECTIVE_ALGOS``'s keys, same order), for ``--collective`` of the tools.

@@ -29,6 +29,7 @@ from ..transports.base import Transport
 from .buffers import ScratchPool
 from .chunks import chunk_bounds
 from .fold import core_size
+from .hier import check_hier_options, hier_all_reduce
 from .naive import naive_all_reduce
 from .ps import check_ps_options, ps_all_reduce
 from .rd import rd_all_reduce
@@ -179,6 +180,12 @@ ALGOS: dict[str, AlgorithmSpec] = {
             _rhd_parts,
         ),
         algorithm("rd", rd_all_reduce, "recursive doubling on whole vectors (rd.py): log2(P) steps, for small tensors"),
+        algorithm(
+            "hier",
+            hier_all_reduce,
+            "two-level (hier.py): reduce-scatter in the node over shm, all-reduce across nodes, all-gather",
+            check_hier_options,
+        ),
         # resolved per call by ringcomm.all_reduce into one of auto.CANDIDATES (auto.py)
         algorithm("auto", _resolved_per_call, "the cost model picks per call: rd or rhd small, the ring large (auto.py)"),
     )

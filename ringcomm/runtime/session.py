@@ -82,7 +82,7 @@ from .liveness import Liveness
 from .rendezvous import Rendezvous, mint_prefix, own_client
 from .settings import heartbeat_s, liveness_s
 
-__all__ = ["Session", "current", "shutdown"]
+__all__ = ["Session", "current", "member_session", "owner_of", "shutdown"]
 
 T = TypeVar("T")
 
@@ -377,6 +377,53 @@ def current(group: Any = None) -> Session:
         _PENDING.pop(group, None)
         _GROUPS[group] = sub
         return sub
+
+
+def member_session(parent: Session, members: tuple[int, ...], name: str) -> Session:
+    """A session among ``members`` (ranks of ``parent``'s group, ascending, this rank among them), made
+    without ``dist.new_group``; the cached one after the first use.
+
+    For an algorithm that talks in groups of its own inside a call (``hier``: a node's ranks, the
+    ranks with one local rank): it runs in queue order, on the comm thread maybe, where no
+    ``dist.new_group`` may be called. Its transports are made among the members only, as a
+    subgroup's (``SetupContext.group`` is not None: torch makes its Gloo group directly on the store);
+    it shares ``parent``'s comm queue and is closed with the world's other sessions. Collective among
+    ``members``: each of them makes it at the same call. ``name`` keeps two algorithms' sessions of
+    the same members apart.
+    """
+    key = ("members", parent.prefix, name, members)
+    with _LOCK:
+        sub = _GROUPS.get(key)
+        if sub is not None:
+            return sub
+        store = dist.distributed_c10d._get_default_store()
+        rank = members.index(parent.rank)
+        scope = f"{name}-{parent.prefix.replace('/', '-')}-" + "-".join(map(str, members))
+        prefix = _session_prefix(parent.world, store, rank, key, scope)
+        sub = Session(parent.world, store, rank, len(members), prefix, group=key, queue=parent.queue)
+        _PENDING.pop(key, None)
+        _GROUPS[key] = sub
+        return sub
+
+
+def owner_of(transport: Transport) -> tuple[Session, str]:
+    """The session that made ``transport`` (or the one a ``TracedTransport`` wraps) and the transport's
+    name: an algorithm that needs more than its call's transport finds its world here.
+
+    Raises:
+        ValueError: no session of this world holds it (a transport made by hand, outside ringcomm's calls).
+    """
+    inner = getattr(transport, "inner", transport)
+    with _LOCK:
+        candidates = [s for s in (_CURRENT, *_GROUPS.values()) if s is not None]
+    for session in candidates:
+        for (name, _device), made in session.transports.items():
+            if made is inner:
+                return session, name
+    raise ValueError(
+        f"transport {type(inner).__name__} (rank {inner.rank} of {inner.world_size}) belongs to no ringcomm "
+        "session of this world; run this algorithm through ringcomm.all_reduce"
+    )
 
 
 def shutdown(timeout: float = 10.0) -> None:
