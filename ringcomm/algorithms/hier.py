@@ -58,6 +58,7 @@ import torch
 
 from ..errors import CommError
 from ..ops import finalize
+from ..runtime import session as sessions
 from ..transports.base import Transport, transport_kind
 from ..transports.segments import host_identity
 from .buffers import ScratchPool
@@ -116,6 +117,18 @@ def _node_key(rank: int, ranks_per_node: int) -> str:
     return f"host {host_identity()}"
 
 
+#: The algorithms hier may run across nodes: the registry hands itself over once it is built
+#: (``registry.py`` calls ``use_registry``), so that this module need not import the registry that
+#: imports it.
+ALGOS: Mapping[str, Any] = {}
+
+
+def use_registry(algos: Mapping[str, Any]) -> None:
+    """Let ``hier_inner`` name any algorithm of ``algos`` (the registry, once built)."""
+    global ALGOS
+    ALGOS = algos
+
+
 #: Layouts agreed so far, by (session prefix, hier_ranks_per_node): one gather per session and option.
 _LAYOUTS: dict[tuple[str, int], Layout] = {}
 
@@ -123,8 +136,6 @@ _LAYOUTS: dict[tuple[str, int], Layout] = {}
 def check_hier_options(options: Mapping[str, Any], world_size: int) -> None:
     """ValueError for a ``hier_ranks_per_node`` that is no count or cuts the world unevenly, or an
     inner algorithm that is unknown or ``hier`` itself."""
-    from .registry import ALGOS  # the registry imports this module
-
     g = options["hier_ranks_per_node"]
     if isinstance(g, bool) or not isinstance(g, int) or g < 0:
         raise ValueError(f"hier_ranks_per_node={g!r}: expected an integer >= 0 (0: find the nodes)")
@@ -160,9 +171,6 @@ def hier_all_reduce(
         hier_ranks_per_node: G > 0: consecutive blocks of G ranks are a node; 0: find the nodes.
         hier_inner: the all-reduce across nodes (any of ``ALGOS`` but ``hier``).
     """
-    from ..runtime import session as sessions  # session.py imports the algorithms' package
-    from .registry import ALGOS
-
     parent, kind_name = sessions.owner_of(transport)
     key = (parent.prefix, hier_ranks_per_node)
     layout = _LAYOUTS.get(key)

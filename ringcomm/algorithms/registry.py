@@ -26,6 +26,7 @@ import torch
 
 from ..names import ALGO_NAMES
 from ..transports.base import Transport
+from . import hier
 from .buffers import ScratchPool
 from .chunks import chunk_bounds
 from .fold import core_size
@@ -190,6 +191,8 @@ ALGOS: dict[str, AlgorithmSpec] = {
         algorithm("auto", _resolved_per_call, "the cost model picks per call: rd or rhd small, the ring large (auto.py)"),
     )
 }
+hier.use_registry(ALGOS)  # hier runs one of the others across nodes
+
 
 # The command lines offer names.ALGO_NAMES without importing this module (nor torch): the two
 # lists are one, or nothing imports.
