@@ -3,6 +3,12 @@
     python -m ringcomm.demo --algo ring --world-size 4 --numel 8
     python -m ringcomm.demo --algo rhd --world-size 6 --numel 12 --transport shm
     python -m ringcomm.demo --algo ps --world-size 3 --html ps.html      # and a page to open
+    python -m ringcomm.demo --collective all_gather --world-size 3 --numel 2   # or reduce_scatter, broadcast
+
+``--collective`` watches the others (tables only; the page is all_reduce's): all_gather
+(rank r's row is its output, which starts with its input in block r: a copy, no message),
+reduce_scatter (the row is its copy of the input, reduced into; its block is the output) and
+broadcast from rank 0, each checked against torch.distributed's own.
 
 It starts P real ranks (processes, as the tests and the benchmark do), gives
 rank r the numbers ``10*r + i`` (rank 2's fourth number is 23, so sums can be
