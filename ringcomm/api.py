@@ -439,6 +439,8 @@ def _execute(session: sessions.Session, call: _Call) -> torch.Tensor:
     work = tensor if tensor.is_contiguous() else tensor.contiguous()
     flat = work.view(-1)
     source = call.input.contiguous().view(-1) if call.input is not None else flat  # what is read
+    if call.collective == "reduce_scatter":  # reduced into: a copy, so the input stays as it was
+        source = call.input.clone(memory_format=torch.contiguous_format).view(-1)  # type: ignore[union-attr]
     comm: Transport | None = None
     sent0 = recv0 = 0
     nbytes = max(flat.numel(), source.numel()) * flat.element_size()  # M: the whole tensor
@@ -467,8 +469,12 @@ def _execute(session: sessions.Session, call: _Call) -> torch.Tensor:
             if tracer is None:
                 spec.run(flat, source, call.op, call.src, comm, deadline, **options)  # type: ignore[call-arg]
             else:
+                # messages are placed in what they move: reduce_scatter's copy of the input, else the output
+                moved = source if call.collective == "reduce_scatter" else flat
+                parts = spec.cut(moved.numel(), comm.world_size, options)
                 with tracer.span(span, call.collective, lane, algo=name, bytes=nbytes):
-                    spec.run(flat, source, call.op, call.src, comm, deadline, **options)  # type: ignore[call-arg]
+                    traced = trace.TracedTransport(comm, tracer, moved, spec.name, parts)
+                    spec.run(flat, source, call.op, call.src, traced, deadline, **options)  # type: ignore[call-arg]
         elif tracer is None:
             spec.run(flat, call.op, comm, deadline, session.scratch, **options)
         else:

@@ -98,6 +98,53 @@ def test_the_printed_tables_of_a_ring_of_three_equal_the_ones_worked_out_by_hand
     assert done.stdout == BY_HAND
 
 
+ALL_GATHER_BY_HAND = """\
+ring all-gather of 2 numbers per rank over 3 ranks (transport torch); rank r starts with 10*r + i in block b<r> \
+of its output (a copy: no message; _ is a number not there yet)
+parts: b0 = [0:2]  b1 = [2:4]  b2 = [4:6]
+
+before
+  rank 0 | b0: 0 1 | b1: _ _ | b2: _ _
+  rank 1 | b0: _ _ | b1: 10 11 | b2: _ _
+  rank 2 | b0: _ _ | b1: _ _ | b2: 20 21
+
+step 1: all-gather
+  rank 0 sends b0 [0 1] to rank 1
+  rank 0 receives b2 [20 21] from rank 2
+  rank 1 sends b1 [10 11] to rank 2
+  rank 1 receives b0 [0 1] from rank 0
+  rank 2 sends b2 [20 21] to rank 0
+  rank 2 receives b1 [10 11] from rank 1
+  after step 1
+    rank 0 | b0: 0 1 | b1: _ _ | b2: 20 21
+    rank 1 | b0: 0 1 | b1: 10 11 | b2: _ _
+    rank 2 | b0: _ _ | b1: 10 11 | b2: 20 21
+
+step 2: all-gather
+  rank 0 sends b2 [20 21] to rank 1
+  rank 0 receives b1 [10 11] from rank 2
+  rank 1 sends b0 [0 1] to rank 2
+  rank 1 receives b2 [20 21] from rank 0
+  rank 2 sends b1 [10 11] to rank 0
+  rank 2 receives b0 [0 1] from rank 1
+  after step 2
+    rank 0 | b0: 0 1 | b1: 10 11 | b2: 20 21
+    rank 1 | b0: 0 1 | b1: 10 11 | b2: 20 21
+    rank 2 | b0: 0 1 | b1: 10 11 | b2: 20 21
+
+result: every rank holds [0 1 10 11 20 21]
+torch.distributed.all_gather_into_tensor of the same inputs: [0 1 10 11 20 21] (equal; bitwise the same on every rank: yes)
+"""
+
+
+def test_the_printed_tables_of_a_ring_all_gather_of_three_equal_the_ones_worked_out_by_hand() -> None:
+    """Each rank starts with its own block only (the copy into the output sends no message); at
+    step s rank r sends block r-s+1 to its right and receives block r-s from its left."""
+    done = _demo("--collective", "all_gather", "--algo", "ring", "--world-size", "3", "--numel", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == ALL_GATHER_BY_HAND
+
+
 @pytest.mark.parametrize("algo", ["ring_simple", "rhd", "rd", "ps", "naive", "auto"])
 def test_every_algorithm_demo_ends_equal_to_torch_distributed(algo: str) -> None:
     done = _demo("--algo", algo, "--world-size", "3", "--numel", "5", "--op", "max")
@@ -194,8 +241,12 @@ def check_story(rec: Recording) -> list[str]:
             wrong.append(f"rank {rank} step {e['step']} receives {e['values']}, rank {e['peer']} sent {sent['values']}")
         if "after" in e and demo._combine(e["before"], e["values"], rec.op) != e["after"]:
             wrong.append(f"rank {rank} step {e['step']}: {e['before']} {rec.op} {e['values']} is not {e['after']}")
-    if rec.steps and states[-1] != rec.final and rec.op != "avg":  # avg divides after its last message
-        wrong.append(f"the last tables {states[-1]} are not the results {rec.final}")
+    last = states[-1]
+    if rec.collective == "reduce_scatter":  # the output: the rank's block of its copy of the input
+        n = rec.numel // rec.world_size
+        last = [row[r * n : (r + 1) * n] for r, row in enumerate(last)]
+    if rec.steps and last != rec.final and rec.op != "avg":  # avg divides after its last message
+        wrong.append(f"the last tables {last} are not the results {rec.final}")
     return wrong
 
 
@@ -212,6 +263,36 @@ def test_the_story_adds_up(algo: str, world_size: int, numel: int, op: str) -> N
     assert check_story(rec) == [], render_text(rec)
     if algo == "rd":  # rd receives into scratch and combines there: said, and in the tables at once
         assert "into scratch and combines it with its own: max([20 21 22], [10 11 12]) = [20 21 22]" in render_text(rec)
+
+
+@pytest.mark.parametrize(
+    "collective, algo, numel, op",
+    [("all_gather", "auto", 2, "sum"), ("reduce_scatter", "ring", 6, "max"), ("reduce_scatter", "auto", 3, "avg"),
+     ("broadcast", "ring", 4, "sum"), ("broadcast", "tree", 2, "sum"), ("broadcast", "auto", 1, "sum")],
+)  # fmt: skip
+def test_the_other_collectives_story_adds_up_and_ends_equal_to_torchs_own(
+    collective: str, algo: str, numel: int, op: str
+) -> None:
+    """At P = 3 (the rest of the demo is all_reduce's): every message is placed in the tables (none
+    lost for want of a place, as reduce_scatter's were in its private copy), the story adds up, and
+    every rank ends equal to torch.distributed's own collective of the same inputs."""
+    from ringcomm.tools.demo import record, render_text
+
+    rec = record(algo, 3, numel, op, collective=collective)
+    text = render_text(rec)
+    assert all(e["start"] is not None for per_rank in rec.events for e in per_rank), text
+    assert sum(map(len, rec.events)) >= 4, text  # 3 ranks: at least 2 messages sent and received
+    assert check_story(rec) == [], text
+    assert rec.final == rec.references and len(rec.final) == 3, text
+    if collective == "reduce_scatter":  # block r of the reduction on rank r
+        n = numel // 3
+        total = [sum(10 * r + i for r in range(3)) / 3 if op == "avg" else 20 + i for i in range(numel)]
+        assert rec.final == [total[r * n : (r + 1) * n] for r in range(3)], text
+        assert "(equal)" in text.splitlines()[-1], text
+    else:
+        expected = [10 * r + i for r in range(3) for i in range(numel)] if collective == "all_gather" else list(range(numel))
+        assert rec.final == [expected] * 3, text
+        assert text.endswith("(equal; bitwise the same on every rank: yes)"), text
 
 
 def test_one_rank_says_there_is_nothing_to_send() -> None:
@@ -238,6 +319,10 @@ def test_help_shows_each_default_once() -> None:
         (["--numel", "0"], "--numel 0: choose 1 to 32"),
         (["--algo", "nope"], "argument --algo: invalid choice: 'nope'"),
         (["--html", "/nonexistent-folder/ring.html"], "--html /nonexistent-folder/ring.html: no folder"),
+        (["--collective", "broadcast", "--algo", "rhd"], "--algo rhd: broadcast has ring, tree, auto"),
+        (["--collective", "all_gather", "--algo", "rd", "--world-size", "3"], "needs --world-size a power of two"),
+        (["--collective", "reduce_scatter", "--world-size", "3", "--numel", "4"], "use a multiple of 3"),
+        (["--collective", "all_gather", "--html", "ag.html"], "--html: the page shows all_reduce only"),
     ],
 )
 def test_bad_arguments_are_one_line_and_start_nothing(args: list[str], says: str) -> None:

@@ -105,3 +105,36 @@ def test_a_reduce_shows_the_values_it_was_applied_to_not_those_at_its_post() -> 
         ([0.0, 0.0], [2.0, 2.0], [2.0, 2.0]),
         ([2.0, 2.0], [3.0, 3.0], [5.0, 5.0]),
     ]
+
+
+def _traced_collectives_rank(rank: int, p: int, _: int) -> dict:
+    import ringcomm
+
+    tracer = trace.enable(rank, values=True)
+    x = torch.arange(4.0) + 10 * rank
+    out = torch.empty(2)
+    ringcomm.reduce_scatter(out, x, algo="ring", timeout=60)
+    gathered = torch.empty(8)
+    ringcomm.all_gather(gathered, x, algo="ring", timeout=60)
+    trace.disable()
+    messages = [(e["cat"], e["args"]) for e in tracer.events if "kind" in e["args"]]
+    return {"messages": messages, "input": x.tolist()}
+
+
+def test_reduce_scatter_and_all_gather_record_each_message_placed_in_what_it_moves() -> None:
+    """Both used to record a span and no message; reduce_scatter's would have no place (its copy
+    of the input was made out of the tracer's sight)."""
+    from ringcomm.tools.spawn import run_world
+
+    p = 2
+    for rank, got in enumerate(run_world(_traced_collectives_rank, p, (p,), timeout=120)):
+        assert got["input"] == [10.0 * rank + i for i in range(4)]  # reduce_scatter left it as it was
+        by_cat = Counter(cat for cat, _ in got["messages"])
+        assert by_cat == {"ring.send": 2, "ring.recv": 2}, by_cat  # P-1 = 1 of each per collective
+        reduce_scatter, all_gather = got["messages"][:2], got["messages"][2:]
+        for _, args in reduce_scatter:  # in the input's copy: block (rank + 1) % P goes out, block rank comes in
+            assert args["start"] == 2 * (rank if args["kind"] == "reduce" else (rank + 1) % p), args
+            assert args["part"] == f"b{args['start'] // 2}"
+        for _, args in all_gather:  # in the output: rank's own block goes out, the other's comes in
+            assert args["start"] == 4 * (rank if args["kind"] == "send" else (rank + 1) % p), args
+            assert args["values"] == [10.0 * (args["start"] // 4) + i for i in range(4)]

@@ -7,8 +7,10 @@ any message is sent). Each run here has one signature::
     run(output, input, op, src, transport, deadline, **options)
 
 ``output`` and ``input`` are contiguous 1-D tensors (broadcast: both are the tensor), ``op`` is
-reduce_scatter's (the others get ``""``), ``src`` broadcast's root (the others get 0). Where the
-work is done:
+reduce_scatter's (the others get ``""``), ``src`` broadcast's root (the others get 0).
+reduce_scatter's ``input`` is the api's copy of the caller's, reduced into (so the caller's stays
+as it was, and the tracer can place each message in the copy: ``trace.TracedTransport``). Where
+the work is done:
 
     collective       ring                           the other                        file
     reduce_scatter   scatter-reduce (ring.py)       rhd: recursive halving           ring.py, rhd.py
@@ -47,13 +49,13 @@ POWER_OF_TWO_ONLY = frozenset({("reduce_scatter", "rhd"), ("all_gather", "rd")})
 def _ring_reduce_scatter(
     output: torch.Tensor, input: torch.Tensor, op: str, src: int, transport: Transport, deadline: float
 ) -> None:
-    ring_reduce_scatter(output, input.clone(), op, transport, deadline)  # a copy: the input stays as it was
+    ring_reduce_scatter(output, input, op, transport, deadline)  # input: the api's copy (the module)
 
 
 def _rhd_reduce_scatter(
     output: torch.Tensor, input: torch.Tensor, op: str, src: int, transport: Transport, deadline: float
 ) -> None:
-    rhd_reduce_scatter(output, input.clone(), op, transport, deadline)
+    rhd_reduce_scatter(output, input, op, transport, deadline)
 
 
 def _own_block(output: torch.Tensor, input: torch.Tensor, rank: int) -> None:
@@ -94,6 +96,12 @@ def _tree_broadcast(
     tree_broadcast(output, src, transport, deadline)
 
 
+def _blocks(numel: int, world_size: int, options: Mapping[str, Any]) -> list[tuple[str, int, int]]:
+    """The trace's labels for reduce_scatter's input and all_gather's output: block ``b<r>`` is rank r's."""
+    n = numel // world_size
+    return [(f"b{r}", r * n, n) for r in range(world_size)]
+
+
 def _resolved_per_call(*args: Any, **kwargs: Any) -> None:
     raise RuntimeError("algo='auto' is resolved per call by the api (auto.choose_collective)")
 
@@ -114,18 +122,18 @@ def _check_segment_bytes(options: Mapping[str, Any], world_size: int) -> None:
 #: collective -> algo name -> spec, in the order ``--help`` and errors list them.
 COLLECTIVE_ALGOS: dict[str, dict[str, AlgorithmSpec]] = {
     "reduce_scatter": {
-        "ring": algorithm("ring", _ring_reduce_scatter, "the ring's scatter-reduce phase (ring.py)"),  # type: ignore[arg-type]
+        "ring": algorithm("ring", _ring_reduce_scatter, "the ring's scatter-reduce phase (ring.py)", parts=_blocks),  # type: ignore[arg-type]
         "rhd": algorithm(
             "rhd", _rhd_reduce_scatter, "recursive halving (rhd.py), P a power of two",  # type: ignore[arg-type]
-            _power_of_two("reduce_scatter", "rhd"),
+            _power_of_two("reduce_scatter", "rhd"), _blocks,
         ),
         "auto": algorithm("auto", _resolved_per_call, "the cost model picks per call"),
     },
     "all_gather": {
-        "ring": algorithm("ring", _ring_all_gather, "the ring's all-gather phase (ring.py)"),  # type: ignore[arg-type]
+        "ring": algorithm("ring", _ring_all_gather, "the ring's all-gather phase (ring.py)", parts=_blocks),  # type: ignore[arg-type]
         "rd": algorithm(
             "rd", _rd_all_gather, "recursive doubling (rhd.py), P a power of two",  # type: ignore[arg-type]
-            _power_of_two("all_gather", "rd"),
+            _power_of_two("all_gather", "rd"), _blocks,
         ),
         "auto": algorithm("auto", _resolved_per_call, "the cost model picks per call"),
     },

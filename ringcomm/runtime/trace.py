@@ -1,7 +1,8 @@
 """Chrome-trace timelines: watch the ring step by step, and its overlap with backward.
 
-Off by default. ``enable(rank)`` turns it on for this process; ``all_reduce``
-then wraps its transport in ``TracedTransport`` (one global lookup per call
+Off by default. ``enable(rank)`` turns it on for this process; every collective
+(``all_reduce`` and the others; reduce_scatter's messages placed in its copy of
+the input) then wraps its transport in ``TracedTransport`` (one global lookup per call
 when off, nothing more), which records every send and receive from the moment
 it is posted to the moment its wait returns, with the peer, the chunk index
 and the byte count. The trainer adds forward, backward and per-bucket spans.

@@ -3,6 +3,12 @@
     python -m ringcomm.demo --algo ring --world-size 4 --numel 8
     python -m ringcomm.demo --algo rhd --world-size 6 --numel 12 --transport shm
     python -m ringcomm.demo --algo ps --world-size 3 --html ps.html      # and a page to open
+    python -m ringcomm.demo --collective all_gather --world-size 3 --numel 2   # or reduce_scatter, broadcast
+
+``--collective`` watches the others (tables only; the page is all_reduce's): all_gather
+(rank r's row is its output, which starts with its input in block r: a copy, no message),
+reduce_scatter (the row is its copy of the input, reduced into; its block is the output) and
+broadcast from rank 0, each checked against torch.distributed's own.
 
 It starts P real ranks (processes, as the tests and the benchmark do), gives
 rank r the numbers ``10*r + i`` (rank 2's fourth number is 23, so sums can be
@@ -64,10 +70,27 @@ class Recording:
     final: list[list[float]] = field(default_factory=list)  # per rank
     reference: list[float] = field(default_factory=list)  # torch.distributed.all_reduce of the inputs
     same_on_every_rank: bool = False
+    collective: str = "all_reduce"
+    references: list[list[float]] = field(default_factory=list)  # per rank (reduce_scatter's differ)
 
     @property
     def steps(self) -> int:
         return max((e["step"] for per_rank in self.events for e in per_rank), default=0)
+
+    @property
+    def size(self) -> int:
+        """The numbers a rank's row shows: all_gather's output (P blocks), else the input
+        (reduce_scatter's: the copy it reduces into, its block copied out at the end)."""
+        return self.world_size * self.numel if self.collective == "all_gather" else self.numel
+
+
+#: torch.distributed's own call for each collective: the demo's reference.
+_TORCH_CALL = {
+    "all_reduce": "all_reduce",
+    "all_gather": "all_gather_into_tensor",
+    "reduce_scatter": "reduce_scatter_tensor",
+    "broadcast": "broadcast",
+}
 
 
 def _demo_rank(rank: int, p: int, cfg: dict) -> dict:
@@ -78,6 +101,8 @@ def _demo_rank(rank: int, p: int, cfg: dict) -> dict:
     from ringcomm.algorithms.registry import ALGOS
     from ringcomm.runtime import session, trace
 
+    if cfg.get("collective", "all_reduce") != "all_reduce":
+        return _demo_collective_rank(rank, p, cfg)
     tracer = trace.enable(rank, values=True)
     x = torch.tensor(inputs(rank, cfg["numel"]))
     ringcomm.all_reduce(x, cfg["op"], algo=cfg["algo"], transport=cfg["transport"], timeout=60)
@@ -104,11 +129,74 @@ def _demo_rank(rank: int, p: int, cfg: dict) -> dict:
     }
 
 
-def record(algo: str, world_size: int, numel: int, op: str = "sum", transport: str = "torch") -> Recording:
-    """Run the all-reduce in a fresh local world of ``world_size`` processes and return what happened."""
+def _demo_collective_rank(rank: int, p: int, cfg: dict) -> dict:
+    """all_gather, reduce_scatter or broadcast (src 0) of ``inputs``, traced, and torch's own of the same."""
+    import torch
+    import torch.distributed as dist
+
+    import ringcomm
+    from ringcomm.algorithms.collectives import COLLECTIVE_ALGOS
+    from ringcomm.runtime import trace
+
+    collective, numel = cfg["collective"], cfg["numel"]
+    kw = {"algo": cfg["algo"], "transport": cfg["transport"], "timeout": 60}
+    x = torch.tensor(inputs(rank, numel))
+    reference = torch.tensor(inputs(rank, numel))
+    tracer = trace.enable(rank, values=True)
+    if collective == "all_gather":
+        out = torch.zeros(p * numel)
+        ringcomm.all_gather(out, x, **kw)
+        trace.disable()
+        theirs = torch.zeros(p * numel)
+        dist.all_gather_into_tensor(theirs, reference)
+    elif collective == "reduce_scatter":
+        out = torch.zeros(numel // p)
+        ringcomm.reduce_scatter(out, x, cfg["op"], **kw)
+        trace.disable()
+        theirs = torch.zeros(numel // p)
+        reduce_op = {"sum": "SUM", "avg": "SUM", "max": "MAX", "min": "MIN"}[cfg["op"]]
+        dist.reduce_scatter_tensor(theirs, reference, op=getattr(dist.ReduceOp, reduce_op))
+        if cfg["op"] == "avg":
+            theirs /= p
+    else:
+        out = x
+        ringcomm.broadcast(out, 0, **kw)
+        trace.disable()
+        theirs = reference
+        dist.broadcast(theirs, 0)
+    span = next(e for e in tracer.events if e["cat"] == collective)
+    ran = span["args"]["algo"].split("->")[-1]  # auto's pick, as the api names it
+    spec = COLLECTIVE_ALGOS[collective][ran]
+    size = p * numel if collective == "all_gather" else numel
+    digest = torch.tensor([hash(tuple(out.tolist())) & 0xFFFFFFFF], dtype=torch.int64)
+    everyone = [torch.zeros_like(digest) for _ in range(p)]
+    dist.all_gather(everyone, digest)
+    return {
+        "events": [e["args"] for e in tracer.events if "kind" in e.get("args", {})],
+        "final": out.tolist(),
+        "reference": theirs.tolist(),
+        "ran": ran,
+        "parts": spec.cut(size, p, spec.options({}, p)),
+        # reduce_scatter: each rank its own block, so "the same" is each rank equal to torch's
+        "same": all(int(d) == int(digest) for d in everyone) or collective == "reduce_scatter",
+    }
+
+
+def record(
+    algo: str,
+    world_size: int,
+    numel: int,
+    op: str = "sum",
+    transport: str = "torch",
+    collective: str = "all_reduce",
+) -> Recording:
+    """Run the collective in a fresh local world of ``world_size`` processes and return what happened.
+
+    ``numel`` is each rank's input (reduce_scatter: a multiple of ``world_size``); broadcast's root is rank 0.
+    """
     from .spawn import run_world
 
-    cfg = {"algo": algo, "numel": numel, "op": op, "transport": transport}
+    cfg = {"algo": algo, "numel": numel, "op": op, "transport": transport, "collective": collective}
     results = run_world(_demo_rank, world_size, (cfg,), timeout=120)
     first = results[0]
     events = [r["events"] for r in results]
@@ -125,6 +213,8 @@ def record(algo: str, world_size: int, numel: int, op: str = "sum", transport: s
         final=[r["final"] for r in results],
         reference=first["reference"],
         same_on_every_rank=all(r["same"] for r in results),
+        collective=collective,
+        references=[r["reference"] for r in results],
     )
 
 
@@ -200,6 +290,17 @@ def _combine(mine: Sequence[float], theirs: Sequence[float], op: str) -> list[fl
     return [pick(a, b) for a, b in zip(mine, theirs)]
 
 
+def _start_row(rec: Recording, rank: int) -> list[float]:
+    """Rank ``rank``'s numbers before the first message: its inputs; all_gather's output holds them
+    in block ``rank`` (a copy, no message) and nothing yet elsewhere (NaN, printed ``_``)."""
+    mine = inputs(rank, rec.numel)
+    if rec.collective != "all_gather":
+        return mine
+    row = [math.nan] * rec.size
+    row[rank * rec.numel : (rank + 1) * rec.numel] = mine
+    return row
+
+
 def replay(rec: Recording) -> list[list[list[float]]]:
     """Every rank's numbers after each step (index 0: the inputs), worked out from the messages alone.
 
@@ -212,7 +313,7 @@ def replay(rec: Recording) -> list[list[list[float]]]:
     results at the end. Deterministic, unlike the tracer's snapshots of the whole tensor,
     which a receive still in flight may or may not have written yet.
     """
-    state = [inputs(r, rec.numel) for r in range(rec.world_size)]
+    state = [_start_row(rec, r) for r in range(rec.world_size)]
     out = [[row[:] for row in state]]
     for step in range(1, rec.steps + 1):
         for rank, per_rank in enumerate(rec.events):
@@ -228,7 +329,8 @@ def replay(rec: Recording) -> list[list[list[float]]]:
                 elif e["kind"] == "reduce" and start is not None:
                     e["before"] = row[start : start + n]
                     row[start : start + n] = e["after"]
-                elif e["kind"] == "recv" and n == rec.numel:  # rd: into scratch, then combined with its own
+                elif e["kind"] == "recv" and n == rec.numel and rec.collective == "all_reduce":
+                    # rd: into scratch, then combined with its own
                     e["scratch"] = True
                     e["before"], e["after"] = row[:], _combine(row, e["values"], rec.op)
                     row[:] = e["after"]
@@ -240,14 +342,14 @@ def replay(rec: Recording) -> list[list[list[float]]]:
 
 
 def _nums(values: Sequence[float]) -> str:
-    return " ".join(f"{v:g}" for v in values)
+    return " ".join("_" if math.isnan(v) else f"{v:g}" for v in values)  # _: not there yet (all_gather)
 
 
 def _label(rec: Recording, event: dict[str, Any]) -> str:
     """What part of the tensor a message carries: a part's name (``c1``, ``s0``), several, or the whole."""
     start, n = event.get("start"), len(event["values"])
     names = [] if start is None else [label for label, s, m in rec.parts if m and start <= s and s + m <= start + n]
-    whole = n == rec.numel and (start == 0 or start is None)
+    whole = n == rec.size and (start == 0 or start is None)
     if len(names) == 1 and len(rec.parts) > 1:
         return names[0]
     if whole:
@@ -307,6 +409,8 @@ def _phase(event: dict[str, Any]) -> str | None:
         Tag.RHD_DOUBLING: "recursive doubling",
         Tag.RD: "recursive doubling",
         Tag.FOLD: "fold",
+        Tag.CHAIN: "chain",
+        Tag.TREE: "binomial tree",
     }[tag]
 
 
@@ -321,18 +425,58 @@ def _then(rec: Recording, states: list[list[list[float]]]) -> str:
     if not rec.steps or not rec.final or states[-1] == rec.final:
         return ""
     why = f" (avg: the sum divided by P = {rec.world_size})" if rec.op == "avg" else ""
+    if rec.collective == "reduce_scatter":
+        return f"then, with no message: rank r's output is its block b<r>{why}"
     return f"then, with no message{why}"
+
+
+def _title(rec: Recording) -> str:
+    """The first line: which collective of how many numbers over how many ranks, and how."""
+    name = rec.algo + (f" (took {rec.ran})" if rec.ran else "")
+    numbers = f"{rec.numel} number{'s' if rec.numel != 1 else ''}"
+    ranks = f"{rec.world_size} rank{'s' if rec.world_size != 1 else ''}"
+    if rec.collective == "all_reduce":
+        return f"{name} all-reduce of {numbers} over {ranks} (op {rec.op}, transport {rec.transport}); " + (
+            "rank r starts with 10*r + i"
+        )
+    if rec.collective == "all_gather":
+        return (
+            f"{name} all-gather of {numbers} per rank over {ranks} (transport {rec.transport}); rank r starts with "
+            "10*r + i in block b<r> of its output (a copy: no message; _ is a number not there yet)"
+        )
+    if rec.collective == "reduce_scatter":
+        return (
+            f"{name} reduce-scatter of {numbers} per rank over {ranks} (op {rec.op}, transport {rec.transport}); "
+            "rank r starts with 10*r + i (reduced into a copy) and ends with block b<r> of the result"
+        )
+    return f"{name} broadcast of {numbers} from rank 0 over {ranks} (transport {rec.transport}); " + (
+        "rank r starts with 10*r + i"
+    )
+
+
+def _result(rec: Recording) -> list[str]:
+    """The last lines: what the ranks hold, and torch.distributed's own collective of the same inputs."""
+    call = f"torch.distributed.{_TORCH_CALL[rec.collective]} of the same inputs"
+    if rec.collective == "reduce_scatter":
+        equal = rec.final == rec.references
+        return [
+            "result: " + ", ".join(f"rank {r} holds [{_nums(f)}]" for r, f in enumerate(rec.final)),
+            f"{call}: " + ", ".join(f"rank {r} [{_nums(f)}]" for r, f in enumerate(rec.references))
+            + f" ({'equal' if equal else 'DIFFERENT'})",
+        ]
+    same = all(f == rec.final[0] for f in rec.final)
+    return [
+        f"result: {'every rank holds' if same else 'ranks DIFFER; rank 0 holds'} [{_nums(rec.final[0])}]",
+        f"{call}: [{_nums(rec.reference)}]"
+        f" ({'equal' if rec.final[0] == rec.reference else 'DIFFERENT'}; bitwise the same on every rank: "
+        f"{'yes' if rec.same_on_every_rank else 'NO'})",
+    ]
 
 
 def render_text(rec: Recording) -> str:
     """The recording as the demo prints it: inputs, each step's messages and numbers, the check."""
-    name = rec.algo + (f" (took {rec.ran})" if rec.ran else "")
-    lines = [
-        f"{name} all-reduce of {rec.numel} number{'s' if rec.numel != 1 else ''} over {rec.world_size} "
-        f"rank{'s' if rec.world_size != 1 else ''} "
-        f"(op {rec.op}, transport {rec.transport}); rank r starts with 10*r + i",
-    ]
-    if rec.op == "avg" and rec.world_size > 1:
+    lines = [_title(rec)]
+    if rec.op == "avg" and rec.world_size > 1 and rec.collective in ("all_reduce", "reduce_scatter"):
         lines.append(
             f"avg: the ranks add, and divide a sum by P = {rec.world_size} once it is complete "
             "(no message: it shows in the next one that carries it)"
@@ -357,15 +501,11 @@ def render_text(rec: Recording) -> str:
         lines += [f"    rank {r} | {_row(rec, states[step][r])}" for r in range(rec.world_size)]
     if _then(rec, states):
         lines += ["", _then(rec, states)]
-        lines += [f"    rank {r} | {_row(rec, rec.final[r])}" for r in range(rec.world_size)]
-    same = all(f == rec.final[0] for f in rec.final)
-    lines += [
-        "",
-        f"result: {'every rank holds' if same else 'ranks DIFFER; rank 0 holds'} [{_nums(rec.final[0])}]",
-        f"torch.distributed.all_reduce of the same inputs: [{_nums(rec.reference)}]"
-        f" ({'equal' if rec.final[0] == rec.reference else 'DIFFERENT'}; bitwise the same on every rank: "
-        f"{'yes' if rec.same_on_every_rank else 'NO'})",
-    ]
+        if rec.collective == "reduce_scatter":  # its output: one block
+            lines += [f"    rank {r} | b{r}: {_nums(rec.final[r])}" for r in range(rec.world_size)]
+        else:
+            lines += [f"    rank {r} | {_row(rec, rec.final[r])}" for r in range(rec.world_size)]
+    lines += ["", *_result(rec)]
     return "\n".join(lines)
 
 
@@ -513,11 +653,18 @@ draw(Number(slider.value));
 
 def main(argv: Sequence[str] | None = None) -> int:
     # The torch-free names and parser: --help and a mistake answer before torch is imported (by record).
-    from ..names import ALGO_NAMES, OP_NAMES, TRANSPORT_NAMES
+    from ..names import COLLECTIVE_ALGO_NAMES, OP_NAMES, TRANSPORT_NAMES
     from .cli import parser as make_parser
 
     parser = make_parser("python -m ringcomm.demo", "Watch a real all-reduce move real numbers, step by step.")
-    parser.add_argument("--algo", default="ring", choices=ALGO_NAMES, help="the algorithm to watch")
+    parser.add_argument(
+        "--collective", default="all_reduce", choices=tuple(COLLECTIVE_ALGO_NAMES), help="the collective to watch"
+    )
+    every_algo = tuple(dict.fromkeys(name for names in COLLECTIVE_ALGO_NAMES.values() for name in names))
+    per_collective = "; ".join(f"{c}: {', '.join(names)}" for c, names in COLLECTIVE_ALGO_NAMES.items())
+    parser.add_argument(
+        "--algo", default="ring", choices=every_algo, metavar="ALGO", help=f"the algorithm to watch ({per_collective})"
+    )
     parser.add_argument("--world-size", type=int, default=4, help="ranks (processes) to start, 1-8")
     parser.add_argument("--numel", type=int, default=8, help="numbers per rank, 1-32")
     parser.add_argument("--op", default="sum", choices=OP_NAMES, help="the reduction")
@@ -526,6 +673,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--html", metavar="FILE", help="also write the run as a self-contained page to FILE (default: no page)"
     )
     args = parser.parse_args(argv)
+    if _collective_mistake(args):
+        parser.error(_collective_mistake(args))
     if not 1 <= args.world_size <= 8:
         parser.error(f"--world-size {args.world_size}: choose 1 to 8 (the page and the tables stay readable)")
     if not 1 <= args.numel <= 32:
@@ -534,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--html {args.html}: is a folder; name the page's file, e.g. {Path(args.html) / 'demo.html'}")
     if args.html and not Path(args.html).resolve().parent.is_dir():
         parser.error(f"--html {args.html}: no folder {Path(args.html).parent} to write it in")
-    rec = record(args.algo, args.world_size, args.numel, args.op, args.transport)
+    rec = record(args.algo, args.world_size, args.numel, args.op, args.transport, args.collective)
     try:
         print(render_text(rec), flush=True)
     except BrokenPipeError:  # | head: the reader has all it wanted
@@ -549,9 +698,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print(f"\nwrote {args.html}: open it in a browser (no network needed)")
     ok = rec.same_on_every_rank and all(
-        math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6) for a, b in zip(rec.final[0], rec.reference)
+        len(mine) == len(theirs) and all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6) for a, b in zip(mine, theirs))
+        for mine, theirs in zip(rec.final, rec.references)
     )
     return 0 if ok else 1
+
+
+def _collective_mistake(args: Any) -> str:
+    """What is wrong with ``--collective`` and the options it constrains, in one line ("" if nothing)."""
+    from ..names import COLLECTIVE_ALGO_NAMES
+
+    collective, p = args.collective, args.world_size
+    if args.algo not in COLLECTIVE_ALGO_NAMES[collective]:
+        names = ", ".join(COLLECTIVE_ALGO_NAMES[collective])
+        return f"--algo {args.algo}: {collective} has {names}"
+    if collective != "all_reduce" and args.algo in ("rhd", "rd") and p >= 1 and p & (p - 1):
+        return f"--algo {args.algo}: {collective} needs --world-size a power of two (1, 2, 4, 8), not {p}"
+    if collective == "reduce_scatter" and p >= 1 and args.numel % p:
+        return f"--numel {args.numel}: reduce_scatter splits each rank's numbers in P = {p} equal blocks; use a multiple of {p}"
+    if collective != "all_reduce" and args.html:
+        return f"--html: the page shows all_reduce only; {collective} prints its tables (drop --html)"
+    return ""
 
 
 if __name__ == "__main__":
