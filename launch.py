@@ -176,6 +176,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--warmup-epochs", type=non_negative, default=0.0, help="linear warmup to the peak rate, in epochs"
     )
     g.add_argument("--schedule", default="cosine", choices=SCHEDULE_NAMES, help="after warmup, per step")
+    g.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=["sgd", "adamw"],
+        help="sgd: momentum 0.9, weight decay 5e-4; adamw: torch's defaults; either on the same schedule",
+    )
+    g.add_argument(
+        "--zero",
+        type=int,
+        default=0,
+        choices=[0, 1, 2],
+        help="shard the optimizer state over the ranks (ZeRO-1), and the gradient after its reduce-scatter (2)",
+    )
     g.add_argument("--epochs", type=at_least(1), default=1, help="passes over the training set")
     g.add_argument(
         "--max-steps",
@@ -294,6 +307,8 @@ def resume_path(args: argparse.Namespace, world_size: int) -> str | None:
 def check_args(args: argparse.Namespace, world_size: int) -> None:
     """The launcher's checks that need no torch (one line, exit status 1): they come first."""
     comm_options(args)
+    if args.zero and args.algo == "ddp":
+        _refuse(f"--zero {args.zero} needs one of ringcomm's algorithms (its reduce-scatter), not --algo ddp")
     if args.data_dir and not args.download and not Path(args.data_dir).is_dir():
         _refuse(f"--data-dir {args.data_dir}: no such folder")
     resume_path(args, world_size)
@@ -318,6 +333,8 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
         scale_lr=args.scale_lr,
         warmup_epochs=args.warmup_epochs,
         schedule=args.schedule,
+        optimizer=args.optimizer,
+        zero=args.zero,
         epochs=args.epochs,
         max_steps=args.max_steps or None,
         eval_batches=args.eval_batches or None,
@@ -399,6 +416,9 @@ def check_run(cfg: TrainConfig, args: argparse.Namespace, kind: str, backend: st
             _refuse(
                 f"--resume {cfg.resume}: the checkpoint is of --model {ckpt['model_name']}, not {cfg.model}"
             )
+        why = checkpoint.mismatch(ckpt, cfg)
+        if why is not None:
+            _refuse(f"--resume {cfg.resume}: {why}")
         why = checkpoint.nothing_left(ckpt["step"], ckpt["epoch"], epochs=cfg.epochs, max_steps=cfg.max_steps)
         if why is not None:
             _refuse(f"--resume {cfg.resume}: nothing left to train: {why}")

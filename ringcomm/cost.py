@@ -44,6 +44,23 @@ ring's and naive's; a 4 KiB gradient over 64 ranks is not "two messages". The
 overlapped form (``ps_overlap=True``) cuts each shard into S segments and runs
 S+1 rounds of P-1 messages each way, (S+1)(P-1) messages; its row counts S = 1.
 
+**A sharded optimizer** (ZeRO-1/2, ``trainer/zero.py``), M bytes of gradients and
+as many of parameters over P ranks. Each step is a reduce-scatter of the
+gradient (rank r receives block r of the mean) and, after each rank stepped its
+block, an all-gather of the parameters: the two phases of the ring all-reduce,
+run apart, with the optimizer between them::
+
+    ZeRO (ringcomm):           reduce-scatter (P-1)/P·M  +  all-gather (P-1)/P·M  =  2(P-1)/P·M per rank
+    ring all-reduce (DDP):     the same two phases back to back                    =  2(P-1)/P·M per rank
+    ZeroRedundancyOptimizer:   all-reduce 2(P-1)/P·M  +  a broadcast of each block
+    style (torch)              from its owner, (P-1)/P·M more (pipelined chain)    ≈  3(P-1)/P·M per rank
+
+so ZeRO costs the all-reduce's bytes and 2(P-1) messages, and only the
+optimizer state (and with stage 2 the gradient between steps) shrinks to 1/P;
+torch's form puts about 1.5× the bytes on the wire. What differs from DDP is
+overlap, not volume: in this design the two phases run after backward, not
+inside it (``trainer/zero.py`` says what overlaps).
+
 ``busbw`` follows nccl-tests: for all-reduce, busbw = algbw * 2(P-1)/P, where
 algbw = M / time, so that busbw is comparable across P and with the link speed.
 """

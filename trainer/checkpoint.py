@@ -8,7 +8,7 @@ read them; keep old files loadable when adding one)::
 
     model_name      the --model it was trained as; resuming as another model is refused
     model           model.state_dict() of rank 0 (DDP keeps every rank's weights equal)
-    optimizer       optimizer.state_dict() (SGD's momentum buffers)
+    optimizer       optimizer.state_dict() (SGD's momentum, AdamW's moments); --zero: gathered, see below
     scheduler       scheduler.state_dict() (a LambdaLR: in effect one step counter)
     step            optimizer steps taken so far
     epoch           the epoch to run next, or to finish if batch_in_epoch > 0
@@ -21,6 +21,23 @@ read them; keep old files loadable when adding one)::
     rng             one dict per rank: its torch, numpy and python RNG states (and cuda's)
     config          the run's TrainConfig as a dict, for the reader (resume uses the command line)
     total_steps     the step the run's schedule ended at (absent in older files)
+    zero            the run's --zero stage, 0 when not sharded (absent in older files: 0)
+
+ZeRO runs (``--zero 1|2``, ``trainer/zero.py``): rank 0 gathers. Each rank
+holds 1/P of the optimizer state; ``save`` all-gathers every state tensor
+(``ZeroOptimizer.gathered_state_dict``) and rank 0 writes it, trimmed of the
+padding, under ``optimizer`` as one flat tensor per state key. Why gather
+rather than a file per rank: the checkpoint stays one file written atomically
+(a file per rank would need a commit protocol so that a crash between the P
+renames never leaves shards of two different steps), the RNG states are
+gathered the same way already, and the gathered state does not depend on P.
+The cost is a transient full copy of the state on every rank during the save
+(the all-gather's output) and on rank 0 in the file. ``restore`` gives each
+rank its block back and copies its shard of the weights from the loaded model:
+the resumed run is bitwise the uninterrupted one. A ``--zero`` checkpoint
+resumed without ``--zero`` (or the reverse), or with another ``--optimizer``,
+is refused in one line (``mismatch``); stages 1 and 2 hold the same state and
+resume each other.
 
 Exact resume. A resumed run replays, bit for bit, the steps the uninterrupted
 run would have taken: the weights, the optimizer and the schedule come back,
@@ -59,6 +76,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import names
+from .zero import ZeroOptimizer
 
 if TYPE_CHECKING:  # loop.py imports this module; the config is only needed for its field names
     from .loop import TrainConfig
@@ -73,6 +91,7 @@ __all__ = [
     "load",
     "restore",
     "nothing_left",
+    "mismatch",
 ]
 
 CHECKPOINT_NAME = names.CHECKPOINT_NAME  # launch.py reads it without torch
@@ -95,7 +114,7 @@ KEYS = (
     "config",
 )
 #: Keys added since, absent from older files (which still load): see the module docstring.
-OPTIONAL_KEYS = ("total_steps",)
+OPTIONAL_KEYS = ("total_steps", "zero")
 
 
 @dataclass
@@ -152,7 +171,7 @@ def save(
     path: Path,
     cfg: TrainConfig,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | ZeroOptimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     progress: Progress,
     *,
@@ -163,16 +182,19 @@ def save(
     ``total_steps``: where the run's schedule ends, recorded so that a resumed run can say it changed.
 
     Collective: every rank of the default group calls it (each contributes its
-    RNG state); rank 0 alone writes, atomically, creating the folder if needed.
+    RNG state, and with ``--zero`` its block of the optimizer state); rank 0 alone
+    writes, atomically, creating the folder if needed.
     """
     rngs: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(rngs, rng_state())
+    sharded = isinstance(optimizer, ZeroOptimizer)
+    optimizer_state = optimizer.gathered_state_dict() if sharded else None  # collective
     if dist.get_rank() != 0:
         return
     ckpt = {
         "model_name": cfg.model,
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state if sharded else optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "step": progress.step,
         "epoch": progress.epoch,
@@ -185,6 +207,7 @@ def save(
         "rng": rngs,
         "config": asdict(cfg),
         "total_steps": total_steps,
+        "zero": optimizer.stage if sharded else 0,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: torch.save(ckpt, f))
@@ -226,7 +249,7 @@ def restore(
     path: str | Path,
     cfg: TrainConfig,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | ZeroOptimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     *,
     rank: int,
@@ -257,8 +280,15 @@ def restore(
     ckpt = load(path, device)
     if ckpt["model_name"] != cfg.model:
         raise ValueError(f"--resume {path}: checkpoint is of model {ckpt['model_name']!r}, not {cfg.model!r}")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    why = mismatch(ckpt, cfg)
+    if why is not None:
+        raise ValueError(f"--resume {path}: {why}")
+    model.load_state_dict(ckpt["model"])  # in place: with --zero, into the flat buffers the parameters view
+    if isinstance(optimizer, ZeroOptimizer):
+        optimizer.load_gathered_state_dict(ckpt["optimizer"])
+        optimizer.sync_shards()  # this rank's block of the weights just loaded
+    else:
+        optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     # The optimizer comes back with the rate of the old schedule at this step; the next step must
     # use this run's schedule (its total may differ): set the rate from the scheduler's rule now.
@@ -295,6 +325,24 @@ def restore(
             f"(the old plan had it at {old_lr:.4g})"
         )
     return progress
+
+
+def mismatch(ckpt: dict[str, Any], cfg: TrainConfig) -> str | None:
+    """Why this run cannot continue ``ckpt``'s optimizer (its ``--zero`` or ``--optimizer``); None if it can."""
+    old_zero = ckpt.get("zero", 0)
+    new_zero = getattr(cfg, "zero", 0)
+    if bool(old_zero) != bool(new_zero):
+        said = f"--zero {old_zero}" if old_zero else "no --zero"
+        want = "--zero 1 or 2" if old_zero else "no --zero"
+        return (
+            f"the checkpoint was written with {said} (optimizer state "
+            f"{'sharded' if old_zero else 'whole'}); resume it with {want}"
+        )
+    old_opt = ckpt.get("config", {}).get("optimizer", "sgd")
+    new_opt = getattr(cfg, "optimizer", "sgd")
+    if old_opt != new_opt:
+        return f"the checkpoint holds --optimizer {old_opt}'s state, not {new_opt}'s; resume with --optimizer {old_opt}"
+    return None
 
 
 def nothing_left(step: int, epoch: int, *, epochs: int, max_steps: int | None) -> str | None:

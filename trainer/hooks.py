@@ -36,7 +36,7 @@ import torch.distributed as dist
 import ringcomm
 from ringcomm.api import validate
 
-__all__ = ["RingcommState", "broadcast_module", "broadcast_tensors", "ringcomm_hook"]
+__all__ = ["RingcommState", "broadcast_module", "broadcast_tensors", "local_grad_hook", "ringcomm_hook"]
 
 
 class RingcommState:
@@ -93,6 +93,17 @@ def ringcomm_hook(state: RingcommState, bucket: dist.GradBucket) -> torch.future
     return ringcomm.all_reduce_async(
         bucket.buffer(), "avg", algo=state.algo, transport=state.transport, timeout=state.timeout, **state.options
     )
+
+
+def local_grad_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """A comm hook that communicates nothing: each rank keeps its own gradient, for a ZeRO step to reduce.
+
+    ``trainer/zero.py`` reduce-scatters the whole gradient after backward. DDP requires a future of
+    the bucket; this one is complete at once, so DDP copies each rank's own gradient into ``p.grad``.
+    """
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
 
 
 def broadcast_module(

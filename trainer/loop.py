@@ -40,7 +40,13 @@ is touched in two small functions only (``_attach_comm_hook``, ``_comm_record``)
 its comm thread belongs to ringcomm, which the launcher shuts down before it
 destroys the process group (``ringcomm.tools.spawn.finish``).
 
-The learning rate. SGD with momentum 0.9 and weight decay 5e-4. With
+The optimizer. ``--optimizer sgd``: SGD with momentum 0.9 and weight decay
+5e-4; ``adamw``: torch's AdamW with its defaults. ``--zero 1|2`` shards its
+state over the ranks (``trainer/zero.py``): the comm hook then communicates
+nothing, and the optimizer's step reduce-scatters the gradient, steps this
+rank's block and all-gathers the parameters.
+
+The learning rate, for either optimizer. With
 ``scale_lr`` the peak rate is ``lr × world_size`` (the linear scaling rule,
 Goyal et al. 2017: the global batch grows with the world), reached by a linear
 warmup over ``warmup_epochs``. After warmup, ``cosine`` decays to 0 at the last
@@ -74,9 +80,10 @@ from ringcomm.runtime import trace
 from ringcomm.tools.machine import machine_info
 
 from . import checkpoint
+from . import zero as zero_opt
 from .checkpoint import CHECKPOINT_NAME, Progress, atomic_write
 from .data import load_dataset, resolve_dataset
-from .hooks import RingcommState, broadcast_module, broadcast_tensors, ringcomm_hook
+from .hooks import RingcommState, broadcast_module, broadcast_tensors, local_grad_hook, ringcomm_hook
 from .models import build_model, count_parameters
 from .names import METRICS_NAME, SCHEDULE_NAMES
 
@@ -86,11 +93,14 @@ __all__ = [
     "lr_factor",
     "request_stop",
     "SCHEDULES",
+    "OPTIMIZERS",
     "STOP_REASONS",
     "CHECKPOINT_NAME",
     "METRICS_NAME",
 ]
 
+#: --optimizer: SGD with momentum and weight decay (the module docstring), or AdamW with torch's defaults.
+OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = SCHEDULE_NAMES  # one list of each, which launch.py reads without torch (names.py)
 
 #: Why a run stopped before its last step, in the order of precedence when ranks differ (the last wins).
@@ -127,7 +137,9 @@ class TrainConfig:
     batch_size: int = 32  # per worker
     lr: float = 0.05
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: float = 5e-4  # sgd's; adamw keeps torch's default (0.01)
+    optimizer: str = "sgd"  # one of OPTIMIZERS
+    zero: int = 0  # 0: every rank holds the whole optimizer state; 1, 2: ZeRO stage (trainer/zero.py)
     scale_lr: bool = False
     warmup_epochs: float = 0.0
     schedule: str = "cosine"
@@ -231,7 +243,8 @@ def _attach_comm_hook(cfg: TrainConfig, ddp: DDP, device: torch.device) -> _Comm
     state = RingcommState(
         cfg.algo, cfg.transport, device=device, timeout=cfg.comm_timeout, options=cfg.comm_options
     )
-    ddp.register_comm_hook(state, ringcomm_hook)
+    # --zero: backward communicates nothing; the ZeRO step reduce-scatters the gradient (trainer/zero.py)
+    ddp.register_comm_hook(state, local_grad_hook if cfg.zero else ringcomm_hook)
     return _CommCounters(ringcomm.comm_stats())
 
 
@@ -308,8 +321,11 @@ def _set_up_data(cfg: TrainConfig, rank: int, world_size: int, say: _Printer) ->
     return _Data(name, reason, data.classes, data.train, sampler, test_loader, steps_per_epoch, total_steps)
 
 
-def _build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, DDP]:
+def _build_model(cfg: TrainConfig, device: torch.device, flats: list[Any] | None = None) -> tuple[nn.Module, DDP]:
     """The model on ``device``, rank 0's initial weights on every rank, and its DDP wrapper.
+
+    With ``--zero`` the parameters are first moved into padded flat buffers (``zero.flatten_parameters``,
+    appended to ``flats``), before DDP keeps them.
 
     With ``--algo ddp`` DDP's constructor broadcasts rank 0's weights through the process group;
     with any of ringcomm's algorithms it skips that (``init_sync=False``) and ringcomm's own broadcast
@@ -321,7 +337,12 @@ def _build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, DDP
     ours = cfg.algo != "ddp"
     if ours:
         broadcast_module(model, 0, transport=cfg.transport, timeout=cfg.comm_timeout)
-    return model, DDP(model, device_ids=[device.index] if device.type == "cuda" else None, init_sync=not ours)
+    if cfg.zero:
+        if flats is None:
+            raise ValueError("_build_model: --zero needs a list to return the flat parameter buffers in")
+        flats += zero_opt.flatten_parameters(model.parameters(), dist.get_world_size(), dist.get_rank())
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, init_sync=not ours)
+    return model, ddp
 
 
 def _peak_lr(cfg: TrainConfig, world_size: int) -> float:
@@ -330,12 +351,30 @@ def _peak_lr(cfg: TrainConfig, world_size: int) -> float:
 
 
 def _build_optimizer(
-    cfg: TrainConfig, ddp: DDP, world_size: int, data: _Data
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """SGD with momentum and weight decay, and the per-step schedule of ``lr_factor``."""
-    optimizer = torch.optim.SGD(
-        ddp.parameters(), lr=_peak_lr(cfg, world_size), momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+    cfg: TrainConfig, ddp: DDP, world_size: int, data: _Data, flats: list[Any]
+) -> tuple[Any, torch.optim.lr_scheduler.LambdaLR]:
+    """``--optimizer`` (over the whole model, or with ``--zero`` over this rank's shard) and the schedule.
+
+    SGD with momentum and weight decay, or AdamW with torch's defaults (betas, eps, weight decay
+    0.01); either way the per-step schedule of ``lr_factor`` on ``--lr``. With ``--zero`` the
+    scheduler drives the inner optimizer, whose ``param_groups`` the ZeroOptimizer shows.
+    """
+
+    def make(params: Any) -> torch.optim.Optimizer:
+        lr = _peak_lr(cfg, world_size)
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=lr)
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+
+    if cfg.zero:
+        optimizer: Any = zero_opt.ZeroOptimizer(
+            flats, make, stage=cfg.zero, algo=cfg.algo, transport=cfg.transport, timeout=cfg.comm_timeout
+        )
+        inner = optimizer.inner
+    else:
+        optimizer = inner = make(ddp.parameters())
     schedule = functools.partial(
         lr_factor,
         total_steps=data.total_steps,
@@ -343,7 +382,7 @@ def _build_optimizer(
         schedule=cfg.schedule,
         start_factor=1.0 / world_size if cfg.scale_lr else 0.0,
     )
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(inner, schedule)
 
 
 def _banner(run: _Run) -> str:
@@ -354,7 +393,8 @@ def _banner(run: _Run) -> str:
         f"{'' if cfg.algo == 'ddp' else ' over ' + cfg.transport} | world {world_size} on {run.device.type} | "
         f"batch {cfg.batch_size}/worker = {cfg.batch_size * world_size} global | "
         f"{run.data.steps_per_epoch} steps/epoch, {run.data.total_steps} steps | "
-        f"lr {_peak_lr(cfg, world_size):g} {cfg.schedule}"
+        f"lr {_peak_lr(cfg, world_size):g} {cfg.schedule} | {cfg.optimizer}"
+        f"{f' | ZeRO-{cfg.zero}' if cfg.zero else ''}"
     )
 
 
@@ -371,7 +411,7 @@ class _Run:
     model: nn.Module  # the bare model: evaluation, BatchNorm buffers, checkpoints
     ddp: DDP  # the same model, wrapped: the training steps
     comm: _CommCounters | None  # None: DDP's built-in all-reduce
-    optimizer: torch.optim.Optimizer
+    optimizer: Any  # a torch optimizer, or with --zero a zero.ZeroOptimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     # Every DataLoader iterator draws a seed for its workers; from a generator of its own, not from
     # the global RNG, so that the augmentation stream (the global RNG with workers=0, checkpointed)
@@ -383,6 +423,7 @@ class _Run:
     )  # when train() began: --time-limit counts from here
     stopped: str | None = None  # a STOP_REASONS entry once the ranks agreed to stop early
     control: Any = None  # the process group the stop flag is reduced over (CPU); None: the default group
+    memory: list[Any] = field(default_factory=list)  # per rank: (optimizer state bytes, peak RSS bytes)
 
     def __post_init__(self) -> None:
         self.loader_seeds = torch.Generator().manual_seed(self.cfg.seed + self.rank)
@@ -652,6 +693,13 @@ def _metrics(run: _Run, progress: Progress, confusion: torch.Tensor) -> dict[str
         "global_batch_size": cfg.batch_size * run.world_size,
         "peak_lr": _peak_lr(cfg, run.world_size),
         "schedule": cfg.schedule,
+        "optimizer": cfg.optimizer,
+        "zero": cfg.zero,
+        # this rank's (0) optimizer state (momentum, moments, step counters) and peak resident set (ru_maxrss)
+        "optimizer_state_bytes": run.memory[0][0],
+        "peak_memory_bytes": run.memory[0][1],
+        "optimizer_state_bytes_per_rank": [m[0] for m in run.memory],
+        "peak_memory_bytes_per_rank": [m[1] for m in run.memory],
         "train_time_s": train_time_s,
         "throughput_img_s": progress.images_seen / train_time_s if train_time_s > 0 else None,
         "comm_time_s": comm_time,
@@ -691,11 +739,14 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
     started = time.monotonic()
     say = _Printer(rank)
     data = _set_up_data(cfg, rank, world_size, say)
-    model, ddp = _build_model(cfg, device)
+    if cfg.zero and cfg.algo == "ddp":
+        raise ValueError("--zero needs one of ringcomm's algorithms (its reduce-scatter), not --algo ddp")
+    flats: list[Any] = []
+    model, ddp = _build_model(cfg, device, flats)
     comm = _attach_comm_hook(cfg, ddp, device)
     try:
         torch.manual_seed(cfg.seed + 1 + rank)  # from here on the augmentation draws differ per rank
-        optimizer, scheduler = _build_optimizer(cfg, ddp, world_size, data)
+        optimizer, scheduler = _build_optimizer(cfg, ddp, world_size, data, flats)
         run = _Run(cfg, rank, world_size, device, say, data, model, ddp, comm, optimizer, scheduler)
         run.started = started
         # the stop flag is a CPU tensor: reduce it over Gloo (a group of its own when the default is NCCL)
@@ -713,6 +764,11 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
         _stop_requested = None  # a request belongs to the run it stopped
 
     # metrics.json first, then the trace: an artifact that fails to write never loses the others
+    memory = [None] * world_size  # every rank's (optimizer state, peak resident set), in bytes
+    dist.all_gather_object(
+        memory, (zero_opt.optimizer_state_bytes(run.optimizer), zero_opt.peak_memory_bytes()), group=run.control
+    )
+    run.memory = memory
     metrics = _write_metrics(run, progress, confusion) if rank == 0 else None
     if tracer is not None:
         _merge_trace(run, tracer)
