@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -51,6 +52,23 @@ def _two_threads_rank(rank: int, p: int) -> dict[str, list[float]]:
     return results
 
 
+def _until(condition: Callable[[], object], seconds: float) -> bool:
+    """Whether ``condition()`` became true within ``seconds`` (polled every 1 ms): wait for an event
+    that can be seen, never for a fixed time that a loaded machine outlasts."""
+    end = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def _queued(q: CommQueue, what: str) -> bool:
+    """Whether a call named ``what`` waits in ``q``'s queue (issued, not started)."""
+    with q._cond:
+        return any(item.what == what for item in q._items)
+
+
 def test_two_threads_calling_at_once_run_one_after_the_other() -> None:
     p = 2
     for results in run_world(_two_threads_rank, p, timeout=120):
@@ -87,7 +105,9 @@ def _stuck_rank(rank: int, p: int) -> dict:
     out = {}
     if rank == 0:
         fut = ringcomm.all_reduce_async(torch.ones(10), timeout=30)  # rank 1 never joins
-        time.sleep(0.5)
+        queue = ringcomm.runtime.session.current().queue
+        # shutdown must meet the collective running, not still queued: wait for that, not a fixed time
+        out["was running"] = _until(lambda: queue._running is not None, 20.0)
         t0 = time.monotonic()
         try:
             ringcomm.shutdown(timeout=1.0)
@@ -105,6 +125,7 @@ def test_shutdown_with_a_collective_stuck_on_a_silent_peer_raises_naming_it() ->
     out = run_world(_stuck_rank, 2, timeout=120)[0]
     assert "all_reduce(10 x float32, ring over torch) is still running after 1 s" in out["shutdown"], out
     assert "must not be destroyed under it" in out["shutdown"]
+    assert out["was running"], "the collective never started on the comm thread"
     assert out["seconds"] < 10 and not out["done"]
     assert out["group_kept"], "finish destroyed the process group under the comm thread"
 
@@ -166,14 +187,16 @@ def test_a_blocking_call_issued_behind_queued_work_waits_its_turn() -> None:
     gate = threading.Event()
 
     def slow() -> str:
-        gate.wait(5)
+        gate.wait(10)
         order.append("queued")
         return "queued"
 
     fut = q.submit(slow, "slow", torch.futures.Future())
+    assert _until(lambda: q._running == "slow", 10.0), "the queued work never started"
     t = threading.Thread(target=lambda: order.append(q.run(lambda: "blocking", "blocking") + " returned"))
     t.start()
-    time.sleep(0.2)
+    # until the blocking call is queued behind slow, or (the bug) ran at once
+    assert _until(lambda: order or _queued(q, "blocking"), 10.0), "the blocking call neither ran nor queued"
     assert order == []  # the blocking call did not jump the queue
     gate.set()
     t.join(5)
@@ -201,16 +224,18 @@ def test_close_answers_queued_work_that_never_started() -> None:
     what was queued behind must fail, not be dropped (a caller blocked on it would wait forever)."""
     q = CommQueue("test-comm")
     gate = threading.Event()
+    in_callback = threading.Event()
     first = q.submit(lambda: "first", "first", torch.futures.Future())
-    first.add_done_callback(lambda fut: gate.wait(5))  # runs on the comm thread, in set_result
-    time.sleep(0.2)
+    # runs on the comm thread, in set_result
+    first.add_done_callback(lambda fut: (in_callback.set(), gate.wait(10)))
+    assert in_callback.wait(10), "the finished collective's callback never ran"
     queued = q.submit(lambda: "queued", "queued", torch.futures.Future())
     blocked: list[str] = []
     caller = threading.Thread(
         target=lambda: blocked.append(_outcome(lambda: q.run(lambda: "x", "blocked"))), daemon=True
     )
     caller.start()
-    time.sleep(0.2)
+    assert _until(lambda: _queued(q, "blocked"), 10.0), "the blocking call was never queued"
     q.close(0.3)
     caller.join(5)
     gate.set()

@@ -10,6 +10,7 @@ here runs with a 60 s timeout and must end in a few seconds.
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -87,14 +88,21 @@ def test_a_rank_that_refuses_calls_in_a_row_stays_in_step(channel: str) -> None:
 
 def _refused_call_nobody_else_makes_rank(rank: int, p: int) -> dict:
     """Rank 0 refuses a call with ``timeout=3``; rank 1 never makes that call (it is elsewhere,
-    alive, for 25 s). The refusal waited the default timeout (300 s) for rank 1 to read it, so
-    rank 0's next call stood behind it for minutes; it waits the refused call's own 3 s."""
+    alive, until rank 0 is done). The refusal waited the default timeout (300 s) for rank 1 to
+    read it, so rank 0's next call stood behind it for minutes; it waits the refused call's own 3 s."""
     ringcomm.init("zmq")  # both ranks in the session: rank 1 heartbeats while it is elsewhere
+    store = dist.distributed_c10d._get_default_store()
+    done = "tests/rank-0-is-done"  # a key of the test's own, beside ringcomm's
     if rank == 1:
-        time.sleep(25)
+        # alive and silent for exactly as long as rank 0 needs: not a fixed sleep that a slow
+        # machine outlasts (rank 1 gone early) or a fast one waits out (25 s for nothing)
+        store.wait([done], timedelta(seconds=100))
         return {}
-    refused = _timed(lambda: ringcomm.all_reduce(torch.ones(4), "prod", transport="zmq", timeout=3))
-    after = _timed(lambda: ringcomm.all_reduce(torch.ones(4), transport="zmq", timeout=3))
+    try:
+        refused = _timed(lambda: ringcomm.all_reduce(torch.ones(4), "prod", transport="zmq", timeout=3))
+        after = _timed(lambda: ringcomm.all_reduce(torch.ones(4), transport="zmq", timeout=3))
+    finally:
+        store.set(done, "1")
     return {"refused": refused, "after": after}
 
 
