@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -197,10 +198,19 @@ def test_any_refusal_on_one_rank_is_told_to_the_others_at_once_with_its_reason()
 
 
 def _silent_peer_rank(rank: int, p: int, algo: str) -> dict:
+    """Rank 1 makes the same call (the same-call check passes) and then goes silent inside the
+    algorithm: it sends nothing until rank 0 has given up. Rank 0 must time out *in the algorithm*,
+    waiting on rank 1's data, not earlier (a peer that never calls fails the check or the board)."""
+    import dataclasses
+
     import torch.distributed as dist
 
+    from ringcomm.algorithms.registry import ALGOS
+
+    store = dist.distributed_c10d._get_default_store()
+    gave_up = "tests/rank-0-gave-up"  # a key of the test's own, beside ringcomm's
     ringcomm.init("torch")
-    result = {}
+    result: dict = {}
     if rank == 0:
         t0 = time.monotonic()
         try:
@@ -210,15 +220,28 @@ def _silent_peer_rank(rank: int, p: int, algo: str) -> dict:
             result["error"] = str(exc)
             result["peer"] = exc.peer
         result["elapsed"] = time.monotonic() - t0
-    # rank 1 never calls all_reduce; both meet again on the default group to finish
+        store.set(gave_up, "1")
+    else:
+
+        def silent(*args: object, **options: object) -> None:
+            result["in the algorithm"] = True
+            store.wait([gave_up], timedelta(seconds=30))  # alive (heartbeating), sending nothing
+
+        ALGOS[algo] = dataclasses.replace(ALGOS[algo], run=silent)  # this process only
+        try:
+            ringcomm.all_reduce(torch.ones(1000), algo=algo, timeout=30)
+        except ringcomm.CommError:
+            pass  # rank 0's failure may reach this rank's call; what matters is rank 0's error
+    # both meet again on the default group to finish
     dist.barrier()
     return result
 
 
 @pytest.mark.parametrize("algo", ["ring", "ring_simple", "naive"])
 def test_a_silent_peer_makes_the_waiting_rank_raise_within_the_timeout(algo: str) -> None:
-    result = run_world(_silent_peer_rank, 2, (algo,), timeout=60)[0]
-    assert result["error"] is not None, "all_reduce returned although the peer never called it"
+    result, peer = run_world(_silent_peer_rank, 2, (algo,), timeout=60)
+    assert peer.get("in the algorithm"), "rank 1 never reached the algorithm: the test would see only the set-up"
+    assert result["error"] is not None, "all_reduce returned although the peer never sent"
     assert "rank 0" in result["error"] and "peer rank 1" in result["error"]
     # names the time it waited: the 1.5 s timeout less the same-call check's round before it
     waited = float(re.search(r"within ([0-9.]+) s", result["error"]).group(1))

@@ -3,7 +3,7 @@
 1. The grid (``grid.py``): world sizes 1..7, powers of two and not (P = 3, 5, 6,
    7 fold extra ranks in and out) x sizes x dtypes x ops, against a float64
    reference, and every rank ends with the same bytes; the 2**20+3 case for
-   float32 sum only (the slow one). Once more over ZeroMQ (P = 3) and over shared
+   float32 sum only (the slow one), as a test of its own. Once more over ZeroMQ (P = 3) and over shared
    memory with 64-byte slots (P = 5), where every message crosses in fragments
    and a receiver reduces fragment by fragment.
 2. Signed zeros: max and min of +0.0 and -0.0 depend on operand order and on
@@ -19,7 +19,8 @@
    hand, and both algorithms at P = 6, 7, 8 under the NCCL-order emulator
    (``test_nccl_order.py`` runs them at P = 1..5).
 
-One spawned world per P runs every group of that P (spawning costs more than
+One pooled world per P (``pool.run_pooled``, shared with the other modules'
+grids) runs every group of that P in one call (starting a world costs more than
 the cases); each rank returns failure strings per group and each test asserts
 its group is empty.
 """
@@ -32,7 +33,8 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from grid import check_grid, digest
+from grid import BIG, check_grid, digest
+from pool import run_pooled
 
 import ringcomm
 from ringcomm import cost
@@ -162,7 +164,7 @@ def _rank_all(rank: int, p: int) -> dict[str, object]:
     """Everything one world of ``p`` over the torch transport checks, grouped."""
     report: dict[str, object] = {"grid": [], "signed_zeros": []}
     for algo in ALGOS_HERE:
-        report["grid"] += check_grid(rank, p, algo, big_dtypes=(torch.float32,), big_ops=("sum",))
+        report["grid"] += check_grid(rank, p, algo)
         report["signed_zeros"] += check_signed_zeros(rank, p, algo)
     if p in (4, 6):
         report["counts"] = _rank_counts(rank, p)
@@ -184,7 +186,7 @@ def _reports(p: int) -> list[dict[str, object]]:
     """Each rank's report from the world of ``p``, spawning that world on first use."""
     if p not in _WORLDS:
         try:
-            _WORLDS[p] = run_world(_rank_all, p, timeout=TIMEOUT_S)
+            _WORLDS[p] = run_pooled(_rank_all, p, timeout=TIMEOUT_S)
         except Exception as exc:  # a crashed world fails every test that reads it, without a respawn
             _WORLDS[p] = exc
     reports = _WORLDS[p]
@@ -197,18 +199,31 @@ def _assert_none(failures: list[str]) -> None:
     assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:30])
 
 
+@pytest.mark.fast
 @pytest.mark.timeout(TIMEOUT_S + 60)
 @pytest.mark.parametrize("p", WORLD_SIZES)
 def test_grid_matches_float64_reference_and_ranks_agree_bitwise(p: int) -> None:
     _assert_none([line for report in _reports(p) for line in report["grid"]])
 
 
+def _rank_big(rank: int, p: int) -> list[str]:
+    return [f for algo in ALGOS_HERE for f in check_grid(rank, p, algo, sizes=[BIG])]
+
+
+@pytest.mark.timeout(TIMEOUT_S + 60)
+@pytest.mark.parametrize("p", WORLD_SIZES)
+def test_a_large_odd_float32_sum_matches_the_reference(p: int) -> None:
+    _assert_none([f for r in run_pooled(_rank_big, p, timeout=TIMEOUT_S) for f in r])
+
+
+@pytest.mark.fast
 @pytest.mark.timeout(TIMEOUT_S + 60)
 @pytest.mark.parametrize("p", WORLD_SIZES)
 def test_max_and_min_of_signed_zeros_agree_bitwise(p: int) -> None:
     _assert_none([line for report in _reports(p) for line in report["signed_zeros"]])
 
 
+@pytest.mark.fast
 @pytest.mark.timeout(TIMEOUT_S + 60)
 def test_at_p4_rd_sends_log2p_messages_of_m_and_rhd_2log2p_of_the_rings_bytes() -> None:
     reports = _reports(4)
@@ -222,6 +237,7 @@ def test_at_p4_rd_sends_log2p_messages_of_m_and_rhd_2log2p_of_the_rings_bytes() 
     assert EXPECTED_P4["rhd"][0]["sent_bytes"] == cost.COSTS["ring"].critical_path(4, 160)[1]
 
 
+@pytest.mark.fast
 @pytest.mark.timeout(TIMEOUT_S + 60)
 def test_at_p6_extra_ranks_send_their_vector_once_and_get_the_result_back() -> None:
     reports = _reports(6)
@@ -238,7 +254,7 @@ def test_at_p6_extra_ranks_send_their_vector_once_and_get_the_result_back() -> N
 
 @pytest.mark.timeout(TIMEOUT_S + 60)
 def test_over_zmq() -> None:
-    _assert_none([f for r in run_world(_rank_other_transport, 3, ("zmq",), timeout=TIMEOUT_S) for f in r])
+    _assert_none([f for r in run_pooled(_rank_other_transport, 3, ("zmq",), timeout=TIMEOUT_S) for f in r])
 
 
 @pytest.mark.timeout(TIMEOUT_S + 60)
