@@ -33,7 +33,7 @@ import ringcomm
 from ringcomm.errors import CommTimeoutError, FrameError
 from ringcomm.tools.spawn import run_world
 from ringcomm.transports.base import exchange, recv, recv_reduce, send
-from ringcomm.transports.segments import SHM_DIR
+from ringcomm.transports.segments import _SEGMENT_NAME, SHM_DIR, _pid_namespace
 from ringcomm.transports.shm import _HEADER, ShmTransport
 
 WORLD_TIMEOUT_S = 240
@@ -42,9 +42,8 @@ WORLD_TIMEOUT_S = 240
 def _ours(pids: list[int]) -> list[str]:
     """The segments in /dev/shm made by these processes (their names carry the creator's pid);
     never the whole of /dev/shm: other users and other tests share it."""
-    return sorted(
-        n for n in os.listdir(SHM_DIR) if n.startswith("ringcomm-") and any(f"-{pid}-" in n for pid in pids)
-    )
+    names = ((n, _SEGMENT_NAME.fullmatch(n)) for n in os.listdir(SHM_DIR))
+    return sorted(n for n, m in names if m and int(m.group(1)) == _pid_namespace() and int(m.group(2)) in pids)
 
 
 # --- every algorithm, the correctness grid of test_ring, over shm ---
@@ -335,7 +334,7 @@ def test_kill_9_of_every_rank_after_set_up_leaves_nothing_in_dev_shm(tmp_path: A
             p.kill()  # SIGKILL: no cleanup code of ours runs
         for p in procs:
             p.wait(30)
-    time.sleep(0.5)
+    # reaped: nothing of theirs can run any more, so what is left now stays
     assert _ours([p.pid for p in procs]) == []
 
 
