@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,18 @@ def _why_not() -> str | None:
     return None
 
 
-WHY_NOT = _why_not()
-needs_namespaces = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
+@pytest.fixture(scope="session")
+def _namespaces() -> None:
+    """Skip, with the reason, where network namespaces cannot be made. Asked once, and only when a
+    test that needs them runs: never at import, so ``--collect-only`` or ``-m fast`` runs no ``ip``."""
+    why_not = _why_not()
+    if why_not is not None:
+        pytest.skip(why_not)
+
+
+def needs_namespaces(test: Callable[..., None]) -> Callable[..., None]:
+    """The test needs network namespaces (marker ``netns``; skipped where none can be made)."""
+    return pytest.mark.netns(pytest.mark.usefixtures("_namespaces")(test))
 
 
 def _ours(run_id: str) -> list[str]:
@@ -216,3 +227,20 @@ def test_delay_is_refused_clearly_where_the_kernel_has_no_netem() -> None:
     done = _tool("--nodes", "2", "--delay", "2ms", "--", "true")
     assert done.returncode == 2
     assert "--delay needs tc's netem" in done.stderr
+
+
+def test_collecting_this_module_runs_no_ip_command(tmp_path: Path) -> None:
+    """It used to try ``ip netns add`` at import: under --collect-only too, on every run of the suite."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "ip"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\nexit 1\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", __file__],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "test_a_three_node_all_reduce" in done.stdout, done.stdout
+    assert not calls.exists(), f"collecting ran: ip {calls.read_text()}"
