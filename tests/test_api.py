@@ -14,6 +14,7 @@ from ringcomm.algorithms.chunks import chunk_bounds, chunk_sizes
 from ringcomm.tools.spawn import run_world
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("numel", [0, 1, 3, 4, 5, 10, 1000, 2**20 + 3])
 @pytest.mark.parametrize("parts", [1, 2, 3, 4, 5, 7])
 def test_chunks_cover_the_tensor_with_sizes_differing_by_at_most_one(numel: int, parts: int) -> None:
@@ -39,6 +40,7 @@ BAD_CALLS = [
 ]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("kwargs, message", BAD_CALLS)
 def test_bad_arguments_raise_value_error_naming_the_argument(kwargs: dict, message: str) -> None:
     x = torch.arange(6.0)
@@ -47,6 +49,7 @@ def test_bad_arguments_raise_value_error_naming_the_argument(kwargs: dict, messa
     assert torch.equal(x, torch.arange(6.0))
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("dtype", [torch.bool, torch.complex64, torch.uint8, torch.int8])
 def test_unsupported_dtype_is_named(dtype: torch.dtype) -> None:
     x = torch.zeros(4, dtype=dtype)
@@ -54,22 +57,26 @@ def test_unsupported_dtype_is_named(dtype: torch.dtype) -> None:
         ringcomm.all_reduce(x)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_avg_on_integers_is_refused(dtype: torch.dtype) -> None:
     with pytest.raises(ValueError, match="op='avg' on an integer tensor"):
         ringcomm.all_reduce(torch.ones(3, dtype=dtype), "avg")
 
 
+@pytest.mark.fast
 def test_not_a_tensor() -> None:
     with pytest.raises(ValueError, match="expects a torch.Tensor, got list"):
         ringcomm.all_reduce([1.0, 2.0])
 
 
+@pytest.mark.fast
 def test_without_process_group_says_what_to_call() -> None:
     with pytest.raises(RuntimeError, match="init_process_group"):
         ringcomm.all_reduce(torch.ones(3))
 
 
+@pytest.mark.fast
 def test_a_numpy_number_is_a_timeout() -> None:
     np = pytest.importorskip("numpy")
     with pytest.raises(RuntimeError, match="init_process_group"):  # past the argument checks
@@ -86,6 +93,7 @@ OVERLAPPING = [
 ]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("make, message", OVERLAPPING)
 def test_a_tensor_whose_elements_share_memory_is_refused_up_front(make, message: str) -> None:
     """They used to be reduced through a contiguous copy, and then the write-back failed (or kept
@@ -94,6 +102,7 @@ def test_a_tensor_whose_elements_share_memory_is_refused_up_front(make, message:
         ringcomm.all_reduce(make())
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "make",
     [
@@ -250,6 +259,7 @@ def test_a_silent_peer_makes_the_waiting_rank_raise_within_the_timeout(algo: str
     assert 1.4 <= result["elapsed"] < 1.5 + 3.0
 
 
+@pytest.mark.fast
 def test_an_option_the_algorithm_does_not_take_is_refused() -> None:
     x = torch.ones(3)
     with pytest.raises(ValueError, match="algo='ring' takes no option 'ps_shards'"):
@@ -337,6 +347,7 @@ def test_ranks_calling_with_different_numel_or_dtype_all_raise_a_clear_mismatch(
         assert "options differs" in result["options_error"]
 
 
+@pytest.mark.fast
 def test_an_unknown_transport_or_a_device_no_transport_serves_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="unknown transport 'zmqq'; expected one of ") as info:
         ringcomm.init("zmqq")  # it used to be a KeyError
@@ -357,6 +368,7 @@ class _FakeWork:
         raise RuntimeError("Timed out waiting 1ms for recv operation to complete")
 
 
+@pytest.mark.fast
 def test_a_failure_that_says_timed_out_before_the_deadline_is_a_peer_error() -> None:
     """Timeouts are told by our clock, not by the substring "imed out" in the backend's message."""
     from ringcomm.transports.base import Pending
@@ -370,6 +382,7 @@ def test_a_failure_that_says_timed_out_before_the_deadline_is_a_peer_error() -> 
         transport.wait(Pending("recv", 1, _FakeWork()), time.monotonic() - 1)
 
 
+@pytest.mark.fast
 def test_a_transport_registers_itself_and_the_api_names_none() -> None:
     """all_reduce learns transports from the registry (transport.py), so a new one needs no edit to
     api.py; its device types decide which tensors it takes and which hints an error gives."""

@@ -137,6 +137,7 @@ def test_a_three_node_all_reduce_matches_the_same_world_on_one_host(tmp_path: Pa
         assert cluster_ranks[r]["results"]["ring"].equal(cluster_ranks[0]["results"]["ring"])
 
 
+@pytest.mark.fast
 @needs_namespaces
 def test_the_first_failing_nodes_status_comes_back_and_a_hanging_node_is_stopped() -> None:
     # node 1 fails with 7 at once; nodes 0 and 2 would sleep for a minute
@@ -150,6 +151,7 @@ def test_the_first_failing_nodes_status_comes_back_and_a_hanging_node_is_stopped
     assert _ours(_run_id(done.stdout)) == []
 
 
+@pytest.mark.fast
 @needs_namespaces
 def test_each_node_gets_torchruns_variables_and_its_own_address() -> None:
     code = ("import os; print('ENV', os.environ['RANK'], os.environ['WORLD_SIZE'], os.environ['MASTER_ADDR'], "
@@ -182,6 +184,7 @@ def test_a_timed_transfer_comes_out_at_the_shaped_rate() -> None:
     assert 0.75 * 40e6 < measured < 1.2 * 40e6, f"measured {measured / 1e6:.1f} Mbit/s on a 40mbit link"
 
 
+@pytest.mark.fast
 @needs_namespaces
 def test_a_killed_runs_leftovers_are_removed_by_the_next_run() -> None:
     # a process that has exited: its pid names a run that can no longer clean up after itself
@@ -210,6 +213,7 @@ def test_not_root_is_refused_with_the_reason(
     assert "needs root" in capsys.readouterr().err
 
 
+@pytest.mark.fast
 def test_a_link_rate_that_is_not_one_is_refused() -> None:
     assert cluster.parse_rate("500mbit") == 5e8
     assert cluster.parse_rate("1gbit") == 1e9
@@ -219,6 +223,7 @@ def test_a_link_rate_that_is_not_one_is_refused() -> None:
             cluster.parse_rate(bad)
 
 
+@pytest.mark.fast
 @needs_namespaces
 def test_delay_is_refused_clearly_where_the_kernel_has_no_netem() -> None:
     why = cluster._netem_missing()

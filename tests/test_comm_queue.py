@@ -181,6 +181,7 @@ def test_a_blocking_all_reduce_in_a_callback_is_refused_and_the_peers_hear_why()
 # --- the queue on its own, no processes ---
 
 
+@pytest.mark.fast
 def test_a_blocking_call_issued_behind_queued_work_waits_its_turn() -> None:
     q = CommQueue("test-comm")
     order: list[str] = []
@@ -204,6 +205,7 @@ def test_a_blocking_call_issued_behind_queued_work_waits_its_turn() -> None:
     q.close(1.0)
 
 
+@pytest.mark.fast
 def test_an_exception_reaches_the_future_and_the_queue_goes_on() -> None:
     q = CommQueue("test-comm")
 
@@ -219,6 +221,7 @@ def test_an_exception_reaches_the_future_and_the_queue_goes_on() -> None:
         q.run(lambda: 1, "late")
 
 
+@pytest.mark.fast
 def test_close_answers_queued_work_that_never_started() -> None:
     """The thread is still in a callback of a finished collective's future when close's time is up:
     what was queued behind must fail, not be dropped (a caller blocked on it would wait forever)."""
@@ -245,6 +248,7 @@ def test_close_answers_queued_work_that_never_started() -> None:
     assert blocked == ["CommError: ringcomm is shut down; blocked was not started"], blocked
 
 
+@pytest.mark.fast
 def test_close_on_the_comm_thread_is_refused_and_the_queue_goes_on() -> None:
     """close() from a future's callback used to wait out its timeout for itself, abandon the work
     queued behind, then fail inside Thread.join ("cannot join current thread")."""
@@ -277,6 +281,7 @@ def _wait_done(fut: torch.futures.Future, seconds: float = 5.0) -> bool:
     return fut.done()
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("fails", [False, True], ids=["result", "error"])
 def test_a_future_its_user_completed_first_does_not_stop_the_comm_thread(fails: bool) -> None:
     """set_result on a completed future raises; it used to escape _Item.finish and end the thread,
@@ -309,6 +314,7 @@ class _RefusingFuture(torch.futures.Future):
         super().set_result(result)
 
 
+@pytest.mark.fast
 def test_a_future_that_refuses_its_result_gets_an_error_and_the_queue_goes_on() -> None:
     q = CommQueue("test-comm")
     fut = q.submit(lambda: 42, "picky", _RefusingFuture())
@@ -320,6 +326,7 @@ def test_a_future_that_refuses_its_result_gets_an_error_and_the_queue_goes_on() 
     q.close(1.0)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("behind", [False, True], ids=["queue-empty", "work-queued-behind"])
 def test_a_blocking_call_in_a_future_callback_is_always_refused_alike(behind: bool) -> None:
     """It used to run inline when the queue happened to be empty, and raise when it was not."""

@@ -269,6 +269,7 @@ def test_over_shm_with_messages_in_fragments() -> None:
 # --- without processes -------------------------------------------------------------------------
 
 
+@pytest.mark.fast
 def test_the_core_is_the_largest_power_of_two_and_extra_rank_pp_plus_j_folds_into_j() -> None:
     assert [core_size(p) for p in range(1, 10)] == [1, 2, 2, 4, 4, 4, 4, 8, 8]
     assert [fold_partner(r, 4) for r in range(4)] == [None] * 4
@@ -279,11 +280,13 @@ def test_the_core_is_the_largest_power_of_two_and_extra_rank_pp_plus_j_folds_int
         core_size(0)
 
 
+@pytest.mark.fast
 def test_rhd_labels_the_cores_chunks_for_the_trace() -> None:
     assert ALGOS["rhd"].cut(10, 6, {}) == [("c0", 0, 3), ("c1", 3, 3), ("c2", 6, 2), ("c3", 8, 2)]
     assert ALGOS["rd"].cut(10, 6, {}) == [("all", 0, 10)]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("name", "p", "messages", "path_bytes"),
     [
@@ -305,6 +308,7 @@ def test_cost_rows_by_hand(name: str, p: int, messages: int, path_bytes: int) ->
     assert cost.COSTS[name].critical_path(p, 1200.0) == (messages, pytest.approx(path_bytes))
 
 
+@pytest.mark.fast
 def test_rhd_moves_the_rings_bytes_in_fewer_steps_and_rd_takes_the_fewest() -> None:
     for p in (2, 4, 8, 16, 64):
         ring, rhd, rd = (cost.COSTS[a].critical_path(p, 1e6) for a in ("ring", "rhd", "rd"))
@@ -314,6 +318,7 @@ def test_rhd_moves_the_rings_bytes_in_fewer_steps_and_rd_takes_the_fewest() -> N
     assert cost.COSTS["rd"].critical_path(4, 1e6)[1] > cost.COSTS["ring"].critical_path(4, 1e6)[1]
 
 
+@pytest.mark.fast
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("algo", ALGOS_HERE)
 @pytest.mark.parametrize("p", [6, 7, 8])

@@ -272,6 +272,7 @@ def test_transports_of_a_destroyed_world_are_closed_not_dropped() -> None:
     assert run_world(_replaced_world_rank, 2, timeout=120) == [True, True]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("value", ["flase", "maybe", "2"])
 def test_a_boolean_setting_that_is_not_one_raises_naming_it(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     from ringcomm.runtime.settings import check_default, env_bool
@@ -284,6 +285,7 @@ def test_a_boolean_setting_that_is_not_one_raises_naming_it(monkeypatch: pytest.
         env_bool("RINGCOMM_ZMQ_IPC", None)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("value, expected", [("0", False), ("off", False), ("No", False), ("1", True), ("on", True), ("", True)])
 def test_boolean_settings_accept_the_usual_spellings(
     monkeypatch: pytest.MonkeyPatch, value: str, expected: bool
@@ -441,6 +443,7 @@ def _raised(error: Exception) -> Exception:
         return exc
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "make",
     [

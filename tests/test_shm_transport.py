@@ -213,6 +213,7 @@ HOSTILE = [
 ]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("field, value, named", HOSTILE, ids=[f"{f}={v}" for f, v, _ in HOSTILE])
 @pytest.mark.parametrize("kind", ["recv", "reduce"])
 def test_a_corrupt_header_is_a_frame_error_naming_peer_and_field(
@@ -231,6 +232,7 @@ def test_a_corrupt_header_is_a_frame_error_naming_peer_and_field(
     assert torch.equal(target, torch.full((8,), -1.0)), "the tensor was written before the header was checked"
 
 
+@pytest.mark.fast
 def test_counters_that_claim_more_than_the_queue_holds_are_a_frame_error(
     pair: tuple[ShmTransport, ShmTransport],
 ) -> None:
@@ -241,6 +243,7 @@ def test_counters_that_claim_more_than_the_queue_holds_are_a_frame_error(
         exchange(a, [recv(torch.empty(8), 1)], time.monotonic() + 10)
 
 
+@pytest.mark.fast
 def test_waiting_for_a_later_receive_may_complete_it_on_the_way(pair: tuple[ShmTransport, ShmTransport]) -> None:
     # Two receives from one peer, both arrived; waiting for the second waits for the first, and that
     # wait consumes every plain receive that has arrived, the second included. This used to end in
@@ -255,6 +258,7 @@ def test_waiting_for_a_later_receive_may_complete_it_on_the_way(pair: tuple[ShmT
     assert torch.equal(first, torch.arange(4.0)) and torch.equal(second, torch.arange(4.0) + 10)
 
 
+@pytest.mark.fast
 @settings(max_examples=100, deadline=None)
 @given(junk=st.binary(min_size=1, max_size=64), at=st.integers(0, 63))
 def test_fuzz_random_bytes_over_a_header_never_crash(junk: bytes, at: int) -> None:
@@ -275,6 +279,7 @@ def test_fuzz_random_bytes_over_a_header_never_crash(junk: bytes, at: int) -> No
         b.close()
 
 
+@pytest.mark.fast
 def test_a_silent_peer_times_out_naming_it(pair: tuple[ShmTransport, ShmTransport]) -> None:
     a, _ = pair
     t0 = time.monotonic()
@@ -283,6 +288,7 @@ def test_a_silent_peer_times_out_naming_it(pair: tuple[ShmTransport, ShmTranspor
     assert time.monotonic() - t0 < 3
 
 
+@pytest.mark.fast
 def test_transports_made_and_closed_leak_no_descriptors_threads_or_segments() -> None:
     def fds() -> int:
         return len(os.listdir("/proc/self/fd"))
@@ -366,5 +372,6 @@ def test_a_rank_waiting_for_a_message_sleeps_instead_of_spinning() -> None:
     assert cpu_s < 0.2 * wall_s, f"the waiting rank used {cpu_s:.2f} s of CPU in {wall_s:.2f} s"
 
 
+@pytest.mark.fast
 def test_header_layout_fits_its_line() -> None:
     assert _HEADER.size <= 64 and struct.calcsize("<IB3xI4xQQQI") == _HEADER.size

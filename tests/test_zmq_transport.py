@@ -260,6 +260,7 @@ BAD_FRAMES = [
 ]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("case,make,field,consumes", BAD_FRAMES, ids=[c[0] for c in BAD_FRAMES])
 def test_bad_frame_is_rejected_naming_peer_and_field_then_a_good_one_arrives(
     receiver: ZmqTransport, case: str, make, field: str, consumes: bool
@@ -291,6 +292,7 @@ def test_bad_frame_is_rejected_naming_peer_and_field_then_a_good_one_arrives(
         peer.close()
 
 
+@pytest.mark.fast
 def test_preamble_naming_no_other_rank_is_rejected(receiver: ZmqTransport) -> None:
     """A message with the token whose preamble names this rank itself, or a rank outside the world."""
     for claimed in (0, 2, 7):
@@ -308,6 +310,7 @@ def test_preamble_naming_no_other_rank_is_rejected(receiver: ZmqTransport) -> No
             peer.close()
 
 
+@pytest.mark.fast
 def test_same_tag_in_order_tags_independent_arrivals_buffered_before_irecv() -> None:
     with ZmqTransport.standalone(0, 2) as a, ZmqTransport.standalone(1, 2, bind="ipc://", token=a.token) as b:
         a.set_peers({1: b.endpoint})
@@ -344,6 +347,7 @@ def test_same_tag_in_order_tags_independent_arrivals_buffered_before_irecv() -> 
                 assert torch.equal(x, y), name
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "error, expected",
     [(zmq.ZMQError(errno.EINTR), PeerError), (KeyboardInterrupt(), KeyboardInterrupt)],
@@ -379,6 +383,7 @@ def test_a_send_that_fails_between_its_frames_leaves_no_half_message(
         assert torch.equal(got, torch.full((4,), 7.0))
 
 
+@pytest.mark.fast
 def test_silent_peer_times_out_within_the_deadline_naming_it(receiver: ZmqTransport) -> None:
     timeout = 0.3
     start = time.monotonic()
@@ -390,6 +395,7 @@ def test_silent_peer_times_out_within_the_deadline_naming_it(receiver: ZmqTransp
     assert "peer rank 1" in str(info.value) and "tag 3" in str(info.value)
 
 
+@pytest.mark.fast
 def test_zero_copy_send_to_a_dead_endpoint_times_out_naming_the_peer(receiver: ZmqTransport) -> None:
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
@@ -404,6 +410,7 @@ def test_zero_copy_send_to_a_dead_endpoint_times_out_naming_the_peer(receiver: Z
     assert (info.value.peer, info.value.op) == (1, "send")
 
 
+@pytest.mark.fast
 def test_close_releases_port_and_ipc_files() -> None:
     tcp = ZmqTransport.standalone(0, 2)
     ipc = ZmqTransport.standalone(1, 2, bind="ipc://", token=tcp.token)
@@ -464,6 +471,7 @@ def test_transports_closed_leak_no_threads_or_file_descriptors() -> None:
     assert fds_after - fds_before <= 4, (fds_before, fds_after)
 
 
+@pytest.mark.fast
 def test_bad_arguments_are_value_errors(receiver: ZmqTransport) -> None:
     with pytest.raises(ValueError, match="peer"):
         receiver.isend(torch.ones(2), 0)
@@ -487,6 +495,7 @@ def _decode(data: bytes) -> Header:
     return decode_header(data, rank=0, world_size=4, peer=1)
 
 
+@pytest.mark.fast
 def test_header_round_trips() -> None:
     for name, dtype in DTYPES.items():
         header = Header(1, 0, 7, 2**40, dtype, (3, 0, 5), 0)
