@@ -11,7 +11,8 @@ failed first or the timeout), but the ranks are started once and kept for the ne
              ◀────────────── results ───────  (rank, "ok" | "error", value, time)
 
 - Every call starts from no ringcomm session, as in a fresh world: a rank shuts ringcomm down
-  after each function (the process group stays).
+  after each function (the process group stays). A function that leaves ringcomm's session
+  failed (a test of failures) gets its values back, and the world is closed after it.
 - A pool that failed (a rank raised or died) or ran past the timeout is *recycled*: every rank is
   SIGKILLed and joined at once, and the next call starts a fresh world. A failure never leaks
   into the next test, and a stuck rank never outlives its test.
@@ -61,6 +62,7 @@ def _rank(
     import torch.distributed as dist
 
     import ringcomm
+    from ringcomm.runtime import session as sessions
 
     torch.set_num_threads(1)  # P processes share the machine's cores
     ok = False
@@ -69,12 +71,20 @@ def _rank(
         dist.init_process_group(
             backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
         )
-        while (task := tasks.get()) is not None:
+        reusable = True
+        while reusable and (task := tasks.get()) is not None:
             fn, args = task
             value = fn(rank, world_size, *args)
-            ringcomm.shutdown(timeout=10.0)  # the next task starts from no session, as in a new world
-            results.put((rank, "ok", value, time.time()))
-        ok = True
+            # the next task starts from no session, as in a new world; a world whose session failed
+            # (a test of failures) may hold receives still posted: it is not used again
+            session = sessions._CURRENT
+            reusable = session is None or session.failed is None
+            try:
+                ringcomm.shutdown(timeout=10.0 if reusable else 1.0)
+            except ringcomm.CommError:
+                reusable = False
+            results.put((rank, "ok", (value, reusable), time.time()))
+        ok = reusable
     except BaseException as exc:  # report everything; the parent recycles the pool
         results.put((rank, "error", (f"{type(exc).__name__}: {exc}", traceback.format_exc()), time.time()))
         raise SystemExit(1) from None
@@ -89,6 +99,7 @@ class _Pool:
         import torch.distributed as dist
 
         self.world_size = world_size
+        self.reusable = True  # False once a task left a rank's session failed: closed after that task
         # the store outlives every task: ringcomm keeps its session ids and boards in it
         self.store = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False)
         ctx = mp.get_context("spawn")
@@ -130,7 +141,8 @@ class _Pool:
                 continue
             if status != "ok":
                 raise _first_cause(self.procs, self.results, values, {rank: (at, *value)})
-            values[rank] = value
+            values[rank], reusable = value
+            self.reusable = self.reusable and reusable
         return [values[r] for r in range(self.world_size)]
 
     def close(self, grace: float) -> None:
@@ -181,7 +193,10 @@ def run_pooled(
     except BaseException:  # a failed rank, a timeout, or the test itself interrupted: recycle
         pool.close(grace=0.0)
         raise
-    _POOLS[key] = pool
+    if pool.reusable:
+        _POOLS[key] = pool
+    else:  # its ranks are leaving on their own (a session failed): the next call starts a new world
+        pool.close(grace=5.0)
     return values
 
 

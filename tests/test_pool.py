@@ -81,3 +81,24 @@ def test_close_all_ends_every_pooled_rank() -> None:
     alive = set(descendants(os.getpid()))
     assert not alive.intersection(pids)
     assert pool._POOLS == {}
+
+
+def _fail_the_session(rank: int, p: int) -> str:
+    import torch
+
+    import ringcomm
+
+    ringcomm.init("torch")
+    if rank == 0:
+        try:
+            ringcomm.all_reduce(torch.ones(3), timeout=1.0)  # rank 1 never calls: a timeout
+        except ringcomm.CommError as exc:
+            return type(exc).__name__
+    return "silent"
+
+
+def test_a_world_whose_session_failed_returns_its_values_and_is_not_used_again() -> None:
+    before = _pids(2)
+    assert run_pooled(_fail_the_session, 2, timeout=120) == ["CommTimeoutError", "silent"]
+    assert not any(pid in descendants(os.getpid()) for pid in before)
+    assert set(_pids(2)).isdisjoint(before)
