@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 import torch
+from pool import run_pooled
 
 import ringcomm
 from ringcomm.algorithms.chunks import chunk_bounds, chunk_sizes
@@ -147,7 +148,7 @@ def _bad_input_in_a_world_rank(rank: int, p: int) -> list[str]:
 
 
 def test_bad_input_in_a_world_is_refused_and_loses_nothing() -> None:
-    failures = run_world(_bad_input_in_a_world_rank, 2, timeout=120)
+    failures = run_pooled(_bad_input_in_a_world_rank, 2, timeout=120)
     assert not [f for r in failures for f in r]
 
 
@@ -184,7 +185,7 @@ def test_any_refusal_on_one_rank_is_told_to_the_others_at_once_with_its_reason()
     """A TypeError (op=["sum"]) used to go unpublished: the others waited for rank 1 until it died,
     or paired their call with its next one. timeout=True was taken as 1 s."""
     p = 3
-    results = run_world(_one_rank_refuses_rank, p, timeout=240)
+    results = run_pooled(_one_rank_refuses_rank, p, timeout=240)
     reasons = {
         "op-list": "op must be a string",
         "timeout-bool": "timeout=True is a bool",
@@ -293,7 +294,7 @@ def test_trace_records_each_ring_message_with_peer_and_chunk(tmp_path) -> None:
     from ringcomm.runtime import trace
 
     p = 3
-    labels = run_world(_traced_rank, p, (str(tmp_path / "t"),), timeout=120)
+    labels = run_pooled(_traced_rank, p, (str(tmp_path / "t"),), timeout=120)
     # ps messages are labelled by shard (s0, s1), naive's by the whole tensor, not by the ring's chunks
     assert all(per_rank == {"ps.send": ["s0", "s1"], "naive.send": ["all"]} for per_rank in labels), labels
     merged = trace.merge([str(tmp_path / f"t.{r}") for r in range(p)], str(tmp_path / "trace.json"))
@@ -337,7 +338,7 @@ def _mismatch_rank(rank: int, p: int, transport: str) -> dict:
 @pytest.mark.parametrize("transport", ["torch"])
 def test_ranks_calling_with_different_numel_or_dtype_all_raise_a_clear_mismatch(transport: str) -> None:
     p = 3
-    for rank, result in enumerate(run_world(_mismatch_rank, p, (transport,), timeout=120)):
+    for rank, result in enumerate(run_pooled(_mismatch_rank, p, (transport,), timeout=120)):
         error = result["error"]
         assert error is not None and f"rank {rank}:" in error
         assert "numel differs: ranks [0, 2] 100; ranks [1] 108" in error

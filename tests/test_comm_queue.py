@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from pool import run_pooled
 
 import ringcomm
 from ringcomm.errors import CommError
@@ -71,7 +72,7 @@ def _queued(q: CommQueue, what: str) -> bool:
 
 def test_two_threads_calling_at_once_run_one_after_the_other() -> None:
     p = 2
-    for results in run_world(_two_threads_rank, p, timeout=120):
+    for results in run_pooled(_two_threads_rank, p, timeout=120):
         assert results == {"a": [3.0, 3.0], "b": [3000.0, 3000.0]}, results
 
 
@@ -92,7 +93,7 @@ def _async_order_rank(rank: int, p: int) -> dict:
 
 def test_async_futures_and_blocking_calls_keep_one_order() -> None:
     p = 3
-    for r in run_world(_async_order_rank, p, timeout=120):
+    for r in run_pooled(_async_order_rank, p, timeout=120):
         assert r["values"] == [sum(float(i + q) for q in range(p)) for i in range(len(ringcomm.ALGOS))]
         assert r["x"] == sum(range(p))
         assert r["refused"].startswith("unknown op 'prod'")  # bad arguments raise at once, not in the future

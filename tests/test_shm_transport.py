@@ -123,7 +123,7 @@ def _option_forms_rank(rank: int, p: int) -> list[str]:
 def test_every_option_form_over_shm(p: int) -> None:
     # The overlapped, sharded server at P = 2 posts a pull receive behind a push on the same queue
     # (test_waiting_for_a_later_receive_may_complete_it_on_the_way is that case, made certain).
-    failures = run_world(_option_forms_rank, p, timeout=WORLD_TIMEOUT_S)
+    failures = run_pooled(_option_forms_rank, p, timeout=WORLD_TIMEOUT_S)
     flat = [f for per_rank in failures for f in per_rank]
     assert not flat, "\n".join(flat[:20])
 
