@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -30,6 +31,14 @@ INT_DTYPES = (torch.int32, torch.int64)
 DTYPES = FLOAT_DTYPES + INT_DTYPES
 OPS = ("sum", "avg", "max", "min")
 BIG = 2**20 + 3
+
+
+def world_sizes(every: Iterable[int], quick: Iterable[int]) -> list:
+    """``every`` world size for ``pytest.mark.parametrize("p", ...)``; those in ``quick`` are in the
+    quick tier too (``-m fast``: the pooled worlds of a few P, chosen to cover a power of two and
+    not, while the full suite runs them all)."""
+    quick = set(quick)
+    return [pytest.param(p, marks=pytest.mark.fast) if p in quick else p for p in every]
 
 
 def sizes_for(p: int) -> list[int]:

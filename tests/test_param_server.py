@@ -26,6 +26,7 @@ from collections import Counter
 import pytest
 import torch
 import torch.distributed as dist
+from grid import world_sizes
 from pool import run_pooled
 
 import ringcomm
@@ -367,14 +368,12 @@ def test_grid_matches_float64_reference_and_ranks_agree_bitwise(p: int) -> None:
     _assert_none(_failures(p, "grid"))
 
 
-@pytest.mark.fast
-@pytest.mark.parametrize("p", WORLD_SIZES[1:])
+@pytest.mark.parametrize("p", world_sizes(WORLD_SIZES[1:], quick=(3, 4)))
 def test_each_message_is_one_push_or_one_pull(p: int) -> None:
     _assert_none(_failures(p, "counts"))
 
 
-@pytest.mark.fast
-@pytest.mark.parametrize("p", WORLD_SIZES[1:])
+@pytest.mark.parametrize("p", world_sizes(WORLD_SIZES[1:], quick=(3, 4)))
 def test_bad_options_raise_before_any_message(p: int) -> None:
     _assert_none(_failures(p, "bad_options"))
 

@@ -33,7 +33,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from grid import BIG, check_grid, digest
+from grid import BIG, check_grid, digest, world_sizes
 from pool import run_pooled
 
 import ringcomm
@@ -46,6 +46,7 @@ from tests.nccl_order import run_threads
 
 ALGOS_HERE = ("rhd", "rd")
 WORLD_SIZES = (1, 2, 3, 4, 5, 6, 7)
+QUICK_SIZES = (3, 4, 6)  # the quick tier: a fold of one, a power of two, a fold of two
 TIMEOUT_S = 300.0  # for a whole spawned world of up to 7 ranks, on a loaded 2-core machine
 ZERO_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ZERO_SIZES = (67, 1000, 4099)  # SIMD bodies and scalar tails of different lengths
@@ -199,9 +200,8 @@ def _assert_none(failures: list[str]) -> None:
     assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:30])
 
 
-@pytest.mark.fast
 @pytest.mark.timeout(TIMEOUT_S + 60)
-@pytest.mark.parametrize("p", WORLD_SIZES)
+@pytest.mark.parametrize("p", world_sizes(WORLD_SIZES, quick=QUICK_SIZES))
 def test_grid_matches_float64_reference_and_ranks_agree_bitwise(p: int) -> None:
     _assert_none([line for report in _reports(p) for line in report["grid"]])
 
@@ -216,9 +216,8 @@ def test_a_large_odd_float32_sum_matches_the_reference(p: int) -> None:
     _assert_none([f for r in run_pooled(_rank_big, p, timeout=TIMEOUT_S) for f in r])
 
 
-@pytest.mark.fast
 @pytest.mark.timeout(TIMEOUT_S + 60)
-@pytest.mark.parametrize("p", WORLD_SIZES)
+@pytest.mark.parametrize("p", world_sizes(WORLD_SIZES, quick=QUICK_SIZES))
 def test_max_and_min_of_signed_zeros_agree_bitwise(p: int) -> None:
     _assert_none([line for report in _reports(p) for line in report["signed_zeros"]])
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from grid import BIG, check_grid, sizes_for
+from grid import BIG, check_grid, sizes_for, world_sizes
 from pool import run_pooled
 
 import ringcomm
@@ -24,8 +24,7 @@ def _grid_rank(rank: int, p: int) -> list[str]:
     return failures
 
 
-@pytest.mark.fast
-@pytest.mark.parametrize("p", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("p", world_sizes([1, 2, 3, 4, 5], quick=[2, 3, 4]))
 def test_grid_matches_float64_reference_and_ranks_agree_bitwise(p: int) -> None:
     failures = run_pooled(_grid_rank, p, timeout=240)
     flat = [f for per_rank in failures for f in per_rank]

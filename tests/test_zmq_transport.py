@@ -22,7 +22,7 @@ import msgpack
 import pytest
 import torch
 import zmq
-from grid import BIG, check_grid
+from grid import BIG, check_grid, world_sizes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pool import run_pooled
@@ -89,8 +89,7 @@ def _grid_rank(rank: int, p: int) -> list[str]:
     return failures
 
 
-@pytest.mark.fast
-@pytest.mark.parametrize("p", [1, 2, 3, 4])
+@pytest.mark.parametrize("p", world_sizes([1, 2, 3, 4], quick=[3]))
 def test_grid_over_zmq_matches_float64_reference_and_ranks_agree_bitwise(p: int) -> None:
     failures = run_pooled(_grid_rank, p, timeout=WORLD_TIMEOUT_S)
     flat = [f for per_rank in failures for f in per_rank]
