@@ -3,7 +3,8 @@
 A test that starts processes ends them itself (``procs.end_processes``, ``procs.run``). This is the
 backstop for one that fails to: at the end of the session every process still descended from pytest
 (a SIGSTOPped rank above all, which multiprocessing's exit handler would join forever) is named and
-SIGKILLed, and the run fails, so a leak is seen without hanging CI.
+SIGKILLed, and the run fails, so a leak is seen without hanging CI. The pooled worlds
+(``pool.run_pooled``) live for the whole session by design: they are closed first.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def _parent(pid: int) -> int:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    pooled = sys.modules.get("pool")  # the pooled worlds (tests/pool.py) end here on purpose, first
+    if pooled is not None:
+        pooled.close_all()
     me = os.getpid()
     # the services themselves are pytest's own children; what a forkserver forked (a rank) is not one
     leaked = [

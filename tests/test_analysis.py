@@ -43,6 +43,7 @@ def assert_png(path: Path | None) -> None:
 # --------------------------------------------------------------------------- alpha-beta fit
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("label", ["ring", "gloo", "naive", "ps", "ps:2", "ring@zmq"])
 def test_fit_recovers_alpha_beta_exactly_from_model_timings(label: str) -> None:
     alpha, beta = 42e-6, 0.7e-9
@@ -62,6 +63,7 @@ def test_fit_recovers_alpha_beta_exactly_from_model_timings(label: str) -> None:
     assert not f.constrained
 
 
+@pytest.mark.fast
 def test_fit_recovers_alpha_beta_under_noise() -> None:
     # 2% multiplicative noise, 3 world sizes x 8 sizes x 4 repeats = 96 points. Each coefficient is
     # pinned by the third or so of points its term dominates (alpha: <= 64K, beta: >= 4M), so its
@@ -83,6 +85,7 @@ def test_fit_recovers_alpha_beta_under_noise() -> None:
     assert 0.005 < f.median_rel_err < 0.03
 
 
+@pytest.mark.fast
 def test_fit_pins_a_negative_coefficient_to_zero() -> None:
     # Pure bandwidth with noise that makes the free fit's alpha negative: alpha is pinned at 0.
     ms = [MB, 2 * MB, 4 * MB, 8 * MB]
@@ -95,6 +98,7 @@ def test_fit_pins_a_negative_coefficient_to_zero() -> None:
     assert f.beta_s_per_byte == pytest.approx(1e-9, rel=0.03)
 
 
+@pytest.mark.fast
 def test_fit_skips_points_the_model_rejects() -> None:
     # ps:4 cannot run at P=2; those rows are left out rather than failing the whole fit.
     ps_ = [2, 2, 4, 4, 4]
@@ -105,12 +109,14 @@ def test_fit_skips_points_the_model_rejects() -> None:
     assert math.isnan(f.predict(2, MB))
 
 
+@pytest.mark.fast
 def test_fit_needs_two_distinguishable_points() -> None:
     assert fit.fit_algo("ring", [2], [MB], [1e-3]) is None
     assert fit.fit_algo("ring", [1, 1, 1], [KB, MB, 4 * MB], [1e-3, 2e-3, 3e-3]) is None  # P=1: no comm
     assert fit.fit_algo("ring", [2, 2], [MB, MB], [1e-3, 1.1e-3]) is None  # alpha and beta confounded
 
 
+@pytest.mark.fast
 def test_comm_counts_follow_the_cost_model() -> None:
     p, m = 4, 1000.0
     # ring and gloo: 2(P-1) = 6 messages, 2(P-1)/P * M = 1500 bytes; naive: rank 0 takes 3000 in, then out.
@@ -133,6 +139,7 @@ def test_comm_counts_follow_the_cost_model() -> None:
         fit.model_for("allgather")
 
 
+@pytest.mark.fast
 def test_a_new_cost_entry_is_fitted_with_no_change_to_the_fit(monkeypatch: pytest.MonkeyPatch) -> None:
     # Recursive doubling, as someone might add it: log2(P) rounds, each moving all of M.
     rd = cost.AlgoCost(
@@ -151,6 +158,7 @@ def test_a_new_cost_entry_is_fitted_with_no_change_to_the_fit(monkeypatch: pytes
     assert f is not None and f.alpha_s == pytest.approx(20e-6) and f.beta_s_per_byte == pytest.approx(2e-9)
 
 
+@pytest.mark.fast
 def test_cost_name_maps_a_label_to_the_model_it_is_fitted_with() -> None:
     assert [fit.cost_name(x) for x in ("gloo", "ring_simple", "ring@zmq", "ps:2@zmq", "naive")] == [
         "ring",
@@ -161,6 +169,7 @@ def test_cost_name_maps_a_label_to_the_model_it_is_fitted_with() -> None:
     ]
 
 
+@pytest.mark.fast
 def test_fit_rows_groups_by_label_and_skips_world_size_one() -> None:
     rows = []
     for label, (a, b) in LINKS.items():
@@ -181,6 +190,7 @@ def test_fit_rows_groups_by_label_and_skips_world_size_one() -> None:
 # --------------------------------------------------------------------------- Amdahl
 
 
+@pytest.mark.fast
 def test_amdahl_fit_recovers_f_exactly_and_with_noise() -> None:
     ps_ = [1, 2, 4, 8, 16]
     exact = fit.fit_amdahl(ps_, [fit.amdahl_speedup(p, 0.9) for p in ps_])
@@ -194,12 +204,14 @@ def test_amdahl_fit_recovers_f_exactly_and_with_noise() -> None:
     assert noisy is not None and noisy.f == pytest.approx(0.9, abs=0.02)
 
 
+@pytest.mark.fast
 def test_amdahl_fit_reports_slowdown_as_negative_f() -> None:
     a = fit.fit_amdahl([1, 2, 4], [1.0, 0.8, 0.6])
     assert a is not None and a.f < 0
     assert fit.fit_amdahl([1], [1.0]) is None
 
 
+@pytest.mark.fast
 def test_amdahl_superlinear_is_flagged_in_the_report() -> None:
     a = fit.fit_amdahl([1, 2], [1.0, 4.4])  # as measured once on the shared 2-core machine
     assert a is not None and a.f > 1
@@ -223,6 +235,7 @@ def test_amdahl_superlinear_is_flagged_in_the_report() -> None:
     assert "superlinear" in report._training_section(table, {"ring": a})
 
 
+@pytest.mark.fast
 def test_karp_flatt_is_the_serial_fraction_under_amdahl() -> None:
     for p in (2, 4, 8):
         assert fit.karp_flatt(p, fit.amdahl_speedup(p, 0.75)) == pytest.approx(0.25)
@@ -526,6 +539,7 @@ def test_report_builds_every_figure_and_carries_the_numbers(tmp_path: Path) -> N
     assert summary["fits"]["ring"]["alpha_s"] == pytest.approx(50e-6)
 
 
+@pytest.mark.fast
 def test_results_accessors_read_what_trainer_loop_writes() -> None:
     m = _metrics("ring", "zmq", 2, 150.0, 0.7, batch=64, capped=True)
     assert results.series(m) == "ring@zmq" and results.series(_metrics("ddp", "torch", 2, 1.0, 0.5)) == "ddp"
@@ -542,6 +556,7 @@ def test_results_accessors_read_what_trainer_loop_writes() -> None:
     assert results.per_class({"per_class_accuracy": {}}) is None
 
 
+@pytest.mark.fast
 def test_step_stats_skip_the_first_step_and_ddp_has_no_comm() -> None:
     m = _metrics("ring", "torch", 2, 160.0, 0.7)
     m["step_records"][0]["step_time_s"] = 99.0  # set-up and warm-up: left out
@@ -554,6 +569,7 @@ def test_step_stats_skip_the_first_step_and_ddp_has_no_comm() -> None:
     assert totals["source"] == "totals" and totals["step_time_s"] == pytest.approx(m["train_time_s"] / 20)
 
 
+@pytest.mark.fast
 def test_load_results_finds_each_kind_and_skips_what_does_not_parse(tmp_path: Path) -> None:
     _bench_file(tmp_path, "b", 2, ["ring"])
     (tmp_path / "batch" / "run").mkdir(parents=True)
@@ -587,6 +603,7 @@ def test_the_committed_quick_results_still_render(tmp_path: Path) -> None:
     assert "| large batch, scaled LR + warmup (b=512/worker) | 1024 | 0.8 | yes | 1 |" in text
 
 
+@pytest.mark.fast
 def test_report_cli_on_sparse_results_skips_gracefully(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = tmp_path / "sparse"
     _bench_file(root, "only", 2, ["ring"])  # one world, no training, no trace, no sweep.json
@@ -615,6 +632,7 @@ def test_a_report_of_training_runs_alone_names_the_machine_they_ran_on(tmp_path:
     assert "?" not in text.split("## Collective benchmark")[0]
 
 
+@pytest.mark.fast
 def test_plots_skip_missing_data_with_a_note(tmp_path: Path) -> None:
     notes: list[str] = []
     calls = [
@@ -634,6 +652,7 @@ def test_plots_skip_missing_data_with_a_note(tmp_path: Path) -> None:
     assert len(notes) == len(calls) and not list(tmp_path.glob("*.png"))
 
 
+@pytest.mark.fast
 def test_timeline_pairs_begin_end_and_draws_a_lane_per_rank(tmp_path: Path) -> None:
     events = [
         {"ph": "B", "name": "all_reduce", "cat": "comm", "ts": 100, "pid": 1, "tid": 0},
@@ -651,6 +670,7 @@ def test_timeline_pairs_begin_end_and_draws_a_lane_per_rank(tmp_path: Path) -> N
     assert "unreadable" in notes[0]
 
 
+@pytest.mark.fast
 def test_human_bytes() -> None:
     assert [plots.human_bytes(n) for n in (512, 64 * KB, MB, 1536 * KB, 1 << 30)] == [
         "512",
@@ -675,6 +695,7 @@ def test_report_on_a_folder_with_nothing_to_report_fails_and_writes_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.fast
 def test_reliability_help_is_help_and_a_bad_file_is_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -709,6 +730,7 @@ def test_timeline_command_renders_a_trace_file(tmp_path: Path, capsys: pytest.Ca
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "empty.png").exists()
 
 
+@pytest.mark.fast
 def test_benchtable_plots_a_single_bench_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from analysis import benchtable
 
@@ -723,6 +745,7 @@ def test_benchtable_plots_a_single_bench_file(tmp_path: Path, capsys: pytest.Cap
     assert not (tmp_path / "no.png").exists()
 
 
+@pytest.mark.fast
 def test_benchtable_auto_compares_the_pick_with_the_best_single_algorithm(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -745,6 +768,7 @@ def test_benchtable_auto_compares_the_pick_with_the_best_single_algorithm(
     assert "no file has an auto row" in capsys.readouterr().err
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("module", ["benchtable", "cluster", "reliability", "report", "sweep", "timeline"])
 def test_every_command_helps_without_markup_and_refuses_in_one_line(
     module: str, capsys: pytest.CaptureFixture
@@ -767,6 +791,7 @@ def test_every_command_helps_without_markup_and_refuses_in_one_line(
     assert err.count("\n") == 1 and err.startswith(f"python -m analysis.{module}: "), err
 
 
+@pytest.mark.fast
 def test_report_refuses_an_empty_folder_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as raised:
         report.main([str(tmp_path)])

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import timedelta
 
 import pytest
 import torch
+from pool import run_pooled
 
 import ringcomm
 from ringcomm.algorithms.chunks import chunk_bounds, chunk_sizes
 from ringcomm.tools.spawn import run_world
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("numel", [0, 1, 3, 4, 5, 10, 1000, 2**20 + 3])
 @pytest.mark.parametrize("parts", [1, 2, 3, 4, 5, 7])
 def test_chunks_cover_the_tensor_with_sizes_differing_by_at_most_one(numel: int, parts: int) -> None:
@@ -38,6 +41,7 @@ BAD_CALLS = [
 ]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("kwargs, message", BAD_CALLS)
 def test_bad_arguments_raise_value_error_naming_the_argument(kwargs: dict, message: str) -> None:
     x = torch.arange(6.0)
@@ -46,6 +50,7 @@ def test_bad_arguments_raise_value_error_naming_the_argument(kwargs: dict, messa
     assert torch.equal(x, torch.arange(6.0))
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("dtype", [torch.bool, torch.complex64, torch.uint8, torch.int8])
 def test_unsupported_dtype_is_named(dtype: torch.dtype) -> None:
     x = torch.zeros(4, dtype=dtype)
@@ -53,22 +58,26 @@ def test_unsupported_dtype_is_named(dtype: torch.dtype) -> None:
         ringcomm.all_reduce(x)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_avg_on_integers_is_refused(dtype: torch.dtype) -> None:
     with pytest.raises(ValueError, match="op='avg' on an integer tensor"):
         ringcomm.all_reduce(torch.ones(3, dtype=dtype), "avg")
 
 
+@pytest.mark.fast
 def test_not_a_tensor() -> None:
     with pytest.raises(ValueError, match="expects a torch.Tensor, got list"):
         ringcomm.all_reduce([1.0, 2.0])
 
 
+@pytest.mark.fast
 def test_without_process_group_says_what_to_call() -> None:
     with pytest.raises(RuntimeError, match="init_process_group"):
         ringcomm.all_reduce(torch.ones(3))
 
 
+@pytest.mark.fast
 def test_a_numpy_number_is_a_timeout() -> None:
     np = pytest.importorskip("numpy")
     with pytest.raises(RuntimeError, match="init_process_group"):  # past the argument checks
@@ -85,6 +94,7 @@ OVERLAPPING = [
 ]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("make, message", OVERLAPPING)
 def test_a_tensor_whose_elements_share_memory_is_refused_up_front(make, message: str) -> None:
     """They used to be reduced through a contiguous copy, and then the write-back failed (or kept
@@ -93,6 +103,7 @@ def test_a_tensor_whose_elements_share_memory_is_refused_up_front(make, message:
         ringcomm.all_reduce(make())
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "make",
     [
@@ -137,7 +148,7 @@ def _bad_input_in_a_world_rank(rank: int, p: int) -> list[str]:
 
 
 def test_bad_input_in_a_world_is_refused_and_loses_nothing() -> None:
-    failures = run_world(_bad_input_in_a_world_rank, 2, timeout=120)
+    failures = run_pooled(_bad_input_in_a_world_rank, 2, timeout=120)
     assert not [f for r in failures for f in r]
 
 
@@ -174,7 +185,7 @@ def test_any_refusal_on_one_rank_is_told_to_the_others_at_once_with_its_reason()
     """A TypeError (op=["sum"]) used to go unpublished: the others waited for rank 1 until it died,
     or paired their call with its next one. timeout=True was taken as 1 s."""
     p = 3
-    results = run_world(_one_rank_refuses_rank, p, timeout=240)
+    results = run_pooled(_one_rank_refuses_rank, p, timeout=240)
     reasons = {
         "op-list": "op must be a string",
         "timeout-bool": "timeout=True is a bool",
@@ -197,10 +208,19 @@ def test_any_refusal_on_one_rank_is_told_to_the_others_at_once_with_its_reason()
 
 
 def _silent_peer_rank(rank: int, p: int, algo: str) -> dict:
+    """Rank 1 makes the same call (the same-call check passes) and then goes silent inside the
+    algorithm: it sends nothing until rank 0 has given up. Rank 0 must time out *in the algorithm*,
+    waiting on rank 1's data, not earlier (a peer that never calls fails the check or the board)."""
+    import dataclasses
+
     import torch.distributed as dist
 
+    from ringcomm.algorithms.registry import ALGOS
+
+    store = dist.distributed_c10d._get_default_store()
+    gave_up = "tests/rank-0-gave-up"  # a key of the test's own, beside ringcomm's
     ringcomm.init("torch")
-    result = {}
+    result: dict = {}
     if rank == 0:
         t0 = time.monotonic()
         try:
@@ -210,15 +230,28 @@ def _silent_peer_rank(rank: int, p: int, algo: str) -> dict:
             result["error"] = str(exc)
             result["peer"] = exc.peer
         result["elapsed"] = time.monotonic() - t0
-    # rank 1 never calls all_reduce; both meet again on the default group to finish
+        store.set(gave_up, "1")
+    else:
+
+        def silent(*args: object, **options: object) -> None:
+            result["in the algorithm"] = True
+            store.wait([gave_up], timedelta(seconds=30))  # alive (heartbeating), sending nothing
+
+        ALGOS[algo] = dataclasses.replace(ALGOS[algo], run=silent)  # this process only
+        try:
+            ringcomm.all_reduce(torch.ones(1000), algo=algo, timeout=30)
+        except ringcomm.CommError:
+            pass  # rank 0's failure may reach this rank's call; what matters is rank 0's error
+    # both meet again on the default group to finish
     dist.barrier()
     return result
 
 
 @pytest.mark.parametrize("algo", ["ring", "ring_simple", "naive"])
 def test_a_silent_peer_makes_the_waiting_rank_raise_within_the_timeout(algo: str) -> None:
-    result = run_world(_silent_peer_rank, 2, (algo,), timeout=60)[0]
-    assert result["error"] is not None, "all_reduce returned although the peer never called it"
+    result, peer = run_world(_silent_peer_rank, 2, (algo,), timeout=60)
+    assert peer.get("in the algorithm"), "rank 1 never reached the algorithm: the test would see only the set-up"
+    assert result["error"] is not None, "all_reduce returned although the peer never sent"
     assert "rank 0" in result["error"] and "peer rank 1" in result["error"]
     # names the time it waited: the 1.5 s timeout less the same-call check's round before it
     waited = float(re.search(r"within ([0-9.]+) s", result["error"]).group(1))
@@ -227,6 +260,7 @@ def test_a_silent_peer_makes_the_waiting_rank_raise_within_the_timeout(algo: str
     assert 1.4 <= result["elapsed"] < 1.5 + 3.0
 
 
+@pytest.mark.fast
 def test_an_option_the_algorithm_does_not_take_is_refused() -> None:
     x = torch.ones(3)
     with pytest.raises(ValueError, match="algo='ring' takes no option 'ps_shards'"):
@@ -260,7 +294,7 @@ def test_trace_records_each_ring_message_with_peer_and_chunk(tmp_path) -> None:
     from ringcomm.runtime import trace
 
     p = 3
-    labels = run_world(_traced_rank, p, (str(tmp_path / "t"),), timeout=120)
+    labels = run_pooled(_traced_rank, p, (str(tmp_path / "t"),), timeout=120)
     # ps messages are labelled by shard (s0, s1), naive's by the whole tensor, not by the ring's chunks
     assert all(per_rank == {"ps.send": ["s0", "s1"], "naive.send": ["all"]} for per_rank in labels), labels
     merged = trace.merge([str(tmp_path / f"t.{r}") for r in range(p)], str(tmp_path / "trace.json"))
@@ -304,7 +338,7 @@ def _mismatch_rank(rank: int, p: int, transport: str) -> dict:
 @pytest.mark.parametrize("transport", ["torch"])
 def test_ranks_calling_with_different_numel_or_dtype_all_raise_a_clear_mismatch(transport: str) -> None:
     p = 3
-    for rank, result in enumerate(run_world(_mismatch_rank, p, (transport,), timeout=120)):
+    for rank, result in enumerate(run_pooled(_mismatch_rank, p, (transport,), timeout=120)):
         error = result["error"]
         assert error is not None and f"rank {rank}:" in error
         assert "numel differs: ranks [0, 2] 100; ranks [1] 108" in error
@@ -314,6 +348,7 @@ def test_ranks_calling_with_different_numel_or_dtype_all_raise_a_clear_mismatch(
         assert "options differs" in result["options_error"]
 
 
+@pytest.mark.fast
 def test_an_unknown_transport_or_a_device_no_transport_serves_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="unknown transport 'zmqq'; expected one of ") as info:
         ringcomm.init("zmqq")  # it used to be a KeyError
@@ -334,6 +369,7 @@ class _FakeWork:
         raise RuntimeError("Timed out waiting 1ms for recv operation to complete")
 
 
+@pytest.mark.fast
 def test_a_failure_that_says_timed_out_before_the_deadline_is_a_peer_error() -> None:
     """Timeouts are told by our clock, not by the substring "imed out" in the backend's message."""
     from ringcomm.transports.base import Pending
@@ -347,6 +383,7 @@ def test_a_failure_that_says_timed_out_before_the_deadline_is_a_peer_error() -> 
         transport.wait(Pending("recv", 1, _FakeWork()), time.monotonic() - 1)
 
 
+@pytest.mark.fast
 def test_a_transport_registers_itself_and_the_api_names_none() -> None:
     """all_reduce learns transports from the registry (transport.py), so a new one needs no edit to
     api.py; its device types decide which tensors it takes and which hints an error gives."""

@@ -37,6 +37,7 @@ def _fits(table: dict[str, tuple[float, float]], p: int = 4, transport: str = "t
     return auto.parse_fits(json.dumps({"fits": doc}), "made up")
 
 
+@pytest.mark.fast
 def test_small_messages_go_to_few_rounds_and_large_ones_to_the_ring() -> None:
     fits = _fits(MADE_UP)
     assert auto.choose(fits, "torch", 4, 4 << 10).algo == "rd"
@@ -48,6 +49,7 @@ def test_small_messages_go_to_few_rounds_and_large_ones_to_the_ring() -> None:
     assert [order[a] for a in picks] == sorted(order[a] for a in picks)
 
 
+@pytest.mark.fast
 def test_the_pick_is_the_smallest_predicted_time_of_the_candidates() -> None:
     fits = _fits(MADE_UP)
     for nbytes in (1, 1000, 65536, 1 << 20, 1 << 26):
@@ -59,6 +61,7 @@ def test_the_pick_is_the_smallest_predicted_time_of_the_candidates() -> None:
         assert choice.predicted_s[choice.algo] == min(choice.predicted_s.values())
 
 
+@pytest.mark.fast
 def test_a_fit_tuned_at_another_world_size_is_used_and_said_so() -> None:
     choice = auto.choose(_fits(MADE_UP, p=8), "torch", 4, 4096)
     assert "torch on cpu tuned at P=8" in choice.source
@@ -73,6 +76,7 @@ def _tuned_at(ps: tuple[int, ...]) -> auto.Fits:
     return auto.parse_fits(json.dumps({"fits": doc}), "made up")
 
 
+@pytest.mark.fast
 def test_between_tuned_world_sizes_the_nearest_fit_is_used_and_said_so() -> None:
     fits = _tuned_at((2, 8))
     assert auto.choose(fits, "torch", 4, 4096).source.endswith("tuned at P=2")  # |4-2| < |4-8|
@@ -82,6 +86,7 @@ def test_between_tuned_world_sizes_the_nearest_fit_is_used_and_said_so() -> None
     assert auto.choose(fits, "torch", 8, 4096).notes == ()
 
 
+@pytest.mark.fast
 def test_beyond_the_tuned_range_the_central_algorithms_are_not_extrapolated() -> None:
     """naive and ps would win at P = 64 on these fits (their alpha is tiny); measured at P <= 4 only, they are
     left out there, and the answer says P is outside the tuned range and what was left out."""
@@ -100,6 +105,7 @@ def test_beyond_the_tuned_range_the_central_algorithms_are_not_extrapolated() ->
 SIZES = [0, 1, 1 << 10, 4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("transport", list(auto.DEFAULT_FITS))
 def test_the_shipped_defaults_pick_sensibly_at_every_world_size(transport: str) -> None:
     """P = 2..64, sizes 0..64 MiB, the fits auto ships with: no central server (a (P-1)-way incast) beyond
@@ -122,6 +128,7 @@ def test_the_shipped_defaults_pick_sensibly_at_every_world_size(transport: str) 
         assert times == sorted(times), (p, algos)
 
 
+@pytest.mark.fast
 def test_64_ranks_and_4_kib_over_torch_is_not_a_63_way_incast() -> None:
     choice = auto.choose(auto.Fits(), "torch", 64, 4 << 10)
     assert choice.algo not in auto.CENTRAL and "ps" not in choice.predicted_s
@@ -131,6 +138,7 @@ def test_64_ranks_and_4_kib_over_torch_is_not_a_63_way_incast() -> None:
 # --- keyed by device: NCCL is not Gloo ---
 
 
+@pytest.mark.fast
 def test_a_cuda_pick_never_uses_a_cpu_fit() -> None:
     naive_wins = {a: (1.0, 1.0) for a in auto.CANDIDATES}
     naive_wins["naive"] = (1e-9, 1e-15)
@@ -146,6 +154,7 @@ def test_a_cuda_pick_never_uses_a_cpu_fit() -> None:
     assert auto.choose(auto.Fits(), "torch", 4, 4096, device="cuda").source.startswith("model defaults")
 
 
+@pytest.mark.fast
 def test_a_cuda_fit_is_used_for_cuda_only() -> None:
     ring_wins = {a: (1.0, 1.0) for a in auto.CANDIDATES}
     ring_wins["ring"] = (1e-9, 1e-15)
@@ -161,6 +170,7 @@ def test_a_cuda_fit_is_used_for_cuda_only() -> None:
         auto.parse_fits(json.dumps({"fits": {"torch:xpu": doc["torch:cuda"]}}), "odd")
 
 
+@pytest.mark.fast
 def test_a_rank_remembers_its_picks_per_device() -> None:
     """WorldTuning.pick caches by (transport, device, size): a CPU pick is not reused for a CUDA tensor."""
     from ringcomm.runtime.tuning import WorldTuning
@@ -173,6 +183,7 @@ def test_a_rank_remembers_its_picks_per_device() -> None:
     assert tune.pick("torch", 1 << 20, 1e18, "cuda") != "naive"
 
 
+@pytest.mark.fast
 def test_explain_says_what_and_why() -> None:
     choice = ringcomm.explain_auto(16384, torch.float32, "shm", world_size=4)
     text = str(choice)
@@ -180,6 +191,7 @@ def test_explain_says_what_and_why() -> None:
     assert all(algo in text for algo in choice.predicted_s)
 
 
+@pytest.mark.fast
 def test_explain_refuses_what_all_reduce_refuses() -> None:
     with pytest.raises(ValueError, match=r"unknown transport 'nccl'.*transport='torch' with device='cpu' \(Gloo\) or device='cuda' \(NCCL\)"):
         ringcomm.explain_auto(1000, transport="nccl", world_size=4)
@@ -195,17 +207,20 @@ def test_explain_refuses_what_all_reduce_refuses() -> None:
     assert on_cuda.device == "cuda" and on_cuda.source.startswith("model defaults")
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(("dtype", "size"), [("float32", 4), ("torch.float64", 8), ("bfloat16", 2), (torch.int8, 1)])
 def test_explain_takes_a_dtype_or_its_name(dtype: object, size: int) -> None:
     assert ringcomm.explain_auto(1000, dtype, world_size=4).nbytes == 1000 * size
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("dtype", ["float33", "Tensor", 4, None])
 def test_explain_refuses_a_dtype_that_is_not_one_by_name(dtype: object) -> None:
     with pytest.raises(ValueError, match=f"dtype={dtype!r} is not a torch dtype; pass e.g. torch.float32 or 'float32'"):
         ringcomm.explain_auto(1000, dtype, world_size=4)
 
 
+@pytest.mark.fast
 def test_one_rank_moves_nothing_and_consults_no_fit() -> None:
     choice = ringcomm.explain_auto(1000, world_size=1)
     assert set(choice.predicted_s.values()) == {0.0}
@@ -213,6 +228,7 @@ def test_one_rank_moves_nothing_and_consults_no_fit() -> None:
     assert "tuned" not in str(choice)
 
 
+@pytest.mark.fast
 def test_a_tune_file_named_but_missing_is_said_not_ignored(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -231,6 +247,7 @@ def test_a_tune_file_named_but_missing_is_said_not_ignored(
     assert auto.load_local().source == "defaults (ringcomm/auto.py)" and capsys.readouterr().err == ""
 
 
+@pytest.mark.fast
 def test_a_tune_file_that_is_not_one_is_refused_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bad = tmp_path / "tune.json"
     bad.write_text("{not json")
@@ -241,6 +258,7 @@ def test_a_tune_file_that_is_not_one_is_refused_by_name(tmp_path: Path, monkeypa
     assert auto.load_local().source.startswith("defaults")  # with a warning on stderr
 
 
+@pytest.mark.fast
 def test_tune_fits_recover_alpha_and_beta_from_clean_rows() -> None:
     alpha, beta, p = 120e-6, 0.8e-9, 4
     rows = []

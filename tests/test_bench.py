@@ -47,6 +47,7 @@ def as_torchrun_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         dist.destroy_process_group()
 
 
+@pytest.mark.fast
 @pytest.mark.timeout(60)
 def test_json_under_torchrun_records_the_world_torchrun_started(
     as_torchrun_rank: None, tmp_path: Path
@@ -72,6 +73,7 @@ def test_a_world_size_that_contradicts_torchrun_is_refused(
     assert not dist.is_initialized()
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("text", "default", "spec"),
     [
@@ -91,11 +93,13 @@ def test_algo_spec_parses_the_label_grammar(text: str, default: str, spec: bench
     assert bench.AlgoSpec.parse(spec.label) == spec
 
 
+@pytest.mark.fast
 def test_algo_spec_options_are_what_ringcomm_all_reduce_takes() -> None:
     assert bench.AlgoSpec.parse("ps:3").options == {"ps_shards": 3}
     assert bench.AlgoSpec.parse("ps").options == {} == bench.AlgoSpec.parse("ring@zmq").options
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("text", "says"),
     [
@@ -114,12 +118,14 @@ def test_algo_spec_refuses_bad_labels_and_says_which(text: str, says: str) -> No
         bench.AlgoSpec.parse(text)
 
 
+@pytest.mark.fast
 def test_cli_refuses_a_bad_label_before_starting_a_world(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         bench.main(["--world-size", "2", "--algos", "gloo,ring:2"])
     assert "--algos: algorithm 'ring:2'" in capsys.readouterr().err
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("text", "nbytes"),
     [("64K", 65536), ("1M", 1 << 20), ("1MiB", 1 << 20), ("1.5k", 1536), ("3G", 3 << 30), ("4096", 4096)],
@@ -138,6 +144,7 @@ def test_machine_info_describes_this_machine_without_a_subprocess(monkeypatch: p
     assert info["python"] == platform.python_version() and info["platform"].startswith(platform.system())
 
 
+@pytest.mark.fast
 def test_the_overlapped_parameter_server_has_a_label_of_its_own() -> None:
     spec = bench.AlgoSpec.parse("ps+overlap:4", "shm")
     assert (spec.label, spec.algo, spec.transport) == ("ps+overlap:4@shm", "ps", "shm")
@@ -150,6 +157,7 @@ def test_the_overlapped_parameter_server_has_a_label_of_its_own() -> None:
 # --- command-line mistakes (issue 15): one line, status 2, before any worker starts ---------------
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
@@ -191,6 +199,7 @@ def test_a_near_miss_algorithm_gets_a_suggestion(capsys: pytest.CaptureFixture) 
     assert "did you mean ring?" in capsys.readouterr().err
 
 
+@pytest.mark.fast
 def test_help_shows_every_default_and_no_backticks(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as raised:
         bench.main(["--help"])

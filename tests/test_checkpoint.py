@@ -21,7 +21,7 @@ from trainer.checkpoint import Progress, atomic_write
 from trainer.loop import TrainConfig
 
 #: Each test makes a gloo group (and test_loop trains): a hang fails it here, not at CI's limit.
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.fast]
 
 # --- atomic_write -----------------------------------------------------------------------------------
 

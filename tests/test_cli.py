@@ -75,6 +75,7 @@ print("torch imported" if "torch" in sys.modules else "torch not imported", repr
 """
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("argv", "status"),
     [
@@ -102,6 +103,7 @@ def test_argument_mistakes_are_said_before_torch_is_imported(argv: list[str], st
         assert got == status
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
@@ -133,6 +135,7 @@ def _help(argv: list[str], capsys: pytest.CaptureFixture, main: object) -> str:
     return capsys.readouterr().out
 
 
+@pytest.mark.fast
 def test_launch_help_shows_every_default_and_the_out_folder_it_uses(capsys: pytest.CaptureFixture) -> None:
     text = _help(["--help"], capsys, launch.parse_args)
     assert "``" not in text
@@ -164,11 +167,13 @@ def test_launch_help_shows_every_default_and_the_out_folder_it_uses(capsys: pyte
 # --- the launcher's own checks, before any worker starts ------------------------------------------
 
 
+@pytest.mark.fast
 def test_a_wrong_data_dir_is_refused_not_replaced_by_synthetic_data(no_world: None) -> None:
     """The issue's first item: this trained on synthetic data and exited 0."""
     assert _refusal(["--data-dir", "/wrong/path"]) == "launch.py: --data-dir /wrong/path: no such folder"
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
@@ -196,12 +201,14 @@ def test_a_dataset_that_cannot_be_served_as_asked_is_refused(
     assert message.startswith(f"launch.py: {says.format(empty=empty)}"), message
 
 
+@pytest.mark.fast
 @pytest.mark.skipif(data.fashion_mnist_dir(None) is not None, reason="Debian's Fashion-MNIST is installed")
 def test_fashion_mnist_without_its_files_is_one_line(no_world: None) -> None:
     message = _refusal(["--dataset", "fashion-mnist"])
     assert message.startswith("launch.py: --dataset fashion-mnist: no idx files in /usr/share/datasets")
 
 
+@pytest.mark.fast
 def test_download_offline_is_one_line_that_says_what_to_do(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_world: None
 ) -> None:
@@ -217,6 +224,7 @@ def test_download_offline_is_one_line_that_says_what_to_do(
     assert "Name or service not known" in message and "cifar-10-python.tar.gz" in message
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("folder_was_there", [False, True])
 def test_a_failed_download_takes_back_what_it_made(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_world: None, folder_was_there: bool
@@ -241,6 +249,7 @@ def test_a_failed_download_takes_back_what_it_made(
         assert not root.exists(), sorted(root.iterdir())
 
 
+@pytest.mark.fast
 def test_the_cifar_message_speaks_to_the_command_line(tmp_path: Path) -> None:
     (tmp_path / "cifar-10-batches-py").mkdir()  # there, but without its files
     with pytest.raises(RuntimeError) as raised:
@@ -248,6 +257,7 @@ def test_the_cifar_message_speaks_to_the_command_line(tmp_path: Path) -> None:
     assert "download=True" not in str(raised.value) and "--download" in str(raised.value)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
@@ -317,6 +327,7 @@ def _fake_checkpoint(path: Path, *, step: int, epoch: int, model: str = "simplec
     torch.save(ckpt, path)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
@@ -342,6 +353,7 @@ def test_a_checkpoint_with_nothing_left_to_train_is_said_before_starting(
     assert message.startswith(f"launch.py: --resume {path}: {says}"), message
 
 
+@pytest.mark.fast
 def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path: Path, no_world: None) -> None:
     path = tmp_path / "notes.txt"
     path.write_text("not a checkpoint")
@@ -441,6 +453,7 @@ def _metrics_for_summary(stopped: str | None) -> dict[str, object]:
     }
 
 
+@pytest.mark.fast
 def test_the_summary_says_the_loss_is_the_last_epochs_mean_and_what_was_tested() -> None:
     text = launch.summary(_metrics_for_summary(None))
     assert "final train loss" not in text
@@ -450,6 +463,7 @@ def test_the_summary_says_the_loss_is_the_last_epochs_mean_and_what_was_tested()
     assert "wrote runs/x/metrics.json and runs/x/checkpoint.pt (step 12)" in text
 
 
+@pytest.mark.fast
 def test_the_summary_of_a_run_resumed_mid_epoch_says_which_steps_its_mean_is_over() -> None:
     """Resumed at step 10 in epoch 1, the mean is over steps 11-12 only; it said "over its 2 steps"."""
     metrics = _metrics_for_summary(None)
@@ -459,6 +473,7 @@ def test_the_summary_of_a_run_resumed_mid_epoch_says_which_steps_its_mean_is_ove
     assert "mean train loss 1.5000 over steps 11-12 (since the resume at step 10) |" in text
 
 
+@pytest.mark.fast
 def test_the_summary_of_a_stopped_run_says_so_and_how_to_go_on() -> None:
     text = launch.summary(_metrics_for_summary("interrupted"))
     assert text.startswith("stopped early (Ctrl-C): ring x2")

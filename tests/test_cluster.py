@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,18 @@ def _why_not() -> str | None:
     return None
 
 
-WHY_NOT = _why_not()
-needs_namespaces = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
+@pytest.fixture(scope="session")
+def _namespaces() -> None:
+    """Skip, with the reason, where network namespaces cannot be made. Asked once, and only when a
+    test that needs them runs: never at import, so ``--collect-only`` or ``-m fast`` runs no ``ip``."""
+    why_not = _why_not()
+    if why_not is not None:
+        pytest.skip(why_not)
+
+
+def needs_namespaces(test: Callable[..., None]) -> Callable[..., None]:
+    """The test needs network namespaces (marker ``netns``; skipped where none can be made)."""
+    return pytest.mark.netns(pytest.mark.usefixtures("_namespaces")(test))
 
 
 def _ours(run_id: str) -> list[str]:
@@ -126,6 +137,7 @@ def test_a_three_node_all_reduce_matches_the_same_world_on_one_host(tmp_path: Pa
         assert cluster_ranks[r]["results"]["ring"].equal(cluster_ranks[0]["results"]["ring"])
 
 
+@pytest.mark.fast
 @needs_namespaces
 def test_the_first_failing_nodes_status_comes_back_and_a_hanging_node_is_stopped() -> None:
     # node 1 fails with 7 at once; nodes 0 and 2 would sleep for a minute
@@ -139,6 +151,7 @@ def test_the_first_failing_nodes_status_comes_back_and_a_hanging_node_is_stopped
     assert _ours(_run_id(done.stdout)) == []
 
 
+@pytest.mark.fast
 @needs_namespaces
 def test_each_node_gets_torchruns_variables_and_its_own_address() -> None:
     code = ("import os; print('ENV', os.environ['RANK'], os.environ['WORLD_SIZE'], os.environ['MASTER_ADDR'], "
@@ -171,6 +184,7 @@ def test_a_timed_transfer_comes_out_at_the_shaped_rate() -> None:
     assert 0.75 * 40e6 < measured < 1.2 * 40e6, f"measured {measured / 1e6:.1f} Mbit/s on a 40mbit link"
 
 
+@pytest.mark.fast
 @needs_namespaces
 def test_a_killed_runs_leftovers_are_removed_by_the_next_run() -> None:
     # a process that has exited: its pid names a run that can no longer clean up after itself
@@ -199,6 +213,7 @@ def test_not_root_is_refused_with_the_reason(
     assert "needs root" in capsys.readouterr().err
 
 
+@pytest.mark.fast
 def test_a_link_rate_that_is_not_one_is_refused() -> None:
     assert cluster.parse_rate("500mbit") == 5e8
     assert cluster.parse_rate("1gbit") == 1e9
@@ -208,6 +223,7 @@ def test_a_link_rate_that_is_not_one_is_refused() -> None:
             cluster.parse_rate(bad)
 
 
+@pytest.mark.fast
 @needs_namespaces
 def test_delay_is_refused_clearly_where_the_kernel_has_no_netem() -> None:
     why = cluster._netem_missing()
@@ -216,3 +232,20 @@ def test_delay_is_refused_clearly_where_the_kernel_has_no_netem() -> None:
     done = _tool("--nodes", "2", "--delay", "2ms", "--", "true")
     assert done.returncode == 2
     assert "--delay needs tc's netem" in done.stderr
+
+
+def test_collecting_this_module_runs_no_ip_command(tmp_path: Path) -> None:
+    """It used to try ``ip netns add`` at import: under --collect-only too, on every run of the suite."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "ip"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\nexit 1\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", __file__],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "test_a_three_node_all_reduce" in done.stdout, done.stdout
+    assert not calls.exists(), f"collecting ran: ip {calls.read_text()}"

@@ -113,6 +113,7 @@ def make_cluster_results(root: Path) -> Path:
     return root
 
 
+@pytest.mark.fast
 def test_alpha_is_recovered_with_beta_pinned_to_the_link(tmp_path: Path) -> None:
     res = load_results(make_cluster_results(tmp_path))
     assert cluster_report.cluster_link(res) == LINK
@@ -124,6 +125,7 @@ def test_alpha_is_recovered_with_beta_pinned_to_the_link(tmp_path: Path) -> None
     assert cluster_report.fit_alpha(times, "ring", 2 * BETA) != pytest.approx(ALPHA["ring"], rel=0.05)
 
 
+@pytest.mark.fast
 def test_the_section_reports_ratios_against_the_link_model(tmp_path: Path) -> None:
     root = make_cluster_results(tmp_path)
     notes: list[str] = []
@@ -148,6 +150,7 @@ def test_the_section_reports_ratios_against_the_link_model(tmp_path: Path) -> No
     assert (root / "figures" / "cluster_training.png").stat().st_size > 1000
 
 
+@pytest.mark.fast
 def test_training_rows_carry_throughput_against_ddp_and_scaling_efficiency(tmp_path: Path) -> None:
     root = make_cluster_results(tmp_path)
     _, summary = cluster_report.section(load_results(root), root / "figures", [])

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from pool import run_pooled
 
 import ringcomm
 from ringcomm.errors import CommError
@@ -51,9 +53,26 @@ def _two_threads_rank(rank: int, p: int) -> dict[str, list[float]]:
     return results
 
 
+def _until(condition: Callable[[], object], seconds: float) -> bool:
+    """Whether ``condition()`` became true within ``seconds`` (polled every 1 ms): wait for an event
+    that can be seen, never for a fixed time that a loaded machine outlasts."""
+    end = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def _queued(q: CommQueue, what: str) -> bool:
+    """Whether a call named ``what`` waits in ``q``'s queue (issued, not started)."""
+    with q._cond:
+        return any(item.what == what for item in q._items)
+
+
 def test_two_threads_calling_at_once_run_one_after_the_other() -> None:
     p = 2
-    for results in run_world(_two_threads_rank, p, timeout=120):
+    for results in run_pooled(_two_threads_rank, p, timeout=120):
         assert results == {"a": [3.0, 3.0], "b": [3000.0, 3000.0]}, results
 
 
@@ -74,7 +93,7 @@ def _async_order_rank(rank: int, p: int) -> dict:
 
 def test_async_futures_and_blocking_calls_keep_one_order() -> None:
     p = 3
-    for r in run_world(_async_order_rank, p, timeout=120):
+    for r in run_pooled(_async_order_rank, p, timeout=120):
         assert r["values"] == [sum(float(i + q) for q in range(p)) for i in range(len(ringcomm.ALGOS))]
         assert r["x"] == sum(range(p))
         assert r["refused"].startswith("unknown op 'prod'")  # bad arguments raise at once, not in the future
@@ -87,7 +106,9 @@ def _stuck_rank(rank: int, p: int) -> dict:
     out = {}
     if rank == 0:
         fut = ringcomm.all_reduce_async(torch.ones(10), timeout=30)  # rank 1 never joins
-        time.sleep(0.5)
+        queue = ringcomm.runtime.session.current().queue
+        # shutdown must meet the collective running, not still queued: wait for that, not a fixed time
+        out["was running"] = _until(lambda: queue._running is not None, 20.0)
         t0 = time.monotonic()
         try:
             ringcomm.shutdown(timeout=1.0)
@@ -105,6 +126,7 @@ def test_shutdown_with_a_collective_stuck_on_a_silent_peer_raises_naming_it() ->
     out = run_world(_stuck_rank, 2, timeout=120)[0]
     assert "all_reduce(10 x float32, ring over torch) is still running after 1 s" in out["shutdown"], out
     assert "must not be destroyed under it" in out["shutdown"]
+    assert out["was running"], "the collective never started on the comm thread"
     assert out["seconds"] < 10 and not out["done"]
     assert out["group_kept"], "finish destroyed the process group under the comm thread"
 
@@ -160,20 +182,23 @@ def test_a_blocking_all_reduce_in_a_callback_is_refused_and_the_peers_hear_why()
 # --- the queue on its own, no processes ---
 
 
+@pytest.mark.fast
 def test_a_blocking_call_issued_behind_queued_work_waits_its_turn() -> None:
     q = CommQueue("test-comm")
     order: list[str] = []
     gate = threading.Event()
 
     def slow() -> str:
-        gate.wait(5)
+        gate.wait(10)
         order.append("queued")
         return "queued"
 
     fut = q.submit(slow, "slow", torch.futures.Future())
+    assert _until(lambda: q._running == "slow", 10.0), "the queued work never started"
     t = threading.Thread(target=lambda: order.append(q.run(lambda: "blocking", "blocking") + " returned"))
     t.start()
-    time.sleep(0.2)
+    # until the blocking call is queued behind slow, or (the bug) ran at once
+    assert _until(lambda: order or _queued(q, "blocking"), 10.0), "the blocking call neither ran nor queued"
     assert order == []  # the blocking call did not jump the queue
     gate.set()
     t.join(5)
@@ -181,6 +206,7 @@ def test_a_blocking_call_issued_behind_queued_work_waits_its_turn() -> None:
     q.close(1.0)
 
 
+@pytest.mark.fast
 def test_an_exception_reaches_the_future_and_the_queue_goes_on() -> None:
     q = CommQueue("test-comm")
 
@@ -196,21 +222,24 @@ def test_an_exception_reaches_the_future_and_the_queue_goes_on() -> None:
         q.run(lambda: 1, "late")
 
 
+@pytest.mark.fast
 def test_close_answers_queued_work_that_never_started() -> None:
     """The thread is still in a callback of a finished collective's future when close's time is up:
     what was queued behind must fail, not be dropped (a caller blocked on it would wait forever)."""
     q = CommQueue("test-comm")
     gate = threading.Event()
+    in_callback = threading.Event()
     first = q.submit(lambda: "first", "first", torch.futures.Future())
-    first.add_done_callback(lambda fut: gate.wait(5))  # runs on the comm thread, in set_result
-    time.sleep(0.2)
+    # runs on the comm thread, in set_result
+    first.add_done_callback(lambda fut: (in_callback.set(), gate.wait(10)))
+    assert in_callback.wait(10), "the finished collective's callback never ran"
     queued = q.submit(lambda: "queued", "queued", torch.futures.Future())
     blocked: list[str] = []
     caller = threading.Thread(
         target=lambda: blocked.append(_outcome(lambda: q.run(lambda: "x", "blocked"))), daemon=True
     )
     caller.start()
-    time.sleep(0.2)
+    assert _until(lambda: _queued(q, "blocked"), 10.0), "the blocking call was never queued"
     q.close(0.3)
     caller.join(5)
     gate.set()
@@ -220,6 +249,7 @@ def test_close_answers_queued_work_that_never_started() -> None:
     assert blocked == ["CommError: ringcomm is shut down; blocked was not started"], blocked
 
 
+@pytest.mark.fast
 def test_close_on_the_comm_thread_is_refused_and_the_queue_goes_on() -> None:
     """close() from a future's callback used to wait out its timeout for itself, abandon the work
     queued behind, then fail inside Thread.join ("cannot join current thread")."""
@@ -252,6 +282,7 @@ def _wait_done(fut: torch.futures.Future, seconds: float = 5.0) -> bool:
     return fut.done()
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("fails", [False, True], ids=["result", "error"])
 def test_a_future_its_user_completed_first_does_not_stop_the_comm_thread(fails: bool) -> None:
     """set_result on a completed future raises; it used to escape _Item.finish and end the thread,
@@ -284,6 +315,7 @@ class _RefusingFuture(torch.futures.Future):
         super().set_result(result)
 
 
+@pytest.mark.fast
 def test_a_future_that_refuses_its_result_gets_an_error_and_the_queue_goes_on() -> None:
     q = CommQueue("test-comm")
     fut = q.submit(lambda: 42, "picky", _RefusingFuture())
@@ -295,6 +327,7 @@ def test_a_future_that_refuses_its_result_gets_an_error_and_the_queue_goes_on() 
     q.close(1.0)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("behind", [False, True], ids=["queue-empty", "work-queued-behind"])
 def test_a_blocking_call_in_a_future_callback_is_always_refused_alike(behind: bool) -> None:
     """It used to run inline when the queue happened to be empty, and raise when it was not."""

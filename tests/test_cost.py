@@ -12,6 +12,8 @@ import pytest
 
 from ringcomm import cost
 
+pytestmark = pytest.mark.fast  # every test here is quick
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 ALPHA, BETA = 1e-5, 1e-9  # seconds per message, seconds per byte
 

@@ -381,6 +381,7 @@ def test_the_page_loads_without_errors_and_shows_the_middle_step(tmp_path: Path)
     assert coloured > 0.01, f"only {coloured:.2%} of the screenshot is coloured: the cells did not render"
 
 
+@pytest.mark.fast
 def test_the_recording_is_what_the_page_embeds(tmp_path: Path) -> None:
     """The page carries the same numbers the tables print (no browser needed)."""
     from ringcomm.tools.demo import Recording, render_html, render_text

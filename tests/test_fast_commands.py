@@ -67,6 +67,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[-1])
 def test_help_answers_without_torch(command: list[str]) -> None:
     proc = _run_poisoned([*command, "--help"])
@@ -74,6 +75,7 @@ def test_help_answers_without_torch(command: list[str]) -> None:
     assert proc.stdout.startswith("usage: ") and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[-1])
 def test_a_bad_option_is_one_line_and_status_2_without_torch(command: list[str]) -> None:
     proc = _run_poisoned([*command, "--no-such-option"])
@@ -82,6 +84,7 @@ def test_a_bad_option_is_one_line_and_status_2_without_torch(command: list[str])
     assert len(lines) == 1 and lines[0].endswith("(--help lists the options)"), proc.stderr
 
 
+@pytest.mark.fast
 def test_import_ringcomm_leaves_torch_out_until_a_collective_is_touched() -> None:
     proc = _python(
         "import sys, ringcomm\n"
@@ -95,6 +98,7 @@ def test_import_ringcomm_leaves_torch_out_until_a_collective_is_touched() -> Non
     assert proc.stdout.strip() == "ok", proc.stdout + proc.stderr
 
 
+@pytest.mark.fast
 def test_every_public_name_of_the_package_resolves() -> None:
     from ringcomm import api, errors
     from ringcomm.algorithms import registry
@@ -123,6 +127,7 @@ def test_every_public_name_of_the_package_resolves() -> None:
         ringcomm.no_such_name  # noqa: B018
 
 
+@pytest.mark.fast
 def test_a_transport_module_imported_alone_still_finds_every_transport() -> None:
     """The root no longer imports the transports; the registry does, when it is first asked."""
     proc = _python(
@@ -135,6 +140,7 @@ def test_a_transport_module_imported_alone_still_finds_every_transport() -> None
 # --- one source for every name a command offers -------------------------------------------------
 
 
+@pytest.mark.fast
 def test_the_registries_are_built_from_the_torch_free_names() -> None:
     assert tuple(ringcomm.ALGOS) == ringcomm.names.ALGO_NAMES
     assert ringcomm.transport_names() == ringcomm.names.TRANSPORT_NAMES
@@ -146,6 +152,7 @@ def test_the_registries_are_built_from_the_torch_free_names() -> None:
     assert loop.METRICS_NAME is trainer.names.METRICS_NAME
 
 
+@pytest.mark.fast
 def test_the_builtin_transports_are_the_names_the_commands_offer() -> None:
     """A user's own transport registers beside them (test_api); the built-ins are exactly the list."""
     assert set(transport._builtin_kinds()) == set(ringcomm.names.TRANSPORT_NAMES)
@@ -168,6 +175,7 @@ def test_launch_keeps_no_copy_of_a_registry() -> None:
     assert not assigned & {"ALGO_NAMES", "TRANSPORT_NAMES", "MODEL_NAMES", "DATASET_NAMES", "SCHEDULE_NAMES"}
 
 
+@pytest.mark.fast
 def test_every_command_uses_the_one_parser() -> None:
     """No command defines its own ArgumentParser or HelpFormatter: ringcomm/tools/cli.py is the one."""
     files = [ROOT / "launch.py", ROOT / "ringcomm" / "bench.py", ROOT / "ringcomm" / "demo.py"]
@@ -180,6 +188,7 @@ def test_every_command_uses_the_one_parser() -> None:
     assert issubclass(cli.Parser, argparse.ArgumentParser)
 
 
+@pytest.mark.fast
 def test_the_analysis_parses_labels_without_torch_and_training_does_not_import_the_bench() -> None:
     proc = _python(
         "import sys\n"
@@ -194,6 +203,7 @@ def test_the_analysis_parses_labels_without_torch_and_training_does_not_import_t
     assert proc.stdout.strip() == "ok", proc.stdout + proc.stderr
 
 
+@pytest.mark.fast
 def test_machine_info_names_the_same_torch_with_or_without_importing_it() -> None:
     proc = _python(
         "import sys\n"

@@ -240,6 +240,7 @@ def _pair(stale_s: float = 0.3, store: Any = None) -> tuple[Any, Any]:
     )
 
 
+@pytest.mark.fast
 def test_liveness_tells_a_silent_peer_from_a_beating_one() -> None:
     from ringcomm.errors import PeerError
 
@@ -262,6 +263,7 @@ def test_liveness_tells_a_silent_peer_from_a_beating_one() -> None:
         peer.stop()
 
 
+@pytest.mark.fast
 def test_a_peers_notice_of_giving_up_holds_for_that_call_only() -> None:
     from ringcomm.errors import PeerError
 
@@ -301,6 +303,7 @@ class _FlakyStore:
         return getattr(self.inner, name)
 
 
+@pytest.mark.fast
 def test_the_heartbeat_survives_a_store_that_fails_for_a_while(capfd: pytest.CaptureFixture) -> None:
     store = _FlakyStore()
     me, peer = _pair(stale_s=5.0, store=store)
@@ -321,6 +324,7 @@ def test_the_heartbeat_survives_a_store_that_fails_for_a_while(capfd: pytest.Cap
         peer.stop()
 
 
+@pytest.mark.fast
 def test_a_heartbeat_that_keeps_failing_gives_up_loudly(capfd: pytest.CaptureFixture) -> None:
     from ringcomm.errors import CommError
 
@@ -338,6 +342,7 @@ def test_a_heartbeat_that_keeps_failing_gives_up_loudly(capfd: pytest.CaptureFix
         peer.stop()
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("value", ["-1", "soon"])
 def test_liveness_settings_are_validated(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     from ringcomm.runtime.settings import heartbeat_s, liveness_s
@@ -352,6 +357,7 @@ def test_liveness_settings_are_validated(monkeypatch: pytest.MonkeyPatch, value:
     assert liveness_s() == 0.0  # off
 
 
+@pytest.mark.fast
 def test_the_heartbeat_survives_a_store_wait_that_ends_while_it_looks() -> None:
     """``slots`` is cleared by the waiting thread when its store wait ends, at any moment; the
     heartbeat thread used to read it twice (test, then use) and died on the None in between."""

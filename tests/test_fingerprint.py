@@ -17,6 +17,8 @@ from ringcomm.errors import MismatchError
 from ringcomm.runtime import check as fp
 from ringcomm.runtime.board import _TEXT_MAX
 
+pytestmark = pytest.mark.fast  # every test here is quick
+
 
 class _Board:
     """One call's board for every rank, cut as the call board cuts a slot (``board.CallBoard``)."""

@@ -150,6 +150,7 @@ def test_error_in_comm_thread_reaches_training_loop() -> None:
     assert "earlier collective failed" in second and float(second.split("s ")[0]) < 1.0, second
 
 
+@pytest.mark.fast
 def test_unknown_algo_transport_or_option_is_rejected_by_the_state() -> None:
     with pytest.raises(ValueError, match="unknown algo"):
         RingcommState("butterfly")

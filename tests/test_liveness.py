@@ -14,6 +14,8 @@ import torch.distributed as dist
 from ringcomm.errors import PeerError
 from ringcomm.runtime.liveness import Liveness
 
+pytestmark = pytest.mark.fast  # every test here is quick
+
 
 class _Wrapped:
     """A store that passes every call to an in-process HashStore, except where ``hook`` says.

@@ -27,6 +27,7 @@ from trainer.models import build_model, count_parameters
 # --- models -------------------------------------------------------------------------------
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("name", "params"),
     [("simplecnn", 1_143_466), ("resnet18", 11_173_962), ("resnet50", 23_520_842)],
@@ -47,6 +48,7 @@ def test_cifar_stem_and_output_shape() -> None:
         assert build_model("simplecnn").eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.fast
 def test_unknown_model_is_named() -> None:
     with pytest.raises(ValueError, match="unknown model 'vgg'"):
         build_model("vgg")
@@ -91,6 +93,7 @@ def _write_cifar(root: Path, per_batch: int = 3, n_test: int = 4) -> dict[str, n
     return written
 
 
+@pytest.mark.fast
 def test_cifar10_loads_the_on_disk_format(tmp_path: Path) -> None:
     written = _write_cifar(tmp_path)
     with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb") as f:  # read as on the CIFAR page
@@ -106,6 +109,7 @@ def test_cifar10_loads_the_on_disk_format(tmp_path: Path) -> None:
     assert torch.equal(test_x[3].reshape(-1), torch.from_numpy(written["test_batch"][3]))
 
 
+@pytest.mark.fast
 def test_cifar10_verifies_md5_by_default(tmp_path: Path) -> None:
     # torchvision checks the published MD5 of every file; ours are not those files.
     _write_cifar(tmp_path)
@@ -113,6 +117,7 @@ def test_cifar10_verifies_md5_by_default(tmp_path: Path) -> None:
         load_cifar10(tmp_path)
 
 
+@pytest.mark.fast
 def test_auto_prefers_cifar10_and_says_why(tmp_path: Path) -> None:
     _write_cifar(tmp_path, per_batch=40, n_test=10)
     name, root, reason = resolve_dataset("auto", tmp_path)
@@ -125,6 +130,7 @@ def test_auto_prefers_cifar10_and_says_why(tmp_path: Path) -> None:
     assert len(data.train) == 200 and len(data.test) == 10
 
 
+@pytest.mark.fast
 def test_auto_without_cifar_falls_back(tmp_path: Path) -> None:
     name, _, reason = resolve_dataset("auto", tmp_path)
     expected = (
@@ -134,6 +140,7 @@ def test_auto_without_cifar_falls_back(tmp_path: Path) -> None:
     assert reason.startswith("auto: no cifar-10-batches-py")
 
 
+@pytest.mark.fast
 def test_explicit_cifar10_missing_says_what_to_do(tmp_path: Path) -> None:
     name, root, _ = resolve_dataset("cifar10", tmp_path)
     with pytest.raises(RuntimeError, match="fashion-mnist or synthetic"):
@@ -143,6 +150,7 @@ def test_explicit_cifar10_missing_says_what_to_do(tmp_path: Path) -> None:
 # --- Fashion-MNIST ------------------------------------------------------------------------------
 
 
+@pytest.mark.fast
 def test_idx_reader_plain_and_gzip(tmp_path: Path) -> None:
     array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     raw = bytes([0, 0, 8, 3]) + np.array([2, 3, 4], dtype=">u4").tobytes() + array.tobytes()
@@ -156,6 +164,7 @@ def test_idx_reader_plain_and_gzip(tmp_path: Path) -> None:
         _read_idx(tmp_path / "bad")
 
 
+@pytest.mark.fast
 @pytest.mark.skipif(
     not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists(),
     reason=f"Debian's dataset-fashion-mnist is not installed ({DEBIAN_FASHION_MNIST} missing)",
@@ -180,6 +189,7 @@ def test_fashion_mnist_from_debian_files() -> None:
 # --- synthetic --------------------------------------------------------------------------------------
 
 
+@pytest.mark.fast
 def test_synthetic_is_deterministic_and_balanced() -> None:
     a = make_synthetic(500, 100)
     b = make_synthetic(500, 100)
@@ -190,6 +200,7 @@ def test_synthetic_is_deterministic_and_balanced() -> None:
     assert not torch.equal(make_synthetic(500, 100, seed=1)[0], a[0])
 
 
+@pytest.mark.fast
 def test_synthetic_classes_are_separable_by_their_templates() -> None:
     # learnable: the nearest class mean (from the training split) classifies most test images
     train_x, train_y, test_x, test_y, _ = make_synthetic(2000, 500)
@@ -198,6 +209,7 @@ def test_synthetic_classes_are_separable_by_their_templates() -> None:
     assert (dist.argmin(1) == test_y).float().mean() > 0.9
 
 
+@pytest.mark.fast
 def test_train_augmentation_keeps_shape() -> None:
     data = load_dataset("synthetic", None, synthetic_size=(100, 20))
     torch.manual_seed(0)
@@ -210,6 +222,7 @@ def test_train_augmentation_keeps_shape() -> None:
 # --- learning-rate schedule ---------------------------------------------------------------
 
 
+@pytest.mark.fast
 def test_lr_factor_warmup_then_cosine_to_zero() -> None:
     f = [lr_factor(s, total_steps=100, warmup_steps=10, schedule="cosine") for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
@@ -217,6 +230,7 @@ def test_lr_factor_warmup_then_cosine_to_zero() -> None:
     assert f[10] == pytest.approx(1.0) and f[-1] < 0.01
 
 
+@pytest.mark.fast
 def test_lr_factor_multistep_and_scaled_warmup() -> None:
     f = [lr_factor(s, total_steps=100, warmup_steps=0, schedule="multistep") for s in range(100)]
     assert f[49] == 1.0 and f[50] == pytest.approx(0.1) and f[75] == pytest.approx(0.01)

@@ -20,6 +20,8 @@ from ringcomm.algorithms.registry import ALGOS
 from ringcomm.errors import CommTimeoutError
 from tests.nccl_order import run_threads
 
+pytestmark = pytest.mark.fast  # every test here is quick
+
 TIMEOUT_S = 10.0
 
 # (algo, options) pairs: every algorithm, the pipelined ring with several segments per chunk

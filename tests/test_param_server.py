@@ -11,9 +11,9 @@
    the tensor untouched, and the next all_reduce still works.
 4. A server whose worker never comes raises CommTimeoutError naming that worker.
 
-One spawned world per P runs the grid, the counts and the bad options (spawning
-costs more than the cases) and is shared by the tests of that P; the timeout
-test has a world of its own. Each rank returns failure strings per group and
+The pooled world of P (``pool.run_pooled``: started once per session, shared with
+the other modules) runs the grid in one call, and the counts and the bad options
+(the quick tier) in another; the timeout test has a world of its own. Each rank returns failure strings per group and
 each test asserts its group is empty.
 """
 
@@ -26,6 +26,8 @@ from collections import Counter
 import pytest
 import torch
 import torch.distributed as dist
+from grid import world_sizes
+from pool import run_pooled
 from traffic import count_from_zero  # tests/traffic.py
 
 import ringcomm
@@ -326,26 +328,33 @@ def _rank_timeout(rank: int, p: int) -> list[str]:
 # --- the tests ------------------------------------------------------------------------
 
 
-def _rank_all(rank: int, p: int) -> dict[str, list[str]]:
-    """Everything one world of ``p`` checks, grouped: spawning a world costs more than its cases."""
-    report = {"grid": _rank_grid(rank, p)}
-    if p >= 2:  # a world of one returns before the algorithm runs: no traffic, no option checks
-        report["counts"] = _rank_counts(rank, p) + _rank_overlapped_counts(rank, p)
-        report["bad_options"] = _rank_bad_options(rank, p)
-    return report
+def _rank_grid_group(rank: int, p: int) -> dict[str, list[str]]:
+    return {"grid": _rank_grid(rank, p)}
 
 
-_WORLDS: dict[int, list[dict[str, list[str]]] | BaseException] = {}
+def _rank_message_groups(rank: int, p: int) -> dict[str, list[str]]:
+    """The quick groups (a world of one returns before the algorithm runs: it has none)."""
+    return {
+        "counts": _rank_counts(rank, p) + _rank_overlapped_counts(rank, p),
+        "bad_options": _rank_bad_options(rank, p),
+    }
+
+
+#: the function that checks each group; its world checks every group of that function at once
+_GROUPS = {"grid": _rank_grid_group, "counts": _rank_message_groups, "bad_options": _rank_message_groups}
+_WORLDS: dict[tuple[int, str], list[dict[str, list[str]]] | BaseException] = {}
 
 
 def _failures(p: int, group: str) -> list[str]:
-    """The failures of ``group`` in the world of ``p``, spawning that world on first use."""
-    if p not in _WORLDS:
+    """The failures of ``group`` in the pooled world of ``p`` (``pool.run_pooled``, shared with the
+    other modules), checked on first use together with the groups of the same function."""
+    fn = _GROUPS[group]
+    if (p, fn.__name__) not in _WORLDS:
         try:
-            _WORLDS[p] = run_world(_rank_all, p, timeout=TIMEOUT_S)
-        except Exception as exc:  # a crashed world fails every test that reads it, without a respawn
-            _WORLDS[p] = exc
-    reports = _WORLDS[p]
+            _WORLDS[p, fn.__name__] = run_pooled(fn, p, timeout=TIMEOUT_S)
+        except Exception as exc:  # a crashed world fails every test that reads it, without a rerun
+            _WORLDS[p, fn.__name__] = exc
+    reports = _WORLDS[p, fn.__name__]
     if isinstance(reports, BaseException):
         raise reports
     return [line for report in reports for line in report[group]]
@@ -360,12 +369,12 @@ def test_grid_matches_float64_reference_and_ranks_agree_bitwise(p: int) -> None:
     _assert_none(_failures(p, "grid"))
 
 
-@pytest.mark.parametrize("p", WORLD_SIZES[1:])
+@pytest.mark.parametrize("p", world_sizes(WORLD_SIZES[1:], quick=(3, 4)))
 def test_each_message_is_one_push_or_one_pull(p: int) -> None:
     _assert_none(_failures(p, "counts"))
 
 
-@pytest.mark.parametrize("p", WORLD_SIZES[1:])
+@pytest.mark.parametrize("p", world_sizes(WORLD_SIZES[1:], quick=(3, 4)))
 def test_bad_options_raise_before_any_message(p: int) -> None:
     _assert_none(_failures(p, "bad_options"))
 

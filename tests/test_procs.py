@@ -42,6 +42,7 @@ def test_a_timeout_stops_the_grandchildren_too(tmp_path: Path) -> None:
     assert not _alive(child), f"pid {child} outlived its parent's timeout"
 
 
+@pytest.mark.fast
 def test_a_command_that_ends_is_returned_as_subprocess_run_would() -> None:
     done = run([sys.executable, "-c", "import sys; print('out'); sys.exit(3)"], timeout=30,
                capture_output=True, text=True)  # fmt: skip

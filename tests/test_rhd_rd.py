@@ -3,7 +3,7 @@
 1. The grid (``grid.py``): world sizes 1..7, powers of two and not (P = 3, 5, 6,
    7 fold extra ranks in and out) x sizes x dtypes x ops, against a float64
    reference, and every rank ends with the same bytes; the 2**20+3 case for
-   float32 sum only (the slow one). Once more over ZeroMQ (P = 3) and over shared
+   float32 sum only (the slow one), as a test of its own. Once more over ZeroMQ (P = 3) and over shared
    memory with 64-byte slots (P = 5), where every message crosses in fragments
    and a receiver reduces fragment by fragment.
 2. Signed zeros: max and min of +0.0 and -0.0 depend on operand order and on
@@ -19,7 +19,8 @@
    hand, and both algorithms at P = 6, 7, 8 under the NCCL-order emulator
    (``test_nccl_order.py`` runs them at P = 1..5).
 
-One spawned world per P runs every group of that P (spawning costs more than
+One pooled world per P (``pool.run_pooled``, shared with the other modules'
+grids) runs every group of that P in one call (starting a world costs more than
 the cases); each rank returns failure strings per group and each test asserts
 its group is empty.
 """
@@ -32,7 +33,8 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from grid import check_grid, digest
+from grid import BIG, check_grid, digest, world_sizes
+from pool import run_pooled
 from traffic import count_from_zero  # tests/traffic.py
 
 import ringcomm
@@ -45,6 +47,7 @@ from tests.nccl_order import run_threads
 
 ALGOS_HERE = ("rhd", "rd")
 WORLD_SIZES = (1, 2, 3, 4, 5, 6, 7)
+QUICK_SIZES = (3, 4, 6)  # the quick tier: a fold of one, a power of two, a fold of two
 TIMEOUT_S = 300.0  # for a whole spawned world of up to 7 ranks, on a loaded 2-core machine
 ZERO_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ZERO_SIZES = (67, 1000, 4099)  # SIMD bodies and scalar tails of different lengths
@@ -163,7 +166,7 @@ def _rank_all(rank: int, p: int) -> dict[str, object]:
     """Everything one world of ``p`` over the torch transport checks, grouped."""
     report: dict[str, object] = {"grid": [], "signed_zeros": []}
     for algo in ALGOS_HERE:
-        report["grid"] += check_grid(rank, p, algo, big_dtypes=(torch.float32,), big_ops=("sum",))
+        report["grid"] += check_grid(rank, p, algo)
         report["signed_zeros"] += check_signed_zeros(rank, p, algo)
     if p in (4, 6):
         report["counts"] = _rank_counts(rank, p)
@@ -185,7 +188,7 @@ def _reports(p: int) -> list[dict[str, object]]:
     """Each rank's report from the world of ``p``, spawning that world on first use."""
     if p not in _WORLDS:
         try:
-            _WORLDS[p] = run_world(_rank_all, p, timeout=TIMEOUT_S)
+            _WORLDS[p] = run_pooled(_rank_all, p, timeout=TIMEOUT_S)
         except Exception as exc:  # a crashed world fails every test that reads it, without a respawn
             _WORLDS[p] = exc
     reports = _WORLDS[p]
@@ -199,17 +202,28 @@ def _assert_none(failures: list[str]) -> None:
 
 
 @pytest.mark.timeout(TIMEOUT_S + 60)
-@pytest.mark.parametrize("p", WORLD_SIZES)
+@pytest.mark.parametrize("p", world_sizes(WORLD_SIZES, quick=QUICK_SIZES))
 def test_grid_matches_float64_reference_and_ranks_agree_bitwise(p: int) -> None:
     _assert_none([line for report in _reports(p) for line in report["grid"]])
 
 
+def _rank_big(rank: int, p: int) -> list[str]:
+    return [f for algo in ALGOS_HERE for f in check_grid(rank, p, algo, sizes=[BIG])]
+
+
 @pytest.mark.timeout(TIMEOUT_S + 60)
 @pytest.mark.parametrize("p", WORLD_SIZES)
+def test_a_large_odd_float32_sum_matches_the_reference(p: int) -> None:
+    _assert_none([f for r in run_pooled(_rank_big, p, timeout=TIMEOUT_S) for f in r])
+
+
+@pytest.mark.timeout(TIMEOUT_S + 60)
+@pytest.mark.parametrize("p", world_sizes(WORLD_SIZES, quick=QUICK_SIZES))
 def test_max_and_min_of_signed_zeros_agree_bitwise(p: int) -> None:
     _assert_none([line for report in _reports(p) for line in report["signed_zeros"]])
 
 
+@pytest.mark.fast
 @pytest.mark.timeout(TIMEOUT_S + 60)
 def test_at_p4_rd_sends_log2p_messages_of_m_and_rhd_2log2p_of_the_rings_bytes() -> None:
     reports = _reports(4)
@@ -223,6 +237,7 @@ def test_at_p4_rd_sends_log2p_messages_of_m_and_rhd_2log2p_of_the_rings_bytes() 
     assert EXPECTED_P4["rhd"][0]["sent_bytes"] == cost.COSTS["ring"].critical_path(4, 160)[1]
 
 
+@pytest.mark.fast
 @pytest.mark.timeout(TIMEOUT_S + 60)
 def test_at_p6_extra_ranks_send_their_vector_once_and_get_the_result_back() -> None:
     reports = _reports(6)
@@ -239,7 +254,7 @@ def test_at_p6_extra_ranks_send_their_vector_once_and_get_the_result_back() -> N
 
 @pytest.mark.timeout(TIMEOUT_S + 60)
 def test_over_zmq() -> None:
-    _assert_none([f for r in run_world(_rank_other_transport, 3, ("zmq",), timeout=TIMEOUT_S) for f in r])
+    _assert_none([f for r in run_pooled(_rank_other_transport, 3, ("zmq",), timeout=TIMEOUT_S) for f in r])
 
 
 @pytest.mark.timeout(TIMEOUT_S + 60)
@@ -254,6 +269,7 @@ def test_over_shm_with_messages_in_fragments() -> None:
 # --- without processes -------------------------------------------------------------------------
 
 
+@pytest.mark.fast
 def test_the_core_is_the_largest_power_of_two_and_extra_rank_pp_plus_j_folds_into_j() -> None:
     assert [core_size(p) for p in range(1, 10)] == [1, 2, 2, 4, 4, 4, 4, 8, 8]
     assert [fold_partner(r, 4) for r in range(4)] == [None] * 4
@@ -264,11 +280,13 @@ def test_the_core_is_the_largest_power_of_two_and_extra_rank_pp_plus_j_folds_int
         core_size(0)
 
 
+@pytest.mark.fast
 def test_rhd_labels_the_cores_chunks_for_the_trace() -> None:
     assert ALGOS["rhd"].cut(10, 6, {}) == [("c0", 0, 3), ("c1", 3, 3), ("c2", 6, 2), ("c3", 8, 2)]
     assert ALGOS["rd"].cut(10, 6, {}) == [("all", 0, 10)]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("name", "p", "messages", "path_bytes"),
     [
@@ -290,6 +308,7 @@ def test_cost_rows_by_hand(name: str, p: int, messages: int, path_bytes: int) ->
     assert cost.COSTS[name].critical_path(p, 1200.0) == (messages, pytest.approx(path_bytes))
 
 
+@pytest.mark.fast
 def test_rhd_moves_the_rings_bytes_in_fewer_steps_and_rd_takes_the_fewest() -> None:
     for p in (2, 4, 8, 16, 64):
         ring, rhd, rd = (cost.COSTS[a].critical_path(p, 1e6) for a in ("ring", "rhd", "rd"))
@@ -299,6 +318,7 @@ def test_rhd_moves_the_rings_bytes_in_fewer_steps_and_rd_takes_the_fewest() -> N
     assert cost.COSTS["rd"].critical_path(4, 1e6)[1] > cost.COSTS["ring"].critical_path(4, 1e6)[1]
 
 
+@pytest.mark.fast
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("algo", ALGOS_HERE)
 @pytest.mark.parametrize("p", [6, 7, 8])

@@ -1,17 +1,19 @@
 """Ring (readable and pipelined) and naive all-reduce: the grid, how data moves, edge cases.
 
-Each world of P processes runs many cases (one spawn per P keeps the suite fast on 2 cores).
+Every world is a pooled one (``pool.run_pooled``): the P rank processes are started once per
+session and shared with the other modules' grids. The grid is the quick tier; the large odd size
+(float32 sum) is a test of its own in the full tier.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from grid import check_grid, sizes_for
+from grid import BIG, check_grid, sizes_for, world_sizes
+from pool import run_pooled
 from traffic import count_from_zero  # tests/traffic.py
 
 import ringcomm
-from ringcomm.tools.spawn import run_world
 
 ALGOS = ("ring", "ring_simple", "naive")
 
@@ -23,9 +25,20 @@ def _grid_rank(rank: int, p: int) -> list[str]:
     return failures
 
 
-@pytest.mark.parametrize("p", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("p", world_sizes([1, 2, 3, 4, 5], quick=[2, 3, 4]))
 def test_grid_matches_float64_reference_and_ranks_agree_bitwise(p: int) -> None:
-    failures = run_world(_grid_rank, p, timeout=240)
+    failures = run_pooled(_grid_rank, p, timeout=240)
+    flat = [f for per_rank in failures for f in per_rank]
+    assert not flat, "\n".join(flat[:20])
+
+
+def _big_rank(rank: int, p: int) -> list[str]:
+    return [f for algo in ALGOS for f in check_grid(rank, p, algo, sizes=[BIG])]
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 5])
+def test_a_large_odd_float32_sum_matches_the_reference(p: int) -> None:
+    failures = run_pooled(_big_rank, p, timeout=240)
     flat = [f for per_rank in failures for f in per_rank]
     assert not flat, "\n".join(flat[:20])
 
@@ -41,7 +54,7 @@ def _pipelined_small_segments_rank(rank: int, p: int) -> list[str]:
     scratch = ScratchPool()
 
     transport = ringcomm.init("torch")
-    for numel in sizes_for(p)[:-1] + [4099]:
+    for numel in sizes_for(p) + [4099]:
         for segment_bytes, window in [(4, 1), (12, 2), (64, 3), (1 << 20, 4)]:
             g = torch.Generator().manual_seed(numel + 7 * rank)
             x = torch.randn(numel, generator=g)
@@ -65,7 +78,7 @@ def _pipelined_small_segments_rank(rank: int, p: int) -> list[str]:
 
 @pytest.mark.parametrize("p", [2, 3])
 def test_pipelined_ring_equals_readable_ring_for_any_segmentation(p: int) -> None:
-    failures = run_world(_pipelined_small_segments_rank, p, timeout=120)
+    failures = run_pooled(_pipelined_small_segments_rank, p, timeout=120)
     flat = [f for per_rank in failures for f in per_rank]
     assert not flat, "\n".join(flat[:20])
 
@@ -84,7 +97,7 @@ def _message_counts_rank(rank: int, p: int) -> dict:
 
 @pytest.mark.parametrize("p", [2, 4, 5])
 def test_each_ring_rank_sends_2p_minus_2_messages_to_its_right_neighbour(p: int) -> None:
-    per_rank = run_world(_message_counts_rank, p, timeout=120)
+    per_rank = run_pooled(_message_counts_rank, p, timeout=120)
     for rank, counts in enumerate(per_rank):
         right, left = (rank + 1) % p, (rank - 1) % p
         for algo in ("ring", "ring_simple"):
@@ -126,6 +139,6 @@ def _shapes_rank(rank: int, p: int) -> list[str]:
 
 
 def test_multidimensional_noncontiguous_scalar_and_leaf_tensors() -> None:
-    failures = run_world(_shapes_rank, 3, timeout=120)
+    failures = run_pooled(_shapes_rank, 3, timeout=120)
     flat = [f for per_rank in failures for f in per_rank]
     assert not flat, "\n".join(flat)

@@ -10,6 +10,7 @@ here runs with a 60 s timeout and must end in a few seconds.
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -87,14 +88,21 @@ def test_a_rank_that_refuses_calls_in_a_row_stays_in_step(channel: str) -> None:
 
 def _refused_call_nobody_else_makes_rank(rank: int, p: int) -> dict:
     """Rank 0 refuses a call with ``timeout=3``; rank 1 never makes that call (it is elsewhere,
-    alive, for 25 s). The refusal waited the default timeout (300 s) for rank 1 to read it, so
-    rank 0's next call stood behind it for minutes; it waits the refused call's own 3 s."""
+    alive, until rank 0 is done). The refusal waited the default timeout (300 s) for rank 1 to
+    read it, so rank 0's next call stood behind it for minutes; it waits the refused call's own 3 s."""
     ringcomm.init("zmq")  # both ranks in the session: rank 1 heartbeats while it is elsewhere
+    store = dist.distributed_c10d._get_default_store()
+    done = "tests/rank-0-is-done"  # a key of the test's own, beside ringcomm's
     if rank == 1:
-        time.sleep(25)
+        # alive and silent for exactly as long as rank 0 needs: not a fixed sleep that a slow
+        # machine outlasts (rank 1 gone early) or a fast one waits out (25 s for nothing)
+        store.wait([done], timedelta(seconds=100))
         return {}
-    refused = _timed(lambda: ringcomm.all_reduce(torch.ones(4), "prod", transport="zmq", timeout=3))
-    after = _timed(lambda: ringcomm.all_reduce(torch.ones(4), transport="zmq", timeout=3))
+    try:
+        refused = _timed(lambda: ringcomm.all_reduce(torch.ones(4), "prod", transport="zmq", timeout=3))
+        after = _timed(lambda: ringcomm.all_reduce(torch.ones(4), transport="zmq", timeout=3))
+    finally:
+        store.set(done, "1")
     return {"refused": refused, "after": after}
 
 
@@ -264,6 +272,7 @@ def test_transports_of_a_destroyed_world_are_closed_not_dropped() -> None:
     assert run_world(_replaced_world_rank, 2, timeout=120) == [True, True]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("value", ["flase", "maybe", "2"])
 def test_a_boolean_setting_that_is_not_one_raises_naming_it(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     from ringcomm.runtime.settings import check_default, env_bool
@@ -276,6 +285,7 @@ def test_a_boolean_setting_that_is_not_one_raises_naming_it(monkeypatch: pytest.
         env_bool("RINGCOMM_ZMQ_IPC", None)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("value, expected", [("0", False), ("off", False), ("No", False), ("1", True), ("on", True), ("", True)])
 def test_boolean_settings_accept_the_usual_spellings(
     monkeypatch: pytest.MonkeyPatch, value: str, expected: bool
@@ -437,6 +447,7 @@ def _raised(error: Exception) -> Exception:
         return exc
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "make",
     [

@@ -174,6 +174,7 @@ def _on_threads(world_size: int, fn: Any) -> list[Any]:
     return out
 
 
+@pytest.mark.fast
 def test_queues_of_the_same_total_size_but_other_slots_are_refused_on_every_rank() -> None:
     # 2 slots of 192 bytes and 4 of 64 make segments of the same size; before, they set up and
     # then every message failed as a "magic" FrameError.
@@ -201,6 +202,7 @@ def test_queues_of_the_same_total_size_but_other_slots_are_refused_on_every_rank
 # --- item 8: the doorbell word at rank 256 and beyond ---
 
 
+@pytest.mark.fast
 def test_a_doorbell_tells_rank_256_and_more_apart_and_refuses_worlds_it_cannot() -> None:
     from ringcomm.transports.segments import Doorbell
 
@@ -222,6 +224,7 @@ def test_a_doorbell_tells_rank_256_and_more_apart_and_refuses_worlds_it_cannot()
 # --- item 8: a call board slot reused while a slow rank still reads it ---
 
 
+@pytest.mark.fast
 def test_an_unchecked_empty_call_between_two_checked_ones_does_not_overwrite_an_unread_slot() -> None:
     # Calls 0 and 2 are checked (both use slot 0), call 1 is empty and unchecked: it makes no
     # rank wait for another. Rank 0 finishes call 0 and goes on to call 2 while rank 1 has not read

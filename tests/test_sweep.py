@@ -24,6 +24,7 @@ from analysis import sweep
 # --------------------------------------------------------------------------- the plan
 
 
+@pytest.mark.fast
 def test_quick_plan_covers_the_grid(tmp_path: Path) -> None:
     runs = sweep.build_plan("quick", tmp_path, python="python")
     names = [r.name for r in runs]
@@ -63,6 +64,7 @@ def test_quick_plan_covers_the_grid(tmp_path: Path) -> None:
     assert len(trace) == 1 and f"--trace {tmp_path / 'trace.json'}" in trace[0].command
 
 
+@pytest.mark.fast
 def test_full_plan_is_bigger_and_runs_full_epochs(tmp_path: Path) -> None:
     quick = sweep.build_plan("quick", tmp_path)
     full = sweep.build_plan("full", tmp_path)
@@ -166,6 +168,7 @@ def test_a_timed_out_run_takes_its_whole_process_group_down(tmp_path: Path, stub
         _kill(pid)
 
 
+@pytest.mark.fast
 @pytest.mark.timeout(60)
 def test_a_run_that_exits_leaves_nothing_running(tmp_path: Path) -> None:
     # A launcher that crashes without joining its rank: the run is over, the rank must not go on.
@@ -184,6 +187,7 @@ def test_a_run_that_exits_leaves_nothing_running(tmp_path: Path) -> None:
         _kill(pid)
 
 
+@pytest.mark.fast
 @pytest.mark.timeout(60)
 def test_ctrl_c_of_the_sweep_stops_the_running_group_and_records_it(tmp_path: Path) -> None:
     runs = [
@@ -215,6 +219,7 @@ def test_ctrl_c_of_the_sweep_stops_the_running_group_and_records_it(tmp_path: Pa
         _kill(pid)
 
 
+@pytest.mark.fast
 @pytest.mark.timeout(60)
 def test_run_plan_records_successes_failures_and_timeouts(tmp_path: Path) -> None:
     good = tmp_path / "bench" / "good.json"
@@ -247,6 +252,7 @@ def test_run_plan_records_successes_failures_and_timeouts(tmp_path: Path) -> Non
     assert again["runs"][0]["log"] == "logs/good.log", "a kept run still points at the log that made it"
 
 
+@pytest.mark.fast
 def test_cluster_plan_runs_every_world_through_analysis_cluster(tmp_path: Path) -> None:
     runs = sweep.build_plan("cluster", tmp_path, python="python")
     assert {r.kind for r in runs} == {"bench", "train"}, "batch, large batch and trace are one-host studies"
@@ -271,6 +277,7 @@ def test_cluster_plan_runs_every_world_through_analysis_cluster(tmp_path: Path) 
     assert trains == {("ddp", 1)} | {(a, p) for a in ("ring", "ps", "ddp") for p in (2, 4, 8)}
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("preset", sorted(sweep.PRESETS))
 def test_every_bench_command_of_every_preset_passes_the_benchs_own_checks(preset: str, tmp_path: Path) -> None:
     from ringcomm.tools import bench

@@ -27,6 +27,8 @@ from ringcomm.errors import CommTimeoutError, PeerError
 from ringcomm.transports import torch as torch_transport
 from ringcomm.transports.base import Pending, TransportStats, recv, recv_reduce, send
 
+pytestmark = pytest.mark.fast  # every test here is quick
+
 
 class _Work:
     """A NCCL work: done after ``polls`` looks (never if None); ``wait`` raises ``error`` if given."""

@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 from procs import run  # a child's own children stopped too
 
@@ -49,6 +50,7 @@ def test_a_short_traced_run_yields_the_expected_events_per_rank(tmp_path: Path) 
     assert max(firsts) - min(firsts) < 1e6
 
 
+@pytest.mark.fast
 def test_dump_takes_its_copy_under_the_lock_that_add_holds(tmp_path: Path) -> None:
     """The comm thread may add events (and lanes) while the trainer dumps; dump used to iterate
     the live list and dict ("dictionary changed size during iteration")."""
@@ -89,6 +91,7 @@ class _Arrived:
         pass
 
 
+@pytest.mark.fast
 def test_a_reduce_shows_the_values_it_was_applied_to_not_those_at_its_post() -> None:
     # A server posts the reduces of two workers into one accumulator together; the second is
     # applied to the first's result. Its "before" used to be read at the post, before either.

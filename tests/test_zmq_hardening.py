@@ -150,6 +150,7 @@ def _stranger(endpoint: str, kind: int, routing_id: bytes = b"rank:1") -> tuple[
     return ctx, sock
 
 
+@pytest.mark.fast
 def test_foreign_messages_are_dropped_and_logged_once_and_the_real_one_arrives(
     receiver: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -196,6 +197,7 @@ class _RawRank:
         self.ctx.term()
 
 
+@pytest.mark.fast
 def test_a_flood_of_foreign_messages_does_not_stop_a_wait_from_timing_out(receiver: Any) -> None:
     """A wait read messages until one matched, and looked at the clock only when none came."""
     ctx, sock = _stranger(receiver.endpoint, _stranger_type(receiver))
@@ -249,6 +251,7 @@ def _hung_up(client: socket.socket, within_s: float) -> bool:
     return False
 
 
+@pytest.mark.fast
 def test_a_frame_announcing_gigabytes_gets_its_sender_disconnected_before_allocation(receiver: Any) -> None:
     """ZMQ_MAXMSGSIZE: libzmq reads the 8-byte length of a frame and hangs up when it is over the
     cap, instead of allocating 4 GiB and waiting for them."""
@@ -360,6 +363,7 @@ def test_a_stray_process_at_a_ranks_port_cannot_disturb_collectives() -> None:
     assert [r["dropped"] for r in (reports[0], reports[2])] == [0, 0]
 
 
+@pytest.mark.fast
 def test_a_body_longer_than_one_frame_travels_in_pieces_bit_for_bit() -> None:
     """Bodies are cut into frames of at most BODY_FRAME_BYTES (the inbox refuses longer ones)."""
     from ringcomm.transports.wire import BODY_FRAME_BYTES, body_frames

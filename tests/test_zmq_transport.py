@@ -22,9 +22,10 @@ import msgpack
 import pytest
 import torch
 import zmq
-from grid import check_grid
+from grid import BIG, check_grid, world_sizes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pool import run_pooled
 from traffic import count_from_zero  # tests/traffic.py
 from zmq_standalone import standalone  # a transport without torch.distributed (tests only)
 
@@ -42,6 +43,10 @@ from ringcomm.transports.wire import (
 from ringcomm.transports.zmq import ZmqTransport
 
 WORLD_TIMEOUT_S = 240
+#: how late past its deadline a wait may raise: generous, as a loaded 2-core machine can keep a
+#: test off the CPU for seconds (250 ms failed there); a wait that ignored its deadline would
+#: still block far longer, until its 60 s default or pytest's timeout
+LATE_S = 5.0
 
 
 def _threads() -> tuple[int, int]:
@@ -68,8 +73,7 @@ def _threads() -> tuple[int, int]:
 def _grid_rank(rank: int, p: int) -> list[str]:
     failures = []
     for algo in ringcomm.ALGOS:
-        # the 2**20+3 case for float32 only: it is the slow one, and dtype handling is size-independent
-        failures += check_grid(rank, p, algo, "zmq", big_dtypes=(torch.float32,), big_ops=("sum",))
+        failures += check_grid(rank, p, algo, "zmq")
     transport = ringcomm.init("zmq")
     if p > 1 and not transport.endpoint.startswith("ipc://"):
         failures.append(f"rank {rank}: one-host world bound {transport.endpoint}, expected ipc://")
@@ -87,9 +91,21 @@ def _grid_rank(rank: int, p: int) -> list[str]:
     return failures
 
 
-@pytest.mark.parametrize("p", [1, 2, 3, 4])
+@pytest.mark.parametrize("p", world_sizes([1, 2, 3, 4], quick=[3]))
 def test_grid_over_zmq_matches_float64_reference_and_ranks_agree_bitwise(p: int) -> None:
-    failures = run_world(_grid_rank, p, timeout=WORLD_TIMEOUT_S)
+    failures = run_pooled(_grid_rank, p, timeout=WORLD_TIMEOUT_S)
+    flat = [f for per_rank in failures for f in per_rank]
+    assert not flat, "\n".join(flat[:20])
+
+
+def _big_rank(rank: int, p: int) -> list[str]:
+    # the 2**20+3 case, float32 sum only: the slow one, and dtype handling is size-independent
+    return [f for algo in ringcomm.ALGOS for f in check_grid(rank, p, algo, "zmq", sizes=[BIG])]
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4])
+def test_a_large_odd_float32_sum_over_zmq_matches_the_reference(p: int) -> None:
+    failures = run_pooled(_big_rank, p, timeout=WORLD_TIMEOUT_S)
     flat = [f for per_rank in failures for f in per_rank]
     assert not flat, "\n".join(flat[:20])
 
@@ -246,6 +262,7 @@ BAD_FRAMES = [
 ]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("case,make,field,consumes", BAD_FRAMES, ids=[c[0] for c in BAD_FRAMES])
 def test_bad_frame_is_rejected_naming_peer_and_field_then_a_good_one_arrives(
     receiver: ZmqTransport, case: str, make, field: str, consumes: bool
@@ -277,6 +294,7 @@ def test_bad_frame_is_rejected_naming_peer_and_field_then_a_good_one_arrives(
         peer.close()
 
 
+@pytest.mark.fast
 def test_preamble_naming_no_other_rank_is_rejected(receiver: ZmqTransport) -> None:
     """A message with the token whose preamble names this rank itself, or a rank outside the world."""
     for claimed in (0, 2, 7):
@@ -294,6 +312,7 @@ def test_preamble_naming_no_other_rank_is_rejected(receiver: ZmqTransport) -> No
             peer.close()
 
 
+@pytest.mark.fast
 def test_same_tag_in_order_tags_independent_arrivals_buffered_before_irecv() -> None:
     with standalone(0, 2) as a, standalone(1, 2, bind="ipc://", token=a.token) as b:
         a.set_peers({1: b.endpoint})
@@ -330,6 +349,7 @@ def test_same_tag_in_order_tags_independent_arrivals_buffered_before_irecv() -> 
                 assert torch.equal(x, y), name
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "error, expected",
     [(zmq.ZMQError(errno.EINTR), PeerError), (KeyboardInterrupt(), KeyboardInterrupt)],
@@ -365,17 +385,19 @@ def test_a_send_that_fails_between_its_frames_leaves_no_half_message(
         assert torch.equal(got, torch.full((4,), 7.0))
 
 
+@pytest.mark.fast
 def test_silent_peer_times_out_within_the_deadline_naming_it(receiver: ZmqTransport) -> None:
     timeout = 0.3
     start = time.monotonic()
     with pytest.raises(CommTimeoutError) as info:
         receiver.wait(receiver.irecv(torch.empty(4), 1, tag=3), start + timeout)
     elapsed = time.monotonic() - start
-    assert timeout <= elapsed < timeout + 0.25, elapsed
+    assert timeout <= elapsed < timeout + LATE_S, elapsed
     assert info.value.peer == 1 and info.value.op == "recv"
     assert "peer rank 1" in str(info.value) and "tag 3" in str(info.value)
 
 
+@pytest.mark.fast
 def test_zero_copy_send_to_a_dead_endpoint_times_out_naming_the_peer(receiver: ZmqTransport) -> None:
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
@@ -386,10 +408,11 @@ def test_zero_copy_send_to_a_dead_endpoint_times_out_naming_the_peer(receiver: Z
     start = time.monotonic()
     with pytest.raises(CommTimeoutError) as info:
         receiver.wait(pending, start + 0.3)
-    assert time.monotonic() - start < 0.3 + 0.25
+    assert time.monotonic() - start < 0.3 + LATE_S
     assert (info.value.peer, info.value.op) == (1, "send")
 
 
+@pytest.mark.fast
 def test_close_releases_port_and_ipc_files() -> None:
     tcp = standalone(0, 2)
     ipc = standalone(1, 2, bind="ipc://", token=tcp.token)
@@ -450,6 +473,7 @@ def test_transports_closed_leak_no_threads_or_file_descriptors() -> None:
     assert fds_after - fds_before <= 4, (fds_before, fds_after)
 
 
+@pytest.mark.fast
 def test_bad_arguments_are_value_errors(receiver: ZmqTransport) -> None:
     with pytest.raises(ValueError, match="peer"):
         receiver.isend(torch.ones(2), 0)
@@ -473,6 +497,7 @@ def _decode(data: bytes) -> Header:
     return decode_header(data, rank=0, world_size=4, peer=1)
 
 
+@pytest.mark.fast
 def test_header_round_trips() -> None:
     for name, dtype in DTYPES.items():
         header = Header(1, 0, 7, 2**40, dtype, (3, 0, 5), 0)
