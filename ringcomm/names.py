@@ -22,6 +22,7 @@ from dataclasses import dataclass
 __all__ = [
     "ALGO_NAMES",
     "AlgoSpec",
+    "DTYPE_BYTES",
     "DTYPE_NAMES",
     "OP_NAMES",
     "TRANSPORT_MODULES",
@@ -46,6 +47,9 @@ OP_NAMES: tuple[str, ...] = ("sum", "avg", "max", "min")
 
 #: The element types the bench times (``torch.<name>``).
 DTYPE_NAMES: tuple[str, ...] = ("bfloat16", "float16", "float32", "float64")
+
+#: Bytes per element of each ``DTYPE_NAMES`` type (``torch.<name>.itemsize``), for checks made before torch is imported.
+DTYPE_BYTES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
 
 

@@ -192,3 +192,40 @@ def test_a_trace_that_cannot_be_written_loses_nothing_else(
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
     said = capsys.readouterr().err
     assert f"--trace {cfg.trace}: not written (" in said and "metrics.json and the checkpoint are saved" in said
+
+
+# --- item 3: every algorithm option and size checked against the world before it starts -----------
+
+# torch made unimportable: a refusal that needs it (or that comes from a spawned rank) fails loudly
+_NO_TORCH = "import sys; sys.modules['torch'] = None; from ringcomm.tools import bench; bench.main(sys.argv[1:])"
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--world-size", "2", "--algos", "gloo,ps:5"], "--algos ps:5: ps_shards=5 is out of range for a world of P=2"),
+        (["--algos", "ps:5@shm"], "ps_shards=5 is out of range for a world of P=4"),  # the default world
+        (["--world-size", "2", "--sizes", "3"], "'3' is 3 B, not a whole number of float32 elements (4 B each)"),
+        (["--sizes", "64K,6", "--dtype", "float64"], "'6' is 6 B, not a whole number of float64 elements (8 B each)"),
+    ],
+)
+def test_bench_refuses_options_and_sizes_the_world_cannot_take_before_importing_torch(
+    argv: list[str], says: str
+) -> None:
+    """``--algos gloo,ps:5`` at P=2 started a world and printed ~40 lines; ``--sizes 3`` timed 4 bytes."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH, *argv], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and says in lines[0], proc.stderr
+    assert proc.stdout == ""
+
+
+def test_the_registry_and_the_command_lines_share_one_option_check() -> None:
+    """``ringcomm.all_reduce``'s validation is the torch-free check the bench runs (one check, not two)."""
+    from ringcomm.algorithms.checks import check_options
+    from ringcomm.algorithms.registry import ALGOS
+
+    assert ALGOS["ps"].validate is check_options and ALGOS["ring"].validate is check_options
+    with pytest.raises(ValueError, match="ps_shards=3 is out of range for a world of P=2"):
+        ALGOS["ps"].options({"ps_shards": 3}, world_size=2)

@@ -54,8 +54,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..algorithms.checks import check_options
 from ..cost import algbw, busbw
-from ..names import ALGO_NAMES, DTYPE_NAMES, TRANSPORT_NAMES, AlgoSpec, parse_size
+from ..names import ALGO_NAMES, DTYPE_BYTES, DTYPE_NAMES, TRANSPORT_NAMES, AlgoSpec, parse_size
 from . import cli
 from .machine import machine_info
 
@@ -64,6 +65,9 @@ from .machine import machine_info
 # torch-free modules (names.py, machine.py) and are offered here too, where they were first.
 if TYPE_CHECKING:
     import torch
+
+#: Ranks spawned without --world-size (launch.py's default too: ringcomm.tools.cli.DEFAULT_WORLD_SIZE).
+DEFAULT_WORLD_SIZE = 4
 
 __all__ = ["main", "parse_size", "AlgoSpec", "BenchRow", "machine_info"]
 
@@ -355,6 +359,13 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
             parser.error(f"--sizes: {text!r} is not a size; expected bytes, e.g. 4096, 64K, 1M, 1.5G")
         if size < 1:
             parser.error(f"--sizes: {text!r}: a size must be at least 1 byte")
+        width = DTYPE_BYTES[args.dtype]
+        if size % width:  # the rows would silently time another size
+            near = sorted({max(width, size - size % width), size - size % width + width})
+            parser.error(
+                f"--sizes: {text!r} is {size} B, not a whole number of {args.dtype} elements ({width} B each); "
+                f"e.g. {' or '.join(map(str, near))}"
+            )
         sizes.append(size)
     if args.tune:  # every check passed: only now import auto (and torch) for its candidates
         from .. import auto
@@ -363,12 +374,20 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
     algos = [a for a in args.algos.split(",") if a]
     if not sizes or not algos:
         parser.error(f"{'--sizes' if not sizes else '--algos'}: the list is empty")
-    for a in algos:  # refuse a bad label here, not inside every rank of a spawned world
+    world_size = _world_size(args)
+    for a in algos:  # refuse a bad label or option here, not inside every rank of a spawned world
         try:
-            _check_algo(a, args.transport)
+            check_options(_check_algo(a, args.transport).options, world_size)
         except ValueError as exc:
-            parser.error(f"--algos: {exc}")
+            parser.error(f"--algos {a}: {exc}" if not str(exc).startswith("algorithm") else f"--algos: {exc}")
     return args, sizes, algos
+
+
+def _world_size(args: argparse.Namespace) -> int:
+    """The world the run will have: torchrun's, else ``--world-size``, else ``DEFAULT_WORLD_SIZE``."""
+    if _under_torchrun():
+        return int(os.environ["WORLD_SIZE"])
+    return DEFAULT_WORLD_SIZE if args.world_size is None else args.world_size
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -387,10 +406,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sample_s=args.sample_s,
         progress=True,
     )
-    if _under_torchrun():
-        world_size = int(os.environ["WORLD_SIZE"])
-    else:
-        world_size = 4 if args.world_size is None else args.world_size
+    world_size = _world_size(args)
     header = (
         f"# ringcomm.bench: world_size={world_size} dtype={args.dtype} reps={args.reps} "
         f"(median of per-call time, slowest rank) torch={torch.__version__} cpus={os.cpu_count()}"
