@@ -229,3 +229,54 @@ def test_the_registry_and_the_command_lines_share_one_option_check() -> None:
     assert ALGOS["ps"].validate is check_options and ALGOS["ring"].validate is check_options
     with pytest.raises(ValueError, match="ps_shards=3 is out of range for a world of P=2"):
         ALGOS["ps"].options({"ps_shards": 3}, world_size=2)
+
+
+# --- item 4: Ctrl-C: one line, status 130, nothing left behind --------------------------------------
+
+
+def _ignores_sigint(pid: int) -> bool:
+    """Whether ``pid`` ignores SIGINT (its SigIgn mask in /proc; a gone process does not)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(line for line in f if line.startswith("SigIgn:")).split()[1]
+    except (OSError, StopIteration):
+        return False
+    return bool(int(mask, 16) & (1 << (signal.SIGINT - 1)))
+
+
+def _is_rank(pid: int) -> bool:
+    """Whether ``pid`` is a worker spawned by multiprocessing (not its resource tracker, not the command)."""
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the processes from /proc")
+@pytest.mark.timeout(240)
+def test_ctrl_c_in_the_bench_is_one_line_status_130_and_leaves_no_worker(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during a bench printed
+    tracebacks from every rank. Now: one line, status 130, every worker ended."""
+    marker = f"RINGCOMM_TEST_MARKER={uuid.uuid4().hex}"
+    key, value = marker.split("=")
+    cmd = [sys.executable, "-m", "ringcomm.bench", "--world-size", "2", "--algos", "gloo,ring",
+           "--sizes", "64M", "--reps", "1000", "--sample-s", "0"]  # fmt: skip
+    workers: list[int] = []
+    try:
+        with started(cmd, cwd=ROOT, env=_env(**{key: value}), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                     text=True) as proc:  # fmt: skip
+            end = time.monotonic() + 150
+            while time.monotonic() < end and proc.poll() is None:  # both ranks are running their part
+                workers = [pid for pid in _processes_with(marker) if _is_rank(pid) and _ignores_sigint(pid)]
+                if len(workers) == 2:
+                    break
+                time.sleep(0.2)
+            assert len(workers) == 2, f"the world never started: {proc.poll()}"
+            time.sleep(1.0)
+            os.killpg(proc.pid, signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert err.strip().splitlines() == ["python -m ringcomm.bench: interrupted (Ctrl-C); the workers are stopped"]
+        assert [pid for pid in _processes_with(marker) if _is_rank(pid)] == []
+    finally:
+        _kill_all(_processes_with(marker))

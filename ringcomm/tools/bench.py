@@ -138,6 +138,8 @@ def _count_wrong(spec: AlgoSpec, count: int, dtype: torch.dtype, rank: int) -> i
 
 
 def _bench_rank(rank: int, world_size: int, cfg: dict) -> list[dict] | None:
+    # the parent (or torchrun) stops the world on Ctrl-C (cli.ctrl_c_stops_the_world): no rank's traceback
+    cli.ignore_ctrl_c()
     import torch
     import torch.distributed as dist
 
@@ -393,6 +395,13 @@ def _world_size(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse and check the command line, then time the algorithms in a spawned world or torchrun's."""
     args, sizes, algos = _parse_args(argv)
+    if _under_torchrun():  # torchrun decides how its workers stop
+        return _main(args, sizes, algos)
+    with cli.ctrl_c_stops_the_world("python -m ringcomm.bench"):
+        return _main(args, sizes, algos)
+
+
+def _main(args: argparse.Namespace, sizes: list[int], algos: list[str]) -> list[dict]:
     import torch
     import torch.distributed as dist
 

@@ -20,12 +20,21 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
+#: The exit status of a command stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+
 __all__ = [
+    "EXIT_INTERRUPTED",
     "HelpFormatter",
+    "ctrl_c_stops_the_world",
+    "ignore_ctrl_c",
     "Parser",
     "at_least",
     "non_negative",
@@ -138,3 +147,52 @@ def unwritable(path: str, folder: bool = False) -> str | None:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         return f"cannot create {target.name} in {ancestor}: that folder is not writable"
     return None
+
+
+@contextmanager
+def ctrl_c_stops_the_world(prog: str) -> Iterator[None]:
+    """Ctrl-C in the block (a spawned world's bench or demo): stop every worker, one line, exit status 130.
+
+    The terminal sends SIGINT to the whole process group. A worker must not act on it (each
+    would print a traceback): the workers are started with SIGINT *blocked* (the main thread
+    blocks it here, and a process inherits its creator's mask through fork and exec), so
+    one that is still starting holds it pending, and ``ignore_ctrl_c``, the first thing a
+    rank does, ignores it (dropping it) and unblocks. This process still takes SIGINT, in a
+    thread made before the block that only waits; Python runs the handler in the main thread,
+    which stops the workers (SIGTERM: there is nothing to save) and unwinds through
+    ``run_world``, which joins them. Nothing is left behind.
+    """
+    import multiprocessing
+    import threading
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        for child in multiprocessing.active_children():
+            try:
+                os.kill(child.pid, signal.SIGTERM)
+            except (ProcessLookupError, TypeError):  # exited meanwhile
+                pass
+        raise KeyboardInterrupt
+
+    done = threading.Event()
+    receiver = threading.Thread(target=done.wait, name="ctrl-c-receiver", daemon=True)
+    receiver.start()  # made before the block: SIGINT stays deliverable to this process
+    before = signal.signal(signal.SIGINT, on_sigint)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (Ctrl-C); the workers are stopped", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, before)
+        done.set()
+
+
+def ignore_ctrl_c() -> None:
+    """A worker of ``ctrl_c_stops_the_world``: the Ctrl-C the terminal sends it too is its parent's to act on.
+
+    Ignored first, then unblocked: a SIGINT that arrived while the worker started is dropped.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

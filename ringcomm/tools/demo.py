@@ -71,6 +71,9 @@ class Recording:
 
 
 def _demo_rank(rank: int, p: int, cfg: dict) -> dict:
+    from .cli import ignore_ctrl_c
+
+    ignore_ctrl_c()  # the parent stops the world on Ctrl-C (cli.ctrl_c_stops_the_world)
     import torch
     import torch.distributed as dist
 
@@ -565,7 +568,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--html {args.html}: is a folder; name the page's file, e.g. {Path(args.html) / 'demo.html'}")
     if args.html and not Path(args.html).resolve().parent.is_dir():
         parser.error(f"--html {args.html}: no folder {Path(args.html).parent} to write it in")
-    rec = record(args.algo, args.world_size, args.numel, args.op, args.transport)
+    from .cli import ctrl_c_stops_the_world
+
+    with ctrl_c_stops_the_world(parser.prog):
+        rec = record(args.algo, args.world_size, args.numel, args.op, args.transport)
     try:
         print(render_text(rec), flush=True)
     except BrokenPipeError:  # | head: the reader has all it wanted
