@@ -459,6 +459,8 @@ def _spawned_rank(rank: int, world_size: int, cfg: TrainConfig, kind: str) -> st
     # Ctrl-C reaches every worker (the terminal signals the whole group, the launcher forwards it):
     # each one finishes its step; the ranks agree to stop and write the checkpoint (trainer/loop.py).
     signal.signal(signal.SIGINT, lambda signum, frame: request_stop("interrupted"))
+    # started with SIGINT held (ringcomm.tools.cli.sigint_held_by_children): one that came meanwhile acts now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     metrics = train(cfg, rank, world_size, _device_for(kind, rank))
     if metrics is None:
@@ -493,18 +495,35 @@ def _torchrun_main(args: argparse.Namespace, kind: str, backend: str) -> int:
     return {None: 0, "time-limit": EXIT_TIME_LIMIT, "interrupted": EXIT_INTERRUPTED}[stopped]
 
 
+#: Seconds within which SIGINTs to the launcher count as one Ctrl-C: ``timeout -s INT`` and batch
+#: schedulers signal the launcher and its whole group at once, so it receives the same stop twice.
+CTRL_C_TOGETHER_S = 1.0
+
+
 class _CtrlC:
-    """The launcher's SIGINT handler: the first asks the workers to stop after their step, the second now."""
+    """The launcher's SIGINT handler: the first asks the workers to stop after their step, a later one now.
+
+    A SIGINT within ``CTRL_C_TOGETHER_S`` of the first is the same request delivered twice, not a
+    second Ctrl-C (a person's second press comes later than that).
+    """
 
     def __init__(self) -> None:
-        self.seen = False
+        self.first_at: float | None = None
+
+    @property
+    def seen(self) -> bool:
+        return self.first_at is not None
 
     def __call__(self, signum: int, frame: Any) -> None:
         import multiprocessing
+        import time
 
-        if self.seen:
+        now = time.monotonic()
+        if self.first_at is not None:
+            if now - self.first_at < CTRL_C_TOGETHER_S:
+                return  # the same stop, sent to the launcher and to its group
             raise KeyboardInterrupt  # run_world stops and joins the workers on its way out
-        self.seen = True
+        self.first_at = now
         print(
             "launch.py: interrupted: the workers stop after their current step and write the checkpoint "
             "(Ctrl-C again: stop them now, without one)",
@@ -518,8 +537,30 @@ class _CtrlC:
                 pass
 
 
+def _saved(out: str, since: float) -> str:
+    """What a run stopped at once left in ``out``: whether it wrote a checkpoint (``since``: its start, epoch s)."""
+    import time
+
+    path = Path(out) / CHECKPOINT_NAME
+    if not path.is_file():
+        return f"nothing was saved (no {CHECKPOINT_NAME} in {out})"
+    written = path.stat().st_mtime
+    if written < since:
+        return f"nothing new was saved; {path} is from before this run"
+    return f"the last checkpoint this run saved, {time.time() - written:.0f} s ago, is {path} (--resume continues it)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, check, then train under torchrun's processes or in a world spawned here."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the workers started: importing torch, checking the data
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the same stop, sent to the group too, may follow
+        print("launch.py: interrupted before training started; nothing was saved", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     check_args(args, int(os.environ["WORLD_SIZE"]) if under_torchrun() else args.world_size)
 
@@ -547,22 +588,30 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     ctrl_c = _CtrlC()
     signal.signal(signal.SIGINT, ctrl_c)
+    import time
+
+    started_at = time.time()
     limit = float("inf") if cfg.time_limit is None else cfg.time_limit + TIME_LIMIT_GRACE_S
+    from ringcomm.tools.cli import sigint_held_by_children
+
     try:
-        stopped = run_world(_spawned_rank, args.world_size, (cfg, kind), timeout=limit, backend=backend)[0]
+        with sigint_held_by_children():  # a worker still starting acts on Ctrl-C once it can stop cleanly
+            stopped = run_world(_spawned_rank, args.world_size, (cfg, kind), timeout=limit, backend=backend)[0]
     except WorldError as exc:
         if exc.traceback:
             print(f"launch.py: rank {exc.rank}'s traceback:\n{exc.traceback.rstrip()}", file=sys.stderr)
         print(f"launch.py: {exc.summary}", file=sys.stderr, flush=True)
         if ctrl_c.seen:
-            print(
-                "launch.py: interrupted; the workers ended without writing a new checkpoint", file=sys.stderr
-            )
+            print(f"launch.py: interrupted; the workers ended early: {_saved(cfg.out, started_at)}", file=sys.stderr)
             return EXIT_INTERRUPTED
         print("launch.py: stopped the other workers; exiting with status 1", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
-        print("launch.py: interrupted; workers stopped", file=sys.stderr, flush=True)
+        print(
+            f"launch.py: interrupted again: the workers are stopped now; {_saved(cfg.out, started_at)}",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_INTERRUPTED
     return {None: 0, "time-limit": EXIT_TIME_LIMIT, "interrupted": EXIT_INTERRUPTED}[stopped]
 

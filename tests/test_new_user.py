@@ -280,3 +280,35 @@ def test_ctrl_c_in_the_bench_is_one_line_status_130_and_leaves_no_worker(tmp_pat
         assert [pid for pid in _processes_with(marker) if _is_rank(pid)] == []
     finally:
         _kill_all(_processes_with(marker))
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the processes from /proc")
+@pytest.mark.timeout(240)
+def test_sigint_to_the_launcher_and_its_group_at_once_is_one_ctrl_c(tmp_path: Path) -> None:
+    """``timeout -s INT launch.py ...`` signals the launcher and its group together: the launcher took
+    the two for a double Ctrl-C and stopped without a checkpoint. Now they count once: it is saved."""
+    marker = f"RINGCOMM_TEST_MARKER={uuid.uuid4().hex}"
+    key, value = marker.split("=")
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "launch.py", "--world-size", "2", *TINY, "--epochs", "1000", "--max-steps", "100000",
+           "--log-every", "1", "--out", str(run_dir)]  # fmt: skip
+    try:
+        with open(out, "w") as fo, open(err, "w") as fe, started(
+            cmd, cwd=ROOT, stdout=fo, stderr=fe, env=_env(**{key: value})
+        ) as proc:
+            end = time.monotonic() + 150
+            while not _training(out) and time.monotonic() < end and proc.poll() is None:
+                time.sleep(0.5)
+            assert _training(out), f"training never started:\n{err.read_text()[-2000:]}"
+            os.kill(proc.pid, signal.SIGINT)  # as timeout(1) does: the command, then its whole group
+            time.sleep(0.3)  # apart enough for the launcher to take each (two pending SIGINTs merge into one)
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=120)
+        said = err.read_text()
+        assert proc.returncode == 130, said[-3000:]
+        assert "stopped now" not in said and said.count("launch.py: interrupted") == 1, said[-3000:]
+        assert (run_dir / "checkpoint.pt").is_file() and (run_dir / "metrics.json").is_file()
+        assert "stopped early (Ctrl-C)" in out.read_text()
+    finally:
+        _kill_all(_processes_with(marker))

@@ -35,6 +35,7 @@ __all__ = [
     "HelpFormatter",
     "ctrl_c_stops_the_world",
     "ignore_ctrl_c",
+    "sigint_held_by_children",
     "Parser",
     "at_least",
     "non_negative",
@@ -163,7 +164,6 @@ def ctrl_c_stops_the_world(prog: str) -> Iterator[None]:
     ``run_world``, which joins them. Nothing is left behind.
     """
     import multiprocessing
-    import threading
 
     def on_sigint(signum: int, frame: Any) -> None:
         for child in multiprocessing.active_children():
@@ -173,19 +173,40 @@ def ctrl_c_stops_the_world(prog: str) -> Iterator[None]:
                 pass
         raise KeyboardInterrupt
 
-    done = threading.Event()
-    receiver = threading.Thread(target=done.wait, name="ctrl-c-receiver", daemon=True)
-    receiver.start()  # made before the block: SIGINT stays deliverable to this process
     before = signal.signal(signal.SIGINT, on_sigint)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        yield
+        with sigint_held_by_children():
+            yield
     except KeyboardInterrupt:
         print(f"{prog}: interrupted (Ctrl-C); the workers are stopped", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_INTERRUPTED) from None
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         signal.signal(signal.SIGINT, before)
+
+
+@contextmanager
+def sigint_held_by_children() -> Iterator[None]:
+    """Processes started in the block begin with SIGINT blocked (pending, not acted on) until they say.
+
+    A process inherits its creator's signal mask through fork and exec, so the main thread
+    blocks SIGINT here; a worker unblocks it once it has its own handler (``ignore_ctrl_c``,
+    or launch.py's stop-after-this-step). One still importing torch when Ctrl-C comes would
+    otherwise die in its import with a traceback. This process keeps taking SIGINT in a
+    thread made before the block that only waits (Python runs the handler in the main thread).
+    """
+    import threading
+    from multiprocessing import resource_tracker
+
+    # multiprocessing starts its tracker with the first worker and then *unblocks* SIGINT in this thread
+    # (resource_tracker.ensure_running): start it first, so that it leaves the mask alone afterwards
+    resource_tracker.ensure_running()
+    done = threading.Event()
+    threading.Thread(target=done.wait, name="sigint-receiver", daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         done.set()
 
 
