@@ -6,6 +6,7 @@ children are stopped too), on tiny synthetic runs to stay fast on a shared 2-cor
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -312,3 +313,28 @@ def test_sigint_to_the_launcher_and_its_group_at_once_is_one_ctrl_c(tmp_path: Pa
         assert "stopped early (Ctrl-C)" in out.read_text()
     finally:
         _kill_all(_processes_with(marker))
+
+
+# --- item 5: benchtable --auto compares within one transport and world -----------------------------
+
+
+def test_benchtable_auto_compares_auto_with_the_best_of_its_own_transport(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file with ring@shm and auto over torch: the torch row's "best alone" was ring@shm's time
+    (labelled ring) and it reported auto / best 5.48. Now each transport is compared with itself."""
+    from analysis import benchtable
+
+    def row(algo: str, transport: str, us: float, **extra: object) -> dict:
+        return {"size_bytes": 65536, "algo": algo, "transport": transport, "world_size": 4, "time_us": us, **extra}
+
+    doc = {"world_size": 4, "rows": [
+        row("gloo", "torch", 6000.0), row("auto", "torch", 5480.0, choice="ring", predicted_us=5000.0),
+        row("ring", "torch", 5000.0), row("ring@shm", "shm", 1000.0), row("auto@shm", "shm", 1100.0, choice="ring"),
+    ]}  # fmt: skip
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(doc))
+    assert benchtable.main([str(path), "--auto"]) == 0
+    out = capsys.readouterr().out
+    assert "| 4 | torch | 64K | ring | 5 | 5.48 | ring 5 | 1.10 | 1.00 | 1.09× |" in out, out
+    assert "| 4 | shm | 64K | ring | – | 1.1 | ring 1 | 1.10 | 1.00 | 5.45× |" in out, out
