@@ -81,11 +81,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from ringcomm.names import ALGO_NAMES, TRANSPORT_NAMES
+from ringcomm.names import ALGO_NAMES, TRANSPORT_NAMES, AlgoSpec
 
 # The names argparse offers, from the torch-free lists the registries are built from (one source:
 # ringcomm/names.py and trainer/names.py), and the one parser of every command (ringcomm/tools/cli.py).
-from ringcomm.tools.cli import at_least, non_negative, positive, seconds, unwritable
+from ringcomm.tools.cli import DEFAULT_WORLD_SIZE, at_least, non_negative, positive, seconds, unwritable
 from ringcomm.tools.cli import parser as make_parser
 from trainer.names import CHECKPOINT_NAME, DATASET_NAMES, METRICS_NAME, MODEL_NAMES, SCHEDULE_NAMES
 
@@ -115,8 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--algo",
         default="ring",
-        choices=["ddp", *ALGO_NAMES],
-        help="ddp: built-in all-reduce; else ringcomm's hook",
+        choices=_AlgoChoices(["ddp", *ALGO_NAMES]),
+        help="ddp: built-in all-reduce; else ringcomm's hook; the bench's labels work too: ps:2 is "
+        "--algo ps --comm-option ps_shards=2, ps+overlap is ps_overlap=True",
     )
     g.add_argument("--transport", default="torch", choices=TRANSPORT_NAMES, help="ringcomm transport")
     g.add_argument(
@@ -142,7 +143,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if there is a GPU"
     )
     g.add_argument(
-        "--world-size", type=at_least(1), default=2, help="processes to spawn (ignored under torchrun)"
+        "--world-size",
+        type=at_least(1),
+        default=DEFAULT_WORLD_SIZE,
+        help="processes to spawn (ignored under torchrun)",
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="simplecnn", choices=MODEL_NAMES, help="see trainer/models.py")
@@ -196,7 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--out",
         default=None,
-        help="output folder (default: runs/ALGO-TRANSPORT-wP, e.g. runs/ring-torch-w2; runs/ddp-wP for ddp)",
+        help="output folder (default: runs/ALGO-TRANSPORT-wP, e.g. runs/ring-torch-w4; runs/ddp-wP for ddp)",
     )
     g.add_argument(
         "--resume",
@@ -229,6 +233,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--trace-steps", type=at_least(1), default=20, help="steps to trace (with --trace)")
     args = p.parse_args(argv)
+    if args.algo not in ("ddp", *ALGO_NAMES):  # a bench label (ps:2, ps+overlap): its options, spelled out
+        spec = AlgoSpec.parse(args.algo)
+        args.algo = spec.algo
+        args.comm_option = [f"{k}={v}" for k, v in spec.options.items()] + args.comm_option
     # Every output is checked before any work: a mistyped path used to fail after training, with a
     # traceback, and lose metrics.json with it.
     world_size = int(os.environ["WORLD_SIZE"]) if under_torchrun() else args.world_size
@@ -237,6 +245,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if why:
             p.error(f"{flag} {path}: {why}")
     return args
+
+
+class _AlgoChoices(tuple):
+    """``--algo``'s choices (listed in --help and errors), which also hold the bench's labels of them.
+
+    ``ps:2`` and ``ps+overlap`` (``names.AlgoSpec``) name an algorithm with options; a transport
+    suffix (``ring@zmq``) does not belong here (that is ``--transport``).
+    """
+
+    def __contains__(self, text: object) -> bool:
+        if tuple.__contains__(self, text):
+            return True
+        if not isinstance(text, str) or "@" in text:
+            return False
+        try:
+            return AlgoSpec.parse(text).algo in ALGO_NAMES
+        except ValueError:
+            return False
 
 
 def _refuse(message: str) -> NoReturn:

@@ -144,7 +144,7 @@ def _training_section(table: list[dict], amdahl: Mapping[str, AmdahlFit]) -> str
             _fmt(t["efficiency"], ".2f"),
             _fmt(t["comm_share"], ".1%"),
             _fmt(t["final_train_loss"], ".4f"),
-            _fmt(t["final_test_accuracy"], ".4f"),
+            _fmt(t["final_test_accuracy"], ".2%"),  # as launch.py prints it
             _fmt(t["baseline"]),
         ]
         for t in table
@@ -451,7 +451,7 @@ def _large_section(large: list[dict]) -> str:
             "yes" if e["scale_lr"] else "no",
             _fmt(e["warmup_epochs"]),
             _fmt(e["final_train_loss"], ".4f"),
-            _fmt(e["test_acc"], ".4f"),
+            _fmt(e["test_acc"], ".2%"),
         ]
         for e in large
     ]

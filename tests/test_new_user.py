@@ -338,3 +338,38 @@ def test_benchtable_auto_compares_auto_with_the_best_of_its_own_transport(
     out = capsys.readouterr().out
     assert "| 4 | torch | 64K | ring | 5 | 5.48 | ring 5 | 1.10 | 1.00 | 1.09× |" in out, out
     assert "| 4 | shm | 64K | ring | – | 1.1 | ring 1 | 1.10 | 1.00 | 5.45× |" in out, out
+
+
+# --- item 7: one vocabulary across the commands ------------------------------------------------------
+
+
+def test_launch_and_bench_speak_one_vocabulary() -> None:
+    """Defaults, names and label forms that differed between launch.py and the bench."""
+    import launch
+    from ringcomm.tools import bench, cli
+
+    # one default world; --time-limit is the whole run's limit in both (the bench's --timeout still works)
+    assert launch.parse_args([]).world_size == cli.DEFAULT_WORLD_SIZE == bench.DEFAULT_WORLD_SIZE
+    assert bench._parse_args(["--time-limit", "60"])[0].timeout == bench._parse_args(["--timeout", "60"])[0].timeout == 60
+    # launch.py takes the bench's labels for an algorithm with options
+    args = launch.parse_args(["--algo", "ps:2", "--comm-option", "ps_rank=1"])
+    assert (args.algo, launch.comm_options(args)) == ("ps", {"ps_shards": 2, "ps_rank": 1})
+    args = launch.parse_args(["--algo", "ps+overlap"])
+    assert (args.algo, launch.comm_options(args)) == ("ps", {"ps_overlap": True})
+
+
+def test_bench_help_lists_the_overlapped_parameter_server(capsys: pytest.CaptureFixture[str]) -> None:
+    from ringcomm.tools import bench
+
+    with pytest.raises(SystemExit):
+        bench._parse_args(["--help"])
+    assert "ps+overlap" in capsys.readouterr().out
+
+
+def test_the_report_prints_accuracy_as_a_percentage_like_launch() -> None:
+    from analysis import report
+
+    table = [{"series": "ring", "world_size": 2, "global_batch_size": 64, "steps": 10, "throughput_img_s": 100.0,
+              "speedup": 1.0, "efficiency": 1.0, "comm_share": 0.1, "final_train_loss": 1.0,
+              "final_test_accuracy": 0.3693, "baseline": "ring"}]  # fmt: skip
+    assert "36.93%" in report._training_section(table, {})

@@ -66,8 +66,8 @@ from .machine import machine_info
 if TYPE_CHECKING:
     import torch
 
-#: Ranks spawned without --world-size (launch.py's default too: ringcomm.tools.cli.DEFAULT_WORLD_SIZE).
-DEFAULT_WORLD_SIZE = 4
+#: Ranks spawned without --world-size: launch.py's and the demo's default too.
+DEFAULT_WORLD_SIZE = cli.DEFAULT_WORLD_SIZE
 
 __all__ = ["main", "parse_size", "AlgoSpec", "BenchRow", "machine_info"]
 
@@ -283,7 +283,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
     """The command line, every value checked: (args, sizes in bytes, --algos entries). Exits 2 on a mistake."""
     parser = cli.parser("python -m ringcomm.bench", __doc__.split("\n\n")[0])
     parser.add_argument(
-        "--world-size", type=int, default=None, help="ranks to spawn (default: 4; under torchrun, torchrun's)"
+        "--world-size", type=int, default=None, help=f"ranks to spawn (default: {DEFAULT_WORLD_SIZE}; under torchrun, torchrun's)"
     )
     parser.add_argument(
         "--sizes", default="64K,1M,16M,64M", help="comma list of sizes in bytes, K/M/G are powers of 1024"
@@ -291,7 +291,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
     parser.add_argument(
         "--algos",
         default=_Default("gloo,ring,naive"),
-        help="comma list, e.g. gloo,ring,ring_simple,ps,ps:2,ring@zmq",
+        help="comma list of NAME[+overlap][:K][@TRANSPORT], e.g. gloo,ring,ring_simple,ps,ps:2,ps+overlap,ring@zmq",
     )
     parser.add_argument(
         "--transport", default=_Default("torch"), choices=TRANSPORT_NAMES, help="default transport"
@@ -302,7 +302,15 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
     parser.add_argument(
         "--sample-s", type=float, default=0.02, help="target seconds per sample (0: one call per sample)"
     )
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds before the whole run is stopped")
+    parser.add_argument(  # launch.py's name for the same limit; --timeout, its first name here, still works
+        "--time-limit",
+        "--timeout",
+        dest="timeout",
+        metavar="SECONDS",
+        type=float,
+        default=1800,
+        help="seconds before the whole run is stopped (also --timeout)",
+    )
     parser.add_argument(
         "--json", metavar="FILE", help="also write rows and the machine to FILE (default: no file)"
     )
@@ -328,7 +336,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
     if not 0 <= args.sample_s < float("inf"):  # 0: one call per sample (the cluster preset's, for slow calls)
         parser.error(f"--sample-s must be 0 or more seconds, got {args.sample_s}")
     if not 0 < args.timeout < float("inf"):
-        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
+        parser.error(f"--time-limit must be a positive number of seconds, got {args.timeout}")
     why = args.json and cli.unwritable(args.json)
     if why:
         parser.error(f"--json {args.json}: {why}")

@@ -27,10 +27,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
+#: Ranks that launch.py, ringcomm.bench and ringcomm.demo start without --world-size. 4, not 2: the
+#: smallest world in which the algorithms differ (at P=2 ring, rhd and rd send the same two messages,
+#: and a one-shard parameter server is the naive one), and the world of every example in the README.
+DEFAULT_WORLD_SIZE = 4
+
 #: The exit status of a command stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 __all__ = [
+    "DEFAULT_WORLD_SIZE",
     "EXIT_INTERRUPTED",
     "HelpFormatter",
     "ctrl_c_stops_the_world",

@@ -548,11 +548,12 @@ draw(Number(slider.value));
 def main(argv: Sequence[str] | None = None) -> int:
     # The torch-free names and parser: --help and a mistake answer before torch is imported (by record).
     from ..names import ALGO_NAMES, OP_NAMES, TRANSPORT_NAMES
+    from .cli import DEFAULT_WORLD_SIZE
     from .cli import parser as make_parser
 
     parser = make_parser("python -m ringcomm.demo", "Watch a real all-reduce move real numbers, step by step.")
     parser.add_argument("--algo", default="ring", choices=ALGO_NAMES, help="the algorithm to watch")
-    parser.add_argument("--world-size", type=int, default=4, help="ranks (processes) to start, 1-8")
+    parser.add_argument("--world-size", type=int, default=DEFAULT_WORLD_SIZE, help="ranks (processes) to start, 1-8")
     parser.add_argument("--numel", type=int, default=8, help="numbers per rank, 1-32")
     parser.add_argument("--op", default="sum", choices=OP_NAMES, help="the reduction")
     parser.add_argument("--transport", default="torch", choices=TRANSPORT_NAMES, help="what carries the messages")
