@@ -515,7 +515,7 @@ def test_report_builds_every_figure_and_carries_the_numbers(tmp_path: Path) -> N
     # Batch sweep, capped runs: synthetic's 10,000 images / 640 img/s = 15.62 s per epoch.
     assert "| 2048 | 4096 | 20 | 1.95 | 15.62 | 640.0 |" in text
     # Large batch accuracies and the scaled run flagged.
-    assert "0.9123" in text and "0.6234" in text
+    assert "91.23%" in text and "62.34%" in text
     assert (
         "| large batch, scaled LR + warmup (b=512/worker) | 1024 | 0.8 | yes | 1 | 0.4321 | 88.45% |" in text
     )
