@@ -142,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     docs = []
     for path in args.files:  # every file read before anything is printed: a bad one is said alone
+        if not Path(path).exists():
+            print(f"analysis.benchtable: {path}: no such file", file=sys.stderr)
+            return 2
         try:
             doc = json.loads(Path(path).read_text())
             if not isinstance(doc["rows"], list):

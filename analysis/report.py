@@ -467,6 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", help="results folder written by python -m analysis.sweep")
     args = parser.parse_args(argv)
     root = Path(args.results)
+    if root.is_file() and root.suffix == ".json":  # one bench --json file: benchtable renders those
+        parser.error(
+            f"{root} is a file, not a results folder; for a ringcomm.bench --json file, "
+            f"run python -m analysis.benchtable {root}"
+        )
     if not root.is_dir():
         parser.error(f"{root} is not a folder; run python -m analysis.sweep --out {root} first")
     found = load_results(root)

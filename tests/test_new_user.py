@@ -373,3 +373,57 @@ def test_the_report_prints_accuracy_as_a_percentage_like_launch() -> None:
               "speedup": 1.0, "efficiency": 1.0, "comm_share": 0.1, "final_train_loss": 1.0,
               "final_test_accuracy": 0.3693, "baseline": "ring"}]  # fmt: skip
     assert "36.93%" in report._training_section(table, {})
+
+
+# --- item 8: messages ---------------------------------------------------------------------------------
+
+
+class _LocalCluster:
+    """``analysis.cluster.run``'s view of a cluster, with every node a plain local process (no namespaces)."""
+
+    nodes, rate, delay = 2, "1gbit", None
+
+    def free_port(self) -> int:
+        return 0
+
+    def address(self, i: int) -> str:
+        return "127.0.0.1"
+
+    def exec(self, i: int, argv: list[str]) -> list[str]:
+        return argv
+
+
+def test_cluster_names_the_failing_node_and_its_line_stands_alone(capfd: pytest.CaptureFixture[str]) -> None:
+    """``-- false`` exited 1 naming no node (every node had exited before the first look); the
+    "stopping the others" line ran into a node's unfinished line."""
+    from analysis import cluster
+
+    assert cluster.run(_LocalCluster(), ["false"]) == 1
+    err = capfd.readouterr().err
+    assert "analysis.cluster: node 0 exited with status 1; node 1 exited with status 1" in err, err
+    code = "import os, sys, time; sys.stderr.write('half a line'); sys.exit(3) if os.environ['RANK'] == '1' else time.sleep(60)"
+    assert cluster.run(_LocalCluster(), [sys.executable, "-c", code], grace=0.5) == 3
+    err = capfd.readouterr().err
+    assert "[node 1] half a line\n" in err and "\nanalysis.cluster: node 1 exited with status 3; stopping" in err, err
+
+
+def test_report_on_a_bench_file_and_benchtable_on_a_missing_file_say_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from analysis import benchtable, report
+
+    bench_file = tmp_path / "b.json"
+    bench_file.write_text(json.dumps({"world_size": 2, "rows": []}))
+    with pytest.raises(SystemExit):
+        report.main([str(bench_file)])
+    assert f"run python -m analysis.benchtable {bench_file}" in capsys.readouterr().err
+    assert benchtable.main([str(tmp_path / "nope.json")]) == 2
+    assert capsys.readouterr().err.strip() == f"analysis.benchtable: {tmp_path / 'nope.json'}: no such file"
+
+
+def test_a_bench_far_from_autos_prediction_says_the_host_looks_untuned() -> None:
+    from ringcomm.tools import bench
+
+    row = {"algo": "auto", "choice": "ring", "time_us": 3500.0, "predicted_us": 100.0}
+    assert "looks untuned; run python -m ringcomm.bench --tune" in (bench.untuned_note([row]) or "")
+    assert bench.untuned_note([{**row, "time_us": 150.0}]) is None

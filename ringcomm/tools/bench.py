@@ -250,6 +250,31 @@ def _print_rows(rows: list[dict], header: bool, file=sys.stdout) -> None:
                 f"# {r['algo']} took {r['choice']}: predicted {r['predicted_us']:.1f} us, measured {r['time_us']:.1f} us",
                 file=file,
             )
+    note = untuned_note(rows)
+    if note and note not in _SAID:
+        _SAID.add(note)  # once per run, not once per size
+        print(note, file=file)
+
+
+#: How far (either way) a measured time may be from auto's prediction before the host is said untuned.
+UNTUNED_RATIO = 5.0
+_SAID: set[str] = set()
+
+
+def untuned_note(rows: list[dict]) -> str | None:
+    """One line when an ``auto`` row's measured time is over ``UNTUNED_RATIO`` times off its prediction.
+
+    The prediction comes from the tune file's alpha and beta (or the defaults): that far off,
+    they describe another machine (or none), and ``--tune`` fits this one's.
+    """
+    for r in rows:
+        predicted, measured = r.get("predicted_us"), r["time_us"]
+        if predicted and measured and max(measured / predicted, predicted / measured) > UNTUNED_RATIO:
+            return (
+                f"# auto's cost model is {measured / predicted:.3g}x off on this host (predicted {predicted:.0f} us, "
+                f"measured {measured:.0f} us): it looks untuned; run python -m ringcomm.bench --tune"
+            )
+    return None
 
 
 def _check_algo(text: str, default_transport: str) -> AlgoSpec:
