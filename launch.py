@@ -50,7 +50,9 @@ continues from it.
 
 Stopping early. Ctrl-C (SIGINT to the launcher) asks the workers to stop
 after their current step: they write the checkpoint and ``metrics.json`` and
-the launcher exits 130; a second Ctrl-C stops them at once. ``--time-limit S``
+the launcher exits 130; a second Ctrl-C stops them at once (a SIGINT within a second of the
+first is the same one: ``timeout -s INT`` and batch schedulers signal the launcher and its group
+together), and says whether a checkpoint was saved. ``--time-limit S``
 does the same after S seconds of training and exits 124 (as ``timeout`` does);
 if the world has not ended ``TIME_LIMIT_GRACE_S`` later, it is stopped. Under
 torchrun, torchrun decides how workers stop: use ``--checkpoint-every``.
