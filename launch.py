@@ -50,7 +50,9 @@ continues from it.
 
 Stopping early. Ctrl-C (SIGINT to the launcher) asks the workers to stop
 after their current step: they write the checkpoint and ``metrics.json`` and
-the launcher exits 130; a second Ctrl-C stops them at once. ``--time-limit S``
+the launcher exits 130; a second Ctrl-C stops them at once (a SIGINT within a second of the
+first is the same one: ``timeout -s INT`` and batch schedulers signal the launcher and its group
+together), and says whether a checkpoint was saved. ``--time-limit S``
 does the same after S seconds of training and exits 124 (as ``timeout`` does);
 if the world has not ended ``TIME_LIMIT_GRACE_S`` later, it is stopped. Under
 torchrun, torchrun decides how workers stop: use ``--checkpoint-every``.
@@ -81,11 +83,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from ringcomm.names import ALGO_NAMES, TRANSPORT_NAMES
+from ringcomm.names import ALGO_NAMES, TRANSPORT_NAMES, AlgoSpec
 
 # The names argparse offers, from the torch-free lists the registries are built from (one source:
 # ringcomm/names.py and trainer/names.py), and the one parser of every command (ringcomm/tools/cli.py).
-from ringcomm.tools.cli import at_least, non_negative, positive, seconds, unwritable
+from ringcomm.tools.cli import DEFAULT_WORLD_SIZE, at_least, non_negative, positive, seconds, unwritable
 from ringcomm.tools.cli import parser as make_parser
 from trainer.names import CHECKPOINT_NAME, DATASET_NAMES, METRICS_NAME, MODEL_NAMES, SCHEDULE_NAMES
 
@@ -115,8 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--algo",
         default="ring",
-        choices=["ddp", *ALGO_NAMES],
-        help="ddp: built-in all-reduce; else ringcomm's hook",
+        choices=_AlgoChoices(["ddp", *ALGO_NAMES]),
+        help="ddp: built-in all-reduce; else ringcomm's hook; the bench's labels work too: ps:2 is "
+        "--algo ps --comm-option ps_shards=2, ps+overlap is ps_overlap=True",
     )
     g.add_argument("--transport", default="torch", choices=TRANSPORT_NAMES, help="ringcomm transport")
     g.add_argument(
@@ -142,7 +145,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if there is a GPU"
     )
     g.add_argument(
-        "--world-size", type=at_least(1), default=2, help="processes to spawn (ignored under torchrun)"
+        "--world-size",
+        type=at_least(1),
+        default=DEFAULT_WORLD_SIZE,
+        help="processes to spawn (ignored under torchrun)",
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="simplecnn", choices=MODEL_NAMES, help="see trainer/models.py")
@@ -209,7 +215,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--out",
         default=None,
-        help="output folder (default: runs/ALGO-TRANSPORT-wP, e.g. runs/ring-torch-w2; runs/ddp-wP for ddp)",
+        help="output folder (default: runs/ALGO-TRANSPORT-wP, e.g. runs/ring-torch-w4; runs/ddp-wP for ddp)",
     )
     g.add_argument(
         "--resume",
@@ -242,6 +248,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--trace-steps", type=at_least(1), default=20, help="steps to trace (with --trace)")
     args = p.parse_args(argv)
+    if args.algo not in ("ddp", *ALGO_NAMES):  # a bench label (ps:2, ps+overlap): its options, spelled out
+        spec = AlgoSpec.parse(args.algo)
+        args.algo = spec.algo
+        args.comm_option = [f"{k}={v}" for k, v in spec.options.items()] + args.comm_option
     # Every output is checked before any work: a mistyped path used to fail after training, with a
     # traceback, and lose metrics.json with it.
     world_size = int(os.environ["WORLD_SIZE"]) if under_torchrun() else args.world_size
@@ -250,6 +260,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if why:
             p.error(f"{flag} {path}: {why}")
     return args
+
+
+class _AlgoChoices(tuple):
+    """``--algo``'s choices (listed in --help and errors), which also hold the bench's labels of them.
+
+    ``ps:2`` and ``ps+overlap`` (``names.AlgoSpec``) name an algorithm with options; a transport
+    suffix (``ring@zmq``) does not belong here (that is ``--transport``).
+    """
+
+    def __contains__(self, text: object) -> bool:
+        if tuple.__contains__(self, text):
+            return True
+        if not isinstance(text, str) or "@" in text:
+            return False
+        try:
+            return AlgoSpec.parse(text).algo in ALGO_NAMES
+        except ValueError:
+            return False
 
 
 def _refuse(message: str) -> NoReturn:
@@ -479,6 +507,8 @@ def _spawned_rank(rank: int, world_size: int, cfg: TrainConfig, kind: str) -> st
     # Ctrl-C reaches every worker (the terminal signals the whole group, the launcher forwards it):
     # each one finishes its step; the ranks agree to stop and write the checkpoint (trainer/loop.py).
     signal.signal(signal.SIGINT, lambda signum, frame: request_stop("interrupted"))
+    # started with SIGINT held (ringcomm.tools.cli.sigint_held_by_children): one that came meanwhile acts now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     metrics = train(cfg, rank, world_size, _device_for(kind, rank))
     if metrics is None:
@@ -513,18 +543,35 @@ def _torchrun_main(args: argparse.Namespace, kind: str, backend: str) -> int:
     return {None: 0, "time-limit": EXIT_TIME_LIMIT, "interrupted": EXIT_INTERRUPTED}[stopped]
 
 
+#: Seconds within which SIGINTs to the launcher count as one Ctrl-C: ``timeout -s INT`` and batch
+#: schedulers signal the launcher and its whole group at once, so it receives the same stop twice.
+CTRL_C_TOGETHER_S = 1.0
+
+
 class _CtrlC:
-    """The launcher's SIGINT handler: the first asks the workers to stop after their step, the second now."""
+    """The launcher's SIGINT handler: the first asks the workers to stop after their step, a later one now.
+
+    A SIGINT within ``CTRL_C_TOGETHER_S`` of the first is the same request delivered twice, not a
+    second Ctrl-C (a person's second press comes later than that).
+    """
 
     def __init__(self) -> None:
-        self.seen = False
+        self.first_at: float | None = None
+
+    @property
+    def seen(self) -> bool:
+        return self.first_at is not None
 
     def __call__(self, signum: int, frame: Any) -> None:
         import multiprocessing
+        import time
 
-        if self.seen:
+        now = time.monotonic()
+        if self.first_at is not None:
+            if now - self.first_at < CTRL_C_TOGETHER_S:
+                return  # the same stop, sent to the launcher and to its group
             raise KeyboardInterrupt  # run_world stops and joins the workers on its way out
-        self.seen = True
+        self.first_at = now
         print(
             "launch.py: interrupted: the workers stop after their current step and write the checkpoint "
             "(Ctrl-C again: stop them now, without one)",
@@ -538,8 +585,30 @@ class _CtrlC:
                 pass
 
 
+def _saved(out: str, since: float) -> str:
+    """What a run stopped at once left in ``out``: whether it wrote a checkpoint (``since``: its start, epoch s)."""
+    import time
+
+    path = Path(out) / CHECKPOINT_NAME
+    if not path.is_file():
+        return f"nothing was saved (no {CHECKPOINT_NAME} in {out})"
+    written = path.stat().st_mtime
+    if written < since:
+        return f"nothing new was saved; {path} is from before this run"
+    return f"the last checkpoint this run saved, {time.time() - written:.0f} s ago, is {path} (--resume continues it)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, check, then train under torchrun's processes or in a world spawned here."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the workers started: importing torch, checking the data
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the same stop, sent to the group too, may follow
+        print("launch.py: interrupted before training started; nothing was saved", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     check_args(args, int(os.environ["WORLD_SIZE"]) if under_torchrun() else args.world_size)
 
@@ -567,22 +636,30 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     ctrl_c = _CtrlC()
     signal.signal(signal.SIGINT, ctrl_c)
+    import time
+
+    started_at = time.time()
     limit = float("inf") if cfg.time_limit is None else cfg.time_limit + TIME_LIMIT_GRACE_S
+    from ringcomm.tools.cli import sigint_held_by_children
+
     try:
-        stopped = run_world(_spawned_rank, args.world_size, (cfg, kind), timeout=limit, backend=backend)[0]
+        with sigint_held_by_children():  # a worker still starting acts on Ctrl-C once it can stop cleanly
+            stopped = run_world(_spawned_rank, args.world_size, (cfg, kind), timeout=limit, backend=backend)[0]
     except WorldError as exc:
         if exc.traceback:
             print(f"launch.py: rank {exc.rank}'s traceback:\n{exc.traceback.rstrip()}", file=sys.stderr)
         print(f"launch.py: {exc.summary}", file=sys.stderr, flush=True)
         if ctrl_c.seen:
-            print(
-                "launch.py: interrupted; the workers ended without writing a new checkpoint", file=sys.stderr
-            )
+            print(f"launch.py: interrupted; the workers ended early: {_saved(cfg.out, started_at)}", file=sys.stderr)
             return EXIT_INTERRUPTED
         print("launch.py: stopped the other workers; exiting with status 1", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
-        print("launch.py: interrupted; workers stopped", file=sys.stderr, flush=True)
+        print(
+            f"launch.py: interrupted again: the workers are stopped now; {_saved(cfg.out, started_at)}",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_INTERRUPTED
     return {None: 0, "time-limit": EXIT_TIME_LIMIT, "interrupted": EXIT_INTERRUPTED}[stopped]
 

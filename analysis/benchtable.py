@@ -81,35 +81,48 @@ def render_auto(docs: Sequence[dict]) -> str:
             "auto / best", "pick alone / best", "auto vs gloo"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for doc in docs:
-        rows = doc["rows"]
-        by = {(r["size_bytes"], _plain(r["algo"])): r for r in rows}
-        for size in sorted({r["size_bytes"] for r in rows}):
-            auto, gloo = by.get((size, "auto")), by.get((size, "gloo"))
-            others = [r for (sz, a), r in by.items() if sz == size and a not in ("auto", "gloo")]
-            if auto is None or not others:
-                continue
-            best = min(others, key=lambda r: r["time_us"])
-            predicted = auto.get("predicted_us")
-            alone = by.get((size, str(auto.get("choice"))))  # the picked algorithm, timed on its own
-            lines.append(
-                "| "
-                + " | ".join(
-                    [
-                        str(doc.get("world_size", auto.get("world_size", "?"))),
-                        auto["transport"],
-                        human_bytes(size),
-                        str(auto.get("choice", "?")),
-                        f"{predicted / 1e3:.3g}" if predicted else "–",
-                        f"{auto['time_us'] / 1e3:.3g}",
-                        f"{_plain(best['algo'])} {best['time_us'] / 1e3:.3g}",
-                        f"{auto['time_us'] / best['time_us']:.2f}",
-                        f"{alone['time_us'] / best['time_us']:.2f}" if alone else "–",
-                        f"{gloo['time_us'] / auto['time_us']:.2f}×" if gloo else "–",
-                    ]
-                )
-                + " |"
-            )
+        # one world and one transport at a time: ring@shm's time says nothing of what auto over torch
+        # could have done (gloo, the baseline of every row, runs over torch and is looked up in the world)
+        groups: dict[tuple[object, str], list[dict]] = {}
+        for r in doc["rows"]:
+            groups.setdefault((r.get("world_size", doc.get("world_size")), r["transport"]), []).append(r)
+        for (world, _), rows in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+            lines += _auto_lines(doc, rows, [r for r in doc["rows"] if r.get("world_size", world) == world])
     return "\n".join(lines)
+
+
+def _auto_lines(doc: dict, rows: list[dict], world: list[dict]) -> list[str]:
+    """``render_auto``'s lines for ``rows``, of one world and one transport (``world``: all that world's rows)."""
+    lines: list[str] = []
+    by = {(r["size_bytes"], _plain(r["algo"])): r for r in rows}
+    gloos = {r["size_bytes"]: r for r in world if _plain(r["algo"]) == "gloo"}
+    for size in sorted({r["size_bytes"] for r in rows}):
+        auto, gloo = by.get((size, "auto")), gloos.get(size)
+        others = [r for (sz, a), r in by.items() if sz == size and a not in ("auto", "gloo")]
+        if auto is None or not others:
+            continue
+        best = min(others, key=lambda r: r["time_us"])
+        predicted = auto.get("predicted_us")
+        alone = by.get((size, str(auto.get("choice"))))  # the picked algorithm, timed on its own
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    str(doc.get("world_size", auto.get("world_size", "?"))),
+                    auto["transport"],
+                    human_bytes(size),
+                    str(auto.get("choice", "?")),
+                    f"{predicted / 1e3:.3g}" if predicted else "–",
+                    f"{auto['time_us'] / 1e3:.3g}",
+                    f"{_plain(best['algo'])} {best['time_us'] / 1e3:.3g}",
+                    f"{auto['time_us'] / best['time_us']:.2f}",
+                    f"{alone['time_us'] / best['time_us']:.2f}" if alone else "–",
+                    f"{gloo['time_us'] / auto['time_us']:.2f}×" if gloo else "–",
+                ]
+            )
+            + " |"
+        )
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -129,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     docs = []
     for path in args.files:  # every file read before anything is printed: a bad one is said alone
+        if not Path(path).exists():
+            print(f"analysis.benchtable: {path}: no such file", file=sys.stderr)
+            return 2
         try:
             doc = json.loads(Path(path).read_text())
             if not isinstance(doc["rows"], list):

@@ -267,10 +267,22 @@ def _environment(cluster: Cluster, i: int, port: int) -> dict[str, str]:
     return env
 
 
+#: One line at a time on the terminal: the nodes' pumps and the tool's own messages take turns.
+_OUTPUT = threading.Lock()
+
+
 def _pump(stream: object, prefix: str, out: object) -> None:
     for line in stream:  # type: ignore[attr-defined]
-        out.write(prefix + line)  # type: ignore[attr-defined]
-        out.flush()  # type: ignore[attr-defined]
+        with _OUTPUT:  # a node's last line may lack its newline: the next line must not run into it
+            out.write(prefix + line if line.endswith("\n") else prefix + line + "\n")  # type: ignore[attr-defined]
+            out.flush()  # type: ignore[attr-defined]
+
+
+def _say(text: str) -> None:
+    """One line of the tool's own on stderr, between the nodes' lines, never inside one."""
+    with _OUTPUT:
+        sys.stdout.flush()
+        print(f"analysis.cluster: {text}", file=sys.stderr, flush=True)
 
 
 def cpu_times() -> tuple[float, float]:
@@ -308,8 +320,7 @@ def run(cluster: Cluster, argv: Sequence[str], grace: float = 10.0) -> int:
             if first is None and p.returncode not in (None, 0):
                 first = (i, p.returncode)
                 stop_at = time.monotonic() + grace
-                print(f"analysis.cluster: node {i} exited with status {p.returncode}; "
-                      f"stopping the others in {grace:g} s", file=sys.stderr, flush=True)  # fmt: skip
+                _say(f"node {i} exited with status {p.returncode}; stopping the others in {grace:g} s")
         if stop_at is not None and time.monotonic() > stop_at:
             break
         time.sleep(0.05)
@@ -332,6 +343,8 @@ def run(cluster: Cluster, argv: Sequence[str], grace: float = 10.0) -> int:
     if first is None:
         bad = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode]
         first = bad[0] if bad else None
+        if first is not None:  # every node had exited before the first look: say which failed all the same
+            _say("; ".join(f"node {i} exited with status {status}" for i, status in bad))
     return 0 if first is None else (first[1] if first[1] > 0 else 128 - first[1])
 
 
@@ -405,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"analysis.cluster: removed {len(stale)} namespaces and links left by killed runs: {', '.join(stale)}"
         )
     if args.cleanup:
+        if not stale:
+            print("analysis.cluster: --cleanup: nothing to remove (no namespace or link left by a killed run)")
         return 0
     if not command:
         parser.error("no command: put it after --, e.g. -- python -m ringcomm.bench --algos gloo,ring")

@@ -144,7 +144,7 @@ def _training_section(table: list[dict], amdahl: Mapping[str, AmdahlFit]) -> str
             _fmt(t["efficiency"], ".2f"),
             _fmt(t["comm_share"], ".1%"),
             _fmt(t["final_train_loss"], ".4f"),
-            _fmt(t["final_test_accuracy"], ".4f"),
+            _fmt(t["final_test_accuracy"], ".2%"),  # as launch.py prints it
             _fmt(t["baseline"]),
         ]
         for t in table
@@ -451,7 +451,7 @@ def _large_section(large: list[dict]) -> str:
             "yes" if e["scale_lr"] else "no",
             _fmt(e["warmup_epochs"]),
             _fmt(e["final_train_loss"], ".4f"),
-            _fmt(e["test_acc"], ".4f"),
+            _fmt(e["test_acc"], ".2%"),
         ]
         for e in large
     ]
@@ -467,6 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", help="results folder written by python -m analysis.sweep")
     args = parser.parse_args(argv)
     root = Path(args.results)
+    if root.is_file() and root.suffix == ".json":  # one bench --json file: benchtable renders those
+        parser.error(
+            f"{root} is a file, not a results folder; for a ringcomm.bench --json file, "
+            f"run python -m analysis.benchtable {root}"
+        )
     if not root.is_dir():
         parser.error(f"{root} is not a folder; run python -m analysis.sweep --out {root} first")
     found = load_results(root)

@@ -23,6 +23,7 @@ __all__ = [
     "ALGO_NAMES",
     "AlgoSpec",
     "COLLECTIVE_ALGO_NAMES",
+    "DTYPE_BYTES",
     "DTYPE_NAMES",
     "OP_NAMES",
     "TRANSPORT_MODULES",
@@ -56,6 +57,9 @@ OP_NAMES: tuple[str, ...] = ("sum", "avg", "max", "min")
 
 #: The element types the bench times (``torch.<name>``).
 DTYPE_NAMES: tuple[str, ...] = ("bfloat16", "float16", "float32", "float64")
+
+#: Bytes per element of each ``DTYPE_NAMES`` type (``torch.<name>.itemsize``), for checks made before torch is imported.
+DTYPE_BYTES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
 
 

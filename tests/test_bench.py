@@ -215,7 +215,7 @@ def test_help_shows_every_default_and_no_backticks(capsys: pytest.CaptureFixture
         ("--reps", "15"),
         ("--warmup", "3"),
         ("--sample-s", "0.02"),
-        ("--timeout", "1800"),
+        ("--time-limit", "1800"),  # also --timeout
         ("--transports", "torch,zmq,shm"),
     ]:
         block = " ".join(out.split(f"\n  {option} ", 1)[1].split("\n  --", 1)[0].split())

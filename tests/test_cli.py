@@ -143,7 +143,7 @@ def test_launch_help_shows_every_default_and_the_out_folder_it_uses(capsys: pyte
         ("--algo", "ring"),
         ("--transport", "torch"),
         ("--device", "auto"),
-        ("--world-size", "2"),
+        ("--world-size", "4"),
         ("--model", "simplecnn"),
         ("--dataset", "auto"),
         ("--batch-size", "32"),
@@ -159,7 +159,7 @@ def test_launch_help_shows_every_default_and_the_out_folder_it_uses(capsys: pyte
         assert f"(default: {default})" in " ".join(block.split()), (option, block)
     assert "(default: None)" not in text and "(default: False)" not in text and "(default: [])" not in text
     # the --out default the help states is the one the launcher uses
-    assert "runs/ring-torch-w2" in " ".join(text.split())
+    assert "runs/ring-torch-w4" in " ".join(text.split())
     assert launch.out_dir(launch.parse_args([]), 2) == "runs/ring-torch-w2"
     assert launch.out_dir(launch.parse_args(["--algo", "ddp"]), 4) == "runs/ddp-w4"
 

@@ -78,25 +78,11 @@ import torch
 from ..ops import finalize, reduce_into
 from ..transports.base import Message, Pending, Transport, recv, recv_reduce, send
 from .buffers import ScratchPool
+from .checks import check_ps_options  # torch-free: the command lines run it before spawning
 from .chunks import chunk_bounds
 from .tags import Tag
 
 __all__ = ["ps_all_reduce", "push", "aggregate", "pull", "shard_server", "check_ps_options"]
-
-
-def check_ps_options(ps_rank: object, ps_shards: object, world_size: int) -> None:
-    """Raise ``ValueError`` unless ``0 <= ps_rank < P`` and ``1 <= ps_shards <= P``."""
-    p = world_size
-    if isinstance(ps_rank, bool) or not isinstance(ps_rank, int) or not 0 <= ps_rank < p:
-        raise ValueError(
-            f"ps_rank={ps_rank!r} is not a rank of this world of P={p}; "
-            f"pass an integer 0 <= ps_rank <= {p - 1}"
-        )
-    if isinstance(ps_shards, bool) or not isinstance(ps_shards, int) or not 1 <= ps_shards <= p:
-        raise ValueError(
-            f"ps_shards={ps_shards!r} is out of range for a world of P={p}; "
-            f"pass an integer 1 <= ps_shards <= {p} (at most one shard per server rank)"
-        )
 
 
 def shard_server(shard: int, ps_rank: int, world_size: int) -> int:

@@ -28,11 +28,12 @@ from ..names import ALGO_NAMES
 from ..transports.base import Transport
 from . import hier
 from .buffers import ScratchPool
+from .checks import check_options
 from .chunks import chunk_bounds
 from .fold import core_size
 from .hier import check_hier_options, hier_all_reduce
 from .naive import naive_all_reduce
-from .ps import check_ps_options, ps_all_reduce
+from .ps import ps_all_reduce
 from .rd import rd_all_reduce
 from .rhd import rhd_all_reduce
 from .ring import ring_all_reduce
@@ -72,7 +73,8 @@ class AlgorithmSpec:
         name: what ``all_reduce(algo=...)`` takes.
         run: the function (``Algorithm``).
         summary: one line for ``--help`` and errors.
-        validate: ``validate(options, world_size)`` raises ValueError for bad option values.
+        validate: ``validate(options, world_size)`` raises ValueError for bad option values
+            (``checks.check_options``, torch-free, so that the command lines run it before spawning).
         parts: ``parts(numel, world_size, options)``: how it cuts the tensor, for trace labels.
         defaults: the keyword-only options of ``run`` and their defaults (read from its signature).
     """
@@ -122,24 +124,6 @@ def _resolved_per_call(*args: Any, **kwargs: Any) -> None:
     raise RuntimeError("algo='auto' is resolved by ringcomm.all_reduce; use auto.choose() to pick an algorithm")
 
 
-def _positive_int(options: Mapping[str, Any], name: str, low: int) -> None:
-    value = options[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}={value!r}: expected an integer >= {low}")
-
-
-def _check_ring_options(options: Mapping[str, Any], world_size: int) -> None:
-    _positive_int(options, "segment_bytes", 1)
-    _positive_int(options, "window", 1)
-
-
-def _check_ps_options(options: Mapping[str, Any], world_size: int) -> None:
-    check_ps_options(options["ps_rank"], options["ps_shards"], world_size)
-    if not isinstance(options["ps_overlap"], bool):
-        raise ValueError(f"ps_overlap={options['ps_overlap']!r}: expected True or False")
-    _positive_int(options, "ps_segment_bytes", 1)
-
-
 def _ring_parts(numel: int, p: int, options: Mapping[str, Any]) -> Parts:
     return [(f"c{i}", start, n) for i, (start, n) in enumerate(chunk_bounds(numel, p))]
 
@@ -161,7 +145,7 @@ ALGOS: dict[str, AlgorithmSpec] = {
             "ring",
             pipelined_ring_all_reduce,
             "pipelined ring (ring_pipelined.py): the fast one",
-            _check_ring_options,
+            check_options,
             _ring_parts,
         ),
         algorithm("ring_simple", ring_all_reduce, "the readable ring of ring.py, step for step", None, _ring_parts),
@@ -169,7 +153,7 @@ ALGOS: dict[str, AlgorithmSpec] = {
             "ps",
             ps_all_reduce,
             "parameter server, optionally sharded (param_server.py)",
-            _check_ps_options,
+            check_options,
             _ps_parts,
         ),
         algorithm("naive", naive_all_reduce, "gather to rank 0, reduce, broadcast back (naive.py)"),

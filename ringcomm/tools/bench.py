@@ -66,8 +66,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..algorithms.checks import check_options
 from ..cost import algbw, busbw
-from ..names import ALGO_NAMES, COLLECTIVE_ALGO_NAMES, DTYPE_NAMES, TRANSPORT_NAMES, AlgoSpec, parse_size
+from ..names import (
+    ALGO_NAMES,
+    COLLECTIVE_ALGO_NAMES,
+    DTYPE_BYTES,
+    DTYPE_NAMES,
+    TRANSPORT_NAMES,
+    AlgoSpec,
+    parse_size,
+)
 from . import cli
 from .machine import machine_info
 
@@ -76,6 +85,9 @@ from .machine import machine_info
 # torch-free modules (names.py, machine.py) and are offered here too, where they were first.
 if TYPE_CHECKING:
     import torch
+
+#: Ranks spawned without --world-size: launch.py's and the demo's default too.
+DEFAULT_WORLD_SIZE = cli.DEFAULT_WORLD_SIZE
 
 __all__ = ["main", "parse_size", "AlgoSpec", "BenchRow", "machine_info"]
 
@@ -211,6 +223,8 @@ def _count_wrong(spec: AlgoSpec, bufs: Buffers, rank: int) -> int:
 
 
 def _bench_rank(rank: int, world_size: int, cfg: dict) -> list[dict] | None:
+    # the parent (or torchrun) stops the world on Ctrl-C (cli.ctrl_c_stops_the_world): no rank's traceback
+    cli.ignore_ctrl_c()
     import torch
     import torch.distributed as dist
 
@@ -327,6 +341,31 @@ def _print_rows(rows: list[dict], header: bool, file=sys.stdout) -> None:
                 f"# {r['algo']} took {r['choice']}: predicted {r['predicted_us']:.1f} us, measured {r['time_us']:.1f} us",
                 file=file,
             )
+    note = untuned_note(rows)
+    if note and note not in _SAID:
+        _SAID.add(note)  # once per run, not once per size
+        print(note, file=file)
+
+
+#: How far (either way) a measured time may be from auto's prediction before the host is said untuned.
+UNTUNED_RATIO = 5.0
+_SAID: set[str] = set()
+
+
+def untuned_note(rows: list[dict]) -> str | None:
+    """One line when an ``auto`` row's measured time is over ``UNTUNED_RATIO`` times off its prediction.
+
+    The prediction comes from the tune file's alpha and beta (or the defaults): that far off,
+    they describe another machine (or none), and ``--tune`` fits this one's.
+    """
+    for r in rows:
+        predicted, measured = r.get("predicted_us"), r["time_us"]
+        if predicted and measured and max(measured / predicted, predicted / measured) > UNTUNED_RATIO:
+            return (
+                f"# auto's cost model is {measured / predicted:.3g}x off on this host (predicted {predicted:.0f} us, "
+                f"measured {measured:.0f} us): it looks untuned; run python -m ringcomm.bench --tune"
+            )
+    return None
 
 
 def _check_algo(text: str, default_transport: str, collective: str = "all_reduce") -> AlgoSpec:
@@ -364,7 +403,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
     """The command line, every value checked: (args, sizes in bytes, --algos entries). Exits 2 on a mistake."""
     parser = cli.parser("python -m ringcomm.bench", __doc__.split("\n\n")[0])
     parser.add_argument(
-        "--world-size", type=int, default=None, help="ranks to spawn (default: 4; under torchrun, torchrun's)"
+        "--world-size", type=int, default=None, help=f"ranks to spawn (default: {DEFAULT_WORLD_SIZE}; under torchrun, torchrun's)"
     )
     parser.add_argument(
         "--collective",
@@ -381,8 +420,8 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
     parser.add_argument(
         "--algos",
         default=_Default("gloo,ring,naive"),
-        help="comma list, e.g. gloo,ring,ring_simple,ps,ps:2,ring@zmq (other collectives: gloo,ring and "
-        "rd for all_gather, rhd for reduce_scatter, tree for broadcast)",
+        help="comma list of NAME[+overlap][:K][@TRANSPORT], e.g. gloo,ring,ring_simple,ps,ps:2,ps+overlap,ring@zmq "
+        "(other collectives: gloo,ring and rd for all_gather, rhd for reduce_scatter, tree for broadcast)",
     )
     parser.add_argument(
         "--transport", default=_Default("torch"), choices=TRANSPORT_NAMES, help="default transport"
@@ -393,7 +432,15 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
     parser.add_argument(
         "--sample-s", type=float, default=0.02, help="target seconds per sample (0: one call per sample)"
     )
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds before the whole run is stopped")
+    parser.add_argument(  # launch.py's name for the same limit; --timeout, its first name here, still works
+        "--time-limit",
+        "--timeout",
+        dest="timeout",
+        metavar="SECONDS",
+        type=float,
+        default=1800,
+        help="seconds before the whole run is stopped (also --timeout)",
+    )
     parser.add_argument(
         "--json", metavar="FILE", help="also write rows and the machine to FILE (default: no file)"
     )
@@ -419,7 +466,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
     if not 0 <= args.sample_s < float("inf"):  # 0: one call per sample (the cluster preset's, for slow calls)
         parser.error(f"--sample-s must be 0 or more seconds, got {args.sample_s}")
     if not 0 < args.timeout < float("inf"):
-        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
+        parser.error(f"--time-limit must be a positive number of seconds, got {args.timeout}")
     why = args.json and cli.unwritable(args.json)
     if why:
         parser.error(f"--json {args.json}: {why}")
@@ -454,12 +501,19 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
             parser.error(f"--sizes: {text!r} is not a size; expected bytes, e.g. 4096, 64K, 1M, 1.5G")
         if size < 1:
             parser.error(f"--sizes: {text!r}: a size must be at least 1 byte")
+        width = DTYPE_BYTES[args.dtype]
+        if size % width:  # the rows would silently time another size
+            near = sorted({max(width, size - size % width), size - size % width + width})
+            parser.error(
+                f"--sizes: {text!r} is {size} B, not a whole number of {args.dtype} elements ({width} B each); "
+                f"e.g. {' or '.join(map(str, near))}"
+            )
         sizes.append(size)
     if args.tune:  # every check passed: only now import auto (and torch) for its candidates
         from .. import auto
 
         args.algos = ",".join(f"{a}@{t}" for t in transports for a in auto.CANDIDATES if a in ALGO_NAMES)
-    p = int(os.environ["WORLD_SIZE"]) if _under_torchrun() else (args.world_size or 4)
+    world_size = p = _world_size(args)
     power_of_two = p & (p - 1) == 0
     if args.collective != "all_reduce" and isinstance(args.algos, _Default):  # gloo and every algorithm that runs at P
         args.algos = "gloo," + ",".join(
@@ -469,19 +523,34 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
     algos = [a for a in args.algos.split(",") if a]
     if not sizes or not algos:
         parser.error(f"{'--sizes' if not sizes else '--algos'}: the list is empty")
-    for a in algos:  # refuse a bad label here, not inside every rank of a spawned world
+    for a in algos:  # refuse a bad label or option here, not inside every rank of a spawned world
         try:
             spec = _check_algo(a, args.transport, args.collective)
+            check_options(spec.options, world_size)
         except ValueError as exc:
-            parser.error(f"--algos: {exc}")
+            parser.error(f"--algos {a}: {exc}" if not str(exc).startswith("algorithm") else f"--algos: {exc}")
         if not power_of_two and (args.collective, spec.algo) in _POWER_OF_TWO_ONLY:
             parser.error(f"--algos: {args.collective} algo {spec.algo!r} needs a power-of-two world size, not {p}")
     return args, sizes, algos
 
 
+def _world_size(args: argparse.Namespace) -> int:
+    """The world the run will have: torchrun's, else ``--world-size``, else ``DEFAULT_WORLD_SIZE``."""
+    if _under_torchrun():
+        return int(os.environ["WORLD_SIZE"])
+    return DEFAULT_WORLD_SIZE if args.world_size is None else args.world_size
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse and check the command line, then time the algorithms in a spawned world or torchrun's."""
     args, sizes, algos = _parse_args(argv)
+    if _under_torchrun():  # torchrun decides how its workers stop
+        return _main(args, sizes, algos)
+    with cli.ctrl_c_stops_the_world("python -m ringcomm.bench"):
+        return _main(args, sizes, algos)
+
+
+def _main(args: argparse.Namespace, sizes: list[int], algos: list[str]) -> list[dict]:
     import torch
     import torch.distributed as dist
 
@@ -496,10 +565,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sample_s=args.sample_s,
         progress=True,
     )
-    if _under_torchrun():
-        world_size = int(os.environ["WORLD_SIZE"])
-    else:
-        world_size = 4 if args.world_size is None else args.world_size
+    world_size = _world_size(args)
     header = (
         f"# ringcomm.bench: {args.collective} world_size={world_size} dtype={args.dtype} reps={args.reps} "
         f"(median of per-call time, slowest rank) torch={torch.__version__} cpus={os.cpu_count()}"

@@ -20,12 +20,28 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
+#: Ranks that launch.py, ringcomm.bench and ringcomm.demo start without --world-size. 4, not 2: the
+#: smallest world in which the algorithms differ (at P=2 ring, rhd and rd send the same two messages,
+#: and a one-shard parameter server is the naive one), and the world of every example in the README.
+DEFAULT_WORLD_SIZE = 4
+
+#: The exit status of a command stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+
 __all__ = [
+    "DEFAULT_WORLD_SIZE",
+    "EXIT_INTERRUPTED",
     "HelpFormatter",
+    "ctrl_c_stops_the_world",
+    "ignore_ctrl_c",
+    "sigint_held_by_children",
     "Parser",
     "at_least",
     "non_negative",
@@ -138,3 +154,72 @@ def unwritable(path: str, folder: bool = False) -> str | None:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         return f"cannot create {target.name} in {ancestor}: that folder is not writable"
     return None
+
+
+@contextmanager
+def ctrl_c_stops_the_world(prog: str) -> Iterator[None]:
+    """Ctrl-C in the block (a spawned world's bench or demo): stop every worker, one line, exit status 130.
+
+    The terminal sends SIGINT to the whole process group. A worker must not act on it (each
+    would print a traceback): the workers are started with SIGINT *blocked* (the main thread
+    blocks it here, and a process inherits its creator's mask through fork and exec), so
+    one that is still starting holds it pending, and ``ignore_ctrl_c``, the first thing a
+    rank does, ignores it (dropping it) and unblocks. This process still takes SIGINT, in a
+    thread made before the block that only waits; Python runs the handler in the main thread,
+    which stops the workers (SIGTERM: there is nothing to save) and unwinds through
+    ``run_world``, which joins them. Nothing is left behind.
+    """
+    import multiprocessing
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        for child in multiprocessing.active_children():
+            try:
+                os.kill(child.pid, signal.SIGTERM)
+            except (ProcessLookupError, TypeError):  # exited meanwhile
+                pass
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        with sigint_held_by_children():
+            yield
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (Ctrl-C); the workers are stopped", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+@contextmanager
+def sigint_held_by_children() -> Iterator[None]:
+    """Processes started in the block begin with SIGINT blocked (pending, not acted on) until they say.
+
+    A process inherits its creator's signal mask through fork and exec, so the main thread
+    blocks SIGINT here; a worker unblocks it once it has its own handler (``ignore_ctrl_c``,
+    or launch.py's stop-after-this-step). One still importing torch when Ctrl-C comes would
+    otherwise die in its import with a traceback. This process keeps taking SIGINT in a
+    thread made before the block that only waits (Python runs the handler in the main thread).
+    """
+    import threading
+    from multiprocessing import resource_tracker
+
+    # multiprocessing starts its tracker with the first worker and then *unblocks* SIGINT in this thread
+    # (resource_tracker.ensure_running): start it first, so that it leaves the mask alone afterwards
+    resource_tracker.ensure_running()
+    done = threading.Event()
+    threading.Thread(target=done.wait, name="sigint-receiver", daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        done.set()
+
+
+def ignore_ctrl_c() -> None:
+    """A worker of ``ctrl_c_stops_the_world``: the Ctrl-C the terminal sends it too is its parent's to act on.
+
+    Ignored first, then unblocked: a SIGINT that arrived while the worker started is dropped.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

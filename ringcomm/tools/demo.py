@@ -94,6 +94,9 @@ _TORCH_CALL = {
 
 
 def _demo_rank(rank: int, p: int, cfg: dict) -> dict:
+    from .cli import ignore_ctrl_c
+
+    ignore_ctrl_c()  # the parent stops the world on Ctrl-C (cli.ctrl_c_stops_the_world)
     import torch
     import torch.distributed as dist
 
@@ -654,6 +657,7 @@ draw(Number(slider.value));
 def main(argv: Sequence[str] | None = None) -> int:
     # The torch-free names and parser: --help and a mistake answer before torch is imported (by record).
     from ..names import COLLECTIVE_ALGO_NAMES, OP_NAMES, TRANSPORT_NAMES
+    from .cli import DEFAULT_WORLD_SIZE
     from .cli import parser as make_parser
 
     parser = make_parser("python -m ringcomm.demo", "Watch a real all-reduce move real numbers, step by step.")
@@ -665,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--algo", default="ring", choices=every_algo, metavar="ALGO", help=f"the algorithm to watch ({per_collective})"
     )
-    parser.add_argument("--world-size", type=int, default=4, help="ranks (processes) to start, 1-8")
+    parser.add_argument("--world-size", type=int, default=DEFAULT_WORLD_SIZE, help="ranks (processes) to start, 1-8")
     parser.add_argument("--numel", type=int, default=8, help="numbers per rank, 1-32")
     parser.add_argument("--op", default="sum", choices=OP_NAMES, help="the reduction")
     parser.add_argument("--transport", default="torch", choices=TRANSPORT_NAMES, help="what carries the messages")
@@ -683,7 +687,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--html {args.html}: is a folder; name the page's file, e.g. {Path(args.html) / 'demo.html'}")
     if args.html and not Path(args.html).resolve().parent.is_dir():
         parser.error(f"--html {args.html}: no folder {Path(args.html).parent} to write it in")
-    rec = record(args.algo, args.world_size, args.numel, args.op, args.transport, args.collective)
+    from .cli import ctrl_c_stops_the_world
+
+    with ctrl_c_stops_the_world(parser.prog):
+        rec = record(args.algo, args.world_size, args.numel, args.op, args.transport, args.collective)
     try:
         print(render_text(rec), flush=True)
     except BrokenPipeError:  # | head: the reader has all it wanted
