@@ -242,3 +242,47 @@ def test_compress_parsing_refusals() -> None:
         with pytest.raises(ValueError, match="--compress"):
             parse_compress(bad)
     assert cost.topk_bytes_sent(1000, 0.01, 4) == 3 * 10 * 8
+
+
+# --- 4: training: the compressor's state through --resume ---------------------------------------------
+
+
+def _train_world(rank: int, p: int, cfg_kwargs: dict) -> None:
+    from trainer.loop import TrainConfig, train
+
+    train(TrainConfig(**cfg_kwargs), rank, p, torch.device("cpu"))
+
+
+def _run_cfg(tmp: str, **over: object) -> dict:
+    base = dict(
+        algo="ring", transport="torch", compress="powersgd:2", compress_warmup=2, model="simplecnn",
+        dataset="synthetic", synthetic_size=400, batch_size=8, schedule="constant", eval_batches=1,
+        eval_batch_size=50, seed=3, out=tmp, log_every=100,
+    )
+    return {**base, **over}
+
+
+def test_powersgd_resume_is_exact(tmp_path) -> None:
+    straight, first = str(tmp_path / "straight"), str(tmp_path / "first")
+    run_world(_train_world, 2, (_run_cfg(straight, max_steps=6),), timeout=TIMEOUT_S)
+    run_world(_train_world, 2, (_run_cfg(first, max_steps=3),), timeout=TIMEOUT_S)
+    resumed = str(tmp_path / "resumed")
+    run_world(
+        _train_world, 2, (_run_cfg(resumed, max_steps=6, resume=f"{first}/checkpoint.pt"),), timeout=TIMEOUT_S
+    )
+    a = torch.load(f"{straight}/checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(f"{resumed}/checkpoint.pt", weights_only=False)["model"]
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"resumed run's weights differ from the straight run's in {differ}"
+    qa = torch.load(f"{straight}/compressor-rank1.pt", weights_only=True)
+    qb = torch.load(f"{resumed}/compressor-rank1.pt", weights_only=True)
+    assert qa["step"] == qb["step"] == 6
+    assert all(torch.equal(qa["error"][i], qb["error"][i]) for i in qa["error"])
+    # without the compressor's files, the resume is refused in one line
+    for f in ("compressor-rank0.pt", "compressor-rank1.pt"):
+        (tmp_path / "first" / f).unlink()
+    with pytest.raises(Exception, match="no compressor-rank"):
+        run_world(
+            _train_world, 2, (_run_cfg(str(tmp_path / "again"), max_steps=6, resume=f"{first}/checkpoint.pt"),),
+            timeout=TIMEOUT_S,
+        )
