@@ -286,3 +286,19 @@ def test_powersgd_resume_is_exact(tmp_path) -> None:
             _train_world, 2, (_run_cfg(str(tmp_path / "again"), max_steps=6, resume=f"{first}/checkpoint.pt"),),
             timeout=TIMEOUT_S,
         )
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--algo", "ddp", "--compress", "bf16"], "--algo ddp uses DDP's built-in all-reduce"),
+        (["--algo", "ps", "--compress", "topk:0.01"], "--algo ps cannot"),
+        (["--compress", "powersgd:x"], "expected one of none, bf16"),
+    ],
+)
+def test_launch_refuses_compress_where_it_cannot_apply(argv: list[str], needle: str) -> None:
+    import launch
+
+    with pytest.raises(SystemExit, match=needle) as info:
+        launch.main([*argv, "--world-size", "2", "--max-steps", "1"])
+    assert "\n" not in str(info.value)
