@@ -111,7 +111,7 @@ class PowerSGD:
                 m.add_(e.view_as(m))
             if index not in self.q or self.q[index].shape != (m.shape[1], r):
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-                self.q[index] = torch.randn(m.shape[1], r, generator=g).to(m.dtype)
+                self.q[index] = torch.randn(m.shape[1], r, generator=g).to(m.device, m.dtype)
         ps = torch.cat([(m @ self.q[i]).view(-1) for i, m in mats])
         all_reduce(ps, "sum")
         start = 0

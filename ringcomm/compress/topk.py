@@ -55,8 +55,8 @@ class TopK:
         index = flat.abs().topk(k, sorted=False).indices.sort().values  # sorted: a deterministic payload
         values = flat[index].contiguous()
         idx32 = index.to(torch.int32)
-        all_values = torch.empty(world * k, dtype=flat.dtype)
-        all_index = torch.empty(world * k, dtype=torch.int32)
+        all_values = torch.empty(world * k, dtype=flat.dtype, device=flat.device)
+        all_index = torch.empty(world * k, dtype=torch.int32, device=flat.device)
         all_gather(all_values, values)
         all_gather(all_index, idx32)
         residual = flat.clone()
