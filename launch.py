@@ -130,6 +130,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="an option of the --algo, e.g. ps_shards=2; repeat for more (default: the algorithm's own)",
     )
     g.add_argument(
+        "--compress",
+        default="none",
+        metavar="none|bf16|fp16|powersgd:R|topk:F",
+        help="gradient compression (trainer/compress.py): bf16/fp16 on the wire, PowerSGD rank R, "
+        "top-k fraction F (default: none)",
+    )
+    g.add_argument(
         "--comm-timeout",
         type=seconds,
         default=None,
@@ -316,6 +323,24 @@ def comm_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def check_compress_arg(args: argparse.Namespace) -> None:
+    """``--compress``: a known value, and refused in one line with ``--algo ddp``, ``--algo ps`` (top-k), ``--zero``."""
+    from ringcomm.compress import parse_compress
+
+    try:
+        kind, _ = parse_compress(args.compress)
+    except ValueError as exc:
+        _refuse(str(exc))
+    if kind == "none":
+        return
+    if args.algo == "ddp":
+        _refuse(f"--compress {args.compress}: --algo ddp uses DDP's built-in all-reduce; compression is ringcomm's")
+    if kind == "topk" and args.algo == "ps":
+        _refuse(f"--compress {args.compress}: top-k gathers every rank's entries (all_gather); --algo ps cannot")
+    if args.zero:
+        _refuse(f"--compress {args.compress}: --zero shards the gradients itself (reduce_scatter); not with compression")
+
+
 def out_dir(args: argparse.Namespace, world_size: int) -> str:
     """``--out``, or its default for this run."""
     name = args.algo if args.algo == "ddp" else f"{args.algo}-{args.transport}"
@@ -337,6 +362,7 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     comm_options(args)
     if args.zero and args.algo == "ddp":
         _refuse(f"--zero {args.zero} needs one of ringcomm's algorithms (its reduce-scatter), not --algo ddp")
+    check_compress_arg(args)
     if args.data_dir and not args.download and not Path(args.data_dir).is_dir():
         _refuse(f"--data-dir {args.data_dir}: no such folder")
     resume_path(args, world_size)
@@ -351,6 +377,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
         transport=args.transport,
         comm_options=comm_options(args),
         comm_timeout=args.comm_timeout,
+        compress=args.compress,
         model=args.model,
         dataset=args.dataset,
         data_dir=args.data_dir,

@@ -42,6 +42,8 @@ import torch.distributed as dist
 from . import auto
 from .algorithms.collectives import COLLECTIVE_ALGOS
 from .algorithms.registry import ALGOS, AlgorithmSpec
+from .compress.wire import WireTransport, check_wire_dtype, round_result
+from .compress.wire import wire_dtype as wire_dtype_of
 from .errors import CommError, MismatchError
 from .ops import OPS, SUPPORTED_DTYPES, check_op_dtype
 from .runtime import session as sessions
@@ -92,6 +94,7 @@ class _Call:
     collective: str = "all_reduce"
     input: torch.Tensor | None = None
     src: int = 0
+    wire: str | None = None  # all_reduce's wire_dtype (compress/wire.py): None sends the tensor's dtype
 
     @property
     def what(self) -> str:
@@ -109,6 +112,8 @@ class _Call:
         dtype = str(self.tensor.dtype).removeprefix("torch.")
         if self.collective == "all_reduce":
             algo, options = self.spec.name, self.options
+            if self.wire is not None:  # ranks must agree on what the wire carries
+                options = {**options, "wire_dtype": self.wire}
         else:
             algo = f"{self.collective} {self.spec.name}"
             options = {**self.options, "src": self.src} if self.collective == "broadcast" else self.options
@@ -167,12 +172,14 @@ def _prepare(
     check: bool | None,
     options: dict,
     group: Any = None,
+    wire_dtype: str | None = None,
 ) -> _Call:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"all_reduce expects a torch.Tensor, got {type(tensor).__name__}")
     op = op_name(op)  # a list would reach a dict lookup and fail as a TypeError: refused here
     check_op_dtype(op, tensor.dtype)
     _check_no_overlap(tensor)
+    wire = check_wire_dtype(wire_dtype, tensor)
     if timeout is not None and not _is_timeout(timeout):
         raise ValueError(_timeout_problem(timeout))
     if check is not None and not isinstance(check, bool):  # bool("no") is True
@@ -184,7 +191,7 @@ def _prepare(
     _check_subgroup_transport(kind, tensor.device, group)
     return _Call(
         tensor, op, spec, kind, complete, float(timeout) if timeout is not None else default_timeout(),
-        check_default() if check is None else check,
+        check_default() if check is None else check, wire=None if wire is None else str(wire_dtype),
     )
 
 
@@ -476,15 +483,17 @@ def _execute(session: sessions.Session, call: _Call) -> torch.Tensor:
                     traced = trace.TracedTransport(comm, tracer, moved, spec.name, parts)
                     spec.run(flat, source, call.op, call.src, traced, deadline, **options)  # type: ignore[call-arg]
         elif tracer is None:
-            spec.run(flat, call.op, comm, deadline, session.scratch, **options)
+            spec.run(flat, call.op, _on_wire(comm, call.wire), deadline, session.scratch, **options)
+            _round_wire_result(flat, call.wire)
         else:
             parts = spec.cut(flat.numel(), comm.world_size, options)
             name = spec.name if spec is call.spec else f"{call.spec.name}->{spec.name}"
             # the trace's lanes: the comm thread's collectives apart from the caller's own
             lane = "comm thread" if threading.current_thread().name == session.queue.name else "main"
             with tracer.span(f"all_reduce {name} {nbytes} B", "all_reduce", lane, algo=name, bytes=nbytes):
-                traced = trace.TracedTransport(comm, tracer, flat, spec.name, parts)
+                traced = trace.TracedTransport(_on_wire(comm, call.wire), tracer, flat, spec.name, parts)
                 spec.run(flat, call.op, traced, deadline, session.scratch, **options)
+            _round_wire_result(flat, call.wire)
     except BaseException as exc:
         # Whatever failed once the call had begun (a peer, a timeout, but also an out-of-memory
         # error, a Ctrl-C), the ranks are out of step now, with receives maybe still posted into
@@ -500,6 +509,19 @@ def _execute(session: sessions.Session, call: _Call) -> torch.Tensor:
     if work is not tensor:
         tensor.copy_(work)
     return tensor
+
+
+def _on_wire(comm: Transport, wire: str | None) -> Transport:
+    """``comm``, or ``comm`` carrying ``wire``'s dtype (compress/wire.py); stats stay ``comm``'s."""
+    dtype = wire_dtype_of(wire)
+    return comm if dtype is None else WireTransport(comm, dtype)
+
+
+def _round_wire_result(flat: torch.Tensor, wire: str | None) -> None:
+    """Every rank's result rounded to the wire dtype once more, so all hold the same bits (compress/wire.py)."""
+    dtype = wire_dtype_of(wire)
+    if dtype is not None:
+        round_result(flat, dtype)
 
 
 def _fail(session: sessions.Session, n: int, error: CommError) -> None:
@@ -556,6 +578,7 @@ def all_reduce(
     timeout: float | None = None,
     check: bool | None = None,
     group: Any = None,
+    wire_dtype: str | None = None,
     **options: Any,
 ) -> torch.Tensor:
     """Reduce ``tensor`` across all ranks, in place, and return it.
@@ -580,6 +603,9 @@ def all_reduce(
         group: a process group from ``dist.new_group`` (None: the default group): the collective runs
             among its members, numbered 0..P'-1 in it, on transports of its own; a rank outside it
             is refused (``ValueError``). Two subgroups' collectives run side by side.
+        wire_dtype: ``"bf16"`` or ``"fp16"``: messages travel in that dtype, summed in the tensor's
+            own at every hop (float32/float64 tensors only; ``compress/wire.py``: bytes halved, and
+            the result within its rounding bound). None (default) or ``"none"``: the tensor's dtype.
         **options: algorithm options, e.g. ``ps_rank``, ``ps_shards`` for ``algo="ps"``.
 
     Returns:
@@ -607,7 +633,7 @@ def all_reduce(
         >>> ringcomm.all_reduce(grad, op="avg")
     """
     session, call = _admit(
-        lambda: _prepare(tensor, op, algo, transport, timeout, check, options, group), timeout, check,
+        lambda: _prepare(tensor, op, algo, transport, timeout, check, options, group, wire_dtype), timeout, check,
         blocking=True, group=group,
     )
     return session.queue.run(lambda: _execute(session, call), call.what)
@@ -622,6 +648,7 @@ def all_reduce_async(
     timeout: float | None = None,
     check: bool | None = None,
     group: Any = None,
+    wire_dtype: str | None = None,
     **options: Any,
 ) -> torch.futures.Future[torch.Tensor]:
     """``all_reduce`` on the comm thread: returns at once with a future of ``tensor``.
@@ -645,7 +672,7 @@ def all_reduce_async(
         >>> grad = fut.wait()
     """
     session, call = _admit(
-        lambda: _prepare(tensor, op, algo, transport, timeout, check, options, group), timeout, check,
+        lambda: _prepare(tensor, op, algo, transport, timeout, check, options, group, wire_dtype), timeout, check,
         blocking=False, group=group,
     )
     return _submit(session, call)

@@ -67,6 +67,7 @@ algbw = M / time, so that busbw is comparable across P and with the link speed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -83,6 +84,9 @@ __all__ = [
     "busbw_factor",
     "fit_alpha_beta",
     "fit_nonnegative",
+    "powersgd_elements",
+    "topk_bytes_sent",
+    "wire_bytes",
 ]
 
 
@@ -415,3 +419,39 @@ def fit_nonnegative(
 
     alpha, beta = min((one(m), 0.0), (0.0, one(b)), key=loss)
     return alpha, beta, True
+
+
+# --- compression (ringcomm/compress/, issue 24): the bytes each compressor puts on the wire ---
+#
+# M is the gradient's bytes (float32: 4 bytes per element), e its element size. An uncompressed
+# ring all-reduce sends 2(P−1)/P·M per rank; a compressor shrinks what is all-reduced (linear ones)
+# or what is all-gathered (top-k). These give the payload; multiply by the collective's factor
+# (ring all-reduce 2(P−1)/P, ring all-gather P−1 per rank's block) for the bytes a rank sends.
+
+
+def wire_bytes(nbytes: float, elem: int, wire_elem: int) -> float:
+    """Bytes of an M-byte tensor of ``elem``-byte elements carried as ``wire_elem``-byte ones: M·w/e.
+
+    bf16/fp16 on the wire (``compress/wire.py``) of a float32 gradient: ``M·2/4``, half, whatever
+    the algorithm (every message is cast, none added).
+    """
+    return nbytes * wire_elem / elem
+
+
+def powersgd_elements(shapes: Sequence[tuple[int, int]], rank: int) -> int:
+    """Elements PowerSGD all-reduces for matrices of ``shapes`` (n×m each) at ``rank`` r: Σ (n+m)·r.
+
+    P (n×r) and Q (m×r) are all-reduced one after the other; a matrix with (n+m)·r >= n·m gains
+    nothing and goes uncompressed (n·m elements), as ``compress/powersgd.py`` decides.
+    """
+    return sum(min((n + m) * rank, n * m) for n, m in shapes)
+
+
+def topk_bytes_sent(numel: int, fraction: float, p: int, value_bytes: int = 4, index_bytes: int = 4) -> float:
+    """Bytes one rank sends for top-k of ``numel`` elements at ``fraction`` F over ``p`` ranks (ring all_gather).
+
+    k = ⌈F·N⌉ values and k indices per rank, gathered by everyone: (P−1)·k·(value + index bytes)
+    per rank; beside the ring all-reduce's 2(P−1)/P·N·4, the ratio is P·k·(v+i) / (2·N·4).
+    """
+    k = max(1, math.ceil(fraction * numel))
+    return (p - 1) * k * (value_bytes + index_bytes)

@@ -82,6 +82,7 @@ from ringcomm.tools.machine import machine_info
 from . import checkpoint
 from . import zero as zero_opt
 from .checkpoint import CHECKPOINT_NAME, Progress, atomic_write
+from .compress import CompressState, check_compress, compress_hook
 from .data import load_dataset, resolve_dataset
 from .hooks import RingcommState, broadcast_module, broadcast_tensors, local_grad_hook, ringcomm_hook
 from .models import build_model, count_parameters
@@ -129,6 +130,8 @@ class TrainConfig:
     transport: str = "torch"  # ringcomm transport for the hook: one of ringcomm.transport_names()
     comm_options: dict[str, Any] = field(default_factory=dict)  # extra all_reduce options (ps_shards=2)
     comm_timeout: float | None = None  # seconds per bucket all-reduce; None: ringcomm's default
+    compress: str = "none"  # none|bf16|fp16|powersgd:R|topk:F (trainer/compress.py)
+    compress_warmup: int = 10  # PowerSGD's uncompressed warm-up steps
     model: str = "simplecnn"
     dataset: str = "auto"
     data_dir: str | None = None
@@ -239,7 +242,15 @@ def _attach_comm_hook(cfg: TrainConfig, ddp: DDP, device: torch.device) -> _Comm
     Collective (the hook sets its transport up): every rank, in the same order, before training.
     """
     if cfg.algo == "ddp":
+        check_compress(cfg.compress, cfg.algo)  # refused in one line: DDP's own all-reduce
         return None
+    if cfg.compress != "none":
+        compress = CompressState(
+            cfg.compress, ddp.module, cfg.algo, cfg.transport, device=device, timeout=cfg.comm_timeout,
+            options=cfg.comm_options, warmup_steps=cfg.compress_warmup,
+        )
+        ddp.register_comm_hook(compress, compress_hook)
+        return _CommCounters(ringcomm.comm_stats(), compress)
     state = RingcommState(
         cfg.algo, cfg.transport, device=device, timeout=cfg.comm_timeout, options=cfg.comm_options
     )
@@ -253,6 +264,7 @@ class _CommCounters:
     """ringcomm's cumulative counters (``ringcomm.comm_stats()``) as they stood at the last step."""
 
     last: ringcomm.CommStats
+    compress: CompressState | None = None  # --compress's state (saved beside the checkpoint)
 
 
 def _comm_record(comm: _CommCounters | None, step: int) -> dict[str, Any]:
@@ -444,6 +456,7 @@ def _restore(run: _Run) -> Progress:
         say=run.say,
         total_steps=run.data.total_steps,
     )
+    _restore_compressor(run)
     why = checkpoint.nothing_left(
         progress.step, progress.epoch, epochs=run.cfg.epochs, max_steps=run.data.total_steps
     )
@@ -458,6 +471,31 @@ def _save(run: _Run, progress: Progress) -> None:
     checkpoint.save(
         path, run.cfg, run.model, run.optimizer, run.scheduler, progress, total_steps=run.data.total_steps
     )
+    compressor = run.comm.compress.compressor if run.comm is not None and run.comm.compress else None
+    if compressor is not None:  # per rank (error feedback is each rank's own): one file each, beside it
+        state = compressor.state_dict()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path.parent / _compressor_file(run.rank), lambda f: torch.save(state, f))
+        dist.barrier()  # every rank's file is there before anyone reports the checkpoint written
+
+
+def _compressor_file(rank: int) -> str:
+    return f"compressor-rank{rank}.pt"
+
+
+def _restore_compressor(run: _Run) -> None:
+    """PowerSGD's Q and error feedback, or top-k's, as the checkpointed run left them (this rank's file)."""
+    compressor = run.comm.compress.compressor if run.comm is not None and run.comm.compress else None
+    if compressor is None:
+        return
+    assert run.cfg.resume is not None
+    where = Path(run.cfg.resume).parent / _compressor_file(run.rank)
+    if not where.exists():
+        raise ValueError(
+            f"--resume {run.cfg.resume} with --compress {run.cfg.compress}: no {where.name} beside it "
+            f"(checkpointed without compression, or by a world of other size)"
+        )
+    compressor.load_state_dict(torch.load(where, map_location="cpu", weights_only=True))
 
 
 def _agree_to_stop(run: _Run) -> str | None:

@@ -1,0 +1,304 @@
+"""Gradient compression (issue 24), as a specification.
+
+1. Wire dtype (``all_reduce(wire_dtype=...)``, ``compress/wire.py``): every all-reduce algorithm, at
+   P = 2, 3, over torch and shm, bf16 and fp16, on float32 tensors: the result is within the
+   rounding bound of its hops of the float64 reference, bitwise the same on every rank, and the
+   bytes sent are exactly half of the same call without it. Refusals in one line without processes.
+2. PowerSGD (``compress/powersgd.py``) at P = 2: a sum of rank <= r is sent exactly (one power
+   iteration finds its column space), vectors are averaged exactly, the error feedback is what was
+   not sent, the warm-up sends plainly, Q is the same on every rank, its bytes are (n+m)·r.
+3. Top-k (``compress/topk.py``) at P = 2: the average of what the ranks sent, the same on every
+   rank; error feedback conserves the input (sent + kept = given); F = 1 is the plain average.
+4. Training: ``--compress powersgd:2`` checkpointed at step 4 and resumed to 8 ends with the same
+   weights, bit for bit, as a run straight to 8 (Q and error feedback restored); refusals.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from grid import digest, make_input
+
+import ringcomm
+from ringcomm import cost
+from ringcomm.compress import parse_compress
+from ringcomm.compress.powersgd import PowerSGD, orthonormalise
+from ringcomm.compress.topk import TopK
+from ringcomm.compress.wire import WIRE_DTYPES
+from ringcomm.tools.spawn import run_world
+
+TIMEOUT_S = 300.0  # a whole spawned world on a loaded 2-core machine
+WIRE_ALGOS = ("ring", "ring_simple", "rhd", "rd", "ps", "naive", "auto")
+SIZES = (1, 5, 1000, 4099)
+
+
+def wire_bound(xs: torch.Tensor, wire: torch.dtype, p: int) -> torch.Tensor:
+    """Elementwise bound on |result − exact| for a float32 sum of ``xs`` (P × N) with ``wire`` on the wire.
+
+    Every value a rank sends is rounded to the wire dtype once (u = its unit roundoff, 2^-8 bf16,
+    2^-11 fp16), and a value already rounded is not rounded again. On the way to the result a value
+    passes at most L = P roundings, the call's final rounding of the result included (ring: P−1
+    reduce-scatter hops, then the all-gather's or the final one; rhd at P = 3: fold, halving, doubling;
+    rd at P = 3: fold, exchange, final; at P = 2, ps, naive: 2). Each errs by at most u times a partial sum,
+    whose magnitude is at most S = Σ|x_i| grown by the errors before it: (1+u)^L. The P−1 float32
+    additions add (P−1)·eps32/2 of S each at most.
+    """
+    u = torch.finfo(wire).eps / 2
+    u32 = torch.finfo(torch.float32).eps / 2
+    s = xs.abs().sum(0)
+    lhops = p
+    return (lhops * u + (p - 1) * u32) * (1 + u) ** lhops * (1 + u32) ** p * s
+
+
+def wire_world(rank: int, p: int, transport: str) -> list[str]:
+    failures: list[str] = []
+    comm = ringcomm.init(transport=transport)
+    case = 0
+    for wire_name, wire in WIRE_DTYPES.items():
+        for algo in WIRE_ALGOS:
+            for n in SIZES:
+                case += 1
+                where = f"rank {rank} {algo}/{transport} P={p} n={n} wire={wire_name}"
+                xs = torch.stack([make_input(n, torch.float32, r, case) for r in range(p)]).double()
+                plain = make_input(n, torch.float32, rank, case)
+                t = plain.clone()
+                sent0 = comm.stats.sent_bytes
+                ringcomm.all_reduce(plain, algo=algo, transport=transport, timeout=120)
+                sent_plain = comm.stats.sent_bytes - sent0
+                sent0 = comm.stats.sent_bytes
+                ringcomm.all_reduce(t, algo=algo, transport=transport, timeout=120, wire_dtype=wire_name)
+                sent_wire = comm.stats.sent_bytes - sent0
+                exact = xs.sum(0)
+                err = (t.double() - exact).abs()
+                bound = wire_bound(xs, wire, p)
+                if not bool((err <= bound).all()):
+                    i = int((err - bound).argmax())
+                    failures.append(f"{where}: element {i} off by {err[i]:.3g} > bound {bound[i]:.3g}")
+                if 2 * sent_wire != sent_plain:
+                    failures.append(f"{where}: sent {sent_wire} B with the wire dtype, {sent_plain} B without")
+                mine = digest(t)
+                everyone = [torch.empty_like(mine) for _ in range(p)]
+                dist.all_gather(everyone, mine)
+                if not all(torch.equal(d, mine) for d in everyone):
+                    failures.append(f"{where}: ranks differ")
+    return failures
+
+
+@pytest.mark.parametrize("transport", ["torch", "shm"])
+@pytest.mark.parametrize("p", [2, 3])
+def test_wire_dtype_every_algorithm(p: int, transport: str) -> None:
+    results = run_world(wire_world, p, (transport,), timeout=TIMEOUT_S)
+    failures = [f for r in results for f in r]
+    assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "wire", "needle"),
+    [
+        (torch.int64, "bf16", "needs a float32 or float64 tensor"),
+        (torch.bfloat16, "fp16", "needs a float32 or float64 tensor"),
+        (torch.float32, "int8", "wire_dtype='int8'"),
+    ],
+)
+def test_wire_dtype_refused(dtype: torch.dtype, wire: str, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle) as info:
+        ringcomm.all_reduce(torch.ones(4, dtype=dtype), wire_dtype=wire)
+    assert "\n" not in str(info.value)
+
+
+def test_wire_bytes_formula() -> None:
+    assert cost.wire_bytes(4000, 4, 2) == 2000
+    assert cost.wire_bytes(8000, 8, 2) == 2000
+
+
+# --- 2 and 3: PowerSGD and top-k, the library, at P = 2 ---------------------------------------------
+
+
+def _ring_all_reduce(t: torch.Tensor, op: str) -> None:
+    ringcomm.all_reduce(t, op, algo="ring", timeout=120)
+
+
+def _ring_all_gather(out: torch.Tensor, inp: torch.Tensor) -> None:
+    ringcomm.all_gather(out, inp, algo="ring", timeout=120)
+
+
+def _agree_all(t: torch.Tensor, p: int) -> bool:
+    mine = digest(t.contiguous())
+    everyone = [torch.empty_like(mine) for _ in range(p)]
+    dist.all_gather(everyone, mine)
+    return all(torch.equal(d, mine) for d in everyone)
+
+
+def powersgd_world(rank: int, p: int) -> list[str]:
+    failures: list[str] = []
+    n, m, r = 40, 30, 2
+    g = torch.Generator().manual_seed(7)
+    us = torch.randn(p, n, generator=g)
+    vs = torch.randn(p, m, generator=g)
+    biases = torch.randn(p, 5, generator=g)
+    mats = [torch.outer(us[i], vs[i]) for i in range(p)]  # rank 1 each: their sum has rank <= P = r
+    params = [(0, torch.Size([n, m])), (1, torch.Size([5]))]
+    psgd = PowerSGD(r, warmup_steps=1)
+    # step 0: the warm-up, a plain average
+    flat = torch.cat([mats[rank].view(-1), biases[rank]])
+    psgd.reduce(flat, params, _ring_all_reduce, p)
+    psgd.end_step()
+    exact = torch.cat([sum(mats).view(-1) / p, biases.mean(0)])
+    if not torch.allclose(flat, exact, rtol=1e-5, atol=1e-5):
+        failures.append(f"rank {rank}: warm-up step is not the plain average")
+    if psgd.error:
+        failures.append(f"rank {rank}: the warm-up left error feedback {list(psgd.error)}")
+    # step 1: compressed; a sum of rank <= r comes through exactly
+    flat = torch.cat([mats[rank].view(-1), biases[rank]])
+    before = flat[: n * m].clone()
+    c0 = ringcomm.comm_stats()
+    psgd.reduce(flat, params, _ring_all_reduce, p)
+    sent = (ringcomm.comm_stats() - c0).sent_bytes
+    err = (flat - exact).abs().max().item()
+    if err > 1e-4 * exact.abs().max().item():
+        failures.append(f"rank {rank}: rank-{r} sum not reproduced: max error {err:.3g}")
+    if not torch.allclose(flat[n * m :], biases.mean(0)):
+        failures.append(f"rank {rank}: bias not averaged")
+    if not torch.allclose(psgd.error[0], before - flat[: n * m], atol=1e-6):
+        failures.append(f"rank {rank}: error feedback is not input minus what was sent")
+    if not _agree_all(flat, p) or not _agree_all(psgd.q[0], p):
+        failures.append(f"rank {rank}: ranks differ in the result or in Q")
+    # a ring all-reduce sends 2(P-1)/P of a payload's bytes (± a chunk's rounding: one element a call,
+    # three calls: P, Q, the bias): (n+m)·r elements for the matrix, not n·m
+    payload = cost.powersgd_elements([(n, m)], r) + 5
+    if abs(sent - 2 * (p - 1) / p * payload * 4) > 3 * 2 * (p - 1) * 4:
+        failures.append(f"rank {rank}: sent {sent} B for a payload of {payload} elements")
+    # the state survives a round trip
+    again = PowerSGD(r, warmup_steps=1)
+    again.load_state_dict(psgd.state_dict())
+    same = torch.equal(again.q[0], psgd.q[0]) and torch.equal(again.error[0], psgd.error[0])
+    if again.step != psgd.step or not same:
+        failures.append(f"rank {rank}: state_dict round trip lost something")
+    return failures
+
+
+def test_powersgd_low_rank_exact_and_error_feedback() -> None:
+    results = run_world(powersgd_world, 2, timeout=TIMEOUT_S)
+    failures = [f for r in results for f in r]
+    assert not failures, "\n".join(failures)
+
+
+def test_orthonormalise_and_small_tensors_stay_plain() -> None:
+    g = torch.Generator().manual_seed(3)
+    p = torch.randn(50, 4, generator=g)
+    orthonormalise(p)
+    assert torch.allclose(p.T @ p, torch.eye(4), atol=1e-5)
+    psgd = PowerSGD(4)
+    assert not psgd.compresses((10,))  # a vector
+    assert not psgd.compresses((8, 8))  # (8+8)·4·2 = 128 > 64: no gain
+    assert psgd.compresses((64, 3, 3, 3))  # 64×27: (64+27)·4·2 = 728 <= 1728
+    with pytest.raises(ValueError, match="rank=0"):
+        PowerSGD(0)
+
+
+def topk_world(rank: int, p: int) -> list[str]:
+    failures: list[str] = []
+    g = torch.Generator().manual_seed(11)
+    xs = torch.randn(p, 1000, generator=g)
+    tk = TopK(0.05)
+    flat = xs[rank].clone()
+    tk.reduce(flat, 0, _ring_all_gather, p)
+    kept = tk.error[0]
+    sent_mine = xs[rank] - kept
+    if int((sent_mine != 0).sum()) != tk.k(1000):
+        failures.append(f"rank {rank}: sent {(sent_mine != 0).sum()} entries, expected {tk.k(1000)}")
+    if not torch.equal(kept + sent_mine, xs[rank]):
+        failures.append(f"rank {rank}: sent + kept != input")
+    if sent_mine.abs().max() < kept.abs().max():
+        failures.append(f"rank {rank}: kept an entry larger than one it sent")
+    if not _agree_all(flat, p):
+        failures.append(f"rank {rank}: ranks differ")
+    # F = 1: the plain average
+    full = TopK(1.0)
+    flat = xs[rank].clone()
+    full.reduce(flat, 0, _ring_all_gather, p)
+    if not torch.allclose(flat, xs.mean(0), atol=1e-6):
+        failures.append(f"rank {rank}: topk:1 is not the average")
+    # the mean of what each rank sent is the result, on the second step with the error added back
+    flat = xs[rank].clone()
+    tk.reduce(flat, 0, _ring_all_gather, p)
+    if not _agree_all(flat, p):
+        failures.append(f"rank {rank}: ranks differ on step 2")
+    return failures
+
+
+def test_topk_error_feedback_and_agreement() -> None:
+    results = run_world(topk_world, 2, timeout=TIMEOUT_S)
+    failures = [f for r in results for f in r]
+    assert not failures, "\n".join(failures)
+
+
+def test_compress_parsing_refusals() -> None:
+    assert parse_compress("powersgd:2") == ("powersgd", 2)
+    assert parse_compress("topk:0.01") == ("topk", 0.01)
+    assert parse_compress("bf16") == ("bf16", None)
+    for bad in ("powersgd", "powersgd:0", "topk:0", "topk:2", "int8", "bf16:2"):
+        with pytest.raises(ValueError, match="--compress"):
+            parse_compress(bad)
+    assert cost.topk_bytes_sent(1000, 0.01, 4) == 3 * 10 * 8
+
+
+# --- 4: training: the compressor's state through --resume ---------------------------------------------
+
+
+def _train_world(rank: int, p: int, cfg_kwargs: dict) -> None:
+    from trainer.loop import TrainConfig, train
+
+    train(TrainConfig(**cfg_kwargs), rank, p, torch.device("cpu"))
+
+
+def _run_cfg(tmp: str, **over: object) -> dict:
+    base = dict(
+        algo="ring", transport="torch", compress="powersgd:2", compress_warmup=2, model="simplecnn",
+        dataset="synthetic", synthetic_size=400, batch_size=8, schedule="constant", eval_batches=1,
+        eval_batch_size=50, seed=3, out=tmp, log_every=100,
+    )
+    return {**base, **over}
+
+
+def test_powersgd_resume_is_exact(tmp_path) -> None:
+    straight, first = str(tmp_path / "straight"), str(tmp_path / "first")
+    run_world(_train_world, 2, (_run_cfg(straight, max_steps=6),), timeout=TIMEOUT_S)
+    run_world(_train_world, 2, (_run_cfg(first, max_steps=3),), timeout=TIMEOUT_S)
+    resumed = str(tmp_path / "resumed")
+    run_world(
+        _train_world, 2, (_run_cfg(resumed, max_steps=6, resume=f"{first}/checkpoint.pt"),), timeout=TIMEOUT_S
+    )
+    a = torch.load(f"{straight}/checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(f"{resumed}/checkpoint.pt", weights_only=False)["model"]
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"resumed run's weights differ from the straight run's in {differ}"
+    qa = torch.load(f"{straight}/compressor-rank1.pt", weights_only=True)
+    qb = torch.load(f"{resumed}/compressor-rank1.pt", weights_only=True)
+    assert qa["step"] == qb["step"] == 6
+    assert all(torch.equal(qa["error"][i], qb["error"][i]) for i in qa["error"])
+    # without the compressor's files, the resume is refused in one line
+    for f in ("compressor-rank0.pt", "compressor-rank1.pt"):
+        (tmp_path / "first" / f).unlink()
+    with pytest.raises(Exception, match="no compressor-rank"):
+        run_world(
+            _train_world, 2, (_run_cfg(str(tmp_path / "again"), max_steps=6, resume=f"{first}/checkpoint.pt"),),
+            timeout=TIMEOUT_S,
+        )
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--algo", "ddp", "--compress", "bf16"], "--algo ddp uses DDP's built-in all-reduce"),
+        (["--algo", "ps", "--compress", "topk:0.01"], "--algo ps cannot"),
+        (["--compress", "powersgd:x"], "expected one of none, bf16"),
+    ],
+)
+def test_launch_refuses_compress_where_it_cannot_apply(argv: list[str], needle: str) -> None:
+    import launch
+
+    with pytest.raises(SystemExit, match=needle) as info:
+        launch.main([*argv, "--world-size", "2", "--max-steps", "1"])
+    assert "\n" not in str(info.value)
