@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from grid import digest, make_input, reference
+from traffic import count_from_zero  # tests/traffic.py
 
 import ringcomm
 from ringcomm import auto, cost
@@ -243,7 +244,7 @@ def traffic_world(rank: int, p: int) -> dict:
         ("broadcast tree", lambda: ringcomm.broadcast(torch.ones(n), src=0, algo="tree")),
         ("broadcast ring", lambda: ringcomm.broadcast(torch.ones(n), src=1, algo="ring", segment_bytes=12)),
     ):
-        stats.reset()
+        count_from_zero(stats)
         call()
         counts[name] = (stats.sent_msgs, stats.sent_bytes, dict(stats.sends_to))
     futures = [ringcomm.all_gather_async(torch.zeros(p * n), torch.full((n,), float(rank))) for _ in range(2)]

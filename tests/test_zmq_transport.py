@@ -30,6 +30,7 @@ from traffic import count_from_zero  # tests/traffic.py
 from zmq_standalone import standalone  # a transport without torch.distributed (tests only)
 
 import ringcomm
+from ringcomm.algorithms.tags import Tag
 from ringcomm.errors import CommError, CommTimeoutError, FrameError, PeerError
 from ringcomm.tools.spawn import run_world
 from ringcomm.transports.wire import (
@@ -47,6 +48,9 @@ WORLD_TIMEOUT_S = 240
 #: test off the CPU for seconds (250 ms failed there); a wait that ignored its deadline would
 #: still block far longer, until its 60 s default or pytest's timeout
 LATE_S = 5.0
+
+#: the smallest tag no algorithm uses (tags.Tag grows as collectives are added)
+UNKNOWN_TAG = max(int(t) for t in Tag) + 1
 
 
 def _threads() -> tuple[int, int]:
@@ -244,7 +248,7 @@ BAD_FRAMES = [
     ("body frame missing", lambda r: [_pack(r.header())], "frames", False),
     ("extra frame", lambda r: [_pack(r.header()), bytes(16), b"more"], "frames", False),
     ("preamble only", lambda r: [], "frames", False),
-    ("unknown tag", lambda r: [_pack(r.header(tag=11)), bytes(16)], "tag", False),
+    ("unknown tag", lambda r: [_pack(r.header(tag=UNKNOWN_TAG)), bytes(16)], "tag", False),
     ("huge tag", lambda r: [_pack(r.header(tag=2**40)), bytes(16)], "tag", False),
     # well-formed on the wire, wrong for the posted tensor: the message is used up
     (
@@ -483,7 +487,7 @@ def test_bad_arguments_are_value_errors(receiver: ZmqTransport) -> None:
         receiver.isend(torch.ones(4, 4).t(), 1)
     with pytest.raises(ValueError, match="dtype"):
         receiver.isend(torch.ones(2, dtype=torch.complex64), 1)
-    for tag in (11, -1, 2**40, True, 1.0):  # only tags.Tag's values and 0 travel
+    for tag in (UNKNOWN_TAG, -1, 2**40, True, 1.0):  # only tags.Tag's values and 0 travel
         with pytest.raises(ValueError, match="tag"):
             receiver.isend(torch.ones(2), 1, tag=tag)
         with pytest.raises(ValueError, match="tag"):

@@ -338,7 +338,7 @@ def mismatch(ckpt: dict[str, Any], cfg: TrainConfig) -> str | None:
             f"the checkpoint was written with {said} (optimizer state "
             f"{'sharded' if old_zero else 'whole'}); resume it with {want}"
         )
-    old_opt = ckpt.get("config", {}).get("optimizer", "sgd")
+    old_opt = (ckpt.get("config") or {}).get("optimizer", "sgd")  # a checkpoint may hold no config
     new_opt = getattr(cfg, "optimizer", "sgd")
     if old_opt != new_opt:
         return f"the checkpoint holds --optimizer {old_opt}'s state, not {new_opt}'s; resume with --optimizer {old_opt}"
