@@ -317,8 +317,10 @@ def _on_cluster(python: str, preset: Preset, world_size: int, argv: list[str]) -
 
 
 def _algos_at(algos: tuple[str, ...], world_size: int) -> tuple[str, ...]:
-    """``algos`` with ``ps:P`` spelled for this world size (one shard per rank)."""
-    return tuple(f"ps:{world_size}" if a == "ps:P" else a for a in algos)
+    """``algos`` with ``ps:P`` spelled for this world size (one shard per rank), and without a ``ps:K``
+    this world cannot take (K > P: the bench refuses it, as it should, before starting a world)."""
+    spelled = (f"ps:{world_size}" if a == "ps:P" else a for a in algos)
+    return tuple(a for a in spelled if not (a.startswith("ps:") and int(a.split(":")[1].split("@")[0]) > world_size))
 
 
 def build_plan(preset: str | Preset, out: str | Path = "results", python: str | None = None) -> list[Run]:

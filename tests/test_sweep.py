@@ -287,5 +287,8 @@ def test_every_bench_command_of_every_preset_passes_the_benchs_own_checks(preset
         if r.kind != "bench":
             continue
         at = r.argv.index("ringcomm.bench")
-        args, sizes, algos = bench._parse_args(r.argv[at + 1 :])  # exits 2 on a refused flag
+        argv = r.argv[at + 1 :]
+        if "--world-size" not in argv and "--nodes" in r.argv:  # on the cluster: the nodes are the world
+            argv += ["--world-size", r.argv[r.argv.index("--nodes") + 1]]
+        args, sizes, algos = bench._parse_args(argv)  # exits 2 on a refused flag
         assert sizes and algos, r.command

@@ -219,7 +219,13 @@ def sigint_held_by_children() -> Iterator[None]:
 def ignore_ctrl_c() -> None:
     """A worker of ``ctrl_c_stops_the_world``: the Ctrl-C the terminal sends it too is its parent's to act on.
 
-    Ignored first, then unblocked: a SIGINT that arrived while the worker started is dropped.
+    Ignored first, then unblocked: a SIGINT that arrived while the worker started is dropped. Only in
+    a process that multiprocessing started (a worker): a rank run in the command's own process (a world
+    of one, a test calling the rank function) keeps its Ctrl-C.
     """
+    import multiprocessing
+
+    if multiprocessing.parent_process() is None:
+        return
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
