@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(60)  # reads files only; starts no process
 
 
 def _module_name(path: Path) -> str:
