@@ -6,7 +6,7 @@ untouched); everything that goes wrong between ranks is a ``CommError``.
 
 from __future__ import annotations
 
-__all__ = ["CommError", "CommTimeoutError", "PeerError", "MismatchError", "FrameError"]
+__all__ = ["CommError", "CommTimeoutError", "PeerError", "MismatchError", "FrameError", "who_said_what"]
 
 
 class CommError(RuntimeError):
@@ -64,3 +64,14 @@ class FrameError(CommError):
             f"rank {rank}: rejected a message from {who}: field {field!r}: {detail} "
             "(message dropped, destination tensor untouched)"
         )
+
+
+def who_said_what(values: list[str], link: str = "") -> str:
+    """``"ranks [0, 2] a; ranks [1] b"``: which ranks gave which value, for an error naming a disagreement.
+
+    ``values`` is indexed by rank; ``link`` goes between the ranks and their value (e.g. ``"on "``).
+    """
+    by_value: dict[str, list[int]] = {}
+    for rank, value in enumerate(values):
+        by_value.setdefault(value, []).append(rank)
+    return "; ".join(f"ranks {ranks} {link}{value}" for value, ranks in by_value.items())

@@ -36,7 +36,7 @@ import time
 from datetime import timedelta
 from typing import Any, Protocol
 
-from ..errors import CommTimeoutError, MismatchError, PeerError
+from ..errors import CommTimeoutError, MismatchError, PeerError, who_said_what
 from ..transports.base import Transport, TransportKind
 from ..transports.segments import host_identity, require_x86_linux
 from .board import CallBoard
@@ -223,10 +223,7 @@ class Rendezvous:
         wanted = f"{kind.name}:{device_type}"
         answers = self.gather(base, wanted, deadline, f"setting up transport {wanted}")
         if any(a != wanted for a in answers):
-            by_value: dict[str, list[int]] = {}
-            for r, a in enumerate(answers):
-                by_value.setdefault(a, []).append(r)
-            described = "; ".join(f"ranks {ranks} {value}" for value, ranks in by_value.items())
+            described = who_said_what(answers)
             raise MismatchError(
                 f"rank {self.rank}: ranks set up different transports ({described}); nothing was sent"
             )

@@ -83,7 +83,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CommTimeoutError, FrameError
+from ..errors import CommTimeoutError, FrameError, who_said_what
 from ..ops import reduce_into
 from ..runtime.settings import env_int
 from .base import Message, MessageKind, Pending, PendingOp, TransportStats, register_transport
@@ -217,10 +217,7 @@ class ShmTransport:
         p, rank = self.world_size, self.rank
         hosts = setup.gather("shm/host", host_identity())
         if len(set(hosts)) > 1:
-            by_host: dict[str, list[int]] = {}
-            for r, h in enumerate(hosts):
-                by_host.setdefault(h, []).append(r)
-            where = "; ".join(f"ranks {ranks} on {h}" for h, ranks in by_host.items())
+            where = who_said_what(hosts, "on ")
             raise ValueError(
                 f"rank {rank}: transport='shm' needs every rank on one host, but {where}; "
                 "use transport='torch' or 'zmq' across hosts"
@@ -229,10 +226,7 @@ class ShmTransport:
         mine = f"{self.slots} slots x {self.slot_bytes} bytes"
         layouts = setup.gather("shm/layout", mine)
         if len(set(layouts)) > 1:
-            by_layout: dict[str, list[int]] = {}
-            for r, layout in enumerate(layouts):
-                by_layout.setdefault(layout, []).append(r)
-            described = "; ".join(f"ranks {ranks} {layout}" for layout, ranks in by_layout.items())
+            described = who_said_what(layouts)
             raise ValueError(
                 f"rank {rank}: shm queues differ between ranks ({described}); set RINGCOMM_SHM_SLOTS "
                 "and RINGCOMM_SHM_SLOT_BYTES alike on every rank"
