@@ -28,7 +28,6 @@ sockets or segments, keeps ``run_world``.
 from __future__ import annotations
 
 import atexit
-import multiprocessing as mp
 import os
 import queue
 import time
@@ -39,7 +38,7 @@ from typing import Any
 
 from procs import end_processes
 
-from ringcomm.tools.spawn import WorldError, _first_cause, finish
+from ringcomm.tools.spawn import WorldError, _first_cause, context, finish
 
 __all__ = ["run_pooled", "close_all", "MAX_RANKS"]
 
@@ -50,9 +49,20 @@ _Key = tuple[int, str, tuple[tuple[str, str], ...]]
 
 
 def _rank(
-    rank: int, world_size: int, port: int, backend: str, env: dict[str, str], tasks: Any, results: Any
+    rank: int,
+    world_size: int,
+    port: int,
+    backend: str,
+    env: dict[str, str],
+    tasks: Any,
+    results: Any,
+    caller: tuple[dict[str, str], str] | None,
 ) -> None:
     """One pooled rank: join the group once, then run each task sent until ``None`` comes."""
+    if caller is not None:  # forked from the suite's fork server: the caller's environment, as spawn gives
+        os.environ.clear()
+        os.environ.update(caller[0])
+        os.chdir(caller[1])
     os.environ.update(env)
     os.environ.update(
         {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
@@ -102,13 +112,13 @@ class _Pool:
         self.reusable = True  # False once a task left a rank's session failed: closed after that task
         # the store outlives every task: ringcomm keeps its session ids and boards in it
         self.store = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False)
-        ctx = mp.get_context("spawn")
+        ctx, caller = context()  # the suite's fork server (conftest), or spawn
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         self.procs = [
             ctx.Process(
                 target=_rank,
-                args=(rank, world_size, self.store.port, backend, env, self.tasks[rank], self.results),
+                args=(rank, world_size, self.store.port, backend, env, self.tasks[rank], self.results, caller),
                 daemon=False,
                 name=f"pooled-rank-{rank}-of-{world_size}",
             )

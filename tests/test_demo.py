@@ -8,6 +8,8 @@ left and adds it in, at all-gather step s it receives chunk r-s, fully reduced).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -87,9 +89,25 @@ torch.distributed.all_reduce of the same inputs: [30 33 36 39 42 45] (equal; bit
 
 
 def _demo(*args: str) -> subprocess.CompletedProcess:
+    """``python -m ringcomm.demo ARGS`` as a user types it: a new interpreter that spawns its ranks."""
     return run(
         [sys.executable, "-m", "ringcomm.demo", *args], cwd=ROOT, capture_output=True, text=True, timeout=180
     )
+
+
+def _demo_here(*args: str) -> subprocess.CompletedProcess:
+    """The demo's ``main(ARGS)`` in this process, its output captured: the same code path after the
+    interpreter start, with the ranks forked from the suite's fork server (conftest) instead of
+    new interpreters that import torch each. Its world has the demo's own 120 s timeout."""
+    from ringcomm.tools import demo
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = demo.main(list(args))
+        except SystemExit as exc:  # a refusal from the parser
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(["ringcomm.demo", *args], code, out.getvalue(), err.getvalue())
 
 
 def test_the_printed_tables_of_a_ring_of_three_equal_the_ones_worked_out_by_hand() -> None:
@@ -140,14 +158,14 @@ torch.distributed.all_gather_into_tensor of the same inputs: [0 1 10 11 20 21] (
 def test_the_printed_tables_of_a_ring_all_gather_of_three_equal_the_ones_worked_out_by_hand() -> None:
     """Each rank starts with its own block only (the copy into the output sends no message); at
     step s rank r sends block r-s+1 to its right and receives block r-s from its left."""
-    done = _demo("--collective", "all_gather", "--algo", "ring", "--world-size", "3", "--numel", "2")
+    done = _demo_here("--collective", "all_gather", "--algo", "ring", "--world-size", "3", "--numel", "2")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout == ALL_GATHER_BY_HAND
 
 
 @pytest.mark.parametrize("algo", ["ring_simple", "rhd", "rd", "ps", "naive", "auto"])
 def test_every_algorithm_demo_ends_equal_to_torch_distributed(algo: str) -> None:
-    done = _demo("--algo", algo, "--world-size", "3", "--numel", "5", "--op", "max")
+    done = _demo_here("--algo", algo, "--world-size", "3", "--numel", "5", "--op", "max")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "result: every rank holds [20 21 22 23 24]" in done.stdout
     assert "(equal; bitwise the same on every rank: yes)" in done.stdout
@@ -195,7 +213,7 @@ torch.distributed.all_reduce of the same inputs: [30 33] (equal; bitwise the sam
 def test_a_message_is_received_in_the_step_that_sends_it_or_later() -> None:
     """naive's root folds rank 1 in, then rank 2, then broadcasts: rank 1 cannot hold the sum
     before the root has sent it (each rank's own count of its posts put it there, a step early)."""
-    done = _demo("--algo", "naive", "--world-size", "3", "--numel", "2")
+    done = _demo_here("--algo", "naive", "--world-size", "3", "--numel", "2")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout == NAIVE_BY_HAND
 
@@ -203,7 +221,7 @@ def test_a_message_is_received_in_the_step_that_sends_it_or_later() -> None:
 def test_a_server_adds_each_push_to_what_it_holds_by_then() -> None:
     """Both pushes are posted together: the second one's 'before' is the first one's result,
     not the server's input (which made [0 1] + [20 21] = [30 33])."""
-    done = _demo("--algo", "ps", "--world-size", "3", "--numel", "2", "--op", "avg")
+    done = _demo_here("--algo", "ps", "--world-size", "3", "--numel", "2", "--op", "avg")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "rank 0 receives the whole vector from rank 2: [10 12] + [20 21] = [30 33]" in done.stdout
     assert "avg: the ranks add, and divide a sum by P = 3" in done.stdout
@@ -296,7 +314,7 @@ def test_the_other_collectives_story_adds_up_and_ends_equal_to_torchs_own(
 
 
 def test_one_rank_says_there_is_nothing_to_send() -> None:
-    done = _demo("--algo", "ring", "--world-size", "1", "--numel", "1")
+    done = _demo_here("--algo", "ring", "--world-size", "1", "--numel", "1")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ring all-reduce of 1 number over 1 rank " in done.stdout
     assert "one rank: nothing to send; its numbers are already the result" in done.stdout
@@ -353,7 +371,7 @@ def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (Debian: apt-get install chromium)")
 def test_the_page_loads_without_errors_and_shows_the_middle_step(tmp_path: Path) -> None:
     page = tmp_path / "ring.html"
-    done = _demo("--algo", "ring", "--world-size", "4", "--numel", "8", "--html", str(page))
+    done = _demo_here("--algo", "ring", "--world-size", "4", "--numel", "8", "--html", str(page))
     assert done.returncode == 0, done.stderr[-2000:]
     html = page.read_text()
     assert "http://" not in html.replace('"http://www.w3.org/2000/svg"', "") and "https://" not in html  # self-contained
@@ -401,7 +419,7 @@ def test_the_page_draws_each_message_until_it_is_received(tmp_path: Path) -> Non
     drew only the sends of a step, so step 2 (rank 2's arrives) had no arrow; its numbers came from
     the tracer's snapshots (which a receive in flight may or may not have reached)."""
     page = tmp_path / "naive.html"
-    done = _demo("--algo", "naive", "--world-size", "3", "--numel", "2", "--html", str(page))
+    done = _demo_here("--algo", "naive", "--world-size", "3", "--numel", "2", "--html", str(page))
     assert done.returncode == 0, done.stderr[-2000:]
     for step, solid, dashed, root in [(1, 1, 1, (10, 12)), (2, 1, 0, (30, 33)), (3, 2, 0, (30, 33))]:
         dom = _chromium(tmp_path, "--dump-dom", f"{page.as_uri()}#step={step}")
