@@ -29,7 +29,6 @@ a stopped process).
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import queue
 import signal
@@ -123,10 +122,10 @@ def _state(pid: int) -> str:
 
 
 def _context() -> Any:
-    """A forkserver that has imported torch once: each world starts in about a second, not ten."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "ringcomm", "ringcomm.transports.zmq"])
-    return ctx
+    """The suite's fork server (conftest), which has imported torch once: a world starts in about a second, not ten."""
+    from ringcomm.tools import spawn
+
+    return spawn.context()[0]
 
 
 def run_faulty_world(kind: str, algo: str, transport: str) -> dict[str, Any]:

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import queue
 import signal
@@ -28,6 +27,7 @@ import zmq
 from zmq_standalone import standalone  # a transport without torch.distributed (tests only)
 
 from ringcomm.errors import CommTimeoutError
+from ringcomm.tools import spawn
 from ringcomm.transports.wire import MAX_FRAME_BYTES, PREAMBLE_BYTES, Header, encode_header, encode_preamble
 
 # all_reduce then shutdown, in one process; the last is followed by the process's exit. 40000 float64
@@ -78,7 +78,7 @@ def test_ranks_that_exit_right_after_a_naive_all_reduce_lose_nothing() -> None:
     shutdown() and exiting straight after: every rank gets the right result and exits 0."""
     import torch.distributed as dist
 
-    ctx = mp.get_context("spawn")
+    ctx, _ = spawn.context()  # the suite's fork server (conftest): torch is imported once, not 12 times
     for world in range(WORLDS):
         store = dist.TCPStore("127.0.0.1", 0, P + 1, is_master=True, wait_for_workers=False)
         results = ctx.Queue()
