@@ -38,7 +38,7 @@ from typing import Any
 
 from procs import end_processes
 
-from ringcomm.tools.spawn import WorldError, _first_cause, context, finish
+from ringcomm.tools.spawn import Caller, WorldError, _first_cause, context, finish
 
 __all__ = ["run_pooled", "close_all", "MAX_RANKS"]
 
@@ -56,13 +56,11 @@ def _rank(
     env: dict[str, str],
     tasks: Any,
     results: Any,
-    caller: tuple[dict[str, str], str] | None,
+    caller: Caller | None,
 ) -> None:
     """One pooled rank: join the group once, then run each task sent until ``None`` comes."""
     if caller is not None:  # forked from the suite's fork server: the caller's environment, as spawn gives
-        os.environ.clear()
-        os.environ.update(caller[0])
-        os.chdir(caller[1])
+        caller.adopt()
     os.environ.update(env)
     os.environ.update(
         {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),

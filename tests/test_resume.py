@@ -25,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -97,6 +98,12 @@ def _run(out: Path, *extra: str, marker: str) -> subprocess.CompletedProcess:
     )
 
 
+def _last_step(lines: list[str]) -> int:
+    """The step of the last progress line (``step N/TOTAL ...``) among ``lines``; 0 before the first."""
+    steps = [int(line.split()[1].split("/")[0]) for line in list(lines) if line.startswith("step ")]
+    return max(steps, default=0)
+
+
 def _final(out: Path) -> dict[str, Any]:
     return json.loads((out / "metrics.json").read_text())
 
@@ -118,25 +125,38 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Pat
         text=True,
         env=_env(marker),
     ) as launcher:
+        # both pipes drained as the run goes (the progress lines say where it is; a full pipe would stall it)
+        lines: dict[str, list[str]] = {"out": [], "err": []}
+        readers = [
+            threading.Thread(target=lambda f=f, k=k: lines[k].extend(f), daemon=True)
+            for k, f in (("out", launcher.stdout), ("err", launcher.stderr))
+        ]
+        for reader in readers:
+            reader.start()
         deadline = time.monotonic() + 180
-        seen_at: float | None = None
-        # Until 1 s after the epoch-0 checkpoint appears (then we are mid-epoch 1), load
-        # every version of it we can see: a half-written file would fail to load.
-        while seen_at is None or time.monotonic() - seen_at < 1.0:
-            assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        # Until a progress line of epoch 1 is printed (the run is then past the epoch-0 checkpoint,
+        # whatever the machine's load), load every version of the checkpoint we can see: a
+        # half-written file would fail to load.
+        while _last_step(lines["out"]) <= STEPS_PER_EPOCH:
+            assert launcher.poll() is None and time.monotonic() < deadline, "no progress line of epoch 1"
             if ckpt.exists() and ckpt.stat().st_mtime_ns != last_mtime:
                 last_mtime = ckpt.stat().st_mtime_ns
                 state = torch.load(ckpt, weights_only=False)
                 assert (state["step"], state["batch_in_epoch"]) == (STEPS_PER_EPOCH, 0)
                 loads += 1
-                seen_at = seen_at or time.monotonic()
             time.sleep(0.02)
+        if loads == 0:  # written and passed between two looks: the version now on disk, once
+            assert torch.load(ckpt, weights_only=False)["step"] == STEPS_PER_EPOCH
+            loads += 1
         victims = _workers_of(launcher.pid)
         assert len(victims) == 2, victims
         killed_at = time.monotonic()
         os.kill(victims[-1], signal.SIGKILL)  # the last started: rank 1
-        stdout, stderr = launcher.communicate(timeout=60)
+        launcher.wait(timeout=60)
         stopped_s = time.monotonic() - killed_at
+        for reader in readers:
+            reader.join(timeout=10)
+        stdout, stderr = "".join(lines["out"]), "".join(lines["err"])
     assert launcher.returncode == 1, stderr
     assert "died with exit code -9" in stderr and "stopped the other workers" in stderr, stderr
     assert stopped_s < 15, f"the launcher took {stopped_s:.1f} s to stop the world"

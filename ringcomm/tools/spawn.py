@@ -149,13 +149,11 @@ def _child(
     results: Any,
     env: dict[str, str],
     parent: int,
-    caller: tuple[dict[str, str], str] | None = None,
+    caller: Caller | None = None,
 ) -> None:
     _die_with_parent(rank, parent)
     if caller is not None:  # forked from a server started earlier: take the caller's environment now
-        os.environ.clear()
-        os.environ.update(caller[0])
-        os.chdir(caller[1])
+        caller.adopt()
     os.environ.update(env)
     os.environ.update(
         {
@@ -229,13 +227,50 @@ def use_forkserver(preload: tuple[str, ...] = ("torch", "torch.distributed", "ri
     _START.update(method="forkserver", preload=tuple(preload))
 
 
-def context() -> tuple[Any, tuple[dict[str, str], str] | None]:
-    """The multiprocessing context for a world's ranks, and what a forked rank takes from its caller."""
+class _Fd:
+    """A file descriptor of the caller, handed to a rank as it starts (pickled while multiprocessing
+    starts the process, the one moment it can pass descriptors to the fork server)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, tuple[Any]]:
+        from multiprocessing import reduction
+
+        return (_Fd._received, (reduction.DupFd(self.fd),))
+
+    @staticmethod
+    def _received(dup: Any) -> int:
+        return dup.detach()
+
+
+class Caller:
+    """What a rank forked by the fork server takes from the process that asked for it, as a
+    spawned rank inherits it: the environment, the working folder, stdout and stderr."""
+
+    def __init__(self) -> None:
+        self.env = dict(os.environ)
+        self.cwd = os.getcwd()
+        self.stdout, self.stderr = _Fd(1), _Fd(2)
+
+    def adopt(self) -> None:
+        os.environ.clear()
+        os.environ.update(self.env)
+        os.chdir(self.cwd)
+        for fd, given in ((1, self.stdout), (2, self.stderr)):
+            if isinstance(given, int):  # unpickled in the rank: a descriptor of its own
+                os.dup2(given, fd)
+                os.close(given)
+
+
+def context() -> tuple[Any, Caller | None]:
+    """The multiprocessing context for a world's ranks, and what a forked rank takes from its caller
+    (pass it to the rank, which calls ``adopt()`` first)."""
     ctx = mp.get_context(_START["method"])
     if _START["method"] != "forkserver":
         return ctx, None
     ctx.set_forkserver_preload(list(_START["preload"]))
-    return ctx, (dict(os.environ), os.getcwd())
+    return ctx, Caller()
 
 
 def run_world(
