@@ -99,3 +99,52 @@ def test_node_layout_groups_by_key_and_refuses_uneven_nodes() -> None:
     assert layout.node_of(2) == (0, 2) and layout.cross_of(2) == (2, 3) and layout.cross_of(1) == (0, 1)
     with pytest.raises(ValueError, match=r"as many ranks on every node.*\[1, 2\]"):
         node_layout(["a", "a", "b"], rank=1)
+
+
+# --- algo="auto" weighs hier where the world has nodes of several ranks ---
+
+
+def _auto_rank(rank: int, p: int, tune_file: str) -> dict:
+    import os
+
+    import ringcomm
+    from ringcomm.runtime import session as sessions
+
+    # as torchrun sets them on 2 nodes of 2 ranks; before this process's first ringcomm call
+    os.environ.update(GROUP_RANK=str(rank // 2), LOCAL_RANK=str(rank % 2), RINGCOMM_TUNE_FILE=tune_file)
+    x = torch.arange(1000, dtype=torch.int64) + rank
+    ringcomm.all_reduce(x, algo="auto")
+    crossed = [s for key, s in sessions._GROUPS.items() if isinstance(key, tuple) and key[2] == "hier-cross"]
+    return {
+        "exact": bool(torch.equal(x, 4 * torch.arange(1000, dtype=torch.int64) + sum(range(p)))),
+        "cross": [(s.rank, s.world_size) for s in crossed],
+    }
+
+
+@pytest.mark.timeout(200)
+def test_auto_runs_hier_on_two_nodes_of_two_ranks(tmp_path) -> None:
+    """A fit where the network is slow and shared memory fast: auto must pick hier, found from GROUP_RANK."""
+    import json
+
+    from ringcomm.auto import CANDIDATES
+
+    def table(alpha: float, beta: float) -> dict:
+        return {a: {"alpha_s": alpha, "beta_s_per_byte": beta} for a in CANDIDATES}
+
+    fits = {"torch": {"2": table(1e-3, 16e-9), "4": table(1e-3, 16e-9)}, "shm": {"2": table(5e-6, 0.2e-9)}}
+    tune = tmp_path / "tune.json"
+    tune.write_text(json.dumps({"version": 1, "fits": fits}))
+    results = run_world(_auto_rank, 4, (str(tune),), timeout=180)
+    for rank, r in enumerate(results):
+        assert r["exact"], (rank, r)
+        assert r["cross"] == [(rank // 2, 2)], f"rank {rank}: no cross group of the 2 nodes, auto ran no hier: {r}"
+
+
+def test_node_shape_asks_no_one_below_four_ranks_or_off_the_cpu() -> None:
+    from types import SimpleNamespace
+
+    from ringcomm.algorithms.hier import node_shape
+
+    # no rendezvous to gather through: an answer other than None would have had to ask the peers
+    assert node_shape(SimpleNamespace(world_size=3), 1e18) is None
+    assert node_shape(SimpleNamespace(world_size=8), 1e18, "cuda") is None

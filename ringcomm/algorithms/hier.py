@@ -65,7 +65,7 @@ from .buffers import ScratchPool
 from .chunks import chunk_bounds
 from .ring import all_gather, scatter_reduce
 
-__all__ = ["Layout", "check_hier_options", "hier_all_reduce", "node_layout"]
+__all__ = ["Layout", "check_hier_options", "hier_all_reduce", "node_layout", "node_shape", "session_layout"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,41 @@ def use_registry(algos: Mapping[str, Any]) -> None:
 _LAYOUTS: dict[tuple[str, int], Layout] = {}
 
 
+def session_layout(session: Any, ranks_per_node: int, deadline: float) -> Layout:
+    """The nodes of ``session``'s world, agreed once (a gather of every rank's node key through the
+    store, then cached): a collective, so every rank must ask at the same call.
+
+    Raises:
+        ValueError: the nodes have different numbers of ranks (``node_layout``).
+    """
+    key = (session.prefix, ranks_per_node)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        keys = session.rendezvous.gather(
+            session.key("hier-nodes", ranks_per_node), _node_key(session.rank, ranks_per_node),
+            deadline, "algo='hier': which node each rank is on",
+        )
+        layout = _LAYOUTS[key] = node_layout(keys, session.rank)
+    return layout
+
+
+def node_shape(session: Any, deadline: float, device: str = "cpu") -> tuple[int, int] | None:
+    """``(n nodes, g ranks per node)`` of ``session``'s world as ``hier`` finds them by default, for
+    ``algo="auto"`` to weigh ``hier`` (``auto.choose``); None where ``hier`` cannot be worth weighing,
+    without asking anyone: fewer than 4 ranks (n > 1 and g > 1 need n·g >= 4) or a device other
+    than the CPU. Nodes of different sizes give None too (``hier`` refuses them), on every rank alike.
+
+    A collective the first time (``session_layout``): call it at the same call on every rank.
+    """
+    if session.world_size < 4 or device != "cpu":
+        return None
+    try:
+        layout = session_layout(session, 0, deadline)
+    except ValueError:  # uneven nodes: the same keys on every rank, so the same answer
+        return None
+    return len(layout.nodes), len(layout.nodes[0])
+
+
 def check_hier_options(options: Mapping[str, Any], world_size: int) -> None:
     """ValueError for a ``hier_ranks_per_node`` that is no count or cuts the world unevenly, or an
     inner algorithm that is unknown or ``hier`` itself."""
@@ -172,14 +207,7 @@ def hier_all_reduce(
         hier_inner: the all-reduce across nodes (any of ``ALGOS`` but ``hier``).
     """
     parent, kind_name = sessions.owner_of(transport)
-    key = (parent.prefix, hier_ranks_per_node)
-    layout = _LAYOUTS.get(key)
-    if layout is None:
-        keys = parent.rendezvous.gather(
-            parent.key("hier-nodes", hier_ranks_per_node), _node_key(parent.rank, hier_ranks_per_node),
-            deadline, "algo='hier': which node each rank is on",
-        )
-        layout = _LAYOUTS[key] = node_layout(keys, parent.rank)
+    layout = session_layout(parent, hier_ranks_per_node, deadline)
     node, cross = layout.node_of(parent.rank), layout.cross_of(parent.rank)
     g, n, world = len(node), len(cross), parent.world_size
     device = flat.device.type
