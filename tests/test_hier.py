@@ -148,3 +148,37 @@ def test_node_shape_asks_no_one_below_four_ranks_or_off_the_cpu() -> None:
     # no rendezvous to gather through: an answer other than None would have had to ask the peers
     assert node_shape(SimpleNamespace(world_size=3), 1e18) is None
     assert node_shape(SimpleNamespace(world_size=8), 1e18, "cuda") is None
+
+
+def _uneven_auto_rank(rank: int, p: int) -> dict:
+    import os
+
+    import ringcomm
+    from ringcomm.runtime import session as sessions
+
+    os.environ.update(GROUP_RANK="0" if rank < 3 else "1", LOCAL_RANK=str(rank % 3))  # nodes of 3 and 1
+    ringcomm.init("torch")
+    rendezvous = sessions.current().rendezvous
+    asked: list[str] = []
+    gather = rendezvous.gather
+
+    def counted(base: str, *args: object) -> list[str]:
+        asked.append(base)
+        return gather(base, *args)
+
+    rendezvous.gather = counted
+    exact = []
+    for _ in range(3):
+        x = torch.arange(100, dtype=torch.int64) * (rank + 1)
+        ringcomm.all_reduce(x, algo="auto")
+        exact.append(bool(torch.equal(x, torch.arange(100, dtype=torch.int64) * sum(range(1, p + 1)))))
+    return {"exact": exact, "node gathers": sum("hier-nodes" in key for key in asked)}
+
+
+@pytest.mark.timeout(200)
+def test_auto_on_uneven_nodes_runs_flat_and_asks_for_the_nodes_once() -> None:
+    """hier refuses nodes of 3 and 1 ranks, so auto must not weigh it, and must not gather the nodes
+    again at every call to learn the same thing."""
+    results = run_world(_uneven_auto_rank, 4, timeout=180)
+    for rank, r in enumerate(results):
+        assert r == {"exact": [True] * 3, "node gathers": 1}, (rank, r)

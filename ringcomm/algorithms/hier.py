@@ -132,6 +132,9 @@ def use_registry(algos: Mapping[str, Any]) -> None:
 #: Layouts agreed so far, by (session prefix, hier_ranks_per_node): one gather per session and option.
 _LAYOUTS: dict[tuple[str, int], Layout] = {}
 
+#: ``node_shape``'s answers so far, by session prefix (None: uneven nodes).
+_SHAPES: dict[str, tuple[int, int] | None] = {}
+
 
 def session_layout(session: Any, ranks_per_node: int, deadline: float) -> Layout:
     """The nodes of ``session``'s world, agreed once (a gather of every rank's node key through the
@@ -161,11 +164,15 @@ def node_shape(session: Any, deadline: float, device: str = "cpu") -> tuple[int,
     """
     if session.world_size < 4 or device != "cpu":
         return None
+    if session.prefix in _SHAPES:
+        return _SHAPES[session.prefix]
     try:
         layout = session_layout(session, 0, deadline)
+        shape: tuple[int, int] | None = (len(layout.nodes), len(layout.nodes[0]))
     except ValueError:  # uneven nodes: the same keys on every rank, so the same answer
-        return None
-    return len(layout.nodes), len(layout.nodes[0])
+        shape = None
+    _SHAPES[session.prefix] = shape  # uneven nodes too: one gather per world, never one per call
+    return shape
 
 
 def check_hier_options(options: Mapping[str, Any], world_size: int) -> None:
