@@ -458,9 +458,9 @@ def _execute(session: sessions.Session, call: _Call) -> torch.Tensor:
         spec, options = call.spec, call.options
         if spec.name == "auto" and call.collective == "all_reduce":
             # the same pick on every rank: the same fit (rank 0's), the same call; hier is weighed where the
-            # world has nodes of several ranks (hier.node_shape: one gather, once), not under a wire dtype
+            # world has nodes of several ranks (hier.node_shape: one gather, once)
             device = tensor.device.type
-            nodes = node_shape(session, deadline, device) if call.wire is None else None
+            nodes = node_shape(session, deadline, device)
             spec = ALGOS[session.auto_pick(call.kind.name, nbytes, deadline, device, nodes)]
             options = spec.options({}, session.world_size)
         elif spec.name == "auto":

@@ -182,3 +182,31 @@ def test_auto_on_uneven_nodes_runs_flat_and_asks_for_the_nodes_once() -> None:
     results = run_world(_uneven_auto_rank, 4, timeout=180)
     for rank, r in enumerate(results):
         assert r == {"exact": [True] * 3, "node gathers": 1}, (rank, r)
+
+
+def _wire_rank(rank: int, p: int) -> dict:
+    import ringcomm
+
+    x = torch.randn(5003, generator=torch.Generator().manual_seed(rank))
+    sent = {}
+    results = {}
+    for wire in (None, "bf16"):
+        y = x.clone()
+        before = ringcomm.comm_stats()
+        ringcomm.all_reduce(y, algo="hier", transport="zmq", hier_ranks_per_node=2, hier_inner="ring", wire_dtype=wire)
+        sent[wire] = (ringcomm.comm_stats() - before).sent_bytes
+        results[wire] = y
+    return {"sent": sent, "results": results}
+
+
+@pytest.mark.timeout(200)
+def test_hier_carries_the_wire_dtype_on_both_levels() -> None:
+    """wire_dtype="bf16" with algo="hier" moved float32 bytes: hier ran its levels on transports of its
+    own and dropped the call's wire dtype, silently (the result was only rounded at the end)."""
+    results = run_world(_wire_rank, 4, timeout=180)
+    exact = sum(torch.randn(5003, generator=torch.Generator().manual_seed(r)).double() for r in range(4))
+    for rank, r in enumerate(results):
+        assert r["sent"]["bf16"] * 2 == r["sent"][None], (rank, r["sent"])  # 2 bytes an element, not 4
+        assert r["results"]["bf16"].equal(results[0]["results"]["bf16"]), f"rank {rank} differs from rank 0"
+        err = (r["results"]["bf16"].double() - exact).abs().max().item()
+        assert 0 < err < 0.1, f"rank {rank}: bf16 result off by {err} (0: nothing was rounded)"

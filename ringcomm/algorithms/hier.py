@@ -56,6 +56,7 @@ from typing import Any
 
 import torch
 
+from ..compress.wire import WireTransport
 from ..errors import CommError
 from ..ops import finalize
 from ..runtime import session as sessions
@@ -192,6 +193,17 @@ def check_hier_options(options: Mapping[str, Any], world_size: int) -> None:
         raise ValueError(f"hier_inner={inner!r}: expected one of {names}")
 
 
+def _wire_dtype(transport: Transport) -> torch.dtype | None:
+    """The wire dtype the call's transport carries (``wire_dtype=``), looking through a tracer's
+    wrapper: hier's own transports must carry it too, or the option would be dropped silently."""
+    seen: Any = transport
+    while seen is not None:
+        if isinstance(seen, WireTransport):
+            return seen.dtype
+        seen = getattr(seen, "inner", None)
+    return None
+
+
 def hier_all_reduce(
     flat: torch.Tensor,
     op: str,
@@ -219,6 +231,11 @@ def hier_all_reduce(
     g, n, world = len(node), len(cross), parent.world_size
     device = flat.device.type
     level_op = "sum" if op == "avg" else op  # avg: sum through both levels, divide once by N below
+    wire_dtype = _wire_dtype(transport)
+
+    def carried(sub: Transport) -> Transport:  # the call's wire dtype on both levels (stats stay sub's)
+        return sub if wire_dtype is None else WireTransport(sub, wire_dtype)
+
     used = []
     moved: list[tuple[Transport, int, int]] = []  # (sub-transport, its sent and received bytes before)
     try:
@@ -232,7 +249,7 @@ def hier_all_reduce(
             shm = node_session.transport(transport_kind("shm"), device, deadline)
             moved.append((shm, shm.stats.sent_bytes, shm.stats.recv_bytes))
             # 1. reduce-scatter inside the node: local rank l ends owning chunk (l + 1)
-            scatter_reduce(chunks, level_op, shm, deadline)
+            scatter_reduce(chunks, level_op, carried(shm), deadline)
         if n > 1:
             cross_session = sessions.member_session(parent, cross, "hier-cross")
             used.append(cross_session)
@@ -244,12 +261,12 @@ def hier_all_reduce(
                 inner = cross_session.auto_pick(kind_name, mine.numel() * mine.element_size(), deadline, device)
             spec = ALGOS[inner]
             # 2. all-reduce the owned chunk across the nodes, among the ranks of this local rank
-            spec.run(mine, level_op, wire, deadline, scratch, **spec.options({}, n))
+            spec.run(mine, level_op, carried(wire), deadline, scratch, **spec.options({}, n))
         if op == "avg":
             finalize(mine, "avg", world)  # on the owner only: the copies below stay bitwise equal
         if g > 1:
             # 3. all-gather inside the node: chunk (l + 1) from local rank l to everyone
-            all_gather(chunks, shm, deadline)
+            all_gather(chunks, carried(shm), deadline)
     except BaseException as exc:
         # The node's and the cross group's sessions are out of step now, like the call's (api._fail):
         # their later calls refuse, and their peers waiting on this rank learn it at once.
