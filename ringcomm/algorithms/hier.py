@@ -43,8 +43,9 @@ else the host identity the shm transport uses (``segments.host_identity``). Node
 different sizes are refused on every rank alike (``ValueError``). The node's and the cross
 group's sessions are made at the first ``hier`` call, among their members only, without
 ``dist.new_group`` (``session.member_session``); the node's transport is ``shm``, the
-cross group's the call's own (over ``torch``: CPU tensors only, as ``group=``). The bytes
-they move are added to the call transport's byte counters, which ``comm_stats`` reads.
+cross group's the call's own (over ``torch``: CPU tensors only, as ``group=``), each carrying
+the call's ``wire_dtype`` if it has one. The bytes they move are added to the call transport's
+byte counters, which ``comm_stats`` reads.
 """
 
 from __future__ import annotations
