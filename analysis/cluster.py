@@ -2,6 +2,7 @@
 
     python -m analysis.cluster --nodes 4 --link 500mbit -- python -m ringcomm.bench --algos gloo,ring,ps
     python -m analysis.cluster --nodes 4 --link 500mbit -- python launch.py --algo ps --max-steps 40
+    python -m analysis.cluster --nodes 2 --ranks-per-node 2 --placement interleaved -- python -m ringcomm.bench --algos hier,ring
     sudo python -m analysis.cluster --cleanup        # remove what a killed run left behind
 
 On one host every rank shares memory bandwidth and the cores, so a parameter
@@ -23,18 +24,29 @@ one switch::
 Each NIC is shaped in both directions with ``tc``'s token bucket (``tbf``): on
 the node's end for what it sends, on the switch's end of its veth for what it
 receives. ``--delay D`` adds a one-way delay (``netem``) on each node's way out,
-where the kernel has netem. The command then runs once in every node, as node i
-of N would under torchrun with one process per node: ``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` (node 0), ``MASTER_PORT``
-(free there) are set, so ``dist.init_process_group("gloo")`` works unchanged;
+where the kernel has netem. The command then runs G times in every node
+(``--ranks-per-node G``, default 1), as torchrun ``--nnodes N --nproc-per-node G``
+would start it: ``RANK``, ``WORLD_SIZE`` (N·G), ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``
+(G), ``GROUP_RANK`` (the node), ``GROUP_WORLD_SIZE`` (N), ``MASTER_ADDR`` (node 0,
+where rank 0 runs), ``MASTER_PORT`` (free there) are set, so
+``dist.init_process_group("gloo")`` works unchanged. A node's G ranks share its
+namespace, so they reach each other over its loopback and shared memory (fast) and
+everything else through its one shaped NIC, as on a real multi-rank node.
+``--placement`` maps global ranks to nodes::
+
+    contiguous  (torchrun's):  node k runs ranks k·G .. k·G+G-1     2 x 2: node 0 {0, 1}, node 1 {2, 3}
+    interleaved (round-robin): rank r runs on node r mod N          2 x 2: node 0 {0, 2}, node 1 {1, 3}
+
+so a flat ring crosses each node's link once (contiguous) or at every hop (interleaved).
 ``GLOO_SOCKET_IFNAME`` pins Gloo to the node's NIC and ``RINGCOMM_ZMQ_HOST``
 makes the zmq transport bind the node's address. Nothing of it leaves the
 namespaces: 10.201.x.y exists nowhere else, and the switch is connected to
 nothing but the nodes.
 
 It prints the topology and a measured link rate (a timed TCP transfer from node 0
-to the last node) first, streams every node's output prefixed ``[node i]``, exits
-with the status of the first node that failed (stopping the others after
+to the last node) first, streams every process's output prefixed ``[node i]``
+(``[node i rank r]`` with G > 1), exits with the status of the first process that
+failed (stopping the others after
 ``--grace`` seconds), and always removes every namespace, link and bridge it
 made: on success, on a failing node, on Ctrl-C; and at start, the leftovers of
 runs that were killed (every name carries its run's process id, so one whose
@@ -56,7 +68,7 @@ from dataclasses import dataclass, field
 
 from . import CliParser
 
-__all__ = ["Cluster", "parse_rate", "remove_stale", "main"]
+__all__ = ["PLACEMENTS", "Cluster", "Place", "check_layout", "main", "parse_rate", "placement_of", "remove_stale"]
 
 _PREFIX = "rcc"  # every namespace and link this tool makes starts with rcc<run id>
 _NAME = re.compile(rf"^{_PREFIX}([0-9a-f]+)(s|n\d+|[ab]\d+)$")
@@ -124,6 +136,46 @@ def remove_stale(run_id: str | None = None) -> list[str]:
     return removed
 
 
+#: How global ranks map to nodes: ``contiguous`` as torchrun places them (node k runs ranks
+#: k·G .. k·G+G-1), ``interleaved`` round-robin (rank r on node r mod N), the worst case for a flat ring.
+PLACEMENTS = ("contiguous", "interleaved")
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where one rank runs: its global ``rank``, its ``node`` (torchrun's GROUP_RANK) and its ``local``
+    rank there (LOCAL_RANK)."""
+
+    rank: int
+    node: int
+    local: int
+
+
+def check_layout(nodes: int, ranks_per_node: int, placement: str) -> None:
+    """ValueError, in one line, for a layout this tool does not run."""
+    if not 1 <= nodes <= 64:
+        raise ValueError(f"--nodes {nodes}: choose 1 to 64")
+    if not 1 <= ranks_per_node <= 16:
+        raise ValueError(f"--ranks-per-node {ranks_per_node}: choose 1 to 16")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"--placement {placement!r}: choose {' or '.join(PLACEMENTS)}")
+
+
+def placement_of(nodes: int, ranks_per_node: int, placement: str = "contiguous") -> list[Place]:
+    """Each global rank's node and local rank, by global rank. 2 nodes × 2 ranks::
+
+        contiguous:   node 0: ranks 0, 1    node 1: ranks 2, 3     (rank r on node r // G)
+        interleaved:  node 0: ranks 0, 2    node 1: ranks 1, 3     (rank r on node r mod N)
+
+    Local ranks count up within the node in global rank order, as torchrun's do.
+    """
+    check_layout(nodes, ranks_per_node, placement)
+    world = nodes * ranks_per_node
+    if placement == "contiguous":
+        return [Place(r, r // ranks_per_node, r % ranks_per_node) for r in range(world)]
+    return [Place(r, r % nodes, r // nodes) for r in range(world)]
+
+
 @dataclass
 class Cluster:
     """N node namespaces on one switch namespace, each NIC shaped to ``rate`` each way.
@@ -132,6 +184,9 @@ class Cluster:
         nodes: how many.
         rate: tc rate text, e.g. ``"500mbit"``.
         delay: one-way delay per node (``"2ms"``), or None.
+        ranks_per_node: G processes run in each node, sharing its one link (torchrun's
+            ``--nproc-per-node``).
+        placement: how global ranks map to nodes (``placement_of``).
     """
 
     nodes: int
@@ -139,6 +194,19 @@ class Cluster:
     delay: str | None = None
     run_id: str = field(default_factory=lambda: f"{os.getpid():x}")
     subnet: int = field(default_factory=lambda: os.getpid() % 250 + 1)
+    ranks_per_node: int = 1
+    placement: str = "contiguous"
+
+    def __post_init__(self) -> None:
+        check_layout(self.nodes, self.ranks_per_node, self.placement)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+    def ranks(self) -> list[Place]:
+        """Every rank's place, by global rank (``placement_of``)."""
+        return placement_of(self.nodes, self.ranks_per_node, self.placement)
 
     @property
     def switch(self) -> str:
@@ -239,31 +307,46 @@ class Cluster:
         lines = [
             f"cluster {self.run_id}: {self.nodes} nodes on one switch, each NIC {self.rate} each way{delay}"
         ]
-        lines += [f"  node {i}: netns {self.node(i)}, eth0 {self.address(i)}/24" for i in range(self.nodes)]
+        if self.ranks_per_node > 1:
+            lines[0] += f"; {self.ranks_per_node} ranks per node sharing its link, placed {self.placement}"
+        on: dict[int, list[int]] = {}
+        for place in self.ranks():
+            on.setdefault(place.node, []).append(place.rank)
+        for i in range(self.nodes):
+            ranks = f", ranks {', '.join(map(str, on[i]))}" if self.ranks_per_node > 1 else ""
+            lines.append(f"  node {i}: netns {self.node(i)}, eth0 {self.address(i)}/24{ranks}")
         lines.append(f"  switch: netns {self.switch}, bridge br0")
         return "\n".join(lines)
 
 
-def _environment(cluster: Cluster, i: int, port: int) -> dict[str, str]:
+def _layout(cluster: Cluster) -> tuple[int, str]:
+    """(ranks per node, placement) of ``cluster``; a stand-in without them (tests) runs one rank per node."""
+    return getattr(cluster, "ranks_per_node", 1), getattr(cluster, "placement", "contiguous")
+
+
+def _environment(cluster: Cluster, place: Place, port: int) -> dict[str, str]:
+    """What torchrun would set for ``place`` (``--nnodes N --nproc-per-node G``), plus this tool's own."""
+    g, placement = _layout(cluster)
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("MASTER_", "TORCHELASTIC_", "RINGCOMM_ZMQ_HOST"))
     }
+    shape = f"{cluster.nodes} nodes" + (f" x {g} ranks ({placement})" if g > 1 else "")
     env.update(
-        RANK=str(i),
-        WORLD_SIZE=str(cluster.nodes),
-        LOCAL_RANK="0",
-        LOCAL_WORLD_SIZE="1",
-        GROUP_RANK=str(i),
-        MASTER_ADDR=cluster.address(0),
+        RANK=str(place.rank),
+        WORLD_SIZE=str(cluster.nodes * g),
+        LOCAL_RANK=str(place.local),
+        LOCAL_WORLD_SIZE=str(g),
+        GROUP_RANK=str(place.node),
+        GROUP_WORLD_SIZE=str(cluster.nodes),
+        MASTER_ADDR=cluster.address(0),  # rank 0 runs on node 0 under either placement
         MASTER_PORT=str(port),
         GLOO_SOCKET_IFNAME="eth0",
-        RINGCOMM_ZMQ_HOST=cluster.address(i),
-        RINGCOMM_CLUSTER=f"{cluster.nodes} nodes, {cluster.rate} links"
-        + (f", {cluster.delay} delay" if cluster.delay else ""),
+        RINGCOMM_ZMQ_HOST=cluster.address(place.node),
+        RINGCOMM_CLUSTER=f"{shape}, {cluster.rate} links" + (f", {cluster.delay} delay" if cluster.delay else ""),
     )
-    env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does: one process per node here
+    env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does when it starts more than one process per host
     return env
 
 
@@ -294,33 +377,38 @@ def cpu_times() -> tuple[float, float]:
 
 
 def run(cluster: Cluster, argv: Sequence[str], grace: float = 10.0) -> int:
-    """Run ``argv`` once in every node; return the first failing node's status, else 0.
+    """Run ``argv`` once per rank, ``ranks_per_node`` times in every node; return the first failing
+    rank's status, else 0.
 
     Prints, at the end, how many of the machine's cores were busy on average meanwhile:
     a run that is bound by its links, not its cores, leaves some idle.
     """
     port = cluster.free_port()
     busy0, total0 = cpu_times()
+    g, placement = _layout(cluster)
+    places = placement_of(cluster.nodes, g, placement)
+    # who each process is, in its lines and in the tool's own: "node i", or "node i rank r" with G > 1
+    names = [f"node {p.node}" + (f" rank {p.rank}" if g > 1 else "") for p in places]
     procs = []
     pumps = []
-    for i in range(cluster.nodes):
+    for place, name in zip(places, names):
         proc = subprocess.Popen(
-            cluster.exec(i, list(argv)), env=_environment(cluster, i, port),
+            cluster.exec(place.node, list(argv)), env=_environment(cluster, place, port),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
         )  # fmt: skip
         procs.append(proc)
         for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
-            t = threading.Thread(target=_pump, args=(stream, f"[node {i}] ", out), daemon=True)
+            t = threading.Thread(target=_pump, args=(stream, f"[{name}] ", out), daemon=True)
             t.start()
             pumps.append(t)
-    first: tuple[int, int] | None = None  # (node, status)
+    first: tuple[int, int] | None = None  # (process index = global rank, status)
     stop_at = None
-    while [p.poll() for p in procs].count(None):  # poll every node (any() would stop at the first)
+    while [p.poll() for p in procs].count(None):  # poll every process (any() would stop at the first)
         for i, p in enumerate(procs):
             if first is None and p.returncode not in (None, 0):
                 first = (i, p.returncode)
                 stop_at = time.monotonic() + grace
-                _say(f"node {i} exited with status {p.returncode}; stopping the others in {grace:g} s")
+                _say(f"{names[i]} exited with status {p.returncode}; stopping the others in {grace:g} s")
         if stop_at is not None and time.monotonic() > stop_at:
             break
         time.sleep(0.05)
@@ -344,7 +432,7 @@ def run(cluster: Cluster, argv: Sequence[str], grace: float = 10.0) -> int:
         bad = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode]
         first = bad[0] if bad else None
         if first is not None:  # every node had exited before the first look: say which failed all the same
-            _say("; ".join(f"node {i} exited with status {status}" for i, status in bad))
+            _say("; ".join(f"{names[i]} exited with status {status}" for i, status in bad))
     return 0 if first is None else (first[1] if first[1] > 0 else 128 - first[1])
 
 
@@ -395,7 +483,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "each NIC rate-limited in both directions.",
         epilog="Everything after -- is the command, run in every node with torchrun's variables set.",
     )
-    parser.add_argument("--nodes", type=int, default=4, help="nodes (one process each), 1-64")
+    parser.add_argument("--nodes", type=int, default=4, help="nodes (network namespaces, one link each), 1-64")
+    parser.add_argument(
+        "--ranks-per-node", type=int, default=1, metavar="G",
+        help="processes per node, sharing its link and memory (torchrun's --nproc-per-node), 1-16",
+    )  # fmt: skip
+    parser.add_argument(
+        "--placement", default="contiguous", choices=PLACEMENTS,
+        help="global rank -> node: contiguous (node k runs ranks kG..kG+G-1, as torchrun) or "
+        "interleaved (rank r on node r mod N)",
+    )  # fmt: skip
     parser.add_argument(
         "--link", default="500mbit", help="each node's NIC rate, each way (tc units: 100mbit, 1gbit)"
     )
@@ -423,8 +520,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not command:
         parser.error("no command: put it after --, e.g. -- python -m ringcomm.bench --algos gloo,ring")
-    if not 1 <= args.nodes <= 64:
-        parser.error(f"--nodes {args.nodes}: choose 1 to 64")
+    try:
+        check_layout(args.nodes, args.ranks_per_node, args.placement)
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         bits = parse_rate(args.link)
     except ValueError as exc:
@@ -435,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"analysis.cluster: --delay needs tc's netem qdisc, which this kernel refuses ({why}); "
                   "leave --delay out", file=sys.stderr)  # fmt: skip
             return 2
-    cluster = Cluster(args.nodes, args.link, args.delay)
+    cluster = Cluster(args.nodes, args.link, args.delay, ranks_per_node=args.ranks_per_node, placement=args.placement)
 
     def interrupted(signum: int, frame: object) -> None:
         raise KeyboardInterrupt

@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from . import auto
 from .algorithms.collectives import COLLECTIVE_ALGOS
+from .algorithms.hier import node_shape
 from .algorithms.registry import ALGOS, AlgorithmSpec
 from .compress.wire import WireTransport, check_wire_dtype, round_result
 from .compress.wire import wire_dtype as wire_dtype_of
@@ -456,8 +457,11 @@ def _execute(session: sessions.Session, call: _Call) -> torch.Tensor:
             check_same_call(session, n, call.fingerprint(flat.numel()), deadline)
         spec, options = call.spec, call.options
         if spec.name == "auto" and call.collective == "all_reduce":
-            # the same pick on every rank: the same fit (rank 0's), the same call
-            spec = ALGOS[session.auto_pick(call.kind.name, nbytes, deadline, tensor.device.type)]
+            # the same pick on every rank: the same fit (rank 0's), the same call; hier is weighed where the
+            # world has nodes of several ranks (hier.node_shape: one gather, once)
+            device = tensor.device.type
+            nodes = node_shape(session, deadline, device)
+            spec = ALGOS[session.auto_pick(call.kind.name, nbytes, deadline, device, nodes)]
             options = spec.options({}, session.world_size)
         elif spec.name == "auto":
             picked = auto.choose_collective(

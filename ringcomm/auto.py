@@ -39,6 +39,12 @@ a fit at P = 4 saw a 3-way incast and says nothing of a 63-way one. ``explain``
 says when P is outside the tuned range and what was left out; tune at the P you
 run (``bench --tune --world-size P``) to let auto weigh them there.
 
+**Nodes of several ranks.** Where the world has n > 1 nodes of g > 1 ranks each (as
+``algorithms/hier.py`` groups them: torchrun's ``GROUP_RANK``, else the host), ``hier`` is
+weighed too, its time ``cost.HIER``'s: shared memory's ring fit inside the node plus the
+cross-node pick's fit across (``_predict_hier``). Elsewhere it is not: with one node it is
+shared memory alone, with one rank per node the inner algorithm alone.
+
 ``explain(numel, dtype, transport, world_size, device)`` answers "what would
 auto pick for this call, and why", with every candidate's predicted time.
 """
@@ -55,13 +61,14 @@ from pathlib import Path
 import torch
 
 from .cost import COLLECTIVE_COSTS as COSTS_OF_COLLECTIVES
-from .cost import COSTS
+from .cost import COSTS, HIER
 from .transports.base import transport_kind
 
 __all__ = [
     "CANDIDATES",
     "CENTRAL",
     "DEFAULT_FITS",
+    "HIER_NAME",
     "MODEL_DEFAULT",
     "Choice",
     "Fits",
@@ -76,6 +83,11 @@ __all__ = [
 
 #: What auto chooses among, in the order that breaks ties (each with its default options).
 CANDIDATES = ("rd", "rhd", "ring", "ps", "naive")
+
+#: The two-level all-reduce: weighed beside ``CANDIDATES`` only where the world has more than one node
+#: with more than one rank (``choose``'s ``nodes``); not a candidate of ``bench --tune`` (its time is
+#: the sum of two fitted links', ``cost.HIER``).
+HIER_NAME = "hier"
 
 #: Candidates whose critical path runs through one rank that hears from all P-1 others (ps with
 #: its default one shard, naive): not extrapolated beyond the largest tuned world size.
@@ -327,16 +339,31 @@ def _check_count(name: str, value: object, least: int) -> int:
     return value
 
 
-def choose(fits: Fits, transport: str, world_size: int, nbytes: int, device: str = "cpu") -> Choice:
+def choose(
+    fits: Fits,
+    transport: str,
+    world_size: int,
+    nbytes: int,
+    device: str = "cpu",
+    nodes: tuple[int, int] | None = None,
+) -> Choice:
     """The candidate with the smallest predicted time for ``nbytes`` over ``world_size`` ranks.
 
     ``device`` is the tensor's device type: its fits are that device's (``Fits.for_call``).
+    ``nodes`` is ``(n, g)``, the world's n nodes of g ranks as ``hier`` groups them
+    (``algorithms.hier.node_shape``), or None where unknown: ``hier`` is weighed beside
+    ``CANDIDATES`` only when n > 1 and g > 1, on CPU (``_predict_hier``).
 
     Raises:
-        ValueError: ``world_size`` below 1 or ``nbytes`` below 0.
+        ValueError: ``world_size`` below 1, ``nbytes`` below 0, or ``nodes`` that are not
+            ``world_size`` ranks.
     """
     _check_count("world_size", world_size, 1)
     _check_count("nbytes", nbytes, 0)
+    if nodes is not None:
+        n, g = (_check_count(label, v, 1) for label, v in zip(("nodes", "ranks per node"), nodes))
+        if n * g != world_size:
+            raise ValueError(f"nodes={nodes!r}: {n} nodes of {g} ranks are not the {world_size} ranks of the world")
     if world_size == 1:  # nothing travels: every candidate returns at once, whatever any fit says
         zero = {algo: 0.0 for algo in CANDIDATES}
         why = "one rank: nothing travels, every candidate takes 0 s; no fit consulted"
@@ -347,10 +374,41 @@ def choose(fits: Fits, transport: str, world_size: int, nbytes: int, device: str
         if algo in look.table and COST_OF.get(algo) in COSTS and not (look.beyond and algo in CENTRAL):
             alpha, beta = look.table[algo]
             predicted[algo] = COSTS[COST_OF[algo]].time(world_size, nbytes, alpha, beta)
+    notes = look.notes
+    if nodes is not None and nodes[0] > 1 and nodes[1] > 1:
+        if device == "cpu":
+            seconds, how = _predict_hier(fits, transport, nodes, nbytes, device)
+            predicted[HIER_NAME] = seconds
+            notes += (how,)
+        else:
+            notes += (f"{HIER_NAME} left out: its cross-node phase runs on CPU tensors only",)
     if not predicted:  # nothing fitted that may be used here: the ring is never a bad answer
-        return Choice("ring", {"ring": float("nan")}, look.source, nbytes, world_size, transport, device, look.notes)
-    best = min(predicted, key=lambda a: (predicted[a], CANDIDATES.index(a)))
-    return Choice(best, predicted, look.source, nbytes, world_size, transport, device, look.notes)
+        return Choice("ring", {"ring": float("nan")}, look.source, nbytes, world_size, transport, device, notes)
+    order = (*CANDIDATES, HIER_NAME)
+    best = min(predicted, key=lambda a: (predicted[a], order.index(a)))
+    return Choice(best, predicted, look.source, nbytes, world_size, transport, device, notes)
+
+
+def _predict_hier(
+    fits: Fits, transport: str, nodes: tuple[int, int], nbytes: int, device: str
+) -> tuple[float, str]:
+    """Predicted seconds of ``hier`` with its default options, and how they were made, in words.
+
+    ``cost.HIER``: phases 1 and 3 are the ring's two halves on shared memory among the node's g
+    ranks (the ``shm`` fit of the ring at P = g); phase 2 is what ``hier_inner="auto"`` runs across
+    the n nodes (this function's own pick at P = n for the M/g bytes each cross group holds), timed
+    at (n, M) with that algorithm's fit, since the g cross groups share the node's one link.
+    """
+    n, g = nodes
+    node_fit = fits.for_call("shm", g, device).table.get("ring", MODEL_DEFAULT)
+    inner = choose(fits, transport, n, nbytes // g, device).algo
+    net_fit = fits.for_call(transport, n, device).table.get(inner, MODEL_DEFAULT)
+    seconds = HIER.time(n, g, nbytes, node_fit, net_fit, inner=COST_OF[inner])
+    how = (
+        f"{HIER_NAME}: {n} nodes × {g} ranks; shm's ring fit at P={g} inside the node, {inner} across "
+        f"the {n} nodes on {transport}'s fit at P={n} (cost.HIER)"
+    )
+    return seconds, how
 
 
 def choose_collective(
@@ -421,13 +479,15 @@ def explain(
     world_size: int | None = None,
     device: str | torch.device = "cpu",
     world_fits: Callable[[], tuple[Fits, int]] | None = None,
+    nodes: tuple[int, int] | None = None,
 ) -> Choice:
     """What ``algo="auto"`` would pick for ``numel`` elements of ``dtype`` on ``transport``, and why.
 
     In a running world (``world_fits``, which ``ringcomm.explain_auto`` passes: the world's fit,
     rank 0's, and its size) it uses the fit every rank uses; outside one, this process's tune
     file (or the defaults), and ``world_size`` must be given. ``device``
-    is where the tensor would live (``"cuda"``: torch's NCCL, with CUDA fits only).
+    is where the tensor would live (``"cuda"``: torch's NCCL, with CUDA fits only). ``nodes``,
+``(n, g)``: the world's n nodes of g ranks, to weigh ``hier`` as ``choose`` does.
 
     Raises:
         ValueError: what ``all_reduce`` would refuse (an unknown transport, a device it
@@ -458,4 +518,4 @@ def explain(
         if world_size is None:
             raise ValueError("explain() outside a process group needs world_size")
         fits = load_local()
-    return choose(fits, kind.name, world_size, numel * size, dev.type)
+    return choose(fits, kind.name, world_size, numel * size, dev.type, nodes)

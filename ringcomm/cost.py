@@ -13,7 +13,10 @@ as the formulas written out. Everything else reads them from there: the time
 functions below, ``analysis.fit`` (which fits alpha and beta to measurements
 with these counts), the report, and the README, whose cost table is
 ``markdown_table()``'s output (a test holds it to that). To model a new
-algorithm, add one entry to ``COSTS``.
+algorithm, add one entry to ``COSTS``. The two-level all-reduce (``hier``) is the one
+row whose counts take nodes and ranks per node instead of P: ``HIER``, a ``TwoLevelCost``
+kept beside ``COSTS`` (its diagram and formula are there), with ``flat_ring_link_bytes``
+for the flat ring it is weighed against.
 
 Links are full duplex: a rank that sends and receives at once pays for the
 larger direction only, while a rank that must receive before it can send (the
@@ -78,6 +81,11 @@ __all__ = [
     "COSTS",
     "COLLECTIVE_COSTS",
     "CollectiveCost",
+    "HIER",
+    "Level",
+    "PLACEMENTS",
+    "TwoLevelCost",
+    "flat_ring_link_bytes",
     "markdown_table",
     "algbw",
     "busbw",
@@ -329,6 +337,149 @@ COLLECTIVE_COSTS: dict[tuple[str, str], CollectiveCost] = {
         ),
     )
 }
+
+
+# --------------------------------------------------------------------------- two levels: nodes of ranks
+
+
+@dataclass(frozen=True)
+class Level:
+    """One phase of a two-level all-reduce: where it runs and what it puts on its critical path.
+
+    Attributes:
+        phase: ``"reduce-scatter"``, ``"all-reduce"`` or ``"all-gather"``.
+        link: ``"node"`` (inside a node: shared memory) or ``"network"`` (the node's one link out).
+        messages: messages on the phase's critical path, each paying that link's alpha once.
+        nbytes: bytes the phase puts through the busiest such link, each paying its beta once.
+    """
+
+    phase: str
+    link: str
+    messages: float
+    nbytes: float
+
+
+@dataclass(frozen=True)
+class TwoLevelCost:
+    r"""The ``hier`` row: a two-level all-reduce of M bytes over N = n·g ranks, n nodes of g ranks.
+
+    A node's g ranks share memory and **one** network link (full duplex, beta_net seconds per
+    byte each way); phase 2 runs g cross groups at once, one per local rank, all through that link::
+
+            node 0 (shm)                 node 1 (shm)
+        +------------------+         +------------------+
+        | r0 -- r1         |         | r2 -- r3         |    1. reduce-scatter in the node: g-1 steps of M/g
+        +-+-----+----------+         +-+-----+----------+    2. all-reduce each 1/g shard across the n nodes,
+          |     +---- local 1 ----------|-----+                 g groups at once on the node's one link
+          +---------- local 0 ----------+                     3. all-gather in the node: g-1 steps of M/g
+               (each node's one link)
+
+        level      phase             messages     bytes through the busiest link
+        node       reduce-scatter    g-1          (g-1)/g·M          (shm: α_node, β_node)
+        network    all-reduce        2(n-1)       g · 2(n-1)/n · M/g = 2(n-1)/n·M   (α_net, β_net; a ring)
+        node       all-gather        g-1          (g-1)/g·M          (shm)
+
+        T_hier = 2(g-1)·α_node + 2(g-1)/g·M·β_node + 2(n-1)·α_net + 2(n-1)/n·M·β_net
+
+    The network phase's bytes are the g cross groups' together, since they share the link:
+    a ring of n ranks on M/g bytes each, g of them, is a ring of n on M as far as the link
+    goes (bytes are linear in M), so ``network_time`` is the inner algorithm's own row at
+    (n, M). Beside it, a **flat** ring of N ranks on the same nodes (``flat_ring_link_bytes``):
+
+    - contiguous placement (node k holds ranks k·g .. k·g+g-1): one hop of the ring leaves
+      each node, so each link carries 2(N-1)/N·M, with 2(N-1) messages;
+    - interleaved placement (rank r on node r mod n): every hop leaves its node, and the g
+      ranks of a node send at once through its link: g · 2(N-1)/N·M.
+
+    At 2 × 2 the link carries M (hier), 1.5·M (contiguous ring) and 3·M (interleaved ring):
+    on a link-bound network hier is 1.5× and 3× faster. Reduction and shm copies are left to
+    the fitted alpha and beta of each level, as in ``COSTS``.
+    """
+
+    name: str = "hier"
+    title: str = "two-level (hier), n nodes × g ranks"
+    messages_text: str = "2(g−1) on shm + 2(n−1) on the network"
+    bytes_text: str = "2(g−1)/g·M on shm + 2(n−1)/n·M on the node's link"
+
+    @staticmethod
+    def _check(nodes: int, per_node: int) -> None:
+        for label, value in (("nodes", nodes), ("ranks per node", per_node)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"hier cost: {label} must be an integer >= 1, got {value!r}")
+
+    def levels(self, nodes: int, per_node: int, nbytes: float) -> list[Level]:
+        """The three phases' critical paths, for ``nodes`` (n) nodes of ``per_node`` (g) ranks and
+        ``nbytes`` (M) bytes, with a ring in phase 2; a phase with nothing to do is left out."""
+        self._check(nodes, per_node)
+        n, g, m = nodes, per_node, float(nbytes)
+        out = []
+        if g > 1:
+            out.append(Level("reduce-scatter", "node", g - 1, (g - 1) / g * m))
+        if n > 1:
+            out.append(Level("all-reduce", "network", 2 * (n - 1), 2 * (n - 1) / n * m))
+        if g > 1:
+            out.append(Level("all-gather", "node", g - 1, (g - 1) / g * m))
+        return out
+
+    def node_time(self, per_node: int, nbytes: float, alpha: float, beta: float) -> float:
+        """Seconds of phases 1 and 3 together: 2(g-1)·alpha + 2(g-1)/g·M·beta (the node's link)."""
+        self._check(1, per_node)
+        return COSTS["ring"].time(per_node, nbytes, alpha, beta)  # the ring's two phases, run apart
+
+    def network_time(
+        self, nodes: int, nbytes: float, alpha: float, beta: float, inner: str = "ring", shards: int = 1
+    ) -> float:
+        """Seconds of phase 2 on the node's link: the ``inner`` row of ``COSTS`` at (n, M), since the g
+        cross groups of M/g bytes each share that link (see the class docstring)."""
+        self._check(nodes, 1)
+        return COSTS[inner].time(nodes, nbytes, alpha, beta, shards)
+
+    def time(
+        self,
+        nodes: int,
+        per_node: int,
+        nbytes: float,
+        node_fit: tuple[float, float],
+        net_fit: tuple[float, float],
+        inner: str = "ring",
+    ) -> float:
+        """Predicted seconds: ``node_time`` with ``node_fit`` = (alpha s, beta s/B) of shared memory
+        plus ``network_time`` with ``net_fit`` of the node's link."""
+        return self.node_time(per_node, nbytes, *node_fit) + self.network_time(nodes, nbytes, *net_fit, inner=inner)
+
+    @property
+    def time_text(self) -> str:
+        return "2(g−1)·α_node + 2(g−1)/g·M·β_node + 2(n−1)·α_net + 2(n−1)/n·M·β_net"
+
+    def markdown_row(self) -> str:
+        """This row in ``markdown_table()``'s columns (kept apart from it: its counts take n and g, not P)."""
+        busiest = "each node's one link: 2(n−1)/n·M each way, its g ranks' shards together"
+        return f"| {self.title} | {self.messages_text} | {self.bytes_text} | {self.time_text} | {busiest} |"
+
+
+#: The two-level all-reduce's row (``algorithms/hier.py``).
+HIER = TwoLevelCost()
+
+#: How global ranks map to nodes in ``flat_ring_link_bytes`` (as ``analysis.cluster --placement``).
+PLACEMENTS = ("contiguous", "interleaved")
+
+
+def flat_ring_link_bytes(nodes: int, per_node: int, nbytes: float, placement: str = "contiguous") -> float:
+    """Bytes one node's link carries each way in a flat ring of N = n·g ranks over M = ``nbytes``.
+
+    ``contiguous``: one ring hop leaves each node, 2(N-1)/N·M; ``interleaved`` (rank r on node
+    r mod n): all g of the node's ranks send every step through its link, g · 2(N-1)/N·M.
+    One node: 0 (nothing leaves it).
+    """
+    TwoLevelCost._check(nodes, per_node)
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement {placement!r}: expected one of {', '.join(PLACEMENTS)}")
+    n, g = nodes, per_node
+    if n == 1:
+        return 0.0
+    world = n * g
+    ring = 2 * (world - 1) / world * float(nbytes)
+    return ring if placement == "contiguous" or g == 1 else g * ring
 
 
 def markdown_table() -> str:

@@ -306,3 +306,73 @@ def test_every_rank_takes_rank_0s_pick(tmp_path: Path) -> None:
         assert r["explained"] == "naive", r
         # naive: every other rank sends its tensor to rank 0 only; the root sends the result to all
         assert r["sends_to"] == ({1: 1, 2: 1} if rank == 0 else {0: 1}), (rank, r)
+
+
+# --- hier: weighed only where the world has several nodes of several ranks ---
+
+# shared memory fast, the network slow (500 Mbit/s-ish): per P, per transport
+_NET = {a: (100e-6, 16e-9) for a in auto.CANDIDATES}
+_SHM = {a: (5e-6, 0.2e-9) for a in auto.CANDIDATES}
+
+
+def _node_fits(net: dict = _NET, shm: dict = _SHM) -> auto.Fits:
+    plain = {a: {"alpha_s": ab[0], "beta_s_per_byte": ab[1]} for a, ab in net.items()}
+    fast = {a: {"alpha_s": ab[0], "beta_s_per_byte": ab[1]} for a, ab in shm.items()}
+    doc = {"torch": {str(p): plain for p in (2, 4, 8)}, "shm": {str(p): fast for p in (2, 4)}}
+    return auto.parse_fits(json.dumps({"fits": doc}), "made up")
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(("nodes", "weighed"), [(None, False), ((1, 4), False), ((4, 1), False), ((2, 2), True)])
+def test_hier_is_weighed_only_with_several_nodes_of_several_ranks(nodes: tuple[int, int] | None, weighed: bool) -> None:
+    choice = auto.choose(_node_fits(), "torch", 4, 16 << 20, nodes=nodes)
+    assert ("hier" in choice.predicted_s) is weighed, choice
+    assert (choice.algo == "hier") is weighed, choice  # where weighed, these fits make it the fastest
+
+
+@pytest.mark.fast
+def test_hiers_prediction_is_shm_inside_plus_the_cross_pick_across() -> None:
+    m = 16 << 20
+    choice = auto.choose(_node_fits(), "torch", 8, m, nodes=(4, 2))
+    # in the node: shm's ring at P = 2 (2 messages of M/2: M in all); across: what auto picks on 4 nodes
+    # for each rank's M/2 (these fits cost every algorithm alike per message and byte, so rhd: the
+    # ring's 1.5 M at a power of two in 2 log2(4) = 4 messages), timed on the whole M
+    assert auto.choose(_node_fits(), "torch", 4, m // 2).algo == "rhd"
+    want = 2 * 5e-6 + m * 0.2e-9 + 4 * 100e-6 + 1.5 * m * 16e-9
+    assert choice.predicted_s["hier"] == pytest.approx(want)
+    assert choice.predicted_s["ring"] == pytest.approx(14 * 100e-6 + 1.75 * m * 16e-9)
+    assert any("4 nodes × 2 ranks" in note for note in choice.notes), choice.notes
+
+
+@pytest.mark.fast
+def test_hier_loses_where_shared_memory_is_no_faster_than_the_network() -> None:
+    slow_shm = {a: (1e-3, 40e-9) for a in auto.CANDIDATES}
+    choice = auto.choose(_node_fits(shm=slow_shm), "torch", 4, 16 << 20, nodes=(2, 2))
+    assert "hier" in choice.predicted_s and choice.algo != "hier", choice
+    assert choice.predicted_s["hier"] > min(choice.predicted_s.values())
+
+
+@pytest.mark.fast
+def test_hier_is_left_out_on_cuda_and_said_so() -> None:
+    choice = auto.choose(_node_fits(), "torch", 4, 16 << 20, "cuda", nodes=(2, 2))
+    assert "hier" not in choice.predicted_s
+    assert any("hier left out" in note for note in choice.notes), choice.notes
+
+
+@pytest.mark.fast
+def test_nodes_that_are_not_the_world_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"nodes=\(2, 3\): 2 nodes of 3 ranks are not the 4 ranks"):
+        auto.choose(_node_fits(), "torch", 4, 1024, nodes=(2, 3))
+    with pytest.raises(ValueError, match="ranks per node must be an integer >= 1"):
+        auto.choose(_node_fits(), "torch", 4, 1024, nodes=(4, 0))
+
+
+@pytest.mark.fast
+def test_a_rank_remembers_its_picks_per_node_shape() -> None:
+    from ringcomm.runtime.tuning import WorldTuning
+
+    tune = WorldTuning(store=None, key="unused", rank=0, world_size=4)
+    tune._fits = _node_fits()
+    assert tune.pick("torch", 16 << 20, 1e18, "cpu", (2, 2)) == "hier"
+    assert tune.pick("torch", 16 << 20, 1e18, "cpu") != "hier"
+    assert tune.pick("torch", 16 << 20, 1e18, "cpu", (1, 4)) != "hier"

@@ -202,6 +202,154 @@ def test_a_killed_runs_leftovers_are_removed_by_the_next_run() -> None:
         stale.remove()
 
 
+# --------------------------------------------------------------------------- several ranks per node
+
+
+@pytest.mark.fast
+def test_placement_maps_global_ranks_to_nodes_as_torchrun_or_round_robin() -> None:
+    def where(nodes: int, g: int, placement: str) -> list[tuple[int, int]]:
+        places = cluster.placement_of(nodes, g, placement)
+        assert [p.rank for p in places] == list(range(nodes * g))
+        return [(p.node, p.local) for p in places]
+
+    # (node, local rank) by global rank
+    assert where(2, 2, "contiguous") == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert where(2, 2, "interleaved") == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert where(3, 2, "interleaved") == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
+    assert where(2, 3, "contiguous") == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert where(3, 1, "interleaved") == where(3, 1, "contiguous") == [(0, 0), (1, 0), (2, 0)]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--ranks-per-node", "0"], "--ranks-per-node 0: choose 1 to 16"),
+        (["--ranks-per-node", "17"], "--ranks-per-node 17: choose 1 to 16"),
+        (["--placement", "random"], "invalid choice: 'random'"),
+        (["--nodes", "0"], "--nodes 0: choose 1 to 64"),
+    ],
+)
+def test_a_layout_the_tool_cannot_run_is_refused_in_one_line(
+    args: list[str], said: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    made: list[object] = []
+    monkeypatch.setattr(cluster, "_refusal", lambda: None)  # as if root with iproute2
+    monkeypatch.setattr(cluster, "remove_stale", lambda run_id=None: [])
+    monkeypatch.setattr(cluster.Cluster, "create", lambda self: made.append(self))
+    with pytest.raises(SystemExit) as exited:
+        cluster.main(["--nodes", "2", *args, "--", "true"])
+    assert exited.value.code == 2
+    assert said in capsys.readouterr().err
+    assert made == [], "a cluster was made for a layout that was refused"
+
+
+@pytest.mark.fast
+def test_a_cluster_object_refuses_a_layout_too() -> None:
+    with pytest.raises(ValueError, match="--ranks-per-node 0: choose 1 to 16"):
+        cluster.Cluster(2, "1gbit", ranks_per_node=0)
+    with pytest.raises(ValueError, match="--placement 'random': choose contiguous or interleaved"):
+        cluster.Cluster(2, "1gbit", placement="random")
+
+
+_WHO = (
+    "import os; print('WHO', os.environ['RANK'], os.environ['WORLD_SIZE'], os.environ['GROUP_RANK'], "
+    "os.environ['LOCAL_RANK'], os.environ['LOCAL_WORLD_SIZE'], os.environ['MASTER_ADDR'], "
+    "os.environ['RINGCOMM_ZMQ_HOST'], os.stat('/proc/self/ns/net').st_ino)"
+)
+
+
+@pytest.mark.fast
+@needs_namespaces
+@pytest.mark.parametrize("placement", ["contiguous", "interleaved"])
+def test_ranks_of_a_node_share_its_namespace_and_get_torchruns_variables(placement: str) -> None:
+    done = _tool("--nodes", "2", "--ranks-per-node", "2", "--placement", placement, "--link", "1gbit",
+                 "--no-measure", "--", sys.executable, "-c", _WHO, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _ours(_run_id(done.stdout)) == [], "the cluster outlived its run"
+    rows = sorted((line.split("WHO ")[1].split() for line in done.stdout.splitlines() if "WHO " in line),
+                  key=lambda row: int(row[0]))  # fmt: skip
+    assert [int(row[0]) for row in rows] == [0, 1, 2, 3], done.stdout
+    want = cluster.placement_of(2, 2, placement)
+    netns_of_node: dict[int, set[str]] = {}
+    address_of_node: dict[int, set[str]] = {}
+    for row, place in zip(rows, want):
+        rank, world, node, local, local_world, master, own, netns = row
+        assert (int(world), int(node), int(local), local_world) == (4, place.node, place.local, "2"), row
+        netns_of_node.setdefault(place.node, set()).add(netns)
+        address_of_node.setdefault(place.node, set()).add(own)
+        assert f"[node {place.node} rank {place.rank}] WHO" in done.stdout
+    # one namespace and one address per node, shared by its two ranks; node 0's is the master's
+    assert all(len(v) == 1 for v in (*netns_of_node.values(), *address_of_node.values())), (netns_of_node, address_of_node)
+    assert netns_of_node[0] != netns_of_node[1] and address_of_node[0] != address_of_node[1]
+    assert {row[5] for row in rows} == address_of_node[0]
+
+
+@pytest.mark.fast
+@needs_namespaces
+def test_a_failing_rank_on_a_shared_node_is_named_and_the_others_stopped() -> None:
+    # interleaved: rank 2 runs on node 0, beside rank 0; it fails, the other three would sleep a minute
+    code = "import os, sys, time; sys.exit(5) if os.environ['RANK'] == '2' else time.sleep(60)"
+    t0 = time.monotonic()
+    done = _tool("--nodes", "2", "--ranks-per-node", "2", "--placement", "interleaved", "--link", "100mbit",
+                 "--no-measure", "--grace", "1", "--", sys.executable, "-c", code, timeout=120)  # fmt: skip
+    assert done.returncode == 5, done.stdout + done.stderr
+    assert time.monotonic() - t0 < 40, "the sleeping ranks were not stopped after the grace period"
+    assert "node 0 rank 2 exited with status 5" in done.stderr
+    assert _ours(_run_id(done.stdout)) == []
+
+
+# Two ranks on node 0 each send 2.5 MB to their partner on node 1 at once (gloo point-to-point), then
+# rank 0 and 1 report how long; afterwards all four run algo="hier" on integers (found from GROUP_RANK).
+_SHARE = """
+import os, sys, time
+import torch, torch.distributed as dist
+import ringcomm
+from ringcomm.runtime import session as sessions
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+x = torch.zeros(int(sys.argv[1]) // 4)
+dist.barrier()
+t0 = time.monotonic()
+if rank < 2:
+    dist.send(x, rank + 2)
+else:
+    dist.recv(x, rank - 2)
+dist.barrier()
+if rank < 2:
+    print("SENT", rank, x.numel() * 4, time.monotonic() - t0, flush=True)
+y = torch.arange(1001, dtype=torch.int64) * (rank + 1)
+ringcomm.all_reduce(y, algo="hier", timeout=60)
+cross = [(s.rank, s.world_size) for k, s in sessions._GROUPS.items() if isinstance(k, tuple) and k[2] == "hier-cross"]
+exact = torch.equal(y, torch.arange(1001, dtype=torch.int64) * sum(range(1, world + 1)))
+print("HIER", rank, exact, cross, flush=True)
+ringcomm.shutdown()
+dist.destroy_process_group()
+"""
+
+
+@needs_namespaces
+def test_a_nodes_ranks_share_its_one_link_and_hier_finds_the_nodes(tmp_path: Path) -> None:
+    script = tmp_path / "share.py"
+    script.write_text(_SHARE)
+    nbytes, rate = 2_500_000, 40e6
+    done = _tool("--nodes", "2", "--ranks-per-node", "2", "--link", "40mbit", "--no-measure", "--",
+                 sys.executable, str(script), str(nbytes), timeout=TIMEOUT_S)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _ours(_run_id(done.stdout)) == []
+    sent = [line.split("SENT ")[1].split() for line in done.stdout.splitlines() if "SENT " in line]
+    assert len(sent) == 2, done.stdout
+    slowest = max(float(row[2]) for row in sent)
+    # both transfers crossed node 0's one 40 Mbit/s link at once: together near its rate. Had each
+    # rank a link of its own, they would move about twice that (each 2.5 MB in ~0.5 s)
+    together = 2 * nbytes * 8 / slowest
+    assert 0.5 * rate < together < 1.3 * rate, f"two ranks of a node moved {together / 1e6:.1f} Mbit/s together"
+    hier = sorted(line.split("HIER ")[1] for line in done.stdout.splitlines() if "HIER " in line)
+    # contiguous: ranks 0, 1 on node 0 and 2, 3 on node 1; each cross group is one rank per node
+    assert hier == [f"{r} True [({r // 2}, 2)]" for r in range(4)], done.stdout
+
+
 # --------------------------------------------------------------------------- refusals
 
 

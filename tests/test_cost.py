@@ -135,3 +135,75 @@ def test_readme_cost_table_is_the_one_cost_py_renders() -> None:
     assert _readme_cost_table() == cost.markdown_table(), (
         "README.md's cost table differs from ringcomm.cost.markdown_table(); paste its output into the README"
     )
+
+
+# --------------------------------------------------------------------------- two levels (cost.HIER)
+
+
+@pytest.mark.parametrize(
+    ("n", "g", "levels"),
+    [
+        # M = 1200 B. In the node: the ring's two halves over g ranks, g-1 messages of M/g each;
+        # across: a ring of n nodes on the whole M (the g shards share the node's one link)
+        (2, 2, [("reduce-scatter", "node", 1, 600), ("all-reduce", "network", 2, 1200), ("all-gather", "node", 1, 600)]),
+        (4, 2, [("reduce-scatter", "node", 1, 600), ("all-reduce", "network", 6, 1800), ("all-gather", "node", 1, 600)]),
+        (2, 4, [("reduce-scatter", "node", 3, 900), ("all-reduce", "network", 2, 1200), ("all-gather", "node", 3, 900)]),
+        (3, 1, [("all-reduce", "network", 4, 1600)]),  # one rank per node: the inner ring alone
+        (1, 3, [("reduce-scatter", "node", 2, 800), ("all-gather", "node", 2, 800)]),  # one node: shm alone
+        (1, 1, []),
+    ],
+)
+def test_hier_levels_by_hand(n: int, g: int, levels: list[tuple[str, str, int, int]]) -> None:
+    got = [(lv.phase, lv.link, lv.messages, lv.nbytes) for lv in cost.HIER.levels(n, g, 1200.0)]
+    assert got == [(p, link, m, pytest.approx(b)) for p, link, m, b in levels]
+
+
+def test_hier_time_is_the_node_levels_on_shm_plus_the_network_level_on_the_link() -> None:
+    shm, net = (2e-6, 1e-10), (50e-6, 16e-9)  # shared memory: fast; the node's link: 500 Mbit/s
+    m = 16.0 * 2**20
+    # 2 x 2: one shm message of M/2 each way in the node, a ring of 2 nodes on M across
+    want = 2 * shm[0] + m * shm[1] + 2 * net[0] + m * net[1]
+    assert cost.HIER.time(2, 2, m, shm, net) == pytest.approx(want)
+    # 4 x 2: 6 messages and 1.5 M across
+    assert cost.HIER.time(4, 2, m, shm, net) == pytest.approx(2 * shm[0] + m * shm[1] + 6 * net[0] + 1.5 * m * net[1])
+    # the inner algorithm's own row across: rhd at 4 nodes is 2 log2(4) messages and 1.5 M
+    assert cost.HIER.time(4, 2, m, shm, net, inner="rhd") == pytest.approx(
+        2 * shm[0] + m * shm[1] + 4 * net[0] + 1.5 * m * net[1]
+    )
+    # and the sum of the levels, each at its own link's alpha and beta
+    fit = {"node": shm, "network": net}
+    summed = sum(lv.messages * fit[lv.link][0] + lv.nbytes * fit[lv.link][1] for lv in cost.HIER.levels(4, 2, m))
+    assert cost.HIER.time(4, 2, m, shm, net) == pytest.approx(summed)
+
+
+def test_what_each_nodes_link_carries_hier_against_the_flat_ring() -> None:
+    """The issue's numbers: at 2 x 2, M (hier) against 1.5 M (contiguous ring) and 3 M (interleaved)."""
+    m = float(1 << 20)
+
+    def hier_link(n: int, g: int) -> float:
+        return sum(lv.nbytes for lv in cost.HIER.levels(n, g, m) if lv.link == "network")
+
+    assert hier_link(2, 2) == m
+    assert cost.flat_ring_link_bytes(2, 2, m) == pytest.approx(1.5 * m)
+    assert cost.flat_ring_link_bytes(2, 2, m, "interleaved") == pytest.approx(3 * m)
+    assert hier_link(4, 2) == pytest.approx(1.5 * m)
+    assert cost.flat_ring_link_bytes(4, 2, m) == pytest.approx(1.75 * m)
+    assert cost.flat_ring_link_bytes(4, 2, m, "interleaved") == pytest.approx(3.5 * m)
+    # one rank per node: placement means nothing, and hier is the ring itself
+    assert cost.flat_ring_link_bytes(4, 1, m, "interleaved") == cost.flat_ring_link_bytes(4, 1, m) == hier_link(4, 1)
+    assert cost.flat_ring_link_bytes(1, 4, m) == 0.0  # one node: nothing leaves it
+
+
+def test_hier_cost_refuses_what_is_no_layout() -> None:
+    with pytest.raises(ValueError, match="placement 'random'"):
+        cost.flat_ring_link_bytes(2, 2, 1.0, "random")
+    with pytest.raises(ValueError, match="nodes must be an integer >= 1, got 0"):
+        cost.HIER.levels(0, 2, 1.0)
+    with pytest.raises(ValueError, match="ranks per node must be an integer >= 1, got 2.0"):
+        cost.HIER.time(2, 2.0, 1.0, (0, 0), (0, 0))  # type: ignore[arg-type]
+
+
+def test_hier_row_writes_out_its_formula() -> None:
+    row = cost.HIER.markdown_row()
+    assert row.count(" | ") == 4 and cost.HIER.time_text in row
+    assert "2(n−1)/n·M" in cost.HIER.bytes_text and "2(g−1)/g·M" in cost.HIER.bytes_text

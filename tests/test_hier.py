@@ -99,3 +99,114 @@ def test_node_layout_groups_by_key_and_refuses_uneven_nodes() -> None:
     assert layout.node_of(2) == (0, 2) and layout.cross_of(2) == (2, 3) and layout.cross_of(1) == (0, 1)
     with pytest.raises(ValueError, match=r"as many ranks on every node.*\[1, 2\]"):
         node_layout(["a", "a", "b"], rank=1)
+
+
+# --- algo="auto" weighs hier where the world has nodes of several ranks ---
+
+
+def _auto_rank(rank: int, p: int, tune_file: str) -> dict:
+    import os
+
+    import ringcomm
+    from ringcomm.runtime import session as sessions
+
+    # as torchrun sets them on 2 nodes of 2 ranks; before this process's first ringcomm call
+    os.environ.update(GROUP_RANK=str(rank // 2), LOCAL_RANK=str(rank % 2), RINGCOMM_TUNE_FILE=tune_file)
+    x = torch.arange(1000, dtype=torch.int64) + rank
+    ringcomm.all_reduce(x, algo="auto")
+    crossed = [s for key, s in sessions._GROUPS.items() if isinstance(key, tuple) and key[2] == "hier-cross"]
+    return {
+        "exact": bool(torch.equal(x, 4 * torch.arange(1000, dtype=torch.int64) + sum(range(p)))),
+        "cross": [(s.rank, s.world_size) for s in crossed],
+    }
+
+
+@pytest.mark.timeout(200)
+def test_auto_runs_hier_on_two_nodes_of_two_ranks(tmp_path) -> None:
+    """A fit where the network is slow and shared memory fast: auto must pick hier, found from GROUP_RANK."""
+    import json
+
+    from ringcomm.auto import CANDIDATES
+
+    def table(alpha: float, beta: float) -> dict:
+        return {a: {"alpha_s": alpha, "beta_s_per_byte": beta} for a in CANDIDATES}
+
+    fits = {"torch": {"2": table(1e-3, 16e-9), "4": table(1e-3, 16e-9)}, "shm": {"2": table(5e-6, 0.2e-9)}}
+    tune = tmp_path / "tune.json"
+    tune.write_text(json.dumps({"version": 1, "fits": fits}))
+    results = run_world(_auto_rank, 4, (str(tune),), timeout=180)
+    for rank, r in enumerate(results):
+        assert r["exact"], (rank, r)
+        assert r["cross"] == [(rank // 2, 2)], f"rank {rank}: no cross group of the 2 nodes, auto ran no hier: {r}"
+
+
+def test_node_shape_asks_no_one_below_four_ranks_or_off_the_cpu() -> None:
+    from types import SimpleNamespace
+
+    from ringcomm.algorithms.hier import node_shape
+
+    # no rendezvous to gather through: an answer other than None would have had to ask the peers
+    assert node_shape(SimpleNamespace(world_size=3), 1e18) is None
+    assert node_shape(SimpleNamespace(world_size=8), 1e18, "cuda") is None
+
+
+def _uneven_auto_rank(rank: int, p: int) -> dict:
+    import os
+
+    import ringcomm
+    from ringcomm.runtime import session as sessions
+
+    os.environ.update(GROUP_RANK="0" if rank < 3 else "1", LOCAL_RANK=str(rank % 3))  # nodes of 3 and 1
+    ringcomm.init("torch")
+    rendezvous = sessions.current().rendezvous
+    asked: list[str] = []
+    gather = rendezvous.gather
+
+    def counted(base: str, *args: object) -> list[str]:
+        asked.append(base)
+        return gather(base, *args)
+
+    rendezvous.gather = counted
+    exact = []
+    for _ in range(3):
+        x = torch.arange(100, dtype=torch.int64) * (rank + 1)
+        ringcomm.all_reduce(x, algo="auto")
+        exact.append(bool(torch.equal(x, torch.arange(100, dtype=torch.int64) * sum(range(1, p + 1)))))
+    return {"exact": exact, "node gathers": sum("hier-nodes" in key for key in asked)}
+
+
+@pytest.mark.timeout(200)
+def test_auto_on_uneven_nodes_runs_flat_and_asks_for_the_nodes_once() -> None:
+    """hier refuses nodes of 3 and 1 ranks, so auto must not weigh it, and must not gather the nodes
+    again at every call to learn the same thing."""
+    results = run_world(_uneven_auto_rank, 4, timeout=180)
+    for rank, r in enumerate(results):
+        assert r == {"exact": [True] * 3, "node gathers": 1}, (rank, r)
+
+
+def _wire_rank(rank: int, p: int) -> dict:
+    import ringcomm
+
+    x = torch.randn(5003, generator=torch.Generator().manual_seed(rank))
+    sent = {}
+    results = {}
+    for wire in (None, "bf16"):
+        y = x.clone()
+        before = ringcomm.comm_stats()
+        ringcomm.all_reduce(y, algo="hier", transport="zmq", hier_ranks_per_node=2, hier_inner="ring", wire_dtype=wire)
+        sent[wire] = (ringcomm.comm_stats() - before).sent_bytes
+        results[wire] = y
+    return {"sent": sent, "results": results}
+
+
+@pytest.mark.timeout(200)
+def test_hier_carries_the_wire_dtype_on_both_levels() -> None:
+    """wire_dtype="bf16" with algo="hier" moved float32 bytes: hier ran its levels on transports of its
+    own and dropped the call's wire dtype, silently (the result was only rounded at the end)."""
+    results = run_world(_wire_rank, 4, timeout=180)
+    exact = sum(torch.randn(5003, generator=torch.Generator().manual_seed(r)).double() for r in range(4))
+    for rank, r in enumerate(results):
+        assert r["sent"]["bf16"] * 2 == r["sent"][None], (rank, r["sent"])  # 2 bytes an element, not 4
+        assert r["results"]["bf16"].equal(results[0]["results"]["bf16"]), f"rank {rank} differs from rank 0"
+        err = (r["results"]["bf16"].double() - exact).abs().max().item()
+        assert 0 < err < 0.1, f"rank {rank}: bf16 result off by {err} (0: nothing was rounded)"

@@ -43,8 +43,9 @@ else the host identity the shm transport uses (``segments.host_identity``). Node
 different sizes are refused on every rank alike (``ValueError``). The node's and the cross
 group's sessions are made at the first ``hier`` call, among their members only, without
 ``dist.new_group`` (``session.member_session``); the node's transport is ``shm``, the
-cross group's the call's own (over ``torch``: CPU tensors only, as ``group=``). The bytes
-they move are added to the call transport's byte counters, which ``comm_stats`` reads.
+cross group's the call's own (over ``torch``: CPU tensors only, as ``group=``), each carrying
+the call's ``wire_dtype`` if it has one. The bytes they move are added to the call transport's
+byte counters, which ``comm_stats`` reads.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from typing import Any
 
 import torch
 
+from ..compress.wire import WireTransport
 from ..errors import CommError
 from ..ops import finalize
 from ..runtime import session as sessions
@@ -65,7 +67,7 @@ from .buffers import ScratchPool
 from .chunks import chunk_bounds
 from .ring import all_gather, scatter_reduce
 
-__all__ = ["Layout", "check_hier_options", "hier_all_reduce", "node_layout"]
+__all__ = ["Layout", "check_hier_options", "hier_all_reduce", "node_layout", "node_shape", "session_layout"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,48 @@ def use_registry(algos: Mapping[str, Any]) -> None:
 #: Layouts agreed so far, by (session prefix, hier_ranks_per_node): one gather per session and option.
 _LAYOUTS: dict[tuple[str, int], Layout] = {}
 
+#: ``node_shape``'s answers so far, by session prefix (None: uneven nodes).
+_SHAPES: dict[str, tuple[int, int] | None] = {}
+
+
+def session_layout(session: Any, ranks_per_node: int, deadline: float) -> Layout:
+    """The nodes of ``session``'s world, agreed once (a gather of every rank's node key through the
+    store, then cached): a collective, so every rank must ask at the same call.
+
+    Raises:
+        ValueError: the nodes have different numbers of ranks (``node_layout``).
+    """
+    key = (session.prefix, ranks_per_node)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        keys = session.rendezvous.gather(
+            session.key("hier-nodes", ranks_per_node), _node_key(session.rank, ranks_per_node),
+            deadline, "algo='hier': which node each rank is on",
+        )
+        layout = _LAYOUTS[key] = node_layout(keys, session.rank)
+    return layout
+
+
+def node_shape(session: Any, deadline: float, device: str = "cpu") -> tuple[int, int] | None:
+    """``(n nodes, g ranks per node)`` of ``session``'s world as ``hier`` finds them by default, for
+    ``algo="auto"`` to weigh ``hier`` (``auto.choose``); None where ``hier`` cannot be worth weighing,
+    without asking anyone: fewer than 4 ranks (n > 1 and g > 1 need n·g >= 4) or a device other
+    than the CPU. Nodes of different sizes give None too (``hier`` refuses them), on every rank alike.
+
+    A collective the first time (``session_layout``): call it at the same call on every rank.
+    """
+    if session.world_size < 4 or device != "cpu":
+        return None
+    if session.prefix in _SHAPES:
+        return _SHAPES[session.prefix]
+    try:
+        layout = session_layout(session, 0, deadline)
+        shape: tuple[int, int] | None = (len(layout.nodes), len(layout.nodes[0]))
+    except ValueError:  # uneven nodes: the same keys on every rank, so the same answer
+        shape = None
+    _SHAPES[session.prefix] = shape  # uneven nodes too: one gather per world, never one per call
+    return shape
+
 
 def check_hier_options(options: Mapping[str, Any], world_size: int) -> None:
     """ValueError for a ``hier_ranks_per_node`` that is no count or cuts the world unevenly, or an
@@ -148,6 +192,17 @@ def check_hier_options(options: Mapping[str, Any], world_size: int) -> None:
     if inner not in ALGOS or inner == "hier":
         names = ", ".join(a for a in ALGOS if a != "hier")
         raise ValueError(f"hier_inner={inner!r}: expected one of {names}")
+
+
+def _wire_dtype(transport: Transport) -> torch.dtype | None:
+    """The wire dtype the call's transport carries (``wire_dtype=``), looking through a tracer's
+    wrapper: hier's own transports must carry it too, or the option would be dropped silently."""
+    seen: Any = transport
+    while seen is not None:
+        if isinstance(seen, WireTransport):
+            return seen.dtype
+        seen = getattr(seen, "inner", None)
+    return None
 
 
 def hier_all_reduce(
@@ -172,18 +227,16 @@ def hier_all_reduce(
         hier_inner: the all-reduce across nodes (any of ``ALGOS`` but ``hier``).
     """
     parent, kind_name = sessions.owner_of(transport)
-    key = (parent.prefix, hier_ranks_per_node)
-    layout = _LAYOUTS.get(key)
-    if layout is None:
-        keys = parent.rendezvous.gather(
-            parent.key("hier-nodes", hier_ranks_per_node), _node_key(parent.rank, hier_ranks_per_node),
-            deadline, "algo='hier': which node each rank is on",
-        )
-        layout = _LAYOUTS[key] = node_layout(keys, parent.rank)
+    layout = session_layout(parent, hier_ranks_per_node, deadline)
     node, cross = layout.node_of(parent.rank), layout.cross_of(parent.rank)
     g, n, world = len(node), len(cross), parent.world_size
     device = flat.device.type
     level_op = "sum" if op == "avg" else op  # avg: sum through both levels, divide once by N below
+    wire_dtype = _wire_dtype(transport)
+
+    def carried(sub: Transport) -> Transport:  # the call's wire dtype on both levels (stats stay sub's)
+        return sub if wire_dtype is None else WireTransport(sub, wire_dtype)
+
     used = []
     moved: list[tuple[Transport, int, int]] = []  # (sub-transport, its sent and received bytes before)
     try:
@@ -197,7 +250,7 @@ def hier_all_reduce(
             shm = node_session.transport(transport_kind("shm"), device, deadline)
             moved.append((shm, shm.stats.sent_bytes, shm.stats.recv_bytes))
             # 1. reduce-scatter inside the node: local rank l ends owning chunk (l + 1)
-            scatter_reduce(chunks, level_op, shm, deadline)
+            scatter_reduce(chunks, level_op, carried(shm), deadline)
         if n > 1:
             cross_session = sessions.member_session(parent, cross, "hier-cross")
             used.append(cross_session)
@@ -209,12 +262,12 @@ def hier_all_reduce(
                 inner = cross_session.auto_pick(kind_name, mine.numel() * mine.element_size(), deadline, device)
             spec = ALGOS[inner]
             # 2. all-reduce the owned chunk across the nodes, among the ranks of this local rank
-            spec.run(mine, level_op, wire, deadline, scratch, **spec.options({}, n))
+            spec.run(mine, level_op, carried(wire), deadline, scratch, **spec.options({}, n))
         if op == "avg":
             finalize(mine, "avg", world)  # on the owner only: the copies below stay bitwise equal
         if g > 1:
             # 3. all-gather inside the node: chunk (l + 1) from local rank l to everyone
-            all_gather(chunks, shm, deadline)
+            all_gather(chunks, carried(shm), deadline)
     except BaseException as exc:
         # The node's and the cross group's sessions are out of step now, like the call's (api._fail):
         # their later calls refuse, and their peers waiting on this rank learn it at once.

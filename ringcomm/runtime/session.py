@@ -219,9 +219,11 @@ class Session:
         """The fit ``algo="auto"`` uses in this world (``WorldTuning.fits``)."""
         return self.tune.fits(deadline)
 
-    def auto_pick(self, transport: str, nbytes: int, deadline: float, device: str = "cpu") -> str:
-        """The algorithm ``algo="auto"`` runs for this call (``WorldTuning.pick``)."""
-        return self.tune.pick(transport, nbytes, deadline, device)
+    def auto_pick(
+        self, transport: str, nbytes: int, deadline: float, device: str = "cpu", nodes: tuple[int, int] | None = None
+    ) -> str:
+        """The algorithm ``algo="auto"`` runs for this call (``WorldTuning.pick``; ``nodes``: ``auto.choose``'s)."""
+        return self.tune.pick(transport, nbytes, deadline, device, nodes)
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish queued collectives, then close transports and stop the heartbeat.

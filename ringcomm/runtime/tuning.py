@@ -56,7 +56,7 @@ class WorldTuning:
         self.rank, self.world_size = rank, world_size
         self._fits: Fits | None = None
         self._lock = threading.Lock()  # the comm thread and explain_auto's caller may both read it
-        self._picks: dict[tuple[str, str, int], str] = {}
+        self._picks: dict[tuple[str, str, int, tuple[int, int] | None], str] = {}
 
     def fits(self, deadline: float | None = None) -> Fits:
         """The world's fit: rank 0's, read from the store once.
@@ -78,14 +78,17 @@ class WorldTuning:
                 self._fits = parse_fits(json.dumps({"fits": doc["fits"]}), doc["source"])
             return self._fits
 
-    def pick(self, transport: str, nbytes: int, deadline: float, device: str = "cpu") -> str:
+    def pick(
+        self, transport: str, nbytes: int, deadline: float, device: str = "cpu", nodes: tuple[int, int] | None = None
+    ) -> str:
         """The algorithm ``algo="auto"`` runs for ``nbytes`` on ``transport`` with tensors on ``device``
         (a device type: torch over CUDA is NCCL, whose pick never uses Gloo's fits), remembered per
-        (transport, device, size). Returns the algorithm's name (the api looks it up in the registry)."""
-        key = (transport, device, nbytes)
+        (transport, device, size). ``nodes``: the world's (n nodes, g ranks per node), to weigh ``hier``
+        (``auto.choose``). Returns the algorithm's name (the api looks it up in the registry)."""
+        key = (transport, device, nbytes, nodes)
         name = self._picks.get(key)
         if name is None:
-            name = choose(self.fits(deadline), transport, self.world_size, nbytes, device).algo
+            name = choose(self.fits(deadline), transport, self.world_size, nbytes, device, nodes).algo
             if len(self._picks) < MAX_PICKS:
                 self._picks[key] = name
         return name
