@@ -104,9 +104,10 @@ def test_ranks_stop_within_seconds_when_the_launcher_is_killed(tmp_path: Path) -
             left = [pid for pid in ranks if _live(pid)]
         assert left == [], f"processes {left} outlived their killed launcher"
         said = err.read_text()
-        # Every rank is gone (above), and none with a traceback. Each rank's "is gone; stopping now"
-        # line is not asserted: in runs on a loaded machine one rank, then both, ended without it
-        # (cause not found yet; an open bug, said in the closing note of 2026-12-06).
+        # Every rank is gone (above), each saying why, none with a traceback. Under load a rank used
+        # to end without its line: the gone store (or a peer that had stopped) failed its collective
+        # before its watch saw the launcher go, and it exited as any failed rank (spawn.stop_if_orphaned).
+        assert said.count("is gone; stopping now") >= 2, said[-3000:]
         assert "Traceback (most recent call last)" not in said, said[-3000:]
         # a rank's heartbeat may meet the gone store once before the rank stops; not every second
         assert said.count("Exception raised from") <= 2, said[-3000:]

@@ -102,7 +102,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _die_with_parent(rank: int, parent: int) -> None:
+#: Seconds a failed or SIGTERMed rank looks for its launcher's death before it exits: the
+#: launcher's sockets close (its store: this rank's error) and its parent-death signal comes
+#: a moment before the kernel re-parents its children to init.
+GONE_CHECK_S = 0.3
+
+
+def _die_with_parent(rank: int, parent: int) -> Callable[[], None]:
     """Stop this rank as soon as ``parent`` (the process that called ``run_world``) is gone.
 
     Two ways, whichever sees it first: the kernel's parent-death signal (Linux: SIGTERM at the
@@ -115,10 +121,26 @@ def _die_with_parent(rank: int, parent: int) -> None:
     """
     direct = os.getppid()  # ``parent`` itself, or the fork server that forked this rank for it
 
+    def stop_if_orphaned() -> None:
+        """If the parent is going (or gone), say so in the one line and stop; else return.
+
+        Waits up to ``GONE_CHECK_S`` for the sign: the kernel sends the parent-death signal when
+        the *thread* that forked this rank exits, and re-parents the rank to another thread of the
+        dying parent first (``getppid()`` unchanged), to init only once the last one has exited.
+        And a failure (the parent's store gone with it, a peer that stopped for it) can reach
+        this rank before either.
+        """
+        end = time.monotonic() + GONE_CHECK_S
+        while True:
+            if os.getppid() != direct:
+                _stop_orphan(rank, parent)
+            if time.monotonic() >= end:
+                return
+            time.sleep(0.05)
+
     def on_term(signum: int, frame: Any) -> None:
-        if os.getppid() != direct:
-            _stop_orphan(rank, parent)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        stop_if_orphaned()  # the parent-death signal: it arrives while the parent is still exiting
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a SIGTERM from a live parent: its default action
         os.kill(os.getpid(), signal.SIGTERM)
 
     def watch() -> None:
@@ -137,6 +159,7 @@ def _die_with_parent(rank: int, parent: int) -> None:
     if os.getppid() != direct or not _alive(parent):
         _stop_orphan(rank, parent)
     threading.Thread(target=watch, name="ringcomm-parent-watch", daemon=True).start()
+    return stop_if_orphaned
 
 
 def _child(
@@ -151,7 +174,7 @@ def _child(
     parent: int,
     caller: Caller | None = None,
 ) -> None:
-    _die_with_parent(rank, parent)
+    stop_if_orphaned = _die_with_parent(rank, parent)
     if caller is not None:  # forked from a server started earlier: take the caller's environment now
         caller.adopt()
     os.environ.update(env)
@@ -180,6 +203,9 @@ def _child(
     except BaseException as exc:  # report everything, including KeyboardInterrupt
         # the time orders the failures: the first is the cause, the peers' usually its consequence
         results.put((rank, "error", (f"{type(exc).__name__}: {exc}", traceback.format_exc()), time.time()))
+        # Under load the error (the store gone with the launcher, or a peer that already stopped for
+        # it) could reach this rank before its watch saw the launcher go: then it ended without the line.
+        stop_if_orphaned()
         raise SystemExit(1) from None
     finally:
         finish(ok)
