@@ -184,8 +184,8 @@ def ring_reduce_scatter(
     """Phase 1 alone: ``output`` (n elements) <- block ``rank`` of the reduction of every rank's ``input``.
 
     ``input`` is only read. Each step receives into ``output`` or one scratch block and reduces this
-    rank's own block into it there (``scatter_reduce``'s ``inputs``): no copy of the input, and of
-    the output's P blocks only one extra in memory. The step's targets alternate so that a block is
+    rank's own block into it there (``scatter_reduce``'s ``inputs``): no copy of the input, and one
+    block of scratch memory (P >= 3), where a copy took P blocks. The step's targets alternate so that a block is
     never received into while the step sends it on, and the last step's is ``output``; for P = 4,
     rank r (blocks rotated as above, ``chunks[j]`` = block j-1)::
 
