@@ -447,7 +447,10 @@ def _execute(session: sessions.Session, call: _Call) -> torch.Tensor:
     work = tensor if tensor.is_contiguous() else tensor.contiguous()
     flat = work.view(-1)
     source = call.input.contiguous().view(-1) if call.input is not None else flat  # what is read
-    if call.collective == "reduce_scatter":  # reduced into: a copy, so the input stays as it was
+    tracer = trace.get()  # read once: the copy below and the wrapping further down must agree
+    if call.collective == "reduce_scatter" and tracer is not None:
+        # traced: reduced into a copy, so that every message lands in one tensor the tracer can place
+        # (untraced, the algorithms only read the input: collectives.py)
         source = call.input.clone(memory_format=torch.contiguous_format).view(-1)  # type: ignore[union-attr]
     comm: Transport | None = None
     sent0 = recv0 = 0
@@ -472,7 +475,6 @@ def _execute(session: sessions.Session, call: _Call) -> torch.Tensor:
             options = spec.options({}, session.world_size)
         comm = session.transport(call.kind, tensor.device.type, deadline)
         sent0, recv0 = comm.stats.sent_bytes, comm.stats.recv_bytes
-        tracer = trace.get()
         if call.collective != "all_reduce":
             name = spec.name if spec is call.spec else f"{call.spec.name}->{spec.name}"
             lane = "comm thread" if threading.current_thread().name == session.queue.name else "main"

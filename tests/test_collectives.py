@@ -276,6 +276,48 @@ def test_how_data_moves() -> None:
         assert counts["async"] == [gathered, gathered, [float(p)] * n, [2.0] * n, [1.0] * n]
 
 
+def copies_world(rank: int, p: int, transport: str) -> list[str]:
+    """The ring reduce_scatter reads its input in place: the largest allocation while it runs is one
+    block (the scratch block; none at P = 2), not the P blocks of a copy of the input. A traced run
+    (which reduces into a copy, so the tracer can place each message) gives the same bits, and
+    neither changes the input."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ringcomm.runtime import trace
+
+    failures = []
+    n = 5000  # elements per block: 20 kB, far above anything else the call allocates
+    for dtype, op in ((torch.float32, "sum"), (torch.float32, "max"), (torch.int64, "min"), (torch.bfloat16, "avg")):
+        x = make_input(p * n, dtype, rank, 7)
+        before = x.clone()
+        out = torch.empty(n, dtype=dtype)
+        ringcomm.reduce_scatter(out, x, op, transport=transport, timeout=120)  # the transport set up first
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            ringcomm.reduce_scatter(out, x, op, transport=transport, timeout=120)
+        largest = max((e.cpu_memory_usage for e in prof.events()), default=0)
+        block = n * x.element_size()
+        if largest > block:
+            failures.append(f"rank {rank} {dtype} {op}: allocated {largest} B at once, more than one block ({block} B)")
+        trace.enable(rank)
+        try:
+            traced = torch.empty(n, dtype=dtype)
+            ringcomm.reduce_scatter(traced, x, op, transport=transport, timeout=120)
+        finally:
+            trace.disable()
+        if not torch.equal(traced.view(torch.uint8), out.view(torch.uint8)):
+            failures.append(f"rank {rank} {dtype} {op}: the traced run (a copy reduced in place) differs bitwise")
+        if not torch.equal(x, before):
+            failures.append(f"rank {rank} {dtype} {op}: the input changed")
+    return failures
+
+
+@pytest.mark.parametrize("transport,p", [("torch", 3), ("shm", 2)])
+def test_ring_reduce_scatter_copies_no_input(transport: str, p: int) -> None:
+    results = run_world(copies_world, p, (transport,), timeout=TIMEOUT_S)
+    failures = [f for r in results for f in r]
+    assert not failures, "\n".join(failures)
+
+
 # --- without processes ------------------------------------------------------------------------
 
 

@@ -8,8 +8,11 @@ any message is sent). Each run here has one signature::
 
 ``output`` and ``input`` are contiguous 1-D tensors (broadcast: both are the tensor), ``op`` is
 reduce_scatter's (the others get ``""``), ``src`` broadcast's root (the others get 0).
-reduce_scatter's ``input`` is the api's copy of the caller's, reduced into (so the caller's stays
-as it was, and the tracer can place each message in the copy: ``trace.TracedTransport``). Where
+reduce_scatter's ``input`` is the caller's and only read: the ring receives into the output and
+one scratch block and reduces its own blocks into them there (``ring.ring_reduce_scatter``), rhd
+reduces into a copy it makes. A traced run (``trace.TracedTransport``: the demo, a trace file)
+is the exception: the api passes a copy of the input there, and both reduce into it in place, so
+that every message lands in the one tensor the tracer places and labels messages in. Where
 the work is done:
 
     collective       ring                           the other                        file
@@ -29,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..runtime.trace import TracedTransport
 from ..transports.base import Transport
 from .chain import chain_broadcast
 from .chunks import CHAIN_SEGMENT_BYTES
@@ -46,16 +50,23 @@ COLLECTIVES = ("reduce_scatter", "all_gather", "broadcast")
 POWER_OF_TWO_ONLY = frozenset({("reduce_scatter", "rhd"), ("all_gather", "rd")})
 
 
+def _traced(transport: Transport) -> bool:
+    """Whether this run is traced: the api then passed reduce_scatter a copy of the input to reduce into."""
+    return isinstance(transport, TracedTransport)
+
+
 def _ring_reduce_scatter(
     output: torch.Tensor, input: torch.Tensor, op: str, src: int, transport: Transport, deadline: float
 ) -> None:
-    ring_reduce_scatter(output, input, op, transport, deadline)  # input: the api's copy (the module)
+    # untraced: input read only, no copy; traced: input is the api's copy, reduced into (the module)
+    ring_reduce_scatter(output, input, op, transport, deadline, work=input if _traced(transport) else None)
 
 
 def _rhd_reduce_scatter(
     output: torch.Tensor, input: torch.Tensor, op: str, src: int, transport: Transport, deadline: float
 ) -> None:
-    rhd_reduce_scatter(output, input, op, transport, deadline)
+    # recursive halving reduces into its tensor in place: a copy, unless the api's (traced) already is one
+    rhd_reduce_scatter(output, input if _traced(transport) else input.clone(), op, transport, deadline)
 
 
 def _own_block(output: torch.Tensor, input: torch.Tensor, rank: int) -> None:

@@ -80,20 +80,56 @@ from .tags import Tag
 __all__ = ["ring_all_reduce", "ring_all_gather", "ring_reduce_scatter", "scatter_reduce", "all_gather"]
 
 
-def scatter_reduce(chunks: list[torch.Tensor], op: str, transport: Transport, deadline: float) -> None:
-    """P-1 steps; afterwards ``chunks[(rank + 1) % P]`` holds the reduction of all ranks."""
+def scatter_reduce(
+    chunks: list[torch.Tensor],
+    op: str,
+    transport: Transport,
+    deadline: float,
+    inputs: list[torch.Tensor] | None = None,
+) -> None:
+    """P-1 steps; afterwards ``chunks[(rank + 1) % P]`` holds the reduction of all ranks.
+
+    Args:
+        chunks: the P chunks, reduced into in place (the all-reduce: they hold this rank's
+            contribution). With ``inputs``, where each step's partial reduction lands instead
+            (``ring_reduce_scatter``); read only at the indices the steps reduce into.
+        inputs: None, or this rank's contribution as P chunks that are only read: then each step
+            receives into its target chunk and reduces this rank's own chunk into it
+            (``chunk <- input op incoming``), so the contribution stays as it was without a copy.
+    """
     rank, p = transport.rank, transport.world_size
     left, right = (rank - 1) % p, (rank + 1) % p
     for step in range(p - 1):
         # At step i, send chunk (rank - i) and receive chunk (rank - i - 1), reducing it into ours.
-        send_chunk = chunks[(rank - step) % p]
-        recv_chunk = chunks[(rank - step - 1) % p]
-        # One post: the send and the receive travel together (empty chunks: no message at all).
-        exchange(
-            transport,
-            [recv_reduce(recv_chunk, left, Tag.RING, op), send(send_chunk, right, Tag.RING)],
-            deadline,
-        )
+        k_send, k_recv = (rank - step) % p, (rank - step - 1) % p
+        if inputs is None:
+            # One post: the send and the receive travel together (empty chunks: no message at all).
+            exchange(
+                transport,
+                [recv_reduce(chunks[k_recv], left, Tag.RING, op), send(chunks[k_send], right, Tag.RING)],
+                deadline,
+            )
+            continue
+        # Out of place: step 0 sends our own chunk as it is, later steps what the step before reduced.
+        outgoing = inputs[k_send] if step == 0 else chunks[k_send]
+        exchange(transport, [recv(chunks[k_recv], left, Tag.RING), send(outgoing, right, Tag.RING)], deadline)
+        _reduce_from(chunks[k_recv], inputs[k_recv], op)
+
+
+def _reduce_from(target: torch.Tensor, mine: torch.Tensor, op: str) -> None:
+    """``target <- mine (op) target``, ``target`` holding what arrived: one pass, no copy of ``mine``.
+
+    The operands in the order ``ops.reduce_into(mine, incoming)`` takes them (the in-place path), so
+    both paths give the same bits, max and min of +0.0 and -0.0 included.
+    """
+    if op in ("sum", "avg"):  # avg sums; the owner divides once (ops.finalize)
+        torch.add(mine, target, out=target)
+    elif op == "max":
+        torch.maximum(mine, target, out=target)
+    elif op == "min":
+        torch.minimum(mine, target, out=target)
+    else:
+        raise ValueError(f"unknown op {op!r}")
 
 
 def all_gather(chunks: list[torch.Tensor], transport: Transport, deadline: float) -> None:
@@ -138,24 +174,56 @@ def _rotated_blocks(flat: torch.Tensor, p: int) -> list[torch.Tensor]:
 
 
 def ring_reduce_scatter(
-    output: torch.Tensor, work: torch.Tensor, op: str, transport: Transport, deadline: float
+    output: torch.Tensor,
+    input: torch.Tensor,
+    op: str,
+    transport: Transport,
+    deadline: float,
+    work: torch.Tensor | None = None,
 ) -> None:
-    """Phase 1 alone: ``output`` (n elements) <- block ``rank`` of the reduction of every rank's ``work``.
+    """Phase 1 alone: ``output`` (n elements) <- block ``rank`` of the reduction of every rank's ``input``.
+
+    ``input`` is only read. Each step receives into ``output`` or one scratch block and reduces this
+    rank's own block into it there (``scatter_reduce``'s ``inputs``): no copy of the input, and one
+    block of scratch memory (P >= 3), where a copy took P blocks. The step's targets alternate so that a block is
+    never received into while the step sends it on, and the last step's is ``output``; for P = 4,
+    rank r (blocks rotated as above, ``chunks[j]`` = block j-1)::
+
+        step              0          1          2
+        sends             input      output     scratch     (later steps: what the step before reduced)
+        receives into     output     scratch    output      (output: block r fully reduced after step P-2)
+
+    (P = 3: scratch, then output; P = 2: output alone.)
 
     Args:
         output: contiguous 1-D, n elements; this rank's block of the result after.
-        work: contiguous 1-D, P * n elements: a copy of this rank's input (it is reduced into, so
-            the caller's input stays as it was).
+        input: contiguous 1-D, P * n elements: this rank's contribution, left as it was.
         op: ``"sum"``, ``"avg"``, ``"max"`` or ``"min"``.
         transport: the wire.
         deadline: ``time.monotonic()`` value by which the whole collective must finish.
+        work: None, or a copy of ``input`` (P * n elements) to reduce into in place instead, as the
+            all-reduce does: every message then lands in that one tensor, which is what a traced run
+            needs to place and label each message (``collectives.py``). ``input`` is then unused.
     """
     rank, p = transport.rank, transport.world_size
-    chunks = _rotated_blocks(work, p)
-    scatter_reduce(chunks, op, transport, deadline)
-    mine = chunks[(rank + 1) % p]  # = block rank
-    finalize(mine, op, p)  # avg: the owner divides once
-    output.copy_(mine)
+    if work is not None:
+        chunks = _rotated_blocks(work, p)
+        scatter_reduce(chunks, op, transport, deadline)
+        mine = chunks[(rank + 1) % p]  # = block rank
+        finalize(mine, op, p)  # avg: the owner divides once
+        output.copy_(mine)
+        return
+    inputs = _rotated_blocks(input, p)
+    if p == 1:
+        output.copy_(input)  # no step: the only block is ours as it is
+        return
+    scratch = torch.empty_like(output) if p > 2 else output
+    targets = list(inputs)  # index rank: sent at step 0 from the input, never received into
+    for step in range(p - 1):
+        # Step i receives chunk (rank - i - 1); output at the last step, and at every second before it.
+        targets[(rank - step - 1) % p] = output if (p - 2 - step) % 2 == 0 else scratch
+    scatter_reduce(targets, op, transport, deadline, inputs)
+    finalize(output, op, p)  # avg: the owner divides once
 
 
 def ring_all_gather(output: torch.Tensor, transport: Transport, deadline: float) -> None:

@@ -5,10 +5,10 @@
     python -m ringcomm.demo --algo ps --world-size 3 --html ps.html      # and a page to open
     python -m ringcomm.demo --collective all_gather --world-size 3 --numel 2   # or reduce_scatter, broadcast
 
-``--collective`` watches the others (tables only; the page is all_reduce's): all_gather
-(rank r's row is its output, which starts with its input in block r: a copy, no message),
-reduce_scatter (the row is its copy of the input, reduced into; its block is the output) and
-broadcast from rank 0, each checked against torch.distributed's own.
+``--collective`` watches the others, in the tables and on the page: all_gather (rank r's row
+is its output, which starts with its input in block r: a copy, no message), reduce_scatter (the
+row is its copy of the input, reduced into; its block is the output) and broadcast from rank 0,
+each checked against torch.distributed's own.
 
 It starts P real ranks (processes, as the tests and the benchmark do), gives
 rank r the numbers ``10*r + i`` (rank 2's fourth number is 23, so sums can be
@@ -32,7 +32,8 @@ what a rank sent, received and reduced, in the order it did so.
 ``--html FILE`` writes the same recording as one self-contained page (no
 network: inline SVG and script): the ranks on a ring (on a star for ps and
 naive), each rank's numbers as cells coloured by the part of the tensor they
-belong to, the step's messages as arrows, a slider and a play button.
+belong to (all_gather's numbers not there yet blank, reduce_scatter's output
+block outlined), the step's messages as arrows, a slider and a play button.
 """
 
 from __future__ import annotations
@@ -502,17 +503,37 @@ def render_text(rec: Recording) -> str:
                 lines.append(f"  rank {r} {_describe(rec, e)}")
         lines.append(f"  after step {step}")
         lines += [f"    rank {r} | {_row(rec, states[step][r])}" for r in range(rec.world_size)]
-    if _then(rec, states):
-        lines += ["", _then(rec, states)]
-        if rec.collective == "reduce_scatter":  # its output: one block
-            lines += [f"    rank {r} | b{r}: {_nums(rec.final[r])}" for r in range(rec.world_size)]
-        else:
-            lines += [f"    rank {r} | {_row(rec, rec.final[r])}" for r in range(rec.world_size)]
-    lines += ["", *_result(rec)]
+    lines += ["", *_ending(rec, states)]
     return "\n".join(lines)
 
 
 # --- the page ---
+
+
+def _last_rows(rec: Recording, buffers: list[list[list[float]]]) -> list[list[float]]:
+    """Every rank's row once the call has returned: its result, which for reduce_scatter is the
+    output block b<r> in its place in the row (avg divided), the rest as the last step left it."""
+    if rec.collective != "reduce_scatter":
+        return rec.final
+    n = rec.numel // rec.world_size
+    rows = [row[:] for row in buffers[-1]]
+    for r, row in enumerate(rows):
+        row[r * n : (r + 1) * n] = rec.final[r]
+    return rows
+
+
+def _ending(rec: Recording, buffers: list[list[list[float]]]) -> list[str]:
+    """The lines the text ends with (what happened after the last message, the check against
+    torch's own): the text's and the page's log at its last step."""
+    lines = []
+    if _then(rec, buffers):
+        lines.append(_then(rec, buffers))
+        if rec.collective == "reduce_scatter":  # its output: one block
+            lines += [f"    rank {r} | b{r}: {_nums(rec.final[r])}" for r in range(rec.world_size)]
+        else:
+            lines += [f"    rank {r} | {_row(rec, rec.final[r])}" for r in range(rec.world_size)]
+        lines.append("")
+    return lines + _result(rec)
 
 
 def render_html(rec: Recording) -> str:
@@ -525,9 +546,11 @@ def render_html(rec: Recording) -> str:
     data = json.dumps(
         asdict(rec)
         | {"events": events, "steps": rec.steps, "inputs": buffers[0], "buffers": buffers, "then": _then(rec, buffers),
-           "titles": [_step_title(rec, step) for step in range(1, rec.steps + 1)]}
-    )
-    title = f"ringcomm: {rec.algo} over {rec.world_size} rank{'s' if rec.world_size != 1 else ''}"
+           "titles": [_step_title(rec, step) for step in range(1, rec.steps + 1)], "size": rec.size,
+           "headline": _title(rec), "last": _last_rows(rec, buffers), "ending": _ending(rec, buffers)}
+    )  # all_gather's numbers not there yet are NaN: a JavaScript literal, as the page reads it
+    what = "" if rec.collective == "all_reduce" else f"{rec.collective} "
+    title = f"ringcomm: {what}{rec.algo} over {rec.world_size} rank{'s' if rec.world_size != 1 else ''}"
     star = (rec.ran or rec.algo) in ("ps", "naive")
     return _PAGE.replace("__TITLE__", title).replace("__DATA__", data).replace("__STAR__", "true" if star else "false")
 
@@ -543,10 +566,12 @@ _PAGE = """<!doctype html>
 </style></head>
 <body>
 <h1 id="title">__TITLE__</h1>
+<p id="headline"></p>
 <div id="controls"><button id="play">play</button>
  <input id="slider" type="range" min="0" value="0" step="1"> <span id="stepname"></span></div>
-<div id="legend">A cell's colour is the part of the tensor it belongs to. Solid arrow: a message received in this
- step (the log below says what was added); dashed: sent, still waiting to be received.</div>
+<div id="legend">A cell's colour is the part of the tensor it belongs to (pale, _: not there yet; outlined: the
+ rank's output block). Solid arrow: a message received in this step (the log below says what was added); dashed:
+ sent, still waiting to be received.</div>
 <svg id="view" width="1000" height="620" viewBox="0 0 1000 620" role="img" aria-label="ranks and messages"></svg>
 <div id="log"></div>
 <script>
@@ -557,7 +582,7 @@ window.addEventListener("error", (e) => {  // say so on the page, not only in th
 });
 const rec = __DATA__;
 const star = __STAR__;
-const P = rec.world_size, N = rec.numel;
+const P = rec.world_size, N = rec.size;  // a row: all_gather's output (P blocks), else the input
 const svg = document.getElementById("view"), slider = document.getElementById("slider");
 const palette = ["#4e79a7","#f28e2b","#e15759","#76b7b2","#59a14f","#edc948","#b07aa1","#ff9da7","#9c755f","#bab0ac"];
 function partOf(i) {
@@ -565,8 +590,13 @@ function partOf(i) {
   return 0;
 }
 function buffersAt(step) {  // every rank's numbers once step `step` is done (0: the inputs), as printed
-  return step === rec.steps && step > 0 ? rec.final : rec.buffers[step];
+  return step === rec.steps && step > 0 ? rec.last : rec.buffers[step];
 }
+function owns(r, i) {  // reduce_scatter: whether number i of rank r's row is in its output block b<r>
+  const n = N / P;
+  return rec.collective === "reduce_scatter" && i >= r * n && i < (r + 1) * n;
+}
+document.getElementById("headline").textContent = rec.headline;
 let turn = 0;  // the star's rotation: chosen below so that no arm lies level with the middle
 function place(r) {  // rank r's centre: on a ring, or (ps, naive) rank 0 in the middle of a star
   const cx = 500, cy = 310, R = 235;
@@ -575,10 +605,10 @@ function place(r) {  // rank r's centre: on a ring, or (ps, naive) rank 0 in the
   const a = 2 * Math.PI * r / P - Math.PI / 2; return [cx + R * Math.cos(a), cy + R * Math.sin(a)];
 }
 function room() {  // the width a rank's row may take: it must clear the rows beside it at about the same height
-  let w = 960;
+  let w = 960;  // and leave an arrow between two rows side by side room to be seen (90 px)
   for (let a = 0; a < P; a++) for (let b = a + 1; b < P; b++) {
     const [xa, ya] = place(a), [xb, yb] = place(b);
-    if (Math.abs(ya - yb) < 60) w = Math.min(w, Math.abs(xa - xb) - 24);
+    if (Math.abs(ya - yb) < 60) w = Math.min(w, Math.abs(xa - xb) - 90);
   }
   return w;
 }
@@ -622,9 +652,11 @@ function draw(step) {
     const [x, y] = place(r), x0 = x - cell * N / 2;
     el("text", {x: x, y: y - 22, "text-anchor": "middle"}, "rank " + r);
     for (let i = 0; i < N; i++) {
+      const missing = Number.isNaN(bufs[r][i]);  // all_gather: not there yet, printed _
       const rect = el("rect", {x: x0 + i * cell, y: y - 14, width: cell - 1, height: 24, fill: palette[partOf(i) % palette.length],
-                  "fill-opacity": 0.55, class: "cell", id: "cell-" + r + "-" + i, "data-value": bufs[r][i]});
-      const shown = String(Math.round(bufs[r][i] * 100) / 100);
+                  "fill-opacity": missing ? 0.12 : 0.55, class: "cell", id: "cell-" + r + "-" + i, "data-value": missing ? "_" : bufs[r][i]});
+      if (owns(r, i)) { rect.setAttribute("stroke", "#222"); rect.setAttribute("stroke-width", 2); rect.classList.add("output"); }
+      const shown = missing ? "_" : String(Math.round(bufs[r][i] * 100) / 100);
       const tip = document.createElementNS("http://www.w3.org/2000/svg", "title");
       tip.textContent = "rank " + r + ", number " + i + ": " + shown; rect.appendChild(tip);
       if (cell >= 14) el("text", {x: x0 + i * cell + cell / 2, y: y + 3, "text-anchor": "middle", style: "font-size:" + font + "px"}, shown);
@@ -635,8 +667,7 @@ function draw(step) {
   for (let r = 0; r < P; r++) for (const e of rec.events[r]) if (e.step === step)
     log.push("rank " + r + " " + e.text);
   if (rec.steps === 0) log.push("one rank: nothing to send; its numbers are already the result");
-  if (step === rec.steps && rec.then) log.push(rec.then + ": [" + rec.final[0].join(" ") + "] on every rank");
-  if (step === rec.steps) log.push("result: [" + rec.final[0].join(" ") + "]; torch.distributed.all_reduce: [" + rec.reference.join(" ") + "]");
+  if (step === rec.steps) log.push(...rec.ending);  // as the text ends: after the last message, and the check
   document.getElementById("log").textContent = log.join("\\n");
   document.body.dataset.step = String(step);
 }
@@ -723,8 +754,6 @@ def _collective_mistake(args: Any) -> str:
         return f"--algo {args.algo}: {collective} needs --world-size a power of two (1, 2, 4, 8), not {p}"
     if collective == "reduce_scatter" and p >= 1 and args.numel % p:
         return f"--numel {args.numel}: reduce_scatter splits each rank's numbers in P = {p} equal blocks; use a multiple of {p}"
-    if collective != "all_reduce" and args.html:
-        return f"--html: the page shows all_reduce only; {collective} prints its tables (drop --html)"
     return ""
 
 
