@@ -96,3 +96,67 @@ def test_the_emulator_runs_the_same_exchange_posted_together() -> None:
 
     results = run_threads(2, body, 2.0)
     assert [r[0].item() for r in results] == [1.0, 0.0]
+
+
+# --- the other collectives: every algorithm of broadcast, all_gather and reduce_scatter ---
+
+COLLECTIVE_CASES = [
+    ("broadcast", "ring", {}),
+    ("broadcast", "ring", {"segment_bytes": 8}),  # several segments in flight down the chain
+    ("broadcast", "tree", {}),
+    ("all_gather", "ring", {}),
+    ("all_gather", "rd", {}),
+    ("reduce_scatter", "ring", {}),
+    ("reduce_scatter", "rhd", {}),
+]
+
+
+def _run_collective(
+    collective: str, algo: str, options: dict, p: int, n: int, src: int
+) -> list[torch.Tensor | BaseException]:
+    """Each rank's output of ``collective`` through the emulator; n numbers per block (per rank)."""
+    from ringcomm.algorithms.collectives import COLLECTIVE_ALGOS, POWER_OF_TWO_ONLY
+
+    if (collective, algo) in POWER_OF_TWO_ONLY and p & (p - 1):
+        pytest.skip("a power-of-two algorithm")
+    spec = COLLECTIVE_ALGOS[collective][algo]
+    complete = spec.options(options, p)
+
+    def body(rank: int, transport: object) -> torch.Tensor:
+        x = torch.arange(p * n, dtype=torch.float64) * (rank + 1) + rank  # reduce_scatter's input
+        if collective == "broadcast":
+            output = x[:n].clone() if rank == src else torch.full((n,), -1.0, dtype=torch.float64)
+            spec.run(output, output, "sum", src, transport, time.monotonic() + TIMEOUT_S, **complete)
+        elif collective == "all_gather":
+            output = torch.full((p * n,), -1.0, dtype=torch.float64)
+            spec.run(output, x[:n].clone(), "sum", 0, transport, time.monotonic() + TIMEOUT_S, **complete)
+        else:
+            before = x.clone()
+            output = torch.empty(n, dtype=torch.float64)
+            spec.run(output, x, "sum", 0, transport, time.monotonic() + TIMEOUT_S, **complete)
+            assert torch.equal(x, before), f"rank {rank}: reduce_scatter changed its input"
+        return output
+
+    return run_threads(p, body, TIMEOUT_S)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("collective, algo, options", COLLECTIVE_CASES, ids=[f"{c}-{a}-{o}" for c, a, o in COLLECTIVE_CASES])
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 5])
+def test_every_collective_completes_under_nccl_ordering(collective: str, algo: str, options: dict, p: int) -> None:
+    """Sends and receives of a step posted as one group: no collective deadlocks under NCCL's ordering,
+    and each ends with torch's result (all_gather_into_tensor, reduce_scatter_tensor, broadcast)."""
+    for n in (0, 1, 3, 37):
+        src = p - 1  # not rank 0: the chain and the tree start elsewhere
+        results = _run_collective(collective, algo, options, p, n, src)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert not errors, f"{collective} {algo} {options} P={p} n={n}: {errors[0]!r}"
+        inputs = [torch.arange(p * n, dtype=torch.float64) * (r + 1) + r for r in range(p)]
+        for rank, out in enumerate(results):
+            if collective == "broadcast":
+                expected = inputs[src][:n]
+            elif collective == "all_gather":
+                expected = torch.cat([inputs[r][:n] for r in range(p)])
+            else:
+                expected = sum(inputs)[rank * n : (rank + 1) * n]
+            assert torch.equal(out, expected), f"{collective} {algo} P={p} n={n}: rank {rank} wrong"
