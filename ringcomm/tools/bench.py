@@ -305,8 +305,11 @@ def _bench_rank(rank: int, world_size: int, cfg: dict) -> list[dict] | None:
                 from ..runtime import session
 
                 fits = session.current().tuning()
-                if collective == "all_reduce":
-                    choice = auto.choose(fits, spec.transport, world_size, row["size_bytes"])
+                if collective == "all_reduce":  # with the world's nodes, as the api asked (hier weighed)
+                    from ..algorithms.hier import node_shape
+
+                    nodes = node_shape(session.current(), time.monotonic() + 60.0)  # cached by the call: no message
+                    choice = auto.choose(fits, spec.transport, world_size, row["size_bytes"], nodes=nodes)
                 else:  # its cost row, for M, the whole tensor (as the api asks)
                     choice = auto.choose_collective(fits, collective, spec.transport, world_size, row["total_bytes"])
                 row.update(choice=choice.algo, predicted_us=choice.predicted_s[choice.algo] * 1e6)
