@@ -302,3 +302,85 @@ def test_launch_refuses_compress_where_it_cannot_apply(argv: list[str], needle: 
     with pytest.raises(SystemExit, match=needle) as info:
         launch.main([*argv, "--world-size", "2", "--max-steps", "1"])
     assert "\n" not in str(info.value)
+
+
+# --- --compress-warmup: PowerSGD's uncompressed steps, from the command line, checked on --resume --------
+
+
+def test_compress_warmup_reaches_the_config() -> None:
+    import launch
+
+    args = launch.parse_args(["--compress", "powersgd:2", "--compress-warmup", "3", "--world-size", "2"])
+    launch.check_args(args, 2)
+    assert launch.config_from_args(args, 2).compress_warmup == 3
+    args = launch.parse_args(["--compress", "powersgd:2", "--compress-warmup", "0", "--world-size", "2"])
+    assert launch.config_from_args(args, 2).compress_warmup == 0  # compress from the first step
+    args = launch.parse_args(["--compress", "powersgd:2", "--world-size", "2"])
+    assert launch.config_from_args(args, 2).compress_warmup == PowerSGD(2).warmup_steps  # the library's default
+
+
+@pytest.mark.parametrize("compress", ["none", "bf16", "fp16", "topk:0.01"])
+def test_compress_warmup_refused_without_powersgd(compress: str) -> None:
+    import launch
+
+    with pytest.raises(SystemExit, match="--compress-warmup 3: only --compress powersgd:R") as info:
+        launch.main(["--compress", compress, "--compress-warmup", "3", "--world-size", "2", "--max-steps", "1"])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["-1", "x"])
+def test_compress_warmup_refused_unless_a_whole_number(value: str, capsys) -> None:
+    import launch
+
+    with pytest.raises(SystemExit) as info:
+        launch.main(["--compress", "powersgd:2", f"--compress-warmup={value}", "--world-size", "2"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--compress-warmup" in err and "\n" not in err, err
+
+
+def _fake_checkpoint(path, **config: object) -> str:
+    """A checkpoint file with every key ``checkpoint.load`` wants; ``config`` as the run saved it."""
+    from trainer import checkpoint
+
+    ckpt = {key: None for key in checkpoint.KEYS}
+    ckpt.update(model_name="simplecnn", step=2, epoch=0, config=config)
+    torch.save(ckpt, path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("saved", "argv", "needle"),
+    [
+        (
+            {"compress": "powersgd:2", "compress_warmup": 3},
+            ["--compress", "powersgd:2"],
+            "averaged its first 3 steps uncompressed, this run's --compress-warmup is 10; "
+            "resume with --compress-warmup 3",
+        ),
+        (
+            {"compress": "powersgd:2"},  # written before the option existed: the default, 10
+            ["--compress", "powersgd:2", "--compress-warmup", "4"],
+            "resume with --compress-warmup 10",
+        ),
+        ({"compress": "topk:0.01"}, ["--compress", "powersgd:2"], "resume with --compress topk:0.01"),
+        ({"compress": "powersgd:2", "compress_warmup": 10}, [], "resume with --compress powersgd:2"),
+    ],
+)
+def test_resume_refuses_another_compressor_or_warmup(tmp_path, saved: dict, argv: list[str], needle: str) -> None:
+    import launch
+
+    path = _fake_checkpoint(tmp_path / "checkpoint.pt", **saved)
+    common = ["--world-size", "2", "--dataset", "synthetic", "--max-steps", "4", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=needle) as info:
+        launch.main([*argv, *common, "--resume", path])
+    assert "\n" not in str(info.value)
+
+
+def test_resume_accepts_the_saved_warmup() -> None:
+    from trainer import checkpoint
+    from trainer.loop import TrainConfig
+
+    saved = {"config": {"compress": "powersgd:2", "compress_warmup": 3}}
+    assert checkpoint.mismatch(saved, TrainConfig(compress="powersgd:2", compress_warmup=3)) is None
+    assert checkpoint.mismatch({"config": {}}, TrainConfig(compress="bf16")) is None  # bf16 keeps no state
