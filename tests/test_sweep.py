@@ -292,3 +292,31 @@ def test_every_bench_command_of_every_preset_passes_the_benchs_own_checks(preset
             argv += ["--world-size", r.argv[r.argv.index("--nodes") + 1]]
         args, sizes, algos = bench._parse_args(argv)  # exits 2 on a refused flag
         assert sizes and algos, r.command
+
+
+@pytest.mark.fast
+def test_compression_plan_runs_every_method_at_every_link(tmp_path: Path) -> None:
+    import launch
+
+    p = sweep.PRESETS["compression"]
+    runs = sweep.build_plan("compression", tmp_path, python="python")
+    assert {r.kind for r in runs} == {"compress"}, "the compression preset is the compression runs alone"
+    grid = [(r.meta["compress"], r.meta["link"]) for r in runs]
+    assert sorted(grid, key=str) == sorted(((m, lk) for lk in p.compress_links for m in p.compress_methods), key=str)
+    assert None in p.compress_links and len(p.compress_links) >= 3, "one host, and at least two link rates"
+    assert len({r.name for r in runs}) == len(runs) and len({r.output for r in runs}) == len(runs)
+    for r in runs:
+        link = r.meta["link"]
+        if link is None:  # the ranks are processes of this host
+            inner = r.argv
+            assert inner[1] == "launch.py" and "analysis.cluster" not in r.argv
+        else:
+            assert r.argv[:8] == ["python", "-m", "analysis.cluster", "--nodes", "4", "--link", link, "--"]
+            inner = r.argv[8:]
+        assert "cluster_link" not in r.meta, "the cluster section of the report is the ring/ps study's"
+        args = launch.parse_args(inner[2:])  # exits 2 on a refused flag
+        launch.check_args(args, 4)  # exits 1 on a refused combination
+        assert (args.compress, args.world_size, args.algo) == (r.meta["compress"], 4, "ring")
+        assert args.out == str(tmp_path / r.output).removesuffix("/metrics.json")
+    for other in ("quick", "full", "cluster"):
+        assert not [r for r in sweep.build_plan(other, tmp_path, python="python") if r.kind == "compress"]
