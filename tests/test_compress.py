@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -203,7 +205,7 @@ def topk_world(rank: int, p: int) -> list[str]:
     xs = torch.randn(p, 1000, generator=g)
     tk = TopK(0.05)
     flat = xs[rank].clone()
-    tk.reduce(flat, 0, _ring_all_gather, p)
+    tk.reduce(flat, [(0, flat.shape)], _ring_all_gather, p)
     kept = tk.error[0]
     sent_mine = xs[rank] - kept
     if int((sent_mine != 0).sum()) != tk.k(1000):
@@ -217,12 +219,12 @@ def topk_world(rank: int, p: int) -> list[str]:
     # F = 1: the plain average
     full = TopK(1.0)
     flat = xs[rank].clone()
-    full.reduce(flat, 0, _ring_all_gather, p)
+    full.reduce(flat, [(0, flat.shape)], _ring_all_gather, p)
     if not torch.allclose(flat, xs.mean(0), atol=1e-6):
         failures.append(f"rank {rank}: topk:1 is not the average")
     # the mean of what each rank sent is the result, on the second step with the error added back
     flat = xs[rank].clone()
-    tk.reduce(flat, 0, _ring_all_gather, p)
+    tk.reduce(flat, [(0, flat.shape)], _ring_all_gather, p)
     if not _agree_all(flat, p):
         failures.append(f"rank {rank}: ranks differ on step 2")
     return failures
@@ -286,6 +288,43 @@ def test_powersgd_resume_is_exact(tmp_path) -> None:
             _train_world, 2, (_run_cfg(str(tmp_path / "again"), max_steps=6, resume=f"{first}/checkpoint.pt"),),
             timeout=TIMEOUT_S,
         )
+
+
+def _logged_losses(text: str) -> dict[int, str]:
+    """Rank 0's progress lines (``--log-every 1``): step -> the loss as printed."""
+    return {int(m.group(1)): m.group(2) for m in re.finditer(r"step +(\d+)/\d+ .*?\| loss (\S+) \|", text)}
+
+
+def test_topk_resume_is_exact(tmp_path, capfd) -> None:
+    """top-k:0.01 stopped after 3 steps and resumed to 6: the error feedback, the weights and every
+    resumed step's loss are the uninterrupted run's (the error feedback is kept per bucket, keyed by
+    its first parameter: the buckets DDP builds on the resumed run's first step must match)."""
+    cfg = dict(compress="topk:0.01", log_every=1)
+    straight, first, resumed = (str(tmp_path / d) for d in ("straight", "first", "resumed"))
+    run_world(_train_world, 2, (_run_cfg(straight, max_steps=6, **cfg),), timeout=TIMEOUT_S)
+    losses_straight = _logged_losses(capfd.readouterr().out)
+    run_world(_train_world, 2, (_run_cfg(first, max_steps=3, **cfg),), timeout=TIMEOUT_S)
+    capfd.readouterr()
+    run_world(_train_world, 2, (_run_cfg(resumed, max_steps=6, resume=f"{first}/checkpoint.pt", **cfg),),
+              timeout=TIMEOUT_S)  # fmt: skip
+    losses_resumed = _logged_losses(capfd.readouterr().out)
+    assert sorted(losses_straight) == [1, 2, 3, 4, 5, 6] and sorted(losses_resumed) == [4, 5, 6]
+    assert {s: losses_straight[s] for s in (4, 5, 6)} == losses_resumed
+    for rank in (0, 1):
+        ea = torch.load(f"{straight}/compressor-rank{rank}.pt", weights_only=True)
+        eb = torch.load(f"{resumed}/compressor-rank{rank}.pt", weights_only=True)
+        assert ea["kind"] == eb["kind"] == "topk" and sorted(ea["error"]) == sorted(eb["error"])
+        differ = [i for i in ea["error"] if not torch.equal(ea["error"][i], eb["error"][i])]
+        assert not differ, f"rank {rank}: error feedback of buckets {differ} differs from the straight run's"
+    a = torch.load(f"{straight}/checkpoint.pt", weights_only=False)
+    b = torch.load(f"{resumed}/checkpoint.pt", weights_only=False)
+    differ = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not differ, f"resumed run's weights differ from the straight run's in {differ}"
+    # the last history entry: the straight run's mean over steps 1-6, the resumed one's over 4-6
+    whole, tail = a["history"][-1], b["history"][-1]
+    head = torch.load(f"{first}/checkpoint.pt", weights_only=False)["history"][-1]
+    assert (head["train_steps"], tail["train_steps"], whole["train_steps"]) == (3, 3, 6)
+    assert head["train_loss"] * 3 + tail["train_loss"] * 3 == pytest.approx(whole["train_loss"] * 6, rel=1e-12)
 
 
 @pytest.mark.parametrize(
