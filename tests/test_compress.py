@@ -236,6 +236,16 @@ def test_topk_error_feedback_and_agreement() -> None:
     assert not failures, "\n".join(failures)
 
 
+def test_topk_refuses_a_per_bucket_state() -> None:
+    old = {"kind": "topk", "fraction": 0.01, "error": {12: torch.zeros(5)}}  # before it was per parameter
+    with pytest.raises(ValueError, match="per bucket") as info:
+        TopK(0.01).load_state_dict(old)
+    assert "\n" not in str(info.value)
+    tk = TopK(0.01)
+    tk.load_state_dict({**old, "per": "parameter"})
+    assert torch.equal(tk.error[12], torch.zeros(5))
+
+
 def test_compress_parsing_refusals() -> None:
     assert parse_compress("powersgd:2") == ("powersgd", 2)
     assert parse_compress("topk:0.01") == ("topk", 0.01)
