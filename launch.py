@@ -137,6 +137,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "top-k fraction F (default: none)",
     )
     g.add_argument(
+        "--compress-warmup",
+        type=at_least(0),
+        default=None,
+        metavar="N",
+        help="with --compress powersgd:R: the first N steps average uncompressed (default: 10)",
+    )
+    g.add_argument(
         "--comm-timeout",
         type=seconds,
         default=None,
@@ -324,13 +331,19 @@ def comm_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def check_compress_arg(args: argparse.Namespace) -> None:
-    """``--compress``: a known value, and refused in one line with ``--algo ddp``, ``--algo ps`` (top-k), ``--zero``."""
+    """``--compress``: a known value, and refused in one line with ``--algo ddp``, ``--algo ps`` (top-k), ``--zero``.
+
+    ``--compress-warmup`` is refused with any other ``--compress`` than PowerSGD (argparse refuses a negative N).
+    """
     from ringcomm.compress import parse_compress
 
     try:
         kind, _ = parse_compress(args.compress)
     except ValueError as exc:
         _refuse(str(exc))
+    warmup = getattr(args, "compress_warmup", None)
+    if warmup is not None and kind != "powersgd":  # only PowerSGD has a warm-up: N would change nothing
+        _refuse(f"--compress-warmup {warmup}: only --compress powersgd:R has uncompressed warm-up steps")
     if kind == "none":
         return
     if args.algo == "ddp":
@@ -378,6 +391,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> TrainConfig:
         comm_options=comm_options(args),
         comm_timeout=args.comm_timeout,
         compress=args.compress,
+        **({} if args.compress_warmup is None else {"compress_warmup": args.compress_warmup}),
         model=args.model,
         dataset=args.dataset,
         data_dir=args.data_dir,

@@ -13,6 +13,7 @@ fits and tables in machine-readable form). Anything missing leaves a note, not a
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -346,6 +347,10 @@ def build_report(root: str | Path) -> Path:
             else f"_(figure skipped: {caption})_"
         )
 
+    compress = compression_entries(res.runs)
+    compress_model = compression_model(compress)
+    figures["compression"] = plot_compression(compress, compress_model, figs / "compression_vs_link.png", notes)
+
     cluster_md, cluster = ("", {})
     if cluster_report.cluster_link(res):
         cluster_md, cluster = cluster_report.section(res, figs, notes)
@@ -375,6 +380,8 @@ def build_report(root: str | Path) -> Path:
         "## Accuracy\n\n" + fig("curves", "Training loss and accuracy per epoch"),
         fig("per_class", f"Per-class test accuracy {ref_title}"),
         fig("confusion", f"Confusion matrix {ref_title}"),
+        "## Compression\n\n" + _compression_section(compress, compress_model),
+        fig("compression", "Time per step against link rate per --compress method, with the model's crossover"),
         "## Batch-size sweep\n\n" + _batch_section(batch),
         fig("batch", "Time per epoch and throughput vs per-worker batch size"),
         "## Large batch: linear LR scaling and warmup\n\n" + _large_section(large),
@@ -396,6 +403,7 @@ def build_report(root: str | Path) -> Path:
         "cluster": cluster,
         "comm": comm,
         "utilisation": util,
+        "compression": {"runs": compress, "model": compress_model},
         "batch_sweep": batch,
         "large_batch": [{k: v for k, v in e.items() if k != "history"} for e in large],
         "figures": {k: (v.relative_to(root).as_posix() if v else None) for k, v in figures.items()},
@@ -403,6 +411,256 @@ def build_report(root: str | Path) -> Path:
     }
     (root / "analysis.json").write_text(json.dumps(summary, indent=1, default=str))
     return report
+
+
+# --------------------------------------------------------------------------- compression
+
+#: The --compress methods in the order the report lists them; "none" is the baseline of the ratios.
+_METHOD_ORDER = ("none", "bf16", "fp16", "powersgd", "topk")
+
+
+def _method_key(method: str) -> tuple[int, str]:
+    kind = method.partition(":")[0]
+    return (_METHOD_ORDER.index(kind) if kind in _METHOD_ORDER else len(_METHOD_ORDER), method)
+
+
+def _link_bits(link: str | None) -> float | None:
+    """``"100mbit"`` -> 1e8 bits per second; None (one host, no link) stays None."""
+    from .cluster import parse_rate
+
+    return None if link is None else parse_rate(link)
+
+
+def _steady(m: Mapping) -> dict:
+    """Mean step time (s) and bytes sent per step by rank 0 after PowerSGD's warm-up, the same steps
+    for every method (``compress_warmup``, default 10: steps 11 on), so the methods are compared
+    at their steady state and the one-host and link runs over the same steps."""
+    warmup = int((m.get("config") or {}).get("compress_warmup", 10))
+    recs = [r for r in m.get("step_records") or [] if isinstance(r, Mapping) and r.get("step", 0) > max(1, warmup)]
+
+    def mean(key: str) -> float | None:
+        vals = [float(r[key]) for r in recs if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    return {"step_time_s": mean("step_time_s"), "bytes": mean("bytes"), "steps": len(recs)}
+
+
+def _cost_bytes(method: str, model: str, p: int) -> float | None:
+    """Bytes one rank sends per step for ``method`` by ``cost.py``'s formulas (ring all-reduce: 2(P−1)/P
+    of the payload; top-k's ring all_gather: (P−1) blocks of k per parameter), or None."""
+    from ringcomm.compress import parse_compress
+    from ringcomm.compress.powersgd import PowerSGD
+    from trainer.models import build_model
+
+    try:
+        kind, arg = parse_compress(method)
+        shapes = [tuple(t.shape) for t in build_model(model).parameters()]
+    except (ValueError, KeyError):
+        return None
+    numel = sum(math.prod(sh) for sh in shapes)
+    ring = 2 * (p - 1) / p
+    if kind == "none":
+        return ring * 4 * numel
+    if kind in ("bf16", "fp16"):
+        return ring * cost.wire_bytes(4 * numel, 4, 2)
+    if kind == "powersgd":
+        psgd = PowerSGD(int(arg))  # type: ignore[arg-type]
+        mats = [(sh[0], math.prod(sh[1:])) for sh in shapes if psgd.compresses(sh)]
+        plain = numel - sum(n * m for n, m in mats)
+        return ring * 4 * (cost.powersgd_elements(mats, int(arg)) + plain)  # type: ignore[arg-type]
+    if kind == "topk":
+        return sum(cost.topk_bytes_sent(math.prod(sh), float(arg), p) for sh in shapes)  # type: ignore[arg-type]
+    return None
+
+
+def compression_entries(runs: list[dict]) -> list[dict]:
+    """One entry per ``compress`` run: method, link, steady step time and bytes, img/s, loss, accuracy."""
+    out = []
+    for m in runs:
+        if m.get("_kind") != "compress":
+            continue
+        meta = m.get("_meta") or {}
+        method = meta.get("compress") or (m.get("config") or {}).get("compress", "none")
+        steady = _steady(m)
+        batch = m.get("global_batch_size")
+        out.append(
+            {
+                "method": method,
+                "link": meta.get("link"),
+                "link_bits": _link_bits(meta.get("link")),
+                "world_size": m.get("world_size"),
+                "model": m.get("model"),
+                "step_time_s": steady["step_time_s"],
+                "bytes": steady["bytes"],
+                "steady_steps": steady["steps"],
+                "img_s": batch / steady["step_time_s"] if batch and steady["step_time_s"] else None,
+                "run_img_s": m.get("throughput_img_s"),
+                "final_train_loss": m.get("final_train_loss"),
+                "test_accuracy": m.get("final_test_accuracy"),
+            }
+        )
+    return sorted(out, key=lambda e: (e["link_bits"] is None, e["link_bits"] or 0, _method_key(e["method"])))
+
+
+def compression_model(entries: list[dict]) -> dict[str, dict]:
+    """The alpha-beta model of each method's step time on a link, and where it stops paying.
+
+    Per method m: t(m, B) = t_host(m) + S_m·β(B), t_host the one-host step time (compute, the
+    compressor's own work and the loopback transfer), S_m the bytes rank 0 sends per step (measured)
+    and β(B) = 8/(B·1448/1514) seconds per byte (the link's rate, framing included; no α: the
+    emulated links add no delay, the per-message cost is software's and in t_host). Compression
+    pays while t(m, B) < t(none, B); the crossover is the rate where they meet:
+    B* = 8/PAYLOAD · (S_none − S_m) / (t_host(m) − t_host(none)); None where t_host(m) <= t_host(none)
+    (the model says it pays at every rate).
+    """
+    from .cluster_report import PAYLOAD
+
+    host = {e["method"]: e for e in entries if e["link"] is None and e["step_time_s"] and e["bytes"] is not None}
+    base = host.get("none")
+    out: dict[str, dict] = {}
+    for method, e in host.items():
+        model: dict = {"t_host_s": e["step_time_s"], "bytes": e["bytes"], "crossover_bits": None}
+        model["cost_bytes"] = _cost_bytes(method, e.get("model") or "simplecnn", int(e.get("world_size") or 4))
+        if base is not None and method != "none":
+            extra_s = e["step_time_s"] - base["step_time_s"]
+            saved = base["bytes"] - e["bytes"]
+            if extra_s > 0 and saved > 0:
+                model["crossover_bits"] = 8 / PAYLOAD * saved / extra_s
+        out[method] = model
+    return out
+
+
+def _model_time(model: Mapping, bits: float) -> float:
+    from .cluster_report import beta_for
+
+    return model["t_host_s"] + model["bytes"] * beta_for(bits)
+
+
+def _measured_crossover(entries: list[dict], method: str) -> str:
+    """Between which measured link rates ``method`` stops beating none (from its step times)."""
+    by_link = {}
+    for e in entries:
+        if e["link_bits"] is not None and e["step_time_s"]:
+            by_link.setdefault(e["link_bits"], {})[e["method"]] = e["step_time_s"]
+    pays = [(b, t[method] < t["none"]) for b, t in sorted(by_link.items()) if method in t and "none" in t]
+    if not pays:
+        return "–"
+    if all(p for _, p in pays):
+        return f"pays at every rate measured (up to {pays[-1][0] / 1e6:g} Mbit/s)"
+    if not any(p for _, p in pays):
+        return f"pays at no rate measured (from {pays[0][0] / 1e6:g} Mbit/s)"
+    for (b0, p0), (b1, p1) in zip(pays, pays[1:]):
+        if p0 and not p1:
+            return f"between {b0 / 1e6:g} and {b1 / 1e6:g} Mbit/s"
+    return "mixed: " + ", ".join(f"{b / 1e6:g} {'pays' if p else 'no'}" for b, p in pays)
+
+
+def plot_compression(entries: list[dict], model: Mapping[str, Mapping], path: Path, notes: list[str]) -> Path | None:
+    """Time per step against link rate per method (points: measured; dashed: the model), crossovers marked."""
+    linked = [e for e in entries if e["link_bits"] and e["step_time_s"]]
+    if not linked:
+        notes.append(f"{path.name}: skipped, no compression run on a link")
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    rates = sorted({e["link_bits"] for e in linked})
+    lo, hi = rates[0] / 1.5, rates[-1] * 1.5
+    grid = [lo * (hi / lo) ** (i / 99) for i in range(100)]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, method in enumerate(sorted({e["method"] for e in linked}, key=_method_key)):
+        colour = f"C{i}"
+        pts = sorted((e["link_bits"], e["step_time_s"]) for e in linked if e["method"] == method)
+        ax.plot([b / 1e6 for b, _ in pts], [t * 1e3 for _, t in pts], "o-", color=colour, label=f"{method} measured")
+        if method in model:
+            ax.plot([b / 1e6 for b in grid], [_model_time(model[method], b) * 1e3 for b in grid], "--",
+                    color=colour, alpha=0.7, label=f"{method} model")  # fmt: skip
+            crossing = model[method].get("crossover_bits")
+            if crossing and lo < crossing < hi:
+                ax.axvline(crossing / 1e6, color=colour, linestyle=":", alpha=0.8)
+        host = model.get(method, {}).get("t_host_s")
+        if host:
+            ax.axhline(host * 1e3, color=colour, linewidth=0.6, alpha=0.4)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("link rate (Mbit/s, each node's NIC, both ways)")
+    ax.set_ylabel("time per step (ms, steady state)")
+    ax.set_title("Time per step against link rate: measured (points), model (dashed), crossover (dotted)", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _compression_section(entries: list[dict], model: Mapping[str, Mapping]) -> str:
+    if not entries:
+        return "_No compression runs (`python -m analysis.sweep --compression`)._"
+    base = {e["link"]: e["step_time_s"] for e in entries if e["method"] == "none"}
+    rows = []
+    for e in entries:
+        none_t = base.get(e["link"])
+        speed = none_t / e["step_time_s"] if none_t and e["step_time_s"] else None
+        rows.append(
+            [
+                "one host" if e["link"] is None else f"{e['link_bits'] / 1e6:g} Mbit/s",
+                e["method"],
+                _fmt(e["step_time_s"] and e["step_time_s"] * 1e3, ".0f"),
+                _fmt(e["img_s"], ".1f"),
+                _fmt(speed, ".2f"),
+                _fmt(e["run_img_s"], ".1f"),
+                human_bytes(e["bytes"]) if e["bytes"] is not None else "–",
+                _fmt(e["final_train_loss"], ".3f"),
+                _fmt(e["test_accuracy"] and e["test_accuracy"] * 100, ".1f"),
+            ]
+        )
+    text = (
+        "Each `--compress` method, ring over torch, one rank per node, at each link rate and on one host "
+        "(no link limit). Step time and images/s are the steady state: steps after PowerSGD's uncompressed "
+        "warm-up (the same steps for every method); the whole run's images/s, warm-up included, beside "
+        "them. Bytes: sent per step by rank 0, measured.\n\n"
+        + _table(
+            ["link", "method", "ms/step", "img/s", "× none", "img/s (whole run)", "bytes/step",
+             "train loss", "test acc. %"],  # fmt: skip
+            rows,
+        )
+    )
+    if model:
+        mrows = []
+        for method in sorted(model, key=_method_key):
+            mo = model[method]
+            crossing = mo.get("crossover_bits")
+            said = (
+                "–" if method == "none"
+                else f"{crossing / 1e6:.0f} Mbit/s" if crossing
+                else "none: pays at every rate"
+            )  # fmt: skip
+            mrows.append(
+                [
+                    method,
+                    _fmt(mo["t_host_s"] * 1e3, ".0f"),
+                    human_bytes(mo["bytes"]),
+                    human_bytes(mo["cost_bytes"]) if mo.get("cost_bytes") else "–",
+                    said,
+                    "–" if method == "none" else _measured_crossover(entries, method),
+                ]
+            )
+        text += (
+            "\n\nThe alpha-beta model (`analysis.report.compression_model`): t(m, B) = t_host(m) + S_m·β(B), "
+            "β(B) = 8/(B·1448/1514) s per byte, S_m the measured bytes; compression stops paying above the "
+            "rate B* where its extra compute (t_host(m) − t_host(none)) equals the transfer it saves. "
+            "`cost.py`'s bytes beside the measured ones.\n\n"
+            + _table(
+                ["method", "t_host ms", "bytes (measured)", "bytes (cost.py)", "crossover B* (model)",
+                 "crossover (measured)"],  # fmt: skip
+                mrows,
+            )
+        )
+    return text
 
 
 def _batch_section(batch: list[dict]) -> str:

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -203,7 +205,7 @@ def topk_world(rank: int, p: int) -> list[str]:
     xs = torch.randn(p, 1000, generator=g)
     tk = TopK(0.05)
     flat = xs[rank].clone()
-    tk.reduce(flat, 0, _ring_all_gather, p)
+    tk.reduce(flat, [(0, flat.shape)], _ring_all_gather, p)
     kept = tk.error[0]
     sent_mine = xs[rank] - kept
     if int((sent_mine != 0).sum()) != tk.k(1000):
@@ -217,12 +219,12 @@ def topk_world(rank: int, p: int) -> list[str]:
     # F = 1: the plain average
     full = TopK(1.0)
     flat = xs[rank].clone()
-    full.reduce(flat, 0, _ring_all_gather, p)
+    full.reduce(flat, [(0, flat.shape)], _ring_all_gather, p)
     if not torch.allclose(flat, xs.mean(0), atol=1e-6):
         failures.append(f"rank {rank}: topk:1 is not the average")
     # the mean of what each rank sent is the result, on the second step with the error added back
     flat = xs[rank].clone()
-    tk.reduce(flat, 0, _ring_all_gather, p)
+    tk.reduce(flat, [(0, flat.shape)], _ring_all_gather, p)
     if not _agree_all(flat, p):
         failures.append(f"rank {rank}: ranks differ on step 2")
     return failures
@@ -232,6 +234,16 @@ def test_topk_error_feedback_and_agreement() -> None:
     results = run_world(topk_world, 2, timeout=TIMEOUT_S)
     failures = [f for r in results for f in r]
     assert not failures, "\n".join(failures)
+
+
+def test_topk_refuses_a_per_bucket_state() -> None:
+    old = {"kind": "topk", "fraction": 0.01, "error": {12: torch.zeros(5)}}  # before it was per parameter
+    with pytest.raises(ValueError, match="per bucket") as info:
+        TopK(0.01).load_state_dict(old)
+    assert "\n" not in str(info.value)
+    tk = TopK(0.01)
+    tk.load_state_dict({**old, "per": "parameter"})
+    assert torch.equal(tk.error[12], torch.zeros(5))
 
 
 def test_compress_parsing_refusals() -> None:
@@ -288,6 +300,43 @@ def test_powersgd_resume_is_exact(tmp_path) -> None:
         )
 
 
+def _logged_losses(text: str) -> dict[int, str]:
+    """Rank 0's progress lines (``--log-every 1``): step -> the loss as printed."""
+    return {int(m.group(1)): m.group(2) for m in re.finditer(r"step +(\d+)/\d+ .*?\| loss (\S+) \|", text)}
+
+
+def test_topk_resume_is_exact(tmp_path, capfd) -> None:
+    """top-k:0.01 stopped after 3 steps and resumed to 6: the error feedback, the weights and every
+    resumed step's loss are the uninterrupted run's (the error feedback is kept per bucket, keyed by
+    its first parameter: the buckets DDP builds on the resumed run's first step must match)."""
+    cfg = dict(compress="topk:0.01", log_every=1)
+    straight, first, resumed = (str(tmp_path / d) for d in ("straight", "first", "resumed"))
+    run_world(_train_world, 2, (_run_cfg(straight, max_steps=6, **cfg),), timeout=TIMEOUT_S)
+    losses_straight = _logged_losses(capfd.readouterr().out)
+    run_world(_train_world, 2, (_run_cfg(first, max_steps=3, **cfg),), timeout=TIMEOUT_S)
+    capfd.readouterr()
+    run_world(_train_world, 2, (_run_cfg(resumed, max_steps=6, resume=f"{first}/checkpoint.pt", **cfg),),
+              timeout=TIMEOUT_S)  # fmt: skip
+    losses_resumed = _logged_losses(capfd.readouterr().out)
+    assert sorted(losses_straight) == [1, 2, 3, 4, 5, 6] and sorted(losses_resumed) == [4, 5, 6]
+    assert {s: losses_straight[s] for s in (4, 5, 6)} == losses_resumed
+    for rank in (0, 1):
+        ea = torch.load(f"{straight}/compressor-rank{rank}.pt", weights_only=True)
+        eb = torch.load(f"{resumed}/compressor-rank{rank}.pt", weights_only=True)
+        assert ea["kind"] == eb["kind"] == "topk" and sorted(ea["error"]) == sorted(eb["error"])
+        differ = [i for i in ea["error"] if not torch.equal(ea["error"][i], eb["error"][i])]
+        assert not differ, f"rank {rank}: error feedback of buckets {differ} differs from the straight run's"
+    a = torch.load(f"{straight}/checkpoint.pt", weights_only=False)
+    b = torch.load(f"{resumed}/checkpoint.pt", weights_only=False)
+    differ = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not differ, f"resumed run's weights differ from the straight run's in {differ}"
+    # the last history entry: the straight run's mean over steps 1-6, the resumed one's over 4-6
+    whole, tail = a["history"][-1], b["history"][-1]
+    head = torch.load(f"{first}/checkpoint.pt", weights_only=False)["history"][-1]
+    assert (head["train_steps"], tail["train_steps"], whole["train_steps"]) == (3, 3, 6)
+    assert head["train_loss"] * 3 + tail["train_loss"] * 3 == pytest.approx(whole["train_loss"] * 6, rel=1e-12)
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
@@ -302,3 +351,85 @@ def test_launch_refuses_compress_where_it_cannot_apply(argv: list[str], needle: 
     with pytest.raises(SystemExit, match=needle) as info:
         launch.main([*argv, "--world-size", "2", "--max-steps", "1"])
     assert "\n" not in str(info.value)
+
+
+# --- --compress-warmup: PowerSGD's uncompressed steps, from the command line, checked on --resume --------
+
+
+def test_compress_warmup_reaches_the_config() -> None:
+    import launch
+
+    args = launch.parse_args(["--compress", "powersgd:2", "--compress-warmup", "3", "--world-size", "2"])
+    launch.check_args(args, 2)
+    assert launch.config_from_args(args, 2).compress_warmup == 3
+    args = launch.parse_args(["--compress", "powersgd:2", "--compress-warmup", "0", "--world-size", "2"])
+    assert launch.config_from_args(args, 2).compress_warmup == 0  # compress from the first step
+    args = launch.parse_args(["--compress", "powersgd:2", "--world-size", "2"])
+    assert launch.config_from_args(args, 2).compress_warmup == PowerSGD(2).warmup_steps  # the library's default
+
+
+@pytest.mark.parametrize("compress", ["none", "bf16", "fp16", "topk:0.01"])
+def test_compress_warmup_refused_without_powersgd(compress: str) -> None:
+    import launch
+
+    with pytest.raises(SystemExit, match="--compress-warmup 3: only --compress powersgd:R") as info:
+        launch.main(["--compress", compress, "--compress-warmup", "3", "--world-size", "2", "--max-steps", "1"])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["-1", "x"])
+def test_compress_warmup_refused_unless_a_whole_number(value: str, capsys) -> None:
+    import launch
+
+    with pytest.raises(SystemExit) as info:
+        launch.main(["--compress", "powersgd:2", f"--compress-warmup={value}", "--world-size", "2"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--compress-warmup" in err and "\n" not in err, err
+
+
+def _fake_checkpoint(path, **config: object) -> str:
+    """A checkpoint file with every key ``checkpoint.load`` wants; ``config`` as the run saved it."""
+    from trainer import checkpoint
+
+    ckpt = {key: None for key in checkpoint.KEYS}
+    ckpt.update(model_name="simplecnn", step=2, epoch=0, config=config)
+    torch.save(ckpt, path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("saved", "argv", "needle"),
+    [
+        (
+            {"compress": "powersgd:2", "compress_warmup": 3},
+            ["--compress", "powersgd:2"],
+            "averaged its first 3 steps uncompressed, this run's --compress-warmup is 10; "
+            "resume with --compress-warmup 3",
+        ),
+        (
+            {"compress": "powersgd:2"},  # written before the option existed: the default, 10
+            ["--compress", "powersgd:2", "--compress-warmup", "4"],
+            "resume with --compress-warmup 10",
+        ),
+        ({"compress": "topk:0.01"}, ["--compress", "powersgd:2"], "resume with --compress topk:0.01"),
+        ({"compress": "powersgd:2", "compress_warmup": 10}, [], "resume with --compress powersgd:2"),
+    ],
+)
+def test_resume_refuses_another_compressor_or_warmup(tmp_path, saved: dict, argv: list[str], needle: str) -> None:
+    import launch
+
+    path = _fake_checkpoint(tmp_path / "checkpoint.pt", **saved)
+    common = ["--world-size", "2", "--dataset", "synthetic", "--max-steps", "4", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=needle) as info:
+        launch.main([*argv, *common, "--resume", path])
+    assert "\n" not in str(info.value)
+
+
+def test_resume_accepts_the_saved_warmup() -> None:
+    from trainer import checkpoint
+    from trainer.loop import TrainConfig
+
+    saved = {"config": {"compress": "powersgd:2", "compress_warmup": 3}}
+    assert checkpoint.mismatch(saved, TrainConfig(compress="powersgd:2", compress_warmup=3)) is None
+    assert checkpoint.mismatch({"config": {}}, TrainConfig(compress="bf16")) is None  # bf16 keeps no state

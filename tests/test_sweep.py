@@ -292,3 +292,80 @@ def test_every_bench_command_of_every_preset_passes_the_benchs_own_checks(preset
             argv += ["--world-size", r.argv[r.argv.index("--nodes") + 1]]
         args, sizes, algos = bench._parse_args(argv)  # exits 2 on a refused flag
         assert sizes and algos, r.command
+
+
+@pytest.mark.fast
+def test_compression_plan_runs_every_method_at_every_link(tmp_path: Path) -> None:
+    import launch
+
+    p = sweep.PRESETS["compression"]
+    runs = sweep.build_plan("compression", tmp_path, python="python")
+    assert {r.kind for r in runs} == {"compress"}, "the compression preset is the compression runs alone"
+    grid = [(r.meta["compress"], r.meta["link"]) for r in runs]
+    assert sorted(grid, key=str) == sorted(((m, lk) for lk in p.compress_links for m in p.compress_methods), key=str)
+    assert None in p.compress_links and len(p.compress_links) >= 3, "one host, and at least two link rates"
+    assert len({r.name for r in runs}) == len(runs) and len({r.output for r in runs}) == len(runs)
+    for r in runs:
+        link = r.meta["link"]
+        if link is None:  # the ranks are processes of this host
+            inner = r.argv
+            assert inner[1] == "launch.py" and "analysis.cluster" not in r.argv
+        else:
+            assert r.argv[:8] == ["python", "-m", "analysis.cluster", "--nodes", "4", "--link", link, "--"]
+            inner = r.argv[8:]
+        assert "cluster_link" not in r.meta, "the cluster section of the report is the ring/ps study's"
+        args = launch.parse_args(inner[2:])  # exits 2 on a refused flag
+        launch.check_args(args, 4)  # exits 1 on a refused combination
+        assert (args.compress, args.world_size, args.algo) == (r.meta["compress"], 4, "ring")
+        assert args.out == str(tmp_path / r.output).removesuffix("/metrics.json")
+    for other in ("quick", "full", "cluster"):
+        assert not [r for r in sweep.build_plan(other, tmp_path, python="python") if r.kind == "compress"]
+
+
+def _compress_metrics(method: str, step_s: float, sent: float, warmup: int = 10, steps: int = 25) -> dict:
+    """A metrics.json as launch.py writes it, reduced to what the report's Compression section reads."""
+    records = [
+        {"step": s, "step_time_s": step_s * (5 if s <= warmup else 1), "bytes": sent * (9 if s <= warmup else 1)}
+        for s in range(1, steps + 1)
+    ]  # the warm-up steps slower and bigger: the section must leave them out
+    return {
+        "algo": "ring", "transport": "torch", "world_size": 4, "model": "simplecnn", "global_batch_size": 128,
+        "steps": steps, "throughput_img_s": 1.0, "final_train_loss": 1.5, "final_test_accuracy": 0.5,
+        "history": [], "step_records": records, "config": {"compress": method, "compress_warmup": warmup},
+    }  # fmt: skip
+
+
+def test_report_compression_section_and_crossover(tmp_path: Path) -> None:
+    from analysis import report
+    from analysis.cluster_report import PAYLOAD, beta_for
+
+    # one host: none 0.10 s and 6 MB a step, powersgd 0.12 s and 1 MB: it pays while 5 MB cost more
+    # than 20 ms on the link, below B* = 8/PAYLOAD * 5e6 / 0.02 bit/s (2.09 Gbit/s)
+    plan = {("none", None): (0.10, 6e6), ("powersgd:2", None): (0.12, 1e6), ("bf16", None): (0.09, 3e6)}
+    for link, bits in (("100mbit", 1e8), ("1000mbit", 1e9)):
+        for (method, _), (t, sent) in list(plan.items())[:3]:
+            plan[(method, link)] = (t + sent * beta_for(bits), sent)
+    runs = []
+    for (method, link), (t, sent) in plan.items():
+        name = f"compress_{method.replace(':', '')}_{link or 'host'}_p4"
+        (tmp_path / "compress" / name).mkdir(parents=True)
+        (tmp_path / "compress" / name / "metrics.json").write_text(json.dumps(_compress_metrics(method, t, sent)))
+        runs.append({"name": name, "kind": "compress", "output": f"compress/{name}/metrics.json",
+                     "meta": {"compress": method, "link": link, "world_size": 4}, "status": "ok"})  # fmt: skip
+    (tmp_path / "sweep.json").write_text(json.dumps({"preset": "compression", "runs": runs, "env": {}}))
+    res = report.load_results(tmp_path)
+    entries = report.compression_entries(res.runs)
+    assert [(e["link"], e["method"]) for e in entries][:3] == [("100mbit", "none"), ("100mbit", "bf16"),
+                                                              ("100mbit", "powersgd:2")]  # fmt: skip
+    host = {e["method"]: e for e in entries if e["link"] is None}
+    assert host["powersgd:2"]["step_time_s"] == pytest.approx(0.12) and host["powersgd:2"]["bytes"] == 1e6
+    model = report.compression_model(entries)
+    expected = 8 / PAYLOAD * 5e6 / 0.02
+    assert model["powersgd:2"]["crossover_bits"] == pytest.approx(expected)
+    assert model["bf16"]["crossover_bits"] is None, "cheaper on one host and fewer bytes: pays at every rate"
+    assert report._measured_crossover(entries, "powersgd:2").startswith("pays at every rate measured")
+    path = report.build_report(tmp_path)
+    text = path.read_text()
+    assert "## Compression" in text and "compression_vs_link.png" in text
+    assert (tmp_path / "figures" / "compression_vs_link.png").is_file()
+    assert f"{expected / 1e6:.0f} Mbit/s" in text

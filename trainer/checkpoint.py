@@ -19,7 +19,8 @@ read them; keep old files loadable when adding one)::
     train_time_s    seconds spent in training steps so far (evaluation not counted)
     images_seen     training images consumed so far, all ranks together
     rng             one dict per rank: its torch, numpy and python RNG states (and cuda's)
-    config          the run's TrainConfig as a dict, for the reader (resume uses the command line)
+    config          the run's TrainConfig as a dict, for the reader (resume uses the command line,
+                    whose --optimizer, --compress and --compress-warmup must be the saved ones)
     total_steps     the step the run's schedule ended at (absent in older files)
     zero            the run's --zero stage, 0 when not sharded (absent in older files: 0)
 
@@ -328,7 +329,8 @@ def restore(
 
 
 def mismatch(ckpt: dict[str, Any], cfg: TrainConfig) -> str | None:
-    """Why this run cannot continue ``ckpt``'s optimizer (its ``--zero`` or ``--optimizer``); None if it can."""
+    """Why this run cannot continue ``ckpt``'s optimizer or compressor (its ``--zero``, ``--optimizer``,
+    ``--compress`` or ``--compress-warmup``); None if it can."""
     old_zero = ckpt.get("zero", 0)
     new_zero = getattr(cfg, "zero", 0)
     if bool(old_zero) != bool(new_zero):
@@ -342,6 +344,33 @@ def mismatch(ckpt: dict[str, Any], cfg: TrainConfig) -> str | None:
     new_opt = getattr(cfg, "optimizer", "sgd")
     if old_opt != new_opt:
         return f"the checkpoint holds --optimizer {old_opt}'s state, not {new_opt}'s; resume with --optimizer {old_opt}"
+    return _compress_mismatch(ckpt.get("config") or {}, cfg)
+
+
+#: TrainConfig's compression fields in checkpoints written before they existed.
+_COMPRESS_DEFAULTS = {"compress": "none", "compress_warmup": 10}
+
+
+def _compress_mismatch(old: dict[str, Any], cfg: TrainConfig) -> str | None:
+    """Why this run cannot continue a run compressed as ``old`` (its saved config); None if it can.
+
+    PowerSGD and top-k keep state (Q, error feedback) that only the same compressor can continue,
+    and PowerSGD's warm-up length decides which steps compress: a resumed run with another would not
+    replay the steps the checkpointed run would have taken.
+    """
+    was = old.get("compress", _COMPRESS_DEFAULTS["compress"])
+    now = getattr(cfg, "compress", _COMPRESS_DEFAULTS["compress"])
+    stateful = ("powersgd", "topk")
+    if was != now and (was.startswith(stateful) or now.startswith(stateful)):
+        return f"the checkpoint was written with --compress {was}, this run has --compress {now}; resume with --compress {was}"
+    if now.startswith("powersgd"):
+        was_warm = old.get("compress_warmup", _COMPRESS_DEFAULTS["compress_warmup"])
+        now_warm = getattr(cfg, "compress_warmup", _COMPRESS_DEFAULTS["compress_warmup"])
+        if was_warm != now_warm:
+            return (
+                f"the checkpoint's PowerSGD averaged its first {was_warm} steps uncompressed, this run's "
+                f"--compress-warmup is {now_warm}; resume with --compress-warmup {was_warm}"
+            )
     return None
 
 

@@ -95,7 +95,7 @@ def compress_hook(state: CompressState, bucket: dist.GradBucket) -> torch.future
             state.compressor.end_step()
     else:
         assert isinstance(state.compressor, TopK)
-        state.compressor.reduce(buf, params[0][0], state.all_gather, state.world)
+        state.compressor.reduce(buf, params, state.all_gather, state.world)
     done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     done.set_result(buf)
     return done
