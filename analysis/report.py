@@ -349,7 +349,8 @@ def build_report(root: str | Path) -> Path:
 
     compress = compression_entries(res.runs)
     compress_model = compression_model(compress)
-    figures["compression"] = plot_compression(compress, compress_model, figs / "compression_vs_link.png", notes)
+    if compress:  # a results folder with no --compress runs has no section (nor a note that says so)
+        figures["compression"] = plot_compression(compress, compress_model, figs / "compression_vs_link.png", notes)
 
     cluster_md, cluster = ("", {})
     if cluster_report.cluster_link(res):
@@ -380,8 +381,14 @@ def build_report(root: str | Path) -> Path:
         "## Accuracy\n\n" + fig("curves", "Training loss and accuracy per epoch"),
         fig("per_class", f"Per-class test accuracy {ref_title}"),
         fig("confusion", f"Confusion matrix {ref_title}"),
-        "## Compression\n\n" + _compression_section(compress, compress_model),
-        fig("compression", "Time per step against link rate per --compress method, with the model's crossover"),
+        *(
+            [
+                "## Compression\n\n" + _compression_section(compress, compress_model),
+                fig("compression", "Time per step against link rate per --compress method, with the model's crossover"),
+            ]
+            if compress
+            else []
+        ),
         "## Batch-size sweep\n\n" + _batch_section(batch),
         fig("batch", "Time per epoch and throughput vs per-worker batch size"),
         "## Large batch: linear LR scaling and warmup\n\n" + _large_section(large),
