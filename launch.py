@@ -11,6 +11,9 @@ free port, and stops them all if one dies::
     python launch.py --algo ring --world-size 4 --time-limit 600 --checkpoint-every 50
     python launch.py --algo ring --world-size 4 --resume --max-steps 300   # the same run, on to 300
     python launch.py --algo ring --transport zmq --world-size 4
+    python launch.py --algo ring --zero 1 --optimizer adamw       # 1/P of the optimizer state per rank
+    python launch.py --algo ring --compress powersgd:2 --compress-warmup 10   # or bf16, fp16, topk:0.01
+    python launch.py --algo hier --world-size 4 --comm-option hier_ranks_per_node=2   # two-level all-reduce
     python launch.py --model resnet18 --dataset cifar10 --data-dir data --epochs 30 \\
         --batch-size 128 --scale-lr --warmup-epochs 2 --eval-batches 0
 
