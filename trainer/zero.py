@@ -80,6 +80,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import ringcomm
@@ -370,13 +371,20 @@ class ZeroOptimizer:
 
     # --- checkpoints: rank 0 gathers (trainer/checkpoint.py says why) -------------------------------
 
-    def gathered_state_dict(self) -> dict[str, Any]:
+    def gathered_state_dict(self, keep: bool | None = None) -> dict[str, Any]:
         """The inner optimizer's state with every per-element tensor gathered to its full length.
 
         Collective (ringcomm.all_gather per state tensor). The tensors are trimmed to the parameters'
         ``numel`` (no padding), so the result does not depend on P; scalars (AdamW's ``step``) are
         the same on every rank and kept as they are.
+
+        ``keep``: whether this rank keeps the gathered tensors; None: rank 0 only, the rank that
+        writes the checkpoint (``trainer/checkpoint.py``). A rank that does not keep them gets None
+        in their place and drops each one as soon as it is gathered, so a checkpoint does not raise
+        its peak memory by the whole optimizer state (2M floats for AdamW).
         """
+        if keep is None:
+            keep = not dist.is_initialized() or dist.get_rank() == 0
         self.wait_params()  # the caller reads the weights next (checkpoint.save)
         sd = self.inner.state_dict()
         state: dict[int, dict[str, Any]] = {}
@@ -388,7 +396,8 @@ class ZeroOptimizer:
                     ringcomm.all_gather(
                         full, value.contiguous(), algo=self.ag_algo, transport=self.transport, timeout=self.timeout
                     )
-                    entry[key] = full[: f.numel].clone()
+                    entry[key] = full[: f.numel].clone() if keep else None
+                    del full
                 else:
                     entry[key] = value
             state[i] = entry
