@@ -23,10 +23,12 @@ import pytest
 import torch
 from torch import nn
 
+import ringcomm
 from ringcomm.tools.spawn import run_world
 from trainer import checkpoint
+from trainer.hooks import zero_hook
 from trainer.loop import TrainConfig, train
-from trainer.zero import flatten_parameters, padded_numel, shard_bounds
+from trainer.zero import ZeroOptimizer, flatten_parameters, padded_numel, shard_bounds
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -77,6 +79,46 @@ def test_flatten_parameters_shards_partition_the_model_exactly(world_size: int) 
         pieces.append(flat.shard.detach())
     assert seen.eq(1).all(), f"P={world_size}: element owner counts {seen.tolist()}"
     assert torch.equal(torch.cat(pieces)[: want.numel()], want)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("bucket_bytes", [1, 40, 100, 10**6])
+def test_bucketed_shards_partition_the_model_exactly(world_size: int, bucket_bytes: int) -> None:
+    """With buckets, rank r owns block r of each: over the ranks, every parameter element exactly once.
+
+    ``bucket_bytes`` 1 makes a bucket of every parameter; 40 and 100 (bytes; the float32 parameters
+    are 60, 28, 72, 4, 44 bytes) group some from the last one back; 10**6 makes one bucket.
+    """
+    originals = [p.detach().clone() for p in _params()]
+    seen = [torch.zeros(t.numel(), dtype=torch.int64) for t in originals]  # per parameter: owners per element
+    layouts = set()
+    for rank in range(world_size):
+        params = _params()
+        flats = flatten_parameters(params, world_size, rank, bucket_bytes=bucket_bytes)
+        layouts.add(tuple(tuple(p.shape for p in f.params) for f in flats))
+        assert [p for f in flats for p in f.params] == params, "buckets must keep the model's order, each once"
+        for f in flats:
+            assert f.buffer.numel() == padded_numel(f.numel, world_size) and f.buffer[f.numel :].eq(0).all()
+            assert torch.equal(f.shard.detach(), f.buffer[f.lo : f.hi])
+            offset = 0
+            for p in f.params:
+                i = next(k for k, q in enumerate(params) if q is p)
+                assert torch.equal(p.detach(), originals[i]), "flattening changed a value"
+                assert p.untyped_storage().data_ptr() == f.buffer.untyped_storage().data_ptr()
+                # the part of this parameter inside this rank's block [lo, hi) of the bucket
+                lo, hi = max(f.lo - offset, 0), min(f.hi - offset, p.numel())
+                if lo < hi:
+                    seen[i][lo:hi] += 1
+                offset += p.numel()
+    assert len(layouts) == 1, "every rank must cut the same buckets"
+    for i, owners in enumerate(seen):
+        assert owners.eq(1).all(), f"P={world_size} bucket_bytes={bucket_bytes}: parameter {i} owners {owners.tolist()}"
+
+
+def test_buckets_are_grouped_from_the_last_parameter_back() -> None:
+    """Backward finishes the last layers first, so the bucket it completes first must be the last one."""
+    sizes = [[p.numel() * 4 for p in f.params] for f in flatten_parameters(_params(), 2, 0, bucket_bytes=100)]
+    assert sizes == [[60, 28], [72, 4, 44]], sizes  # from the end: 44+4+72 >= 100 closes; 28+60 is what is left
 
 
 def test_a_sharded_checkpoint_is_refused_by_a_run_that_is_not_and_the_reverse() -> None:
@@ -153,13 +195,11 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return flat
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_zero1_trains_as_the_ring_does_with_1_over_p_of_the_optimizer_state(world_size: int, tmp_path: Path) -> None:
-    results = run_world(_compare_worker, world_size, (str(tmp_path),), timeout=560)
-    got = results[0]
+def _check_zero1_against_ring(got: dict[str, Any], world_size: int, steps: int) -> None:
+    """Rank 0's metrics of a plain ring run and a --zero 1 run agree (loss, accuracy), with 1/P of the state."""
     for opt in ("sgd", "adamw"):
         plain, sharded = got[f"{opt}-z0"], got[f"{opt}-z1"]
-        assert plain["steps"] == sharded["steps"] == STEPS
+        assert plain["steps"] == sharded["steps"] == steps
         assert sharded["zero"] == 1 and plain["zero"] == 0 and sharded["optimizer"] == opt
         loss0, loss1 = plain["final_train_loss"], sharded["final_train_loss"]
         assert abs(loss1 - loss0) <= 0.005 * abs(loss0), f"{opt} P={world_size}: train loss {loss1} vs ring {loss0}"
@@ -172,6 +212,13 @@ def test_zero1_trains_as_the_ring_does_with_1_over_p_of_the_optimizer_state(worl
                 f"{opt} P={world_size} rank {rank}: {mine} B of optimizer state; unsharded {whole} B"
             )
         assert sharded["peak_memory_bytes"] > 0 and len(sharded["peak_memory_bytes_per_rank"]) == world_size
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_zero1_trains_as_the_ring_does_with_1_over_p_of_the_optimizer_state(world_size: int, tmp_path: Path) -> None:
+    results = run_world(_compare_worker, world_size, (str(tmp_path),), timeout=560)
+    got = results[0]
+    _check_zero1_against_ring(got, world_size, STEPS)
     if world_size == 2:
         z1, z2 = _tensors(tmp_path / "adamw-z1" / "checkpoint.pt"), _tensors(tmp_path / "adamw-z2" / "checkpoint.pt")
         resumed = _tensors(tmp_path / "adamw-half" / "checkpoint.pt")
@@ -181,3 +228,114 @@ def test_zero1_trains_as_the_ring_does_with_1_over_p_of_the_optimizer_state(worl
             torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=f"resumed vs whole: {key}")
         assert got["adamw-resumed"]["steps"] == STEPS
         assert "written with --zero 1" in (got["refused"] or ""), got["refused"]
+
+
+SHM_STEPS = 6  # optimizer steps per run over shm at P = 4: few, so the four runs stay near a minute
+
+
+def _shm_worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """Plain ring and --zero 1 over shm for sgd and adamw, in one world. Metrics from rank 0."""
+    out: dict[str, Any] = {}
+    for opt in ("sgd", "adamw"):
+        for zero in (0, 1):
+            cfg = _cfg(
+                Path(root) / f"{opt}-z{zero}", transport="shm", optimizer=opt, lr=LR[opt], zero=zero,
+                max_steps=SHM_STEPS, eval_batches=1,
+            )
+            out[f"{opt}-z{zero}"] = train(cfg, rank, world_size, torch.device("cpu"))
+    return out
+
+
+def test_zero1_over_shm_at_p4_with_uneven_shards_trains_as_the_ring_does(tmp_path: Path) -> None:
+    """P = 4 over shared memory: simplecnn's last bucket (1,049,994 elements) does not divide by 4."""
+    assert 1_049_994 % 4 != 0
+    results = run_world(_shm_worker, 4, (str(tmp_path),), timeout=400)
+    _check_zero1_against_ring(results[0], 4, SHM_STEPS)
+
+
+# --- the overlapped step, by hand: several buckets, several DDP buckets, against a reference -------
+
+HAND_STEPS = 3
+HAND_LR, HAND_MOMENTUM, HAND_DECAY = 0.1, 0.9, 5e-4
+
+
+def _hand_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _hand_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+
+
+def _hand_sgd(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=HAND_LR, momentum=HAND_MOMENTUM, weight_decay=HAND_DECAY)
+
+
+def _hand_worker(rank: int, world_size: int) -> dict[str, Any]:
+    """ZeroOptimizer and zero_hook on a 3-layer MLP cut into 3 ZeRO buckets and several DDP buckets."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out: dict[str, Any] = {}
+    ringcomm.init("torch", "cpu")  # collective: sets the transport up before any hook runs
+    for stage in (1, 2):
+        model = _hand_model()
+        flats = flatten_parameters(model.parameters(), world_size, rank, bucket_bytes=100)  # a bucket per layer
+        # bucket_cap_mb: about 400 bytes, so DDP calls the hook several times per backward
+        ddp = DDP(model, gradient_as_bucket_view=True, bucket_cap_mb=400 / 2**20, init_sync=False)
+        opt = ZeroOptimizer(flats, _hand_sgd, stage=stage, algo="ring", transport="torch", timeout=60, module=model)
+        ddp.register_comm_hook(opt, zero_hook)
+        held = []
+        for step in range(HAND_STEPS):
+            x, y = _hand_batch(step, rank)
+            loss = nn.functional.mse_loss(ddp(x), y)  # each module waits for its own all-gather here
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            held.append(sum(g.numel() for g in opt._grads if g is not None))
+        opt.wait_params()
+        # plain lists (float32 -> float is exact): tensors would travel by shared-memory handles
+        # that die with this process
+        out[f"z{stage}"] = {"params": [p.detach().tolist() for p in model.parameters()], "held": held,
+                            "buckets": len(flats), "numel": sum(f.buffer.numel() for f in flats)}
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_the_overlapped_step_is_sgd_on_the_mean_gradient(world_size: int) -> None:
+    """Reduce-scatter per bucket in backward, all-gather waited for in forward: plain SGD on the mean gradient.
+
+    The reference runs in this process: one model, each step the mean of every rank's gradient, torch's
+    SGD. Every rank ends with the same weights, bitwise, and within float32 rounding of the
+    reference (the sums differ in order only). Stage 2 gives stage 1's weights bitwise and holds no
+    full-size gradient buffer of its own after a step; stage 1 keeps one per bucket.
+    """
+    results = run_world(_hand_worker, world_size, (), timeout=300)
+    for got in results:
+        for stage in ("z1", "z2"):
+            got[stage]["params"] = [torch.tensor(p, dtype=torch.float32) for p in got[stage]["params"]]
+    ref = _hand_model()
+    sgd = _hand_sgd(ref.parameters())
+    for step in range(HAND_STEPS):
+        grads = []
+        for rank in range(world_size):
+            ref.zero_grad()
+            x, y = _hand_batch(step, rank)
+            nn.functional.mse_loss(ref(x), y).backward()
+            grads.append([p.grad.clone() for p in ref.parameters()])
+        for i, p in enumerate(ref.parameters()):
+            p.grad = sum(g[i] for g in grads) / world_size
+        sgd.step()
+    want = [p.detach() for p in ref.parameters()]
+    for stage in ("z1", "z2"):
+        assert results[0][stage]["buckets"] == 3  # one per layer (112, 272, 51 elements): 3 reduce-scatters
+        for rank, got in enumerate(results):
+            for i, (a, b) in enumerate(zip(got[stage]["params"], want)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{stage} rank {rank} parameter {i}")
+                assert torch.equal(a, results[0][stage]["params"][i]), f"{stage}: rank {rank} differs from rank 0"
+    for rank, got in enumerate(results):
+        for a, b in zip(got["z2"]["params"], got["z1"]["params"]):
+            assert torch.equal(a, b), f"rank {rank}: --zero 2 weights differ from --zero 1's"
+        assert got["z1"]["held"] == [got["z1"]["numel"]] * HAND_STEPS, "stage 1 keeps its gradient buffers"
+        assert got["z2"]["held"] == [0] * HAND_STEPS, "stage 2 must hold no full-size gradient after a step"

@@ -36,7 +36,7 @@ import torch.distributed as dist
 import ringcomm
 from ringcomm.api import validate
 
-__all__ = ["RingcommState", "broadcast_module", "broadcast_tensors", "local_grad_hook", "ringcomm_hook"]
+__all__ = ["RingcommState", "broadcast_module", "broadcast_tensors", "ringcomm_hook", "zero_hook"]
 
 
 class RingcommState:
@@ -95,15 +95,19 @@ def ringcomm_hook(state: RingcommState, bucket: dist.GradBucket) -> torch.future
     )
 
 
-def local_grad_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """A comm hook that communicates nothing: each rank keeps its own gradient, for a ZeRO step to reduce.
+def zero_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """The ZeRO comm hook: ``state`` (a ``trainer.zero.ZeroOptimizer``) queues the reduce-scatter of each
+    of its buckets that ``bucket`` completes, on ringcomm's comm thread; returns at once.
 
-    ``trainer/zero.py`` reduce-scatters the whole gradient after backward. DDP requires a future of
-    the bucket; this one is complete at once, so DDP copies each rank's own gradient into ``p.grad``.
+    DDP requires a future of the bucket; this one holds the bucket as it was (each rank's own
+    gradient: the reduced blocks go to the optimizer's shards, not back into ``p.grad``) and
+    completes when those reduce-scatters have, so ``backward()`` raises a failed one's error.
+
+    Example::
+
+        >>> ddp_model.register_comm_hook(zero_optimizer, zero_hook)
     """
-    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    fut.set_result(bucket.buffer())
-    return fut
+    return state.reduce_scatter_bucket(bucket)
 
 
 def broadcast_module(

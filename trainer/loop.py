@@ -42,9 +42,10 @@ destroys the process group (``ringcomm.tools.spawn.finish``).
 
 The optimizer. ``--optimizer sgd``: SGD with momentum 0.9 and weight decay
 5e-4; ``adamw``: torch's AdamW with its defaults. ``--zero 1|2`` shards its
-state over the ranks (``trainer/zero.py``): the comm hook then communicates
-nothing, and the optimizer's step reduce-scatters the gradient, steps this
-rank's block and all-gathers the parameters.
+state over the ranks (``trainer/zero.py``): the comm hook then reduce-scatters
+each bucket of gradients as backward fills it, the optimizer's step steps this
+rank's block and queues the all-gathers of the parameters, and the next
+forward waits, module by module, for its own.
 
 The learning rate, for either optimizer. With
 ``scale_lr`` the peak rate is ``lr × world_size`` (the linear scaling rule,
@@ -84,7 +85,7 @@ from . import zero as zero_opt
 from .checkpoint import CHECKPOINT_NAME, Progress, atomic_write
 from .compress import CompressState, check_compress, compress_hook
 from .data import load_dataset, resolve_dataset
-from .hooks import RingcommState, broadcast_module, broadcast_tensors, local_grad_hook, ringcomm_hook
+from .hooks import RingcommState, broadcast_module, broadcast_tensors, ringcomm_hook, zero_hook
 from .models import build_model, count_parameters
 from .names import METRICS_NAME, SCHEDULE_NAMES
 
@@ -254,8 +255,8 @@ def _attach_comm_hook(cfg: TrainConfig, ddp: DDP, device: torch.device) -> _Comm
     state = RingcommState(
         cfg.algo, cfg.transport, device=device, timeout=cfg.comm_timeout, options=cfg.comm_options
     )
-    # --zero: backward communicates nothing; the ZeRO step reduce-scatters the gradient (trainer/zero.py)
-    ddp.register_comm_hook(state, local_grad_hook if cfg.zero else ringcomm_hook)
+    if not cfg.zero:  # --zero: the ZeroOptimizer is the hook's state; _build_optimizer registers it
+        ddp.register_comm_hook(state, ringcomm_hook)
     return _CommCounters(ringcomm.comm_stats())
 
 
@@ -352,8 +353,14 @@ def _build_model(cfg: TrainConfig, device: torch.device, flats: list[Any] | None
     if cfg.zero:
         if flats is None:
             raise ValueError("_build_model: --zero needs a list to return the flat parameter buffers in")
-        flats += zero_opt.flatten_parameters(model.parameters(), dist.get_world_size(), dist.get_rank())
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, init_sync=not ours)
+        flats += zero_opt.flatten_parameters(
+            model.parameters(), dist.get_world_size(), dist.get_rank(), bucket_bytes=zero_opt.BUCKET_BYTES
+        )
+    # --zero: p.grad views DDP's buckets, which hold every gradient anyway (not another copy: trainer/zero.py)
+    ddp = DDP(
+        model, device_ids=[device.index] if device.type == "cuda" else None, init_sync=not ours,
+        gradient_as_bucket_view=bool(cfg.zero),
+    )
     return model, ddp
 
 
@@ -382,8 +389,10 @@ def _build_optimizer(
 
     if cfg.zero:
         optimizer: Any = zero_opt.ZeroOptimizer(
-            flats, make, stage=cfg.zero, algo=cfg.algo, transport=cfg.transport, timeout=cfg.comm_timeout
+            flats, make, stage=cfg.zero, algo=cfg.algo, transport=cfg.transport, timeout=cfg.comm_timeout,
+            module=ddp.module,
         )
+        ddp.register_comm_hook(optimizer, zero_hook)  # reduce-scatters each bucket during backward
         inner = optimizer.inner
     else:
         optimizer = inner = make(ddp.parameters())
