@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Recording", "inputs", "record", "causal_steps", "replay", "render_text", "render_html", "main"]
+__all__ = ["Recording", "inputs", "record", "hier_options", "causal_steps", "replay", "render_text", "render_html", "main"]
 
 _OP_SIGN = {"sum": "+", "avg": "+", "max": "max", "min": "min"}
 
@@ -73,6 +73,8 @@ class Recording:
     same_on_every_rank: bool = False
     collective: str = "all_reduce"
     references: list[list[float]] = field(default_factory=list)  # per rank (reduce_scatter's differ)
+    nodes: list[list[int]] = field(default_factory=list)  # hier: the ranks of each node, as hier grouped them
+    options: dict[str, Any] = field(default_factory=dict)  # the algorithm's options the demo passed (hier's)
 
     @property
     def steps(self) -> int:
@@ -107,9 +109,10 @@ def _demo_rank(rank: int, p: int, cfg: dict) -> dict:
 
     if cfg.get("collective", "all_reduce") != "all_reduce":
         return _demo_collective_rank(rank, p, cfg)
+    options = cfg.get("options", {})
     tracer = trace.enable(rank, values=True)
     x = torch.tensor(inputs(rank, cfg["numel"]))
-    ringcomm.all_reduce(x, cfg["op"], algo=cfg["algo"], transport=cfg["transport"], timeout=60)
+    ringcomm.all_reduce(x, cfg["op"], algo=cfg["algo"], transport=cfg["transport"], timeout=60, **options)
     trace.disable()
     reference = torch.tensor(inputs(rank, cfg["numel"]))
     reduce_op = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
@@ -123,12 +126,22 @@ def _demo_rank(rank: int, p: int, cfg: dict) -> dict:
     everyone = [torch.zeros_like(digest) for _ in range(p)]
     dist.all_gather(everyone, digest)
     messages = [e["args"] for e in tracer.events if "kind" in e.get("args", {})]
+    parts, nodes = spec.cut(cfg["numel"], p, spec.options(options, p)), []
+    if spec.name == "hier":  # the nodes as the call grouped them (agreed at the call, cached: no message)
+        from ringcomm.algorithms.chunks import chunk_bounds
+        from ringcomm.algorithms.hier import session_layout
+
+        layout = session_layout(session.current(), options.get("hier_ranks_per_node", 0), float("inf"))
+        nodes = [list(members) for members in layout.nodes]
+        # the node's chunks, as phase 1 cuts the tensor (hier keeps it whole otherwise)
+        parts = [(f"c{i}", start, n) for i, (start, n) in enumerate(chunk_bounds(cfg["numel"], len(nodes[0])))]
     return {
         "events": messages,
         "final": x.tolist(),
         "reference": reference.tolist(),
         "ran": spec.name,
-        "parts": spec.cut(cfg["numel"], p, spec.options({}, p)),
+        "parts": parts,
+        "nodes": nodes,
         "same": all(int(d) == int(digest) for d in everyone),
     }
 
@@ -193,14 +206,19 @@ def record(
     op: str = "sum",
     transport: str = "torch",
     collective: str = "all_reduce",
+    ranks_per_node: int = 0,
 ) -> Recording:
     """Run the collective in a fresh local world of ``world_size`` processes and return what happened.
 
     ``numel`` is each rank's input (reduce_scatter: a multiple of ``world_size``); broadcast's root is rank 0.
+    ``algo="hier"`` runs on emulated nodes of ``ranks_per_node`` ranks each (0: ``hier_ranks_for``'s
+    choice), a ring across them (``hier_options``).
     """
     from .spawn import run_world
 
     cfg = {"algo": algo, "numel": numel, "op": op, "transport": transport, "collective": collective}
+    if algo == "hier":
+        cfg["options"] = hier_options(world_size, ranks_per_node)
     results = run_world(_demo_rank, world_size, (cfg,), timeout=120)
     first = results[0]
     events = [r["events"] for r in results]
@@ -219,7 +237,19 @@ def record(
         same_on_every_rank=all(r["same"] for r in results),
         collective=collective,
         references=[r["reference"] for r in results],
+        nodes=first.get("nodes", []),
+        options=cfg.get("options", {}),
     )
+
+
+def hier_options(world_size: int, ranks_per_node: int = 0) -> dict[str, Any]:
+    """hier's options in the demo: all its ranks run on this one host, which hier would take for one
+    node (nothing across), so they are cut into emulated nodes of ``ranks_per_node`` consecutive ranks
+    (0: 2 where P is even, else 1: nodes of one rank, all of it across); across the nodes a ring
+    (``hier_inner="ring"``, the docstring's table), whose messages land in the tensor where the
+    tables show them (``auto`` may pick rd, which adds in scratch memory)."""
+    g = ranks_per_node or (2 if world_size % 2 == 0 else 1)
+    return {"hier_ranks_per_node": g, "hier_inner": "ring"}
 
 
 def _pairs(events: list[list[dict[str, Any]]]) -> list[tuple[int, dict[str, Any], dict[str, Any] | None]]:
