@@ -5,6 +5,10 @@
     python -m ringcomm.demo --algo ps --world-size 3 --html ps.html      # and a page to open
     python -m ringcomm.demo --collective all_gather --world-size 3 --numel 2   # or reduce_scatter, broadcast
 
+``--algo hier`` runs on emulated nodes of 2 ranks (1 where P is odd; ``hier_options``): the tables say
+which ranks form which node and, for each message, whether it stays in its node or crosses to
+another; the page draws each node as a box, the messages across nodes as thick hollow arrows.
+
 ``--collective`` watches the others, in the tables and on the page: all_gather (rank r's row
 is its output, which starts with its input in block r: a copy, no message), reduce_scatter (the
 row is its copy of the input, reduced into; its block is the output) and broadcast from rank 0,
@@ -727,7 +731,8 @@ function draw(step) {
   nodes.forEach((members, k) => {  // hier: a box per node, behind its ranks
     el("rect", {x: 8, y: 28 + k * bandH + 4, width: 984, height: bandH - 8, rx: 10, fill: "#f3f6fb", stroke: "#9aa7b8",
                 "stroke-width": 1.5, class: "node", id: "node-" + k, "data-ranks": members.join(" ")});
-    el("text", {x: 500, y: 28 + k * bandH + 22, "text-anchor": "middle", class: "nodelabel"}, "node " + k + " (shared memory): ranks " + members.join(", "));
+    // the label clear of the arrows down the columns: between the middle two, or left of the middle one
+    el("text", {x: G % 2 ? 18 : 500, y: 28 + k * bandH + 22, "text-anchor": G % 2 ? "start" : "middle", class: "nodelabel"}, "node " + k + " (shared memory): ranks " + members.join(", "));
   });
   const bufs = buffersAt(step);
   // a message: from the step that sends it to the step that receives it (dashed while on its way)
