@@ -505,3 +505,72 @@ def test_a_reduce_scatter_page_ends_with_each_ranks_output_in_its_row() -> None:
     text = render_text(rec)
     assert text.endswith("\n".join(data["ending"])), (text, data["ending"])
     assert "rank 1 | b1: 6" in data["ending"][2] and data["ending"][3] == "" and "(equal)" in data["ending"][-1]
+
+
+# --- hier: two levels, on emulated nodes of 2 ranks ---
+
+
+@pytest.mark.parametrize("world_size, numel, op", [(4, 8, "sum"), (6, 7, "max")])
+def test_the_story_of_hier_adds_up_on_both_levels(world_size: int, numel: int, op: str) -> None:
+    """hier's messages go over its node's and its cross group's transports, not the call's: every one of
+    them is in the tables (the demo said "one rank: nothing to send"), in the order of hier's three phases,
+    each labelled with its level: phase 1 (g - 1 sends a rank) and 3 (g - 1) inside the node, phase 2 (a
+    ring of the n nodes: 2(n - 1)) to the ranks of the same local rank on the other nodes."""
+    from ringcomm.tools.demo import _step_title, record, render_text
+
+    rec = record("hier", world_size, numel, op)
+    text = render_text(rec)
+    assert check_story(rec) == [], text
+    nodes = [[r, r + 1] for r in range(0, world_size, 2)]  # hier_ranks_per_node=2
+    assert rec.nodes == nodes, text
+    n, g = len(nodes), 2
+    said = ", ".join(f"node {k} = ranks {a} {b}" for k, (a, b) in enumerate(nodes))
+    assert said in text.splitlines()[0], text
+    expected = [max(10 * r + i for r in range(world_size)) if op == "max" else sum(10 * r + i for r in range(world_size))
+                for i in range(numel)]  # fmt: skip
+    assert rec.final == [expected] * world_size and rec.reference == expected, text
+    for rank, per_rank in enumerate(rec.events):
+        node, local = rank // g, rank % g
+        levels = [e["level"] for e in sorted(per_rank, key=lambda e: e["msg"]) if e["kind"] == "send"]
+        assert levels == ["node"] * (g - 1) + ["cross"] * 2 * (n - 1) + ["node"] * (g - 1), (rank, levels)
+        for e in per_rank:
+            if e["level"] == "node":
+                assert e["peer"] in nodes[node] and e["peer"] != rank, (rank, e)
+            else:
+                assert e["peer"] % g == local and e["peer"] // g != node, (rank, e)
+            where = " in node " + str(node) if e["level"] == "node" else " across nodes"
+            assert f"rank {e['peer']}{where}" in text, (rank, e)
+    titles = [_step_title(rec, step) for step in range(1, rec.steps + 1)]
+    phases = [next(k for k in (1, 2, 3) if f"hier phase {k}" in title) for title in titles]
+    assert phases == [1] * (g - 1) + [2] * 2 * (n - 1) + [3] * (g - 1), titles
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (Debian: apt-get install chromium)")
+def test_the_hier_page_draws_the_nodes_and_the_arrows_of_each_level(tmp_path: Path) -> None:
+    """2 nodes of 2: one box per node holding its ranks; at step 1 (phase 1) four thin arrows inside the
+    nodes, at step 2 (phase 2) four thick arrows between the nodes, each between ranks of the same local
+    rank; the numbers after step 2 as the tables print them."""
+    import re
+
+    page = tmp_path / "hier.html"
+    done = _demo_here("--algo", "hier", "--world-size", "4", "--numel", "8", "--html", str(page))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "node 0 = ranks 0 1, node 1 = ranks 2 3" in done.stdout.splitlines()[0], done.stdout
+    for step, level, pairs in [(1, "node", {(0, 1), (1, 0), (2, 3), (3, 2)}), (2, "cross", {(0, 2), (2, 0), (1, 3), (3, 1)})]:
+        dom = _chromium(tmp_path, "--dump-dom", f"{page.as_uri()}#step={step}")
+        assert dom.returncode == 0 and "data-error" not in dom.stdout, dom.stderr[-2000:]
+        assert f'data-step="{step}"' in dom.stdout
+        boxes = re.findall(r'<rect [^>]*class="node" id="node-(\d)" data-ranks="([\d ]+)"', dom.stdout)
+        assert boxes == [("0", "0 1"), ("1", "2 3")], boxes
+        arrows = re.findall(r'<(?:line|path) [^>]*class="msg"[^>]*>', dom.stdout)
+        drawn = set()
+        for arrow in arrows:
+            attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', arrow))
+            assert attrs["data-level"] == level, arrow
+            assert float(attrs["stroke-width"]) == (6 if level == "cross" else 2.5), arrow  # across: thick
+            drawn.add((int(attrs["data-from"]), int(attrs["data-to"])))
+        assert len(arrows) == 4 and drawn == pairs, arrows
+        assert dom.stdout.count('class="msg-core"') == (4 if level == "cross" else 0)  # hollow: across only
+    # after step 2 (as the tables print it): rank 0 holds [6:8] of everyone's sum, rank 3 [0:2]
+    for rank, i, value in [(0, 6, 84), (0, 7, 88), (3, 0, 60), (3, 1, 64), (1, 2, 68)]:
+        assert f'id="cell-{rank}-{i}" data-value="{value}"' in dom.stdout, (rank, i, value)

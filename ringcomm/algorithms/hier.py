@@ -234,8 +234,13 @@ def hier_all_reduce(
     level_op = "sum" if op == "avg" else op  # avg: sum through both levels, divide once by N below
     wire_dtype = _wire_dtype(transport)
 
-    def carried(sub: Transport) -> Transport:  # the call's wire dtype on both levels (stats stay sub's)
-        return sub if wire_dtype is None else WireTransport(sub, wire_dtype)
+    def carried(sub: Transport, members: tuple[int, ...], level: str) -> Transport:
+        """``sub`` as phase 1 to 3 talk over it: carrying the call's wire dtype on both levels (stats
+        stay sub's), and recorded where the call is traced (``ringcomm.demo``: the tracer wraps only
+        the call's transport, so it is asked to wrap this one too, its peers named by world rank)."""
+        wrapped = sub if wire_dtype is None else WireTransport(sub, wire_dtype)
+        nested = getattr(transport, "nested", None)  # trace.TracedTransport's
+        return wrapped if nested is None else nested(wrapped, members, level)
 
     used = []
     moved: list[tuple[Transport, int, int]] = []  # (sub-transport, its sent and received bytes before)
@@ -249,8 +254,9 @@ def hier_all_reduce(
             node_session.begin_call()
             shm = node_session.transport(transport_kind("shm"), device, deadline)
             moved.append((shm, shm.stats.sent_bytes, shm.stats.recv_bytes))
+            in_node = carried(shm, node, "node")
             # 1. reduce-scatter inside the node: local rank l ends owning chunk (l + 1)
-            scatter_reduce(chunks, level_op, carried(shm), deadline)
+            scatter_reduce(chunks, level_op, in_node, deadline)
         if n > 1:
             cross_session = sessions.member_session(parent, cross, "hier-cross")
             used.append(cross_session)
@@ -262,12 +268,12 @@ def hier_all_reduce(
                 inner = cross_session.auto_pick(kind_name, mine.numel() * mine.element_size(), deadline, device)
             spec = ALGOS[inner]
             # 2. all-reduce the owned chunk across the nodes, among the ranks of this local rank
-            spec.run(mine, level_op, carried(wire), deadline, scratch, **spec.options({}, n))
+            spec.run(mine, level_op, carried(wire, cross, "cross"), deadline, scratch, **spec.options({}, n))
         if op == "avg":
             finalize(mine, "avg", world)  # on the owner only: the copies below stay bitwise equal
         if g > 1:
             # 3. all-gather inside the node: chunk (l + 1) from local rank l to everyone
-            all_gather(chunks, carried(shm), deadline)
+            all_gather(chunks, in_node, deadline)
     except BaseException as exc:
         # The node's and the cross group's sessions are out of step now, like the call's (api._fail):
         # their later calls refuse, and their peers waiting on this rank learn it at once.

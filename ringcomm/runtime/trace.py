@@ -21,6 +21,11 @@ into a buffer of the tracer's and reduced into its tensor when waited on (as
 values just before and after the reduce, can be shown. (No snapshot of the
 whole tensor: receives still in flight may be writing into it.) For small
 tensors only: ``ringcomm.demo`` uses it.
+
+An algorithm that talks over transports of its own inside the call (``hier``: its node's and its
+cross group's) asks the call's ``TracedTransport`` to wrap them too (``nested``): their messages
+join the call's, in one numbering of messages and posts, with their peers named by rank in the
+world and each labelled with its ``level``.
 """
 
 from __future__ import annotations
@@ -118,17 +123,39 @@ def span(name: str, cat: str, tid: str = "main", **args: Any) -> Iterator[None]:
         yield
 
 
+class _Count:
+    """The numbers a call's messages and posts take, shared by its ``TracedTransport`` and the ones
+    ``nested`` in it: one sequence per rank and call, whichever transport carried the message."""
+
+    __slots__ = ("msg", "step")
+
+    def __init__(self) -> None:
+        self.msg = 0
+        self.step = 0
+
+
 class TracedTransport:
     """Wraps a transport for one collective, recording each message as an event.
 
     ``parts`` (``AlgorithmSpec.cut``) says how the algorithm cuts the flat tensor:
     the ring's P chunks ``c0..``, the parameter server's k shards ``s0..``, or
     ``all``; a message is labelled with the part it reads or writes (a receive into
-    scratch memory has no label).
+    scratch memory has no label). ``members`` (a nested one's: the world ranks of its
+    transport's ranks) names each peer by its world rank, and ``level`` (``"node"``,
+    ``"cross"``) is recorded with every message.
     """
 
     def __init__(
-        self, inner: Transport, tracer: Tracer, flat: torch.Tensor, algo: str, parts: Sequence[tuple[str, int, int]]
+        self,
+        inner: Transport,
+        tracer: Tracer,
+        flat: torch.Tensor,
+        algo: str,
+        parts: Sequence[tuple[str, int, int]],
+        *,
+        members: Sequence[int] | None = None,
+        level: str = "",
+        count: _Count | None = None,
     ) -> None:
         self.inner, self.tracer, self.algo = inner, tracer, algo
         self.rank, self.world_size, self.stats = inner.rank, inner.world_size, inner.stats
@@ -139,10 +166,21 @@ class TracedTransport:
         self._parts = [p for p in parts if p[2] > 0]
         self._starts = [start for _, start, _ in self._parts]
         self._posted: dict[int, tuple[int, str, dict]] = {}
-        self._msg = 0
-        self._step = 0
+        self._flat, self._parts_given = flat, parts
+        self._members = None if members is None else tuple(members)
+        self._level = level
+        self._count = count if count is not None else _Count()
         self._reduces: dict[int, tuple[torch.Tensor, torch.Tensor, str]] = {}  # id(pending) -> target, incoming, op
         self._recvs: dict[int, torch.Tensor] = {}  # id(pending) -> the tensor a plain receive lands in
+
+    def nested(self, inner: Transport, members: Sequence[int], level: str) -> TracedTransport:
+        """A tracer of ``inner``, a transport among ``members`` (world ranks, ascending: its rank i is
+        ``members[i]``) that the algorithm talks over inside this call: its messages are placed in the
+        same tensor, numbered on with this one's, and recorded with ``level``."""
+        return TracedTransport(
+            inner, self.tracer, self._flat, self.algo, self._parts_given, members=members, level=level,
+            count=self._count,
+        )
 
     def _start(self, tensor: torch.Tensor) -> int | None:
         offset = (tensor.data_ptr() - self._base) // self._elsize
@@ -156,7 +194,7 @@ class TracedTransport:
 
     def post(self, messages: Sequence[Message]) -> list[Pending]:
         values = self.tracer.values
-        self._step += 1
+        self._count.step += 1
         wire = list(messages)
         incoming: dict[int, torch.Tensor] = {}
         if values:  # show a reduce's incoming numbers: receive them here, reduce when waited
@@ -168,24 +206,28 @@ class TracedTransport:
         now = time.monotonic_ns()
         for i, (m, pending) in enumerate(zip(messages, posted)):
             arrow = "->" if m.kind is MessageKind.SEND else "<-"
+            peer = m.peer if self._members is None else self._members[m.peer]  # by its rank in the world
             args: dict[str, Any] = {
-                "peer": m.peer, "bytes": m.tensor.numel() * m.tensor.element_size(), "tag": int(m.tag), "msg": self._msg
+                "peer": peer, "bytes": m.tensor.numel() * m.tensor.element_size(), "tag": int(m.tag),
+                "msg": self._count.msg,
             }
+            if self._level:
+                args["level"] = self._level
             part = self._part(m.tensor)
             label = ""
             if part is not None:
                 args["part"] = label = self._parts[part][0]
                 args["chunk"] = part
             if values:
-                args.update(kind=str(m.kind), step=self._step, start=self._start(m.tensor), op=m.op)
+                args.update(kind=str(m.kind), step=self._count.step, start=self._start(m.tensor), op=m.op)
                 if m.kind is MessageKind.SEND:
                     args["values"] = m.tensor.reshape(-1).tolist()
                 if i in incoming:  # "before" is read when the reduce is applied, in wait
                     self._reduces[id(pending)] = (m.tensor, incoming[i], m.op)
                 elif m.kind is MessageKind.RECV:
                     self._recvs[id(pending)] = m.tensor
-            self._posted[id(pending)] = (now, f"{m.kind} {arrow} r{m.peer}" + (f" {label}" if label else ""), args)
-            self._msg += 1
+            self._posted[id(pending)] = (now, f"{m.kind} {arrow} r{peer}" + (f" {label}" if label else ""), args)
+            self._count.msg += 1
         return posted
 
     def wait(self, pending: Pending, deadline: float) -> None:

@@ -5,6 +5,10 @@
     python -m ringcomm.demo --algo ps --world-size 3 --html ps.html      # and a page to open
     python -m ringcomm.demo --collective all_gather --world-size 3 --numel 2   # or reduce_scatter, broadcast
 
+``--algo hier`` runs on emulated nodes of 2 ranks (1 where P is odd; ``hier_options``): the tables say
+which ranks form which node and, for each message, whether it stays in its node or crosses to
+another; the page draws each node as a box, the messages across nodes as thick hollow arrows.
+
 ``--collective`` watches the others, in the tables and on the page: all_gather (rank r's row
 is its output, which starts with its input in block r: a copy, no message), reduce_scatter (the
 row is its copy of the input, reduced into; its block is the output) and broadcast from rank 0,
@@ -46,7 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Recording", "inputs", "record", "causal_steps", "replay", "render_text", "render_html", "main"]
+__all__ = ["Recording", "inputs", "record", "hier_options", "causal_steps", "replay", "render_text", "render_html", "main"]
 
 _OP_SIGN = {"sum": "+", "avg": "+", "max": "max", "min": "min"}
 
@@ -73,6 +77,8 @@ class Recording:
     same_on_every_rank: bool = False
     collective: str = "all_reduce"
     references: list[list[float]] = field(default_factory=list)  # per rank (reduce_scatter's differ)
+    nodes: list[list[int]] = field(default_factory=list)  # hier: the ranks of each node, as hier grouped them
+    options: dict[str, Any] = field(default_factory=dict)  # the algorithm's options the demo passed (hier's)
 
     @property
     def steps(self) -> int:
@@ -107,9 +113,10 @@ def _demo_rank(rank: int, p: int, cfg: dict) -> dict:
 
     if cfg.get("collective", "all_reduce") != "all_reduce":
         return _demo_collective_rank(rank, p, cfg)
+    options = cfg.get("options", {})
     tracer = trace.enable(rank, values=True)
     x = torch.tensor(inputs(rank, cfg["numel"]))
-    ringcomm.all_reduce(x, cfg["op"], algo=cfg["algo"], transport=cfg["transport"], timeout=60)
+    ringcomm.all_reduce(x, cfg["op"], algo=cfg["algo"], transport=cfg["transport"], timeout=60, **options)
     trace.disable()
     reference = torch.tensor(inputs(rank, cfg["numel"]))
     reduce_op = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
@@ -123,12 +130,22 @@ def _demo_rank(rank: int, p: int, cfg: dict) -> dict:
     everyone = [torch.zeros_like(digest) for _ in range(p)]
     dist.all_gather(everyone, digest)
     messages = [e["args"] for e in tracer.events if "kind" in e.get("args", {})]
+    parts, nodes = spec.cut(cfg["numel"], p, spec.options(options, p)), []
+    if spec.name == "hier":  # the nodes as the call grouped them (agreed at the call, cached: no message)
+        from ringcomm.algorithms.chunks import chunk_bounds
+        from ringcomm.algorithms.hier import session_layout
+
+        layout = session_layout(session.current(), options.get("hier_ranks_per_node", 0), float("inf"))
+        nodes = [list(members) for members in layout.nodes]
+        # the node's chunks, as phase 1 cuts the tensor (hier keeps it whole otherwise)
+        parts = [(f"c{i}", start, n) for i, (start, n) in enumerate(chunk_bounds(cfg["numel"], len(nodes[0])))]
     return {
         "events": messages,
         "final": x.tolist(),
         "reference": reference.tolist(),
         "ran": spec.name,
-        "parts": spec.cut(cfg["numel"], p, spec.options({}, p)),
+        "parts": parts,
+        "nodes": nodes,
         "same": all(int(d) == int(digest) for d in everyone),
     }
 
@@ -193,14 +210,19 @@ def record(
     op: str = "sum",
     transport: str = "torch",
     collective: str = "all_reduce",
+    ranks_per_node: int = 0,
 ) -> Recording:
     """Run the collective in a fresh local world of ``world_size`` processes and return what happened.
 
     ``numel`` is each rank's input (reduce_scatter: a multiple of ``world_size``); broadcast's root is rank 0.
+    ``algo="hier"`` runs on emulated nodes of ``ranks_per_node`` ranks each (0: ``hier_ranks_for``'s
+    choice), a ring across them (``hier_options``).
     """
     from .spawn import run_world
 
     cfg = {"algo": algo, "numel": numel, "op": op, "transport": transport, "collective": collective}
+    if algo == "hier":
+        cfg["options"] = hier_options(world_size, ranks_per_node)
     results = run_world(_demo_rank, world_size, (cfg,), timeout=120)
     first = results[0]
     events = [r["events"] for r in results]
@@ -219,7 +241,19 @@ def record(
         same_on_every_rank=all(r["same"] for r in results),
         collective=collective,
         references=[r["reference"] for r in results],
+        nodes=first.get("nodes", []),
+        options=cfg.get("options", {}),
     )
+
+
+def hier_options(world_size: int, ranks_per_node: int = 0) -> dict[str, Any]:
+    """hier's options in the demo: all its ranks run on this one host, which hier would take for one
+    node (nothing across), so they are cut into emulated nodes of ``ranks_per_node`` consecutive ranks
+    (0: 2 where P is even, else 1: nodes of one rank, all of it across); across the nodes a ring
+    (``hier_inner="ring"``, the docstring's table), whose messages land in the tensor where the
+    tables show them (``auto`` may pick rd, which adds in scratch memory)."""
+    g = ranks_per_node or (2 if world_size % 2 == 0 else 1)
+    return {"hier_ranks_per_node": g, "hier_inner": "ring"}
 
 
 def _pairs(events: list[list[dict[str, Any]]]) -> list[tuple[int, dict[str, Any], dict[str, Any] | None]]:
@@ -370,7 +404,11 @@ def _part_index(rec: Recording, event: dict[str, Any]) -> int | None:
     if len(rec.parts) == 1:
         return 0
     label = _label(rec, event)
-    return next((k for k, (name, _, _) in enumerate(rec.parts) if name == label), None)
+    named = next((k for k, (name, _, _) in enumerate(rec.parts) if name == label), None)
+    start, n = event.get("start"), len(event["values"])
+    if named is None and event.get("level") and start is not None:  # hier across nodes: a piece of a node's chunk
+        named = next((k for k, (_, s, m) in enumerate(rec.parts) if s <= start and start + n <= s + m), None)
+    return named
 
 
 def _row(rec: Recording, values: Sequence[float]) -> str:
@@ -380,8 +418,24 @@ def _row(rec: Recording, values: Sequence[float]) -> str:
     return " | ".join(cells)
 
 
+def _node_of(rec: Recording, rank: int) -> int:
+    """The index of the (hier) node that holds ``rank``."""
+    return next(k for k, members in enumerate(rec.nodes) if rank in members)
+
+
+def _where(rec: Recording, event: dict[str, Any]) -> str:
+    """hier: which level a message travels on, ``" in node 0"`` or ``" across nodes"``; else ""."""
+    level = event.get("level")
+    if level == "node" and rec.nodes:
+        return f" in node {_node_of(rec, event['peer'])}"
+    if level == "cross":
+        return " across nodes"
+    return ""
+
+
 def _describe(rec: Recording, event: dict[str, Any]) -> str:
-    label, peer, op = _label(rec, event), event["peer"], rec.op
+    label, op = _label(rec, event), rec.op
+    peer = f"{event['peer']}{_where(rec, event)}"  # hier: the peer and the level the message took
     if event["kind"] == "send":
         return f"sends {label} [{_nums(event['values'])}] to rank {peer}"
     if "after" in event:  # a reduce, or a receive into scratch that the rank then combined with its own
@@ -418,10 +472,21 @@ def _phase(event: dict[str, Any]) -> str | None:
     }[tag]
 
 
+def _level_phase(rec: Recording, event: dict[str, Any]) -> str | None:
+    """``_phase``, and for hier's messages which of its three phases, on which level."""
+    phase, level = _phase(event), event.get("level")
+    if phase is None or not level:
+        return phase
+    if level == "node":
+        first = phase == "scatter-reduce"  # phase 1 reduce-scatters in the node, phase 3 all-gathers
+        return f"{'reduce-scatter' if first else phase} inside each node (hier phase {1 if first else 3}, shm)"
+    return f"{phase} across the nodes (hier phase 2: each shard's all-reduce, {rec.transport})"
+
+
 def _step_title(rec: Recording, step: int) -> str:
     """``step 3: scatter-reduce``: the step and what its messages do."""
     in_step = [e for per_rank in rec.events for e in per_rank if e["step"] == step]
-    return f"step {step}: " + ", ".join(name for name in dict.fromkeys(_phase(e) for e in in_step) if name)
+    return f"step {step}: " + ", ".join(name for name in dict.fromkeys(_level_phase(rec, e) for e in in_step) if name)
 
 
 def _then(rec: Recording, states: list[list[list[float]]]) -> str:
@@ -442,7 +507,7 @@ def _title(rec: Recording) -> str:
     if rec.collective == "all_reduce":
         return f"{name} all-reduce of {numbers} over {ranks} (op {rec.op}, transport {rec.transport}); " + (
             "rank r starts with 10*r + i"
-        )
+        ) + _nodes_said(rec)
     if rec.collective == "all_gather":
         return (
             f"{name} all-gather of {numbers} per rank over {ranks} (transport {rec.transport}); rank r starts with "
@@ -456,6 +521,17 @@ def _title(rec: Recording) -> str:
     return f"{name} broadcast of {numbers} from rank 0 over {ranks} (transport {rec.transport}); " + (
         "rank r starts with 10*r + i"
     )
+
+
+def _nodes_said(rec: Recording) -> str:
+    """hier: which ranks form which node, and how the demo made them (one host is one node to hier)."""
+    if not rec.nodes:
+        return ""
+    nodes = ", ".join(f"node {k} = ranks {' '.join(map(str, members))}" for k, members in enumerate(rec.nodes))
+    g = rec.options.get("hier_ranks_per_node", 0)
+    how = f"emulated on this host, hier_ranks_per_node={g}" if g else "as hier found them"
+    inner = rec.options.get("hier_inner")
+    return f"; {nodes} ({how}{f', hier_inner={inner}' if inner else ''})"
 
 
 def _result(rec: Recording) -> list[str]:
@@ -562,7 +638,7 @@ _PAGE = """<!doctype html>
  #controls { margin: 8px 0; } #controls button { width: 5em; }
  #log { font: 12px/1.5 ui-monospace, monospace; white-space: pre-wrap; background: #f6f6f6; padding: 8px; }
  text { font: 11px ui-monospace, monospace; }
- #legend { color: #555; font-size: 13px; }
+ #legend, #levels { color: #555; font-size: 13px; }
 </style></head>
 <body>
 <h1 id="title">__TITLE__</h1>
@@ -572,6 +648,8 @@ _PAGE = """<!doctype html>
 <div id="legend">A cell's colour is the part of the tensor it belongs to (pale, _: not there yet; outlined: the
  rank's output block). Solid arrow: a message received in this step (the log below says what was added); dashed:
  sent, still waiting to be received.</div>
+<div id="levels" hidden>Boxes: the nodes (hier; shared memory inside). Thin arrows: messages inside a node (shm,
+ phases 1 and 3); thick hollow arrows: messages across nodes (the network, phase 2).</div>
 <svg id="view" width="1000" height="620" viewBox="0 0 1000 620" role="img" aria-label="ranks and messages"></svg>
 <div id="log"></div>
 <script>
@@ -584,6 +662,16 @@ const rec = __DATA__;
 const star = __STAR__;
 const P = rec.world_size, N = rec.size;  // a row: all_gather's output (P blocks), else the input
 const svg = document.getElementById("view"), slider = document.getElementById("slider");
+// hier: the nodes as bands one above the other, a node's ranks side by side in it, so that messages
+// inside a node run across its band and messages across nodes (same local rank) run down a column
+const nodes = rec.nodes || [], G = nodes.length ? nodes[0].length : 1, bandH = 150;
+const height = nodes.length ? 48 + nodes.length * bandH : 620;
+svg.setAttribute("height", height); svg.setAttribute("viewBox", "0 0 1000 " + height);
+document.getElementById("levels").hidden = !nodes.length;
+function slot(r) {  // hier: [node, local rank] of rank r
+  for (let k = 0; k < nodes.length; k++) { const l = nodes[k].indexOf(r); if (l >= 0) return [k, l]; }
+  return [0, r];
+}
 const palette = ["#4e79a7","#f28e2b","#e15759","#76b7b2","#59a14f","#edc948","#b07aa1","#ff9da7","#9c755f","#bab0ac"];
 function partOf(i) {
   for (let k = 0; k < rec.parts.length; k++) { const [, s, n] = rec.parts[k]; if (i >= s && i < s + n) return k; }
@@ -598,14 +686,16 @@ function owns(r, i) {  // reduce_scatter: whether number i of rank r's row is in
 }
 document.getElementById("headline").textContent = rec.headline;
 let turn = 0;  // the star's rotation: chosen below so that no arm lies level with the middle
-function place(r) {  // rank r's centre: on a ring, or (ps, naive) rank 0 in the middle of a star
+function place(r) {  // rank r's centre: on a ring, or (ps, naive) rank 0 in the middle of a star, or in its node
   const cx = 500, cy = 310, R = 235;
+  if (nodes.length) { const [k, l] = slot(r); return [cx + (l - (G - 1) / 2) * (960 / G), 28 + k * bandH + 80]; }
   if (P === 1) return [cx, cy];
   if (star) { if (r === 0) return [cx, cy]; const a = 2 * Math.PI * (r - 1) / (P - 1) - Math.PI / 2 + turn; return [cx + R * Math.cos(a), cy + R * Math.sin(a)]; }
   const a = 2 * Math.PI * r / P - Math.PI / 2; return [cx + R * Math.cos(a), cy + R * Math.sin(a)];
 }
 function room() {  // the width a rank's row may take: it must clear the rows beside it at about the same height
-  let w = 960;  // and leave an arrow between two rows side by side room to be seen (90 px)
+  let w = nodes.length ? 960 / G - 140 : 960;  // and leave an arrow between two rows side by side room to be seen (90 px)
+  // (hier: and room beside each row for an arrow across nodes that curves past the node between)
   for (let a = 0; a < P; a++) for (let b = a + 1; b < P; b++) {
     const [xa, ya] = place(a), [xb, yb] = place(b);
     if (Math.abs(ya - yb) < 60) w = Math.min(w, Math.abs(xa - xb) - 90);
@@ -631,23 +721,59 @@ function draw(step) {
     path.setAttribute("d", "M0,0 L7,3 L0,6 z"); path.setAttribute("fill", colour);
     m.appendChild(path); defs.appendChild(m);
   });
+  palette.concat(["#555"]).forEach((colour, k) => {  // the thick arrows' heads (a marker scales with its line)
+    const m = document.createElementNS("http://www.w3.org/2000/svg", "marker");
+    for (const [key, v] of Object.entries({id: "arrowx-" + k, markerWidth: 4, markerHeight: 4, refX: 3, refY: 1.5, orient: "auto"})) m.setAttribute(key, v);
+    const path = document.createElementNS("http://www.w3.org/2000/svg", "path");
+    path.setAttribute("d", "M0,0 L3.5,1.5 L0,3 z"); path.setAttribute("fill", colour);
+    m.appendChild(path); defs.appendChild(m);
+  });
+  nodes.forEach((members, k) => {  // hier: a box per node, behind its ranks
+    el("rect", {x: 8, y: 28 + k * bandH + 4, width: 984, height: bandH - 8, rx: 10, fill: "#f3f6fb", stroke: "#9aa7b8",
+                "stroke-width": 1.5, class: "node", id: "node-" + k, "data-ranks": members.join(" ")});
+    // the label clear of the arrows down the columns: between the middle two, or left of the middle one
+    el("text", {x: G % 2 ? 18 : 500, y: 28 + k * bandH + 22, "text-anchor": G % 2 ? "start" : "middle", class: "nodelabel"}, "node " + k + " (shared memory): ranks " + members.join(", "));
+  });
   const bufs = buffersAt(step);
   // a message: from the step that sends it to the step that receives it (dashed while on its way)
   for (let r = 0; r < P; r++) for (const e of rec.events[r]) if (e.kind === "send" && e.step <= step && step <= (e.arrives || e.step)) {
     const landing = step === (e.arrives || e.step);
-    const [xa, ya] = place(r), [xb, yb] = place(e.peer);
-    const d = Math.hypot(xb - xa, yb - ya) || 1, ux = (xb - xa) / d, uy = (yb - ya) / d;
-    const cut = Math.min(Math.abs(ux) > 1e-6 ? halfW / Math.abs(ux) : 1e9, Math.abs(uy) > 1e-6 ? halfH / Math.abs(uy) : 1e9);
-    const nx = -uy * 6, ny = ux * 6;  // A->B and B->A side by side
     const k = e.partindex === null ? palette.length : e.partindex % palette.length;  // grey: several parts
     const colour = k === palette.length ? "#555" : palette[k];
-    const x1 = xa + ux * cut + nx, y1 = ya + uy * cut + ny, x2 = xb - ux * cut + nx, y2 = yb - uy * cut + ny;
-    el("line", {x1: x1, y1: y1, x2: x2, y2: y2, stroke: colour, "stroke-width": 2.5, "marker-end": "url(#arrow-" + k + ")",
-                "stroke-dasharray": landing ? "none" : "6 5", class: landing ? "msg" : "msg-waiting", "data-from": r, "data-to": e.peer});
-    el("text", {x: (x1 + x2) / 2 + nx * 2, y: (y1 + y2) / 2 + ny * 2 + 4, "text-anchor": "middle", fill: colour, class: "msglabel"}, e.label === "the whole vector" ? "all" : e.label);
+    const across = e.level === "cross";  // hier: thick and hollow across nodes, thin inside a node
+    const style = {stroke: colour, "stroke-width": across ? 6 : 2.5, "marker-end": "url(#" + (across ? "arrowx-" : "arrow-") + k + ")",
+                   "stroke-dasharray": landing ? "none" : "6 5", class: landing ? "msg" : "msg-waiting", "data-from": r, "data-to": e.peer,
+                   "data-level": e.level || "", fill: "none"};
+    const shown = e.label === "the whole vector" ? "all" : e.label;
+    const [xa, ya] = place(r), [xb, yb] = place(e.peer);
+    const [ka, la] = slot(r), [kb, lb] = slot(e.peer);
+    const span = nodes.length ? Math.abs(ka - kb) + Math.abs(la - lb) : 1;
+    let mid;
+    if (span > 1) {  // hier: past a rank between (a ring's wrap-around): curve round it, A->B one side, B->A the other
+      const side = (ka < kb || la < lb) ? 1 : -1;
+      let d;
+      if (ka === kb) {  // in a node's band: over (or under) the rows between
+        const y0 = ya - side * halfH, lift = side * 36;
+        d = `M${xa},${y0} C${xa},${y0 - lift} ${xb},${y0 - lift} ${xb},${y0}`; mid = [(xa + xb) / 2, y0 - lift * 0.75];
+      } else {  // down a column, across nodes: beside the rows between
+        const x0 = xa + side * halfW, bulge = side * 50;
+        d = `M${x0},${ya} C${x0 + bulge},${ya} ${x0 + bulge},${yb} ${x0},${yb}`; mid = [x0 + bulge * 0.75, (ya + yb) / 2];
+      }
+      el("path", Object.assign({d: d}, style));
+      if (across) el("path", {d: d, stroke: "#fff", "stroke-width": 2, fill: "none", class: "msg-core"});
+    } else {
+      const dist = Math.hypot(xb - xa, yb - ya) || 1, ux = (xb - xa) / dist, uy = (yb - ya) / dist;
+      const cut = Math.min(Math.abs(ux) > 1e-6 ? halfW / Math.abs(ux) : 1e9, Math.abs(uy) > 1e-6 ? halfH / Math.abs(uy) : 1e9);
+      const gap = across ? 9 : 6, nx = -uy * gap, ny = ux * gap;  // A->B and B->A side by side
+      const x1 = xa + ux * cut + nx, y1 = ya + uy * cut + ny, x2 = xb - ux * cut + nx, y2 = yb - uy * cut + ny;
+      el("line", Object.assign({x1: x1, y1: y1, x2: x2, y2: y2}, style));
+      if (across) el("line", {x1: x1, y1: y1, x2: x2 - ux * 10, y2: y2 - uy * 10, stroke: "#fff", "stroke-width": 2, class: "msg-core"});
+      mid = [(x1 + x2) / 2 + nx * 2.5, (y1 + y2) / 2 + ny * 2.5 + 4];
+    }
+    el("text", {x: mid[0], y: mid[1], "text-anchor": "middle", fill: colour, class: "msglabel"}, shown);
   }
   const font = Math.max(7, Math.min(11, cell / 2.7));
-  if (cell < 14) el("text", {x: 10, y: 610}, "too many numbers to print in the cells: hover over a cell, or read the log below");
+  if (cell < 14) el("text", {x: 10, y: height - 10}, "too many numbers to print in the cells: hover over a cell, or read the log below");
   for (let r = 0; r < P; r++) {
     const [x, y] = place(r), x0 = x - cell * N / 2;
     el("text", {x: x, y: y - 22, "text-anchor": "middle"}, "rank " + r);
