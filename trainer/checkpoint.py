@@ -27,7 +27,8 @@ read them; keep old files loadable when adding one)::
 ZeRO runs (``--zero 1|2``, ``trainer/zero.py``): rank 0 gathers. Each rank
 holds 1/P of the optimizer state; ``save`` all-gathers every state tensor
 (``ZeroOptimizer.gathered_state_dict``) and rank 0 writes it, trimmed of the
-padding, under ``optimizer`` as one flat tensor per state key. Why gather
+padding, under ``optimizer`` as one flat tensor per state key and ZeRO bucket
+(``zero.BUCKET_BYTES``; a checkpoint of another bucketing is refused, naming both). Why gather
 rather than a file per rank: the checkpoint stays one file written atomically
 (a file per rank would need a commit protocol so that a crash between the P
 renames never leaves shards of two different steps), the RNG states are

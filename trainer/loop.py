@@ -36,7 +36,8 @@ also writes the checkpoint every that many steps, mid-epoch.
 model, DDP and the comm hook; the optimiser and schedule; restore; then per
 epoch ``_train_epoch`` (the steps), ``_end_epoch`` (reduce, evaluate, history)
 and ``checkpoint.save``; finally ``metrics.json``, then the trace. The comm hook
-is touched in two small functions only (``_attach_comm_hook``, ``_comm_record``);
+is touched in three small functions only (``_attach_comm_hook``, ``_comm_record``, and
+``_build_optimizer``, which registers ZeRO's hook);
 its comm thread belongs to ringcomm, which the launcher shuts down before it
 destroys the process group (``ringcomm.tools.spawn.finish``).
 
