@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 
 from . import CliParser
 
-__all__ = ["PLACEMENTS", "Cluster", "Place", "check_layout", "main", "parse_rate", "placement_of", "remove_stale"]
+__all__ = ["PLACEMENTS", "Cluster", "Place", "check_layout", "main", "parse_label", "parse_rate", "placement_of", "remove_stale"]
 
 _PREFIX = "rcc"  # every namespace and link this tool makes starts with rcc<run id>
 _NAME = re.compile(rf"^{_PREFIX}([0-9a-f]+)(s|n\d+|[ab]\d+)$")
@@ -77,6 +77,17 @@ _RATE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([kmg]?)(bit|bps)$", re.IGNORECASE)
 
 class ClusterError(RuntimeError):
     """Something this tool cannot do here, said in one line."""
+
+
+#: Payload bytes per byte on the wire for bulk TCP over Ethernet as tc counts it: a 1514-byte frame
+#: (14 Ethernet + 20 IP + 32 TCP with timestamps + 1448 data). tbf shapes frames, so data moves at
+#: most at RATE * PAYLOAD.
+PAYLOAD = 1448 / 1514
+
+
+def beta_for(bits_per_s: float) -> float:
+    """Seconds per byte of data over a link of ``bits_per_s`` (framing included)."""
+    return 8.0 / (bits_per_s * PAYLOAD)
 
 
 def parse_rate(text: str) -> float:
@@ -322,6 +333,21 @@ class Cluster:
 def _layout(cluster: Cluster) -> tuple[int, str]:
     """(ranks per node, placement) of ``cluster``; a stand-in without them (tests) runs one rank per node."""
     return getattr(cluster, "ranks_per_node", 1), getattr(cluster, "placement", "contiguous")
+
+
+_LABEL_RE = re.compile(r"^(\d+) nodes(?: x (\d+) ranks \((\w+)\))?, (\S+) links")
+
+
+def parse_label(label: str) -> tuple[int, int, str, str] | None:
+    """(nodes, ranks per node, placement, link) from the ``RINGCOMM_CLUSTER`` text each rank gets
+    (``"2 nodes x 2 ranks (interleaved), 500mbit links"``; one rank per node: ``"4 nodes, 500mbit
+    links"``, contiguous), which ``ringcomm.bench`` and launch.py record as ``machine["cluster"]``.
+    None for any other text."""
+    m = _LABEL_RE.match(label)
+    if m is None:
+        return None
+    nodes, per_node, placement, link = m.groups()
+    return int(nodes), int(per_node or 1), placement or "contiguous", link
 
 
 def _environment(cluster: Cluster, place: Place, port: int) -> dict[str, str]:

@@ -40,6 +40,7 @@ __all__ = [
     "plot_confusion",
     "plot_batch_sweep",
     "plot_large_batch",
+    "plot_two_level",
     "human_bytes",
 ]
 
@@ -470,4 +471,41 @@ def plot_large_batch(entries: Sequence[Mapping], path: Path | str, notes: Notes 
     ax_c.grid(True, alpha=0.3)
     if drew:
         ax_c.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_two_level(entries: Sequence[Mapping], path: Path | str, notes: Notes = None) -> Path | None:
+    """Time per all-reduce against nodes × ranks per node (``tables.two_level_entries``), at the largest
+    size measured: one mark per algorithm and placement, its model a dash of the same colour."""
+    if not entries:
+        _skip(notes, path, "no worlds of several ranks per node")
+        return None
+    size = max(int(e["size_bytes"]) for e in entries)
+    entries = [e for e in entries if int(e["size_bytes"]) == size]
+    # x: the layouts in order of world size, then nodes (2 x 4 before 4 x 2: same N, fewer links)
+    layouts = sorted({(e["nodes"], e["ranks_per_node"]) for e in entries}, key=lambda s: (s[0] * s[1], s[0]))
+    x_of = {s: i for i, s in enumerate(layouts)}
+    # hier takes the same path under either placement: one series; the flat ones split by placement
+    def label(e: Mapping) -> str:
+        return str(e["algo"]) if e["algo"] == "hier" else f"{e['algo']} {e['placement']}"
+
+    labels = sorted({label(e) for e in entries}, key=lambda s: (s != "hier", s))
+    colour = _colours(labels)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    width = 0.8 / max(len(labels), 1)
+    for i, lab in enumerate(labels):
+        mine = [e for e in entries if label(e) == lab]
+        xs = [x_of[(e["nodes"], e["ranks_per_node"])] - 0.4 + (i + 0.5) * width for e in mine]
+        ax.plot(xs, [e["time_s"] * 1e3 for e in mine], "o", color=colour[lab], label=lab)
+        for x, e in zip(xs, mine):
+            if e["model_s"] is not None:
+                ax.plot([x - width / 2, x + width / 2], [e["model_s"] * 1e3] * 2, "-", color=colour[lab], lw=2, alpha=0.6)
+    ax.set_xticks(range(len(layouts)), [f"{n} × {g}" for n, g in layouts])
+    ax.set_xlabel("nodes × ranks per node")
+    ax.set_ylabel("time per all-reduce (ms)")
+    ax.set_ylim(bottom=0)
+    link = ", ".join(sorted({str(e["link"]) for e in entries}))
+    ax.set_title(f"All-reduce of {human_bytes(size)}B, {link} links: measured (points), model (dashes)", fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
     return _save(fig, path)

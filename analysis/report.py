@@ -131,6 +131,48 @@ def _ps_ring_section(table: list[dict]) -> str:
     )
 
 
+#: Rows of "Two-level all-reduce" in this order: the algorithm, then what it is weighed against.
+_ALGO_ORDER = {"hier": 0, "ring": 1, "gloo": 2}
+
+
+def _two_level_section(entries: list[dict]) -> str:
+    """The two-level all-reduce against the flat ring and Gloo, per nodes x ranks per node."""
+    rows = [
+        [
+            f"{e['nodes']} × {e['ranks_per_node']}",
+            e["placement"],
+            human_bytes(e["size_bytes"]),
+            e["algo"],
+            f"{e['time_s'] * 1e3:.0f} ({e['min_s'] * 1e3:.0f}–{e['max_s'] * 1e3:.0f})",
+            e["runs"],
+            _fmt(e["model_s"] * 1e3 if e["model_s"] is not None else None, ".0f"),
+            _fmt(e["vs_hier"], ".2f"),
+            _fmt(e["model_vs_hier"], ".2f"),
+        ]
+        for e in sorted(entries, key=lambda e: (e["nodes"] * e["ranks_per_node"], e["nodes"], e["size_bytes"],
+                                                 _ALGO_ORDER.get(e["algo"], 3), e["algo"], e["placement"]))  # fmt: skip
+    ]
+    links = ", ".join(sorted({e["link"] for e in entries}))
+    return (
+        _table(
+            ["nodes × ranks", "placement", "size", "algo", "time (ms): median (range)", "runs", "model (ms)",
+             "/ hier, same world", "/ hier, model"],  # fmt: skip
+            rows,
+        )
+        + f"\n\n_n nodes of g ranks on an emulated cluster ({links} links, `analysis.cluster --ranks-per-node "
+        "--placement`). Time: the median over the runs (bench files) of each run's median sample, slowest "
+        "rank. / hier: time over hier's in the same world, median over the runs. Model: `cost.HIER` for "
+        "hier (shared memory inside the node, 2(n−1)/n·M through each node's link), and for the flat ring "
+        "(and Gloo, which runs one) 2(N−1)·α plus `cost.flat_ring_link_bytes` through the link: 2(N−1)/N·M "
+        "with a node's ranks neighbours on the ring (contiguous), g times that when every hop leaves its "
+        "node (interleaved). β from the link rate (1448 data bytes per 1514-byte frame); α and the shared "
+        "memory fit are the shipped ones (`auto.DEFAULT_FITS`). See docs/two-level.md._\n\n"
+        + "| algorithm | messages on the critical path | bytes on the critical path | time | busiest link |\n"
+        + "|---|---|---|---|---|\n"
+        + cost.HIER.markdown_row()
+    )
+
+
 def _training_section(table: list[dict], amdahl: Mapping[str, AmdahlFit]) -> str:
     if not table:
         return "_No training runs (metrics.json under train/) found._"
@@ -305,12 +347,17 @@ def build_report(root: str | Path) -> Path:
     root = res.root
     figs = root / "figures"
     notes: list[str] = []
-    fits = fit_rows(res.bench_rows)
-    bench = tables.bench_table(res.bench_rows)
-    ratios = tables.ps_vs_ring(res.bench_rows, fits)
+    # Worlds of multi-rank nodes go to "Two-level all-reduce" alone: the fits and tables below take a
+    # world size P as the whole story, and there one P has two placements with twice the link's bytes.
+    layouts = _multi_rank_layouts(res)
+    bench_rows = [r for r in res.bench_rows if r["_source"] not in layouts]
+    two_level = tables.two_level_entries(res.bench_rows, layouts)
+    fits = fit_rows(bench_rows)
+    bench = tables.bench_table(bench_rows)
+    ratios = tables.ps_vs_ring(bench_rows, fits)
     training = tables.training_table(res.runs)
     amdahl = tables.amdahl_by_series(training)
-    comm, util = tables.comm_entries(res.runs, res.bench_rows)
+    comm, util = tables.comm_entries(res.runs, bench_rows)
     batch = tables.batch_entries(res.runs)
     large = tables.large_entries(res.runs)
     ref = tables.reference_run(res.runs)
@@ -318,10 +365,9 @@ def build_report(root: str | Path) -> Path:
     classes, per_class_acc = (per_class(ref) if ref else None) or (None, None)
 
     figures = {
-        "busbw": plots.plot_busbw(res.bench_rows, fits, figs / "busbw_vs_size.png", notes),
-        "time_vs_p": plots.plot_time_vs_world(
-            res.bench_rows, fits, figs / "time_vs_world_size.png", notes=notes
-        ),
+        "busbw": plots.plot_busbw(bench_rows, fits, figs / "busbw_vs_size.png", notes),
+        "time_vs_p": plots.plot_time_vs_world(bench_rows, fits, figs / "time_vs_world_size.png", notes=notes),
+        "two_level": plots.plot_two_level(two_level, figs / "two_level.png", notes) if two_level else None,
         "speedup": plots.plot_speedup(training, amdahl, figs / "speedup_efficiency.png", notes),
         "comm": plots.plot_comm_compute(comm, figs / "comm_vs_compute.png", notes),
         "util": plots.plot_bandwidth_utilisation(util, figs / "bandwidth_utilisation.png", notes),
@@ -364,7 +410,9 @@ def build_report(root: str | Path) -> Path:
         "from assumed overheads; on a machine with a core (or a GPU) per rank and a real network they will "
         "differ. The cost-model columns are fits to these measurements and are labelled as such.",
         "## Machine\n\n" + _machine_section(res),
-        "## Collective benchmark\n\n" + _bench_section(bench),
+        "## Collective benchmark\n\n"
+        + _bench_section(bench)
+        + ("\n\n_Worlds of several ranks per node: in \"Two-level all-reduce\" below._" if two_level else ""),
         fig(
             "busbw",
             "Bus bandwidth vs message size; dashed: fitted alpha-beta model (fit error in the legend)",
@@ -373,6 +421,14 @@ def build_report(root: str | Path) -> Path:
         fig("time_vs_p", "Time per all-reduce vs world size, measured points and model lines"),
         "### Parameter server vs ring: model against measurement\n\n" + _ps_ring_section(ratios),
         *(["## On an emulated cluster\n\n" + cluster_md] if cluster_md else []),
+        *(
+            [
+                "## Two-level all-reduce\n\n" + _two_level_section(two_level),
+                fig("two_level", "Time per all-reduce against nodes × ranks per node: measured (points), model (dashes)"),
+            ]
+            if two_level
+            else []
+        ),
         "## Training: throughput, speedup, efficiency\n\n" + _training_section(training, amdahl),
         fig("speedup", "Training speedup and efficiency vs world size, with Amdahl fits"),
         "## Communication vs computation\n\n" + _comm_section(comm, util),
@@ -408,6 +464,7 @@ def build_report(root: str | Path) -> Path:
         "bench": bench,
         "ps_vs_ring": ratios,
         "cluster": cluster,
+        "two_level": two_level,
         "comm": comm,
         "utilisation": util,
         "compression": {"runs": compress, "model": compress_model},
@@ -668,6 +725,24 @@ def _compression_section(entries: list[dict], model: Mapping[str, Mapping]) -> s
             )
         )
     return text
+
+
+def _multi_rank_layouts(res: Results) -> dict[str, tuple[int, int, str, str]]:
+    """``_source`` -> (nodes, ranks per node, placement, link) of every bench file run on an emulated
+    cluster with more than one rank per node, from the file's ``machine["cluster"]`` (what the cluster
+    tool told its ranks; a sweep's files and hand runs such as analysis/measured/hier/ alike)."""
+    from .cluster import parse_label
+
+    out = {}
+    for source in sorted({r["_source"] for r in res.bench_rows}):
+        try:
+            machine = json.loads((res.root / source).read_text()).get("machine") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        layout = parse_label(str(machine.get("cluster") or ""))
+        if layout is not None and layout[1] > 1:
+            out[source] = layout
+    return out
 
 
 def _batch_section(batch: list[dict]) -> str:

@@ -4,6 +4,7 @@
     python -m analysis.sweep --quick --out results/quick # about 11 minutes on a 2-core CPU
     python -m analysis.sweep --full --out results/full   # real hardware; an hour or more
     python -m analysis.report results/quick              # then: tables, figures, REPORT.md
+    python -m analysis.sweep --hier --out results/hier   # root: two-level all-reduce on multi-rank nodes
 
 What runs (each a subprocess with its own timeout; a run that fails or times
 out is recorded in ``sweep.json`` and the sweep goes on). Each run leads a
@@ -36,6 +37,14 @@ training inside ``python -m analysis.cluster``: one node per rank, each behind
 its own rate-limited link (``Preset.cluster_link``), so ring against parameter
 server is measured as on real machines. In its algorithm lists ``ps:P`` is a
 parameter server with one shard per rank (P, the world size of the run).
+
+The ``hier`` preset (``--hier``, needs root) benchmarks the two-level all-reduce
+(``docs/two-level.md``) on clusters of multi-rank nodes: for each nodes x ranks
+per node in ``Preset.node_shapes`` and each placement (``contiguous``,
+``interleaved``), one world times Gloo's all_reduce, the flat ring and ``hier``
+(``analysis.cluster --ranks-per-node G --placement PLACEMENT``). The report's
+section "Two-level all-reduce" sets them beside ``cost.HIER`` and
+``cost.flat_ring_link_bytes``.
 
 ``sweep.json`` records the preset, the machine, the environment and, for
 every run, the exact command, its wall time, return code and status.
@@ -119,6 +128,10 @@ class Preset:
     compress_links: tuple[str | None, ...] = ()
     compress_world_size: int = 4
     compress_extra: tuple[str, ...] = ()  # more launch.py options for every compression run
+    # (nodes, ranks per node) of the cluster's bench worlds, each run once per placement (analysis.cluster
+    # --ranks-per-node, --placement); empty: one rank per node, one world per bench_world_sizes entry.
+    node_shapes: tuple[tuple[int, int], ...] = ()
+    placements: tuple[str, ...] = ("contiguous", "interleaved")
 
 
 _TRAIN_ALGOS = (
@@ -240,6 +253,41 @@ PRESETS: dict[str, Preset] = {
         kinds=("bench", "train"),
         cluster_link="500mbit",
     ),
+    # The two-level all-reduce on clusters of multi-rank nodes (root; about 15 minutes on 2 busy cores):
+    # hier against the flat ring, whose cost depends on which ranks share a node, and Gloo's. 16 MiB
+    # is the issue's goal size; 4 MiB shows where the network's alpha starts to count.
+    "hier": Preset(
+        train_algos=(),
+        train_world_sizes=(),
+        model="simplecnn",
+        dataset="synthetic",
+        batch_size=32,
+        epochs=1,
+        max_steps=20,
+        lr=0.05,
+        seed=0,
+        train_timeout_s=600,
+        bench_world_sizes=(),
+        bench_sizes=("4M", "16M"),
+        bench_groups=(("torch", ("ring", "hier")),),
+        bench_reps=5,
+        bench_sample_s=0.0,
+        bench_timeout_s=900,
+        bench_warmup=2,
+        batch_sizes=(),
+        batch_world_size=2,
+        batch_max_steps=None,
+        large_world_size=2,
+        large_small_batch=32,
+        large_batch=32,
+        large_epochs=1,
+        large_warmup_epochs=0,
+        large_max_steps=None,
+        env={"OMP_NUM_THREADS": "1"},
+        kinds=("bench",),
+        cluster_link="500mbit",
+        node_shapes=((2, 2), (4, 2), (2, 4)),
+    ),
 }
 
 
@@ -326,11 +374,20 @@ def _launch_argv(
     return argv + list(extra)
 
 
-def _on_cluster(python: str, preset: Preset, world_size: int, argv: list[str], link: str | None = None) -> list[str]:
-    """``argv`` as it runs: unchanged on this host, else once per node of an emulated cluster.
+def _on_cluster(
+    python: str,
+    preset: Preset,
+    world_size: int,
+    argv: list[str],
+    per_node: int = 1,
+    placement: str = "contiguous",
+    link: str | None = None,
+) -> list[str]:
+    """``argv`` as it runs: unchanged on this host, else once per rank of an emulated cluster of
+    ``world_size // per_node`` nodes, ``per_node`` ranks each, placed by ``placement``.
 
     On a cluster the command is one rank (torchrun's variables say which), so a bench
-    gets no ``--world-size``: the cluster's node count is its world. ``link``: the rate, if
+    gets no ``--world-size``: the cluster's ranks are its world. ``link``: the rate, if
     not the preset's ``cluster_link``.
     """
     link = link or preset.cluster_link
@@ -339,8 +396,9 @@ def _on_cluster(python: str, preset: Preset, world_size: int, argv: list[str], l
     if argv[1:3] == ["-m", "ringcomm.bench"]:
         at = argv.index("--world-size")
         argv = argv[:at] + argv[at + 2 :]
-    return [python, "-m", "analysis.cluster", "--nodes", str(world_size), "--link", link,
-            "--", *argv]  # fmt: skip
+    layout = [] if per_node == 1 else ["--ranks-per-node", str(per_node), "--placement", placement]
+    return [python, "-m", "analysis.cluster", "--nodes", str(world_size // per_node), *layout,
+            "--link", link, "--", *argv]  # fmt: skip
 
 
 def _algos_at(algos: tuple[str, ...], world_size: int) -> tuple[str, ...]:
@@ -366,6 +424,26 @@ def build_plan(preset: str | Preset, out: str | Path = "results", python: str | 
     py = python or sys.executable
     out = Path(out)
     runs: list[Run] = []
+
+    # Multi-rank nodes: a world per (nodes, ranks per node, placement). The meta names the layout, not
+    # "cluster_link": the report's one-rank-per-node cluster section fits alpha against P, which these
+    # worlds (two placements of one P) would muddle; "Two-level all-reduce" reads them instead.
+    shapes = [(n, g, pl) for n, g in p.node_shapes for pl in p.placements] if "bench" in p.kinds else []
+    for nodes, per_node, placement in shapes:
+        ws = nodes * per_node
+        for i, (transport, algos) in enumerate(p.bench_groups):
+            name = f"bench_n{nodes}g{per_node}_{placement}_{transport}_{i}"
+            output = f"bench/{name}.json"
+            argv = [py, "-m", "ringcomm.bench", "--world-size", str(ws), "--sizes", ",".join(p.bench_sizes),
+                    "--algos", ",".join(("gloo", *_algos_at(algos, ws))), "--transport", transport,
+                    "--reps", str(p.bench_reps), "--sample-s", f"{p.bench_sample_s:g}",
+                    "--timeout", f"{p.bench_timeout_s:g}", "--json", str(out / output)]  # fmt: skip
+            if p.bench_warmup is not None:
+                argv += ["--warmup", str(p.bench_warmup)]
+            meta = {"world_size": ws, "nodes": nodes, "ranks_per_node": per_node, "placement": placement,
+                    "link": p.cluster_link, "transport": transport, "algos": list(algos)}  # fmt: skip
+            argv = _on_cluster(py, p, ws, argv, per_node, placement)
+            runs.append(Run(name, "bench", argv, output, p.bench_timeout_s + 30, meta))
 
     for ws in p.bench_world_sizes if "bench" in p.kinds else ():
         for i, (transport, algos) in enumerate(p.bench_groups):
@@ -444,7 +522,7 @@ def build_plan(preset: str | Preset, out: str | Path = "results", python: str | 
             # "link", not "cluster_link": the report's cluster section is for the ring/ps study
             meta = {"compress": method, "link": link, "algo": "ring", "transport": "torch", "world_size": ws,
                     "batch_size": p.batch_size}  # fmt: skip
-            argv = _on_cluster(py, p, ws, argv, link) if link else argv
+            argv = _on_cluster(py, p, ws, argv, link=link) if link else argv
             runs.append(Run(name, "compress", argv, f"compress/{name}/metrics.json", p.train_timeout_s, meta))
 
     if p.cluster_link is not None:
@@ -725,6 +803,13 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_const", const="quick", dest="preset", help="about 11 minutes on 2 cores (default)"
     )
     group.add_argument("--full", action="store_const", const="full", dest="preset", help="real hardware")
+    group.add_argument(
+        "--hier",
+        action="store_const",
+        const="hier",
+        dest="preset",
+        help="two-level all-reduce on an emulated cluster of multi-rank nodes (root; about 15 minutes)",
+    )
     group.add_argument(
         "--cluster",
         action="store_const",

@@ -35,6 +35,8 @@ __all__ = [
     "large_entries",
     "reference_run",
     "curves",
+    "two_level_model",
+    "two_level_entries",
 ]
 
 
@@ -337,3 +339,85 @@ def curves(runs: Sequence[Mapping]) -> list[tuple[str, list[dict]]]:
         for m in sorted(train, key=lambda m: (series(m), _world_size(m)))
         if _world_size(m) == max_p or (series(m) == "ddp" and _world_size(m) == 1)
     ]
+
+
+# --------------------------------------------------------------------------- two-level all-reduce
+
+
+def two_level_model(nodes: int, per_node: int, nbytes: float, beta_link: float) -> dict[str, float]:
+    """Predicted seconds on ``nodes`` nodes of ``per_node`` ranks, each node one link of ``beta_link``
+    seconds per byte: ``"hier"`` (``cost.HIER``: shared memory's ring fit inside the node, the torch
+    ring's alpha across) and the flat ring of N ranks per placement (``"ring contiguous"``, ``"ring
+    interleaved"``: 2(N−1)·alpha + ``cost.flat_ring_link_bytes``·beta_link). Alphas are the shipped
+    fits (``ringcomm.auto.DEFAULT_FITS``) at the nearest world size; they add a few per cent."""
+    from ringcomm import cost
+    from ringcomm.auto import DEFAULT_FITS  # imports torch: only when this section has rows
+
+    def fit(transport: str, p: int) -> tuple[float, float]:
+        fits = DEFAULT_FITS[transport]
+        return fits[min(fits, key=lambda q: (abs(q - p), q))]["ring"]
+
+    world = nodes * per_node
+    out = {"hier": cost.HIER.time(nodes, per_node, nbytes, fit("shm", per_node), (fit("torch", nodes)[0], beta_link))}
+    for placement in cost.PLACEMENTS:
+        link_bytes = cost.flat_ring_link_bytes(nodes, per_node, nbytes, placement)
+        out[f"ring {placement}"] = 2 * (world - 1) * fit("torch", world)[0] + link_bytes * beta_link
+    return out
+
+
+def two_level_entries(rows: Sequence[Mapping], layouts: Mapping[str, tuple[int, int, str, str]]) -> list[dict]:
+    """Bench rows of worlds on multi-rank nodes, per (nodes, ranks per node, placement, size, algo),
+    beside the model (``two_level_model``).
+
+    Args:
+        rows: bench rows (``_source`` names the file, one world each).
+        layouts: ``_source`` -> (nodes, ranks per node, placement, link), as
+            ``analysis.cluster.parse_label`` reads the file's ``machine["cluster"]``; files not in it
+            (one host, one rank per node) are left out.
+
+    Returns:
+        One dict per group: ``time_s`` (median over the files of each file's median sample), ``min_s``,
+        ``max_s``, ``runs`` (files), ``vs_hier`` (median over the files of time / hier's time in the same
+        file, None without hier there), ``model_s`` (None where the algorithm has no model here: gloo is
+        modelled as the flat ring it runs) and ``model_vs_hier``. Wrong rows are left out.
+    """
+    from .cluster import beta_for, parse_rate
+
+    hier = {(r["_source"], r["size_bytes"]): float(r["time_us"]) for r in rows if r["algo"] == "hier" and not r.get("wrong")}
+    groups: dict[tuple[int, int, str, int, str, str], list[tuple[float, float | None]]] = defaultdict(list)
+    for r in rows:
+        layout = layouts.get(r["_source"])
+        if layout is None or r.get("wrong") or r.get("time_us") is None:
+            continue
+        nodes, per_node, placement, link = layout
+        t = float(r["time_us"])
+        h = hier.get((r["_source"], r["size_bytes"]))
+        groups[(nodes, per_node, placement, int(r["size_bytes"]), str(r["algo"]), link)].append((t / 1e6, t / h if h else None))
+    out = []
+    models: dict[tuple[int, int, int, str], dict[str, float]] = {}
+    for (nodes, per_node, placement, size, algo, link), seen in sorted(groups.items()):
+        key = (nodes, per_node, size, link)
+        if key not in models:
+            models[key] = two_level_model(nodes, per_node, size, beta_for(parse_rate(link)))
+        model = models[key]
+        name = "hier" if algo == "hier" else f"ring {placement}" if algo in ("ring", "gloo") else None
+        times = [t for t, _ in seen]
+        ratios = [q for _, q in seen if q is not None]
+        out.append(
+            {
+                "nodes": nodes,
+                "ranks_per_node": per_node,
+                "placement": placement,
+                "size_bytes": size,
+                "algo": algo,
+                "link": link,
+                "time_s": statistics.median(times),
+                "min_s": min(times),
+                "max_s": max(times),
+                "runs": len(times),
+                "vs_hier": statistics.median(ratios) if ratios else None,
+                "model_s": model[name] if name else None,
+                "model_vs_hier": model[name] / model["hier"] if name else None,
+            }
+        )
+    return out

@@ -798,3 +798,82 @@ def test_report_refuses_an_empty_folder_in_one_line(tmp_path: Path, capsys: pyte
     assert raised.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"python -m analysis.report: {tmp_path}: nothing to report"), err
+
+
+# --------------------------------------------------------------------------- two-level all-reduce
+
+# β of a 500 Mbit/s link as the report takes it: 8 bits per byte, 1448 data bytes per 1514-byte frame.
+BETA_500 = 8 / (500e6 * 1448 / 1514)
+
+
+def _layout_file(root: Path, name: str, nodes: int, g: int, placement: str, slow: float = 1.0) -> None:
+    """A bench file as ``analysis.cluster --ranks-per-node g --placement ...`` leaves it, 16 MiB, timed
+    as the bytes through each node's link say (no alpha, no shared memory), times ``slow``."""
+    size = 16 * MB
+    link_bytes = {
+        "hier": 2 * (nodes - 1) / nodes * size,
+        "ring": cost.flat_ring_link_bytes(nodes, g, size, placement),
+        "gloo": cost.flat_ring_link_bytes(nodes, g, size, placement),
+    }
+    rows = []
+    for algo, b in link_bytes.items():
+        t = b * BETA_500 * slow
+        rows.append({"size_bytes": size, "count": size // 4, "dtype": "float32", "algo": algo, "transport": "torch",
+                     "world_size": nodes * g, "time_us": t * 1e6, "algbw_gbs": cost.algbw(size, t),
+                     "busbw_gbs": cost.busbw(nodes * g, size, t), "wrong": 0, "samples_us": [t * 1e6]})  # fmt: skip
+    machine = {"cpus": 2, "python": "3.11", "torch": "2.x-test",
+               "cluster": f"{nodes} nodes x {g} ranks ({placement}), 500mbit links"}  # fmt: skip
+    path = root / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine, "world_size": nodes * g, "rows": rows}))
+
+
+def test_two_level_section_sets_each_layout_beside_the_model_and_keeps_it_out_of_the_fits(tmp_path: Path) -> None:
+    root = tmp_path / "hier"
+    # two runs of 2 x 2 contiguous, one of them 20 % slow; one of 2 x 2 interleaved and of 4 x 2 contiguous
+    _layout_file(root, "2x2-contiguous-1", 2, 2, "contiguous")
+    _layout_file(root, "2x2-contiguous-2", 2, 2, "contiguous", slow=1.2)
+    _layout_file(root, "2x2-interleaved-1", 2, 2, "interleaved")
+    _layout_file(root, "4x2-contiguous-1", 4, 2, "contiguous")
+    _bench_file(root, "bench_p2_torch_0", 2, ["ring"])  # one host, P = 2: the fits' alone
+    text = report.build_report(root).read_text()
+    section = text.split("## Two-level all-reduce")[1].split("\n## ")[0]
+
+    # the measured ratios are the link's bytes: 1.5 M and 3 M against hier's M at 2 x 2, 1.75 M and
+    # 1.5 M at 4 x 2; the slow run's ratio is the same (it is taken within each world)
+    assert "| 2 × 2 | contiguous | 16M | ring |" in section and "| 2 × 2 | interleaved | 16M | gloo |" in section
+    summary = json.loads((root / "analysis.json").read_text())
+    entries = {(e["nodes"], e["ranks_per_node"], e["placement"], e["algo"]): e for e in summary["two_level"]}
+    assert entries[(2, 2, "contiguous", "ring")]["vs_hier"] == pytest.approx(1.5)
+    assert entries[(2, 2, "interleaved", "ring")]["vs_hier"] == pytest.approx(3.0)
+    assert entries[(4, 2, "contiguous", "gloo")]["vs_hier"] == pytest.approx(1.75 / 1.5)
+    # two runs: the median of 1.0 and 1.2 times the link time, and the range
+    hier22 = entries[(2, 2, "contiguous", "hier")]
+    t_link = 16 * MB * BETA_500
+    assert hier22["runs"] == 2 and hier22["time_s"] == pytest.approx(1.1 * t_link)
+    assert (hier22["min_s"], hier22["max_s"]) == (pytest.approx(t_link), pytest.approx(1.2 * t_link))
+    row = f"| 2 × 2 | contiguous | 16M | hier | {1.1 * t_link * 1e3:.0f} ({t_link * 1e3:.0f}–{1.2 * t_link * 1e3:.0f}) | 2 |"
+    assert row in section, section
+    # the model: the link's bytes, plus alpha and shared memory, which add a little (under 15 % here)
+    for (n, g, placement, algo), e in entries.items():
+        on_link = (2 * (n - 1) / n if algo == "hier" else cost.flat_ring_link_bytes(n, g, 1, placement)) * 16 * MB
+        assert on_link * BETA_500 <= e["model_s"] < 1.15 * on_link * BETA_500, (n, g, placement, algo)
+    assert entries[(2, 2, "interleaved", "ring")]["model_vs_hier"] == pytest.approx(3.0, rel=0.05)
+    assert "cost.HIER" in section and "two-level (hier), n nodes × g ranks" in section
+
+    # those worlds stay out of the one-host tables and fits: ring is fitted on P = 2 alone
+    bench = text.split("## Collective benchmark")[1].split("\n## ")[0]
+    assert "| 4 |" not in bench and "| 8 |" not in bench and "| 2 | 16M" not in bench
+    assert summary["fits"]["ring"]["points"] == 3 and summary["fits"]["ring"]["alpha_s"] == pytest.approx(50e-6)
+    assert_png(root / "figures" / "two_level.png")
+    assert "](figures/two_level.png)" in text
+
+
+def test_a_report_without_multi_rank_nodes_has_no_two_level_section(tmp_path: Path) -> None:
+    root = tmp_path / "flat"
+    _bench_file(root, "bench_p2_torch_0", 2, ["ring"])
+    _layout_file(root, "4x1", 4, 1, "contiguous")  # a cluster of one rank per node: the ordinary tables'
+    text = report.build_report(root).read_text()
+    assert "## Two-level all-reduce" not in text and not (root / "figures" / "two_level.png").exists()
+    assert "| 4 | 16M (16777216) | ring |" in text
+    assert json.loads((root / "analysis.json").read_text())["two_level"] == []

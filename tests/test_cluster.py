@@ -13,6 +13,8 @@ refuses network namespaces.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import shutil
@@ -348,6 +350,39 @@ def test_a_nodes_ranks_share_its_one_link_and_hier_finds_the_nodes(tmp_path: Pat
     hier = sorted(line.split("HIER ")[1] for line in done.stdout.splitlines() if "HIER " in line)
     # contiguous: ranks 0, 1 on node 0 and 2, 3 on node 1; each cross group is one rank per node
     assert hier == [f"{r} True [({r // 2}, 2)]" for r in range(4)], done.stdout
+
+
+@pytest.mark.timeout(TIMEOUT_S + 30)
+@needs_namespaces
+def test_launch_trains_with_hier_across_two_nodes_of_two_ranks(tmp_path: Path) -> None:
+    """Issue 25: ``launch.py --algo hier --transport torch`` under the cluster, as torchrun would run it.
+    Interleaved, so that a hier that grouped by rank number (0, 1 | 2, 3) instead of by GROUP_RANK
+    would put ranks of different nodes in one shared-memory group and fail."""
+    out = tmp_path / "run"
+    done = _tool("--nodes", "2", "--ranks-per-node", "2", "--placement", "interleaved", "--link", "1gbit",
+                 "--no-measure", "--", sys.executable, str(ROOT / "launch.py"), "--algo", "hier",
+                 "--transport", "torch", "--dataset", "synthetic", "--max-steps", "3", "--eval-batches", "1",
+                 "--log-every", "1", "--out", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _ours(_run_id(done.stdout)) == [], "the cluster outlived its run"
+    assert "algo hier over torch | world 4" in done.stdout, done.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["algo"], metrics["transport"], metrics["world_size"], metrics["steps"]) == ("hier", "torch", 4, 3)
+    assert metrics["machine"]["cluster"].startswith("2 nodes x 2 ranks (interleaved)")
+    assert math.isfinite(metrics["final_train_loss"]), metrics["final_train_loss"]
+    # every step averaged the gradients through the hook (hier ran; a failed call would have raised)
+    assert [r["step"] for r in metrics["step_records"]] == [1, 2, 3]
+    assert all(r["bytes"] > 0 and r["comm_time_s"] > 0 for r in metrics["step_records"]), metrics["step_records"]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(("g", "placement"), [(1, "contiguous"), (2, "contiguous"), (3, "interleaved")])
+def test_the_label_each_rank_gets_reads_back_as_its_layout(g: int, placement: str) -> None:
+    """bench and launch.py record RINGCOMM_CLUSTER as machine["cluster"]; the report reads the layout from it."""
+    c = cluster.Cluster(nodes=4, rate="500mbit", ranks_per_node=g, placement=placement)
+    label = cluster._environment(c, cluster.placement_of(4, g, placement)[0], 29500)["RINGCOMM_CLUSTER"]
+    assert cluster.parse_label(label) == (4, g, placement, "500mbit"), label
+    assert cluster.parse_label("one host") is None
 
 
 # --------------------------------------------------------------------------- refusals

@@ -278,6 +278,35 @@ def test_cluster_plan_runs_every_world_through_analysis_cluster(tmp_path: Path) 
 
 
 @pytest.mark.fast
+def test_hier_plan_runs_each_layout_in_both_placements_through_multi_rank_nodes(tmp_path: Path) -> None:
+    runs = sweep.build_plan("hier", tmp_path, python="python")
+    preset = sweep.PRESETS["hier"]
+    assert {r.kind for r in runs} == {"bench"}
+    want = {(n, g, pl) for n, g in preset.node_shapes for pl in ("contiguous", "interleaved")}
+    got = {(r.meta["nodes"], r.meta["ranks_per_node"], r.meta["placement"]) for r in runs}
+    assert got == want and len(runs) == len(want), "one world per layout and placement"
+    assert any(g > 1 for _, g, _ in got) and len({n for n, _, _ in got}) > 1, "nodes x ranks per node must vary"
+    for r in runs:
+        n, g, placement = r.meta["nodes"], r.meta["ranks_per_node"], r.meta["placement"]
+        assert r.meta["world_size"] == n * g
+        assert r.argv[:11] == ["python", "-m", "analysis.cluster", "--nodes", str(n), "--ranks-per-node", str(g),
+                               "--placement", placement, "--link", preset.cluster_link]  # fmt: skip
+        inner = r.argv[r.argv.index("--") + 1 :]
+        assert inner[1:3] == ["-m", "ringcomm.bench"] and "--world-size" not in inner
+        assert inner[inner.index("--algos") + 1].split(",") == ["gloo", "ring", "hier"]
+        assert "16M" in inner[inner.index("--sizes") + 1].split(","), "the issue's goal size"
+        assert r.output == f"bench/bench_n{n}g{g}_{placement}_torch_0.json"
+        # not "cluster_link": the report's one-rank-per-node section would read these worlds as P = n*g
+        assert "cluster_link" not in r.meta and r.meta["link"] == preset.cluster_link
+
+
+@pytest.mark.fast
+def test_one_rank_per_node_cluster_commands_name_no_layout(tmp_path: Path) -> None:
+    for r in sweep.build_plan("cluster", tmp_path, python="python"):
+        assert "--ranks-per-node" not in r.argv and "--placement" not in r.argv, r.command
+
+
+@pytest.mark.fast
 @pytest.mark.parametrize("preset", sorted(sweep.PRESETS))
 def test_every_bench_command_of_every_preset_passes_the_benchs_own_checks(preset: str, tmp_path: Path) -> None:
     from ringcomm.tools import bench
@@ -288,8 +317,9 @@ def test_every_bench_command_of_every_preset_passes_the_benchs_own_checks(preset
             continue
         at = r.argv.index("ringcomm.bench")
         argv = r.argv[at + 1 :]
-        if "--world-size" not in argv and "--nodes" in r.argv:  # on the cluster: the nodes are the world
-            argv += ["--world-size", r.argv[r.argv.index("--nodes") + 1]]
+        if "--world-size" not in argv and "--nodes" in r.argv:  # on the cluster: its ranks are the world
+            per_node = int(r.argv[r.argv.index("--ranks-per-node") + 1]) if "--ranks-per-node" in r.argv else 1
+            argv += ["--world-size", str(int(r.argv[r.argv.index("--nodes") + 1]) * per_node)]
         args, sizes, algos = bench._parse_args(argv)  # exits 2 on a refused flag
         assert sizes and algos, r.command
 

@@ -2,6 +2,11 @@
 
     python analysis/measured/hier/summarize.py          # from the repository root
 
+The training table comes from ``train.sh``'s runs (``train-2x2-LINK-PLACEMENT-ALGO-REP.json``, each a
+launch.py metrics.json): images per second as launch.py reports it (all 20 steps) and over steps
+2-20 (the first step also builds the groups and warms up), each run's share of time in the hook, and
+per rep the ratio to hier's run of the same rep. ``hier-ring`` is hier with ``hier_inner=ring``.
+
 Each run's bench row holds the median of its samples (slowest rank); across the runs of one
 placement the table shows the median of those medians and their range, and the median of each
 run's ratio to hier's time in that run. The model: beta from the
@@ -80,7 +85,54 @@ def table(nodes: int, g: int = 2) -> str:
     return "\n".join(lines)
 
 
+def _steady_img_s(m: dict) -> float:
+    """Images per second over steps 2..: the global batch over the mean step time after the first."""
+    steps = [r["step_time_s"] for r in m["step_records"][1:]]
+    return m["global_batch_size"] / (sum(steps) / len(steps))
+
+
+def train_table(link: str) -> str:
+    """Per placement and algorithm: img/s (launch.py's, and steps 2-20), comm share, and / hier's run of
+    the same rep (img/s over steps 2-20: above 1 is faster than hier), median (range) over the reps."""
+    runs: dict[tuple[str, str], dict[str, dict]] = {}
+    for path in sorted(HERE.glob(f"train-2x2-{link}-*.json")):
+        parts = path.stem.split("-")  # train, 2x2, LINK, PLACEMENT, ALGO (hier-ring has a dash), REP
+        placement, algo, rep = parts[3], "-".join(parts[4:-1]), parts[-1]
+        runs.setdefault((placement, rep), {})[algo] = json.loads(path.read_text())
+    if not runs:
+        return f"(no training runs at {link} in {HERE})"
+
+    def cell(values: list[float], fmt: str) -> str:
+        med = format(statistics.median(values), fmt)
+        return med if len(values) == 1 else f"{med} ({format(min(values), fmt)}–{format(max(values), fmt)})"
+
+    reps = len({rep for _, rep in runs})
+    lines = [
+        f"2 nodes x 2 ranks, {link} links, simplecnn, 32 images per rank, 20 steps, {reps} rep(s)",
+        "",
+        "| placement | algo | img/s (launch.py) | img/s, steps 2-20 | comm share | / hier, steps 2-20 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for placement in cost.PLACEMENTS:
+        for algo in ("hier", "hier-ring", "ring", "ddp"):
+            mine = [by_algo for (pl, _), by_algo in runs.items() if pl == placement and algo in by_algo]
+            if not mine:
+                continue
+            ms = [r[algo] for r in mine]
+            ratios = [_steady_img_s(r[algo]) / _steady_img_s(r["hier"]) for r in mine if "hier" in r]
+            shares = [m["comm_share"] for m in ms if m.get("comm_share") is not None]
+            lines.append(
+                f"| {placement} | {algo} | {cell([m['throughput_img_s'] for m in ms], '.0f')} | "
+                f"{cell([_steady_img_s(m) for m in ms], '.0f')} | {cell([s * 100 for s in shares], '.0f') + ' %' if shares else '–'} | "
+                f"{cell(ratios, '.2f') if ratios else '–'} |"
+            )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     for nodes in [int(a) for a in sys.argv[1:]] or [2, 4]:
         print(table(nodes))
+        print()
+    for link in ("500mbit", "100mbit"):
+        print(train_table(link))
         print()
