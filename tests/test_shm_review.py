@@ -133,9 +133,11 @@ def test_a_segment_of_a_rank_killed_in_set_up_is_swept_by_the_next_set_up() -> N
             pass
         proc.wait(30)
         proc.stdout.close()  # type: ignore[union-attr]
-    assert os.path.exists(path), "killed between create and unlink: its segment stays (until a sweep)"
-    assert name in sweep_stale()
-    assert not os.path.exists(path)
+    # Killed between create and unlink, its segment stays until a sweep. The sweep may be another
+    # process's (a test in another xdist worker that sets shm up sweeps every dead creator's
+    # segments), so what is asserted is that it is gone once this sweep has run, not who removed it.
+    swept = sweep_stale()
+    assert not os.path.exists(path), f"a dead creator's segment survived the sweep (it swept {swept})"
 
 
 # --- item 8: the queues' layout, not only the total size ---
