@@ -247,8 +247,9 @@ def use_forkserver(preload: tuple[str, ...] = ("torch", "torch.distributed", "ri
 
     ``spawn`` (the default) starts each rank as a new interpreter that imports torch (about 1.5 s
     of CPU per rank); a fork server imports it once and forks a rank from itself in milliseconds.
-    The test suite uses it. Each rank still gets the caller's environment and working directory
-    as they are at the call (as under ``spawn``), not as they were when the server started.
+    The test suite uses it. Each rank still gets the caller's environment, working directory,
+    stdout and stderr as they are at the call (as under ``spawn``), not as they were when the
+    server started (``Caller``).
     """
     _START.update(method="forkserver", preload=tuple(preload))
 
