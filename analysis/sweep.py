@@ -253,43 +253,23 @@ PRESETS: dict[str, Preset] = {
         kinds=("bench", "train"),
         cluster_link="500mbit",
     ),
-    # The two-level all-reduce on clusters of multi-rank nodes (root; about 15 minutes on 2 busy cores):
-    # hier against the flat ring, whose cost depends on which ranks share a node, and Gloo's. 16 MiB
-    # is the issue's goal size; 4 MiB shows where the network's alpha starts to count.
-    "hier": Preset(
-        train_algos=(),
-        train_world_sizes=(),
-        model="simplecnn",
-        dataset="synthetic",
-        batch_size=32,
-        epochs=1,
-        max_steps=20,
-        lr=0.05,
-        seed=0,
-        train_timeout_s=600,
-        bench_world_sizes=(),
-        bench_sizes=("4M", "16M"),
-        bench_groups=(("torch", ("ring", "hier")),),
-        bench_reps=5,
-        bench_sample_s=0.0,
-        bench_timeout_s=900,
-        bench_warmup=2,
-        batch_sizes=(),
-        batch_world_size=2,
-        batch_max_steps=None,
-        large_world_size=2,
-        large_small_batch=32,
-        large_batch=32,
-        large_epochs=1,
-        large_warmup_epochs=0,
-        large_max_steps=None,
-        env={"OMP_NUM_THREADS": "1"},
-        kinds=("bench",),
-        cluster_link="500mbit",
-        node_shapes=((2, 2), (4, 2), (2, 4)),
-    ),
 }
 
+
+# The two-level all-reduce on clusters of multi-rank nodes (root; about 15 minutes on 2 busy cores):
+# hier against the flat ring, whose cost depends on which ranks share a node, and Gloo's. 16 MiB
+# is the issue's goal size; 4 MiB shows where the network's alpha starts to count.
+PRESETS["hier"] = replace(
+    PRESETS["cluster"],
+    kinds=("bench",),
+    train_algos=(),
+    train_world_sizes=(),
+    bench_world_sizes=(),
+    bench_sizes=("4M", "16M"),
+    bench_groups=(("torch", ("ring", "hier")),),
+    bench_warmup=2,
+    node_shapes=((2, 2), (4, 2), (2, 4)),
+)
 
 # Compression against link rate (issue 24): 4 nodes, simplecnn, ring over torch, 25 steps, as the
 # issue measured the uncompressed ring at 100 Mbit/s. The links run in this order so that a sweep

@@ -24,6 +24,8 @@ from ringcomm.tools import spawn  # noqa: E402
 # The suite's worlds (run_world, the pooled worlds) fork their ranks from one server that has
 # imported torch and ringcomm once: ~0.1 s a rank instead of ~1.5 s of imports on these 2 cores.
 # RINGCOMM_TEST_START=spawn runs them as new interpreters, as launch.py and the bench do.
+# The server starts nothing itself and needs no timeout of its own: each world it forks for has
+# its test's timeout, and the server exits when this process does (its pipe from us closes).
 if os.environ.get("RINGCOMM_TEST_START", "forkserver") == "forkserver":
     spawn.use_forkserver(
         ("torch", "torch.distributed", "ringcomm", "ringcomm.api", "ringcomm.runtime.session",
