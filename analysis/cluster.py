@@ -416,17 +416,18 @@ def run(cluster: Cluster, argv: Sequence[str], grace: float = 10.0) -> int:
     # who each process is, in its lines and in the tool's own: "node i", or "node i rank r" with G > 1
     names = [f"node {p.node}" + (f" rank {p.rank}" if g > 1 else "") for p in places]
     procs = []
-    pumps = []
+    pumps: list[list[threading.Thread]] = []  # each process's two (stdout, stderr)
     for place, name in zip(places, names):
         proc = subprocess.Popen(
             cluster.exec(place.node, list(argv)), env=_environment(cluster, place, port),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
         )  # fmt: skip
         procs.append(proc)
+        pumps.append([])
         for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
             t = threading.Thread(target=_pump, args=(stream, f"[{name}] ", out), daemon=True)
             t.start()
-            pumps.append(t)
+            pumps[-1].append(t)
     first: tuple[int, int] | None = None  # (process index = global rank, status)
     stop_at = None
     while [p.poll() for p in procs].count(None):  # poll every process (any() would stop at the first)
@@ -434,6 +435,8 @@ def run(cluster: Cluster, argv: Sequence[str], grace: float = 10.0) -> int:
             if first is None and p.returncode not in (None, 0):
                 first = (i, p.returncode)
                 stop_at = time.monotonic() + grace
+                for t in pumps[i]:  # its last lines first, then ours (under load the pumps lag behind)
+                    t.join(timeout=2)
                 _say(f"{names[i]} exited with status {p.returncode}; stopping the others in {grace:g} s")
         if stop_at is not None and time.monotonic() > stop_at:
             break
@@ -447,7 +450,7 @@ def run(cluster: Cluster, argv: Sequence[str], grace: float = 10.0) -> int:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-    for t in pumps:
+    for t in (t for pair in pumps for t in pair):
         t.join(timeout=2)
     busy1, total1 = cpu_times()
     cores = os.cpu_count() or 1

@@ -11,7 +11,7 @@ Used by the tests, the benchmark and ``launch.py``. Guarantees, in order:
 3. **No orphans.** Every child is joined before ``run_world`` returns or raises;
    and a child whose parent is gone (the launcher SIGKILLed, so no ``finally``
    ran) stops within a second, with one line saying so: on Linux the kernel
-   sends it SIGTERM when the parent dies (``prctl(PR_SET_PDEATHSIG)``), and
+   sends it a signal of its own when the parent dies (``prctl(PR_SET_PDEATHSIG)``), and
    everywhere a watch thread sees its parent pid change. Without this the ranks
    trained on with no store (it lives in the parent) and no one to report to.
 
@@ -68,6 +68,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 #: that the rank stops before its heartbeat meets the gone store (torch prints a C++ trace for that).
 PARENT_WATCH_S = 0.2
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+#: The signal the kernel sends a rank when the thread that started it exits (``PR_SET_PDEATHSIG``):
+#: a real-time signal that nothing else sends, so its arrival alone says the launcher is going.
+#: (It was SIGTERM, which a live launcher also sends to stop its world; telling the two apart by
+#: ``getppid()`` failed under load, when the kernel had first re-parented the rank to another thread
+#: of the dying launcher and the handler's short look saw the launcher's pid still.)
+PARENT_DEATH_SIGNAL: int | None = signal.SIGRTMIN + 3 if hasattr(signal, "SIGRTMIN") else None
 _orphan_lock = threading.RLock()
 
 
@@ -79,7 +85,7 @@ def _stop_orphan(rank: int, parent: int) -> None:
     so nothing is left in /dev/shm.
     """
     # The signal handler and the watch thread may see it together: the second waits here for
-    # the first to end the process (returning would let the handler's SIGTERM end it unsaid).
+    # the first to end the process (returning would let this thread go on as if nothing had happened).
     # Re-entrant: a handler that interrupts the main thread's own call here must not deadlock.
     _orphan_lock.acquire()
     line = f"ringcomm: rank {rank}: its launcher (pid {parent}) is gone; stopping now, without saving\n"
@@ -102,33 +108,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
-#: Seconds a failed or SIGTERMed rank looks for its launcher's death before it exits: the
-#: launcher's sockets close (its store: this rank's error) and its parent-death signal comes
-#: a moment before the kernel re-parents its children to init.
+#: Seconds a failed rank looks for its launcher's death before it exits: the launcher's sockets
+#: close (its store: this rank's error) a moment before its parent-death signal, or after it.
 GONE_CHECK_S = 0.3
 
 
 def _die_with_parent(rank: int, parent: int) -> Callable[[], None]:
     """Stop this rank as soon as ``parent`` (the process that called ``run_world``) is gone.
 
-    Two ways, whichever sees it first: the kernel's parent-death signal (Linux: SIGTERM at the
-    parent's death), whose handler is Python's and so waits for the main thread to leave C code,
-    and a daemon thread that compares ``os.getppid()`` with the parent pid seen at start every
-    ``PARENT_WATCH_S`` (re-parenting to init or a subreaper changes it) and works on every POSIX
-    system. A SIGTERM while the parent lives (``_stop`` terminating the world) keeps its default
-    action. Under the ``forkserver`` start method the direct parent is the fork server, which
-    exits when ``parent`` does; the same two ways then see the server go.
+    Two ways, whichever sees it first: the kernel's parent-death signal (Linux:
+    ``PARENT_DEATH_SIGNAL`` when the thread that started this rank exits), whose handler is Python's
+    and so waits for the main thread to leave C code, and a daemon thread that compares
+    ``os.getppid()`` with the parent pid seen at start every ``PARENT_WATCH_S`` (re-parenting to init
+    or a subreaper changes it) and works on every POSIX system. SIGTERM keeps its default action (a
+    live parent's ``_stop`` terminating the world). Under the ``forkserver`` start method the direct
+    parent is the fork server, which exits when ``parent`` does; the same two ways then see the server go.
     """
     direct = os.getppid()  # ``parent`` itself, or the fork server that forked this rank for it
 
     def stop_if_orphaned() -> None:
         """If the parent is going (or gone), say so in the one line and stop; else return.
 
-        Waits up to ``GONE_CHECK_S`` for the sign: the kernel sends the parent-death signal when
-        the *thread* that forked this rank exits, and re-parents the rank to another thread of the
-        dying parent first (``getppid()`` unchanged), to init only once the last one has exited.
-        And a failure (the parent's store gone with it, a peer that stopped for it) can reach
-        this rank before either.
+        For a rank that failed: the parent's store, gone with it, or a peer that stopped for it, can
+        reach this rank before either sign. Waits up to ``GONE_CHECK_S`` for one: the parent-death
+        signal (its handler runs meanwhile) or the re-parenting, which comes only once the last of
+        the dying parent's threads has exited.
         """
         end = time.monotonic() + GONE_CHECK_S
         while True:
@@ -138,21 +142,19 @@ def _die_with_parent(rank: int, parent: int) -> Callable[[], None]:
                 return
             time.sleep(0.05)
 
-    def on_term(signum: int, frame: Any) -> None:
-        stop_if_orphaned()  # the parent-death signal: it arrives while the parent is still exiting
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a SIGTERM from a live parent: its default action
-        os.kill(os.getpid(), signal.SIGTERM)
+    def on_parent_death(signum: int, frame: Any) -> None:
+        _stop_orphan(rank, parent)
 
     def watch() -> None:
         while os.getppid() == direct:
             time.sleep(PARENT_WATCH_S)
         _stop_orphan(rank, parent)
 
-    signal.signal(signal.SIGTERM, on_term)
-    if sys.platform.startswith("linux"):
+    if sys.platform.startswith("linux") and PARENT_DEATH_SIGNAL is not None:
+        signal.signal(PARENT_DEATH_SIGNAL, on_parent_death)
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            libc.prctl(_PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL, 0, 0, 0)
         except (OSError, AttributeError):  # no prctl (an unusual libc): the watch thread remains
             pass
     # died before the signal was asked for: the kernel will not send it
