@@ -10,7 +10,7 @@
 Where things are (``ls`` shows the layers; docs/layout.md has a line per module):
 
 - ``api.py``: the public calls (all_reduce, reduce_scatter, all_gather, broadcast, their
-  ``_async`` forms, init, explain_auto): validate, queue, check, run.
+  ``_async`` forms, run_async, init, explain_auto): validate, queue, check, run.
 - ``algorithms/``: one algorithm a file, each beside its diagram and cost (ring.py first),
   and ``registry.py``, the contract they share.
 - ``transports/``: how bytes move between two ranks (``base.py``: the protocol; torch.py,
@@ -48,6 +48,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "all_gather_async": ("api", "all_gather_async"),
     "broadcast": ("api", "broadcast"),
     "broadcast_async": ("api", "broadcast_async"),
+    "run_async": ("api", "run_async"),
     "comm_stats": ("api", "comm_stats"),
     "init": ("api", "init"),
     "explain_auto": ("api", "explain_auto"),
@@ -71,6 +72,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
         init,
         reduce_scatter,
         reduce_scatter_async,
+        run_async,
     )
     from .runtime.comm_queue import CommStats
     from .runtime.session import shutdown
@@ -115,6 +117,7 @@ __all__ = [
     "broadcast_async",
     "reduce_scatter",
     "reduce_scatter_async",
+    "run_async",
     "comm_stats",
     "explain_auto",
     "init",

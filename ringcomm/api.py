@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -64,6 +64,7 @@ __all__ = [
     "all_gather_async",
     "broadcast",
     "broadcast_async",
+    "run_async",
     "init",
     "comm_stats",
     "validate",
@@ -71,6 +72,8 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Above this many elements, a tensor whose strides interleave is not checked element by element
 #: for overlap (that needs 8 bytes per element); it is refused instead (see ``_check_no_overlap``).
@@ -424,6 +427,8 @@ def _admit(
         session = sessions.current(group)
         if blocking:
             session.queue.refuse_blocking_here(call.what)
+        if session.queue.in_job():
+            _refuse_setup_in_job(session, call.kind.name, call.tensor.device.type, call.what)
     except BaseException as exc:
         if dist.is_initialized():
             try:
@@ -436,6 +441,18 @@ def _admit(
                 )
         raise
     return session, call
+
+
+def _refuse_setup_in_job(session: sessions.Session, transport: str, device_type: str, what: str) -> None:
+    """``CommError`` if ``transport`` for ``device_type`` is not set up: inside a job (``run_async``) it
+    must not be. Setting up is collective (``dist.new_group``, a rendezvous) and belongs to the caller's
+    thread and program order, never to the comm thread."""
+    if (transport, device_type) not in session.transports:
+        raise CommError(
+            f"rank {session.rank}: {what} was refused: it runs inside a job (ringcomm.run_async) on the "
+            f"{transport!r} transport for {device_type}, which is not set up yet; call "
+            f"ringcomm.init({transport!r}, {device_type!r}) first, on every rank, from your own thread"
+        )
 
 
 def _execute(session: sessions.Session, call: _Call) -> torch.Tensor:
@@ -570,8 +587,68 @@ def init(
             session.queue.run(lambda: session.refuse_setup(reason), "a refused init")
         raise
     session = sessions.current(group)
+    if session.queue.in_job():  # set up already: the transport; else refused, not set up on the comm thread
+        _refuse_setup_in_job(session, kind.name, dev.type, f"init({transport!r})")
     deadline = time.monotonic() + (float(timeout) if timeout is not None else default_timeout())
     return session.queue.run(lambda: session.transport(kind, dev.type, deadline), f"setting up {transport}")
+
+
+def run_async(
+    fn: Callable[[], T], *, what: str = "a job", device: str | torch.device | None = None
+) -> torch.futures.Future[T]:
+    """Run ``fn()`` on the comm thread in its turn, as one job; return a future of its result.
+
+    For work that needs several collectives in a row, each on the last one's result (PowerSGD's P,
+    then Q): the collectives ``fn`` calls (blocking or ``*_async``) run inline, one after another,
+    while the job holds the comm queue, so they keep their place against every collective issued
+    before and after it (``comm_queue.py``, "Jobs"). Chaining futures' callbacks cannot promise
+    that: a callback reaches the queue whenever the comm thread gets to it, which differs by rank.
+    Issue jobs in the same order on every rank, as any collective.
+
+    Args:
+        fn: called once, on the comm thread, with no arguments; it must not wait for anything the
+            caller does after ``run_async`` returns (the queue waits for it).
+        what: names the job in errors and in ``ringcomm.shutdown``'s message.
+        device: a CUDA device whose tensors ``fn`` reads: it starts once the work queued so far on
+            the caller's current stream of it is done, and the future is bound to it. None: CPU.
+
+    Returns:
+        A future of ``fn``'s result; an exception ``fn`` raises (a ``CommError`` of a collective in it
+        too) is set on the future. Its collectives count in ``comm_stats`` as any.
+
+    Raises:
+        RuntimeError: no process group. CommError: ringcomm is shut down, or called inside a job.
+
+    A collective inside ``fn`` on a transport that is not set up yet is refused (``CommError``, naming
+    the transport): set-up is collective, so call ``ringcomm.init`` first, from your own thread.
+
+    Example::
+
+        >>> ringcomm.init("torch")
+        >>> def p_then_q() -> torch.Tensor:
+        ...     ringcomm.all_reduce(p)                 # inline, in the job's turn
+        ...     q = m.T @ orthonormal(p)               # needs the summed p
+        ...     return ringcomm.all_reduce(q)
+        >>> fut = ringcomm.run_async(p_then_q, what="powersgd bucket 0")
+        >>> ...                                        # backward goes on
+        >>> q = fut.wait()
+    """
+    if not callable(fn):
+        raise ValueError(f"run_async expects a function of no arguments, got {type(fn).__name__}")
+    if not isinstance(what, str):
+        raise ValueError(f"what= names the job in errors: expected a string, got {type(what).__name__}")
+    session = sessions.current()
+    dev = torch.device(device) if device is not None else None
+    if dev is None or dev.type != "cuda":
+        return session.queue.submit_job(fn, what, torch.futures.Future())
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(dev))
+
+    def after_ready() -> T:
+        torch.cuda.current_stream(dev).wait_event(ready)
+        return fn()
+
+    return session.queue.submit_job(after_ready, what, torch.futures.Future(devices=[dev]))
 
 
 @torch.no_grad()

@@ -399,3 +399,13 @@ def test_a_transport_registers_itself_and_the_api_names_none() -> None:
             transport_kind("torch").validate_device(torch.device("meta"))
     finally:
         del _KINDS["test-pigeon"]
+
+
+@pytest.mark.fast
+def test_run_async_refuses_what_is_not_a_job_before_queuing_it() -> None:
+    with pytest.raises(ValueError, match="run_async expects a function of no arguments, got int"):
+        ringcomm.run_async(42)
+    with pytest.raises(ValueError, match="what= names the job in errors: expected a string, got int"):
+        ringcomm.run_async(lambda: None, what=3)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ringcomm.run_async(lambda: None)

@@ -347,3 +347,142 @@ def test_a_blocking_call_in_a_future_callback_is_always_refused_alike(behind: bo
     assert said == ["CommError: nested was refused: a blocking collective issued on ringcomm's comm thread"], said
     assert q.run(lambda: 42, "after") == 42  # the queue goes on
     q.close(1.0)
+
+
+# --- jobs (submit_job, ringcomm.run_async): several collectives in one FIFO turn ---
+
+
+@pytest.mark.fast
+def test_a_jobs_collectives_run_inline_in_its_turn_between_the_work_around_it() -> None:
+    """Work submitted before the job runs first, the job's own calls (blocking and queued) in the
+    order it makes them, then the work submitted after it, although that reached the queue first."""
+    q = CommQueue("test-comm")
+    order: list[str] = []
+    gate = threading.Event()
+    q.submit(lambda: (gate.wait(10), order.append("before")), "before", torch.futures.Future())
+
+    def job() -> str:
+        order.append("job starts")
+        q.run(lambda: order.append("blocking 1"), "blocking 1")
+        inner = q.submit(lambda: order.append("queued in the job") or "inner", "inner", torch.futures.Future())
+        assert inner.done(), "a call queued inside a job must have run inline"
+        q.run(lambda: order.append("blocking 2"), "blocking 2")
+        return inner.wait()
+
+    fut = q.submit_job(job, "job", torch.futures.Future())
+    after = q.submit(lambda: order.append("after"), "after", torch.futures.Future())
+    gate.set()
+    assert _wait_done(after) and fut.wait() == "inner"
+    assert order == ["before", "job starts", "blocking 1", "queued in the job", "blocking 2", "after"], order
+    q.close(1.0)
+
+
+@pytest.mark.fast
+def test_a_jobs_exception_reaches_its_future_and_the_queue_goes_on() -> None:
+    q = CommQueue("test-comm")
+
+    def job() -> None:
+        q.run(lambda: None, "inner")
+        raise ValueError("the job failed")
+
+    fut = q.submit_job(job, "job", torch.futures.Future())
+    with pytest.raises(ValueError, match="the job failed"):
+        fut.wait()
+    assert not q.in_job()
+    assert q.run(lambda: 42, "after") == 42
+    q.close(1.0)
+
+
+@pytest.mark.fast
+def test_outside_a_job_a_callback_is_still_refused_a_blocking_call() -> None:
+    """The callbacks of a job's own future, and of a future completed inside the job, run on the comm
+    thread outside the job: a blocking call there is refused as in any callback."""
+    q = CommQueue("test-comm")
+    said: list[str] = []
+
+    def blocking_in_callback(fut: torch.futures.Future) -> None:
+        said.append(_outcome(lambda: q.run(lambda: "ran", "nested")))
+
+    def job() -> None:
+        inner = torch.futures.Future()
+        inner.add_done_callback(blocking_in_callback)
+        q.submit(lambda: None, "inner", inner)  # completed inline, its callback run here
+
+    fut = torch.futures.Future()
+    fut.add_done_callback(blocking_in_callback)
+    q.submit_job(job, "job", fut)
+    assert _until(lambda: len(said) == 2, 10.0), said
+    refused = "CommError: nested was refused: a blocking collective issued on ringcomm's comm thread"
+    assert said == [refused, refused], said
+    with pytest.raises(CommError, match="inside the job job"):  # a job in a job would queue out of order
+        q.submit_job(lambda: q.submit_job(lambda: None, "nested job", torch.futures.Future()), "job",
+                     torch.futures.Future()).wait()
+    q.close(1.0)
+
+
+def _job_order_rank(rank: int, p: int) -> dict:
+    """Async calls before and after a job whose second all_reduce needs its first's sum; each call's
+    numel differs, so with the check on any two ranks running them in different orders raise."""
+    ringcomm.init("torch")
+    stats0 = ringcomm.comm_stats()
+    a = ringcomm.all_reduce_async(torch.full((3,), float(rank + 1)), timeout=60)
+    p_sum = torch.full((5,), float(rank + 1))
+
+    def job() -> list[float]:
+        if rank == 0:
+            time.sleep(0.3)  # rank 0's job is slow: b reaches its queue long before the job's calls do
+        ringcomm.all_reduce(p_sum, timeout=60)  # blocking: inline in the job
+        q = torch.full((7,), p_sum[0].item() * (rank + 1))  # needs the summed p
+        fq = ringcomm.all_reduce_async(q, timeout=60)  # inline too: done on return
+        return [p_sum[0].item(), fq.wait()[0].item()]
+
+    fut = ringcomm.run_async(job, what="p then q")
+    b = ringcomm.all_reduce_async(torch.full((11,), float(rank + 1)), timeout=60)
+    c = torch.full((2,), float(rank))
+    ringcomm.all_reduce(c, timeout=60)  # blocking, from the caller: after all of it
+    return {
+        "a": a.wait().tolist(), "job": fut.wait(), "b": b.wait().tolist(), "c": c.tolist(),
+        "calls": (ringcomm.comm_stats() - stats0).calls,
+    }
+
+
+def test_a_jobs_collectives_keep_fifo_order_against_async_calls_on_every_rank() -> None:
+    p = 3
+    total = sum(range(1, p + 1))  # 6
+    for r in run_pooled(_job_order_rank, p, timeout=120):
+        assert r["a"] == [float(total)] * 3
+        assert r["job"] == [float(total), float(total * total)]  # Q from the summed P: 6 * (1 + 2 + 3)
+        assert r["b"] == [float(total)] * 11 and r["c"] == [float(sum(range(p)))] * 2
+        assert r["calls"] == 5  # the job's two collectives are accounted like any
+
+
+def _job_on_a_new_transport_rank(rank: int, p: int) -> dict:
+    ringcomm.init("torch")
+    out: dict = {}
+
+    def outcome(fut: torch.futures.Future) -> str:
+        try:
+            return f"returned {fut.wait()}"
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    out["all_reduce"] = outcome(ringcomm.run_async(lambda: ringcomm.all_reduce(torch.ones(4), transport="zmq")))
+    out["init"] = outcome(ringcomm.run_async(lambda: ringcomm.init("zmq")))
+    out["raised"] = outcome(ringcomm.run_async(lambda: 1 / 0, what="divide"))
+    out["zmq made"] = ("zmq", "cpu") in ringcomm.runtime.session.current().transports
+    x = torch.full((3,), float(rank + 1))
+    ringcomm.all_reduce(x, timeout=60)  # the world goes on
+    out["after"] = x.tolist()
+    return out
+
+
+def test_a_collective_in_a_job_on_a_transport_not_set_up_is_refused_naming_it() -> None:
+    for rank, r in enumerate(run_pooled(_job_on_a_new_transport_rank, 2, timeout=120)):
+        assert r["all_reduce"].startswith(f"CommError: rank {rank}: all_reduce(4 x float32, ring over zmq) was "
+                                          "refused: it runs inside a job"), r
+        assert "'zmq' transport for cpu, which is not set up yet; call ringcomm.init('zmq', 'cpu') first" in (
+            r["all_reduce"])
+        assert r["init"].startswith(f"CommError: rank {rank}: init('zmq') was refused: it runs inside a job"), r
+        assert r["raised"].startswith("ZeroDivisionError"), r
+        assert not r["zmq made"], "the transport was set up on the comm thread"
+        assert r["after"] == [3.0] * 3

@@ -11,16 +11,21 @@
    rank; error feedback conserves the input (sent + kept = given); F = 1 is the plain average.
 4. Training: ``--compress powersgd:2`` checkpointed at step 4 and resumed to 8 ends with the same
    weights, bit for bit, as a run straight to 8 (Q and error feedback restored); refusals.
+5. The DDP hook (``trainer/compress.py``) runs each PowerSGD or top-k bucket as a job on the comm
+   thread: it returns before the bucket is reduced, and the results, Q, the error feedback and the
+   step count are bit for bit those of the compressor called synchronously, bucket by bucket.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 
 import pytest
 import torch
 import torch.distributed as dist
 from grid import digest, make_input
+from pool import run_pooled
 
 import ringcomm
 from ringcomm import cost
@@ -433,3 +438,77 @@ def test_resume_accepts_the_saved_warmup() -> None:
     saved = {"config": {"compress": "powersgd:2", "compress_warmup": 3}}
     assert checkpoint.mismatch(saved, TrainConfig(compress="powersgd:2", compress_warmup=3)) is None
     assert checkpoint.mismatch({"config": {}}, TrainConfig(compress="bf16")) is None  # bf16 keeps no state
+
+
+# --- 5: the hook runs each bucket as a job on the comm thread --------------------------------------
+
+
+class _Bucket:
+    """What ``compress_hook`` reads of DDP's ``GradBucket``: its flat buffer, parameters, place."""
+
+    def __init__(self, buffer: torch.Tensor, params: list[torch.nn.Parameter], index: int, last: bool) -> None:
+        self._buffer, self._params, self._index, self._last = buffer, params, index, last
+
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self._params
+
+    def index(self) -> int:
+        return self._index
+
+    def is_last(self) -> bool:
+        return self._last
+
+
+def _hook_world(rank: int, p: int, compress: str) -> dict:
+    """Four steps of two buckets (the last layer's first, as DDP orders them) through the hook, each
+    step's hooks called while a job that waits on a gate holds the comm queue; beside them the same
+    gradients through a second compressor, called synchronously as the hook used to."""
+    from trainer.compress import CompressState, compress_hook
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(30, 40), torch.nn.ReLU(), torch.nn.Linear(40, 10))
+    state = CompressState(compress, model, warmup_steps=1)
+    sync = PowerSGD(2, warmup_steps=1) if state.kind == "powersgd" else TopK(state.compressor.fraction)
+    params = list(model.parameters())
+    layout = [params[2:], params[:2]]
+    pending, differ = [], []
+    for step in range(4):
+        g = torch.Generator().manual_seed(100 * step + rank)
+        bufs = [torch.randn(sum(q.numel() for q in ps), generator=g) for ps in layout]
+        gate = threading.Event()
+        ringcomm.run_async(lambda g=gate: g.wait(60), what="a job ahead")  # holds the queue until set
+        futures = [
+            compress_hook(state, _Bucket(buf.clone(), ps, i, i == len(layout) - 1))
+            for i, (buf, ps) in enumerate(zip(bufs, layout))
+        ]
+        pending.append(not any(f.done() for f in futures))
+        gate.set()
+        for i, (buf, ps, fut) in enumerate(zip(bufs, layout, futures)):
+            shapes = [(state.index[id(q)], q.shape) for q in ps]
+            if isinstance(sync, PowerSGD):
+                sync.reduce(buf, shapes, state.all_reduce, p)
+            else:
+                sync.reduce(buf, shapes, state.all_gather, p)
+            if not torch.equal(fut.wait(), buf):
+                differ.append(f"step {step} bucket {i}")
+        if isinstance(sync, PowerSGD):
+            sync.end_step()
+    a, b = state.compressor.state_dict(), sync.state_dict()
+    same_state = a.keys() == b.keys() and a.get("step") == b.get("step") and all(
+        sorted(a[k]) == sorted(b[k]) and all(torch.equal(a[k][i], b[k][i]) for i in a[k])
+        for k in ("q", "error") if k in a
+    )
+    return {"pending": pending, "differ": differ, "same state": same_state, "step": a.get("step")}
+
+
+@pytest.mark.parametrize("compress", ["powersgd:2", "topk:0.1"])
+def test_the_hook_reduces_on_the_comm_thread_as_the_synchronous_compressor(compress: str) -> None:
+    for r in run_pooled(_hook_world, 2, (compress,), timeout=TIMEOUT_S):
+        assert r["pending"] == [True] * 4, "the hook reduced its bucket before returning"
+        assert r["differ"] == [], r["differ"]
+        assert r["same state"], r
+        if compress.startswith("powersgd"):
+            assert r["step"] == 4  # counted once a step, in the last bucket's job

@@ -2,9 +2,17 @@
 
 The linear ones ride ringcomm.all_reduce with the run's algorithm and transport: bf16/fp16 as
 ``wire_dtype`` (queued like ``ringcomm_hook``, on the comm thread), PowerSGD's P and Q as two
-all-reduces per bucket. Top-k gathers (``ringcomm.all_gather``). PowerSGD and top-k compute in the
-hook (on the autograd thread) and hand DDP a completed future: their second collective needs the
-first's result, so there is nothing to overlap inside a bucket.
+all-reduces per bucket. Top-k gathers (``ringcomm.all_gather``). A PowerSGD or top-k bucket is one
+job on the comm thread (``ringcomm.run_async``): its collectives, each needing the last one's
+result, run there one after another in the job's FIFO turn, while backward computes the earlier
+layers' gradients::
+
+    autograd thread:  hook(bucket 0) -> job 0    hook(bucket 1) -> job 1    ... DDP waits
+    comm thread:                        [job 0: plain, P, Q]  [job 1: plain, P, Q]
+
+The compressor's state (Q, error feedback, the step count) is touched only by the jobs, in order,
+during a step; DDP waits for every bucket's future before the optimizer step, so a checkpoint
+taken after it sees the step's state whole.
 
 Their state (Q and error feedback, per rank) is saved beside the checkpoint by ``trainer/loop.py``.
 """
@@ -88,14 +96,20 @@ def compress_hook(state: CompressState, bucket: dist.GradBucket) -> torch.future
             buf, "avg", algo=state.algo, transport=state.transport, timeout=state.timeout,
             wire_dtype=state.kind, **state.options,
         )
+    # Read the bucket here, in the hook: DDP's GradBucket is not to be used after the hook returns.
     params = [(state.index[id(p)], p.shape) for p in bucket.parameters()]
-    if isinstance(state.compressor, PowerSGD):
-        state.compressor.reduce(buf, params, state.all_reduce, state.world)
-        if bucket.is_last():
-            state.compressor.end_step()
-    else:
-        assert isinstance(state.compressor, TopK)
-        state.compressor.reduce(buf, params, state.all_gather, state.world)
-    done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    done.set_result(buf)
-    return done
+    index, last = bucket.index(), bucket.is_last()
+    compressor = state.compressor
+
+    def job() -> torch.Tensor:  # on the comm thread, in this bucket's turn; its collectives run inline
+        with torch.no_grad():
+            if isinstance(compressor, PowerSGD):
+                compressor.reduce(buf, params, state.all_reduce, state.world)
+                if last:  # in the last bucket's job: after every reduce of the step, before the next step's
+                    compressor.end_step()
+            else:
+                assert isinstance(compressor, TopK)
+                compressor.reduce(buf, params, state.all_gather, state.world)
+        return buf
+
+    return ringcomm.run_async(job, what=f"{state.kind} bucket {index}", device=buf.device)

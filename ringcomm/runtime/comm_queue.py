@@ -24,6 +24,22 @@ on. A blocking collective issued from a callback is always refused with the
 same ``CommError`` (``refuse_blocking_here``): the thread cannot wait for
 itself, and whether it happened to find the queue empty must not decide.
 
+**Jobs.** Some work needs several collectives in a row, each depending on the last one's
+result (PowerSGD: all-reduce P, orthonormalise it, then all-reduce Q). Chaining them with
+callbacks is not safe: a callback that issues Q's all-reduce reaches the FIFO whenever the comm
+thread gets to it, after the next bucket's P on one rank and before it on another. A *job*
+(``submit_job``, ``ringcomm.run_async``) is a function that takes one turn in the FIFO and runs
+on the comm thread; the collectives it calls run inline, one after another, while it holds the
+queue, so they keep their place against everything issued before and after the job::
+
+    caller thread:   all_reduce_async(a)    run_async(job)              all_reduce_async(b)
+    FIFO:              [ a ] ------------- [ job ] ---------------------- [ b ]
+    comm thread:     run a ............... job: P, orthonormalise, Q .... run b
+
+Inside a job a blocking collective is allowed (it runs inline, the thread waits for no one),
+and an ``*_async`` one runs inline too and returns a completed future. Only inside: a future's
+callback, even one of a future completed inside a job, is not a job.
+
 Order between threads is the order in which calls reach the queue. If two
 threads of one rank issue collectives concurrently, that order can differ from
 rank to rank (and the same-call check will then say so): issue collectives
@@ -76,10 +92,12 @@ class CommStats:
 
 
 class _Item:
-    __slots__ = ("fn", "what", "future", "done", "result", "error")
+    __slots__ = ("fn", "what", "future", "job", "done", "result", "error")
 
-    def __init__(self, fn: Callable[[], Any], what: str, future: torch.futures.Future | None) -> None:
-        self.fn, self.what, self.future = fn, what, future
+    def __init__(
+        self, fn: Callable[[], Any], what: str, future: torch.futures.Future | None, job: bool = False
+    ) -> None:
+        self.fn, self.what, self.future, self.job = fn, what, future, job
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
@@ -141,6 +159,7 @@ class CommQueue:
         self._cond = threading.Condition()
         self._items: deque[_Item] = deque()
         self._running: str | None = None  # what runs now (inline or on the thread), for errors
+        self._job: str | None = None  # the job the comm thread runs now (written by that thread only)
         self._thread: threading.Thread | None = None
         self._closed = False
         self._stats = CommStats()
@@ -148,7 +167,12 @@ class CommQueue:
     # --- issuing ---
 
     def run(self, fn: Callable[[], T], what: str) -> T:
-        """Run ``fn`` in its turn and return its result (or raise its exception); blocks."""
+        """Run ``fn`` in its turn and return its result (or raise its exception); blocks.
+
+        Inside a job (on the comm thread, which holds the queue for it) ``fn`` runs at once.
+        """
+        if self.in_job():
+            return self._run_in_job(fn, what)
         self.refuse_blocking_here(what)
         with self._cond:
             self._check_open(what)
@@ -170,20 +194,70 @@ class CommQueue:
         return item.result
 
     def submit(self, fn: Callable[[], Any], what: str, future: torch.futures.Future) -> torch.futures.Future:
-        """Queue ``fn``; ``future`` gets its result or exception when it has run. Never blocks."""
+        """Queue ``fn``; ``future`` gets its result or exception when it has run. Never blocks.
+
+        Inside a job ``fn`` runs at once instead, and ``future`` is completed on return: queued, it
+        would run after whatever other threads issued meanwhile, in an order that differs by rank.
+        """
+        if self.in_job():
+            try:
+                result, error = self._run_in_job(fn, what), None
+            except BaseException as exc:  # to the future, as on the thread
+                result, error = None, exc
+            job, self._job = self._job, None  # the future's callbacks run here, but not in the job
+            try:
+                _Item(fn, what, future).finish(result, error)
+            finally:
+                self._job = job
+            return future
         with self._cond:
             self._check_open(what)
             self._enqueue(fn, what, future)
         return future
 
+    def submit_job(self, fn: Callable[[], Any], what: str, future: torch.futures.Future) -> torch.futures.Future:
+        """Queue ``fn`` as a job: it runs on the comm thread in its turn, and the collectives it
+        calls (``run``, ``submit``) run inline, in the order it calls them, while it holds the
+        queue. ``future`` gets its result or exception. Never blocks.
+
+        Raises:
+            CommError: called inside a job (a job's work is the job's; queued, it would run after
+                work other threads issued meanwhile, in an order that differs by rank).
+        """
+        if self.in_job():
+            raise CommError(
+                f"{what} was refused: a job was submitted inside the job {self._job}; call its function "
+                "directly there (it runs inline, in order)"
+            )
+        with self._cond:
+            self._check_open(what)
+            self._enqueue(fn, what, future, job=True)
+        return future
+
+    def in_job(self) -> bool:
+        """Whether the caller is the comm thread running a job (``submit_job``)."""
+        return self._job is not None and threading.current_thread() is self._thread
+
+    def _run_in_job(self, fn: Callable[[], T], what: str) -> T:
+        """Run ``fn`` now, inside the running job, naming it meanwhile (for ``close``'s error)."""
+        with self._cond:  # not refused while closing: the job was queued before, and close lets it finish
+            self._running = f"{what} (in {self._job})"
+        try:
+            return fn()
+        finally:
+            with self._cond:
+                self._running = self._job
+
     def refuse_blocking_here(self, what: str) -> None:
-        """Raise ``CommError`` if the caller is the comm thread (a future's callback runs there).
+        """Raise ``CommError`` if the caller is the comm thread (a future's callback runs there),
+        outside a job.
 
         A blocking collective there would wait for the thread it runs on. It is refused every
         time, whether or not the queue happens to be empty (when it is, it could run inline, but
-        then the same program would fail or not depending on timing).
+        then the same program would fail or not depending on timing). Inside a job it is allowed:
+        the job holds the queue, and the collective runs inline, in the job's order.
         """
-        if threading.current_thread() is self._thread:
+        if threading.current_thread() is self._thread and self._job is None:
             raise CommError(
                 f"{what} was refused: a blocking collective issued on ringcomm's comm thread (in a "
                 "future's callback) would wait for the thread it runs on; use all_reduce_async there, "
@@ -194,8 +268,10 @@ class CommQueue:
         if self._closed:
             raise CommError(f"ringcomm is shut down; {what} was not started")
 
-    def _enqueue(self, fn: Callable[[], Any], what: str, future: torch.futures.Future | None) -> _Item:
-        item = _Item(fn, what, future)
+    def _enqueue(
+        self, fn: Callable[[], Any], what: str, future: torch.futures.Future | None, job: bool = False
+    ) -> _Item:
+        item = _Item(fn, what, future, job)
         self._items.append(item)
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
@@ -214,12 +290,13 @@ class CommQueue:
                     return
                 item = self._items.popleft()
                 self._running = item.what
+                self._job = item.what if item.job else None
             try:
                 result, error = item.fn(), None
             except BaseException as exc:  # everything reaches the caller through the item
                 result, error = None, exc
             with self._cond:
-                self._running = None
+                self._running = self._job = None  # before finish: the future's callbacks are not in the job
                 self._cond.notify_all()
             item.finish(result, error)
 
