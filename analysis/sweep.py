@@ -304,7 +304,9 @@ PRESETS["compression"] = replace(
 # then the cluster goal (--zero 1 within 10 % of ring's images/s at 4 nodes over 100 Mbit/s).
 # AdamW, whose two moments make the saving twice SGD's; simplecnn (1.1 M parameters, 9 MB of moments)
 # keeps a run short on 2 cores: --model resnet18 (44.7 MB of weights) shows it in the peak RSS as well.
-# About 10 minutes on 2 busy cores: 7 one-host runs of 20 steps, then 3 on the cluster (root).
+# About 15 minutes on 2 busy cores: 7 one-host runs of 20 steps (about 8 minutes; a run of 12 steps at
+# P = 2 took 60 to 100 s at load 13 to 21), then 3 on the cluster (root; 115 s for 3 steps, most of it
+# the cluster's set-up and link test).
 PRESETS["zero"] = replace(
     PRESETS["cluster"],
     kinds=("zero",),
@@ -879,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
         const="zero",
         dest="preset",
         help="--zero 0/1/2 with AdamW: memory per rank and step time at P = 1, 2, 4 on this host (about "
-        "5 minutes), then ring against --zero 1/2 on 4 nodes of 100 Mbit/s (root; about 5 more)",
+        "8 minutes), then ring against --zero 1/2 on 4 nodes of 100 Mbit/s (root; about 7 more)",
     )
     parser.add_argument(
         "--model",
