@@ -260,7 +260,8 @@ def section(res: Results, figs: Path, notes: list[str], steady: Steady) -> tuple
             "### On an emulated cluster\n\nOne rank per node, each behind its own link "
             "(`python -m analysis.cluster`). The issue's goal: `--zero 1` training within "
             f"{1 - CLUSTER_GOAL:.0%} of ring training's images/s (× ring ≥ {CLUSTER_GOAL:.2f}), as the "
-            "bytes on the wire are the ring all-reduce's: reduce-scatter plus all-gather, 2(P−1)/P·M.\n\n"
+            "bytes on the wire are the ring all-reduce's: reduce-scatter plus all-gather, 2(P−1)/P·M. "
+            "(The issue's closing Goal asks for 5 %, ≥ 0.95, here and on one host: × --zero 0 above.)\n\n"
             + text
         )
     return "\n\n".join(parts), summary
