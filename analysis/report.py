@@ -342,6 +342,7 @@ def build_report(root: str | Path) -> Path:
     from . import cluster_report, plots, tables
     from .fit import fit_rows
     from .timeline import render_trace
+    from .zero_report import section as zero_section
 
     res = load_results(root)
     root = res.root
@@ -398,6 +399,8 @@ def build_report(root: str | Path) -> Path:
     if compress:  # a results folder with no --compress runs has no section (nor a note that says so)
         figures["compression"] = plot_compression(compress, compress_model, figs / "compression_vs_link.png", notes)
 
+    zero_md, zero = zero_section(res, figs, notes, _steady)  # ("", {}) without --zero runs: no section
+
     cluster_md, cluster = ("", {})
     if cluster_report.cluster_link(res):
         cluster_md, cluster = cluster_report.section(res, figs, notes)
@@ -445,6 +448,7 @@ def build_report(root: str | Path) -> Path:
             if compress
             else []
         ),
+        *(["## Sharded optimizer (ZeRO)\n\n" + zero_md] if zero_md else []),
         "## Batch-size sweep\n\n" + _batch_section(batch),
         fig("batch", "Time per epoch and throughput vs per-worker batch size"),
         "## Large batch: linear LR scaling and warmup\n\n" + _large_section(large),
@@ -468,6 +472,7 @@ def build_report(root: str | Path) -> Path:
         "comm": comm,
         "utilisation": util,
         "compression": {"runs": compress, "model": compress_model},
+        "zero": zero,
         "batch_sweep": batch,
         "large_batch": [{k: v for k, v in e.items() if k != "history"} for e in large],
         "figures": {k: (v.relative_to(root).as_posix() if v else None) for k, v in figures.items()},

@@ -352,6 +352,53 @@ def test_compression_plan_runs_every_method_at_every_link(tmp_path: Path) -> Non
         assert not [r for r in sweep.build_plan(other, tmp_path, python="python") if r.kind == "compress"]
 
 
+
+@pytest.mark.fast
+def test_zero_plan_runs_every_stage_on_one_host_then_ring_against_zero_on_the_cluster(tmp_path: Path) -> None:
+    import launch
+
+    p = sweep.PRESETS["zero"]
+    runs = sweep.build_plan("zero", tmp_path, python="python")
+    assert {r.kind for r in runs} == {"zero"}, "the zero preset is the zero runs alone"
+    grid = [(r.meta["link"], r.meta["world_size"], r.meta["zero"]) for r in runs]
+    # one host: P = 1 unsharded alone (a shard of one is the whole state), every stage at P = 2 and 4;
+    # then every stage on 4 nodes of 100 Mbit/s, after the one-host runs (those need no root)
+    assert grid == [(None, 1, 0), *((None, ws, z) for ws in (2, 4) for z in (0, 1, 2)),
+                    *(("100mbit", 4, z) for z in (0, 1, 2))]  # fmt: skip
+    assert len({r.name for r in runs}) == len(runs) and len({r.output for r in runs}) == len(runs)
+    for r in runs:
+        link, ws = r.meta["link"], r.meta["world_size"]
+        if link is None:
+            inner = r.argv
+            assert inner[1] == "launch.py" and "analysis.cluster" not in r.argv
+        else:
+            assert r.argv[:8] == ["python", "-m", "analysis.cluster", "--nodes", "4", "--link", link, "--"]
+            inner = r.argv[8:]
+        assert "cluster_link" not in r.meta, "the cluster section of the report is the ring/ps study's"
+        assert r.output == f"zero/{r.name}/metrics.json" and r.timeout_s == p.train_timeout_s
+        args = launch.parse_args(inner[2:])  # exits 2 on a refused flag
+        launch.check_args(args, ws)  # exits 1 on a refused combination
+        assert (args.zero, args.optimizer, args.lr, args.world_size) == (r.meta["zero"], "adamw", 1e-3, ws)
+        assert (args.algo, args.transport, args.model, args.max_steps) == ("ring", "torch", "simplecnn", 20)
+        assert args.out == str(tmp_path / r.output).removesuffix("/metrics.json")
+    for other in ("quick", "full", "cluster", "compression", "hier"):
+        assert not [r for r in sweep.build_plan(other, tmp_path, python="python") if r.kind == "zero"]
+
+
+@pytest.mark.fast
+def test_the_zero_flag_picks_the_preset_and_model_overrides_its_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("dry run must not start processes")
+
+    monkeypatch.setattr(subprocess, "Popen", boom)
+    assert sweep.main(["--zero", "--model", "resnet18", "--dry-run", "--out", str(tmp_path)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert len(lines) == len(sweep.build_plan("zero", tmp_path)) and all(line.startswith("[zero]") for line in lines)
+    assert all("--model resnet18 " in line and "--optimizer adamw" in line for line in lines)
+    assert sweep.PRESETS["zero"].model == "simplecnn", "--model changes this sweep's plan, not the preset"
+
 def _compress_metrics(method: str, step_s: float, sent: float, warmup: int = 10, steps: int = 25) -> dict:
     """A metrics.json as launch.py writes it, reduced to what the report's Compression section reads."""
     records = [
