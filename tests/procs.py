@@ -90,3 +90,36 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def parent_of(pid: int) -> int:
+    """``pid``'s parent pid (from /proc), or -1 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def is_worker(pid: int) -> bool:
+    """Whether ``pid`` is a rank that multiprocessing started: spawned (its command line runs
+    ``spawn_main``), or forked by a fork server (it keeps the server's command line, and its parent
+    is that server). Not the fork server itself, not the resource tracker, not the command."""
+    cmd = _cmdline(pid)
+    if b"spawn_main" in cmd:
+        return True
+    return b"multiprocessing.forkserver" in cmd and b"multiprocessing.forkserver" in _cmdline(parent_of(pid))
+
+
+def workers_of(pid: int) -> list[int]:
+    """The ranks ``pid`` started through multiprocessing: its children that are workers, or those of
+    the fork server it started."""
+    return sorted(w for w in descendants(pid) if is_worker(w) and pid in (parent_of(w), parent_of(parent_of(w))))

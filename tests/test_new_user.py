@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from procs import started
+from procs import is_worker, started
 
 from ringcomm.errors import CommError
 from ringcomm.runtime.liveness import Liveness
@@ -252,11 +252,9 @@ def _ignores_sigint(pid: int) -> bool:
 
 
 def _is_rank(pid: int) -> bool:
-    """Whether ``pid`` is a worker spawned by multiprocessing (not its resource tracker, not the command)."""
-    try:
-        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
+    """Whether ``pid`` is a worker started by multiprocessing (not its resource tracker, not its fork
+    server, not the command): spawned, or forked by the fork server (whose command line it keeps)."""
+    return is_worker(pid)
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the processes from /proc")

@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 import torch
-from procs import run, started  # a child's own children stopped too
+from procs import run, started, workers_of  # a child's own children stopped too
 from test_launch import _processes_with  # the /proc scan for leftover workers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,22 +69,6 @@ ARGS = [
 
 def _env(marker: str) -> dict[str, str]:
     return {**os.environ, "RINGCOMM_TEST_MARKER": marker, "OMP_NUM_THREADS": "1"}
-
-
-def _workers_of(pid: int) -> list[int]:
-    """The spawned worker processes of ``pid`` (children running multiprocessing's spawn_main)."""
-    workers = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid and b"spawn_main" in cmdline:
-            workers.append(int(entry.name))
-    return sorted(workers)
 
 
 #: The kill -9 test's runs: half the data (2 epochs of 32 steps), each of its three runs half as long.
@@ -155,7 +139,7 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Pat
         if loads == 0:  # written and passed between two looks: the version now on disk, once
             assert torch.load(ckpt, weights_only=False)["step"] == KILL_STEPS_PER_EPOCH
             loads += 1
-        victims = _workers_of(launcher.pid)
+        victims = workers_of(launcher.pid)
         assert len(victims) == 2, victims
         killed_at = time.monotonic()
         os.kill(victims[-1], signal.SIGKILL)  # the last started: rank 1

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-__all__ = ["WorldError", "finish", "run_world", "free_port", "use_forkserver"]
+__all__ = ["WorldError", "finish", "run_world", "free_port", "stop_forkserver", "use_forkserver"]
 
 
 class WorldError(RuntimeError):
@@ -105,7 +105,38 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # alive, owned by someone else
         return True
-    return True
+    try:  # a zombie (exited, not yet reaped by its own parent) is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True  # no /proc: kill(0) is all there is
+
+
+def _exit_waiter(pid: int) -> Callable[[float], bool]:
+    """A function ``gone(wait_s)``: whether ``pid`` has exited, waiting up to ``wait_s`` seconds for it.
+
+    Linux: a pidfd, readable once the process has exited (zombie or reaped, and never another
+    process that took its pid later); elsewhere a sleep, then ``_alive``. Needed under the fork
+    server, where the launcher is not the rank's parent: the server exits when the launcher's end of
+    its pipe closes, but every rank it forked holds a copy of that end (multiprocessing hands it
+    over as the rank's parent sentinel), so the server outlives a killed launcher while its ranks live.
+    """
+    try:
+        fd = os.pidfd_open(pid)  # type: ignore[attr-defined]
+    except (AttributeError, OSError):  # not Linux 5.3+, or already gone
+        fd = None
+    if fd is None:
+        def gone(wait_s: float) -> bool:
+            time.sleep(wait_s)
+            return not _alive(pid)
+
+        return gone
+    import select
+
+    def gone_fd(wait_s: float) -> bool:
+        return bool(select.select([fd], [], [], wait_s)[0])
+
+    return gone_fd
 
 
 #: Seconds a failed rank looks for its launcher's death before it exits: the launcher's sockets
@@ -118,11 +149,12 @@ def _die_with_parent(rank: int, parent: int) -> Callable[[], None]:
 
     Two ways, whichever sees it first: the kernel's parent-death signal (Linux:
     ``PARENT_DEATH_SIGNAL`` when the thread that started this rank exits), whose handler is Python's
-    and so waits for the main thread to leave C code, and a daemon thread that compares
-    ``os.getppid()`` with the parent pid seen at start every ``PARENT_WATCH_S`` (re-parenting to init
-    or a subreaper changes it) and works on every POSIX system. SIGTERM keeps its default action (a
-    live parent's ``_stop`` terminating the world). Under the ``forkserver`` start method the direct
-    parent is the fork server, which exits when ``parent`` does; the same two ways then see the server go.
+    and so waits for the main thread to leave C code, and a daemon thread that watches ``parent``
+    itself (``_exit_waiter``) and compares ``os.getppid()`` with the parent pid seen at start every
+    ``PARENT_WATCH_S`` (re-parenting to init or a subreaper changes it). SIGTERM keeps its default
+    action (a live parent's ``_stop`` terminating the world). Under the ``forkserver`` start method the
+    direct parent is the fork server, which outlives a killed ``parent`` while its ranks live: the
+    watch on ``parent`` sees it go.
     """
     direct = os.getppid()  # ``parent`` itself, or the fork server that forked this rank for it
 
@@ -136,7 +168,7 @@ def _die_with_parent(rank: int, parent: int) -> Callable[[], None]:
         """
         end = time.monotonic() + GONE_CHECK_S
         while True:
-            if os.getppid() != direct:
+            if os.getppid() != direct or not _alive(parent):
                 _stop_orphan(rank, parent)
             if time.monotonic() >= end:
                 return
@@ -145,9 +177,11 @@ def _die_with_parent(rank: int, parent: int) -> Callable[[], None]:
     def on_parent_death(signum: int, frame: Any) -> None:
         _stop_orphan(rank, parent)
 
+    launcher_gone = _exit_waiter(parent)
+
     def watch() -> None:
-        while os.getppid() == direct:
-            time.sleep(PARENT_WATCH_S)
+        while os.getppid() == direct and not launcher_gone(PARENT_WATCH_S):
+            pass
         _stop_orphan(rank, parent)
 
     if sys.platform.startswith("linux") and PARENT_DEATH_SIGNAL is not None:
@@ -254,6 +288,21 @@ def use_forkserver(preload: tuple[str, ...] = ("torch", "torch.distributed", "ri
     server started (``Caller``).
     """
     _START.update(method="forkserver", preload=tuple(preload))
+
+
+def stop_forkserver() -> None:
+    """End the fork server ``use_forkserver`` started, and wait for it (no-op if none runs).
+
+    It would end by itself a moment after this process does (its pipe from us closes); a command
+    that is done with its world (launch.py) ends it first, so that nothing of its outlives it.
+    """
+    if _START["method"] != "forkserver":
+        return
+    from multiprocessing import forkserver
+
+    stop = getattr(forkserver._forkserver, "_stop", None)  # CPython's own (3.8+), used by its tests
+    if stop is not None:
+        stop()
 
 
 class _Fd:
