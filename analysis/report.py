@@ -811,6 +811,7 @@ def compression_loss_summary(entries: list[dict]) -> dict[str, dict]:
     for method in sorted(by_method, key=_method_key):
         seeds = by_method[method]
         loss = mean([e["final_loss"] for e in seeds.values()])
+        accuracy = mean([e["test_accuracy"] for e in seeds.values() if e["test_accuracy"] is not None])
         sent = mean([e["bytes"] for e in seeds.values() if e["bytes"] is not None])
         per_seed = {
             s: {
@@ -826,6 +827,7 @@ def compression_loss_summary(entries: list[dict]) -> dict[str, dict]:
             "seeds": per_seed,
             "final_loss": loss,
             "ratio": ratio,
+            "test_accuracy": accuracy,
             "bytes": sent,
             "bytes_ratio": bytes_ratio,
             "loss_goal": loss_goal,
@@ -865,6 +867,10 @@ def plot_compression_loss(entries: list[dict], path: Path, notes: list[str]) -> 
         label = f"{method} (mean of {len(runs)} seed{'s' if len(runs) != 1 else ''})"
         ax_step.plot(steps, mean_loss, color=colour, linewidth=1.8, label=label)
         ax_time.plot(clock, mean_loss, color=colour, linewidth=1.8, label=label)
+    last = max(e["steps"][-1] for e in entries)
+    window = min(e["final_window"] for e in entries)
+    ax_step.axvspan(last - window + 0.5, last + 0.5, color="grey", alpha=0.12, label=f"final loss: mean of these {window} steps")
+    ax_step.set_yscale("log")  # the first steps' loss is several times the last ones'
     ax_step.set_xlabel("step")
     ax_time.set_xlabel("wall-clock seconds of training (sum of step times, mean over seeds)")
     ax_step.set_ylabel("train loss, rank 0's batch")
@@ -905,6 +911,7 @@ def _compression_loss_section(entries: list[dict], summary: Mapping[str, Mapping
                 verdict(s["loss_met"], f"≤ +{s['loss_goal'] * 100:g} %" if s["loss_goal"] is not None else ""),
                 _fmt(s["bytes_ratio"], ".3f") + "×" if s["bytes_ratio"] is not None else "–",
                 verdict(s["bytes_met"], f"≤ {s['bytes_goal']:g}×" if s["bytes_goal"] is not None else ""),
+                _fmt(s["test_accuracy"] and s["test_accuracy"] * 100, ".1f"),
             ]
         )
     return (
@@ -917,11 +924,12 @@ def _compression_loss_section(entries: list[dict], summary: Mapping[str, Mapping
         "none's final loss, and each method's relative to none's from the same seed; mean: the mean over "
         "seeds relative to none's mean. A loss goal is met when the mean is at most the goal above none's "
         "(ending lower loses nothing). Bytes: sent per step by rank 0 after PowerSGD's warm-up, over "
-        "none's. The right panel's seconds are rank 0's step times summed: on shared cores they show the "
+        "none's. Test accuracy: the same test images for every run, a second view of where training ended. "
+        "The right panel's seconds are rank 0's step times summed: on shared cores they show the "
         "machine's load as much as what a method costs (the link study above times the methods).\n\n"
         + _table(
             ["method", *[f"seed {s}" for s in seeds], "final loss (mean)", "vs none (mean)", "loss goal",
-             "bytes/step vs none", "bytes goal"],  # fmt: skip
+             "bytes/step vs none", "bytes goal", "test acc. % (mean)"],  # fmt: skip
             rows,
         )
     )

@@ -130,6 +130,7 @@ def test_report_draws_the_loss_curves_and_judges_the_goals(tmp_path: Path) -> No
     assert "| +1.0 % | ≤ +2 %: met | 0.500× | ≤ 0.55×: met |" in rows["bf16"]
     assert "| -2.1 % | ≤ +15 %: met | 0.150× | ≤ 0.1×: NOT met |" in rows["topk:0.01"]
     assert "| 0.6000 | 0.8000 | 0.7000 |" in rows["none"]
+    assert rows["bf16"].endswith("| 50.0 |"), "the mean test accuracy, in per cent"
     assert "mean of the last 10 steps' loss on rank 0" in section
     saved = json.loads((tmp_path / "analysis.json").read_text())["compression"]["loss"]
     assert saved["powersgd:2"]["loss_met"] is False and saved["bf16"]["loss_met"] is True
