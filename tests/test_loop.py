@@ -169,3 +169,14 @@ def test_resuming_with_nothing_left_is_refused_by_the_loop_too(tmp_path: Path, w
     ):
         train(_tiny(tmp_path / "run", max_steps=4, resume=str(tmp_path / "run" / "checkpoint.pt")), 0, 1, cpu)
     assert (tmp_path / "run" / "metrics.json").read_bytes() == before  # nothing rewritten
+
+
+def test_each_step_record_holds_its_loss(tmp_path: Path, world_of_one: None) -> None:
+    """The report's loss curves (analysis.report, Compression) read the loss of every step from
+    metrics.json; at one rank the epoch's mean train loss is the mean of those 8 batches' losses."""
+    metrics = train(_tiny(tmp_path / "run", max_steps=8), 0, 1, torch.device("cpu"))
+    assert metrics is not None
+    losses = [r["loss"] for r in metrics["step_records"]]
+    assert len(losses) == 8 and all(isinstance(x, float) and x > 0 for x in losses), losses
+    assert sum(losses) / len(losses) == pytest.approx(metrics["history"][-1]["train_loss"], rel=1e-6)
+    assert len(set(losses)) > 1, "each step's own loss, not one value repeated"

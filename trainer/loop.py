@@ -602,6 +602,7 @@ def _train_epoch(run: _Run, progress: Progress) -> _EpochSums:
         record = _comm_record(run.comm, progress.step)
         record["step_time_s"] = now - last  # includes loading this batch
         record["lr"] = lr
+        record["loss"] = loss.item()  # this rank's batch: the loss curves of analysis.report plot rank 0's
         last = now
         progress.step_records.append(record)
         window_comm_s += record.get("comm_time_s", 0.0)
