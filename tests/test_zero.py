@@ -9,6 +9,8 @@ world, to pay the start-up once:
   plain run's. Shortened from the issue's 40 steps to ``STEPS`` on a small synthetic set (the
   machine running the tests is small and shared); AdamW at lr 1e-3 (the trainer's default 0.05 is
   SGD's and diverges AdamW, which would compare two blow-ups).
+- adamw at P = 3 over shm for the issue's full 40 steps (uneven shards), the final parameters too;
+  analysis/measured/zero/agreement.py runs the whole grid.
 - at P = 2: ``--zero 2`` gives the very weights ``--zero 1`` gives, and a ``--zero 1`` run stopped
   half-way and resumed ends bitwise where the uninterrupted one ended (weights and optimizer state).
 """
