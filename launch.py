@@ -146,7 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=at_least(0),
         default=None,
         metavar="N",
-        help="with --compress powersgd:R: the first N steps average uncompressed (default: 10)",
+        help="with --compress powersgd:R or topk:F: the first N steps average uncompressed (default: 10)",
     )
     g.add_argument(
         "--comm-timeout",
@@ -338,7 +338,7 @@ def comm_options(args: argparse.Namespace) -> dict[str, Any]:
 def check_compress_arg(args: argparse.Namespace) -> None:
     """``--compress``: a known value, and refused in one line with ``--algo ddp``, ``--algo ps`` (top-k), ``--zero``.
 
-    ``--compress-warmup`` is refused with any other ``--compress`` than PowerSGD (argparse refuses a negative N).
+    ``--compress-warmup`` is refused with any other ``--compress`` than PowerSGD and top-k (argparse refuses a negative N).
     """
     from ringcomm.compress import parse_compress
 
@@ -347,8 +347,8 @@ def check_compress_arg(args: argparse.Namespace) -> None:
     except ValueError as exc:
         _refuse(str(exc))
     warmup = getattr(args, "compress_warmup", None)
-    if warmup is not None and kind != "powersgd":  # only PowerSGD has a warm-up: N would change nothing
-        _refuse(f"--compress-warmup {warmup}: only --compress powersgd:R has uncompressed warm-up steps")
+    if warmup is not None and kind not in ("powersgd", "topk"):  # the others have no warm-up: N would change nothing
+        _refuse(f"--compress-warmup {warmup}: only --compress powersgd:R and topk:F have uncompressed warm-up steps")
     if kind == "none":
         return
     if args.algo == "ddp":

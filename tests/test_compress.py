@@ -208,7 +208,7 @@ def topk_world(rank: int, p: int) -> list[str]:
     failures: list[str] = []
     g = torch.Generator().manual_seed(11)
     xs = torch.randn(p, 1000, generator=g)
-    tk = TopK(0.05)
+    tk = TopK(0.05, warmup_steps=0)
     flat = xs[rank].clone()
     tk.reduce(flat, [(0, flat.shape)], _ring_all_gather, p)
     kept = tk.error[0]
@@ -222,7 +222,7 @@ def topk_world(rank: int, p: int) -> list[str]:
     if not _agree_all(flat, p):
         failures.append(f"rank {rank}: ranks differ")
     # F = 1: the plain average
-    full = TopK(1.0)
+    full = TopK(1.0, warmup_steps=0)
     flat = xs[rank].clone()
     full.reduce(flat, [(0, flat.shape)], _ring_all_gather, p)
     if not torch.allclose(flat, xs.mean(0), atol=1e-6):
@@ -239,6 +239,36 @@ def test_topk_error_feedback_and_agreement() -> None:
     results = run_world(topk_world, 2, timeout=TIMEOUT_S)
     failures = [f for r in results for f in r]
     assert not failures, "\n".join(failures)
+
+
+def test_topk_averages_its_warmup_steps_uncompressed() -> None:
+    """The first warmup_steps steps go through all_reduce whole, with no error feedback; then top-k."""
+    tk = TopK(0.1, warmup_steps=2)
+    reduced: list[int] = []
+
+    def all_reduce(t: torch.Tensor, op: str) -> None:
+        assert op == "avg"
+        reduced.append(t.numel())
+
+    def all_gather(out: torch.Tensor, inp: torch.Tensor) -> None:  # a world of one
+        out.copy_(inp)
+
+    flat = torch.arange(100, dtype=torch.float32)
+    for step in range(2):
+        before = flat.clone()
+        tk.reduce(flat, [(0, flat.shape)], all_gather, 1, all_reduce)
+        assert torch.equal(flat, before) and tk.error == {}, f"step {step}: not the plain average"
+        tk.end_step()
+    assert reduced == [100, 100]
+    tk.reduce(flat, [(0, flat.shape)], all_gather, 1, all_reduce)
+    assert reduced == [100, 100] and int((flat != 0).sum()) == tk.k(100) == 10  # sparse from step 3
+    assert tk.state_dict()["step"] == 2
+    with pytest.raises(ValueError, match="warm-up: it needs all_reduce"):
+        TopK(0.1, warmup_steps=1).reduce(flat, [(0, flat.shape)], all_gather, 1)
+    # a state written before top-k had a warm-up compressed from its first step: past any warm-up
+    old = TopK(0.1, warmup_steps=5)
+    old.load_state_dict({"kind": "topk", "fraction": 0.1, "per": "parameter", "error": {}})
+    assert old.step == 5
 
 
 def test_topk_refuses_a_per_bucket_state() -> None:
@@ -329,6 +359,7 @@ def test_topk_resume_is_exact(tmp_path, capfd) -> None:
         ea = torch.load(f"{straight}/compressor-rank{rank}.pt", weights_only=True)
         eb = torch.load(f"{resumed}/compressor-rank{rank}.pt", weights_only=True)
         assert ea["kind"] == eb["kind"] == "topk" and sorted(ea["error"]) == sorted(eb["error"])
+        assert ea["step"] == eb["step"] == 6  # its warm-up (2 steps here) counted through the resume
         differ = [i for i in ea["error"] if not torch.equal(ea["error"][i], eb["error"][i])]
         assert not differ, f"rank {rank}: error feedback of buckets {differ} differs from the straight run's"
     a = torch.load(f"{straight}/checkpoint.pt", weights_only=False)
@@ -373,11 +404,11 @@ def test_compress_warmup_reaches_the_config() -> None:
     assert launch.config_from_args(args, 2).compress_warmup == PowerSGD(2).warmup_steps  # the library's default
 
 
-@pytest.mark.parametrize("compress", ["none", "bf16", "fp16", "topk:0.01"])
-def test_compress_warmup_refused_without_powersgd(compress: str) -> None:
+@pytest.mark.parametrize("compress", ["none", "bf16", "fp16"])
+def test_compress_warmup_refused_without_powersgd_or_topk(compress: str) -> None:
     import launch
 
-    with pytest.raises(SystemExit, match="--compress-warmup 3: only --compress powersgd:R") as info:
+    with pytest.raises(SystemExit, match="--compress-warmup 3: only --compress powersgd:R and topk:F") as info:
         launch.main(["--compress", compress, "--compress-warmup", "3", "--world-size", "2", "--max-steps", "1"])
     assert "\n" not in str(info.value)
 
@@ -471,7 +502,7 @@ def _hook_world(rank: int, p: int, compress: str) -> dict:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(30, 40), torch.nn.ReLU(), torch.nn.Linear(40, 10))
     state = CompressState(compress, model, warmup_steps=1)
-    sync = PowerSGD(2, warmup_steps=1) if state.kind == "powersgd" else TopK(state.compressor.fraction)
+    sync = PowerSGD(2, warmup_steps=1) if state.kind == "powersgd" else TopK(state.compressor.fraction, warmup_steps=1)
     params = list(model.parameters())
     layout = [params[2:], params[:2]]
     pending, differ = [], []
@@ -491,11 +522,10 @@ def _hook_world(rank: int, p: int, compress: str) -> dict:
             if isinstance(sync, PowerSGD):
                 sync.reduce(buf, shapes, state.all_reduce, p)
             else:
-                sync.reduce(buf, shapes, state.all_gather, p)
+                sync.reduce(buf, shapes, state.all_gather, p, state.all_reduce)
             if not torch.equal(fut.wait(), buf):
                 differ.append(f"step {step} bucket {i}")
-        if isinstance(sync, PowerSGD):
-            sync.end_step()
+        sync.end_step()
     a, b = state.compressor.state_dict(), sync.state_dict()
     same_state = a.keys() == b.keys() and a.get("step") == b.get("step") and all(
         sorted(a[k]) == sorted(b[k]) and all(torch.equal(a[k][i], b[k][i]) for i in a[k])
@@ -510,5 +540,4 @@ def test_the_hook_reduces_on_the_comm_thread_as_the_synchronous_compressor(compr
         assert r["pending"] == [True] * 4, "the hook reduced its bucket before returning"
         assert r["differ"] == [], r["differ"]
         assert r["same state"], r
-        if compress.startswith("powersgd"):
-            assert r["step"] == 4  # counted once a step, in the last bucket's job
+        assert r["step"] == 4  # counted once a step, in the last bucket's job

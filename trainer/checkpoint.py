@@ -356,7 +356,7 @@ def _compress_mismatch(old: dict[str, Any], cfg: TrainConfig) -> str | None:
     """Why this run cannot continue a run compressed as ``old`` (its saved config); None if it can.
 
     PowerSGD and top-k keep state (Q, error feedback) that only the same compressor can continue,
-    and PowerSGD's warm-up length decides which steps compress: a resumed run with another would not
+    and their warm-up length decides which steps compress: a resumed run with another would not
     replay the steps the checkpointed run would have taken.
     """
     was = old.get("compress", _COMPRESS_DEFAULTS["compress"])
@@ -364,12 +364,12 @@ def _compress_mismatch(old: dict[str, Any], cfg: TrainConfig) -> str | None:
     stateful = ("powersgd", "topk")
     if was != now and (was.startswith(stateful) or now.startswith(stateful)):
         return f"the checkpoint was written with --compress {was}, this run has --compress {now}; resume with --compress {was}"
-    if now.startswith("powersgd"):
+    if now.startswith(stateful):
         was_warm = old.get("compress_warmup", _COMPRESS_DEFAULTS["compress_warmup"])
         now_warm = getattr(cfg, "compress_warmup", _COMPRESS_DEFAULTS["compress_warmup"])
         if was_warm != now_warm:
             return (
-                f"the checkpoint's PowerSGD averaged its first {was_warm} steps uncompressed, this run's "
+                f"the checkpoint's {now.split(':')[0]} averaged its first {was_warm} steps uncompressed, this run's "
                 f"--compress-warmup is {now_warm}; resume with --compress-warmup {was_warm}"
             )
     return None

@@ -72,7 +72,7 @@ class CompressState:
         if self.kind == "powersgd":
             self.compressor = PowerSGD(int(arg), warmup_steps=warmup_steps)  # type: ignore[arg-type]
         elif self.kind == "topk":
-            self.compressor = TopK(float(arg))  # type: ignore[arg-type]
+            self.compressor = TopK(float(arg), warmup_steps=warmup_steps)  # type: ignore[arg-type]
         ringcomm.init(transport, device)
 
     def all_reduce(self, t: torch.Tensor, op: str) -> None:
@@ -105,11 +105,11 @@ def compress_hook(state: CompressState, bucket: dist.GradBucket) -> torch.future
         with torch.no_grad():
             if isinstance(compressor, PowerSGD):
                 compressor.reduce(buf, params, state.all_reduce, state.world)
-                if last:  # in the last bucket's job: after every reduce of the step, before the next step's
-                    compressor.end_step()
             else:
                 assert isinstance(compressor, TopK)
-                compressor.reduce(buf, params, state.all_gather, state.world)
+                compressor.reduce(buf, params, state.all_gather, state.world, state.all_reduce)
+            if last:  # in the last bucket's job: after every reduce of the step, before the next step's
+                compressor.end_step()
         return buf
 
     return ringcomm.run_async(job, what=f"{state.kind} bucket {index}", device=buf.device)
