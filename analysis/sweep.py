@@ -544,19 +544,7 @@ def build_plan(preset: str | Preset, out: str | Path = "results", python: str | 
     for link in p.compress_links if "compress" in p.kinds else ():
         for method in p.compress_methods:
             name = f"compress_{method.replace(':', '')}_{link or 'host'}_p{ws}"
-            argv = _launch_argv(
-                py,
-                out / "compress" / name,
-                algo="ring",
-                transport="torch",
-                world_size=ws,
-                preset=p,
-                batch_size=p.batch_size,
-                epochs=p.epochs,
-                max_steps=p.max_steps,
-                lr=p.lr,
-                extra=("--compress", method, *p.compress_extra),
-            )
+            argv = _ring_argv(py, out / "compress" / name, p, ws, ("--compress", method, *p.compress_extra))
             # "link", not "cluster_link": the report's cluster section is for the ring/ps study
             meta = {"compress": method, "link": link, "algo": "ring", "transport": "torch", "world_size": ws,
                     "batch_size": p.batch_size}  # fmt: skip
@@ -568,19 +556,7 @@ def build_plan(preset: str | Preset, out: str | Path = "results", python: str | 
     for seed in p.compress_seeds if "compress_loss" in p.kinds else ():
         for method in p.compress_methods:
             name = f"loss_{method.replace(':', '')}_s{seed}_p{ws}"
-            argv = _launch_argv(
-                py,
-                out / "compress_loss" / name,
-                algo="ring",
-                transport="torch",
-                world_size=ws,
-                preset=replace(p, seed=seed),
-                batch_size=p.batch_size,
-                epochs=p.epochs,
-                max_steps=p.max_steps,
-                lr=p.lr,
-                extra=("--compress", method, *p.compress_extra),
-            )
+            argv = _ring_argv(py, out / "compress_loss" / name, replace(p, seed=seed), ws, ("--compress", method, *p.compress_extra))
             meta = {"compress": method, "seed": seed, "algo": "ring", "transport": "torch", "world_size": ws,
                     "batch_size": p.batch_size, "max_steps": p.max_steps}  # fmt: skip
             runs.append(Run(name, "compress_loss", argv, f"compress_loss/{name}/metrics.json", p.train_timeout_s, meta))
@@ -665,6 +641,15 @@ def build_plan(preset: str | Preset, out: str | Path = "results", python: str | 
     return runs
 
 
+def _ring_argv(py: str, folder: Path, p: Preset, ws: int, extra: tuple[str, ...]) -> list[str]:
+    """launch.py's command for a ring-over-torch run of ``ws`` ranks with the preset's training settings
+    and ``extra`` options (the compression and ZeRO studies), writing to ``folder``."""
+    return _launch_argv(
+        py, folder, algo="ring", transport="torch", world_size=ws, preset=p, batch_size=p.batch_size,
+        epochs=p.epochs, max_steps=p.max_steps, lr=p.lr, extra=extra,
+    )  # fmt: skip
+
+
 def _zero_runs(p: Preset, out: Path, py: str) -> list[Run]:
     """``launch.py --zero STAGE`` runs: each stage at each world size on this host (P = 1: --zero 0 only),
     then each cluster stage at each link, in that order, so that a sweep without root (the cluster
@@ -675,18 +660,8 @@ def _zero_runs(p: Preset, out: Path, py: str) -> list[Run]:
     runs = []
     for stage, ws, link in grid:
         name = f"zero_z{stage}_{link or 'host'}_p{ws}"
-        argv = _launch_argv(
-            py,
-            out / "zero" / name,
-            algo="ring",
-            transport="torch",
-            world_size=ws,
-            preset=p,
-            batch_size=p.batch_size,
-            epochs=p.epochs,
-            max_steps=p.max_steps,
-            lr=p.lr,
-            extra=("--zero", str(stage), "--optimizer", p.zero_optimizer, *p.zero_extra),
+        argv = _ring_argv(
+            py, out / "zero" / name, p, ws, ("--zero", str(stage), "--optimizer", p.zero_optimizer, *p.zero_extra)
         )
         # "link", not "cluster_link": the report's cluster section is for the ring/ps study
         meta = {"zero": stage, "optimizer": p.zero_optimizer, "link": link, "algo": "ring",
