@@ -672,11 +672,9 @@ def plot_compression(entries: list[dict], model: Mapping[str, Mapping], path: Pa
     ax.set_title("Time per step against link rate: measured (points), model (dashed), crossover (dotted)", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    from . import plots
+
+    return plots._save(fig, path)
 
 
 def _compression_section(entries: list[dict], model: Mapping[str, Mapping]) -> str:
@@ -884,11 +882,9 @@ def plot_compression_loss(entries: list[dict], path: Path, notes: list[str]) -> 
     for ax in (ax_step, ax_time):
         ax.grid(True, alpha=0.3)
     ax_step.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    from . import plots
+
+    return plots._save(fig, path)
 
 
 def _compression_loss_section(entries: list[dict], summary: Mapping[str, Mapping]) -> str:
