@@ -586,6 +586,16 @@ def _train_epoch(run: _Run, progress: Progress) -> _EpochSums:
     )
     start = window_start = last = time.perf_counter()
     window_comm_s, window_steps = 0.0, 0
+    # each step's loss, read when the loop reads anyway (a log line, a checkpoint, the epoch's end):
+    # a .item() every step would wait for a GPU every step
+    unread: list[tuple[dict, torch.Tensor]] = []
+
+    def read_losses() -> None:
+        if unread:
+            for (rec, _), value in zip(unread, torch.stack([t for _, t in unread]).tolist()):
+                rec["loss"] = value  # this rank's batch: the loss curves of analysis.report plot rank 0's
+            unread.clear()
+
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses
@@ -602,12 +612,13 @@ def _train_epoch(run: _Run, progress: Progress) -> _EpochSums:
         record = _comm_record(run.comm, progress.step)
         record["step_time_s"] = now - last  # includes loading this batch
         record["lr"] = lr
-        record["loss"] = loss.item()  # this rank's batch: the loss curves of analysis.report plot rank 0's
+        unread.append((record, loss.detach()))
         last = now
         progress.step_records.append(record)
         window_comm_s += record.get("comm_time_s", 0.0)
         window_steps += 1
         if progress.step % cfg.log_every == 0 or progress.step == data.total_steps:
+            read_losses()
             elapsed = now - window_start
             comm = "comm n/a (built-in)" if run.comm is None else f"comm {window_comm_s / elapsed:4.0%}"
             run.say(
@@ -625,6 +636,7 @@ def _train_epoch(run: _Run, progress: Progress) -> _EpochSums:
         every = cfg.checkpoint_every
         if every and progress.step % every == 0 and progress.batch_in_epoch < data.steps_per_epoch:
             # mid-epoch (an epoch's end has its own): the epoch's time and images so far count
+            read_losses()
             _save(
                 run,
                 dataclasses.replace(
@@ -633,6 +645,7 @@ def _train_epoch(run: _Run, progress: Progress) -> _EpochSums:
                     images_seen=progress.images_seen + sums.seen * run.world_size,
                 ),
             )
+    read_losses()
     sums.time_s = time.perf_counter() - start
     return sums
 
