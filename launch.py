@@ -675,8 +675,6 @@ def _main(argv: list[str] | None) -> int:
     start = os.environ.get("RINGCOMM_START", "forkserver")
     if start not in START_METHODS:
         _refuse(f"RINGCOMM_START={start!r}: expected one of {', '.join(START_METHODS)}")
-    if start == "forkserver":  # the workers fork from a server that imported these once
-        use_forkserver(("torch", "torch.distributed", "ringcomm", "ringcomm.api", "trainer.loop"))
     cfg = config_from_args(args, args.world_size)
     check_run(cfg, args, kind, backend, args.world_size)
     if cfg.download:  # here, once, so that a failure is one line before any worker starts
@@ -696,6 +694,8 @@ def _main(argv: list[str] | None) -> int:
 
     started_at = time.time()
     limit = float("inf") if cfg.time_limit is None else cfg.time_limit + TIME_LIMIT_GRACE_S
+    if start == "forkserver":  # every check passed: the workers fork from a server that imported these once
+        use_forkserver(("torch", "torch.distributed", "ringcomm", "ringcomm.api", "trainer.loop"))
     from ringcomm.tools.cli import sigint_held_by_children
 
     try:
