@@ -73,18 +73,3 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         sys.stderr.write(f"\nconftest: processes left running by the tests (killed now):\n{lines}\n")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
-
-@pytest.fixture(autouse=True)
-def _sigint_as_it_was():
-    """Each test finds SIGINT as the run set it: Python's handler, not blocked in the main thread.
-
-    Tests that call a command's ``main()`` in this process (the bench, the demo, launch.py's checks)
-    install Ctrl-C handlers and block SIGINT while a world starts; one that leaves either behind makes
-    a later test of Ctrl-C in the same worker wait forever for a KeyboardInterrupt (seen once in a full
-    run: the sweep's Ctrl-C test ran into its 60 s timeout; alone it passes).
-    """
-    handler = signal.getsignal(signal.SIGINT)
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    yield
-    signal.signal(signal.SIGINT, handler)
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)

@@ -205,10 +205,16 @@ def test_ctrl_c_of_the_sweep_stops_the_running_group_and_records_it(tmp_path: Pa
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGINT)
 
+    # Python's Ctrl-C handler, as in a terminal: a pytest started in the background by a
+    # non-interactive shell (CI scripts do) inherits SIGINT ignored, and this test then waited 60 s
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Thread(target=ctrl_c_once_the_rank_is_up, daemon=True)
     timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        sweep.run_plan(runs, tmp_path, "test", kill_grace_s=1.0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sweep.run_plan(runs, tmp_path, "test", kill_grace_s=1.0)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     timer.join()
     pid = _grandchild_pid(log)
     try:
