@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from procs import descendants  # noqa: E402
+from procs import descendants, parent_of  # noqa: E402
 
 from ringcomm.tools import spawn  # noqa: E402
 
@@ -44,14 +44,6 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
-def _parent(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return -1
-
-
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     pooled = sys.modules.get("pool")  # the pooled worlds (tests/pool.py) end here on purpose, first
     if pooled is not None:
@@ -61,7 +53,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     leaked = [
         (pid, cmd)
         for pid, cmd in ((pid, _cmdline(pid)) for pid in descendants(me))
-        if not (_parent(pid) == me and any(s in cmd for s in _SERVICES))
+        if not (parent_of(pid) == me and any(s in cmd for s in _SERVICES))
     ]
     for pid, _ in leaked:
         try:

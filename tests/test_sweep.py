@@ -75,14 +75,20 @@ def test_full_plan_is_bigger_and_runs_full_epochs(tmp_path: Path) -> None:
     assert {r.meta["world_size"] for r in full if r.kind == "train"} == {1, 2, 4, 8}
 
 
-def test_dry_run_prints_the_plan_and_runs_nothing(
-    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def no_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dry run must not start processes: ``subprocess.Popen`` and ``run`` fail the test."""
+
     def boom(*a: object, **k: object) -> None:
         raise AssertionError("dry run must not start processes")
 
     monkeypatch.setattr(subprocess, "Popen", boom)
     monkeypatch.setattr(subprocess, "run", boom)
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture, no_processes: None
+) -> None:
     assert sweep.main(["--quick", "--dry-run", "--out", str(tmp_path), "--only", "train,bench"]) == 0
     out = capsys.readouterr().out
     assert out.count("[train]") == 17 and out.count("[bench]") == 6  # 2 world sizes x 3 transports
@@ -393,12 +399,8 @@ def test_zero_plan_runs_every_stage_on_one_host_then_ring_against_zero_on_the_cl
 
 @pytest.mark.fast
 def test_the_zero_flag_picks_the_preset_and_model_overrides_its_model(
-    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: pytest.CaptureFixture, no_processes: None
 ) -> None:
-    def boom(*a: object, **k: object) -> None:
-        raise AssertionError("dry run must not start processes")
-
-    monkeypatch.setattr(subprocess, "Popen", boom)
     assert sweep.main(["--zero", "--model", "resnet18", "--dry-run", "--out", str(tmp_path)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert len(lines) == len(sweep.build_plan("zero", tmp_path)) and all(line.startswith("[zero]") for line in lines)
