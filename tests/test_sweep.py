@@ -336,6 +336,19 @@ def test_every_bench_command_of_every_preset_passes_the_benchs_own_checks(preset
         assert sizes and algos, r.command
 
 
+def _launch_part(r: sweep.Run) -> list[str]:
+    """A link study's run (compression, ZeRO): its launch.py command, checked to run on this host
+    (no link) or inside ``analysis.cluster`` on 4 nodes of its link, and kept out of the ring/ps
+    study's cluster section."""
+    link = r.meta["link"]
+    assert "cluster_link" not in r.meta, "the cluster section of the report is the ring/ps study's"
+    if link is None:  # the ranks are processes of this host
+        assert r.argv[1] == "launch.py" and "analysis.cluster" not in r.argv
+        return r.argv
+    assert r.argv[:8] == ["python", "-m", "analysis.cluster", "--nodes", "4", "--link", link, "--"]
+    return r.argv[8:]
+
+
 @pytest.mark.fast
 def test_compression_plan_runs_every_method_at_every_link(tmp_path: Path) -> None:
     import launch
@@ -348,15 +361,7 @@ def test_compression_plan_runs_every_method_at_every_link(tmp_path: Path) -> Non
     assert None in p.compress_links and len(p.compress_links) >= 3, "one host, and at least two link rates"
     assert len({r.name for r in runs}) == len(runs) and len({r.output for r in runs}) == len(runs)
     for r in runs:
-        link = r.meta["link"]
-        if link is None:  # the ranks are processes of this host
-            inner = r.argv
-            assert inner[1] == "launch.py" and "analysis.cluster" not in r.argv
-        else:
-            assert r.argv[:8] == ["python", "-m", "analysis.cluster", "--nodes", "4", "--link", link, "--"]
-            inner = r.argv[8:]
-        assert "cluster_link" not in r.meta, "the cluster section of the report is the ring/ps study's"
-        args = launch.parse_args(inner[2:])  # exits 2 on a refused flag
+        args = launch.parse_args(_launch_part(r)[2:])  # exits 2 on a refused flag
         launch.check_args(args, 4)  # exits 1 on a refused combination
         assert (args.compress, args.world_size, args.algo) == (r.meta["compress"], 4, "ring")
         assert args.out == str(tmp_path / r.output).removesuffix("/metrics.json")
@@ -379,14 +384,8 @@ def test_zero_plan_runs_every_stage_on_one_host_then_ring_against_zero_on_the_cl
                     *(("100mbit", 4, z) for z in (0, 1, 2))]  # fmt: skip
     assert len({r.name for r in runs}) == len(runs) and len({r.output for r in runs}) == len(runs)
     for r in runs:
-        link, ws = r.meta["link"], r.meta["world_size"]
-        if link is None:
-            inner = r.argv
-            assert inner[1] == "launch.py" and "analysis.cluster" not in r.argv
-        else:
-            assert r.argv[:8] == ["python", "-m", "analysis.cluster", "--nodes", "4", "--link", link, "--"]
-            inner = r.argv[8:]
-        assert "cluster_link" not in r.meta, "the cluster section of the report is the ring/ps study's"
+        ws = r.meta["world_size"]
+        inner = _launch_part(r)
         assert r.output == f"zero/{r.name}/metrics.json" and r.timeout_s == p.train_timeout_s
         args = launch.parse_args(inner[2:])  # exits 2 on a refused flag
         launch.check_args(args, ws)  # exits 1 on a refused combination
