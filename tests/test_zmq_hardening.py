@@ -90,7 +90,7 @@ def test_ranks_that_exit_right_after_a_naive_all_reduce_lose_nothing() -> None:
             for proc in procs:
                 proc.join(timeout=max(deadline - time.monotonic(), 0.0))
             reports: dict[int, list[str]] = {}
-            while True:
+            while len(reports) < P:  # every rank reported (no 1 s wait for an empty queue), or one never will
                 try:
                     rank, failures = results.get(timeout=1.0)
                 except queue.Empty:
