@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import pickle
 import queue
 import time
 import traceback
@@ -38,7 +39,7 @@ from typing import Any
 
 from procs import end_processes
 
-from ringcomm.tools.spawn import Caller, WorldError, _first_cause, context, finish
+from ringcomm.tools.spawn import Caller, WorldError, _first_cause, context, finish, in_band
 
 __all__ = ["run_pooled", "close_all", "MAX_RANKS"]
 
@@ -91,7 +92,7 @@ def _rank(
                 ringcomm.shutdown(timeout=10.0 if reusable else 1.0)
             except ringcomm.CommError:
                 reusable = False
-            results.put((rank, "ok", (value, reusable), time.time()))
+            results.put((rank, "ok", in_band((value, reusable)), time.time()))  # read after we may have left
         ok = reusable
     except BaseException as exc:  # report everything; the parent recycles the pool
         results.put((rank, "error", (f"{type(exc).__name__}: {exc}", traceback.format_exc()), time.time()))
@@ -149,7 +150,7 @@ class _Pool:
                 continue
             if status != "ok":
                 raise _first_cause(self.procs, self.results, values, {rank: (at, *value)})
-            values[rank], reusable = value
+            values[rank], reusable = pickle.loads(value)  # in_band, from our own rank
             self.reusable = self.reusable and reusable
         return [values[r] for r in range(self.world_size)]
 

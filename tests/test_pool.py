@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import pickle
 import time
+from typing import Any
 
 import pool
 import pytest
 from pool import run_pooled
-from procs import descendants
+from procs import descendants, end_processes
 
+from ringcomm.tools import spawn
 from ringcomm.tools.spawn import WorldError
 
 pytestmark = pytest.mark.timeout(180)
@@ -102,3 +105,37 @@ def test_a_world_whose_session_failed_returns_its_values_and_is_not_used_again()
     assert run_pooled(_fail_the_session, 2, timeout=120) == ["CommTimeoutError", "silent"]
     assert not any(pid in descendants(os.getpid()) for pid in before)
     assert set(_pids(2)).isdisjoint(before)
+
+
+def _a_tensor(rank: int, p: int) -> dict[str, Any]:
+    import torch
+
+    return {"rank": rank, "t": torch.arange(5.0) + rank}
+
+
+def test_a_ranks_tensors_reach_the_parent_after_the_rank_has_exited() -> None:
+    """A rank of ``run_world`` reports its values and exits at once; on a loaded machine the parent
+    reads them later. A tensor sent as torch shares it (a file descriptor its rank hands over while
+    it lives) then could not be read: ``get`` raised ConnectionResetError (test_hier, once, in a
+    loaded full run). Here the parent reads only after the rank is gone, every time."""
+    import torch
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+    ctx, caller = spawn.context()
+    results = ctx.Queue()
+    rank = ctx.Process(
+        target=spawn._child, args=(_a_tensor, 0, 1, store.port, "gloo", (), results, {}, os.getpid(), caller)
+    )
+    try:
+        rank.start()
+        rank.join(timeout=120)
+        assert rank.exitcode == 0, f"the rank exited {rank.exitcode}"
+        who, status, value, _ = results.get(timeout=10)
+        assert (who, status) == (0, "ok"), value
+        got = pickle.loads(value)  # what run_world does with an "ok" report
+        assert got["rank"] == 0 and torch.equal(got["t"], torch.arange(5.0)), got
+    finally:
+        end_processes([rank])
+        results.close()
+        del store

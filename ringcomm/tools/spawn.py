@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import signal
 import sys
@@ -235,7 +236,7 @@ def _child(
         )
         value = fn(rank, world_size, *args)
         ok = True
-        results.put((rank, "ok", value, time.time()))
+        results.put((rank, "ok", in_band(value), time.time()))
     except BaseException as exc:  # report everything, including KeyboardInterrupt
         # the time orders the failures: the first is the cause, the peers' usually its consequence
         results.put((rank, "error", (f"{type(exc).__name__}: {exc}", traceback.format_exc()), time.time()))
@@ -245,6 +246,17 @@ def _child(
         raise SystemExit(1) from None
     finally:
         finish(ok)
+
+
+def in_band(value: Any) -> bytes:
+    """``value`` pickled with the bytes of its tensors inside, for a rank's report (``pickle.loads`` undoes it).
+
+    A results queue pickles with torch's reductions, which send a CPU tensor as a file descriptor
+    that the sending process hands over on request, while it lives. A rank reports, then exits at
+    once: a parent that reads the report later (a loaded machine) asked a process that was gone,
+    and ``get`` raised ConnectionResetError instead of returning the rank's values.
+    """
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def finish(ok: bool) -> None:
@@ -410,7 +422,7 @@ def run_world(
                     )
                 continue
             if status == "ok":
-                values[rank] = value
+                values[rank] = pickle.loads(value)  # in_band: from our own rank, over its pipe
             else:
                 failure = _first_cause(procs, results, values, {rank: (at, *value)})
     finally:
