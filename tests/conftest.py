@@ -34,9 +34,10 @@ if os.environ.get("RINGCOMM_TEST_START", "forkserver") == "forkserver":
 
 #: The modules that take longest in a full run, longest first (measured: the sum of their tests'
 #: durations, 2 workers on 2 cores). pytest-xdist hands a worker a whole module at a time
-#: (``--dist loadfile``) in the order collected: the long ones go first, so that the last modules
-#: handed out are short and both workers finish together (run alphabetically, a worker could still
-#: be in test_resume's minute-long tests with nothing left for the other). The rest keep their order.
+#: (``--dist loadfile``; ``--no-loadscope-reorder`` keeps this order): the long ones go first, so
+#: that the last modules handed out are short and both workers finish together. In xdist's own
+#: order (most tests first) the few-test, minute-long modules came last: in one run a worker spent
+#: its last 65 s alone in test_two_hosts. The modules not named keep their order, after these.
 LONGEST_FIRST = (
     "test_demo.py", "test_faults.py", "test_resume.py", "test_zero.py", "test_cluster.py",
     "test_learner.py", "test_rhd_rd.py", "test_launch.py", "test_shm_transport.py", "test_two_hosts.py",
