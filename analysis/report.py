@@ -529,9 +529,10 @@ def _steady(m: Mapping) -> dict:
 
 def _cost_bytes(method: str, model: str, p: int) -> float | None:
     """Bytes one rank sends per step for ``method`` by ``cost.py``'s formulas (ring all-reduce: 2(P−1)/P
-    of the payload; top-k's ring all_gather: (P−1) blocks of k per parameter), or None."""
+    of the payload; top-k's ring all_gather: (P−1) blocks of its k entries), or None."""
     from ringcomm.compress import parse_compress
     from ringcomm.compress.powersgd import PowerSGD
+    from ringcomm.compress.topk import TopK
     from trainer.models import build_model
 
     try:
@@ -550,8 +551,10 @@ def _cost_bytes(method: str, model: str, p: int) -> float | None:
         mats = [(sh[0], math.prod(sh[1:])) for sh in shapes if psgd.compresses(sh)]
         plain = numel - sum(n * m for n, m in mats)
         return ring * 4 * (cost.powersgd_elements(mats, int(arg)) + plain)  # type: ignore[arg-type]
-    if kind == "topk":
-        return sum(cost.topk_bytes_sent(math.prod(sh), float(arg), p) for sh in shapes)  # type: ignore[arg-type]
+    if kind == "topk":  # one budget ⌈F·ΣN⌉ over the matrices, gathered; vectors and energies all-reduced
+        mats = [math.prod(sh) for sh in shapes if TopK.sparsifies(sh)]
+        plain = numel - sum(mats) + len(mats)
+        return cost.topk_bytes_sent(sum(mats), float(arg), p) + ring * 4 * plain  # type: ignore[arg-type]
     return None
 
 

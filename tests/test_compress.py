@@ -198,8 +198,11 @@ def test_orthonormalise_and_small_tensors_stay_plain() -> None:
     assert torch.allclose(p.T @ p, torch.eye(4), atol=1e-5)
     psgd = PowerSGD(4)
     assert not psgd.compresses((10,))  # a vector
-    assert not psgd.compresses((8, 8))  # (8+8)·4·2 = 128 > 64: no gain
-    assert psgd.compresses((64, 3, 3, 3))  # 64×27: (64+27)·4·2 = 728 <= 1728
+    assert not psgd.compresses((8, 8))  # (8+8)·4 = 64: the factors are as large as the matrix
+    assert psgd.compresses((128, 3, 3, 3))  # 128×27: (128+27)·4·5 = 3100 <= 3456
+    assert not psgd.compresses((64, 3, 3, 3))  # 64×27: (64+27)·4·5 = 1820 > 1728: factors over a fifth
+    assert not PowerSGD(2).compresses((10, 128))  # simplecnn's classifier: 1280/(138·2) = 4.6 < 5
+    assert PowerSGD(2, min_gain=2).compresses((10, 128))  # PyTorch's threshold would compress it
     with pytest.raises(ValueError, match="rank=0"):
         PowerSGD(0)
 
@@ -208,9 +211,10 @@ def topk_world(rank: int, p: int) -> list[str]:
     failures: list[str] = []
     g = torch.Generator().manual_seed(11)
     xs = torch.randn(p, 1000, generator=g)
+    mat = torch.Size((10, 100))  # a matrix: sparsified (a vector would be averaged whole)
     tk = TopK(0.05, warmup_steps=0)
     flat = xs[rank].clone()
-    tk.reduce(flat, [(0, flat.shape)], _ring_all_gather, p)
+    tk.reduce(flat, [(0, mat)], _ring_all_gather, p)
     kept = tk.error[0]
     sent_mine = xs[rank] - kept
     if int((sent_mine != 0).sum()) != tk.k(1000):
@@ -224,14 +228,31 @@ def topk_world(rank: int, p: int) -> list[str]:
     # F = 1: the plain average
     full = TopK(1.0, warmup_steps=0)
     flat = xs[rank].clone()
-    full.reduce(flat, [(0, flat.shape)], _ring_all_gather, p)
+    full.reduce(flat, [(0, mat)], _ring_all_gather, p)
     if not torch.allclose(flat, xs.mean(0), atol=1e-6):
         failures.append(f"rank {rank}: topk:1 is not the average")
     # the mean of what each rank sent is the result, on the second step with the error added back
     flat = xs[rank].clone()
-    tk.reduce(flat, [(0, flat.shape)], _ring_all_gather, p)
+    tk.reduce(flat, [(0, mat)], _ring_all_gather, p)
     if not _agree_all(flat, p):
         failures.append(f"rank {rank}: ranks differ on step 2")
+    # a bucket of a vector (30), a matrix (10×50) and a vector (20): the vectors come back as the exact
+    # average (one all-reduce) with no error feedback, the matrix sparse; each rank's sent + kept is its input
+    shapes = [(1, torch.Size((30,))), (2, torch.Size((10, 50))), (3, torch.Size((20,)))]
+    mine = xs[rank, :550].clone()
+    flat = mine.clone()
+    mixed = TopK(0.05, warmup_steps=0)
+    mixed.reduce(flat, shapes, _ring_all_gather, p, _ring_all_reduce)
+    vec = torch.cat([torch.arange(30), torch.arange(530, 550)])
+    if not torch.allclose(flat[vec], xs[:, vec].mean(0), atol=1e-6):
+        failures.append(f"rank {rank}: the vectors are not the plain average")
+    if set(mixed.error) != {2}:
+        failures.append(f"rank {rank}: error feedback kept for {sorted(mixed.error)}, expected only the matrix (2)")
+    sent = mine[30:530] - mixed.error[2]
+    if int((sent != 0).sum()) != mixed.k(500):
+        failures.append(f"rank {rank}: the matrix sent {(sent != 0).sum()} entries, expected {mixed.k(500)}")
+    if int((flat[30:530] != 0).sum()) > p * mixed.k(500) or not _agree_all(flat, p):
+        failures.append(f"rank {rank}: the matrix's average is not sparse or the ranks differ")
     return failures
 
 
@@ -254,21 +275,60 @@ def test_topk_averages_its_warmup_steps_uncompressed() -> None:
         out.copy_(inp)
 
     flat = torch.arange(100, dtype=torch.float32)
+    mat = torch.Size((10, 10))
     for step in range(2):
         before = flat.clone()
-        tk.reduce(flat, [(0, flat.shape)], all_gather, 1, all_reduce)
+        tk.reduce(flat, [(0, mat)], all_gather, 1, all_reduce)
         assert torch.equal(flat, before) and tk.error == {}, f"step {step}: not the plain average"
         tk.end_step()
     assert reduced == [100, 100]
-    tk.reduce(flat, [(0, flat.shape)], all_gather, 1, all_reduce)
+    tk.reduce(flat, [(0, mat)], all_gather, 1, all_reduce)
     assert reduced == [100, 100] and int((flat != 0).sum()) == tk.k(100) == 10  # sparse from step 3
     assert tk.state_dict()["step"] == 2
     with pytest.raises(ValueError, match="warm-up: it needs all_reduce"):
-        TopK(0.1, warmup_steps=1).reduce(flat, [(0, flat.shape)], all_gather, 1)
+        TopK(0.1, warmup_steps=1).reduce(flat, [(0, mat)], all_gather, 1)
+    with pytest.raises(ValueError, match="averaging vectors whole: it needs all_reduce"):
+        TopK(0.1, warmup_steps=0).reduce(flat, [(0, flat.shape)], all_gather, 1)
     # a state written before top-k had a warm-up compressed from its first step: past any warm-up
     old = TopK(0.1, warmup_steps=5)
     old.load_state_dict({"kind": "topk", "fraction": 0.1, "per": "parameter", "error": {}})
     assert old.step == 5
+
+
+def test_topk_shares_one_budget_by_last_steps_energy() -> None:
+    """With ``sizes``, k_i = ⌈F·ΣN · E_i/ΣE⌉ from the step before (the warm-up's average first, then the
+    energy of gradient + error feedback), whatever bucket a parameter comes in; saved and restored."""
+    def world_of_one(out: torch.Tensor, inp: torch.Tensor) -> None:
+        out.copy_(inp)
+
+    reduced: list[int] = []
+
+    def all_reduce(t: torch.Tensor, op: str) -> None:
+        assert op == "avg"
+        reduced.append(t.numel())
+
+    a, b = torch.Size((10, 10)), torch.Size((4, 25))
+    tk = TopK(0.1, warmup_steps=1, sizes={0: 100, 1: 100})  # a budget of 20 entries a step
+    assert tk.k(100, 0) == tk.k(100, 1) == 10  # no energy yet: ⌈F·N⌉ each
+    flat = torch.cat([torch.full((100,), 3.0), torch.full((100,), 1.0)])  # E: 900 and 100
+    tk.reduce(flat, [(0, a), (1, b)], world_of_one, 1, all_reduce)  # the warm-up: averaged whole
+    tk.end_step()
+    assert tk.energy == {0: 900.0, 1: 100.0} and reduced == [200]
+    assert (tk.k(100, 0), tk.k(100, 1)) == (18, 2)  # ⌈20·0.9⌉, ⌈20·0.1⌉
+    # step 2 in two buckets (another layout than step 1's): 18 and 2 entries sent, the energies of g + e
+    # travel in each bucket's all-reduce (one float a matrix), and become the next step's shares
+    g0, g1 = torch.arange(100, dtype=torch.float32), torch.ones(100)
+    first, second = g0.clone(), g1.clone()
+    tk.reduce(first, [(0, a)], world_of_one, 1, all_reduce)
+    tk.reduce(second, [(1, b)], world_of_one, 1, all_reduce)
+    assert int((first != 0).sum()) == 18 and int((second != 0).sum()) == 2 and reduced == [200, 1, 1]
+    assert torch.equal(first[first != 0], g0[-18:])  # the largest entries
+    tk.end_step()
+    assert tk.energy == {0: float(g0.pow(2).sum()), 1: 100.0}
+    again = TopK(0.1, warmup_steps=1, sizes={0: 100, 1: 100})
+    again.load_state_dict(tk.state_dict())
+    assert again.energy == tk.energy and again.k(100, 1) == tk.k(100, 1) == 1  # ⌈20·100/328450⌉, at least 1
+    assert torch.equal(again.error[1], tk.error[1])
 
 
 def test_topk_refuses_a_per_bucket_state() -> None:
@@ -502,7 +562,10 @@ def _hook_world(rank: int, p: int, compress: str) -> dict:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(30, 40), torch.nn.ReLU(), torch.nn.Linear(40, 10))
     state = CompressState(compress, model, warmup_steps=1)
-    sync = PowerSGD(2, warmup_steps=1) if state.kind == "powersgd" else TopK(state.compressor.fraction, warmup_steps=1)
+    sync = (
+        PowerSGD(2, warmup_steps=1) if state.kind == "powersgd"
+        else TopK(state.compressor.fraction, warmup_steps=1, sizes=state.compressor.sizes)
+    )
     params = list(model.parameters())
     layout = [params[2:], params[:2]]
     pending, differ = [], []

@@ -72,7 +72,8 @@ class CompressState:
         if self.kind == "powersgd":
             self.compressor = PowerSGD(int(arg), warmup_steps=warmup_steps)  # type: ignore[arg-type]
         elif self.kind == "topk":
-            self.compressor = TopK(float(arg), warmup_steps=warmup_steps)  # type: ignore[arg-type]
+            sizes = {i: p.numel() for i, p in enumerate(model.parameters()) if TopK.sparsifies(p.shape)}
+            self.compressor = TopK(float(arg), warmup_steps=warmup_steps, sizes=sizes)  # type: ignore[arg-type]
         ringcomm.init(transport, device)
 
     def all_reduce(self, t: torch.Tensor, op: str) -> None:
