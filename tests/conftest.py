@@ -84,4 +84,3 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         lines = "\n".join(f"  pid {pid}: {cmd[:200]}" for pid, cmd in leaked)
         sys.stderr.write(f"\nconftest: processes left running by the tests (killed now):\n{lines}\n")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-

@@ -129,8 +129,9 @@ class TopK:
                 raise ValueError(f"top-k is {why}: it needs all_reduce")
             if warm:
                 all_reduce(flat, "avg")
-                for index, _, g in mats:  # the average's energy: the first compressed step's shares
-                    self._energy_now[index] = float(g.pow(2).sum())
+                if shares and self.step == self.warmup_steps - 1:  # the first compressed step's shares
+                    for index, _, g in mats:
+                        self._energy_now[index] = float(g.pow(2).sum())
                 return
             # one all-reduce, first on every rank (then the gathers): the vectors, and each matrix's |g + e|²
             energy = [torch.stack([g.pow(2).sum() for _, _, g in mats])] if shares else []
