@@ -64,7 +64,12 @@ Limits: the counters live in the store, so the store must outlive the peer
 (``run_world`` and torchrun's agent host it outside the workers; with
 ``init_process_group("env://")`` rank 0 hosts it, and if rank 0 dies the others
 fall back to the timeout). A thread that cannot get the GIL for
-``RINGCOMM_LIVENESS_S`` (a C extension that holds it) looks dead.
+``RINGCOMM_LIVENESS_S`` (a C extension that holds it) looks dead. A peer is
+judged only once it has beaten: one still starting (its counter is 0) is
+waited for, and one that dies before its first beat is caught by the timeout
+alone, whose message says it never started heartbeating. (A rank that reaches
+its session seconds after its peers, on a busy machine, must not be taken for
+dead; a full suite on 2 cores once saw a 3 s gap.)
 ``RINGCOMM_LIVENESS_S=0`` turns liveness off.
 """
 
@@ -151,6 +156,7 @@ class Liveness:
         #: Why the heartbeat stopped for good (None while it beats).
         self.error: str | None = None
         self._warned: set[int] = set()
+        self._not_started: set[int] = set()  # peers whose counter was still 0 at the last look
         # Reads of the store that failed in a row: (monotonic time of the first, the last error);
         # None while reads work. Written by whichever thread reads, as one tuple.
         self._unreadable: tuple[float, str] | None = None
@@ -259,7 +265,9 @@ class Liveness:
         """Seconds since this rank last saw ``peer``'s counter move; None if the store is unreachable.
 
         The first look at a peer starts its clock: a peer is never judged on less
-        than ``stale_s`` of watching.
+        than ``stale_s`` of watching. A peer that has not beaten yet (counter 0: it
+        has not reached this session, a slow start on a busy machine) is not
+        judged at all: silence 0, and only the call's timeout ends a wait on it.
         """
         now = time.monotonic()
         try:
@@ -268,6 +276,10 @@ class Liveness:
             self._read_failed(exc)
             return None
         self._unreadable = None
+        if count == 0:
+            self._not_started.add(peer)
+            return 0.0
+        self._not_started.discard(peer)
         last = self._seen.get(peer)
         if last is None or last[0] != count:
             self._seen[peer] = (count, now)
@@ -336,6 +348,8 @@ class Liveness:
         silent = self.silence(peer)
         if silent is None:
             return "its heartbeat could not be read (store unreachable)"
+        if peer in self._not_started:
+            return "it had not started heartbeating (not yet in ringcomm: still starting, or dead before it got there)"
         if silent < self.stale_s:
             return "it was still heartbeating (alive: slow, or not in the same all_reduce)"
         return f"it stopped heartbeating {silent:.1f} s ago (dead or frozen)"
