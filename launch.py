@@ -4,7 +4,7 @@ This docstring is the launch manual.
 
 One machine, no torchrun (CPU, Gloo): launch.py starts the workers itself, on a
 free port, and stops them all if one dies. They fork from one server process that
-imported torch and the trainer once (about 3 s of CPU saved per worker on a small
+imported torch and the trainer once (about 2 s of CPU saved per worker on a small
 machine); ``RINGCOMM_START=spawn`` starts each as a new interpreter instead::
 
     python launch.py --algo ring --world-size 4          # the default run, see below

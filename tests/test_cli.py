@@ -216,7 +216,7 @@ def test_download_offline_is_one_line_that_says_what_to_do(
         def __init__(self, **kwargs: object) -> None:
             raise urllib.error.URLError("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(data, "CIFAR10", Offline)  # what torchvision raises without network, at once
+    monkeypatch.setattr(data, "_cifar10", lambda verify_md5=True: Offline)  # what torchvision raises without network, at once
     message = _refusal(["--dataset", "cifar10", "--download", "--data-dir", str(tmp_path)])
     assert message.startswith(f"launch.py: --download: could not download CIFAR-10 into {tmp_path} ("), (
         message
@@ -240,7 +240,7 @@ def test_a_failed_download_takes_back_what_it_made(
             (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b half")
             raise urllib.error.URLError("Connection reset by peer")
 
-    monkeypatch.setattr(data, "CIFAR10", CutOff)
+    monkeypatch.setattr(data, "_cifar10", lambda verify_md5=True: CutOff)
     message = _refusal(["--dataset", "cifar10", "--download", "--data-dir", str(root)])
     assert "Connection reset by peer" in message, message
     if folder_was_there:

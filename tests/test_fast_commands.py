@@ -189,7 +189,7 @@ def test_every_command_uses_the_one_parser() -> None:
 
 
 @pytest.mark.fast
-def test_the_analysis_parses_labels_without_torch_and_training_does_not_import_the_bench() -> None:
+def test_the_analysis_parses_labels_without_torch_and_training_imports_neither_bench_nor_torchvision() -> None:
     proc = _python(
         "import sys\n"
         "import analysis.cluster_report, analysis.fit, analysis.results, analysis.tables\n"
@@ -198,6 +198,11 @@ def test_the_analysis_parses_labels_without_torch_and_training_does_not_import_t
         "assert 'torch' not in sys.modules, 'analysis'\n"
         "import trainer.loop\n"
         "assert 'ringcomm.bench' not in sys.modules, 'trainer.loop imports the bench'\n"
+        "from trainer.data import load_dataset\n"
+        "from trainer.models import build_model\n"
+        "load_dataset('synthetic', None, synthetic_size=(20, 5)).train[0]\n"
+        "build_model('simplecnn')\n"
+        "assert 'torchvision' not in sys.modules, 'a synthetic SimpleCNN run imports torchvision'\n"
         "print('ok')"
     )
     assert proc.stdout.strip() == "ok", proc.stdout + proc.stderr

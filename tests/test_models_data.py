@@ -219,6 +219,47 @@ def test_train_augmentation_keeps_shape() -> None:
     assert torch.equal(data.test[0][0], data.test[0][0])  # the test transform is deterministic
 
 
+@pytest.mark.fast
+@pytest.mark.parametrize("channels", [3, 1])
+def test_the_transforms_give_torchvision_v2s_very_bits(channels: int) -> None:
+    """trainer.data's plain-torch transforms against the torchvision.transforms.v2 they stand for:
+    from the same RNG state, the same random crops and flips, and bitwise the same floats."""
+    from torchvision.transforms import v2
+
+    from trainer.data import CIFAR10_FOLDER, test_transform, train_transform
+    from trainer.data import _cifar10 as cifar10_class
+
+    assert cifar10_class().base_folder == CIFAR10_FOLDER
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    theirs_train = v2.Compose(
+        [
+            v2.RandomCrop(32, padding=4),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
+    theirs_test = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    ours_train, ours_test = train_transform(mean, std), test_transform(mean, std)
+    images = torch.randint(
+        0, 256, (1000, channels, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)
+    )
+    images = images.expand(-1, 3, -1, -1)  # as ImageTensorDataset gives a 1-channel image: a view
+    torch.manual_seed(11)
+    ours = torch.stack([ours_train(im) for im in images])
+    after_ours = torch.rand(1)
+    torch.manual_seed(11)
+    theirs = torch.stack([theirs_train(im) for im in images])
+    assert torch.equal(torch.rand(1), after_ours), "the transforms drew a different number of random numbers"
+    assert ours.dtype == theirs.dtype == torch.float32
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours[0], ours_test(images[0])) or not torch.equal(ours[1], ours_test(images[1]))
+    assert torch.equal(
+        torch.stack([ours_test(im) for im in images[:50]]),
+        torch.stack([theirs_test(im) for im in images[:50]]),
+    )
+
+
 # --- learning-rate schedule ---------------------------------------------------------------
 
 

@@ -32,6 +32,15 @@ normalisation. Test images are only scaled and normalised.
 The random draws of the augmentation come from torch's global RNG of the
 process that calls ``__getitem__`` (the training process, with
 ``num_workers=0``), which is why the checkpoint saves each rank's RNG state.
+
+**No torchvision at import.** The transforms are written here in plain torch,
+drawing their random numbers as ``torchvision.transforms.v2``'s do (the same
+calls of the global RNG, in the same order), so they give the very bits v2 gave
+(``tests/test_models_data.py`` compares them on a thousand images). torchvision
+is imported only to read CIFAR-10: its package root imports every model and op,
+about 2 s of CPU on a 2-core machine, which each rank of a synthetic or
+Fashion-MNIST run, and each run of the test suite's ~85 processes, would pay
+for nothing.
 """
 
 from __future__ import annotations
@@ -41,12 +50,11 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision.datasets import CIFAR10
-from torchvision.transforms import v2
 
 from .names import DATASET_NAMES
 
@@ -133,45 +141,111 @@ class ImageData:
     reason: str
 
 
-def train_transform(mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+class Compose:
+    """Apply ``steps`` in order (as ``v2.Compose``)."""
+
+    def __init__(self, steps: list[Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        self.steps = steps
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        for step in self.steps:
+            image = step(image)
+        return image
+
+
+class RandomCrop:
+    """Zero-pad by ``padding`` on every side, then crop ``size``×``size`` at a random place.
+
+    As ``v2.RandomCrop(size, padding=padding)``: the top row is drawn first, then the left
+    column, each uniform over the places that fit (``torch.randint(0, room + 1, size=())``).
+    """
+
+    def __init__(self, size: int, padding: int) -> None:
+        self.size, self.padding = size, padding
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        p = self.padding
+        padded = torch.nn.functional.pad(image, (p, p, p, p)) if p else image
+        height, width = padded.shape[-2:]
+        top = int(torch.randint(0, height - self.size + 1, size=())) if height > self.size else 0
+        left = int(torch.randint(0, width - self.size + 1, size=())) if width > self.size else 0
+        return padded[..., top : top + self.size, left : left + self.size]
+
+
+class RandomHorizontalFlip:
+    """Mirror left to right with probability ``p`` (as v2: one ``torch.rand(1)``, kept if it is >= p)."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        self.p = p
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if torch.rand(1) >= self.p:
+            return image
+        return image.flip(-1)
+
+
+def to_unit_float(image: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 to float32 0..1 (as ``v2.ToDtype(torch.float32, scale=True)``: times 1/255)."""
+    if image.dtype != torch.uint8:
+        raise TypeError(f"expected a uint8 image, got {image.dtype}")
+    return image.to(torch.float32).mul_(1.0 / 255)
+
+
+class Normalize:
+    """Per channel, subtract ``mean`` and divide by ``std`` (as ``v2.Normalize``)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return image.sub(self.mean).div_(self.std)
+
+
+def train_transform(mean: tuple[float, ...], std: tuple[float, ...]) -> Compose:
     """RandomCrop(32, padding=4), RandomHorizontalFlip, scale to [0, 1], normalise."""
-    return v2.Compose(
-        [
-            v2.RandomCrop(32, padding=4),
-            v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
-        ]
-    )
+    return Compose([RandomCrop(32, padding=4), RandomHorizontalFlip(), to_unit_float, Normalize(mean, std)])
 
 
-def test_transform(mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+def test_transform(mean: tuple[float, ...], std: tuple[float, ...]) -> Compose:
     """Scale to [0, 1] and normalise; no augmentation."""
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    return Compose([to_unit_float, Normalize(mean, std)])
 
 
 # --- CIFAR-10 ---------------------------------------------------------------------------
 
 
-class _CIFAR10Unverified(CIFAR10):
-    """CIFAR10 that checks the files exist but not their MD5 sums.
+#: The folder torchvision's CIFAR10 reads under its root (its ``CIFAR10.base_folder``; a test checks).
+CIFAR10_FOLDER = "cifar-10-batches-py"
 
-    torchvision's ``_check_integrity`` calls ``check_integrity(path, md5)`` for
-    each file listed in ``train_list``/``test_list``/``meta``, and that function
+
+def _cifar10(verify_md5: bool = True) -> Any:
+    """torchvision's CIFAR10 dataset class, imported only now (see the module's docstring).
+
+    With ``verify_md5=False``, a subclass that checks the files exist but not their
+    MD5 sums. torchvision's ``_check_integrity`` calls ``check_integrity(path, md5)``
+    for each file listed in ``train_list``/``test_list``/``meta``, and that function
     documents ``md5=None`` as "existence only". Listing the same files with no
     checksum therefore keeps torchvision's loader, pickle parsing included, and
     lets it read files that are in the right format but are not the published
     ones (a tiny test copy, or a re-pickled one). Real data should be verified.
     """
+    from torchvision.datasets import CIFAR10
 
-    train_list = [[name, None] for name, _ in CIFAR10.train_list]
-    test_list = [[name, None] for name, _ in CIFAR10.test_list]
-    meta = {**CIFAR10.meta, "md5": None}
+    if verify_md5:
+        return CIFAR10
+
+    class CIFAR10Unverified(CIFAR10):
+        train_list = [[name, None] for name, _ in CIFAR10.train_list]
+        test_list = [[name, None] for name, _ in CIFAR10.test_list]
+        meta = {**CIFAR10.meta, "md5": None}
+
+    return CIFAR10Unverified
 
 
 def cifar10_present(root: str | Path) -> bool:
     """Whether ``root/cifar-10-batches-py`` exists (contents are checked when loading)."""
-    return (Path(root) / CIFAR10.base_folder).is_dir()
+    return (Path(root) / CIFAR10_FOLDER).is_dir()
 
 
 def load_cifar10(
@@ -186,7 +260,7 @@ def load_cifar10(
         RuntimeError: the files are missing or fail their MD5 check (torchvision's
             message), with what to do.
     """
-    cls = CIFAR10 if verify_md5 else _CIFAR10Unverified
+    cls = _cifar10(verify_md5)
     try:
         train = cls(root=str(root), train=True, download=download)
         test = cls(root=str(root), train=False, download=False)
@@ -194,12 +268,12 @@ def load_cifar10(
         # torchvision's "You can use download=True to download it" speaks to a Python caller
         why = str(exc).split(" You can use download=True")[0].rstrip(". ")
         raise RuntimeError(
-            f"CIFAR-10 could not be loaded from {Path(root) / CIFAR10.base_folder}: {why}. "
+            f"CIFAR-10 could not be loaded from {Path(root) / CIFAR10_FOLDER}: {why}. "
             "Put the extracted cifar-10-python.tar.gz there (or pass --download when online), "
             "or use --dataset fashion-mnist or synthetic"
         ) from exc
 
-    def to_tensors(ds: CIFAR10) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_tensors(ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
         return images, torch.tensor(ds.targets, dtype=torch.int64)
 
@@ -392,7 +466,7 @@ def check_source(name: str, data_dir: str | Path | None, download: bool = False)
     if name == "cifar10" and not download and not cifar10_present(folder or "data"):
         where = f"--data-dir {data_dir}" if folder else "data (the default --data-dir)"
         raise DataSourceError(
-            f"--dataset cifar10: no {CIFAR10.base_folder} folder in {where}; put the extracted "
+            f"--dataset cifar10: no {CIFAR10_FOLDER} folder in {where}; put the extracted "
             "cifar-10-python.tar.gz there, or add --download (needs network)"
         )
     if name == "fashion-mnist":
@@ -409,7 +483,7 @@ def check_source(name: str, data_dir: str | Path | None, download: bool = False)
     if name == "auto" and folder is not None:
         if not cifar10_present(folder) and _find_fashion_files(folder) is None:
             raise DataSourceError(
-                f"--data-dir {data_dir}: neither {CIFAR10.base_folder} nor the Fashion-MNIST idx files "
+                f"--data-dir {data_dir}: neither {CIFAR10_FOLDER} nor the Fashion-MNIST idx files "
                 "are in it (--dataset auto reads one of them from --data-dir; leave --data-dir out "
                 "to fall back to Debian's Fashion-MNIST or synthetic data)"
             )
@@ -428,7 +502,7 @@ def download_cifar10(root: str | Path) -> None:
     existed = folder.exists()
     before = set(folder.iterdir()) if folder.is_dir() else set()
     try:
-        CIFAR10(root=str(root), train=True, download=True)
+        _cifar10()(root=str(root), train=True, download=True)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; a bad archive a RuntimeError
         if not existed:
             shutil.rmtree(folder, ignore_errors=True)
@@ -469,8 +543,8 @@ def resolve_dataset(name: str, data_dir: str | Path | None) -> tuple[str, Path |
     # auto: the first available, never downloading
     for root in cifar_roots:
         if cifar10_present(root):
-            return "cifar10", root, f"auto: found {root / CIFAR10.base_folder}"
-    why = f"no {CIFAR10.base_folder} under {cifar_roots[0]}"
+            return "cifar10", root, f"auto: found {root / CIFAR10_FOLDER}"
+    why = f"no {CIFAR10_FOLDER} under {cifar_roots[0]}"
     root = fashion_mnist_dir(data_dir)
     if root is not None:
         return "fashion-mnist", root, f"auto: {why}; found Fashion-MNIST in {root}"
@@ -497,7 +571,7 @@ def load_dataset(
         root: the folder to load from (ignored for synthetic).
         reason: carried into ``ImageData.reason`` for the first output line.
         download: CIFAR-10 only: let torchvision download into ``root`` if missing.
-        verify_md5: CIFAR-10 only: check the published MD5 sums (see ``_CIFAR10Unverified``).
+        verify_md5: CIFAR-10 only: check the published MD5 sums (see ``_cifar10``).
         synthetic_size: (train, test) sizes of the synthetic dataset.
     """
     if name == "cifar10":

@@ -27,7 +27,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torchvision.models import resnet18, resnet50
 
 from .names import MODEL_NAMES
 
@@ -72,9 +71,13 @@ class SimpleCNN(nn.Sequential):
         )
 
 
-def cifar_resnet(factory: Callable[..., nn.Module], num_classes: int = NUM_CLASSES) -> nn.Module:
-    """A torchvision ResNet with the CIFAR stem: 3×3 stride-1 first conv, no max-pool."""
-    model = factory(weights=None, num_classes=num_classes)
+def cifar_resnet(name: str, num_classes: int = NUM_CLASSES) -> nn.Module:
+    """torchvision's ResNet ``name`` (``resnet18``, ``resnet50``) with the CIFAR stem: 3×3 stride-1
+    first conv, no max-pool. torchvision is imported here, not with this module: its import costs
+    about 2 s of CPU, which a run of the SimpleCNN need not pay (``trainer/data.py`` says more)."""
+    import torchvision.models
+
+    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
@@ -83,11 +86,13 @@ def cifar_resnet(factory: Callable[..., nn.Module], num_classes: int = NUM_CLASS
 #: name -> constructor taking no arguments, returning a model for 3×32×32 inputs and 10 classes
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "simplecnn": SimpleCNN,
-    "resnet18": lambda: cifar_resnet(resnet18),
-    "resnet50": lambda: cifar_resnet(resnet50),
+    "resnet18": lambda: cifar_resnet("resnet18"),
+    "resnet50": lambda: cifar_resnet("resnet50"),
 }
 if tuple(MODELS) != MODEL_NAMES:  # launch.py offers names.MODEL_NAMES without importing this module
-    raise ImportError(f"trainer.models.MODELS {tuple(MODELS)} differs from trainer.names.MODEL_NAMES {MODEL_NAMES}")
+    raise ImportError(
+        f"trainer.models.MODELS {tuple(MODELS)} differs from trainer.names.MODEL_NAMES {MODEL_NAMES}"
+    )
 
 
 def build_model(name: str) -> nn.Module:
