@@ -644,11 +644,6 @@ def _saved(out: str, since: float) -> str:
     return f"the last checkpoint this run saved, {time.time() - written:.0f} s ago, is {path} (--resume continues it)"
 
 
-#: How launch.py starts its workers (``RINGCOMM_START``): forked from one server that imported
-#: torch and the trainer (``forkserver``, the default), or each a new interpreter (``spawn``).
-START_METHODS = ("forkserver", "spawn")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse, check, then train under torchrun's processes or in a world spawned here."""
     try:
@@ -670,11 +665,12 @@ def _main(argv: list[str] | None) -> int:
     if under_torchrun():
         return _torchrun_main(args, kind, backend)
 
-    from ringcomm.tools.spawn import WorldError, run_world, stop_forkserver, use_forkserver
+    from ringcomm.tools.spawn import WorldError, run_world, start_method, stop_forkserver, use_forkserver
 
-    start = os.environ.get("RINGCOMM_START", "forkserver")
-    if start not in START_METHODS:
-        _refuse(f"RINGCOMM_START={start!r}: expected one of {', '.join(START_METHODS)}")
+    try:
+        start = start_method()
+    except ValueError as exc:
+        _refuse(str(exc))
     cfg = config_from_args(args, args.world_size)
     check_run(cfg, args, kind, backend, args.world_size)
     if cfg.download:  # here, once, so that a failure is one line before any worker starts

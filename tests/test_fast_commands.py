@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,22 @@ def test_a_bad_option_is_one_line_and_status_2_without_torch(command: list[str])
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].endswith("(--help lists the options)"), proc.stderr
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    "command",
+    [["launch.py", "--max-steps", "1"], ["-m", "ringcomm.bench"], ["-m", "ringcomm.demo"]],
+    ids=lambda c: c[-1],
+)
+def test_a_bad_start_method_is_one_line_before_any_worker_starts(command: list[str]) -> None:
+    """RINGCOMM_START (forkserver, the default, or spawn) says how the commands' worlds start their ranks."""
+    env = {**os.environ, "RINGCOMM_START": "fork"}
+    proc = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "RINGCOMM_START='fork': expected one of forkserver, spawn" in lines[0], proc.stderr
+    assert proc.stdout == "", proc.stdout  # no header, no step: nothing ran
 
 
 @pytest.mark.fast

@@ -473,6 +473,13 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int], 
     why = args.json and cli.unwritable(args.json)
     if why:
         parser.error(f"--json {args.json}: {why}")
+    if not _under_torchrun():
+        from .spawn import start_method
+
+        try:
+            start_method()
+        except ValueError as exc:  # not an option: one line, status 1, as launch.py says it
+            raise SystemExit(f"{parser.prog}: {exc}") from None
     transports = [t.strip() for t in args.transports.split(",") if t.strip()]
     unknown = [t for t in transports if t not in TRANSPORT_NAMES]
     if unknown or not transports:
@@ -549,7 +556,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args, sizes, algos = _parse_args(argv)
     if _under_torchrun():  # torchrun decides how its workers stop
         return _main(args, sizes, algos)
-    with cli.ctrl_c_stops_the_world("python -m ringcomm.bench"):
+    from .spawn import forked_ranks
+
+    preload = ("torch", "torch.distributed", "ringcomm", "ringcomm.api", "ringcomm.tools.bench")
+    with forked_ranks(preload), cli.ctrl_c_stops_the_world("python -m ringcomm.bench"):  # one torch import
         return _main(args, sizes, algos)
 
 

@@ -845,8 +845,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.html and not Path(args.html).resolve().parent.is_dir():
         parser.error(f"--html {args.html}: no folder {Path(args.html).parent} to write it in")
     from .cli import ctrl_c_stops_the_world
+    from .spawn import forked_ranks, start_method
 
-    with ctrl_c_stops_the_world(parser.prog):
+    try:
+        start_method()
+    except ValueError as exc:  # not an option: one line, status 1, as launch.py says it
+        raise SystemExit(f"{parser.prog}: {exc}") from None
+    preload = ("torch", "torch.distributed", "ringcomm", "ringcomm.api", "ringcomm.tools.demo")
+    with forked_ranks(preload), ctrl_c_stops_the_world(parser.prog):  # the ranks fork from one torch import
         rec = record(args.algo, args.world_size, args.numel, args.op, args.transport, args.collective)
     try:
         print(render_text(rec), flush=True)

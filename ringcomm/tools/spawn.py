@@ -31,11 +31,15 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
-__all__ = ["WorldError", "finish", "run_world", "free_port", "stop_forkserver", "use_forkserver"]
+__all__ = [
+    "WorldError", "finish", "forked_ranks", "run_world", "free_port", "start_method", "stop_forkserver",
+    "use_forkserver",
+]  # fmt: skip
 
 
 class WorldError(RuntimeError):
@@ -315,6 +319,43 @@ def stop_forkserver() -> None:
     stop = getattr(forkserver._forkserver, "_stop", None)  # CPython's own (3.8+), used by its tests
     if stop is not None:
         stop()
+
+
+#: How a command's world starts its ranks (``RINGCOMM_START``): forked from one server that
+#: imported torch once (``forkserver``, the default), or each a new interpreter (``spawn``).
+START_METHODS = ("forkserver", "spawn")
+
+
+def start_method() -> str:
+    """``RINGCOMM_START``, checked: ``forkserver`` (the default) or ``spawn``; ValueError otherwise."""
+    start = os.environ.get("RINGCOMM_START", "forkserver")
+    if start not in START_METHODS:
+        raise ValueError(f"RINGCOMM_START={start!r}: expected one of {', '.join(START_METHODS)}")
+    return start
+
+
+@contextmanager
+def forked_ranks(preload: tuple[str, ...]) -> Iterator[None]:
+    """In the block, ``run_world`` forks its ranks from a server that imported ``preload`` once;
+    the server ends with the block. For the commands that start a world (the demo, the bench).
+
+    A rank then starts in milliseconds instead of importing torch anew (about 2 s of CPU a rank
+    on a 2-core machine). ``RINGCOMM_START=spawn`` keeps new interpreters. A process that has
+    chosen already (the test suite's fork server, ``use_forkserver``) keeps its choice and its server.
+
+    Raises:
+        ValueError: ``RINGCOMM_START`` is neither ``forkserver`` nor ``spawn``.
+    """
+    start = start_method()
+    if _START["method"] == "forkserver" or start == "spawn":
+        yield
+        return
+    use_forkserver(preload)
+    try:
+        yield
+    finally:
+        stop_forkserver()
+        _START.update(method="spawn", preload=())
 
 
 class _Fd:
