@@ -454,7 +454,7 @@ def test_the_other_collectives_pages_show_each_step(tmp_path: Path, collective: 
     after each step as worked out by hand, one arrow per message received in the step, reduce_scatter's
     output block outlined, and the log ending with the check against torch's own."""
     page = tmp_path / f"{collective}.html"
-    done = _demo("--collective", collective, "--world-size", "3", "--numel", str(numel), "--html", str(page))
+    done = _demo_here("--collective", collective, "--world-size", "3", "--numel", str(numel), "--html", str(page))
     assert done.returncode == 0, done.stderr[-2000:]
     steps = [step for c, n, step in PAGE_ROWS if c == collective]
     for step in steps:
