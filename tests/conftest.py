@@ -17,13 +17,21 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Every TCPStore client connection makes a reverse DNS lookup of its own peer address, to log it
+# (torch's c10d socket.cpp: the client connects to ::ffff:127.0.0.1, which /etc/hosts' "127.0.0.1"
+# line does not match, so the lookup goes to the name server). Where that server drops a UDP query
+# now and then (this sandbox's: about 1 in 30), the resolver waits its 5 s timeout, so a world's
+# set-up stalled 5 s in about one test in 40. One-second tries, three of them, for the suite's
+# processes and everything they start (the environment is inherited): a drop then costs 1 s.
+os.environ.setdefault("RES_OPTIONS", "timeout:1 attempts:3")
+
 from procs import descendants, parent_of  # noqa: E402
 
 from ringcomm.tools import spawn  # noqa: E402
 
 # The suite's worlds (run_world, the pooled worlds) fork their ranks from one server that has
 # imported torch and ringcomm once: ~0.1 s a rank instead of ~1.5 s of imports on these 2 cores.
-# RINGCOMM_TEST_START=spawn runs them as new interpreters, as launch.py and the bench do.
+# RINGCOMM_TEST_START=spawn runs them as new interpreters (as RINGCOMM_START=spawn makes the commands do).
 # The server starts nothing itself and needs no timeout of its own: each world it forks for has
 # its test's timeout, and the server exits when this process does (its pipe from us closes).
 if os.environ.get("RINGCOMM_TEST_START", "forkserver") == "forkserver":
