@@ -41,16 +41,16 @@ if os.environ.get("RINGCOMM_TEST_START", "forkserver") == "forkserver":
     )
 
 #: The modules that take longest in a full run, longest first (measured: the sum of their tests'
-#: durations, 2 workers on 2 cores). pytest-xdist hands a worker a whole module at a time
+#: durations, 3 workers on 2 cores, 2026-12-07). pytest-xdist hands a worker a whole module at a time
 #: (``--dist loadfile``; ``--no-loadscope-reorder`` keeps this order): the long ones go first, so
-#: that the last modules handed out are short and both workers finish together. In xdist's own
+#: that the last modules handed out are short and the workers finish together. In xdist's own
 #: order (most tests first) the few-test, minute-long modules came last: in one run a worker spent
 #: its last 65 s alone in test_two_hosts. The modules not named keep their order, after these.
 LONGEST_FIRST = (
-    "test_demo.py", "test_faults.py", "test_resume.py", "test_zero.py", "test_cluster.py",
-    "test_learner.py", "test_rhd_rd.py", "test_launch.py", "test_shm_transport.py", "test_two_hosts.py",
-    "test_ring.py", "test_zmq_transport.py", "test_hier.py", "test_shm_review.py", "test_param_server.py",
-    "test_compress.py", "test_cli.py", "test_collectives.py", "test_trace.py", "test_new_user.py",
+    "test_learner.py", "test_faults.py", "test_zero.py", "test_launch.py", "test_two_hosts.py",
+    "test_shm_review.py", "test_shm_transport.py", "test_cluster.py", "test_rhd_rd.py", "test_resume.py",
+    "test_zmq_transport.py", "test_demo.py", "test_ring.py", "test_compress.py", "test_collectives.py",
+    "test_new_user.py", "test_param_server.py", "test_hier.py", "test_session.py", "test_hooks.py",
 )  # fmt: skip
 
 
