@@ -39,7 +39,7 @@ from typing import Any
 
 from procs import end_processes
 
-from ringcomm.tools.spawn import Caller, WorldError, _first_cause, context, finish, in_band
+from ringcomm.tools.spawn import Caller, WorldError, _first_cause, context, finish, in_band, loopback_store
 
 __all__ = ["run_pooled", "close_all", "MAX_RANKS"]
 
@@ -105,12 +105,10 @@ class _Pool:
     """The P ranks of one pooled world, their task queues and the results queue they share."""
 
     def __init__(self, world_size: int, backend: str, env: dict[str, str]) -> None:
-        import torch.distributed as dist
-
         self.world_size = world_size
         self.reusable = True  # False once a task left a rank's session failed: closed after that task
         # the store outlives every task: ringcomm keeps its session ids and boards in it
-        self.store = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False)
+        self.store = loopback_store(world_size + 1)
         ctx, caller = context()  # the suite's fork server (conftest), or spawn
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(world_size)]

@@ -37,8 +37,8 @@ from datetime import timedelta
 from typing import Any
 
 __all__ = [
-    "WorldError", "finish", "forked_ranks", "run_world", "free_port", "start_method", "stop_forkserver",
-    "use_forkserver",
+    "WorldError", "finish", "forked_ranks", "loopback_store", "run_world", "free_port", "start_method",
+    "stop_forkserver", "use_forkserver",
 ]  # fmt: skip
 
 
@@ -404,6 +404,30 @@ def context() -> tuple[Any, Caller | None]:
     return ctx, Caller()
 
 
+def loopback_store(world_size: int) -> Any:
+    """A master ``TCPStore`` for ``world_size`` clients that listens on 127.0.0.1 only, on a free port.
+
+    Given a host and port 0, ``TCPStore`` listens on every interface (``*:port``, IPv6 and IPv4):
+    anyone on the network could reach the world's store. So the socket is bound here, to the
+    loopback address, and handed over (``master_listen_fd``; the store owns it from then on).
+    """
+    import socket
+
+    import torch.distributed as dist
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    except BaseException:
+        sock.close()
+        raise
+    fd = sock.detach()  # the store closes it
+    return dist.TCPStore(
+        "127.0.0.1", port, world_size, is_master=True, wait_for_workers=False, master_listen_fd=fd
+    )
+
+
 def run_world(
     fn: Callable[..., Any],
     world_size: int,
@@ -425,9 +449,7 @@ def run_world(
         WorldError: a rank raised or died (named, with its traceback), or the
             world did not finish within ``timeout`` seconds.
     """
-    import torch.distributed as dist
-
-    store = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False)
+    store = loopback_store(world_size + 1)
     port = store.port
     ctx, caller = context()
     results = ctx.Queue()
