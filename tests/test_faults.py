@@ -241,24 +241,26 @@ def _pair(stale_s: float = 0.3, store: Any = None) -> tuple[Any, Any]:
     )
 
 
+def _check_for(me: Any, seconds: float) -> None:
+    """Ask ``me`` about peer rank 1 every 50 ms for ``seconds`` (raises as soon as ``check`` does)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        me.check(1, "recv")
+        time.sleep(0.05)
+
+
 @pytest.mark.fast
 def test_liveness_tells_a_silent_peer_from_a_beating_one() -> None:
     from ringcomm.errors import PeerError
 
     me, peer = _pair()
     try:
-        end = time.monotonic() + 0.6  # two liveness periods of a beating peer: no error
-        while time.monotonic() < end:
-            me.check(1, "recv")
-            time.sleep(0.05)
+        _check_for(me, 0.6)  # two liveness periods of a beating peer: no error
         peer.stop()  # frozen or dead: its counter stops
         with pytest.raises(
             PeerError, match=r"peer rank 1 stopped heartbeating 0\.\d s ago \(dead or frozen\)"
         ):
-            end = time.monotonic() + 2
-            while time.monotonic() < end:
-                me.check(1, "recv")
-                time.sleep(0.05)
+            _check_for(me, 2)
     finally:
         me.stop()
         peer.stop()
@@ -277,20 +279,14 @@ def test_a_peer_that_has_not_started_heartbeating_is_waited_for_not_taken_for_de
     me = Liveness(store, "w", 0, 2, interval_s=0.05, stale_s=0.3)
     peer = None
     try:
-        end = time.monotonic() + 0.75
-        while time.monotonic() < end:
-            me.check(1, "recv")  # counter 0 all along: not judged
-            time.sleep(0.05)
+        _check_for(me, 0.75)  # counter 0 all along: not judged
         assert "not started heartbeating" in me.describe(1)
         peer = Liveness(store, "w", 1, 2, interval_s=0.05, stale_s=0.3)
         me.check(1, "recv")
         assert "still heartbeating" in me.describe(1)
         peer.stop()
         with pytest.raises(PeerError, match=r"peer rank 1 stopped heartbeating 0\.\d s ago"):
-            end = time.monotonic() + 2
-            while time.monotonic() < end:
-                me.check(1, "recv")
-                time.sleep(0.05)
+            _check_for(me, 2)
     finally:
         me.stop()
         if peer is not None:
