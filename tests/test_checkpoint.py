@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ringcomm.tools.spawn import loopback_store
 from trainer import checkpoint
 from trainer.checkpoint import Progress, atomic_write
 from trainer.loop import TrainConfig
@@ -54,7 +55,7 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_pa
 @pytest.fixture
 def world_of_one() -> Iterator[None]:
     """A one-process gloo group in this process (no spawn), destroyed afterwards."""
-    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    store = loopback_store(1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         yield

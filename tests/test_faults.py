@@ -42,6 +42,8 @@ import pytest
 import torch
 from procs import end_processes  # SIGKILL (stopped ones too), ignoring one already gone
 
+from ringcomm.tools.spawn import loopback_store
+
 P = 3
 VICTIM = 1
 TIMEOUT_S = 6.0
@@ -132,9 +134,7 @@ def _context() -> Any:
 
 def run_faulty_world(kind: str, algo: str, transport: str) -> dict[str, Any]:
     """Run one case; return the survivors' reports and what became of the victim."""
-    import torch.distributed as dist
-
-    store = dist.TCPStore("127.0.0.1", 0, P + 1, is_master=True, wait_for_workers=False)
+    store = loopback_store(P + 1)
     ctx = _context()
     results = ctx.Queue()
     procs = [

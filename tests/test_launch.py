@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from procs import run  # a child's own children stopped too
 
+from ringcomm.tools.spawn import loopback_store
 from trainer.loop import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +152,7 @@ def test_ring_two_ranks_then_resume(tmp_path: Path) -> None:
 @pytest.fixture
 def world_of_one() -> Iterator[None]:
     """A one-process gloo group in this process (no spawn), destroyed afterwards."""
-    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    store = loopback_store(1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         yield

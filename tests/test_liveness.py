@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from ringcomm.errors import PeerError
 from ringcomm.runtime.liveness import Liveness
+from ringcomm.tools.spawn import loopback_store
 
 pytestmark = pytest.mark.fast  # every test here is quick
 
@@ -143,6 +144,6 @@ def test_an_unreachable_store_reads_as_unknown_then_fails_naming_the_store() -> 
 def test_a_store_is_named_by_its_address() -> None:
     from ringcomm.runtime.liveness import describe_store
 
-    server = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    server = loopback_store(1)
     assert describe_store(dist.PrefixStore("x", server)) == f"TCPStore at 127.0.0.1:{server.port}"
     assert describe_store(dist.HashStore()) == "HashStore"

@@ -26,6 +26,7 @@ from procs import is_worker, started
 from ringcomm.errors import CommError
 from ringcomm.runtime.liveness import Liveness
 from ringcomm.runtime.session import Session
+from ringcomm.tools.spawn import loopback_store
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "synthetic", "--synthetic-size", "256", "--batch-size", "16", "--eval-batches", "1"]
@@ -172,7 +173,7 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(
 @pytest.fixture
 def world_of_one() -> Iterator[None]:
     """A one-process gloo group in this process (no spawn), destroyed afterwards."""
-    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    store = loopback_store(1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         yield

@@ -13,7 +13,7 @@ from pool import run_pooled
 from procs import descendants, end_processes
 
 from ringcomm.tools import spawn
-from ringcomm.tools.spawn import WorldError
+from ringcomm.tools.spawn import WorldError, loopback_store
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -119,9 +119,8 @@ def test_a_ranks_tensors_reach_the_parent_after_the_rank_has_exited() -> None:
     it lives) then could not be read: ``get`` raised ConnectionResetError (test_hier, once, in a
     loaded full run). Here the parent reads only after the rank is gone, every time."""
     import torch
-    import torch.distributed as dist
 
-    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+    store = loopback_store(2)
     ctx, caller = spawn.context()
     results = ctx.Queue()
     rank = ctx.Process(

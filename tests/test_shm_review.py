@@ -317,9 +317,9 @@ def _refused_rank(rank: int, p: int, port: int) -> None:
 def _refused_world(p: int) -> dict:
     """``p`` rank processes of ``_refused_rank``; their exit codes and stderr, and the segments they left
     (every ringcomm name in a private /dev/shm, else the names that carry their pids)."""
-    import torch.distributed as dist
+    from ringcomm.tools.spawn import loopback_store
 
-    store = dist.TCPStore("127.0.0.1", 0, p + 1, is_master=True, wait_for_workers=False)
+    store = loopback_store(p + 1)
     procs = [
         subprocess.Popen(
             [sys.executable, str(HERE), "refused-rank", str(r), str(p), str(store.port)],

@@ -32,7 +32,7 @@ from traffic import count_from_zero  # tests/traffic.py
 
 import ringcomm
 from ringcomm.errors import CommTimeoutError, FrameError
-from ringcomm.tools.spawn import run_world
+from ringcomm.tools.spawn import loopback_store, run_world
 from ringcomm.transports.base import exchange, recv, recv_reduce, send
 from ringcomm.transports.segments import _SEGMENT_NAME, SHM_DIR, _pid_namespace
 from ringcomm.transports.shm import _HEADER, ShmTransport
@@ -326,7 +326,7 @@ def test_kill_9_of_every_rank_after_set_up_leaves_nothing_in_dev_shm(tmp_path: A
     script = tmp_path / "rank.py"
     script.write_text(_RANK_SCRIPT)
     ready = str(tmp_path / "ready")
-    store = dist.TCPStore("127.0.0.1", 0, 4, is_master=True, wait_for_workers=False)
+    store = loopback_store(4)
     procs = [
         subprocess.Popen([sys.executable, str(script), str(r), str(store.port), ready]) for r in range(3)
     ]

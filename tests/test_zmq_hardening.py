@@ -28,6 +28,7 @@ from zmq_standalone import standalone  # a transport without torch.distributed (
 
 from ringcomm.errors import CommTimeoutError
 from ringcomm.tools import spawn
+from ringcomm.tools.spawn import loopback_store
 from ringcomm.transports.wire import MAX_FRAME_BYTES, PREAMBLE_BYTES, Header, encode_header, encode_preamble
 
 # all_reduce then shutdown, in one process; the last is followed by the process's exit. 40000 float64
@@ -76,11 +77,10 @@ def _kill_all(procs: list[Any]) -> None:
 def test_ranks_that_exit_right_after_a_naive_all_reduce_lose_nothing() -> None:
     """Four ranks, naive over zmq (rank 0 sends the result last, to everyone), each calling
     shutdown() and exiting straight after: every rank gets the right result and exits 0."""
-    import torch.distributed as dist
 
     ctx, _ = spawn.context()  # the suite's fork server (conftest): torch is imported once, not 12 times
     for world in range(WORLDS):
-        store = dist.TCPStore("127.0.0.1", 0, P + 1, is_master=True, wait_for_workers=False)
+        store = loopback_store(P + 1)
         results = ctx.Queue()
         procs = [ctx.Process(target=_ends_right_after, args=(r, P, store.port, results)) for r in range(P)]
         try:
