@@ -229,9 +229,13 @@ def test_close_answers_queued_work_that_never_started() -> None:
     q = CommQueue("test-comm")
     gate = threading.Event()
     in_callback = threading.Event()
-    first = q.submit(lambda: "first", "first", torch.futures.Future())
+    attached = threading.Event()
+    # first waits until its callback is attached: finished before, its future would run the
+    # callback at once, here on the test's thread, and the comm thread would go on to run queued
+    first = q.submit(lambda: attached.wait(10), "first", torch.futures.Future())
     # runs on the comm thread, in set_result
     first.add_done_callback(lambda fut: (in_callback.set(), gate.wait(10)))
+    attached.set()
     assert in_callback.wait(10), "the finished collective's callback never ran"
     queued = q.submit(lambda: "queued", "queued", torch.futures.Future())
     blocked: list[str] = []
