@@ -145,7 +145,8 @@ class Liveness:
         self._beat_store = beat_store if beat_store is not None else store
         self._store_name = describe_store(store)
         self._prefix = f"{prefix}/liveness"
-        self._seen: dict[int, tuple[int, float]] = {}  # peer -> (counter, monotonic time it changed)
+        # peer -> (counter, monotonic time it changed), for the peers that have beaten (counter > 0)
+        self._seen: dict[int, tuple[int, float]] = {}
         #: The peer a blocking wait is on now (set by TorchTransport.wait): the thread watches it.
         self.awaiting: int | None = None
         #: (rank, store key) a blocking store wait needs (set by Rendezvous.gather): the thread marks
@@ -156,7 +157,6 @@ class Liveness:
         #: Why the heartbeat stopped for good (None while it beats).
         self.error: str | None = None
         self._warned: set[int] = set()
-        self._not_started: set[int] = set()  # peers whose counter was still 0 at the last look
         # Reads of the store that failed in a row: (monotonic time of the first, the last error);
         # None while reads work. Written by whichever thread reads, as one tuple.
         self._unreadable: tuple[float, str] | None = None
@@ -276,10 +276,8 @@ class Liveness:
             self._read_failed(exc)
             return None
         self._unreadable = None
-        if count == 0:
-            self._not_started.add(peer)
+        if count == 0:  # not started: kept out of _seen, which holds the peers that have beaten
             return 0.0
-        self._not_started.discard(peer)
         last = self._seen.get(peer)
         if last is None or last[0] != count:
             self._seen[peer] = (count, now)
@@ -348,7 +346,7 @@ class Liveness:
         silent = self.silence(peer)
         if silent is None:
             return "its heartbeat could not be read (store unreachable)"
-        if peer in self._not_started:
+        if peer not in self._seen:  # silence() just read its counter: still 0
             return "it had not started heartbeating (not yet in ringcomm: still starting, or dead before it got there)"
         if silent < self.stale_s:
             return "it was still heartbeating (alive: slow, or not in the same all_reduce)"
